@@ -1,0 +1,1 @@
+//! Benchmarks of sluice; see benches/ and README.md.

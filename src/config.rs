@@ -1,0 +1,338 @@
+//! Every option sluice has: its flag, its TOML key, its default and its limit.
+//!
+//! Flags override the file (`--config FILE`), the file overrides defaults, and
+//! the result is validated once, here, into a `Config` the rest of the process
+//! trusts. A bad flag or file is a `ConfigError` with the option's name, never
+//! a panic.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ws::handshake::OriginPolicy;
+use crate::ws::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// io_uring, or epoll when the kernel refuses io_uring.
+    Auto,
+    /// io_uring only; refusing to start without it.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+/// Options as given on the command line or in the file; `None` means unset.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Address to serve WebSocket and /healthz on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Worker threads, one per core [default: the CPUs this process may run on].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// I/O driver [default: auto].
+    #[arg(long, value_enum)]
+    pub driver: Option<DriverChoice>,
+    /// Origins allowed to connect, comma-separated exact values [default: any].
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Drop a client that has not finished its handshake in this time [default: 5000].
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Largest handshake request head; larger gets 431 [default: 8192].
+    #[arg(long)]
+    pub max_head_bytes: Option<usize>,
+    /// Largest frame payload; larger closes with 1009 [default: 16 MiB].
+    #[arg(long)]
+    pub max_frame_bytes: Option<usize>,
+    /// Largest message, fragments together; larger closes with 1009 [default: 16 MiB].
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// Ping a quiet peer this often; 0 turns pings off [default: 30000].
+    #[arg(long)]
+    pub ping_interval_ms: Option<u64>,
+    /// Close a peer silent this long; 0 turns it off [default: 75000].
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// After sending a close, wait this long for the peer's [default: 2000].
+    #[arg(long)]
+    pub close_timeout_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, wait this long for sessions to close [default: 10000].
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+    /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
+    #[arg(skip)]
+    pub route: Option<Vec<RouteOptions>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteOptions {
+    pub path: String,
+    pub protocol: RouteProtocol,
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
+    /// Overrides the global `allowed_origins` for this route.
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteProtocol {
+    /// Every data message is sent back as it came.
+    Echo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub path: String,
+    pub protocol: RouteProtocol,
+    pub subprotocols: Vec<String>,
+    pub origins: OriginPolicy,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub driver: DriverChoice,
+    pub routes: Vec<Route>,
+    pub handshake_timeout_ms: u64,
+    pub max_head_bytes: usize,
+    pub limits: Limits,
+    pub ping_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub close_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug)]
+pub enum ConfigError {
+    File { path: PathBuf, error: String },
+    Invalid { option: &'static str, error: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::File { path, error } => write!(f, "config file {}: {error}", path.display()),
+            ConfigError::Invalid { option, error } => write!(f, "{option}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+/// Path answered with 200 for load balancers on the WebSocket port.
+pub const HEALTH_PATH: &str = "/healthz";
+
+impl Options {
+    /// Reads a TOML file of options.
+    pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
+        let file_err = |error: String| ConfigError::File { path: path.to_owned(), error };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// `self` wins over `base` wherever it is set.
+    pub fn over(self, base: Options) -> Options {
+        Options {
+            listen: self.listen.or(base.listen),
+            workers: self.workers.or(base.workers),
+            driver: self.driver.or(base.driver),
+            allowed_origins: self.allowed_origins.or(base.allowed_origins),
+            handshake_timeout_ms: self.handshake_timeout_ms.or(base.handshake_timeout_ms),
+            max_head_bytes: self.max_head_bytes.or(base.max_head_bytes),
+            max_frame_bytes: self.max_frame_bytes.or(base.max_frame_bytes),
+            max_message_bytes: self.max_message_bytes.or(base.max_message_bytes),
+            ping_interval_ms: self.ping_interval_ms.or(base.ping_interval_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(base.idle_timeout_ms),
+            close_timeout_ms: self.close_timeout_ms.or(base.close_timeout_ms),
+            drain_timeout_ms: self.drain_timeout_ms.or(base.drain_timeout_ms),
+            route: self.route.or(base.route),
+        }
+    }
+
+    /// Applies defaults and checks every limit.
+    pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
+        let global_origins = origin_policy(self.allowed_origins);
+        let routes = match self.route {
+            None => vec![Route {
+                path: "/echo".into(),
+                protocol: RouteProtocol::Echo,
+                subprotocols: Vec::new(),
+                origins: global_origins.clone(),
+            }],
+            Some(routes) => routes
+                .into_iter()
+                .map(|r| Route {
+                    path: r.path,
+                    protocol: r.protocol,
+                    subprotocols: r.subprotocols,
+                    origins: r.allowed_origins.map_or_else(|| global_origins.clone(), |o| origin_policy(Some(o))),
+                })
+                .collect(),
+        };
+        let config = Config {
+            listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            workers: self.workers.unwrap_or(available_cpus),
+            driver: self.driver.unwrap_or(DriverChoice::Auto),
+            routes,
+            handshake_timeout_ms: self.handshake_timeout_ms.unwrap_or(5_000),
+            max_head_bytes: self.max_head_bytes.unwrap_or(8192),
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes.unwrap_or(16 * MIB),
+                max_message_bytes: self.max_message_bytes.unwrap_or(16 * MIB),
+            },
+            ping_interval_ms: self.ping_interval_ms.unwrap_or(30_000),
+            idle_timeout_ms: self.idle_timeout_ms.unwrap_or(75_000),
+            close_timeout_ms: self.close_timeout_ms.unwrap_or(2_000),
+            drain_timeout_ms: self.drain_timeout_ms.unwrap_or(10_000),
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+fn origin_policy(list: Option<Vec<String>>) -> OriginPolicy {
+    match list {
+        None => OriginPolicy::Any,
+        Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
+        Some(list) => OriginPolicy::List(list),
+    }
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(option: &'static str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError::Invalid { option, error: format!("{v} is outside {lo}..={hi}") });
+    }
+    Ok(())
+}
+
+impl Config {
+    fn check(&self) -> Result<(), ConfigError> {
+        in_range("workers", self.workers, 1, 1024)?;
+        in_range("handshake_timeout_ms", self.handshake_timeout_ms, 1, 600_000)?;
+        in_range("max_head_bytes", self.max_head_bytes, 256, 64 * 1024)?;
+        in_range("max_frame_bytes", self.limits.max_frame_bytes, 1, GIB)?;
+        in_range("max_message_bytes", self.limits.max_message_bytes, 1, GIB)?;
+        in_range("ping_interval_ms", self.ping_interval_ms, 0, 3_600_000)?;
+        in_range("idle_timeout_ms", self.idle_timeout_ms, 0, 24 * 3_600_000)?;
+        in_range("close_timeout_ms", self.close_timeout_ms, 1, 60_000)?;
+        in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
+        if self.ping_interval_ms > 0 && self.idle_timeout_ms > 0 && self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(ConfigError::Invalid {
+                option: "idle_timeout_ms",
+                error: format!(
+                    "{} must exceed ping_interval_ms ({}) so a live peer can answer a ping",
+                    self.idle_timeout_ms, self.ping_interval_ms
+                ),
+            });
+        }
+        if self.routes.is_empty() {
+            return Err(ConfigError::Invalid { option: "route", error: "at least one route is required".into() });
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let bad = |error: String| Err(ConfigError::Invalid { option: "route", error });
+            if !r.path.starts_with('/') || r.path.contains('?') {
+                return bad(format!("path {:?} must start with '/' and have no query", r.path));
+            }
+            if r.path == HEALTH_PATH {
+                return bad(format!("path {HEALTH_PATH} is reserved for health checks"));
+            }
+            if self.routes[..i].iter().any(|o| o.path == r.path) {
+                return bad(format!("path {:?} is listed twice", r.path));
+            }
+            // RFC 6455 4.1: subprotocol names are HTTP tokens.
+            if let Some(p) = r.subprotocols.iter().find(|p| p.is_empty() || !p.bytes().all(is_token_byte)) {
+                return bad(format!("subprotocol {p:?} is not an HTTP token"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route serving `path`, if any.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.path == path)
+    }
+}
+
+/// RFC 7230 3.2.6 tchar.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_toml(text: &str) -> Result<Options, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Options::default().validate(2).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.limits.max_frame_bytes, 16 * MIB);
+        assert_eq!(c.route("/echo").unwrap().protocol, RouteProtocol::Echo);
+        assert_eq!(c.handshake_timeout_ms, 5000);
+        assert_eq!((c.ping_interval_ms, c.idle_timeout_ms), (30_000, 75_000));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = parse_toml("workers = 3\nmax_frame_bytes = 100\n[[route]]\npath = \"/e\"\nprotocol = \"echo\"\nsubprotocols = [\"chat\"]\n").unwrap();
+        let cli = Options { workers: Some(1), ..Options::default() };
+        let c = cli.over(file).validate(2).unwrap();
+        assert_eq!(c.workers, 1);
+        assert_eq!(c.limits.max_frame_bytes, 100);
+        assert_eq!(c.route("/e").unwrap().subprotocols, vec!["chat".to_string()]);
+        assert!(c.route("/echo").is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(parse_toml("wrkers = 3").is_err());
+        assert!(parse_toml("driver = \"kqueue\"").is_err());
+        let e = Options { workers: Some(0), ..Options::default() }.validate(2).unwrap_err();
+        assert_eq!(e.to_string(), "workers: 0 is outside 1..=1024");
+        let e = Options { ping_interval_ms: Some(5000), idle_timeout_ms: Some(5000), ..Options::default() }
+            .validate(2)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("idle_timeout_ms"));
+        let bad_route = parse_toml("[[route]]\npath = \"/healthz\"\nprotocol = \"echo\"\n").unwrap();
+        assert!(bad_route.validate(2).is_err());
+        let dup = parse_toml("[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n").unwrap();
+        assert!(dup.validate(2).is_err());
+        let bad_proto = parse_toml("[[route]]\npath = \"/a\"\nprotocol = \"echo\"\nsubprotocols = [\"a b\"]\n").unwrap();
+        assert!(bad_proto.validate(2).is_err());
+    }
+
+    #[test]
+    fn limits_at_their_edges() {
+        let ok = Options { max_frame_bytes: Some(GIB), max_head_bytes: Some(256), ..Options::default() };
+        assert!(ok.validate(1).is_ok());
+        let over = Options { max_frame_bytes: Some(GIB + 1), ..Options::default() };
+        assert!(over.validate(1).is_err());
+        let under = Options { max_head_bytes: Some(255), ..Options::default() };
+        assert!(under.validate(1).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let c = Options { allowed_origins: Some(vec!["https://a.example".into()]), ..Options::default() }.validate(1).unwrap();
+        assert_eq!(c.route("/echo").unwrap().origins, OriginPolicy::List(vec!["https://a.example".into()]));
+        let c = Options { allowed_origins: Some(vec!["*".into()]), ..Options::default() }.validate(1).unwrap();
+        assert_eq!(c.route("/echo").unwrap().origins, OriginPolicy::Any);
+    }
+}

@@ -1,0 +1,85 @@
+//! A connection's queued output.
+//!
+//! Owns the bytes waiting for the socket and the rule that many frames go out
+//! in one write: everything a read produced is encoded back to back into one
+//! pooled buffer and written with one syscall. When all of it is written the
+//! buffer goes back to the pool, so a quiet connection holds none.
+
+use std::io::{self, IoSlice};
+
+use super::pool::BufferPool;
+use super::socket::Socket;
+use crate::ws::close::{self, CloseCode};
+use crate::ws::frame::{self, FrameHeader, Opcode, MAX_HEADER_BYTES};
+
+#[derive(Default)]
+pub struct Outbound {
+    buf: Vec<u8>,
+    /// Bytes at the front of `buf` already written.
+    sent: usize,
+}
+
+pub enum Flush {
+    /// Everything is written.
+    Done,
+    /// The socket is full; wait for it to be writable.
+    Blocked,
+}
+
+impl Outbound {
+    pub fn is_empty(&self) -> bool {
+        self.sent == self.buf.len()
+    }
+
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    fn room(&mut self, pool: &BufferPool) -> &mut Vec<u8> {
+        if self.buf.capacity() == 0 {
+            self.buf = pool.take();
+        }
+        &mut self.buf
+    }
+
+    /// Queues raw bytes (an HTTP response).
+    pub fn push_bytes(&mut self, pool: &BufferPool, bytes: &[u8]) {
+        self.room(pool).extend_from_slice(bytes);
+    }
+
+    /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
+    pub fn push_frame(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8]) {
+        let header = FrameHeader { fin: true, opcode, mask: None, payload_len: payload.len() as u64 };
+        let mut head = [0u8; MAX_HEADER_BYTES];
+        let n = frame::encode_header(&header, &mut head);
+        let buf = self.room(pool);
+        buf.extend_from_slice(&head[..n]);
+        buf.extend_from_slice(payload);
+    }
+
+    /// Queues a close frame with `code` and `reason` (RFC 6455 5.5.1).
+    pub fn push_close(&mut self, pool: &BufferPool, code: Option<CloseCode>, reason: &str) {
+        match code {
+            Some(code) => {
+                let (payload, n) = close::payload(code, reason);
+                self.push_frame(pool, Opcode::Close, &payload[..n]);
+            }
+            None => self.push_frame(pool, Opcode::Close, &[]),
+        }
+    }
+
+    /// Writes as much as the socket takes without blocking.
+    pub fn flush(&mut self, socket: &Socket<'_>, pool: &BufferPool) -> io::Result<Flush> {
+        while !self.is_empty() {
+            match socket.send_vectored(&[IoSlice::new(&self.buf[self.sent..])]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.sent = 0;
+        pool.give(std::mem::take(&mut self.buf));
+        Ok(Flush::Done)
+    }
+}

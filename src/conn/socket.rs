@@ -1,0 +1,70 @@
+//! Non-blocking byte moves on a connected socket, for either driver.
+//!
+//! Platform facts this relies on:
+//! - monoio's io_uring driver leaves accepted sockets blocking, its epoll
+//!   driver makes them non-blocking. `MSG_DONTWAIT` makes each call
+//!   non-blocking whatever the file's mode, so one code path serves both.
+//! - `MSG_NOSIGNAL`: a write to a reset peer returns EPIPE instead of raising
+//!   SIGPIPE and killing the process.
+//! - Readiness comes from monoio (`readable`/`writable` with relaxed=false, so
+//!   the epoll driver re-checks with poll(2) after we drained the socket).
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use monoio::net::TcpStream;
+use socket2::SockRef;
+
+pub struct Socket<'a> {
+    fd: BorrowedFd<'a>,
+}
+
+impl<'a> Socket<'a> {
+    pub fn new(stream: &'a TcpStream) -> Socket<'a> {
+        // SAFETY: the fd belongs to `stream`, which is borrowed for 'a and so
+        // stays open at least that long.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        Socket { fd }
+    }
+
+    fn sock(&self) -> SockRef<'_> {
+        SockRef::from(&self.fd)
+    }
+
+    /// Appends at most `max` received bytes to `buf`. `Ok(0)` is end of stream;
+    /// `WouldBlock` means wait for readiness.
+    pub fn recv_into(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(max);
+        let n = self.sock().recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT)?;
+        // SAFETY: recv(2) initialised the first `n <= room` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+
+    /// Writes what it can of `slices` without blocking; returns bytes written.
+    pub fn send_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.sock().send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.sock().shutdown(Shutdown::Write)
+    }
+
+    /// Reads and discards whatever is queued; `Ok(true)` once the peer has
+    /// closed its side. Used only while closing.
+    pub fn discard(&self) -> io::Result<bool> {
+        let mut sink = [MaybeUninit::<u8>::uninit(); 4096];
+        loop {
+            match self.sock().recv_with_flags(&mut sink, libc::MSG_DONTWAIT) {
+                Ok(0) => return Ok(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! `sluice`: flags and config file -> Config -> server::run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sluice::config::Options;
+use tracing_subscriber::EnvFilter;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A thread-per-core WebSocket gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML file of options; flags override it.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    options: Options,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let file = match &cli.config {
+        Some(path) => match Options::from_file(path) {
+            Ok(o) => o,
+            Err(e) => return fail(&e),
+        },
+        None => Options::default(),
+    };
+    let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len().max(1));
+    let config = match cli.options.over(file).validate(cpus) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match sluice::server::run(config) {
+        Ok(stats) => {
+            tracing::info!(
+                accepted = stats.accepted,
+                upgraded = stats.upgraded,
+                closed = ?stats.closed,
+                close_sent = ?stats.close_sent,
+                rejected = ?stats.rejected,
+                handshake_timeouts = stats.handshake_timeouts,
+                "stopped"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!("{e}");
+    eprintln!("sluice: {e}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,306 @@
+//! The process: listeners, one pinned worker per core, signals, drain.
+//!
+//! Owns the threads and their runtimes; a worker's only job is to accept on
+//! its own listener and run its shard's sweep, every connection being a task
+//! on that worker (`conn::serve`). Platform facts, where they are used:
+//! - SO_REUSEPORT gives each worker its own accept queue; the kernel spreads
+//!   new connections across them.
+//! - monoio's epoll driver needs non-blocking listeners; io_uring accepts on
+//!   them too, so they are made non-blocking for both.
+//! - `monoio::utils::detect_uring` probes io_uring once per process (and honours
+//!   MONOIO_FORCE_LEGACY_DRIVER); building the ring can still fail (memlock
+//!   limits, seccomp), which `auto` also treats as "use epoll".
+
+mod listen;
+
+use std::fmt;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::Poll;
+use std::time::Duration;
+
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::config::{Config, DriverChoice};
+use crate::conn::shard::{Shard, Stats};
+pub use listen::bind_listeners;
+
+/// io_uring submission queue entries per worker.
+const URING_ENTRIES: u32 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriverKind::IoUring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        })
+    }
+}
+
+#[derive(Debug)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    Bind { addr: std::net::SocketAddr, error: std::io::Error },
+    /// `--driver uring` and the kernel refused io_uring.
+    UringRefused(std::io::Error),
+    /// A worker could not start.
+    Worker { core: usize, error: String },
+    Signals(std::io::Error),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Bind { addr, error } if error.kind() == std::io::ErrorKind::AddrInUse => {
+                write!(f, "cannot listen on {addr}: the address is in use by another process")
+            }
+            ServerError::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            ServerError::UringRefused(e) => write!(
+                f,
+                "--driver uring: the kernel refused io_uring ({e}); it may be disabled \
+                 (kernel.io_uring_disabled), blocked by seccomp, or too old. Use --driver auto or epoll"
+            ),
+            ServerError::Worker { core, error } => write!(f, "worker {core} failed to start: {error}"),
+            ServerError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// A started server: its address and driver, and the handle that stops it.
+pub struct Server {
+    pub local_addr: std::net::SocketAddr,
+    pub driver: DriverKind,
+    shutdown: Arc<AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<Stats>>,
+}
+
+impl Server {
+    /// Binds the listeners and starts every worker; returns once all serve.
+    pub fn start(config: Config) -> Result<Server, ServerError> {
+        let config = Arc::new(config);
+        let (listeners, local_addr) = bind_listeners(config.listen, config.workers)?;
+        let cpus = core_affinity::get_core_ids().unwrap_or_default();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut workers = Vec::with_capacity(config.workers);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            let config = config.clone();
+            let shutdown = shutdown.clone();
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-w{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        core_affinity::set_for_current(cpu);
+                    }
+                    run_worker(index, listener, config, shutdown, ready)
+                })
+                .map_err(|e| ServerError::Worker { core: index, error: e.to_string() })?;
+            workers.push(handle);
+        }
+        drop(ready_tx);
+        let mut driver = None;
+        let mut failure = None;
+        for _ in 0..workers.len() {
+            match ready_rx.recv() {
+                Ok(Ok(kind)) => driver = Some(kind),
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => {
+                    failure = failure.or(Some(ServerError::Worker { core: 0, error: "exited early".into() }))
+                }
+            }
+        }
+        let server = Server { local_addr, driver: driver.unwrap_or(DriverKind::Epoll), shutdown, workers };
+        if let Some(e) = failure {
+            server.shutdown.store(true, Ordering::SeqCst);
+            server.join();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    /// Asks every worker to stop accepting, close its sessions with 1001 and drain.
+    pub fn shutdown_handle(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Waits for every worker to finish; returns their counters summed.
+    pub fn join(self) -> Stats {
+        let mut total = Stats::default();
+        for w in self.workers {
+            if let Ok(stats) = w.join() {
+                total.merge(&stats);
+            }
+        }
+        total
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains and returns.
+/// A second signal during the drain exits at once.
+pub fn run(config: Config) -> Result<Stats, ServerError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Install the handlers before any worker starts, so an early signal drains too.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let workers = config.workers;
+    let server = Server::start(config)?;
+    tracing::info!(addr = %server.local_addr, driver = %server.driver, workers, "listening on {}", server.local_addr);
+    let shutdown = server.shutdown_handle();
+    let signal_handle = signals.handle();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = 0;
+        for signal in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(signal, "shutting down: closing sessions with 1001");
+                shutdown.store(true, Ordering::SeqCst);
+            } else {
+                tracing::warn!(signal, "second signal: exiting without draining");
+                std::process::exit(1);
+            }
+        }
+    });
+    let stats = server.join();
+    signal_handle.close();
+    let _ = watcher.join();
+    Ok(stats)
+}
+
+type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
+
+fn run_worker(index: usize, listener: std::net::TcpListener, config: Arc<Config>, shutdown: Arc<AtomicBool>, ready: Ready) -> Stats {
+    let uring = || RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build();
+    let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
+    let fail = |error: std::io::Error| ServerError::Worker { core: index, error: error.to_string() };
+    let shard = Rc::new(Shard::new(index, config.clone()));
+    let work = worker(listener, shard.clone(), shutdown, ready.clone());
+    match config.driver {
+        DriverChoice::Uring => match uring() {
+            Ok(mut rt) => rt.block_on(work(DriverKind::IoUring)),
+            Err(e) => {
+                let _ = ready.send(Err(ServerError::UringRefused(e)));
+                return Stats::default();
+            }
+        },
+        DriverChoice::Auto if monoio::utils::detect_uring() => match uring() {
+            Ok(mut rt) => rt.block_on(work(DriverKind::IoUring)),
+            Err(e) => {
+                tracing::warn!(core = index, error = %e, "io_uring refused at runtime start; using epoll");
+                match epoll() {
+                    Ok(mut rt) => rt.block_on(work(DriverKind::Epoll)),
+                    Err(e) => {
+                        let _ = ready.send(Err(fail(e)));
+                        return Stats::default();
+                    }
+                }
+            }
+        },
+        DriverChoice::Auto | DriverChoice::Epoll => match epoll() {
+            Ok(mut rt) => rt.block_on(work(DriverKind::Epoll)),
+            Err(e) => {
+                let _ = ready.send(Err(fail(e)));
+                return Stats::default();
+            }
+        },
+    }
+    let stats = shard.stats.borrow().clone();
+    stats
+}
+
+/// The worker's life on its runtime: accept until shutdown, then drain.
+fn worker(
+    listener: std::net::TcpListener,
+    shard: Rc<Shard>,
+    shutdown: Arc<AtomicBool>,
+    ready: Ready,
+) -> impl FnOnce(DriverKind) -> std::pin::Pin<Box<dyn Future<Output = ()>>> {
+    move |driver| {
+        Box::pin(async move {
+            let listener = match monoio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready.send(Err(ServerError::Worker { core: shard.core, error: e.to_string() }));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(driver));
+            drop(ready);
+            monoio::spawn(sweep(shard.clone(), shutdown));
+            accept_until_shutdown(&listener, &shard).await;
+            // Stop accepting: connections still queued on this listener are reset.
+            drop(listener);
+            drain(&shard).await;
+        })
+    }
+}
+
+/// The per-core timer: advances the shard's clock and kicks due sessions.
+async fn sweep(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
+    let tick = Duration::from_millis(shard.tick_ms());
+    loop {
+        monoio::time::sleep(tick).await;
+        if shutdown.load(Ordering::Relaxed) {
+            shard.begin_shutdown();
+        }
+        shard.sweep();
+    }
+}
+
+async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<Shard>) {
+    let mut last_warning_ms = None;
+    loop {
+        let mut accept = std::pin::pin!(listener.accept());
+        let accepted = std::future::poll_fn(|cx| {
+            if shard.is_shutting_down() {
+                return Poll::Ready(None);
+            }
+            shard.watch(cx.waker());
+            accept.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok((stream, _peer))) => {
+                // Small frames must not wait for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(crate::conn::serve(stream, shard.clone()));
+            }
+            Some(Err(e)) => {
+                // Out of descriptors or memory: say so (once a second at most)
+                // and back off briefly instead of spinning on the error.
+                let now = shard.now_ms();
+                if last_warning_ms.is_none_or(|t| now.saturating_sub(t) >= 1000) {
+                    tracing::warn!(core = shard.core, error = %e, "accept failed");
+                    last_warning_ms = Some(now);
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Waits until every session has closed, or the drain timeout.
+async fn drain(shard: &Rc<Shard>) {
+    let all_closed = std::future::poll_fn(|cx| {
+        if shard.session_count() == 0 {
+            return Poll::Ready(());
+        }
+        shard.watch(cx.waker());
+        Poll::Pending
+    });
+    let limit = Duration::from_millis(shard.config.drain_timeout_ms);
+    if monoio::time::timeout(limit, all_closed).await.is_err() {
+        tracing::warn!(core = shard.core, left = shard.session_count(), "drain timeout: dropping remaining sessions");
+    }
+}

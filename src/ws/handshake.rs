@@ -1,0 +1,430 @@
+//! The opening handshake, server side (RFC 6455 section 4.2).
+//!
+//! Owns parsing a request head (httparse, zero-copy: every field borrows the
+//! read buffer), the rules of a valid upgrade, subprotocol choice, the accept
+//! key, and the bytes of each response. Routing and origin policy are passed
+//! in; this module opens no socket and keeps no state.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use sha1::{Digest, Sha1};
+
+/// RFC 6455 1.3: appended to the client's key before hashing.
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// Headers a request may carry; more is answered like an oversized head (431).
+pub const MAX_HEADERS: usize = 64;
+/// `Sec-WebSocket-Protocol` header lines kept; each may list several protocols.
+const MAX_PROTOCOL_LINES: usize = 8;
+
+/// A refused request, and the HTTP status that says why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// 400: not a valid WebSocket upgrade; the reason says which rule failed.
+    BadRequest(&'static str),
+    /// 426: a version other than 13 (RFC 6455 4.2.2).
+    UnsupportedVersion,
+    /// 403: `Origin` not in the allow-list.
+    ForbiddenOrigin,
+    /// 404: no route for the path.
+    NotFound,
+    /// 431: head larger than the limit, or too many headers.
+    HeadTooLarge,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::BadRequest(_) => 400,
+            Reject::UnsupportedVersion => 426,
+            Reject::ForbiddenOrigin => 403,
+            Reject::NotFound => 404,
+            Reject::HeadTooLarge => 431,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Reject::BadRequest(why) => why,
+            Reject::UnsupportedVersion => "unsupported WebSocket version",
+            Reject::ForbiddenOrigin => "origin not allowed",
+            Reject::NotFound => "no route",
+            Reject::HeadTooLarge => "request header fields too large",
+        }
+    }
+
+    /// The whole HTTP response for this refusal; the connection closes after it.
+    pub fn response(self) -> Vec<u8> {
+        let (status, text) = match self {
+            Reject::BadRequest(_) => (400, "Bad Request"),
+            Reject::UnsupportedVersion => (426, "Upgrade Required"),
+            Reject::ForbiddenOrigin => (403, "Forbidden"),
+            Reject::NotFound => (404, "Not Found"),
+            Reject::HeadTooLarge => (431, "Request Header Fields Too Large"),
+        };
+        // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
+        let extra = if self == Reject::UnsupportedVersion { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+        plain_response(status, text, extra, self.reason())
+    }
+}
+
+fn plain_response(status: u16, text: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    )
+    .into_bytes()
+}
+
+/// `GET /healthz` answer for load balancers.
+pub fn health_response() -> Vec<u8> {
+    plain_response(200, "OK", "", "ok")
+}
+
+/// A parsed request head. Every field borrows the read buffer.
+#[derive(Debug, Clone)]
+pub struct Head<'a> {
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    minor_version: u8,
+    host_count: usize,
+    upgrade_websocket: bool,
+    connection_upgrade: bool,
+    key: Option<&'a [u8]>,
+    key_count: usize,
+    version: Option<&'a [u8]>,
+    has_body: bool,
+    pub origin: Option<&'a str>,
+    protocol_lines: [&'a [u8]; MAX_PROTOCOL_LINES],
+    protocol_line_count: usize,
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read
+/// more. `Ok(Some((head, n)))`: the head took `n` bytes; what follows is the
+/// client's first frames. `max_head_bytes` bounds the head (431 past it).
+pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usize)>, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_head_bytes { Err(Reject::HeadTooLarge) } else { Ok(None) };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadTooLarge),
+        Err(_) => return Err(Reject::BadRequest("malformed HTTP request")),
+    };
+    if head_len > max_head_bytes {
+        return Err(Reject::HeadTooLarge);
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mut head = Head {
+        method: req.method.unwrap_or(""),
+        path,
+        query,
+        minor_version: req.version.unwrap_or(0),
+        host_count: 0,
+        upgrade_websocket: false,
+        connection_upgrade: false,
+        key: None,
+        key_count: 0,
+        version: None,
+        has_body: false,
+        origin: None,
+        protocol_lines: [&[]; MAX_PROTOCOL_LINES],
+        protocol_line_count: 0,
+    };
+    for h in req.headers.iter() {
+        let name = h.name;
+        let value = trim(h.value);
+        if name.eq_ignore_ascii_case("host") {
+            head.host_count += 1;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade_websocket |= has_token(value, b"websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.connection_upgrade |= has_token(value, b"upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.key = Some(value);
+            head.key_count += 1;
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            head.version = Some(value);
+        } else if name.eq_ignore_ascii_case("origin") {
+            head.origin = std::str::from_utf8(value).ok();
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            if head.protocol_line_count == MAX_PROTOCOL_LINES {
+                return Err(Reject::BadRequest("too many Sec-WebSocket-Protocol headers"));
+            }
+            head.protocol_lines[head.protocol_line_count] = value;
+            head.protocol_line_count += 1;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            head.has_body |= value != b"0";
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.has_body = true;
+        }
+    }
+    Ok(Some((head, head_len)))
+}
+
+impl<'a> Head<'a> {
+    /// True when the request asks for an upgrade at all (plain HTTP otherwise).
+    pub fn wants_upgrade(&self) -> bool {
+        self.upgrade_websocket || self.key.is_some()
+    }
+
+    /// RFC 6455 4.2.1: the rules every opening handshake must meet. Returns the
+    /// client's key for [`accept_key`].
+    pub fn validate_upgrade(&self) -> Result<&'a [u8], Reject> {
+        // 4.2.1 (1): an HTTP/1.1 or higher GET request.
+        if self.method != "GET" {
+            return Err(Reject::BadRequest("method must be GET"));
+        }
+        if self.minor_version < 1 {
+            return Err(Reject::BadRequest("HTTP/1.1 required"));
+        }
+        // 4.2.1 (2) and RFC 7230 5.4: exactly one Host.
+        if self.host_count != 1 {
+            return Err(Reject::BadRequest("exactly one Host header required"));
+        }
+        // 4.2.1 (3), (4): tokens, compared case-insensitively, in comma lists.
+        if !self.upgrade_websocket {
+            return Err(Reject::BadRequest("Upgrade: websocket required"));
+        }
+        if !self.connection_upgrade {
+            return Err(Reject::BadRequest("Connection: Upgrade required"));
+        }
+        // A GET upgrade has no body; one would be read as frames.
+        if self.has_body {
+            return Err(Reject::BadRequest("upgrade request must not have a body"));
+        }
+        // 4.2.1 (6): version 13; 4.2.2: otherwise 426 with the version we speak.
+        if self.version != Some(b"13") {
+            return Err(Reject::UnsupportedVersion);
+        }
+        // 4.2.1 (5): the key is base64 of exactly 16 bytes, sent once.
+        let key = match (self.key, self.key_count) {
+            (Some(key), 1) if is_valid_key(key) => key,
+            _ => return Err(Reject::BadRequest("Sec-WebSocket-Key must be base64 of 16 bytes")),
+        };
+        Ok(key)
+    }
+
+    /// Every subprotocol the client offered, in its order.
+    pub fn offered_protocols(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        self.protocol_lines[..self.protocol_line_count]
+            .iter()
+            .flat_map(|line| line.split(|&b| b == b','))
+            .map(trim)
+            .filter(|p| !p.is_empty())
+    }
+
+    /// RFC 6455 4.2.2 (5.4): picks the first protocol of `supported` (the
+    /// route's preference order) that the client offered. `None` when the
+    /// client offered none we speak; the response then names no protocol.
+    pub fn choose_protocol<'s>(&self, supported: &'s [String]) -> Option<&'s str> {
+        supported
+            .iter()
+            .find(|s| self.offered_protocols().any(|o| o == s.as_bytes()))
+            .map(String::as_str)
+    }
+}
+
+fn is_valid_key(key: &[u8]) -> bool {
+    // 16 bytes encode to exactly 24 base64 characters with "==" padding.
+    let mut decoded = [0u8; 18];
+    key.len() == 24 && matches!(BASE64.decode_slice(key, &mut decoded), Ok(16))
+}
+
+/// RFC 6455 4.2.2 (5.4): base64(SHA-1(key ++ GUID)).
+pub fn accept_key(key: &[u8]) -> [u8; 28] {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(ACCEPT_GUID);
+    let digest = sha.finalize();
+    let mut out = [0u8; 28];
+    let written = BASE64.encode_slice(digest, &mut out);
+    debug_assert_eq!(written, Ok(28));
+    out
+}
+
+/// Appends the 101 response to `out`.
+pub fn write_accept(out: &mut Vec<u8>, key: &[u8], protocol: Option<&str>) {
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(&accept_key(key));
+    if let Some(p) = protocol {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+        out.extend_from_slice(p.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// True when the comma-separated `list` holds `token` (ASCII case-insensitive).
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Origins a route accepts: any, or an exact list (RFC 6455 10.2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum OriginPolicy {
+    #[default]
+    Any,
+    /// Exact, ASCII case-insensitive origins (`https://app.example.com`).
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    /// A request without `Origin` is not from a browser, so the browser rule
+    /// does not apply to it.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match (self, origin) {
+            (OriginPolicy::Any, _) | (_, None) => true,
+            (OriginPolicy::List(list), Some(o)) => list.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /echo?x=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://example.com\r\nSec-WebSocket-Protocol: chat, superchat\r\n\r\n";
+
+    fn head(req: &str) -> Head<'_> {
+        parse(req.as_bytes(), 8192).unwrap().unwrap().0
+    }
+
+    /// Parses and validates, keeping only the verdict.
+    fn verdict(req: &str) -> Result<(), Reject> {
+        head(req).validate_upgrade().map(|_| ())
+    }
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(GOOD.contains(replace), "{replace}");
+        GOOD.replace(replace, by)
+    }
+
+    #[test]
+    fn rfc_sample_accept_key() {
+        // RFC 6455 1.3.
+        assert_eq!(&accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn good_request() {
+        let h = head(GOOD);
+        assert_eq!((h.path, h.query), ("/echo", Some("x=1")));
+        assert_eq!(h.validate_upgrade(), Ok(&b"dGhlIHNhbXBsZSBub25jZQ=="[..]));
+        assert_eq!(h.origin, Some("http://example.com"));
+        let offered: Vec<_> = h.offered_protocols().collect();
+        assert_eq!(offered, vec![&b"chat"[..], b"superchat"]);
+    }
+
+    #[test]
+    fn response_bytes() {
+        let mut out = Vec::new();
+        write_accept(&mut out, b"dGhlIHNhbXBsZSBub25jZQ==", Some("chat"));
+        assert_eq!(
+            out,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+        );
+        let r = String::from_utf8(Reject::UnsupportedVersion.response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(r.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+    }
+
+    #[test]
+    fn tokens_are_case_insensitive_lists() {
+        let mixed = with("Upgrade: websocket", "Upgrade: WebSocket").replace("Connection: Upgrade", "Connection: keep-alive, UPGRADE");
+        assert_eq!(verdict(&mixed), Ok(()));
+        let no_upgrade_token = with("Connection: Upgrade", "Connection: keep-alive");
+        assert_eq!(verdict(&no_upgrade_token), Err(Reject::BadRequest("Connection: Upgrade required")));
+        assert_eq!(verdict(&with("Upgrade: websocket", "Upgrade: h2c")), Err(Reject::BadRequest("Upgrade: websocket required")));
+    }
+
+    #[test]
+    fn method_version_host() {
+        assert_eq!(verdict(&with("GET", "POST")).unwrap_err().status(), 400);
+        assert_eq!(verdict(&with("HTTP/1.1", "HTTP/1.0")).unwrap_err().status(), 400);
+        assert_eq!(verdict(&with("Host: example.com\r\n", "")).unwrap_err().status(), 400);
+        let two_hosts = with("Host: example.com\r\n", "Host: a\r\nHost: b\r\n");
+        assert_eq!(verdict(&two_hosts).unwrap_err().status(), 400);
+        assert_eq!(verdict(&with("Host: example.com\r\n", "Host: example.com\r\nContent-Length: 5\r\n")).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn key_rules() {
+        for bad in ["", "abc", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZQ=!", "dGhlIHNhbXBsZSBub25jZSE=", "dGhlIHNhbXBsZSBub25jZQ==AAAA"] {
+            let req = with("dGhlIHNhbXBsZSBub25jZQ==", bad);
+            assert_eq!(verdict(&req).unwrap_err().status(), 400, "key {bad:?}");
+        }
+        let twice = with("Sec-WebSocket-Version", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version");
+        assert_eq!(verdict(&twice).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn version_rules() {
+        assert_eq!(verdict(&with("Version: 13", "Version: 8")), Err(Reject::UnsupportedVersion));
+        assert_eq!(verdict(&with("Sec-WebSocket-Version: 13\r\n", "")), Err(Reject::UnsupportedVersion));
+    }
+
+    #[test]
+    fn partial_and_pipelined() {
+        let mut bytes = GOOD.as_bytes().to_vec();
+        for cut in 0..bytes.len() {
+            assert!(matches!(parse(&bytes[..cut], 8192), Ok(None)), "cut {cut}");
+        }
+        bytes.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
+        let (_, n) = parse(&bytes, 8192).unwrap().unwrap();
+        assert_eq!(n, GOOD.len());
+    }
+
+    #[test]
+    fn head_limit_is_exact() {
+        // Pad the head to exactly the limit with one header, then one byte more.
+        let base = GOOD.len() + "X-Pad: \r\n".len();
+        let at = with("Origin", &format!("X-Pad: {}\r\nOrigin", "a".repeat(8192 - base)));
+        assert_eq!(at.len(), 8192);
+        assert!(parse(at.as_bytes(), 8192).unwrap().is_some());
+        let over = with("Origin", &format!("X-Pad: {}\r\nOrigin", "a".repeat(8193 - base)));
+        assert_eq!(parse(over.as_bytes(), 8192).unwrap_err(), Reject::HeadTooLarge);
+        // Incomplete and already at the limit: no point reading more.
+        assert_eq!(parse(&over.as_bytes()[..8192], 8192).unwrap_err(), Reject::HeadTooLarge);
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(parse(with("Origin", &format!("{many}Origin")).as_bytes(), 1 << 20).unwrap_err(), Reject::HeadTooLarge);
+    }
+
+    #[test]
+    fn protocol_choice_follows_route_order() {
+        let h = head(GOOD);
+        let route = vec!["superchat".to_string(), "chat".to_string()];
+        assert_eq!(h.choose_protocol(&route), Some("superchat"));
+        assert_eq!(h.choose_protocol(&["mqtt".to_string()]), None);
+        let split = with("Sec-WebSocket-Protocol: chat, superchat", "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b ,chat");
+        assert_eq!(head(&split).choose_protocol(&["chat".to_string()]), Some("chat"));
+    }
+
+    #[test]
+    fn origin_policy() {
+        let list = OriginPolicy::List(vec!["https://app.example.com".into()]);
+        assert!(list.allows(Some("https://APP.example.com")));
+        assert!(!list.allows(Some("https://evil.example.com")));
+        assert!(list.allows(None));
+        assert!(OriginPolicy::Any.allows(Some("x")));
+    }
+
+    #[test]
+    fn garbage_is_bad_request() {
+        assert_eq!(parse(b"\x00\x01\x02\r\n\r\n", 8192).unwrap_err().status(), 400);
+    }
+}

@@ -1,0 +1,407 @@
+//! From frames to messages (RFC 6455 sections 5.4-5.6 and 8.1).
+//!
+//! `MessageReader` owns the state between frames: the kind of a fragmented
+//! message in progress, its bytes so far, and its UTF-8 validation state. It
+//! reads from a caller's buffer, unmasks in place, and hands back events that
+//! borrow that buffer (a message in a single frame is never copied). It does
+//! no I/O and never allocates more than `max_message_bytes`.
+
+use super::close::{self, Close, CloseCode};
+use super::frame::{self, FrameHeader, Opcode, Role};
+use super::mask;
+use super::utf8::Utf8Validator;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload of a single frame.
+    pub max_frame_bytes: usize,
+    /// Largest message, all fragments together.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Text,
+    Binary,
+}
+
+impl MessageKind {
+    pub fn opcode(self) -> Opcode {
+        match self {
+            MessageKind::Text => Opcode::Text,
+            MessageKind::Binary => Opcode::Binary,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A whole message. Text payloads are valid UTF-8.
+    Message { kind: MessageKind, payload: &'a [u8] },
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    Close(Close<'a>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// An event, and how many input bytes it used.
+    Event(Event<'a>, usize),
+    /// A fragment was taken into the message in progress; no event yet.
+    Fragment(usize),
+    /// The next frame is not all there. `frame_bytes` is its whole size once
+    /// its header has been read (so the caller can size its buffer).
+    Need { frame_bytes: Option<usize> },
+}
+
+/// A reason to fail the connection: the close code and reason to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+impl Violation {
+    fn protocol(reason: &'static str) -> Violation {
+        Violation { code: CloseCode::PROTOCOL_ERROR, reason }
+    }
+}
+
+#[derive(Debug)]
+pub struct MessageReader {
+    role: Role,
+    limits: Limits,
+    /// Kind of the fragmented message in progress, if any.
+    partial: Option<MessageKind>,
+    fragments: Vec<u8>,
+    utf8: Utf8Validator,
+    /// The last event lent out `fragments`; free it on the next call.
+    lent_fragments: bool,
+}
+
+impl MessageReader {
+    pub fn new(role: Role, limits: Limits) -> MessageReader {
+        MessageReader {
+            role,
+            limits,
+            partial: None,
+            fragments: Vec::new(),
+            utf8: Utf8Validator::default(),
+            lent_fragments: false,
+        }
+    }
+
+    /// True when no fragmented message is in progress (nothing is held).
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_none()
+    }
+
+    /// Reads the next frame at the start of `buf`, unmasking it in place.
+    pub fn read<'a>(&'a mut self, buf: &'a mut [u8]) -> Result<Step<'a>, Violation> {
+        if self.lent_fragments {
+            // Free, not clear: an idle connection holds no message buffer.
+            self.fragments = Vec::new();
+            self.lent_fragments = false;
+        }
+        let Some((header, header_len)) = frame::decode_header(buf, self.role)
+            .map_err(|e| Violation { code: e.close_code(), reason: e.reason() })?
+        else {
+            return Ok(Step::Need { frame_bytes: None });
+        };
+        self.check_header(&header)?;
+        // check_header bounded payload_len by a usize limit (or 125 for control).
+        let frame_bytes = header_len + header.payload_len as usize;
+        if buf.len() < frame_bytes {
+            return Ok(Step::Need { frame_bytes: Some(frame_bytes) });
+        }
+        let payload = &mut buf[header_len..frame_bytes];
+        if let Some(key) = header.mask {
+            mask::apply(payload, key, 0);
+        }
+        let payload: &'a [u8] = payload;
+        let event = match header.opcode {
+            Opcode::Ping => Event::Ping(payload),
+            Opcode::Pong => Event::Pong(payload),
+            Opcode::Close => {
+                let close = close::parse(payload)
+                    .map_err(|e| Violation { code: e.close_code(), reason: e.reason() })?;
+                Event::Close(close)
+            }
+            Opcode::Text | Opcode::Binary => {
+                let kind = if header.opcode == Opcode::Text { MessageKind::Text } else { MessageKind::Binary };
+                if header.fin {
+                    // RFC 6455 8.1: a text message must be valid UTF-8.
+                    if kind == MessageKind::Text && simdutf8::basic::from_utf8(payload).is_err() {
+                        return Err(invalid_utf8());
+                    }
+                    Event::Message { kind, payload }
+                } else {
+                    self.utf8.reset();
+                    self.take_fragment(kind, payload, false)?;
+                    self.partial = Some(kind);
+                    return Ok(Step::Fragment(frame_bytes));
+                }
+            }
+            Opcode::Continuation => {
+                let kind = self.partial.ok_or(Violation::protocol("continuation without a message"))?;
+                self.take_fragment(kind, payload, header.fin)?;
+                if !header.fin {
+                    return Ok(Step::Fragment(frame_bytes));
+                }
+                self.partial = None;
+                self.lent_fragments = true;
+                Event::Message { kind, payload: &self.fragments }
+            }
+        };
+        Ok(Step::Event(event, frame_bytes))
+    }
+
+    /// The rules that need the header and the message state, checked before
+    /// any payload is buffered, so an oversized frame costs nothing.
+    fn check_header(&self, header: &FrameHeader) -> Result<(), Violation> {
+        match header.opcode {
+            // RFC 6455 5.4: a continuation needs a message in progress...
+            Opcode::Continuation if self.partial.is_none() => {
+                return Err(Violation::protocol("continuation without a message"))
+            }
+            // ...and a new data frame may not start inside one.
+            Opcode::Text | Opcode::Binary if self.partial.is_some() => {
+                return Err(Violation::protocol("new message inside a fragmented message"))
+            }
+            _ => {}
+        }
+        if header.opcode.is_control() {
+            return Ok(());
+        }
+        let too_big = Violation { code: CloseCode::TOO_BIG, reason: "message too big" };
+        if header.payload_len > self.limits.max_frame_bytes as u64 {
+            return Err(Violation { reason: "frame too big", ..too_big });
+        }
+        if self.fragments.len() as u64 + header.payload_len > self.limits.max_message_bytes as u64 {
+            return Err(too_big);
+        }
+        Ok(())
+    }
+
+    fn take_fragment(&mut self, kind: MessageKind, payload: &[u8], fin: bool) -> Result<(), Violation> {
+        // RFC 6455 8.1, checked per fragment so bad text fails at the fragment
+        // that breaks it rather than at the end of the message.
+        if kind == MessageKind::Text {
+            self.utf8.feed(payload, fin).map_err(|_| invalid_utf8())?;
+        }
+        self.fragments.extend_from_slice(payload);
+        Ok(())
+    }
+}
+
+fn invalid_utf8() -> Violation {
+    Violation { code: CloseCode::INVALID_PAYLOAD, reason: "text is not UTF-8" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::encode_frame;
+    use proptest::prelude::*;
+
+    const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+    const LIMITS: Limits = Limits { max_frame_bytes: 1024, max_message_bytes: 4096 };
+
+    fn reader() -> MessageReader {
+        MessageReader::new(Role::Server, LIMITS)
+    }
+
+    fn frame(fin: bool, op: Opcode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(&mut out, fin, op, Some(KEY), payload);
+        out
+    }
+
+    /// Feeds a byte stream and collects owned events, or the violation.
+    fn run(r: &mut MessageReader, mut wire: Vec<u8>) -> Result<Vec<(String, Vec<u8>)>, Violation> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            match r.read(&mut wire[pos..])? {
+                Step::Need { .. } => return Ok(out),
+                Step::Fragment(n) => pos += n,
+                Step::Event(ev, n) => {
+                    pos += n;
+                    out.push(match ev {
+                        Event::Message { kind, payload } => (format!("{kind:?}"), payload.to_vec()),
+                        Event::Ping(p) => ("Ping".into(), p.to_vec()),
+                        Event::Pong(p) => ("Pong".into(), p.to_vec()),
+                        Event::Close(c) => (format!("Close {:?}", c.code), c.reason.as_bytes().to_vec()),
+                    });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn single_frame_messages() {
+        let mut wire = frame(true, Opcode::Text, b"hello");
+        wire.extend(frame(true, Opcode::Binary, &[0, 255]));
+        let ev = run(&mut reader(), wire).unwrap();
+        assert_eq!(ev, vec![("Text".into(), b"hello".to_vec()), ("Binary".into(), vec![0, 255])]);
+    }
+
+    #[test]
+    fn fragments_with_control_frames_between() {
+        // RFC 6455 5.4: control frames may be injected in the middle of a fragmented message.
+        let mut wire = frame(false, Opcode::Text, b"fra");
+        wire.extend(frame(true, Opcode::Ping, b"p"));
+        wire.extend(frame(false, Opcode::Continuation, b"gme"));
+        wire.extend(frame(true, Opcode::Pong, b""));
+        wire.extend(frame(true, Opcode::Continuation, b"nted"));
+        let ev = run(&mut reader(), wire).unwrap();
+        assert_eq!(
+            ev,
+            vec![
+                ("Ping".into(), b"p".to_vec()),
+                ("Pong".into(), vec![]),
+                ("Text".into(), b"fragmented".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn fragment_order_violations() {
+        let err = run(&mut reader(), frame(true, Opcode::Continuation, b"x")).unwrap_err();
+        assert_eq!(err.code, CloseCode::PROTOCOL_ERROR);
+        let mut wire = frame(false, Opcode::Text, b"a");
+        wire.extend(frame(true, Opcode::Binary, b"b"));
+        assert_eq!(run(&mut reader(), wire).unwrap_err().code, CloseCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn utf8_fails_at_the_breaking_fragment() {
+        let mut r = reader();
+        // κόσμε then a surrogate, across fragments: the second fragment fails,
+        // before any final frame arrives.
+        let mut wire = frame(false, Opcode::Text, &[0xCE, 0xBA, 0xE1]);
+        wire.extend(frame(false, Opcode::Continuation, &[0xBD, 0xB9, 0xED, 0xA0, 0x80]));
+        assert_eq!(run(&mut r, wire).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        // Invalid in a single frame.
+        assert_eq!(run(&mut reader(), frame(true, Opcode::Text, &[0xFF])).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        // Binary is never checked.
+        assert!(run(&mut reader(), frame(true, Opcode::Binary, &[0xFF])).is_ok());
+    }
+
+    #[test]
+    fn frame_limit_is_exact() {
+        assert!(run(&mut reader(), frame(true, Opcode::Binary, &[0; 1024])).is_ok());
+        let err = run(&mut reader(), frame(true, Opcode::Binary, &[0; 1025])).unwrap_err();
+        assert_eq!(err.code, CloseCode::TOO_BIG);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_from_its_header_alone() {
+        // Only the header: the reader refuses before the payload is there.
+        let wire = frame(true, Opcode::Binary, &[0; 1025]);
+        let mut head = wire[..8].to_vec();
+        assert_eq!(reader().read(&mut head).unwrap_err().code, CloseCode::TOO_BIG);
+    }
+
+    #[test]
+    fn message_limit_is_exact() {
+        let mut three_k = frame(false, Opcode::Binary, &[1; 1024]);
+        for _ in 0..2 {
+            three_k.extend(frame(false, Opcode::Continuation, &[1; 1024]));
+        }
+        let mut at_limit = three_k.clone();
+        at_limit.extend(frame(true, Opcode::Continuation, &[1; 1024]));
+        let ev = run(&mut reader(), at_limit).unwrap();
+        assert_eq!(ev[0].1.len(), 4096);
+        let mut over = three_k;
+        over.extend(frame(false, Opcode::Continuation, &[1; 1024]));
+        over.extend(frame(true, Opcode::Continuation, &[1]));
+        let err = run(&mut reader(), over).unwrap_err();
+        assert_eq!((err.code, err.reason), (CloseCode::TOO_BIG, "message too big"));
+    }
+
+    #[test]
+    fn close_frames() {
+        let ev = run(&mut reader(), frame(true, Opcode::Close, &[0x03, 0xE8, b'b', b'y', b'e'])).unwrap();
+        assert_eq!(ev, vec![("Close Some(CloseCode(1000))".into(), b"bye".to_vec())]);
+        let ev = run(&mut reader(), frame(true, Opcode::Close, &[])).unwrap();
+        assert_eq!(ev[0].0, "Close None");
+        let err = run(&mut reader(), frame(true, Opcode::Close, &[0x03])).unwrap_err();
+        assert_eq!(err.code, CloseCode::PROTOCOL_ERROR);
+        let err = run(&mut reader(), frame(true, Opcode::Close, &[0x03, 0xE8, 0xFF])).unwrap_err();
+        assert_eq!(err.code, CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn fragments_buffer_is_freed_after_the_message() {
+        let mut r = reader();
+        let mut wire = frame(false, Opcode::Binary, b"ab");
+        wire.extend(frame(true, Opcode::Continuation, b"cd"));
+        run(&mut r, wire).unwrap();
+        // Next read frees the lent buffer.
+        let _ = r.read(&mut []);
+        assert_eq!(r.fragments.capacity(), 0);
+        assert!(r.is_idle());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Any split of a valid stream into reads gives the same events.
+        #[test]
+        fn chunking_does_not_matter(
+            msgs in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300), 1usize..4), 1..6),
+            chunk in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for (text, body, parts) in &msgs {
+                let (op, body) = if *text {
+                    (Opcode::Text, String::from_utf8_lossy(body).into_owned().into_bytes())
+                } else {
+                    (Opcode::Binary, body.clone())
+                };
+                let step = body.len().div_ceil(*parts).max(1);
+                let pieces: Vec<&[u8]> = if body.is_empty() { vec![&[][..]] } else { body.chunks(step).collect() };
+                for (i, p) in pieces.iter().enumerate() {
+                    let fin = i + 1 == pieces.len();
+                    let o = if i == 0 { op } else { Opcode::Continuation };
+                    wire.extend(frame(fin, o, p));
+                }
+                expected.push((if *text { "Text" } else { "Binary" }.to_string(), body));
+            }
+            // Deliver the stream in chunks, keeping the unread rest as a connection would.
+            let mut r = MessageReader::new(Role::Server, Limits { max_frame_bytes: 1 << 20, max_message_bytes: 1 << 20 });
+            let mut got = Vec::new();
+            let mut pending: Vec<u8> = Vec::new();
+            for piece in wire.chunks(chunk) {
+                pending.extend_from_slice(piece);
+                let mut pos = 0;
+                loop {
+                    match r.read(&mut pending[pos..]).unwrap() {
+                        Step::Need { .. } => break,
+                        Step::Fragment(n) => pos += n,
+                        Step::Event(Event::Message { kind, payload }, n) => {
+                            got.push((format!("{kind:?}"), payload.to_vec()));
+                            pos += n;
+                        }
+                        Step::Event(_, n) => pos += n,
+                    }
+                }
+                pending.drain(..pos);
+            }
+            prop_assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut r = reader();
+            let mut pos = 0;
+            while pos < bytes.len() {
+                match r.read(&mut bytes[pos..]) {
+                    Ok(Step::Event(_, n)) | Ok(Step::Fragment(n)) => pos += n,
+                    Ok(Step::Need { .. }) | Err(_) => break,
+                }
+            }
+        }
+    }
+}
