@@ -1,0 +1,203 @@
+//! Malformed and limit-breaking input over raw sockets, under both drivers:
+//! each violation gets the close code or HTTP status of DESIGN.md's table,
+//! and the server keeps serving others.
+
+mod common;
+
+use common::{masked_frame, upgrade_request, Raw, Server};
+use std::time::{Duration, Instant};
+
+/// Opens a connection, sends `wire` after the handshake, expects a close with `code`.
+fn expect_close_after(server: &Server, wire: &[u8], code: u16) {
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send(wire);
+    assert_eq!(raw.expect_close(), Some(code), "after {wire:02x?}");
+    assert!(raw.is_closed_by_server());
+}
+
+both_drivers!(protocol_violations_close_1002, |driver| {
+    let server = Server::start(driver, &[]);
+    let unmasked = [0x81, 0x02, b'h', b'i'];
+    expect_close_after(&server, &unmasked, 1002);
+    for rsv in [0x40, 0x20, 0x10] {
+        expect_close_after(&server, &masked_frame(0x81 | rsv, b"x"), 1002);
+    }
+    for op in [3u8, 7, 0xB, 0xF] {
+        expect_close_after(&server, &masked_frame(0x80 | op, b""), 1002);
+    }
+    // Fragmented ping; ping over 125 bytes.
+    expect_close_after(&server, &masked_frame(0x09, b""), 1002);
+    expect_close_after(&server, &masked_frame(0x89, &[0; 126]), 1002);
+    // Continuation with nothing to continue; new message inside a fragmented one.
+    expect_close_after(&server, &masked_frame(0x80, b"x"), 1002);
+    let mut wire = masked_frame(0x01, b"a");
+    wire.extend(masked_frame(0x81, b"b"));
+    expect_close_after(&server, &wire, 1002);
+    // Close payloads: one byte, or a code peers may not send.
+    expect_close_after(&server, &masked_frame(0x88, &[3]), 1002);
+    expect_close_after(&server, &masked_frame(0x88, &1005u16.to_be_bytes()), 1002);
+    expect_close_after(&server, &masked_frame(0x88, &999u16.to_be_bytes()), 1002);
+    // The server still serves.
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x81, b"still here");
+    assert_eq!(raw.read_frame().unwrap().payload, b"still here");
+});
+
+both_drivers!(invalid_utf8_closes_1007, |driver| {
+    let server = Server::start(driver, &[]);
+    expect_close_after(&server, &masked_frame(0x81, &[0xce, 0xba, 0xff]), 1007);
+    // Fails at the fragment that breaks it, before the message ends.
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x01, &[0xce, 0xba, 0xe1]);
+    raw.send_frame(0x00, &[0xbd, 0xb9, 0xed, 0xa0, 0x80]);
+    assert_eq!(raw.expect_close(), Some(1007));
+    // Close reason that is not UTF-8.
+    expect_close_after(&server, &masked_frame(0x88, &[0x03, 0xe8, 0xff]), 1007);
+});
+
+both_drivers!(frame_and_message_limits_close_1009, |driver| {
+    let server = Server::start(driver, &["--max-frame-bytes", "1000", "--max-message-bytes", "3000"]);
+    // A frame at the limit is echoed.
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x82, &[1; 1000]);
+    assert_eq!(raw.read_frame().unwrap().payload.len(), 1000);
+    // One byte over: 1009, decided from the header (the payload is never sent).
+    let mut raw = Raw::open(server.addr, "/echo");
+    let frame = masked_frame(0x82, &[1; 1001]);
+    raw.send(&frame[..8]);
+    assert_eq!(raw.expect_close(), Some(1009));
+    // A message at the limit, then one byte over.
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x02, &[1; 1000]);
+    raw.send_frame(0x00, &[1; 1000]);
+    raw.send_frame(0x80, &[1; 1000]);
+    assert_eq!(raw.read_frame().unwrap().payload.len(), 3000);
+    raw.send_frame(0x02, &[1; 1000]);
+    raw.send_frame(0x00, &[1; 1000]);
+    raw.send_frame(0x00, &[1; 1000]);
+    raw.send_frame(0x80, &[1; 1]);
+    assert_eq!(raw.expect_close(), Some(1009));
+    // A 2^63-1 length is refused as too big, not allocated.
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send(&[0x82, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4]);
+    assert_eq!(raw.expect_close(), Some(1009));
+});
+
+both_drivers!(fragments_with_control_frames_between, |driver| {
+    let server = Server::start(driver, &[]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x01, b"frag");
+    raw.send_frame(0x89, b"ping!");
+    raw.send_frame(0x00, b"men");
+    raw.send_frame(0x80, b"ted");
+    let pong = raw.read_frame().unwrap();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"ping!"[..]));
+    let text = raw.read_frame().unwrap();
+    assert_eq!((text.opcode, text.fin, text.payload.as_slice()), (1, true, &b"fragmented"[..]));
+});
+
+both_drivers!(handshake_in_small_reads_with_frames_behind_it, |driver| {
+    let server = Server::start(driver, &[]);
+    let mut raw = Raw::connect(server.addr);
+    let mut wire = upgrade_request("/echo", "").into_bytes();
+    wire.extend(masked_frame(0x81, b"first"));
+    wire.extend(masked_frame(0x81, b"second"));
+    // Head in 7-byte pieces, the last piece carrying the frames too.
+    let head_len = wire.len() - masked_frame(0x81, b"first").len() - masked_frame(0x81, b"second").len();
+    for chunk in wire[..head_len - 3].chunks(7) {
+        raw.send(chunk);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    raw.send(&wire[head_len - 3..]);
+    assert!(raw.read_head().starts_with("HTTP/1.1 101 "));
+    assert_eq!(raw.read_frame().unwrap().payload, b"first");
+    assert_eq!(raw.read_frame().unwrap().payload, b"second");
+});
+
+/// Sends `request` and returns the whole response.
+fn respond(server: &Server, request: &str) -> String {
+    let mut raw = Raw::connect(server.addr);
+    raw.send(request.as_bytes());
+    raw.read_to_end()
+}
+
+both_drivers!(handshake_refusals, |driver| {
+    let server = Server::start(driver, &["--allowed-origins", "https://app.example"]);
+    let ok = respond(&server, &upgrade_request("/echo", "Origin: https://app.example\r\n"));
+    assert!(ok.starts_with("HTTP/1.1 101 "), "{ok}");
+    let r = respond(&server, &upgrade_request("/echo", "Origin: https://evil.example\r\n"));
+    assert!(r.starts_with("HTTP/1.1 403 "), "{r}");
+    let r = respond(&server, &upgrade_request("/nope", ""));
+    assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+    let r = respond(&server, &upgrade_request("/echo", "").replace("Version: 13", "Version: 8"));
+    assert!(r.starts_with("HTTP/1.1 426 ") && r.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{r}");
+    let r = respond(&server, &upgrade_request("/echo", "").replace(common::KEY, "c2hvcnQ="));
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    let r = respond(&server, &upgrade_request("/echo", "").replace("GET", "POST"));
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    let r = respond(&server, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("ok\n"), "{r}");
+});
+
+both_drivers!(head_over_8_kib_gets_431, |driver| {
+    let server = Server::start(driver, &[]);
+    let base = upgrade_request("/echo", "X-Pad: \r\n").len();
+    let at_limit = upgrade_request("/echo", &format!("X-Pad: {}\r\n", "a".repeat(8192 - base)));
+    assert_eq!(at_limit.len(), 8192);
+    assert!(respond(&server, &at_limit).starts_with("HTTP/1.1 101 "));
+    let over = upgrade_request("/echo", &format!("X-Pad: {}\r\n", "a".repeat(8193 - base)));
+    let r = respond(&server, &over);
+    assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+    // A head that never ends is cut at the limit too.
+    let mut raw = Raw::connect(server.addr);
+    raw.send(format!("GET /echo HTTP/1.1\r\nX: {}", "b".repeat(10_000)).as_bytes());
+    assert!(raw.read_to_end().starts_with("HTTP/1.1 431 "));
+});
+
+both_drivers!(handshake_timeout_drops_slow_clients, |driver| {
+    let server = Server::start(driver, &["--handshake-timeout-ms", "300"]);
+    let mut raw = Raw::connect(server.addr);
+    raw.send(b"GET /echo HTTP/1.1\r\n");
+    let start = Instant::now();
+    assert!(raw.is_closed_by_server(), "dropped");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
+});
+
+both_drivers!(pings_quiet_peers_and_closes_silent_ones, |driver| {
+    let server = Server::start(driver, &["--ping-interval-ms", "200", "--idle-timeout-ms", "600"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    let start = Instant::now();
+    let ping = raw.read_frame().unwrap();
+    assert_eq!(ping.opcode, 0x9);
+    // Never answering: closed with 1001 once silent past the idle timeout.
+    assert_eq!(raw.expect_close(), Some(1001));
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(550) && waited < Duration::from_secs(3), "{waited:?}");
+    // A peer that answers pings stays open past the idle timeout.
+    let mut live = Raw::open(server.addr, "/echo");
+    let until = Instant::now() + Duration::from_millis(1200);
+    while Instant::now() < until {
+        let f = live.read_frame().unwrap();
+        assert_eq!(f.opcode, 0x9, "only pings while alive");
+        live.send_frame(0x8A, &f.payload);
+    }
+    live.send_frame(0x81, b"alive");
+    let f = live.read_frame().unwrap();
+    assert!(f.opcode == 0x1 || f.opcode == 0x9);
+});
+
+both_drivers!(vanished_peers_count_as_1006, |driver| {
+    let mut server = Server::start(driver, &[]);
+    {
+        let _gone = Raw::open(server.addr, "/echo");
+    }
+    let mut clean = Raw::open(server.addr, "/echo");
+    clean.send_frame(0x88, &1000u16.to_be_bytes());
+    assert_eq!(clean.expect_close(), Some(1000));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.terminate().code(), Some(0));
+    let log = server.log();
+    let stopped = log.lines().find(|l| l.contains("stopped")).expect("stop line");
+    assert!(stopped.contains("closed={1000: 1, 1006: 1}"), "{stopped}");
+});

@@ -1,0 +1,59 @@
+//! Starting up: driver choice, bad flags and files, a port already held.
+
+mod common;
+
+use common::{start_error, Raw, Server};
+
+#[test]
+fn auto_falls_back_to_epoll_when_io_uring_is_refused() {
+    // monoio's probe honours this variable as "io_uring unavailable".
+    let server = Server::start_with_env("auto", &[], &[("MONOIO_FORCE_LEGACY_DRIVER", "1")]);
+    assert!(server.log().contains("driver=epoll"), "{}", server.log());
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send_frame(0x81, b"ok");
+    assert_eq!(raw.read_frame().unwrap().payload, b"ok");
+}
+
+#[test]
+fn each_driver_is_reported() {
+    for driver in common::DRIVERS {
+        let server = Server::start(driver, &[]);
+        let expected = if driver == "uring" { "driver=io_uring" } else { "driver=epoll" };
+        assert!(server.log().contains(expected), "{}", server.log());
+    }
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let (code, err) = start_error(&["--workers", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("workers: 0 is outside 1..=1024"), "{err}");
+    let (code, err) = start_error(&["--driver", "kqueue"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("invalid value 'kqueue'"), "{err}");
+    let (code, err) = start_error(&["--ping-interval-ms", "1000", "--idle-timeout-ms", "500"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("idle_timeout_ms"), "{err}");
+}
+
+#[test]
+fn bad_config_file_is_a_clear_error() {
+    let path = std::env::temp_dir().join(format!("sluice-bad-{}.toml", std::process::id()));
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nmax_frame_bytes = \"big\"\n").unwrap();
+    let (code, err) = start_error(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("config file") && err.contains("max_frame_bytes"), "{err}");
+    let (code, err) = start_error(&["--config", "/nonexistent/sluice.toml"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/sluice.toml"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn port_held_by_another_process_is_refused() {
+    let first = Server::start("epoll", &[]);
+    let addr = first.addr.to_string();
+    let (code, err) = start_error(&["--listen", &addr]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("in use by another process"), "{err}");
+}
