@@ -137,7 +137,10 @@ pub const HEALTH_PATH: &str = "/healthz";
 impl Options {
     /// Reads a TOML file of options.
     pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
-        let file_err = |error: String| ConfigError::File { path: path.to_owned(), error };
+        let file_err = |error: String| ConfigError::File {
+            path: path.to_owned(),
+            error,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| file_err(e.to_string()))
     }
@@ -177,7 +180,9 @@ impl Options {
                     path: r.path,
                     protocol: r.protocol,
                     subprotocols: r.subprotocols,
-                    origins: r.allowed_origins.map_or_else(|| global_origins.clone(), |o| origin_policy(Some(o))),
+                    origins: r
+                        .allowed_origins
+                        .map_or_else(|| global_origins.clone(), |o| origin_policy(Some(o))),
                 })
                 .collect(),
         };
@@ -212,7 +217,10 @@ fn origin_policy(list: Option<Vec<String>>) -> OriginPolicy {
 
 fn in_range<T: PartialOrd + fmt::Display>(option: &'static str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
     if v < lo || v > hi {
-        return Err(ConfigError::Invalid { option, error: format!("{v} is outside {lo}..={hi}") });
+        return Err(ConfigError::Invalid {
+            option,
+            error: format!("{v} is outside {lo}..={hi}"),
+        });
     }
     Ok(())
 }
@@ -238,7 +246,10 @@ impl Config {
             });
         }
         if self.routes.is_empty() {
-            return Err(ConfigError::Invalid { option: "route", error: "at least one route is required".into() });
+            return Err(ConfigError::Invalid {
+                option: "route",
+                error: "at least one route is required".into(),
+            });
         }
         for (i, r) in self.routes.iter().enumerate() {
             let bad = |error: String| Err(ConfigError::Invalid { option: "route", error });
@@ -252,7 +263,11 @@ impl Config {
                 return bad(format!("path {:?} is listed twice", r.path));
             }
             // RFC 6455 4.1: subprotocol names are HTTP tokens.
-            if let Some(p) = r.subprotocols.iter().find(|p| p.is_empty() || !p.bytes().all(is_token_byte)) {
+            if let Some(p) = r
+                .subprotocols
+                .iter()
+                .find(|p| p.is_empty() || !p.bytes().all(is_token_byte))
+            {
                 return bad(format!("subprotocol {p:?} is not an HTTP token"));
             }
         }
@@ -292,7 +307,10 @@ mod tests {
     #[test]
     fn flags_override_file() {
         let file = parse_toml("workers = 3\nmax_frame_bytes = 100\n[[route]]\npath = \"/e\"\nprotocol = \"echo\"\nsubprotocols = [\"chat\"]\n").unwrap();
-        let cli = Options { workers: Some(1), ..Options::default() };
+        let cli = Options {
+            workers: Some(1),
+            ..Options::default()
+        };
         let c = cli.over(file).validate(2).unwrap();
         assert_eq!(c.workers, 1);
         assert_eq!(c.limits.max_frame_bytes, 100);
@@ -304,35 +322,71 @@ mod tests {
     fn unknown_keys_and_bad_values_are_errors() {
         assert!(parse_toml("wrkers = 3").is_err());
         assert!(parse_toml("driver = \"kqueue\"").is_err());
-        let e = Options { workers: Some(0), ..Options::default() }.validate(2).unwrap_err();
+        let e = Options {
+            workers: Some(0),
+            ..Options::default()
+        }
+        .validate(2)
+        .unwrap_err();
         assert_eq!(e.to_string(), "workers: 0 is outside 1..=1024");
-        let e = Options { ping_interval_ms: Some(5000), idle_timeout_ms: Some(5000), ..Options::default() }
-            .validate(2)
-            .unwrap_err();
+        let e = Options {
+            ping_interval_ms: Some(5000),
+            idle_timeout_ms: Some(5000),
+            ..Options::default()
+        }
+        .validate(2)
+        .unwrap_err();
         assert!(e.to_string().starts_with("idle_timeout_ms"));
         let bad_route = parse_toml("[[route]]\npath = \"/healthz\"\nprotocol = \"echo\"\n").unwrap();
         assert!(bad_route.validate(2).is_err());
-        let dup = parse_toml("[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n").unwrap();
+        let dup = parse_toml(
+            "[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n[[route]]\npath = \"/a\"\nprotocol = \"echo\"\n",
+        )
+        .unwrap();
         assert!(dup.validate(2).is_err());
-        let bad_proto = parse_toml("[[route]]\npath = \"/a\"\nprotocol = \"echo\"\nsubprotocols = [\"a b\"]\n").unwrap();
+        let bad_proto =
+            parse_toml("[[route]]\npath = \"/a\"\nprotocol = \"echo\"\nsubprotocols = [\"a b\"]\n").unwrap();
         assert!(bad_proto.validate(2).is_err());
     }
 
     #[test]
     fn limits_at_their_edges() {
-        let ok = Options { max_frame_bytes: Some(GIB), max_head_bytes: Some(256), ..Options::default() };
+        let ok = Options {
+            max_frame_bytes: Some(GIB),
+            max_head_bytes: Some(256),
+            ..Options::default()
+        };
         assert!(ok.validate(1).is_ok());
-        let over = Options { max_frame_bytes: Some(GIB + 1), ..Options::default() };
+        let over = Options {
+            max_frame_bytes: Some(GIB + 1),
+            ..Options::default()
+        };
         assert!(over.validate(1).is_err());
-        let under = Options { max_head_bytes: Some(255), ..Options::default() };
+        let under = Options {
+            max_head_bytes: Some(255),
+            ..Options::default()
+        };
         assert!(under.validate(1).is_err());
     }
 
     #[test]
     fn origins() {
-        let c = Options { allowed_origins: Some(vec!["https://a.example".into()]), ..Options::default() }.validate(1).unwrap();
-        assert_eq!(c.route("/echo").unwrap().origins, OriginPolicy::List(vec!["https://a.example".into()]));
-        let c = Options { allowed_origins: Some(vec!["*".into()]), ..Options::default() }.validate(1).unwrap();
+        let c = Options {
+            allowed_origins: Some(vec!["https://a.example".into()]),
+            ..Options::default()
+        }
+        .validate(1)
+        .unwrap();
+        assert_eq!(
+            c.route("/echo").unwrap().origins,
+            OriginPolicy::List(vec!["https://a.example".into()])
+        );
+        let c = Options {
+            allowed_origins: Some(vec!["*".into()]),
+            ..Options::default()
+        }
+        .validate(1)
+        .unwrap();
         assert_eq!(c.route("/echo").unwrap().origins, OriginPolicy::Any);
     }
 }

@@ -6,6 +6,7 @@ use clap::Parser;
 use sluice::config::Options;
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

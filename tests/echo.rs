@@ -41,7 +41,10 @@ both_drivers!(answers_pings_with_same_payload, |driver| {
     tokio_rt().block_on(async {
         let (mut ws, _) = tokio_tungstenite::connect_async(server.url("/echo")).await.unwrap();
         ws.send(Message::Ping(b"are you there".to_vec())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Pong(b"are you there".to_vec()));
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Pong(b"are you there".to_vec())
+        );
     });
 });
 
@@ -49,10 +52,12 @@ both_drivers!(close_handshake_echoes_code, |driver| {
     let server = Server::start(driver, &[]);
     tokio_rt().block_on(async {
         let (mut ws, _) = tokio_tungstenite::connect_async(server.url("/echo")).await.unwrap();
-        ws.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-            code: CloseCode::from(4321),
-            reason: "bye".into(),
-        })))
+        ws.send(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::from(4321),
+                reason: "bye".into(),
+            },
+        )))
         .await
         .unwrap();
         match ws.next().await.unwrap().unwrap() {
@@ -74,7 +79,8 @@ both_drivers!(negotiates_subprotocol_from_route, |driver| {
     let server = Server::start(driver, &["--config", dir.to_str().unwrap()]);
     tokio_rt().block_on(async {
         let mut req = server.url("/chat").into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", "v1.chat,v2.chat".parse().unwrap());
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "v1.chat,v2.chat".parse().unwrap());
         let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
         assert_eq!(resp.headers()["sec-websocket-protocol"], "v2.chat");
         // The default /echo route is replaced by the file's routes.
@@ -100,7 +106,10 @@ both_drivers!(two_hundred_concurrent_clients, |driver| {
             })
         });
         let all = futures_util::future::join_all(clients);
-        for r in tokio::time::timeout(Duration::from_secs(60), all).await.expect("clients finished") {
+        for r in tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("clients finished")
+        {
             r.unwrap();
         }
     });

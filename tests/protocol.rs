@@ -93,7 +93,10 @@ both_drivers!(fragments_with_control_frames_between, |driver| {
     let pong = raw.read_frame().unwrap();
     assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"ping!"[..]));
     let text = raw.read_frame().unwrap();
-    assert_eq!((text.opcode, text.fin, text.payload.as_slice()), (1, true, &b"fragmented"[..]));
+    assert_eq!(
+        (text.opcode, text.fin, text.payload.as_slice()),
+        (1, true, &b"fragmented"[..])
+    );
 });
 
 both_drivers!(handshake_in_small_reads_with_frames_behind_it, |driver| {
@@ -129,8 +132,14 @@ both_drivers!(handshake_refusals, |driver| {
     assert!(r.starts_with("HTTP/1.1 403 "), "{r}");
     let r = respond(&server, &upgrade_request("/nope", ""));
     assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
-    let r = respond(&server, &upgrade_request("/echo", "").replace("Version: 13", "Version: 8"));
-    assert!(r.starts_with("HTTP/1.1 426 ") && r.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{r}");
+    let r = respond(
+        &server,
+        &upgrade_request("/echo", "").replace("Version: 13", "Version: 8"),
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 426 ") && r.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{r}"
+    );
     let r = respond(&server, &upgrade_request("/echo", "").replace(common::KEY, "c2hvcnQ="));
     assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
     let r = respond(&server, &upgrade_request("/echo", "").replace("GET", "POST"));
@@ -161,7 +170,10 @@ both_drivers!(handshake_timeout_drops_slow_clients, |driver| {
     let start = Instant::now();
     assert!(raw.is_closed_by_server(), "dropped");
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
 });
 
 both_drivers!(pings_quiet_peers_and_closes_silent_ones, |driver| {
@@ -173,7 +185,10 @@ both_drivers!(pings_quiet_peers_and_closes_silent_ones, |driver| {
     // Never answering: closed with 1001 once silent past the idle timeout.
     assert_eq!(raw.expect_close(), Some(1001));
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(550) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(550) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
     // A peer that answers pings stays open past the idle timeout.
     let mut live = Raw::open(server.addr, "/echo");
     let until = Instant::now() + Duration::from_millis(1200);
@@ -200,4 +215,17 @@ both_drivers!(vanished_peers_count_as_1006, |driver| {
     let log = server.log();
     let stopped = log.lines().find(|l| l.contains("stopped")).expect("stop line");
     assert!(stopped.contains("closed={1000: 1, 1006: 1}"), "{stopped}");
+});
+
+both_drivers!(drain_timeout_ends_sessions_that_never_close, |driver| {
+    let mut server = Server::start(driver, &["--drain-timeout-ms", "300", "--close-timeout-ms", "10000"]);
+    // Gets the 1001 but never answers it.
+    let mut silent = Raw::open(server.addr, "/echo");
+    let start = Instant::now();
+    let status = server.terminate();
+    let took = start.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
+    assert_eq!(silent.expect_close(), Some(1001));
+    assert!(server.log().contains("drain timeout"), "{}", server.log());
 });

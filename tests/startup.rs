@@ -18,7 +18,11 @@ fn auto_falls_back_to_epoll_when_io_uring_is_refused() {
 fn each_driver_is_reported() {
     for driver in common::DRIVERS {
         let server = Server::start(driver, &[]);
-        let expected = if driver == "uring" { "driver=io_uring" } else { "driver=epoll" };
+        let expected = if driver == "uring" {
+            "driver=io_uring"
+        } else {
+            "driver=epoll"
+        };
         assert!(server.log().contains(expected), "{}", server.log());
     }
 }

@@ -25,7 +25,9 @@ fn handshake_bench(c: &mut Criterion) {
 fn header_bench(c: &mut Criterion) {
     let mut frame = Vec::new();
     encode_frame(&mut frame, true, Opcode::Binary, Some([1, 2, 3, 4]), &[0u8; 512]);
-    c.bench_function("frame/decode_header_512B", |b| b.iter(|| decode_header(black_box(&frame), Role::Server)));
+    c.bench_function("frame/decode_header_512B", |b| {
+        b.iter(|| decode_header(black_box(&frame), Role::Server))
+    });
 }
 
 fn mask_bench(c: &mut Criterion) {

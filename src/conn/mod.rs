@@ -42,8 +42,11 @@ enum Wake {
 async fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> io::Result<Wake> {
     let mut io = pin!(io);
     std::future::poll_fn(|cx| {
-        if let Some(kick) = session.poll_kick(cx.waker()) {
-            return Poll::Ready(Ok(Wake::Kick(kick)));
+        match session.poll_kick(cx.waker()) {
+            // Every caller ends the connection on an error.
+            Some(kick) if kick.has(Kick::ABORT) => return Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Some(kick) => return Poll::Ready(Ok(Wake::Kick(kick))),
+            None => {}
         }
         io.as_mut().poll(cx).map_ok(|()| Wake::Ready)
     })
@@ -179,7 +182,11 @@ impl<'a> Conn<'a> {
     async fn run(&mut self, mut app: App) -> Ending {
         let mut reader = MessageReader::new(Role::Server, self.shard.config.limits);
         // Frames that arrived with the request head come first.
-        let mut flow = if self.carry.is_empty() { Flow::Continue } else { self.process_carry(&mut reader, &mut app) };
+        let mut flow = if self.carry.is_empty() {
+            Flow::Continue
+        } else {
+            self.process_carry(&mut reader, &mut app)
+        };
         loop {
             match flow {
                 Flow::Continue => {}
@@ -194,7 +201,11 @@ impl<'a> Conn<'a> {
                     // RFC 6455 7.1.7: fail the connection: send a close, then
                     // close. Lingering until the peer closes keeps its unread
                     // input from turning our close into a reset.
-                    tracing::debug!(code = violation.code.0, reason = violation.reason, "closing on violation");
+                    tracing::debug!(
+                        code = violation.code.0,
+                        reason = violation.reason,
+                        "closing on violation"
+                    );
                     self.shard.count_close_sent(violation.code);
                     self.session.set_phase(Phase::Closing);
                     if self.flush().await.is_ok() {
@@ -204,10 +215,14 @@ impl<'a> Conn<'a> {
                 }
             }
             if self.kicks.has(Kick::TIMEOUT) {
-                return self.close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout").await;
+                return self
+                    .close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout")
+                    .await;
             }
             if self.kicks.has(Kick::SHUTDOWN) {
-                return self.close_first(&mut reader, CloseCode::GOING_AWAY, "server shutting down").await;
+                return self
+                    .close_first(&mut reader, CloseCode::GOING_AWAY, "server shutting down")
+                    .await;
             }
             if self.kicks.has(Kick::PING) {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
@@ -243,7 +258,9 @@ impl<'a> Conn<'a> {
             // A partial frame is waiting: read straight behind it, as much
             // as the frame still needs (its header was checked against the
             // limits, so this is bounded by max_frame_bytes).
-            let missing = self.carry_frame_bytes.map_or(0, |total| total.saturating_sub(self.carry.len()));
+            let missing = self
+                .carry_frame_bytes
+                .map_or(0, |total| total.saturating_sub(self.carry.len()));
             let want = missing.max(self.shard.pool.buf_bytes());
             if !self.recv(want)? {
                 return Ok(None);
@@ -302,8 +319,9 @@ impl<'a> Conn<'a> {
         if self.flush().await.is_err() {
             return Ending::Close(code);
         }
-        // Read until the peer's close: data frames after ours are dropped.
-        let mut discard = App::Discard;
+        // Read until the peer's close. Our close is sent, so nothing more is
+        // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
+        let mut discard = App::Closing;
         loop {
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Ready) => {}
@@ -369,7 +387,10 @@ enum Decision<'r> {
 }
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2).
-fn decide<'r>(head: &handshake::Head<'_>, config: &'r crate::config::Config) -> Result<Decision<'r>, handshake::Reject> {
+fn decide<'r>(
+    head: &handshake::Head<'_>,
+    config: &'r crate::config::Config,
+) -> Result<Decision<'r>, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         return Ok(Decision::Health);
     }
@@ -415,17 +436,21 @@ fn process(
                         app.on_message(kind, payload, out, pool);
                     }
                     // RFC 6455 5.5.2: answer a ping with a pong of the same payload.
-                    Event::Ping(payload) => out.push_frame(pool, Opcode::Pong, payload),
-                    Event::Pong(_) => {}
+                    Event::Ping(payload) if app.replies() => out.push_frame(pool, Opcode::Pong, payload),
+                    Event::Ping(_) | Event::Pong(_) => {}
                     Event::Close(close) => {
                         // RFC 6455 5.5.1: reply with a close, echoing the code.
-                        out.push_close(pool, close.code, "");
+                        if app.replies() {
+                            out.push_close(pool, close.code, "");
+                        }
                         break Flow::PeerClosed(close.code);
                     }
                 }
             }
             Err(violation) => {
-                out.push_close(pool, Some(violation.code), violation.reason);
+                if app.replies() {
+                    out.push_close(pool, Some(violation.code), violation.reason);
+                }
                 break Flow::Failed(violation);
             }
         }

@@ -49,7 +49,12 @@ impl Outbound {
 
     /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
     pub fn push_frame(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8]) {
-        let header = FrameHeader { fin: true, opcode, mask: None, payload_len: payload.len() as u64 };
+        let header = FrameHeader {
+            fin: true,
+            opcode,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
         let mut head = [0u8; MAX_HEADER_BYTES];
         let n = frame::encode_header(&header, &mut head);
         let buf = self.room(pool);

@@ -17,7 +17,11 @@ impl BufferPool {
     /// A pool of `buf_bytes` buffers that keeps at most `max_free` idle ones
     /// (so it never holds more than `buf_bytes * max_free` bytes).
     pub fn new(buf_bytes: usize, max_free: usize) -> BufferPool {
-        BufferPool { free: RefCell::new(Vec::with_capacity(max_free)), buf_bytes, max_free }
+        BufferPool {
+            free: RefCell::new(Vec::with_capacity(max_free)),
+            buf_bytes,
+            max_free,
+        }
     }
 
     pub fn buf_bytes(&self) -> usize {
@@ -26,7 +30,10 @@ impl BufferPool {
 
     /// An empty buffer with `buf_bytes` of capacity.
     pub fn take(&self) -> Vec<u8> {
-        self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(self.buf_bytes))
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.buf_bytes))
     }
 
     /// Returns a buffer. Buffers that grew past the pool size (a large frame)

@@ -33,6 +33,8 @@ impl Kick {
     pub const PING: Kick = Kick(1);
     pub const TIMEOUT: Kick = Kick(2);
     pub const SHUTDOWN: Kick = Kick(4);
+    /// End now, without a close handshake (the drain time is over).
+    pub const ABORT: Kick = Kick(8);
 
     pub fn has(self, k: Kick) -> bool {
         self.0 & k.0 != 0
@@ -170,7 +172,10 @@ impl Shard {
             kick: Kick::default(),
             waker: None,
         });
-        Session { shard: self.clone(), key }
+        Session {
+            shard: self.clone(),
+            key,
+        }
     }
 
     /// Sets the watcher waker (accept loop or drain); see `watcher`.
@@ -190,6 +195,16 @@ impl Shard {
         if !self.shutting_down.replace(true) {
             self.wake_watcher();
             self.sweep();
+        }
+    }
+
+    /// Ends every session at its next poll (after the drain timeout).
+    pub fn abort_all(&self) {
+        for (_, slot) in self.sessions.borrow_mut().iter_mut() {
+            slot.kick = slot.kick.with(Kick::ABORT);
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
         }
     }
 
@@ -239,11 +254,16 @@ impl Shard {
     /// 10..=100 ms (100 ms also bounds how late a shutdown is noticed).
     pub fn tick_ms(&self) -> u64 {
         let c = &self.config;
-        let shortest = [c.handshake_timeout_ms, c.close_timeout_ms, c.ping_interval_ms, c.idle_timeout_ms]
-            .into_iter()
-            .filter(|&t| t > 0)
-            .min()
-            .unwrap_or(1000);
+        let shortest = [
+            c.handshake_timeout_ms,
+            c.close_timeout_ms,
+            c.ping_interval_ms,
+            c.idle_timeout_ms,
+        ]
+        .into_iter()
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(1000);
         (shortest / 4).clamp(10, 100)
     }
 
@@ -279,7 +299,9 @@ impl Session {
     fn with<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> R {
         let mut sessions = self.shard.sessions.borrow_mut();
         // A Session is the only remover of its slot, so the slot exists.
-        f(sessions.get_mut(self.key).expect("session slot exists while the Session lives"))
+        f(sessions
+            .get_mut(self.key)
+            .expect("session slot exists while the Session lives"))
     }
 
     pub fn set_phase(&self, phase: Phase) {
@@ -417,6 +439,9 @@ mod tests {
         assert!(a.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
         shard.sweep();
         assert_eq!(a.poll_kick(&w), None, "shutdown is sent once");
+        assert!(!a.poll_kick(&w).is_some_and(|k| k.has(Kick::ABORT)));
+        shard.abort_all();
+        assert!(a.poll_kick(&w).unwrap().has(Kick::ABORT));
         // A session opened during the drain is told at the next tick.
         let b = shard.open_session();
         shard.sweep();

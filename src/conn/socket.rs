@@ -47,7 +47,8 @@ impl<'a> Socket<'a> {
 
     /// Writes what it can of `slices` without blocking; returns bytes written.
     pub fn send_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.sock().send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        self.sock()
+            .send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     }
 
     pub fn shutdown_write(&self) -> io::Result<()> {

@@ -13,9 +13,9 @@ use crate::ws::MessageKind;
 
 pub enum App {
     Echo,
-    /// Drops every message: used while closing, when data frames are no
-    /// longer answered (RFC 6455 5.5.1).
-    Discard,
+    /// Our close frame is sent: every message is dropped and nothing is
+    /// answered (RFC 6455 5.5.1), so a closing peer cannot make output grow.
+    Closing,
 }
 
 impl App {
@@ -28,7 +28,12 @@ impl App {
     pub fn on_message(&mut self, kind: MessageKind, payload: &[u8], out: &mut Outbound, pool: &BufferPool) {
         match self {
             App::Echo => echo::on_message(kind, payload, out, pool),
-            App::Discard => {}
+            App::Closing => {}
         }
+    }
+
+    /// Whether pings and closes still get answers.
+    pub fn replies(&self) -> bool {
+        !matches!(self, App::Closing)
     }
 }

@@ -48,11 +48,17 @@ impl fmt::Display for DriverKind {
 #[derive(Debug)]
 pub enum ServerError {
     /// The listen address could not be bound.
-    Bind { addr: std::net::SocketAddr, error: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
     /// `--driver uring` and the kernel refused io_uring.
     UringRefused(std::io::Error),
     /// A worker could not start.
-    Worker { core: usize, error: String },
+    Worker {
+        core: usize,
+        error: String,
+    },
     Signals(std::io::Error),
 }
 
@@ -106,7 +112,10 @@ impl Server {
                     }
                     run_worker(index, listener, config, shutdown, ready)
                 })
-                .map_err(|e| ServerError::Worker { core: index, error: e.to_string() })?;
+                .map_err(|e| ServerError::Worker {
+                    core: index,
+                    error: e.to_string(),
+                })?;
             workers.push(handle);
         }
         drop(ready_tx);
@@ -117,11 +126,19 @@ impl Server {
                 Ok(Ok(kind)) => driver = Some(kind),
                 Ok(Err(e)) => failure = failure.or(Some(e)),
                 Err(_) => {
-                    failure = failure.or(Some(ServerError::Worker { core: 0, error: "exited early".into() }))
+                    failure = failure.or(Some(ServerError::Worker {
+                        core: 0,
+                        error: "exited early".into(),
+                    }))
                 }
             }
         }
-        let server = Server { local_addr, driver: driver.unwrap_or(DriverKind::Epoll), shutdown, workers };
+        let server = Server {
+            local_addr,
+            driver: driver.unwrap_or(DriverKind::Epoll),
+            shutdown,
+            workers,
+        };
         if let Some(e) = failure {
             server.shutdown.store(true, Ordering::SeqCst);
             server.join();
@@ -179,10 +196,24 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
 
 type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
 
-fn run_worker(index: usize, listener: std::net::TcpListener, config: Arc<Config>, shutdown: Arc<AtomicBool>, ready: Ready) -> Stats {
-    let uring = || RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build();
+fn run_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    config: Arc<Config>,
+    shutdown: Arc<AtomicBool>,
+    ready: Ready,
+) -> Stats {
+    let uring = || {
+        RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+    };
     let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
-    let fail = |error: std::io::Error| ServerError::Worker { core: index, error: error.to_string() };
+    let fail = |error: std::io::Error| ServerError::Worker {
+        core: index,
+        error: error.to_string(),
+    };
     let shard = Rc::new(Shard::new(index, config.clone()));
     let work = worker(listener, shard.clone(), shutdown, ready.clone());
     match config.driver {
@@ -230,17 +261,28 @@ fn worker(
             let listener = match monoio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = ready.send(Err(ServerError::Worker { core: shard.core, error: e.to_string() }));
+                    let _ = ready.send(Err(ServerError::Worker {
+                        core: shard.core,
+                        error: e.to_string(),
+                    }));
                     return;
                 }
             };
             let _ = ready.send(Ok(driver));
             drop(ready);
-            monoio::spawn(sweep(shard.clone(), shutdown));
-            accept_until_shutdown(&listener, &shard).await;
-            // Stop accepting: connections still queued on this listener are reset.
-            drop(listener);
-            drain(&shard).await;
+            let shard_for_life = shard.clone();
+            let life = async move {
+                accept_until_shutdown(&listener, &shard_for_life).await;
+                // Stop accepting: connections still queued on this listener are reset.
+                drop(listener);
+                drain(&shard_for_life).await;
+            };
+            // The sweep runs inside this future rather than as its own task:
+            // monoio does not drop unfinished tasks with the runtime.
+            monoio::select! {
+                _ = life => {}
+                _ = sweep(shard.clone(), shutdown) => {}
+            }
         })
     }
 }
@@ -290,17 +332,28 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
     }
 }
 
-/// Waits until every session has closed, or the drain timeout.
+/// Waits until every session has closed, or the drain timeout; then ends
+/// the rest, so that no task outlives the runtime (monoio would leak it).
 async fn drain(shard: &Rc<Shard>) {
-    let all_closed = std::future::poll_fn(|cx| {
+    let limit = Duration::from_millis(shard.config.drain_timeout_ms);
+    if monoio::time::timeout(limit, all_sessions_ended(shard)).await.is_err() {
+        tracing::warn!(
+            core = shard.core,
+            left = shard.session_count(),
+            "drain timeout: dropping remaining sessions"
+        );
+        shard.abort_all();
+        // Aborted tasks end at their next poll; this bound is only a backstop.
+        let _ = monoio::time::timeout(Duration::from_secs(1), all_sessions_ended(shard)).await;
+    }
+}
+
+fn all_sessions_ended(shard: &Shard) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
         if shard.session_count() == 0 {
             return Poll::Ready(());
         }
         shard.watch(cx.waker());
         Poll::Pending
-    });
-    let limit = Duration::from_millis(shard.config.drain_timeout_ms);
-    if monoio::time::timeout(limit, all_closed).await.is_err() {
-        tracing::warn!(core = shard.core, left = shard.session_count(), "drain timeout: dropping remaining sessions");
-    }
+    })
 }

@@ -83,7 +83,10 @@ pub fn parse(payload: &[u8]) -> Result<Close<'_>, CloseError> {
             }
             // RFC 6455 5.5.1: the reason is UTF-8 encoded data.
             let reason = std::str::from_utf8(reason).map_err(|_| CloseError::BadReason)?;
-            Ok(Close { code: Some(code), reason })
+            Ok(Close {
+                code: Some(code),
+                reason,
+            })
         }
     }
 }
@@ -106,7 +109,9 @@ mod tests {
 
     #[test]
     fn accepted_codes() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
             let p = CloseCode(code).0.to_be_bytes();
             assert_eq!(parse(&p).unwrap().code, Some(CloseCode(code)), "{code}");
         }
@@ -114,7 +119,9 @@ mod tests {
 
     #[test]
     fn refused_codes() {
-        for code in [0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
             assert_eq!(parse(&u16::to_be_bytes(code)), Err(CloseError::BadCode), "{code}");
         }
     }

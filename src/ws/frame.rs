@@ -164,13 +164,23 @@ pub fn decode_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usiz
         return Err(HeaderError::BadControlFrame);
     }
     let mask = if masked {
-        let Some(bytes) = buf.get(pos..pos + 4) else { return Ok(None) };
+        let Some(bytes) = buf.get(pos..pos + 4) else {
+            return Ok(None);
+        };
         pos += 4;
         Some([bytes[0], bytes[1], bytes[2], bytes[3]])
     } else {
         None
     };
-    Ok(Some((FrameHeader { fin, opcode, mask, payload_len }, pos)))
+    Ok(Some((
+        FrameHeader {
+            fin,
+            opcode,
+            mask,
+            payload_len,
+        },
+        pos,
+    )))
 }
 
 /// Writes `header` into `out` and returns how many bytes it used.
@@ -203,7 +213,12 @@ pub fn encode_header(header: &FrameHeader, out: &mut [u8; MAX_HEADER_BYTES]) -> 
 /// Appends a whole frame to `out`: header, then `payload` masked with `mask`
 /// when given (clients mask, servers do not).
 pub fn encode_frame(out: &mut Vec<u8>, fin: bool, opcode: Opcode, mask: Option<MaskKey>, payload: &[u8]) {
-    let header = FrameHeader { fin, opcode, mask, payload_len: payload.len() as u64 };
+    let header = FrameHeader {
+        fin,
+        opcode,
+        mask,
+        payload_len: payload.len() as u64,
+    };
     let mut head = [0u8; MAX_HEADER_BYTES];
     let n = encode_header(&header, &mut head);
     out.reserve(n + payload.len());
@@ -237,7 +252,9 @@ mod tests {
         let (h, _) = decode_header(&[0x82, 0x7E, 0x01, 0x00], Role::Client).unwrap().unwrap();
         assert_eq!(h.payload_len, 256);
         // 64 KiB binary: 0x82 0x7F 0x0000000000010000.
-        let (h, n) = decode_header(&[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0], Role::Client).unwrap().unwrap();
+        let (h, n) = decode_header(&[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0], Role::Client)
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, n), (65536, 10));
     }
 
@@ -263,7 +280,10 @@ mod tests {
     #[test]
     fn masking_rules_by_role() {
         assert_eq!(server(&[0x81, 0x05]), Err(HeaderError::Unmasked));
-        assert_eq!(decode_header(&[0x81, 0x85, 1, 2, 3, 4], Role::Client), Err(HeaderError::Masked));
+        assert_eq!(
+            decode_header(&[0x81, 0x85, 1, 2, 3, 4], Role::Client),
+            Err(HeaderError::Masked)
+        );
     }
 
     #[test]
@@ -271,7 +291,10 @@ mod tests {
         // Fragmented ping.
         assert_eq!(server(&[0x09, 0x80, 0, 0, 0, 0]), Err(HeaderError::BadControlFrame));
         // 126-byte ping (uses the 16-bit length form).
-        assert_eq!(server(&[0x89, 0xFE, 0, 126, 0, 0, 0, 0]), Err(HeaderError::BadControlFrame));
+        assert_eq!(
+            server(&[0x89, 0xFE, 0, 126, 0, 0, 0, 0]),
+            Err(HeaderError::BadControlFrame)
+        );
         // 125 bytes is the limit and is fine.
         assert!(server(&[0x89, 0xFD, 0, 0, 0, 0]).unwrap().is_some());
     }
@@ -281,11 +304,19 @@ mod tests {
         // 16-bit form for a length that fits in 7 bits.
         assert_eq!(server(&[0x82, 0xFE, 0, 125, 0, 0, 0, 0]), Err(HeaderError::BadLength));
         // 64-bit form for a length that fits in 16 bits.
-        assert_eq!(server(&[0x82, 0xFF, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0, 0, 0]), Err(HeaderError::BadLength));
+        assert_eq!(
+            server(&[0x82, 0xFF, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0, 0, 0]),
+            Err(HeaderError::BadLength)
+        );
         // Top bit set.
-        assert_eq!(server(&[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(HeaderError::BadLength));
+        assert_eq!(
+            server(&[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(HeaderError::BadLength)
+        );
         // Largest legal length.
-        let (h, _) = server(&[0x82, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]).unwrap().unwrap();
+        let (h, _) = server(&[0x82, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0])
+            .unwrap()
+            .unwrap();
         assert_eq!(h.payload_len, i64::MAX as u64);
     }
 

@@ -62,7 +62,11 @@ impl Reject {
             Reject::HeadTooLarge => (431, "Request Header Fields Too Large"),
         };
         // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
-        let extra = if self == Reject::UnsupportedVersion { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+        let extra = if self == Reject::UnsupportedVersion {
+            "Sec-WebSocket-Version: 13\r\n"
+        } else {
+            ""
+        };
         plain_response(status, text, extra, self.reason())
     }
 }
@@ -109,7 +113,11 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() >= max_head_bytes { Err(Reject::HeadTooLarge) } else { Ok(None) };
+            return if buf.len() >= max_head_bytes {
+                Err(Reject::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadTooLarge),
         Err(_) => return Err(Reject::BadRequest("malformed HTTP request")),
@@ -270,7 +278,10 @@ fn has_token(list: &[u8], token: &[u8]) -> bool {
 
 fn trim(v: &[u8]) -> &[u8] {
     let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -317,7 +328,10 @@ mod tests {
     #[test]
     fn rfc_sample_accept_key() {
         // RFC 6455 1.3.
-        assert_eq!(&accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            &accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -345,11 +359,18 @@ mod tests {
 
     #[test]
     fn tokens_are_case_insensitive_lists() {
-        let mixed = with("Upgrade: websocket", "Upgrade: WebSocket").replace("Connection: Upgrade", "Connection: keep-alive, UPGRADE");
+        let mixed = with("Upgrade: websocket", "Upgrade: WebSocket")
+            .replace("Connection: Upgrade", "Connection: keep-alive, UPGRADE");
         assert_eq!(verdict(&mixed), Ok(()));
         let no_upgrade_token = with("Connection: Upgrade", "Connection: keep-alive");
-        assert_eq!(verdict(&no_upgrade_token), Err(Reject::BadRequest("Connection: Upgrade required")));
-        assert_eq!(verdict(&with("Upgrade: websocket", "Upgrade: h2c")), Err(Reject::BadRequest("Upgrade: websocket required")));
+        assert_eq!(
+            verdict(&no_upgrade_token),
+            Err(Reject::BadRequest("Connection: Upgrade required"))
+        );
+        assert_eq!(
+            verdict(&with("Upgrade: websocket", "Upgrade: h2c")),
+            Err(Reject::BadRequest("Upgrade: websocket required"))
+        );
     }
 
     #[test]
@@ -359,23 +380,47 @@ mod tests {
         assert_eq!(verdict(&with("Host: example.com\r\n", "")).unwrap_err().status(), 400);
         let two_hosts = with("Host: example.com\r\n", "Host: a\r\nHost: b\r\n");
         assert_eq!(verdict(&two_hosts).unwrap_err().status(), 400);
-        assert_eq!(verdict(&with("Host: example.com\r\n", "Host: example.com\r\nContent-Length: 5\r\n")).unwrap_err().status(), 400);
+        assert_eq!(
+            verdict(&with(
+                "Host: example.com\r\n",
+                "Host: example.com\r\nContent-Length: 5\r\n"
+            ))
+            .unwrap_err()
+            .status(),
+            400
+        );
     }
 
     #[test]
     fn key_rules() {
-        for bad in ["", "abc", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZQ=!", "dGhlIHNhbXBsZSBub25jZSE=", "dGhlIHNhbXBsZSBub25jZQ==AAAA"] {
+        for bad in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=!",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+            "dGhlIHNhbXBsZSBub25jZQ==AAAA",
+        ] {
             let req = with("dGhlIHNhbXBsZSBub25jZQ==", bad);
             assert_eq!(verdict(&req).unwrap_err().status(), 400, "key {bad:?}");
         }
-        let twice = with("Sec-WebSocket-Version", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version");
+        let twice = with(
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version",
+        );
         assert_eq!(verdict(&twice).unwrap_err().status(), 400);
     }
 
     #[test]
     fn version_rules() {
-        assert_eq!(verdict(&with("Version: 13", "Version: 8")), Err(Reject::UnsupportedVersion));
-        assert_eq!(verdict(&with("Sec-WebSocket-Version: 13\r\n", "")), Err(Reject::UnsupportedVersion));
+        assert_eq!(
+            verdict(&with("Version: 13", "Version: 8")),
+            Err(Reject::UnsupportedVersion)
+        );
+        assert_eq!(
+            verdict(&with("Sec-WebSocket-Version: 13\r\n", "")),
+            Err(Reject::UnsupportedVersion)
+        );
     }
 
     #[test]
@@ -401,7 +446,10 @@ mod tests {
         // Incomplete and already at the limit: no point reading more.
         assert_eq!(parse(&over.as_bytes()[..8192], 8192).unwrap_err(), Reject::HeadTooLarge);
         let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(parse(with("Origin", &format!("{many}Origin")).as_bytes(), 1 << 20).unwrap_err(), Reject::HeadTooLarge);
+        assert_eq!(
+            parse(with("Origin", &format!("{many}Origin")).as_bytes(), 1 << 20).unwrap_err(),
+            Reject::HeadTooLarge
+        );
     }
 
     #[test]
@@ -410,7 +458,10 @@ mod tests {
         let route = vec!["superchat".to_string(), "chat".to_string()];
         assert_eq!(h.choose_protocol(&route), Some("superchat"));
         assert_eq!(h.choose_protocol(&["mqtt".to_string()]), None);
-        let split = with("Sec-WebSocket-Protocol: chat, superchat", "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b ,chat");
+        let split = with(
+            "Sec-WebSocket-Protocol: chat, superchat",
+            "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b ,chat",
+        );
         assert_eq!(head(&split).choose_protocol(&["chat".to_string()]), Some("chat"));
     }
 

@@ -30,8 +30,7 @@ pub fn apply(buf: &mut [u8], key: MaskKey, offset: usize) {
     // Every block is a multiple of 4 bytes long, so the key phase is unchanged.
     let rest = blocks.into_remainder();
     let word = u64::from_ne_bytes([
-        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
-        rotated[3],
+        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2], rotated[3],
     ]);
     let mut words = rest.chunks_exact_mut(8);
     for chunk in &mut words {

@@ -37,7 +37,10 @@ impl MessageKind {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// A whole message. Text payloads are valid UTF-8.
-    Message { kind: MessageKind, payload: &'a [u8] },
+    Message {
+        kind: MessageKind,
+        payload: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     Close(Close<'a>),
@@ -63,7 +66,10 @@ pub struct Violation {
 
 impl Violation {
     fn protocol(reason: &'static str) -> Violation {
-        Violation { code: CloseCode::PROTOCOL_ERROR, reason }
+        Violation {
+            code: CloseCode::PROTOCOL_ERROR,
+            reason,
+        }
     }
 }
 
@@ -77,6 +83,9 @@ pub struct MessageReader {
     utf8: Utf8Validator,
     /// The last event lent out `fragments`; free it on the next call.
     lent_fragments: bool,
+    /// Payload bytes of the incomplete text frame at the front of the
+    /// caller's buffer already unmasked and validated (see `read`).
+    frame_progress: usize,
 }
 
 impl MessageReader {
@@ -88,6 +97,7 @@ impl MessageReader {
             fragments: Vec::new(),
             utf8: Utf8Validator::default(),
             lent_fragments: false,
+            frame_progress: 0,
         }
     }
 
@@ -97,14 +107,20 @@ impl MessageReader {
     }
 
     /// Reads the next frame at the start of `buf`, unmasking it in place.
+    ///
+    /// After `Step::Need`, the next call must pass the same bytes again (with
+    /// more appended): the payload of an incomplete text frame is unmasked and
+    /// validated as it arrives, so invalid text fails before its frame ends.
     pub fn read<'a>(&'a mut self, buf: &'a mut [u8]) -> Result<Step<'a>, Violation> {
         if self.lent_fragments {
             // Free, not clear: an idle connection holds no message buffer.
             self.fragments = Vec::new();
             self.lent_fragments = false;
         }
-        let Some((header, header_len)) = frame::decode_header(buf, self.role)
-            .map_err(|e| Violation { code: e.close_code(), reason: e.reason() })?
+        let Some((header, header_len)) = frame::decode_header(buf, self.role).map_err(|e| Violation {
+            code: e.close_code(),
+            reason: e.reason(),
+        })?
         else {
             return Ok(Step::Need { frame_bytes: None });
         };
@@ -112,45 +128,70 @@ impl MessageReader {
         // check_header bounded payload_len by a usize limit (or 125 for control).
         let frame_bytes = header_len + header.payload_len as usize;
         if buf.len() < frame_bytes {
-            return Ok(Step::Need { frame_bytes: Some(frame_bytes) });
+            self.check_partial_text(&header, &mut buf[header_len..])?;
+            return Ok(Step::Need {
+                frame_bytes: Some(frame_bytes),
+            });
         }
+        // Bytes a Need step already unmasked and validated.
+        let done = std::mem::take(&mut self.frame_progress);
         let payload = &mut buf[header_len..frame_bytes];
         if let Some(key) = header.mask {
-            mask::apply(payload, key, 0);
+            mask::apply(&mut payload[done..], key, done);
         }
         let payload: &'a [u8] = payload;
         let event = match header.opcode {
             Opcode::Ping => Event::Ping(payload),
             Opcode::Pong => Event::Pong(payload),
             Opcode::Close => {
-                let close = close::parse(payload)
-                    .map_err(|e| Violation { code: e.close_code(), reason: e.reason() })?;
+                let close = close::parse(payload).map_err(|e| Violation {
+                    code: e.close_code(),
+                    reason: e.reason(),
+                })?;
                 Event::Close(close)
             }
             Opcode::Text | Opcode::Binary => {
-                let kind = if header.opcode == Opcode::Text { MessageKind::Text } else { MessageKind::Binary };
+                let kind = if header.opcode == Opcode::Text {
+                    MessageKind::Text
+                } else {
+                    MessageKind::Binary
+                };
                 if header.fin {
                     // RFC 6455 8.1: a text message must be valid UTF-8.
-                    if kind == MessageKind::Text && simdutf8::basic::from_utf8(payload).is_err() {
-                        return Err(invalid_utf8());
+                    if kind == MessageKind::Text {
+                        let valid = if done == 0 {
+                            simdutf8::basic::from_utf8(payload).is_ok()
+                        } else {
+                            self.utf8.feed(&payload[done..], true).is_ok()
+                        };
+                        if !valid {
+                            return Err(invalid_utf8());
+                        }
                     }
                     Event::Message { kind, payload }
                 } else {
-                    self.utf8.reset();
-                    self.take_fragment(kind, payload, false)?;
+                    if done == 0 {
+                        self.utf8.reset();
+                    }
+                    self.take_fragment(kind, payload, done, false)?;
                     self.partial = Some(kind);
                     return Ok(Step::Fragment(frame_bytes));
                 }
             }
             Opcode::Continuation => {
-                let kind = self.partial.ok_or(Violation::protocol("continuation without a message"))?;
-                self.take_fragment(kind, payload, header.fin)?;
+                let kind = self
+                    .partial
+                    .ok_or(Violation::protocol("continuation without a message"))?;
+                self.take_fragment(kind, payload, done, header.fin)?;
                 if !header.fin {
                     return Ok(Step::Fragment(frame_bytes));
                 }
                 self.partial = None;
                 self.lent_fragments = true;
-                Event::Message { kind, payload: &self.fragments }
+                Event::Message {
+                    kind,
+                    payload: &self.fragments,
+                }
             }
         };
         Ok(Step::Event(event, frame_bytes))
@@ -173,9 +214,15 @@ impl MessageReader {
         if header.opcode.is_control() {
             return Ok(());
         }
-        let too_big = Violation { code: CloseCode::TOO_BIG, reason: "message too big" };
+        let too_big = Violation {
+            code: CloseCode::TOO_BIG,
+            reason: "message too big",
+        };
         if header.payload_len > self.limits.max_frame_bytes as u64 {
-            return Err(Violation { reason: "frame too big", ..too_big });
+            return Err(Violation {
+                reason: "frame too big",
+                ..too_big
+            });
         }
         if self.fragments.len() as u64 + header.payload_len > self.limits.max_message_bytes as u64 {
             return Err(too_big);
@@ -183,11 +230,38 @@ impl MessageReader {
         Ok(())
     }
 
-    fn take_fragment(&mut self, kind: MessageKind, payload: &[u8], fin: bool) -> Result<(), Violation> {
+    /// Unmasks and validates the newly arrived part of an incomplete text
+    /// frame (RFC 6455 8.1: fail as soon as the text cannot be UTF-8).
+    fn check_partial_text(&mut self, header: &FrameHeader, payload: &mut [u8]) -> Result<(), Violation> {
+        let is_text = match header.opcode {
+            Opcode::Text => true,
+            Opcode::Continuation => self.partial == Some(MessageKind::Text),
+            _ => false,
+        };
+        let (Some(key), true) = (header.mask, is_text) else {
+            return Ok(());
+        };
+        let available = payload.len().min(header.payload_len as usize);
+        if available <= self.frame_progress {
+            return Ok(());
+        }
+        if self.frame_progress == 0 && header.opcode == Opcode::Text {
+            self.utf8.reset();
+        }
+        let fresh = &mut payload[self.frame_progress..available];
+        mask::apply(fresh, key, self.frame_progress);
+        self.utf8.feed(fresh, false).map_err(|_| invalid_utf8())?;
+        self.frame_progress = available;
+        Ok(())
+    }
+
+    /// Adds a fragment's payload; its first `done` bytes were validated while
+    /// the frame was incomplete.
+    fn take_fragment(&mut self, kind: MessageKind, payload: &[u8], done: usize, fin: bool) -> Result<(), Violation> {
         // RFC 6455 8.1, checked per fragment so bad text fails at the fragment
         // that breaks it rather than at the end of the message.
         if kind == MessageKind::Text {
-            self.utf8.feed(payload, fin).map_err(|_| invalid_utf8())?;
+            self.utf8.feed(&payload[done..], fin).map_err(|_| invalid_utf8())?;
         }
         self.fragments.extend_from_slice(payload);
         Ok(())
@@ -195,7 +269,10 @@ impl MessageReader {
 }
 
 fn invalid_utf8() -> Violation {
-    Violation { code: CloseCode::INVALID_PAYLOAD, reason: "text is not UTF-8" }
+    Violation {
+        code: CloseCode::INVALID_PAYLOAD,
+        reason: "text is not UTF-8",
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +282,10 @@ mod tests {
     use proptest::prelude::*;
 
     const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-    const LIMITS: Limits = Limits { max_frame_bytes: 1024, max_message_bytes: 4096 };
+    const LIMITS: Limits = Limits {
+        max_frame_bytes: 1024,
+        max_message_bytes: 4096,
+    };
 
     fn reader() -> MessageReader {
         MessageReader::new(Role::Server, LIMITS)
@@ -243,7 +323,10 @@ mod tests {
         let mut wire = frame(true, Opcode::Text, b"hello");
         wire.extend(frame(true, Opcode::Binary, &[0, 255]));
         let ev = run(&mut reader(), wire).unwrap();
-        assert_eq!(ev, vec![("Text".into(), b"hello".to_vec()), ("Binary".into(), vec![0, 255])]);
+        assert_eq!(
+            ev,
+            vec![("Text".into(), b"hello".to_vec()), ("Binary".into(), vec![0, 255])]
+        );
     }
 
     #[test]
@@ -283,9 +366,40 @@ mod tests {
         wire.extend(frame(false, Opcode::Continuation, &[0xBD, 0xB9, 0xED, 0xA0, 0x80]));
         assert_eq!(run(&mut r, wire).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
         // Invalid in a single frame.
-        assert_eq!(run(&mut reader(), frame(true, Opcode::Text, &[0xFF])).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        assert_eq!(
+            run(&mut reader(), frame(true, Opcode::Text, &[0xFF])).unwrap_err().code,
+            CloseCode::INVALID_PAYLOAD
+        );
         // Binary is never checked.
         assert!(run(&mut reader(), frame(true, Opcode::Binary, &[0xFF])).is_ok());
+    }
+
+    #[test]
+    fn bad_text_fails_before_its_frame_is_complete() {
+        // A 1000-byte text frame whose third byte breaks UTF-8: refused when
+        // only 20 payload bytes have arrived (Autobahn 6.4.3/6.4.4).
+        let mut body = vec![b'a'; 1000];
+        body[2] = 0xFF;
+        let wire = frame(true, Opcode::Text, &body);
+        let mut r = reader();
+        let mut head = wire[..8 + 20].to_vec();
+        assert_eq!(r.read(&mut head).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        // Valid text arriving in pieces is validated once and delivered whole.
+        let text = "κόσμε".repeat(100);
+        let wire = frame(true, Opcode::Text, text.as_bytes());
+        let mut r = reader();
+        let mut pending = Vec::new();
+        for piece in wire.chunks(7) {
+            pending.extend_from_slice(piece);
+            match r.read(&mut pending).unwrap() {
+                Step::Need { .. } => continue,
+                Step::Event(Event::Message { payload, .. }, n) => {
+                    assert_eq!(payload, text.as_bytes());
+                    assert_eq!(n, wire.len());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -322,7 +436,11 @@ mod tests {
 
     #[test]
     fn close_frames() {
-        let ev = run(&mut reader(), frame(true, Opcode::Close, &[0x03, 0xE8, b'b', b'y', b'e'])).unwrap();
+        let ev = run(
+            &mut reader(),
+            frame(true, Opcode::Close, &[0x03, 0xE8, b'b', b'y', b'e']),
+        )
+        .unwrap();
         assert_eq!(ev, vec![("Close Some(CloseCode(1000))".into(), b"bye".to_vec())]);
         let ev = run(&mut reader(), frame(true, Opcode::Close, &[])).unwrap();
         assert_eq!(ev[0].0, "Close None");

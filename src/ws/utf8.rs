@@ -95,9 +95,15 @@ mod tests {
         }
         // Invalid continuation is caught in the fragment that has it.
         let mut v = Utf8Validator::default();
-        assert_eq!(v.feed(&[0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xCE, 0xBC, 0xCE, 0xB5], false), Ok(()));
+        assert_eq!(
+            v.feed(
+                &[0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xCE, 0xBC, 0xCE, 0xB5],
+                false
+            ),
+            Ok(())
+        );
         assert_eq!(v.feed(&[0xED, 0xA0, 0x80], false), Err(InvalidUtf8)); // surrogate
-        // A cut character at the end of the message fails.
+                                                                          // A cut character at the end of the message fails.
         assert_eq!(Utf8Validator::default().feed(&[0xE2, 0x82], true), Err(InvalidUtf8));
         // A prefix that can never be valid fails before the message ends.
         assert_eq!(Utf8Validator::default().feed(&[0xF4, 0x90], false), Err(InvalidUtf8));

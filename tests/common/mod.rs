@@ -74,7 +74,11 @@ impl Server {
                 panic!("sluice did not start: {:?}", log.lock().unwrap());
             }
         };
-        Server { child: Some(child), addr, log }
+        Server {
+            child: Some(child),
+            addr,
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -222,7 +226,11 @@ impl Raw {
         };
         let mut payload = vec![0u8; len];
         self.stream.read_exact(&mut payload).ok()?;
-        Some(Frame { fin: h[0] & 0x80 != 0, opcode: h[0] & 0x0f, payload })
+        Some(Frame {
+            fin: h[0] & 0x80 != 0,
+            opcode: h[0] & 0x0f,
+            payload,
+        })
     }
 
     /// Reads frames until a close; returns its code (None: stream ended first).
@@ -272,5 +280,8 @@ pub fn masked_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
 
 /// A tokio current-thread runtime for tokio-tungstenite clients.
 pub fn tokio_rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }

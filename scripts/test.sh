@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, every unit/property/integration test
+# (integration tests run the real binary under io_uring and epoll), the
+# Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
+# short run of each fuzz target. Exits non-zero on the first failure.
+#
+#   scripts/test.sh                  everything
+#   SLUICE_FUZZ_SECONDS=0 scripts/test.sh    skip the fuzz runs
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p target
+FUZZ_SECONDS="${SLUICE_FUZZ_SECONDS:-20}"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+step() { printf '\n== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, property, integration under both drivers)"
+cargo test --workspace --lib --bins --tests 2>&1 | tee target/test.log
+cargo_passed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+cargo_failed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
+
+step "integration tests under AddressSanitizer (the unsafe socket code runs here)"
+# Stable toolchain: RUSTC_BOOTSTRAP unlocks -Zsanitizer; --target keeps
+# proc-macros unsanitized; mimalloc is off so ASan sees every allocation.
+LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
+  cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
+  --test echo --test protocol 2>&1 | tee target/asan.log
+asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+
+step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"
+cargo build --release --bin sluice
+agents=()
+for driver in uring epoll; do
+  log="target/autobahn-server-$driver.log"
+  ./target/release/sluice --listen 127.0.0.1:0 --driver "$driver" >"$log" 2>&1 &
+  PIDS+=("$!")
+  addr=""
+  for _ in $(seq 50); do
+    addr=$(grep -o 'listening on [0-9.:]*' "$log" | head -n 1 | cut -d' ' -f3 || true)
+    [ -n "$addr" ] && break
+    sleep 0.1
+  done
+  [ -n "$addr" ] || { cat "$log"; echo "sluice ($driver) did not start"; exit 1; }
+  agents+=("sluice-$driver=ws://$addr/echo")
+done
+scripts/autobahn.sh "${agents[@]}" | tee target/autobahn-summary.txt
+ab_cases=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt | sed -E 's/.*: ([0-9]+) cases.*/\1/' | paste -sd+ | bc)
+ab_failed=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt | sed -E 's/.*FAILED ([0-9]+).*/\1/' | paste -sd+ | bc)
+cleanup
+PIDS=()
+
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+  step "fuzz targets, ${FUZZ_SECONDS}s each (libFuzzer; longer runs: see fuzz/README.md)"
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+  for target in handshake messages; do
+    mkdir -p "fuzz/corpus/$target"
+    (cd fuzz && cargo fuzz run -s none "$target" "corpus/$target" "seeds/$target" -- \
+      -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 3)
+  done
+fi
+
+step "summary"
+echo "cargo tests: $cargo_passed passed, $cargo_failed failed"
+echo "integration tests under ASan: $asan_passed passed"
+echo "autobahn cases (both drivers): $((ab_cases - ab_failed)) passed, $ab_failed failed"
+echo "total: $((cargo_passed + asan_passed + ab_cases - ab_failed)) passed, $((cargo_failed + ab_failed)) failed"
