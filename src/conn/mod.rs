@@ -113,8 +113,6 @@ impl<'a> Conn<'a> {
     /// Reads and answers the opening handshake. Returns the route on a 101;
     /// `None` when the client was refused, timed out or went away.
     async fn handshake(&mut self) -> Option<&'a Route> {
-        let shard: &'a Shard = self.shard;
-        let config = &*shard.config;
         loop {
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 // Handshake timeout, or shutdown before the upgrade: drop.
@@ -127,33 +125,20 @@ impl<'a> Conn<'a> {
                 Err(_) => return None,
                 Ok(Wake::Ready) => {}
             }
-            if self.carry.capacity() == 0 {
-                self.carry = self.shard.pool.take();
-            }
-            // Never read past the head limit: parse() answers 431 at the limit.
-            let room = config.max_head_bytes - self.carry.len();
-            match self.socket.recv_into(&mut self.carry, room) {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return None,
-            }
-            let decision = match handshake::parse(&self.carry, config.max_head_bytes) {
+            let decision = match self.read_head() {
+                Ok(Some(decision)) => decision,
                 Ok(None) => continue,
-                Err(reject) => Err(reject),
-                Ok(Some((head, head_len))) => decide(&head, config).map(|d| (d, head_len)),
+                Err(_) => return None,
             };
             return match decision {
                 Ok((Decision::Health, _)) => {
                     self.shard.stats.borrow_mut().health_checks += 1;
                     self.out.push_bytes(&self.shard.pool, &handshake::health_response());
-                    self.refuse().await;
+                    Box::pin(self.refuse()).await;
                     None
                 }
-                Ok((Decision::Upgrade { route, response }, head_len)) => {
+                Ok((Decision::Upgrade { route, response }, _)) => {
                     self.out.push_bytes(&self.shard.pool, &response);
-                    // What followed the head is the client's first frames.
-                    self.carry.drain(..head_len);
                     self.session.set_phase(Phase::Open);
                     self.session.heard_from_peer();
                     Some(route)
@@ -162,15 +147,64 @@ impl<'a> Conn<'a> {
                     self.shard.count_rejected(reject.status());
                     tracing::debug!(status = reject.status(), reason = reject.reason(), "handshake refused");
                     self.out.push_bytes(&self.shard.pool, &reject.response());
-                    self.refuse().await;
+                    Box::pin(self.refuse()).await;
                     None
                 }
             };
         }
     }
 
-    /// Sends the queued HTTP answer, then closes our side and waits
-    /// (bounded) for the client to close its own.
+    /// Reads what the socket has of the request head and decides on it once
+    /// the head is complete. Like frames, the head is read into the core's
+    /// scratch buffer; only an incomplete head, or frames that came behind
+    /// it, are kept in `carry`. `Ok(None)`: incomplete, wait for more.
+    fn read_head(&mut self) -> io::Result<Option<Result<(Decision<'a>, usize), handshake::Reject>>> {
+        let shard: &'a Shard = self.shard;
+        let config = &*shard.config;
+        if !self.carry.is_empty() {
+            // Never read past the head limit: parse() answers 431 at it.
+            let room = config.max_head_bytes - self.carry.len();
+            if !self.recv(room)? {
+                return Ok(None);
+            }
+            let Some(decision) = examine_head(&self.carry, config) else {
+                return Ok(None);
+            };
+            if let Ok((_, head_len)) = &decision {
+                self.carry.drain(..*head_len);
+                if self.carry.is_empty() {
+                    shard.pool.give(std::mem::take(&mut self.carry));
+                }
+            }
+            return Ok(Some(decision));
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        scratch.clear();
+        match self.socket.recv_into(&mut scratch, config.max_head_bytes) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let decision = examine_head(&scratch, config);
+        // Keep what must outlive this read: an unfinished head, or the
+        // client's first frames behind a complete one.
+        let keep = match &decision {
+            None => 0,
+            Some(Ok((_, head_len))) => *head_len,
+            Some(Err(_)) => scratch.len(),
+        };
+        if keep < scratch.len() {
+            self.carry = shard.pool.take();
+            self.carry.extend_from_slice(&scratch[keep..]);
+        }
+        Ok(decision)
+    }
+
+    /// Sends the queued last words (an HTTP refusal, or the close frame of a
+    /// failed connection), then closes our side and waits (bounded) for the
+    /// peer to close its own. Rare: callers box it, so its state does not
+    /// weigh on every idle connection's task.
     async fn refuse(&mut self) {
         self.session.set_phase(Phase::Closing);
         if self.flush().await.is_ok() {
@@ -207,10 +241,7 @@ impl<'a> Conn<'a> {
                         "closing on violation"
                     );
                     self.shard.count_close_sent(violation.code);
-                    self.session.set_phase(Phase::Closing);
-                    if self.flush().await.is_ok() {
-                        self.linger().await;
-                    }
+                    Box::pin(self.refuse()).await;
                     return Ending::Close(violation.code);
                 }
             }
@@ -340,15 +371,22 @@ impl<'a> Conn<'a> {
     /// that arrive meanwhile are kept for the main loop, except a timeout,
     /// which ends the wait.
     async fn flush(&mut self) -> io::Result<()> {
+        match self.out.flush(&self.socket, &self.shard.pool)? {
+            Flush::Done => Ok(()),
+            // A full socket is the rare case: its wait is boxed.
+            Flush::Blocked => Box::pin(self.flush_when_writable()).await,
+        }
+    }
+
+    async fn flush_when_writable(&mut self) -> io::Result<()> {
         loop {
-            match self.out.flush(&self.socket, &self.shard.pool)? {
-                Flush::Done => return Ok(()),
-                Flush::Blocked => {}
-            }
             match ready_or_kick(self.stream.writable(false), self.session).await? {
                 Wake::Ready => {}
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
                 Wake::Kick(k) => self.kicks = self.kicks.with(k),
+            }
+            if let Flush::Done = self.out.flush(&self.socket, &self.shard.pool)? {
+                return Ok(());
             }
         }
     }
@@ -384,6 +422,19 @@ impl<'a> Conn<'a> {
 enum Decision<'r> {
     Health,
     Upgrade { route: &'r Route, response: Vec<u8> },
+}
+
+/// Parses a request head; `None` while it is incomplete. On a decision, the
+/// head's length comes with it.
+fn examine_head<'r>(
+    buf: &[u8],
+    config: &'r crate::config::Config,
+) -> Option<Result<(Decision<'r>, usize), handshake::Reject>> {
+    match handshake::parse(buf, config.max_head_bytes) {
+        Ok(None) => None,
+        Err(reject) => Some(Err(reject)),
+        Ok(Some((head, head_len))) => Some(decide(&head, config).map(|d| (d, head_len))),
+    }
 }
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2).
