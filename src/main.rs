@@ -45,6 +45,9 @@ fn main() -> ExitCode {
             tracing::info!(
                 accepted = stats.accepted,
                 upgraded = stats.upgraded,
+                health_checks = stats.health_checks,
+                messages_in = stats.messages_in,
+                bytes_in = stats.bytes_in,
                 closed = ?stats.closed,
                 close_sent = ?stats.close_sent,
                 rejected = ?stats.rejected,

@@ -229,3 +229,67 @@ both_drivers!(drain_timeout_ends_sessions_that_never_close, |driver| {
     assert_eq!(silent.expect_close(), Some(1001));
     assert!(server.log().contains("drain timeout"), "{}", server.log());
 });
+
+both_drivers!(health_check_methods_and_absolute_targets, |driver| {
+    let server = Server::start(driver, &[]);
+    let r = respond(&server, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 200 ") && r.ends_with("\r\n\r\n"),
+        "HEAD has no body: {r:?}"
+    );
+    let r = respond(
+        &server,
+        "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 405 ") && r.contains("Allow: GET, HEAD"), "{r}");
+    let absolute = upgrade_request("/echo", "").replacen("GET /echo ", &format!("GET http://{}/echo ", server.addr), 1);
+    assert!(respond(&server, &absolute).starts_with("HTTP/1.1 101 "));
+});
+
+both_drivers!(shutdown_answers_unfinished_handshakes_with_503, |driver| {
+    let mut server = Server::start(driver, &[]);
+    let mut raw = Raw::connect(server.addr);
+    raw.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let status = std::thread::scope(|s| {
+        let term = s.spawn(|| server.terminate());
+        let r = raw.read_to_end();
+        assert!(r.starts_with("HTTP/1.1 503 ") && r.contains("Retry-After: 1"), "{r}");
+        term.join().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+});
+
+both_drivers!(peer_that_stops_reading_is_cut_off, |driver| {
+    let mut server = Server::start(driver, &["--ping-interval-ms", "200", "--idle-timeout-ms", "800"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    // Send echo requests without reading until our own socket is full: the
+    // server's replies back up, its writes stall, and the stall times out.
+    raw.stream.set_nonblocking(true).unwrap();
+    let frame = masked_frame(0x82, &[7; 60_000]);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while start.elapsed() < Duration::from_secs(5) {
+        match std::io::Write::write(&mut raw.stream, &frame) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => break,
+        }
+    }
+    assert!(sent > 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    raw.stream.set_nonblocking(false).unwrap();
+    // Everything the server managed to send is readable, then the stream ends.
+    let mut sink = vec![0u8; 1 << 16];
+    let ended = loop {
+        match std::io::Read::read(&mut raw.stream, &mut sink) {
+            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(_) => {}
+        }
+    };
+    assert!(ended < Duration::from_secs(15), "{ended:?}");
+    assert_eq!(server.terminate().code(), Some(0));
+    let log = server.log();
+    let stopped = log.lines().find(|l| l.contains("stopped")).expect("stop line");
+    assert!(stopped.contains("closed={1006: 1}"), "{stopped}");
+});

@@ -4,8 +4,8 @@
 //! to `ws::handshake` and `ws::MessageReader`, whole messages go to `proto`,
 //! replies come back through `Outbound`. The rules of the loop:
 //! - Wait for readiness, then read into the core's scratch buffer; only bytes
-//!   that must outlive the read (a partial frame) are copied to a pooled
-//!   buffer, so an idle connection holds no read buffer.
+//!   that must outlive the read (a partial head or frame) are copied to a
+//!   pooled buffer, so an idle connection holds no read buffer.
 //! - No timer per connection: the shard's sweep kicks the task when a ping,
 //!   a timeout or the shutdown is due.
 //! - Output of a whole read goes out in one write. While output is pending,
@@ -20,15 +20,15 @@ pub mod socket;
 use std::future::Future;
 use std::io;
 use std::pin::pin;
-use std::rc::Rc;
 use std::task::Poll;
 
 use monoio::net::TcpStream;
 
-use crate::config::{Route, HEALTH_PATH};
+use crate::config::{Config, Route, HEALTH_PATH};
 use crate::proto::App;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
 use outbound::{Flush, Outbound};
+use pool::BufferPool;
 use shard::{Kick, Phase, Session, Shard, SCRATCH_BYTES};
 use socket::Socket;
 
@@ -38,12 +38,12 @@ enum Wake {
     Kick(Kick),
 }
 
-/// Waits for `io` (a readiness future) or a kick from the sweep, whichever is first.
+/// Waits for `io` (a readiness future) or a kick from the sweep, whichever is
+/// first. An `ABORT` kick is an error, and every caller ends on an error.
 async fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> io::Result<Wake> {
     let mut io = pin!(io);
     std::future::poll_fn(|cx| {
         match session.poll_kick(cx.waker()) {
-            // Every caller ends the connection on an error.
             Some(kick) if kick.has(Kick::ABORT) => return Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Some(kick) => return Poll::Ready(Ok(Wake::Kick(kick))),
             None => {}
@@ -56,18 +56,19 @@ async fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Sess
 /// What processing a batch of input decided.
 enum Flow {
     Continue,
-    /// The peer sent a close frame; ours is queued in reply.
+    /// The peer sent a close frame (with this code); ours is queued in reply.
     PeerClosed(Option<CloseCode>),
     /// The peer broke a rule; our close is queued.
     Failed(Violation),
 }
 
-/// How a session ended, for the counters.
-enum Ending {
-    /// A close frame was exchanged or sent; the code that ended the session.
-    Close(CloseCode),
-    /// No close frame either way (the peer vanished): 1006.
-    Abnormal,
+/// The RFC 6455 7.1.5 close code of an ended session: the code of the close
+/// frame the peer sent (1005 if it had none), or 1006 if it sent none.
+fn close_code(peer_close: Option<Option<CloseCode>>) -> CloseCode {
+    match peer_close {
+        Some(code) => code.unwrap_or(CloseCode::NO_STATUS),
+        None => CloseCode::ABNORMAL,
+    }
 }
 
 struct Conn<'a> {
@@ -84,15 +85,15 @@ struct Conn<'a> {
     kicks: Kick,
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve(stream: TcpStream, shard: Rc<Shard>) {
-    shard.stats.borrow_mut().accepted += 1;
-    let session = shard.open_session();
+/// Serves one accepted connection to its end. The session was registered
+/// by the accept loop, so a shutdown that starts meanwhile still sees it.
+pub async fn serve(stream: TcpStream, session: Session) {
+    let shard = session.shard();
     let mut conn = Conn {
         stream: &stream,
         socket: Socket::new(&stream),
         session: &session,
-        shard: &shard,
+        shard,
         out: Outbound::default(),
         carry: Vec::new(),
         carry_frame_bytes: None,
@@ -100,11 +101,8 @@ pub async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     };
     if let Some(route) = conn.handshake().await {
         shard.stats.borrow_mut().upgraded += 1;
-        let ending = conn.run(App::for_route(route)).await;
-        match ending {
-            Ending::Close(code) => shard.count_close(Some(code)),
-            Ending::Abnormal => shard.count_close(None),
-        }
+        let peer_close = conn.run(App::for_route(route)).await;
+        shard.count_close(close_code(peer_close));
     }
     conn.release();
 }
@@ -115,38 +113,42 @@ impl<'a> Conn<'a> {
     async fn handshake(&mut self) -> Option<&'a Route> {
         loop {
             match ready_or_kick(self.stream.readable(false), self.session).await {
-                // Handshake timeout, or shutdown before the upgrade: drop.
+                Ok(Wake::Ready) => {}
+                Ok(Wake::Kick(k)) if k.has(Kick::SHUTDOWN) => {
+                    self.out
+                        .push_bytes(&self.shard.pool, &handshake::Reject::ShuttingDown.response());
+                    Box::pin(self.refuse()).await;
+                    return None;
+                }
+                // Handshake timeout: drop without a word.
                 Ok(Wake::Kick(k)) => {
                     if k.has(Kick::TIMEOUT) {
                         self.shard.stats.borrow_mut().handshake_timeouts += 1;
+                        return None;
                     }
-                    return None;
+                    continue;
                 }
                 Err(_) => return None,
-                Ok(Wake::Ready) => {}
             }
-            let decision = match self.read_head() {
-                Ok(Some(decision)) => decision,
+            let answer = match self.read_head() {
+                Ok(Some(answer)) => answer,
                 Ok(None) => continue,
                 Err(_) => return None,
             };
-            return match decision {
-                Ok((Decision::Health, _)) => {
+            return match answer {
+                Answer::Upgrade(route) => {
+                    self.session.set_phase(Phase::Open);
+                    self.session.peer_alive();
+                    Some(route)
+                }
+                Answer::Health => {
                     self.shard.stats.borrow_mut().health_checks += 1;
-                    self.out.push_bytes(&self.shard.pool, &handshake::health_response());
                     Box::pin(self.refuse()).await;
                     None
                 }
-                Ok((Decision::Upgrade { route, response }, _)) => {
-                    self.out.push_bytes(&self.shard.pool, &response);
-                    self.session.set_phase(Phase::Open);
-                    self.session.heard_from_peer();
-                    Some(route)
-                }
-                Err(reject) => {
+                Answer::Reject(reject) => {
                     self.shard.count_rejected(reject.status());
                     tracing::debug!(status = reject.status(), reason = reject.reason(), "handshake refused");
-                    self.out.push_bytes(&self.shard.pool, &reject.response());
                     Box::pin(self.refuse()).await;
                     None
                 }
@@ -154,57 +156,46 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Reads what the socket has of the request head and decides on it once
-    /// the head is complete. Like frames, the head is read into the core's
-    /// scratch buffer; only an incomplete head, or frames that came behind
-    /// it, are kept in `carry`. `Ok(None)`: incomplete, wait for more.
-    fn read_head(&mut self) -> io::Result<Option<Result<(Decision<'a>, usize), handshake::Reject>>> {
+    /// Reads what the socket has of the request head and, once the head is
+    /// complete, queues the answer. Like frames, the head is read into the
+    /// core's scratch buffer; only an incomplete head, or frames that came
+    /// behind a complete one, are kept in `carry`. `Ok(None)`: read more.
+    fn read_head(&mut self) -> io::Result<Option<Answer<'a>>> {
         let shard: &'a Shard = self.shard;
         let config = &*shard.config;
         if !self.carry.is_empty() {
             // Never read past the head limit: parse() answers 431 at it.
             let room = config.max_head_bytes - self.carry.len();
-            if !self.recv(room)? {
+            if self.socket.recv_into(&mut self.carry, room)?.is_none() {
                 return Ok(None);
             }
-            let Some(decision) = examine_head(&self.carry, config) else {
+            let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool) else {
                 return Ok(None);
             };
-            if let Ok((_, head_len)) = &decision {
-                self.carry.drain(..*head_len);
-                if self.carry.is_empty() {
-                    shard.pool.give(std::mem::take(&mut self.carry));
-                }
-            }
-            return Ok(Some(decision));
+            self.carry.drain(..head_len);
+            self.release_carry_if_empty();
+            return Ok(Some(answer));
         }
         let mut scratch = shard.scratch.borrow_mut();
         scratch.clear();
-        match self.socket.recv_into(&mut scratch, config.max_head_bytes) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(e),
+        if self.socket.recv_into(&mut scratch, config.max_head_bytes)?.is_none() {
+            return Ok(None);
         }
-        let decision = examine_head(&scratch, config);
+        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool);
         // Keep what must outlive this read: an unfinished head, or the
         // client's first frames behind a complete one.
-        let keep = match &decision {
-            None => 0,
-            Some(Ok((_, head_len))) => *head_len,
-            Some(Err(_)) => scratch.len(),
-        };
-        if keep < scratch.len() {
+        let keep_from = answer.as_ref().map_or(0, |(_, head_len)| *head_len);
+        if keep_from < scratch.len() {
             self.carry = shard.pool.take();
-            self.carry.extend_from_slice(&scratch[keep..]);
+            self.carry.extend_from_slice(&scratch[keep_from..]);
         }
-        Ok(decision)
+        Ok(answer.map(|(answer, _)| answer))
     }
 
-    /// Sends the queued last words (an HTTP refusal, or the close frame of a
-    /// failed connection), then closes our side and waits (bounded) for the
-    /// peer to close its own. Rare: callers box it, so its state does not
-    /// weigh on every idle connection's task.
+    /// Sends the queued last words (an HTTP answer, or the close frame of a
+    /// failed connection), then closes our side and waits (bounded by the
+    /// close timeout) for the peer to close its own. Rare: callers box it,
+    /// so its state does not weigh on every idle connection's task.
     async fn refuse(&mut self) {
         self.session.set_phase(Phase::Closing);
         if self.flush().await.is_ok() {
@@ -212,8 +203,9 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// The upgraded connection, until it ends.
-    async fn run(&mut self, mut app: App) -> Ending {
+    /// The upgraded connection, until it ends. Returns the peer's close
+    /// frame code if it sent one (`Some(None)`: a close without a code).
+    async fn run(&mut self, mut app: App) -> Option<Option<CloseCode>> {
         let mut reader = MessageReader::new(Role::Server, self.shard.config.limits);
         // Frames that arrived with the request head come first.
         let mut flow = if self.carry.is_empty() {
@@ -229,7 +221,7 @@ impl<'a> Conn<'a> {
                     // once its close frame is out.
                     self.session.set_phase(Phase::Closing);
                     let _ = self.flush().await;
-                    return Ending::Close(code.unwrap_or(CloseCode::NO_STATUS));
+                    return Some(code);
                 }
                 Flow::Failed(violation) => {
                     // RFC 6455 7.1.7: fail the connection: send a close, then
@@ -240,20 +232,19 @@ impl<'a> Conn<'a> {
                         reason = violation.reason,
                         "closing on violation"
                     );
-                    self.shard.count_close_sent(violation.code);
-                    Box::pin(self.refuse()).await;
-                    return Ending::Close(violation.code);
+                    self.session.set_phase(Phase::Closing);
+                    if self.flush().await.is_ok() {
+                        self.shard.count_close_sent(violation.code);
+                        self.linger().await;
+                    }
+                    return None;
                 }
             }
             if self.kicks.has(Kick::TIMEOUT) {
-                return self
-                    .close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout")
-                    .await;
+                return Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout")).await;
             }
             if self.kicks.has(Kick::SHUTDOWN) {
-                return self
-                    .close_first(&mut reader, CloseCode::GOING_AWAY, "server shutting down")
-                    .await;
+                return Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, "server shutting down")).await;
             }
             if self.kicks.has(Kick::PING) {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
@@ -261,7 +252,7 @@ impl<'a> Conn<'a> {
             }
             self.kicks = Kick::default();
             if self.flush().await.is_err() {
-                return Ending::Abnormal;
+                return None;
             }
             if !self.kicks.is_empty() {
                 continue;
@@ -272,12 +263,12 @@ impl<'a> Conn<'a> {
                     continue;
                 }
                 Ok(Wake::Ready) => {}
-                Err(_) => return Ending::Abnormal,
+                Err(_) => return None,
             }
             flow = match self.read_and_process(&mut reader, &mut app) {
                 Ok(Some(flow)) => flow,
                 Ok(None) => Flow::Continue,
-                Err(_) => return Ending::Abnormal,
+                Err(_) => return None,
             };
         }
     }
@@ -286,28 +277,21 @@ impl<'a> Conn<'a> {
     /// there after all. An end of stream is an error (the peer vanished).
     fn read_and_process(&mut self, reader: &mut MessageReader, app: &mut App) -> io::Result<Option<Flow>> {
         if !self.carry.is_empty() {
-            // A partial frame is waiting: read straight behind it, as much
-            // as the frame still needs (its header was checked against the
-            // limits, so this is bounded by max_frame_bytes).
-            let missing = self
-                .carry_frame_bytes
-                .map_or(0, |total| total.saturating_sub(self.carry.len()));
-            let want = missing.max(self.shard.pool.buf_bytes());
-            if !self.recv(want)? {
+            // A partial frame is waiting: read straight behind it.
+            let want = self.grow_carry_for_frame();
+            if self.socket.recv_into(&mut self.carry, want)?.is_none() {
                 return Ok(None);
             }
+            self.session.peer_alive();
             return Ok(Some(self.process_carry(reader, app)));
         }
         let shard = self.shard;
         let mut scratch = shard.scratch.borrow_mut();
         scratch.clear();
-        match self.socket.recv_into(&mut scratch, SCRATCH_BYTES) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(e),
+        if self.socket.recv_into(&mut scratch, SCRATCH_BYTES)?.is_none() {
+            return Ok(None);
         }
-        self.session.heard_from_peer();
+        self.session.peer_alive();
         let (used, flow, frame_bytes) = process(&mut scratch, reader, app, &mut self.out, shard);
         self.carry_frame_bytes = frame_bytes;
         if used < scratch.len() {
@@ -318,58 +302,78 @@ impl<'a> Conn<'a> {
         Ok(Some(flow))
     }
 
-    /// Appends up to `max` bytes to `carry`. `Ok(false)`: nothing available.
-    fn recv(&mut self, max: usize) -> io::Result<bool> {
-        match self.socket.recv_into(&mut self.carry, max) {
-            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {
-                self.session.heard_from_peer();
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
+    /// Makes room in `carry` for the next read of a partial frame and returns
+    /// how much to read. The buffer doubles as bytes arrive but never grows
+    /// past what the frame needs (its header passed the size limits), so a
+    /// header alone never reserves a large buffer.
+    fn grow_carry_for_frame(&mut self) -> usize {
+        let len = self.carry.len();
+        let missing = match self.carry_frame_bytes {
+            Some(total) if total > len => total - len,
+            // Header still incomplete: a pool buffer's worth.
+            _ => self.shard.pool.buf_bytes(),
+        };
+        let want = missing.min(SCRATCH_BYTES);
+        if self.carry.capacity() - len < want {
+            let target = (self.carry.capacity() * 2).clamp(len + want, len + missing);
+            self.carry.reserve_exact(target - len);
         }
+        self.carry.capacity() - len
     }
 
     fn process_carry(&mut self, reader: &mut MessageReader, app: &mut App) -> Flow {
         let (used, flow, frame_bytes) = process(&mut self.carry, reader, app, &mut self.out, self.shard);
         self.carry_frame_bytes = frame_bytes;
         self.carry.drain(..used);
-        if self.carry.is_empty() {
-            self.shard.pool.give(std::mem::take(&mut self.carry));
+        let pool = &self.shard.pool;
+        if self.carry.capacity() > pool.buf_bytes() && self.carry.len() <= pool.buf_bytes() {
+            // A large frame went through: keep its remainder in a pooled
+            // buffer rather than holding the large one.
+            let mut small = pool.take();
+            small.extend_from_slice(&self.carry);
+            self.carry = small;
         }
+        self.release_carry_if_empty();
         flow
     }
 
+    fn release_carry_if_empty(&mut self) {
+        if self.carry.is_empty() {
+            self.shard.pool.give(std::mem::take(&mut self.carry));
+        }
+    }
+
     /// We close first (shutdown, idle): send our close, wait for the peer's
-    /// (RFC 6455 7.1.2), then close. Bounded by `close_timeout_ms`.
-    async fn close_first(&mut self, reader: &mut MessageReader, code: CloseCode, reason: &str) -> Ending {
-        self.shard.count_close_sent(code);
+    /// (RFC 6455 7.1.2), then close. Bounded by `close_timeout_ms`. Returns
+    /// the peer's close code, if its close came.
+    async fn close_first(
+        &mut self,
+        reader: &mut MessageReader,
+        code: CloseCode,
+        reason: &str,
+    ) -> Option<Option<CloseCode>> {
         self.session.set_phase(Phase::Closing);
         self.out.push_close(&self.shard.pool, Some(code), reason);
-        if self.flush().await.is_err() {
-            return Ending::Close(code);
-        }
+        self.flush().await.ok()?;
+        self.shard.count_close_sent(code);
         // Read until the peer's close. Our close is sent, so nothing more is
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
-        let mut discard = App::Closing;
+        let mut closing = App::Closing;
         loop {
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Ready) => {}
                 Ok(Wake::Kick(k)) if !k.has(Kick::TIMEOUT) => continue,
-                _ => return Ending::Close(code),
+                _ => return None,
             }
-            match self.read_and_process(reader, &mut discard) {
+            match self.read_and_process(reader, &mut closing) {
                 Ok(None) | Ok(Some(Flow::Continue)) => continue,
-                // The peer answered (or broke a rule): the handshake is over.
-                Ok(Some(_)) | Err(_) => return Ending::Close(code),
+                Ok(Some(Flow::PeerClosed(peer_code))) => return Some(peer_code),
+                Ok(Some(Flow::Failed(_))) | Err(_) => return None,
             }
         }
     }
 
-    /// Writes all queued output, waiting for writability as needed. Kicks
-    /// that arrive meanwhile are kept for the main loop, except a timeout,
-    /// which ends the wait.
+    /// Writes all queued output, waiting for writability as needed.
     async fn flush(&mut self) -> io::Result<()> {
         match self.out.flush(&self.socket, &self.shard.pool)? {
             Flush::Done => Ok(()),
@@ -378,6 +382,9 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Kicks that arrive while the socket is full are kept for the main loop,
+    /// except a timeout, which ends the wait. Each accepted write counts as
+    /// the peer being alive, so only a peer that stops reading times out.
     async fn flush_when_writable(&mut self) -> io::Result<()> {
         loop {
             match ready_or_kick(self.stream.writable(false), self.session).await? {
@@ -385,7 +392,9 @@ impl<'a> Conn<'a> {
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
                 Wake::Kick(k) => self.kicks = self.kicks.with(k),
             }
-            if let Flush::Done = self.out.flush(&self.socket, &self.shard.pool)? {
+            let flushed = self.out.flush(&self.socket, &self.shard.pool)?;
+            self.session.peer_alive();
+            if let Flush::Done = flushed {
                 return Ok(());
             }
         }
@@ -414,46 +423,58 @@ impl<'a> Conn<'a> {
     fn release(&mut self) {
         let pool = &self.shard.pool;
         pool.give(std::mem::take(&mut self.carry));
-        let _ = std::mem::take(&mut self.out);
+        self.out.release(pool);
     }
 }
 
-/// What the handshake leads to.
-enum Decision<'r> {
+/// What a complete request head leads to; its response is already queued.
+enum Answer<'r> {
+    Upgrade(&'r Route),
     Health,
-    Upgrade { route: &'r Route, response: Vec<u8> },
+    Reject(handshake::Reject),
 }
 
-/// Parses a request head; `None` while it is incomplete. On a decision, the
-/// head's length comes with it.
-fn examine_head<'r>(
+/// Parses a request head and queues the response once it is complete.
+/// `None` while incomplete; otherwise the answer and the head's length.
+fn answer_head<'r>(
     buf: &[u8],
-    config: &'r crate::config::Config,
-) -> Option<Result<(Decision<'r>, usize), handshake::Reject>> {
-    match handshake::parse(buf, config.max_head_bytes) {
-        Ok(None) => None,
-        Err(reject) => Some(Err(reject)),
-        Ok(Some((head, head_len))) => Some(decide(&head, config).map(|d| (d, head_len))),
-    }
+    config: &'r Config,
+    out: &mut Outbound,
+    pool: &BufferPool,
+) -> Option<(Answer<'r>, usize)> {
+    let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
+        Ok(None) => return None,
+        Err(reject) => (Err(reject), buf.len()),
+        Ok(Some((head, head_len))) => (decide(&head, config, out, pool), head_len),
+    };
+    Some(match answer {
+        Ok(answer) => (answer, head_len),
+        Err(reject) => {
+            out.push_bytes(pool, &reject.response());
+            (Answer::Reject(reject), head_len)
+        }
+    })
 }
 
-/// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2).
+/// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
+/// queueing the 101 or the health answer.
 fn decide<'r>(
     head: &handshake::Head<'_>,
-    config: &'r crate::config::Config,
-) -> Result<Decision<'r>, handshake::Reject> {
+    config: &'r Config,
+    out: &mut Outbound,
+    pool: &BufferPool,
+) -> Result<Answer<'r>, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
-        return Ok(Decision::Health);
+        out.push_bytes(pool, &handshake::health_response(head.method)?);
+        return Ok(Answer::Health);
     }
     let route = config.route(head.path).ok_or(handshake::Reject::NotFound)?;
     let key = head.validate_upgrade()?;
-    // RFC 6455 4.2.2 (4) and 10.2: refuse origins the route does not allow.
-    if !route.origins.allows(head.origin) {
+    if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
-    let mut response = Vec::with_capacity(160);
-    handshake::write_accept(&mut response, key, head.choose_protocol(&route.subprotocols));
-    Ok(Decision::Upgrade { route, response })
+    out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
+    Ok(Answer::Upgrade(route))
 }
 
 /// Runs every complete frame in `data` through the reader and the app.

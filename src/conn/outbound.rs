@@ -5,12 +5,13 @@
 //! pooled buffer and written with one syscall. When all of it is written the
 //! buffer goes back to the pool, so a quiet connection holds none.
 
-use std::io::{self, IoSlice};
+use std::io;
 
 use super::pool::BufferPool;
 use super::socket::Socket;
 use crate::ws::close::{self, CloseCode};
 use crate::ws::frame::{self, FrameHeader, Opcode, MAX_HEADER_BYTES};
+use crate::ws::handshake;
 
 #[derive(Default)]
 pub struct Outbound {
@@ -31,10 +32,6 @@ impl Outbound {
         self.sent == self.buf.len()
     }
 
-    pub fn pending_bytes(&self) -> usize {
-        self.buf.len() - self.sent
-    }
-
     fn room(&mut self, pool: &BufferPool) -> &mut Vec<u8> {
         if self.buf.capacity() == 0 {
             self.buf = pool.take();
@@ -45,6 +42,11 @@ impl Outbound {
     /// Queues raw bytes (an HTTP response).
     pub fn push_bytes(&mut self, pool: &BufferPool, bytes: &[u8]) {
         self.room(pool).extend_from_slice(bytes);
+    }
+
+    /// Queues the 101 response (RFC 6455 4.2.2).
+    pub fn push_accept(&mut self, pool: &BufferPool, key: &[u8], protocol: Option<&str>) {
+        handshake::write_accept(self.room(pool), key, protocol);
     }
 
     /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
@@ -76,15 +78,20 @@ impl Outbound {
     /// Writes as much as the socket takes without blocking.
     pub fn flush(&mut self, socket: &Socket<'_>, pool: &BufferPool) -> io::Result<Flush> {
         while !self.is_empty() {
-            match socket.send_vectored(&[IoSlice::new(&self.buf[self.sent..])]) {
+            match socket.send(&self.buf[self.sent..]) {
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
+        self.release(pool);
+        Ok(Flush::Done)
+    }
+
+    /// Gives the buffer back to the pool, dropping anything unsent.
+    pub fn release(&mut self, pool: &BufferPool) {
         self.sent = 0;
         pool.give(std::mem::take(&mut self.buf));
-        Ok(Flush::Done)
     }
 }

@@ -81,10 +81,10 @@ pub struct Stats {
     /// Ended sessions by RFC 6455 7.1.5 close code: the code of the close frame
     /// the peer sent, 1005 if it had none, 1006 if the peer sent none.
     pub closed: BTreeMap<u16, u64>,
-    /// Close frames we sent, by code (violations, shutdown, idle).
+    /// Close frames we sent first and got out, by code (violations, shutdown, idle).
     pub close_sent: BTreeMap<u16, u64>,
+    /// Whole data messages received, and their payload bytes.
     pub messages_in: u64,
-    pub messages_out: u64,
     pub bytes_in: u64,
 }
 
@@ -104,7 +104,6 @@ impl Stats {
             *self.close_sent.entry(*k).or_default() += v;
         }
         self.messages_in += other.messages_in;
-        self.messages_out += other.messages_out;
         self.bytes_in += other.bytes_in;
     }
 }
@@ -189,12 +188,11 @@ impl Shard {
         }
     }
 
-    /// Starts the shutdown: every session is kicked with `SHUTDOWN` now, and
-    /// every session opened later at the next tick.
+    /// Starts the shutdown: the next sweep kicks every session with
+    /// `SHUTDOWN`, and each later sweep the sessions opened since.
     pub fn begin_shutdown(&self) {
         if !self.shutting_down.replace(true) {
             self.wake_watcher();
-            self.sweep();
         }
     }
 
@@ -267,9 +265,8 @@ impl Shard {
         (shortest / 4).clamp(10, 100)
     }
 
-    pub fn count_close(&self, received: Option<CloseCode>) {
-        let code = received.unwrap_or(CloseCode::ABNORMAL).0;
-        *self.stats.borrow_mut().closed.entry(code).or_default() += 1;
+    pub fn count_close(&self, code: CloseCode) {
+        *self.stats.borrow_mut().closed.entry(code.0).or_default() += 1;
     }
 
     pub fn count_close_sent(&self, code: CloseCode) {
@@ -288,12 +285,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn shard(&self) -> &Rc<Shard> {
+    pub fn shard(&self) -> &Shard {
         &self.shard
-    }
-
-    pub fn key(&self) -> SessionKey {
-        self.key
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> R {
@@ -312,8 +305,9 @@ impl Session {
         });
     }
 
-    /// Records that the peer sent something (resets the idle clock).
-    pub fn heard_from_peer(&self) {
+    /// Records that the peer is alive: it sent bytes, or took some of ours
+    /// (resets the idle clock, so a stalled write also times out).
+    pub fn peer_alive(&self) {
         let now = self.shard.now_ms();
         self.with(|s| s.last_rx_ms = now);
     }
@@ -407,7 +401,7 @@ mod tests {
         shard.sweep_at(2000);
         assert_eq!(s.poll_kick(&w), Some(Kick::PING));
         // Hearing from the peer resets the idle clock.
-        s.heard_from_peer();
+        s.peer_alive();
         shard.sweep_at(4999);
         assert_eq!(s.poll_kick(&w), Some(Kick::PING));
         shard.sweep_at(5000);
@@ -435,6 +429,7 @@ mod tests {
         shard.watch(&ww);
         shard.begin_shutdown();
         assert_eq!(watched.0.load(Ordering::SeqCst), 1);
+        shard.sweep();
         let (_, w) = waker();
         assert!(a.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
         shard.sweep();

@@ -9,7 +9,7 @@
 //! - Readiness comes from monoio (`readable`/`writable` with relaxed=false, so
 //!   the epoll driver re-checks with poll(2) after we drained the socket).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -33,39 +33,53 @@ impl<'a> Socket<'a> {
         SockRef::from(&self.fd)
     }
 
-    /// Appends at most `max` received bytes to `buf`. `Ok(0)` is end of stream;
-    /// `WouldBlock` means wait for readiness.
-    pub fn recv_into(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    /// Appends at most `max` received bytes to `buf`, without blocking.
+    /// `Ok(Some(n))`: `n > 0` bytes arrived. `Ok(None)`: nothing yet, wait for
+    /// readiness. End of stream is an `UnexpectedEof` error: on a WebSocket a
+    /// peer that closes without a close frame has vanished.
+    pub fn recv_into(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
         buf.reserve(max);
         let spare = buf.spare_capacity_mut();
         let room = spare.len().min(max);
-        let n = self.sock().recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT)?;
-        // SAFETY: recv(2) initialised the first `n <= room` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-        Ok(n)
+        match self.sock().recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                // SAFETY: recv(2) initialised the first `n <= room` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Writes what it can of `slices` without blocking; returns bytes written.
-    pub fn send_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    /// Writes what it can of `bytes` without blocking; returns bytes written.
+    pub fn send(&self, bytes: &[u8]) -> io::Result<usize> {
         self.sock()
-            .send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            .send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     }
 
     pub fn shutdown_write(&self) -> io::Result<()> {
         self.sock().shutdown(Shutdown::Write)
     }
 
-    /// Reads and discards whatever is queued; `Ok(true)` once the peer has
-    /// closed its side. Used only while closing.
+    /// Reads and discards what is queued, at most `DISCARD_BUDGET_BYTES` per
+    /// call so a flooding peer cannot hold the core. `Ok(true)` once the
+    /// peer has closed its side. Used only while closing.
     pub fn discard(&self) -> io::Result<bool> {
-        let mut sink = [MaybeUninit::<u8>::uninit(); 4096];
-        loop {
+        let mut sink = [MaybeUninit::<u8>::uninit(); 16 * 1024];
+        let mut taken = 0;
+        while taken < DISCARD_BUDGET_BYTES {
             match self.sock().recv_with_flags(&mut sink, libc::MSG_DONTWAIT) {
                 Ok(0) => return Ok(true),
-                Ok(_) => continue,
+                Ok(n) => taken += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
+        Ok(false)
     }
 }
+
+/// Bytes `discard` drops before yielding to other connections.
+const DISCARD_BUDGET_BYTES: usize = 256 * 1024;

@@ -316,7 +316,10 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
             Some(Ok((stream, _peer))) => {
                 // Small frames must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::conn::serve(stream, shard.clone()));
+                shard.stats.borrow_mut().accepted += 1;
+                // Registered before the task first runs, so a shutdown that
+                // starts meanwhile waits for (and kicks) this session too.
+                monoio::spawn(crate::conn::serve(stream, shard.open_session()));
             }
             Some(Err(e)) => {
                 // Out of descriptors or memory: say so (once a second at most)

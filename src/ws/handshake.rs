@@ -29,6 +29,10 @@ pub enum Reject {
     NotFound,
     /// 431: head larger than the limit, or too many headers.
     HeadTooLarge,
+    /// 405: a method other than GET or HEAD on the health path.
+    MethodNotAllowed,
+    /// 503: the server is shutting down.
+    ShuttingDown,
 }
 
 impl Reject {
@@ -39,6 +43,8 @@ impl Reject {
             Reject::ForbiddenOrigin => 403,
             Reject::NotFound => 404,
             Reject::HeadTooLarge => 431,
+            Reject::MethodNotAllowed => 405,
+            Reject::ShuttingDown => 503,
         }
     }
 
@@ -49,6 +55,8 @@ impl Reject {
             Reject::ForbiddenOrigin => "origin not allowed",
             Reject::NotFound => "no route",
             Reject::HeadTooLarge => "request header fields too large",
+            Reject::MethodNotAllowed => "method not allowed",
+            Reject::ShuttingDown => "shutting down",
         }
     }
 
@@ -60,28 +68,40 @@ impl Reject {
             Reject::ForbiddenOrigin => (403, "Forbidden"),
             Reject::NotFound => (404, "Not Found"),
             Reject::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            Reject::MethodNotAllowed => (405, "Method Not Allowed"),
+            Reject::ShuttingDown => (503, "Service Unavailable"),
         };
-        // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
-        let extra = if self == Reject::UnsupportedVersion {
-            "Sec-WebSocket-Version: 13\r\n"
-        } else {
-            ""
+        let extra = match self {
+            // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
+            Reject::UnsupportedVersion => "Sec-WebSocket-Version: 13\r\n",
+            Reject::MethodNotAllowed => "Allow: GET, HEAD\r\n",
+            Reject::ShuttingDown => "Retry-After: 1\r\n",
+            _ => "",
         };
-        plain_response(status, text, extra, self.reason())
+        plain_response(status, text, extra, self.reason(), true)
     }
 }
 
-fn plain_response(status: u16, text: &str, extra_headers: &str, body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+fn plain_response(status: u16, text: &str, extra_headers: &str, body: &str, with_body: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len() + 1
-    )
-    .into_bytes()
+    );
+    if with_body {
+        out.push_str(body);
+        out.push('\n');
+    }
+    out.into_bytes()
 }
 
-/// `GET /healthz` answer for load balancers.
-pub fn health_response() -> Vec<u8> {
-    plain_response(200, "OK", "", "ok")
+/// The health check's answer for load balancers: 200 to GET and HEAD (RFC
+/// 7231 4.3.2: HEAD gets the same head and no body), 405 to anything else.
+pub fn health_response(method: &str) -> Result<Vec<u8>, Reject> {
+    match method {
+        "GET" => Ok(plain_response(200, "OK", "", "ok", true)),
+        "HEAD" => Ok(plain_response(200, "OK", "", "ok", false)),
+        _ => Err(Reject::MethodNotAllowed),
+    }
 }
 
 /// A parsed request head. Every field borrows the read buffer.
@@ -98,8 +118,11 @@ pub struct Head<'a> {
     key: Option<&'a [u8]>,
     key_count: usize,
     version: Option<&'a [u8]>,
+    version_count: usize,
     has_body: bool,
     pub origin: Option<&'a str>,
+    /// `Origin` headers seen; one that is not UTF-8 is counted but not kept.
+    origin_count: usize,
     protocol_lines: [&'a [u8]; MAX_PROTOCOL_LINES],
     protocol_line_count: usize,
 }
@@ -125,7 +148,7 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
     if head_len > max_head_bytes {
         return Err(Reject::HeadTooLarge);
     }
-    let target = req.path.unwrap_or("/");
+    let target = origin_form(req.path.unwrap_or("/"));
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
@@ -141,8 +164,10 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
         key: None,
         key_count: 0,
         version: None,
+        version_count: 0,
         has_body: false,
         origin: None,
+        origin_count: 0,
         protocol_lines: [&[]; MAX_PROTOCOL_LINES],
         protocol_line_count: 0,
     };
@@ -160,8 +185,10 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
             head.key_count += 1;
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             head.version = Some(value);
+            head.version_count += 1;
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = std::str::from_utf8(value).ok();
+            head.origin_count += 1;
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             if head.protocol_line_count == MAX_PROTOCOL_LINES {
                 return Err(Reject::BadRequest("too many Sec-WebSocket-Protocol headers"));
@@ -208,6 +235,11 @@ impl<'a> Head<'a> {
         if self.has_body {
             return Err(Reject::BadRequest("upgrade request must not have a body"));
         }
+        // A repeated header that must be single would let proxies and us
+        // disagree about its value.
+        if self.version_count > 1 || self.origin_count > 1 {
+            return Err(Reject::BadRequest("repeated Sec-WebSocket-Version or Origin header"));
+        }
         // 4.2.1 (6): version 13; 4.2.2: otherwise 426 with the version we speak.
         if self.version != Some(b"13") {
             return Err(Reject::UnsupportedVersion);
@@ -218,6 +250,15 @@ impl<'a> Head<'a> {
             _ => return Err(Reject::BadRequest("Sec-WebSocket-Key must be base64 of 16 bytes")),
         };
         Ok(key)
+    }
+
+    /// RFC 6455 4.2.2 (4) and 10.2: whether `policy` admits this request's
+    /// origin. An `Origin` that is not UTF-8 is refused under any list.
+    pub fn origin_allowed(&self, policy: &OriginPolicy) -> bool {
+        if self.origin_count > 0 && self.origin.is_none() {
+            return matches!(policy, OriginPolicy::Any);
+        }
+        policy.allows(self.origin)
     }
 
     /// Every subprotocol the client offered, in its order.
@@ -237,6 +278,21 @@ impl<'a> Head<'a> {
             .iter()
             .find(|s| self.offered_protocols().any(|o| o == s.as_bytes()))
             .map(String::as_str)
+    }
+}
+
+/// RFC 7230 5.3.2: a server must accept the absolute form of a target
+/// (`http://host/path`); only its path and query are routed.
+fn origin_form(target: &str) -> &str {
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return target;
+    };
+    if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+        return target;
+    }
+    match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => &rest[i..],
+        _ => "/",
     }
 }
 
@@ -472,6 +528,55 @@ mod tests {
         assert!(!list.allows(Some("https://evil.example.com")));
         assert!(list.allows(None));
         assert!(OriginPolicy::Any.allows(Some("x")));
+    }
+
+    #[test]
+    fn absolute_form_targets_are_routed_by_path() {
+        let absolute = GOOD.replace("GET /echo?x=1 ", "GET http://example.com:8080/echo?x=1 ");
+        let h = head(&absolute);
+        assert_eq!((h.path, h.query), ("/echo", Some("x=1")));
+        let authority_only = GOOD.replace("GET /echo?x=1 ", "GET ws://example.com ");
+        assert_eq!(head(&authority_only).path, "/");
+    }
+
+    #[test]
+    fn origin_fails_closed_and_single_headers_stay_single() {
+        let list = OriginPolicy::List(vec!["https://a.example".into()]);
+        let mut bad = GOOD
+            .replace("Origin: http://example.com", "Origin: https://a.example~")
+            .into_bytes();
+        let tilde = bad.iter().position(|&b| b == b'~').unwrap();
+        bad[tilde] = 0xFF;
+        let (h, _) = parse(&bad, 8192).unwrap().unwrap();
+        assert!(!h.origin_allowed(&list), "a non-UTF-8 origin is refused by a list");
+        assert!(h.origin_allowed(&OriginPolicy::Any));
+        let h = head(GOOD);
+        assert!(!h.origin_allowed(&list));
+        assert!(h.origin_allowed(&OriginPolicy::List(vec!["http://example.com".into()])));
+        let two = with(
+            "Origin: http://example.com\r\n",
+            "Origin: http://example.com\r\nOrigin: https://a.example\r\n",
+        );
+        assert_eq!(verdict(&two).unwrap_err().status(), 400);
+        let two = with(
+            "Sec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Version: 13\r\n",
+        );
+        assert_eq!(verdict(&two).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn health_by_method() {
+        let get = String::from_utf8(health_response("GET").unwrap()).unwrap();
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n") && get.ends_with("\r\n\r\nok\n"));
+        let head = String::from_utf8(health_response("HEAD").unwrap()).unwrap();
+        assert!(head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"));
+        assert_eq!(health_response("POST"), Err(Reject::MethodNotAllowed));
+        let r = String::from_utf8(Reject::MethodNotAllowed.response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 405 ") && r.contains("\r\nAllow: GET, HEAD\r\n"));
+        assert!(String::from_utf8(Reject::ShuttingDown.response())
+            .unwrap()
+            .starts_with("HTTP/1.1 503 "));
     }
 
     #[test]
