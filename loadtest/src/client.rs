@@ -1,0 +1,433 @@
+//! One client connection: TCP connect from a chosen source address, the
+//! opening handshake, and frame I/O.
+//!
+//! Owns the client side of RFC 6455 over a socket and nothing of any
+//! scenario. Frames are decoded with `sluice::ws::MessageReader` (client
+//! role: server frames are unmasked), so replies are counted from their
+//! headers and payloads are borrowed, never copied. Bytes move with the same
+//! readiness-then-non-blocking-syscall pattern as the gateway, so either
+//! monoio driver works.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use sluice::conn::socket::Socket;
+use sluice::ws::{handshake, Event, Limits, MessageReader, Role, Step};
+
+/// Where to connect: `ws://host:port/path`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: SocketAddr = authority
+            .parse()
+            .or_else(|_| {
+                use std::net::ToSocketAddrs;
+                authority.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or(())
+            })
+            .map_err(|_| format!("{url}: cannot resolve {authority:?} (give HOST:PORT)"))?;
+        Ok(Target {
+            addr,
+            host: authority.to_string(),
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Why a connection attempt failed, as the summary reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    Refused,
+    Timeout,
+    /// The server answered with a status other than 101, or a bad accept key.
+    Non101,
+    /// The connection was reset or closed during the handshake.
+    Reset,
+    /// Local resources: no free port or descriptor on the source address.
+    Local,
+    Other,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Non101 => "non-101",
+            Failure::Reset => "reset",
+            Failure::Local => "local",
+            Failure::Other => "other",
+        })
+    }
+}
+
+fn classify(e: &io::Error) -> Failure {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Failure::Refused,
+        io::ErrorKind::TimedOut => Failure::Timeout,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => Failure::Reset,
+        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable => Failure::Local,
+        _ if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => Failure::Local,
+        _ => Failure::Other,
+    }
+}
+
+/// A connection failure with what the user needs to act on it.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub failure: Failure,
+    pub detail: String,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.failure, self.detail)
+    }
+}
+
+fn io_fail(e: io::Error) -> ConnectError {
+    ConnectError {
+        failure: classify(&e),
+        detail: e.to_string(),
+    }
+}
+
+/// Read buffer growth step, and the most a single read takes.
+const READ_BYTES: usize = 64 * 1024;
+
+pub struct Client {
+    stream: TcpStream,
+    reader: MessageReader,
+    /// Received bytes not yet decoded (a partial frame).
+    inbox: Vec<u8>,
+    /// Bytes queued for the socket.
+    outbox: Vec<u8>,
+    /// The close frame the server sent, if it did (code, reason).
+    server_close: Option<String>,
+}
+
+/// A small xorshift generator: masking keys and handshake nonces need to be
+/// unpredictable to intermediaries, not cryptographically strong.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos());
+        Rng((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ nanos as u64) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+impl Client {
+    /// Connects from `source` (any port) and completes the handshake within
+    /// `timeout`. Returns the client and the time from connect to the 101.
+    pub async fn connect(
+        target: &Target,
+        source: Option<IpAddr>,
+        timeout: Duration,
+        rng: &mut Rng,
+    ) -> Result<(Client, Duration), ConnectError> {
+        let start = Instant::now();
+        let attempt = Self::connect_inner(target, source, rng);
+        match monoio::time::timeout(timeout, attempt).await {
+            Ok(Ok(client)) => Ok((client, start.elapsed())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConnectError {
+                failure: Failure::Timeout,
+                detail: format!("no 101 within {timeout:?}"),
+            }),
+        }
+    }
+
+    async fn connect_inner(target: &Target, source: Option<IpAddr>, rng: &mut Rng) -> Result<Client, ConnectError> {
+        let domain = socket2::Domain::for_address(target.addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(io_fail)?;
+        sock.set_nonblocking(true).map_err(io_fail)?;
+        sock.set_nodelay(true).map_err(io_fail)?;
+        if let Some(ip) = source {
+            // IP_BIND_ADDRESS_NO_PORT: take the port at connect time, per
+            // destination, so one source address serves more than 28k
+            // connections across targets and bind(2) does not exhaust ports.
+            let _ = sock_bind_no_port(&sock);
+            sock.bind(&SocketAddr::new(ip, 0).into()).map_err(io_fail)?;
+        }
+        match sock.connect(&target.addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(io_fail(e)),
+        }
+        // SAFETY: `into_raw_fd` hands over sole ownership of a valid socket fd.
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(sock.into_raw_fd()) };
+        let stream = TcpStream::from_std(std_stream).map_err(io_fail)?;
+        stream.writable(false).await.map_err(io_fail)?;
+        if let Some(e) = socket2::SockRef::from(&BorrowedStream(&stream))
+            .take_error()
+            .map_err(io_fail)?
+        {
+            return Err(io_fail(e));
+        }
+        let mut client = Client {
+            stream,
+            reader: MessageReader::new(
+                Role::Client,
+                Limits {
+                    max_frame_bytes: 1 << 30,
+                    max_message_bytes: 1 << 30,
+                },
+            ),
+            inbox: Vec::new(),
+            outbox: Vec::new(),
+            server_close: None,
+        };
+        client.handshake(target, rng).await?;
+        Ok(client)
+    }
+
+    async fn handshake(&mut self, target: &Target, rng: &mut Rng) -> Result<(), ConnectError> {
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        nonce[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+        let key = BASE64.encode(nonce);
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            target.path, target.host
+        );
+        self.outbox.extend_from_slice(request.as_bytes());
+        self.flush().await.map_err(io_fail)?;
+        loop {
+            if self.recv().await.map_err(io_fail)? == 0 {
+                return Err(ConnectError {
+                    failure: Failure::Reset,
+                    detail: "closed during the handshake".into(),
+                });
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            let head_len = match response.parse(&self.inbox) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if self.inbox.len() < 16 * 1024 => continue,
+                _ => {
+                    return Err(ConnectError {
+                        failure: Failure::Non101,
+                        detail: "malformed HTTP response".into(),
+                    })
+                }
+            };
+            let status = response.code.unwrap_or(0);
+            if status != 101 {
+                let reason = response.reason.unwrap_or("").to_string();
+                return Err(ConnectError {
+                    failure: Failure::Non101,
+                    detail: format!("HTTP {status} {reason}"),
+                });
+            }
+            let expected = handshake::accept_key(key.as_bytes());
+            let accepted = response
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected);
+            if !accepted {
+                return Err(ConnectError {
+                    failure: Failure::Non101,
+                    detail: "wrong Sec-WebSocket-Accept".into(),
+                });
+            }
+            // Frames may already follow the response.
+            self.inbox.drain(..head_len);
+            return Ok(());
+        }
+    }
+
+    /// Queues bytes (already framed and masked) for the next flush.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.outbox.extend_from_slice(bytes);
+    }
+
+    /// The queue itself, for callers that frame in place.
+    pub fn outbox(&mut self) -> &mut Vec<u8> {
+        &mut self.outbox
+    }
+
+    /// Writes everything queued. An owned-buffer write: with io_uring it is
+    /// a SEND operation in the ring, not a syscall of its own.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let (result, mut buf) = self.stream.write_all(std::mem::take(&mut self.outbox)).await;
+        buf.clear();
+        self.outbox = buf;
+        result.map(|_| ())
+    }
+
+    /// Waits for data and reads what is there; returns bytes read (0 at end
+    /// of stream). An owned-buffer read: with io_uring a RECV operation.
+    pub async fn recv(&mut self) -> io::Result<usize> {
+        let len = self.inbox.len();
+        if self.inbox.capacity() - len < READ_BYTES / 4 {
+            self.inbox.reserve(READ_BYTES);
+        }
+        let cap = self.inbox.capacity();
+        let (result, slice) = self
+            .stream
+            .read(std::mem::take(&mut self.inbox).slice_mut(len..cap))
+            .await;
+        self.inbox = slice.into_inner();
+        result
+    }
+
+    /// Reads what is there without waiting. `Ok(Some(0))` is end of stream.
+    pub fn try_recv(&mut self) -> io::Result<Option<usize>> {
+        match Socket::new(&self.stream).recv_into(&mut self.inbox, READ_BYTES) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Some(0)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Decodes every complete frame received so far, calling `on_event` for
+    /// each. Pings are answered with pongs and a server's close with a close
+    /// (queued; flush to send). Returns an error on a protocol violation by
+    /// the server, or once the server has sent a close.
+    pub fn drain_events(&mut self, mask: [u8; 4], mut on_event: impl FnMut(&Event<'_>)) -> Result<(), String> {
+        let mut pos = 0;
+        let mut replies: Vec<(sluice::ws::Opcode, Vec<u8>)> = Vec::new();
+        loop {
+            match self.reader.read(&mut self.inbox[pos..]) {
+                Ok(Step::Need { .. }) => break,
+                Ok(Step::Fragment(n)) => pos += n,
+                Ok(Step::Event(event, n)) => {
+                    pos += n;
+                    match &event {
+                        // RFC 6455 5.5.3: a pong echoes the ping's payload.
+                        Event::Ping(payload) => replies.push((sluice::ws::Opcode::Pong, payload.to_vec())),
+                        // RFC 6455 5.5.1: answer a close with a close.
+                        Event::Close(c) if self.server_close.is_none() => {
+                            let code = c.code.unwrap_or(sluice::ws::CloseCode::NO_STATUS);
+                            self.server_close = Some(format!("{} {:?}", code, c.reason));
+                            let (payload, n) = sluice::ws::close::payload(code, "");
+                            let payload = if c.code.is_some() {
+                                payload[..n].to_vec()
+                            } else {
+                                Vec::new()
+                            };
+                            replies.push((sluice::ws::Opcode::Close, payload));
+                        }
+                        _ => {}
+                    }
+                    on_event(&event);
+                }
+                Err(v) => return Err(format!("server broke RFC 6455: {} ({})", v.reason, v.code)),
+            }
+        }
+        self.inbox.drain(..pos);
+        for (opcode, payload) in replies {
+            sluice::ws::frame::encode_frame(&mut self.outbox, true, opcode, Some(mask), &payload);
+        }
+        match &self.server_close {
+            Some(close) => Err(format!("server sent close {close}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a close 1000 and waits (bounded) for the server's close.
+    pub async fn close(mut self, mask: [u8; 4], wait: Duration) -> bool {
+        if self.server_close.is_some() {
+            return false;
+        }
+        let (payload, n) = sluice::ws::close::payload(sluice::ws::CloseCode::NORMAL, "");
+        sluice::ws::frame::encode_frame(
+            &mut self.outbox,
+            true,
+            sluice::ws::Opcode::Close,
+            Some(mask),
+            &payload[..n],
+        );
+        if self.flush().await.is_err() {
+            return false;
+        }
+        let closed = async {
+            loop {
+                match self.recv().await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+                let mut got_close = false;
+                let drained = self.drain_events(mask, |e| got_close |= matches!(e, Event::Close(_)));
+                if got_close {
+                    return true;
+                }
+                if drained.is_err() {
+                    return false;
+                }
+            }
+        };
+        matches!(monoio::time::timeout(wait, closed).await, Ok(true))
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+struct BorrowedStream<'a>(&'a TcpStream);
+
+impl std::os::fd::AsFd for BorrowedStream<'_> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the stream is borrowed for the lifetime of the BorrowedFd.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+    }
+}
+
+fn sock_bind_no_port(sock: &socket2::Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on our own socket with a valid int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,412 @@
+//! `sluice-load`: the load-test harness. Measures any RFC 6455 server the
+//! same way: connections, echo throughput, open-loop latency, fan-out.
+
+mod client;
+mod report;
+mod run;
+mod scenario;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use client::Target;
+use report::{cpu_seconds, rss_kib, Memory, Report};
+use run::{run_threads, Driver, Live, ThreadBody};
+use scenario::Common;
+
+#[derive(Parser)]
+#[command(version, about = "Load-test harness for WebSocket servers")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Open N connections at a bounded rate and hold them.
+    Connect {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Connections to open.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        connections: usize,
+        /// Handshakes per second, over all threads.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Seconds to hold the connections once all are open.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+    },
+    /// Closed-loop echo: C connections x D messages of S bytes in flight.
+    Echo {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(short = 'c', long, default_value_t = 100)]
+        connections: usize,
+        #[arg(short = 'd', long, default_value_t = 16)]
+        in_flight: usize,
+        #[arg(short = 's', long, default_value_t = 32)]
+        size: usize,
+        #[command(flatten)]
+        window: Window,
+    },
+    /// Open-loop latency at a fixed total rate, corrected for coordinated omission.
+    Latency {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(short = 'c', long, default_value_t = 100)]
+        connections: usize,
+        /// Messages per second, over all connections.
+        #[arg(short = 'r', long, default_value_t = 10_000.0)]
+        rate: f64,
+        /// Payload bytes (at least 8: the send time rides in the payload).
+        #[arg(short = 's', long, default_value_t = 32)]
+        size: usize,
+        #[command(flatten)]
+        window: Window,
+    },
+    /// Publish/subscribe fan-out: N subscribers on K topics, P publishers at R msg/s.
+    Fanout {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Publishes per second, over all publishers.
+        #[arg(short = 'r', long, default_value_t = 100.0)]
+        rate: f64,
+        /// Payload bytes (at least the harness's stamp, about 30).
+        #[arg(short = 's', long, default_value_t = 64)]
+        size: usize,
+        /// Subscribe message; `{topic}` becomes the topic name.
+        #[arg(long, default_value = "SUB {topic}")]
+        sub_msg: String,
+        /// Text before each publish's payload; `{topic}` becomes the topic name.
+        #[arg(long, default_value = "PUB {topic} ")]
+        pub_prefix: String,
+        /// Topic names are this prefix and a number.
+        #[arg(long, default_value = "load.")]
+        topic_prefix: String,
+        /// Milliseconds for subscriptions to settle before publishing.
+        #[arg(long, default_value_t = 500)]
+        settle_ms: u64,
+        #[command(flatten)]
+        window: Window,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Server to measure: ws://HOST:PORT/path.
+    #[arg(long)]
+    url: String,
+    /// Load threads, each its own monoio runtime.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, value_enum, default_value_t = Driver::Auto)]
+    driver: Driver,
+    /// Source addresses, e.g. 127.0.0.1-127.0.0.50, to go past one address's ports.
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// Never park a thread: spin instead (for latency work).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Server process to read CPU and memory from.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Write every figure, histograms included, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the latency percentile plot (.svg, or .html with a table).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Exit non-zero when failures + errors + losses exceed this.
+    #[arg(long, default_value_t = 0)]
+    max_errors: u64,
+}
+
+#[derive(Args)]
+struct Window {
+    /// Seconds measured, after the warm-up.
+    #[arg(short = 't', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of traffic before measuring starts.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+}
+
+fn parse_sources(spec: &str) -> Result<Vec<IpAddr>, String> {
+    let bad = || format!("--source {spec:?}: give an address or a range like 127.0.0.1-127.0.0.50");
+    let (a, b) = spec.split_once('-').unwrap_or((spec, spec));
+    let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+    let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+    let (a, b) = (u32::from(a), u32::from(b));
+    if b < a || b - a > 65_535 {
+        return Err(bad());
+    }
+    Ok((a..=b).map(|ip| IpAddr::V4(Ipv4Addr::from(ip))).collect())
+}
+
+fn seconds(s: f64, what: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("{what}: {s} is not a duration in seconds"))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    let (args, name) = match &cli.scenario {
+        Scenario::Connect { common, .. } => (common, "connect"),
+        Scenario::Echo { common, .. } => (common, "echo"),
+        Scenario::Latency { common, .. } => (common, "latency"),
+        Scenario::Fanout { common, .. } => (common, "fanout"),
+    };
+    if args.threads == 0 || args.threads > 256 {
+        return Err("--threads must be 1..=256".into());
+    }
+    let target = Target::parse(&args.url)?;
+    let sources = args
+        .source
+        .as_deref()
+        .map(parse_sources)
+        .transpose()?
+        .unwrap_or_default();
+    let live = Arc::new(Live::default());
+    let common = Arc::new(Common {
+        target,
+        threads: args.threads,
+        sources,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        busy_poll: args.busy_poll,
+        epoch: Instant::now(),
+        live: live.clone(),
+    });
+    let mut params = std::collections::BTreeMap::new();
+    let mut fanout_plan = None;
+    let (body, warmup, window, connections): (ThreadBody, Duration, Option<Duration>, usize) = match &cli.scenario {
+        Scenario::Connect {
+            connections,
+            rate,
+            hold,
+            ..
+        } => {
+            if *rate <= 0.0 {
+                return Err("--rate must be above 0".into());
+            }
+            params.insert("connections".into(), connections.to_string());
+            params.insert("rate".into(), format!("{rate}/s"));
+            params.insert("hold".into(), format!("{hold} s"));
+            let plan = Arc::new(scenario::ConnectPlan {
+                connections: *connections,
+                rate: *rate,
+                hold: seconds(*hold, "--hold")?,
+            });
+            let c = common.clone();
+            (
+                Arc::new(move |i| Box::pin(scenario::connect(c.clone(), plan.clone(), i))),
+                Duration::ZERO,
+                None,
+                *connections,
+            )
+        }
+        Scenario::Echo {
+            connections,
+            in_flight,
+            size,
+            window: w,
+            ..
+        } => {
+            params.insert(
+                "connections x in flight x bytes".into(),
+                format!("{connections} x {in_flight} x {size}"),
+            );
+            let plan = Arc::new(scenario::EchoPlan {
+                connections: *connections,
+                in_flight: (*in_flight).max(1),
+                size: *size,
+                warmup: seconds(w.warmup, "--warmup")?,
+                duration: seconds(w.duration, "--duration")?,
+            });
+            let (warmup, duration) = (plan.warmup, plan.duration);
+            let c = common.clone();
+            (
+                Arc::new(move |i| Box::pin(scenario::echo(c.clone(), plan.clone(), i))),
+                warmup,
+                Some(duration),
+                *connections,
+            )
+        }
+        Scenario::Latency {
+            connections,
+            rate,
+            size,
+            window: w,
+            ..
+        } => {
+            if *rate <= 0.0 || *size < 8 {
+                return Err("--rate must be above 0 and --size at least 8".into());
+            }
+            params.insert("connections".into(), connections.to_string());
+            params.insert("rate".into(), format!("{rate} msg/s"));
+            params.insert("bytes".into(), size.to_string());
+            let plan = Arc::new(scenario::LatencyPlan {
+                connections: *connections,
+                rate: *rate,
+                size: *size,
+                warmup: seconds(w.warmup, "--warmup")?,
+                duration: seconds(w.duration, "--duration")?,
+            });
+            let (warmup, duration) = (plan.warmup, plan.duration);
+            let c = common.clone();
+            (
+                Arc::new(move |i| Box::pin(scenario::latency(c.clone(), plan.clone(), i))),
+                warmup,
+                Some(duration),
+                *connections,
+            )
+        }
+        Scenario::Fanout {
+            subscribers,
+            topics,
+            publishers,
+            rate,
+            size,
+            sub_msg,
+            pub_prefix,
+            topic_prefix,
+            settle_ms,
+            window: w,
+            ..
+        } => {
+            if *rate <= 0.0 || *topics == 0 || *publishers == 0 {
+                return Err("--rate, --topics and --publishers must be above 0".into());
+            }
+            params.insert(
+                "subscribers / topics / publishers".into(),
+                format!("{subscribers} / {topics} / {publishers}"),
+            );
+            params.insert("publish rate".into(), format!("{rate} msg/s"));
+            let plan = Arc::new(scenario::FanoutPlan {
+                subscribers: *subscribers,
+                topics: *topics,
+                publishers: *publishers,
+                rate: *rate,
+                size: *size,
+                warmup: seconds(w.warmup, "--warmup")?,
+                duration: seconds(w.duration, "--duration")?,
+                sub_msg: sub_msg.clone(),
+                pub_prefix: pub_prefix.clone(),
+                topic_prefix: topic_prefix.clone(),
+                settle: Duration::from_millis(*settle_ms),
+            });
+            let warmup = plan.settle + plan.warmup;
+            let duration = plan.duration;
+            fanout_plan = Some(plan.clone());
+            let c = common.clone();
+            (
+                Arc::new(move |i| Box::pin(scenario::fanout(c.clone(), plan.clone(), i))),
+                warmup,
+                Some(duration),
+                subscribers + publishers,
+            )
+        }
+    };
+
+    let rss_before = args.server_pid.and_then(rss_kib);
+    // CPU is sampled over the measured window only (after the warm-up).
+    let cpu_sampler = {
+        let pid = args.server_pid;
+        let epoch = common.epoch;
+        std::thread::spawn(move || {
+            std::thread::sleep(warmup.saturating_sub(epoch.elapsed()));
+            (
+                cpu_seconds(None),
+                pid.and_then(|p| cpu_seconds(Some(p))),
+                Instant::now(),
+            )
+        })
+    };
+    // The connect scenario reads the server's memory while every connection is held.
+    let memory_probe = match (&cli.scenario, args.server_pid) {
+        (Scenario::Connect { connections, rate, .. }, Some(pid)) => {
+            let ramp = Duration::from_secs_f64(*connections as f64 / rate);
+            let live = live.clone();
+            let total = *connections as u64;
+            Some(std::thread::spawn(move || {
+                // Wait for the ramp, then for every connection to settle (bounded).
+                let give_up = Instant::now() + ramp + Duration::from_secs(30);
+                while live.established.load(Ordering::Relaxed) + live.failed.load(Ordering::Relaxed) < total
+                    && Instant::now() < give_up
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                rss_kib(pid)
+            }))
+        }
+        _ => None,
+    };
+
+    let result = run_threads(args.threads, args.driver, live.clone(), body)?;
+    let (harness_cpu0, server_cpu0, measured_from) = cpu_sampler.join().map_err(|_| "cpu sampler failed")?;
+    let window = window.unwrap_or_else(|| measured_from.elapsed());
+    let mut report = Report::new(name, &args.url, args.threads, window, &result);
+    report.parameters = params;
+    if let (Some(a), Some(b)) = (harness_cpu0, cpu_seconds(None)) {
+        report.cpu.harness_seconds = b - a;
+        report.cpu.harness_ns_per_message = (b - a) * 1e9 / result.received.max(1) as f64;
+    }
+    if let (Some(a), Some(b)) = (server_cpu0, args.server_pid.and_then(|p| cpu_seconds(Some(p)))) {
+        report.cpu.server_seconds = Some(b - a);
+        report.cpu.server_ns_per_message = Some((b - a) * 1e9 / result.received.max(1) as f64);
+    }
+    if let (Some(before), Some(probe)) = (rss_before, memory_probe) {
+        if let Some(after) = probe.join().ok().flatten() {
+            report.memory = Some(Memory {
+                server_rss_before_kib: before,
+                server_rss_after_kib: after,
+                bytes_per_connection: (after as f64 - before as f64) * 1024.0 / connections.max(1) as f64,
+            });
+        }
+    }
+    if let Some(plan) = &fanout_plan {
+        report.lost = Some(
+            plan.expected_deliveries(&result.published)
+                .saturating_sub(result.received),
+        );
+    }
+    report.print_summary();
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+    }
+    if let Some(path) = &args.report {
+        report::write_plot(path, &format!("{name} latency, {}", args.url), &result.latency_us)?;
+    }
+    if report.error_count() > args.max_errors {
+        eprintln!(
+            "sluice-load: {} failures/errors/losses, more than --max-errors {}",
+            report.error_count(),
+            args.max_errors
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

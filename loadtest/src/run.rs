@@ -1,0 +1,280 @@
+//! Threads, runtimes and the figures they gather.
+//!
+//! Owns running a scenario on N threads (one monoio runtime each, no work
+//! shared between them), the live counters the progress line reads, and
+//! merging each thread's results. What a scenario does is `scenario`'s.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::client::Failure;
+
+/// Counters every thread bumps and the progress line reads.
+#[derive(Default)]
+pub struct Live {
+    pub established: AtomicU64,
+    pub failed: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub errors: AtomicU64,
+    /// Set when the run is over, so every thread stops.
+    pub stop: AtomicBool,
+}
+
+impl Live {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Latencies are recorded in microseconds, 1 µs to 100 s, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// What one thread gathered.
+pub struct ThreadResult {
+    pub latency_us: Histogram<u64>,
+    pub handshake_us: Histogram<u64>,
+    pub failures: BTreeMap<Failure, u64>,
+    pub established: u64,
+    /// Messages sent and received inside the measured window.
+    pub sent: u64,
+    pub received: u64,
+    pub bytes_received: u64,
+    pub out_of_order: u64,
+    /// Fan-out: publishes sent per topic number.
+    pub published: BTreeMap<usize, u64>,
+    pub clean_closes: u64,
+    /// Problems other than connect failures (server closed mid-run, violations).
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+}
+
+impl Default for ThreadResult {
+    fn default() -> ThreadResult {
+        ThreadResult {
+            latency_us: histogram(),
+            handshake_us: histogram(),
+            failures: BTreeMap::new(),
+            established: 0,
+            sent: 0,
+            received: 0,
+            bytes_received: 0,
+            out_of_order: 0,
+            published: BTreeMap::new(),
+            clean_closes: 0,
+            errors: 0,
+            first_errors: Vec::new(),
+        }
+    }
+}
+
+/// Error messages kept verbatim per thread; the rest are only counted.
+const KEPT_ERRORS: usize = 5;
+
+impl ThreadResult {
+    pub fn error(&mut self, live: &Live, message: String) {
+        self.errors += 1;
+        Live::add(&live.errors, 1);
+        if self.first_errors.len() < KEPT_ERRORS {
+            self.first_errors.push(message);
+        }
+    }
+
+    pub fn merge(&mut self, other: ThreadResult) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency_us.add(&other.latency_us);
+        let _ = self.handshake_us.add(&other.handshake_us);
+        for (k, v) in other.failures {
+            *self.failures.entry(k).or_default() += v;
+        }
+        self.established += other.established;
+        self.sent += other.sent;
+        self.received += other.received;
+        self.bytes_received += other.bytes_received;
+        self.out_of_order += other.out_of_order;
+        for (k, v) in other.published {
+            *self.published.entry(k).or_default() += v;
+        }
+        self.clean_closes += other.clean_closes;
+        self.errors += other.errors;
+        for e in other.first_errors {
+            if self.first_errors.len() < KEPT_ERRORS {
+                self.first_errors.push(e);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Driver {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+/// A scenario's body for thread `index`; built on that thread.
+pub type ThreadBody = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = ThreadResult>>> + Send + Sync>;
+
+/// Runs `body` on `threads` threads and merges what they gathered. The
+/// progress line runs on the calling thread until every thread is done.
+pub fn run_threads(threads: usize, driver: Driver, live: Arc<Live>, body: ThreadBody) -> Result<ThreadResult, String> {
+    let mut handles = Vec::new();
+    for index in 0..threads {
+        let body = body.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("load-{index}"))
+            .spawn(move || -> Result<ThreadResult, String> {
+                let use_uring = match driver {
+                    Driver::Uring => true,
+                    Driver::Epoll => false,
+                    Driver::Auto => monoio::utils::detect_uring(),
+                };
+                if use_uring {
+                    let mut rt = RuntimeBuilder::<IoUringDriver>::new()
+                        .with_entries(4096)
+                        .enable_timer()
+                        .build()
+                        .map_err(|e| format!("io_uring runtime: {e}"))?;
+                    Ok(rt.block_on(body(index)))
+                } else {
+                    let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map_err(|e| format!("epoll runtime: {e}"))?;
+                    Ok(rt.block_on(body(index)))
+                }
+            })
+            .map_err(|e| format!("cannot start thread: {e}"))?;
+        handles.push(handle);
+    }
+    progress(&live, &handles);
+    let mut total = ThreadResult::default();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => total.merge(r),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a load thread panicked".into()),
+        }
+    }
+    Ok(total)
+}
+
+/// Live progress: a spinner line on a terminal, a plain line a second otherwise.
+fn progress<T>(live: &Live, handles: &[std::thread::JoinHandle<T>]) {
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"));
+        bar
+    });
+    let start = Instant::now();
+    let mut last = (start, 0u64);
+    let mut last_plain = start;
+    while !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = Instant::now();
+        let received = live.received.load(Ordering::Relaxed);
+        let rate = (received - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-9);
+        last = (now, received);
+        let line = format!(
+            "conns {} failed {} | recv {} ({:.0}/s) | errors {}",
+            live.established.load(Ordering::Relaxed),
+            live.failed.load(Ordering::Relaxed),
+            received,
+            rate,
+            live.errors.load(Ordering::Relaxed)
+        );
+        match &bar {
+            Some(bar) => {
+                bar.set_message(line);
+                bar.tick();
+            }
+            None if now.duration_since(last_plain) >= Duration::from_secs(1) => {
+                eprintln!("[{:>5.1}s] {line}", now.duration_since(start).as_secs_f64());
+                last_plain = now;
+            }
+            None => {}
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+/// Yields once to the runtime: a busy-polling loop's way to let other
+/// connections on the thread run without parking the thread.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A per-thread deadline that wakes every waiting connection once, so a
+/// connection's wait for its socket needs no timer of its own (a timer per
+/// wait cost more CPU than the server spends per message).
+pub struct Deadline {
+    passed: std::cell::Cell<bool>,
+    waiters: std::cell::RefCell<Vec<Option<std::task::Waker>>>,
+}
+
+impl Deadline {
+    /// A deadline at `at`, with `slots` waiters (one per connection of the thread).
+    pub fn start(at: Instant, slots: usize) -> std::rc::Rc<Deadline> {
+        let deadline = std::rc::Rc::new(Deadline {
+            passed: std::cell::Cell::new(false),
+            waiters: std::cell::RefCell::new(vec![None; slots]),
+        });
+        let d = deadline.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
+            d.passed.set(true);
+            for w in d.waiters.borrow_mut().iter_mut().filter_map(Option::take) {
+                w.wake();
+            }
+        });
+        deadline
+    }
+
+    pub fn passed(&self) -> bool {
+        self.passed.get()
+    }
+
+    /// Waits for `fut` unless the deadline passes first (then `None`).
+    pub async fn wait<F: Future>(&self, slot: usize, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if self.passed.get() {
+                return std::task::Poll::Ready(None);
+            }
+            match fut.as_mut().poll(cx) {
+                std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+                std::task::Poll::Pending => {
+                    let mut waiters = self.waiters.borrow_mut();
+                    match &waiters[slot] {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => waiters[slot] = Some(cx.waker().clone()),
+                    }
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}

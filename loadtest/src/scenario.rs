@@ -1,0 +1,702 @@
+//! The scenarios: what each connection does and what it measures.
+//!
+//! Every scenario is bounded: connections stop at a deadline, every wait is
+//! tied to it, and the run ends even if the server stops answering.
+//! Client frames are encoded and masked once up front; only the bytes that
+//! change per message (a timestamp, a sequence number) are masked per send.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::ws::frame::{encode_frame, MAX_HEADER_BYTES};
+use sluice::ws::{mask, Event, Opcode};
+
+use crate::client::{Client, Rng, Target};
+use crate::run::{yield_now, Deadline, Live, ThreadResult};
+
+/// What every scenario shares.
+pub struct Common {
+    pub target: Target,
+    pub threads: usize,
+    pub sources: Vec<IpAddr>,
+    pub connect_timeout: Duration,
+    pub busy_poll: bool,
+    /// One epoch for every thread, so timestamps compare across threads.
+    pub epoch: Instant,
+    pub live: Arc<Live>,
+}
+
+impl Common {
+    /// Connections of thread `index` when `total` are spread over the threads.
+    fn share(&self, index: usize, total: usize) -> std::ops::Range<usize> {
+        let per = total / self.threads;
+        let extra = total % self.threads;
+        let start = index * per + index.min(extra);
+        start..start + per + usize::from(index < extra)
+    }
+
+    fn source(&self, conn: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[conn % self.sources.len()])
+    }
+
+    fn nanos_since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    async fn connect(&self, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
+        match Client::connect(&self.target, self.source(conn), self.connect_timeout, rng).await {
+            Ok((client, took)) => {
+                let _ = result.handshake_us.record((took.as_micros() as u64).max(1));
+                result.established += 1;
+                Live::add(&self.live.established, 1);
+                Some(client)
+            }
+            Err(e) => {
+                *result.failures.entry(e.failure).or_default() += 1;
+                Live::add(&self.live.failed, 1);
+                if result.first_errors.len() < 5 {
+                    result.first_errors.push(format!("connect: {e}"));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A masked client frame of `payload`, and the masking key used.
+fn masked(opcode: Opcode, payload: &[u8], rng: &mut Rng) -> (Vec<u8>, [u8; 4]) {
+    let key = (rng.next_u64() as u32).to_le_bytes();
+    let mut out = Vec::with_capacity(payload.len() + MAX_HEADER_BYTES);
+    encode_frame(&mut out, true, opcode, Some(key), payload);
+    (out, key)
+}
+
+/// Offset of the payload inside an encoded client frame of `len` bytes.
+fn header_len(payload_len: usize) -> usize {
+    match payload_len {
+        0..=125 => 6,
+        126..=0xFFFF => 8,
+        _ => 14,
+    }
+}
+
+/// Waits for the socket, a deadline, or (busy-polling) just yields.
+async fn wait_readable(client: &Client, until: Instant, busy: bool) {
+    if busy {
+        yield_now().await;
+        return;
+    }
+    let left = until.saturating_duration_since(Instant::now());
+    let _ = monoio::time::timeout(left, client.stream().readable(false)).await;
+}
+
+// ---- connect ----------------------------------------------------------------
+
+pub struct ConnectPlan {
+    pub connections: usize,
+    /// Handshakes per second, over all threads.
+    pub rate: f64,
+    pub hold: Duration,
+}
+
+/// Opens connections at the planned rate, holds them (answering pings),
+/// then closes each with 1000.
+pub async fn connect(common: Arc<Common>, plan: Arc<ConnectPlan>, index: usize) -> ThreadResult {
+    let share = common.share(index, plan.connections);
+    let per_thread_rate = plan.rate / common.threads as f64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, conn) in share.enumerate() {
+        let due = start + Duration::from_secs_f64(k as f64 / per_thread_rate);
+        monoio::time::sleep_until(monoio::time::Instant::from_std(due)).await;
+        let common = common.clone();
+        let plan = plan.clone();
+        tasks.push(monoio::spawn(async move {
+            let mut result = ThreadResult::default();
+            let mut rng = Rng::new(conn as u64);
+            let Some(client) = common.connect(conn, &mut rng, &mut result).await else {
+                return result;
+            };
+            // Everyone holds until the same moment: the end of the ramp plus the hold.
+            let ramp = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
+            let until = common.epoch + ramp + plan.hold;
+            hold(client, until, &mut rng, &common.live, &mut result).await;
+            result
+        }));
+    }
+    let mut total = ThreadResult::default();
+    for t in tasks {
+        total.merge(t.await);
+    }
+    total
+}
+
+async fn hold(mut client: Client, until: Instant, rng: &mut Rng, live: &Live, result: &mut ThreadResult) {
+    let key = (rng.next_u64() as u32).to_le_bytes();
+    while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
+        wait_readable(&client, until, false).await;
+        match client.try_recv() {
+            Ok(Some(0)) => return result.error(live, "server closed the connection during the hold".into()),
+            Ok(_) => {}
+            Err(e) => return result.error(live, format!("read: {e}")),
+        }
+        if let Err(e) = client.drain_events(key, |_| {}) {
+            result.error(live, format!("during the hold: {e}"));
+            let _ = client.flush().await;
+            return;
+        }
+        if client.flush().await.is_err() {
+            return result.error(live, "write failed during the hold".into());
+        }
+    }
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+}
+
+// ---- echo -------------------------------------------------------------------
+
+pub struct EchoPlan {
+    pub connections: usize,
+    pub in_flight: usize,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Closed loop: each connection keeps `in_flight` messages outstanding and
+/// sends one more for each echo. Round trips come from a per-connection
+/// queue of send times (echoes come back in order).
+pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> ThreadResult {
+    let share = common.share(index, plan.connections);
+    let deadline = Deadline::start(common.epoch + plan.warmup + plan.duration, share.len());
+    let conns: Vec<_> = share
+        .enumerate()
+        .map(|(slot, conn)| {
+            let common = common.clone();
+            let plan = plan.clone();
+            let deadline = deadline.clone();
+            monoio::spawn(async move { echo_conn(&common, &plan, conn, &deadline, slot).await })
+        })
+        .collect();
+    let mut total = ThreadResult::default();
+    for c in conns {
+        total.merge(c.await);
+    }
+    total
+}
+
+async fn echo_conn(common: &Common, plan: &EchoPlan, conn: usize, deadline: &Deadline, slot: usize) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    let mut rng = Rng::new(conn as u64);
+    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+        return result;
+    };
+    let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], &mut rng);
+    let measure_from = common.epoch + plan.warmup;
+    let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(plan.in_flight);
+    let mut owed = plan.in_flight;
+    let live = &common.live;
+    while !deadline.passed() {
+        if owed > 0 {
+            let now = Instant::now();
+            for _ in 0..owed {
+                client.queue(&frame);
+                sent_at.push_back(now);
+            }
+            if now >= measure_from {
+                result.sent += owed as u64;
+                Live::add(&live.sent, owed as u64);
+            }
+            if let Err(e) = client.flush().await {
+                result.error(live, format!("write: {e}"));
+                break;
+            }
+        }
+        // Echoes cannot be back the moment we sent: wait first (a read now
+        // would be a wasted syscall per batch), unless busy-polling.
+        let read = if common.busy_poll {
+            match client.try_recv() {
+                Ok(None) => {
+                    yield_now().await;
+                    continue;
+                }
+                other => other,
+            }
+        } else {
+            match deadline.wait(slot, client.recv()).await {
+                None => break,
+                Some(read) => read.map(Some),
+            }
+        };
+        match read {
+            Ok(Some(0)) => {
+                result.error(live, "server closed the connection mid-run".into());
+                return result;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                result.error(live, format!("read: {e}"));
+                return result;
+            }
+        }
+        let now = Instant::now();
+        let mut replies = 0;
+        let drained = client.drain_events(key, |e| replies += usize::from(matches!(e, Event::Message { .. })));
+        if let Err(e) = drained {
+            result.error(live, e);
+            let _ = client.flush().await;
+            return result;
+        }
+        for _ in 0..replies {
+            let Some(sent) = sent_at.pop_front() else {
+                result.error(live, "more echoes than messages sent".into());
+                return result;
+            };
+            if sent >= measure_from {
+                let _ = result
+                    .latency_us
+                    .record((now.duration_since(sent).as_micros() as u64).max(1));
+                result.received += 1;
+                result.bytes_received += plan.size as u64;
+                Live::add(&live.received, 1);
+            }
+        }
+        owed = replies;
+    }
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+    result
+}
+
+// ---- latency ----------------------------------------------------------------
+
+pub struct LatencyPlan {
+    pub connections: usize,
+    /// Messages per second over all connections.
+    pub rate: f64,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Open loop: messages go out on a fixed schedule whatever the replies do,
+/// each carrying its INTENDED send time, and latency is measured from that
+/// time, so a stalled server is charged for every message it delayed
+/// (coordinated-omission correction).
+pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) -> ThreadResult {
+    let conns: Vec<_> = common
+        .share(index, plan.connections)
+        .map(|conn| {
+            let common = common.clone();
+            let plan = plan.clone();
+            monoio::spawn(async move { latency_conn(&common, &plan, conn).await })
+        })
+        .collect();
+    let mut total = ThreadResult::default();
+    for c in conns {
+        total.merge(c.await);
+    }
+    total
+}
+
+async fn latency_conn(common: &Common, plan: &LatencyPlan, conn: usize) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    let mut rng = Rng::new(conn as u64);
+    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+        return result;
+    };
+    let size = plan.size.max(8);
+    let (frame, key) = masked(Opcode::Binary, &vec![0u8; size], &mut rng);
+    let stamp_at = header_len(size);
+    let interval = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
+    let live = &common.live;
+    let measure_from = common.epoch + plan.warmup;
+    let until = measure_from + plan.duration;
+    // Spread the connections' schedules evenly over one interval.
+    let mut next = Instant::now() + interval.mul_f64(conn as f64 / plan.connections as f64);
+    let mut outstanding = 0u64;
+    while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let mut due = 0u64;
+        while next <= now && next < until {
+            if next >= measure_from {
+                result.sent += 1;
+                Live::add(&live.sent, 1);
+            }
+            let out = client.outbox();
+            let at = out.len();
+            out.extend_from_slice(&frame);
+            let mut stamp = (next.duration_since(common.epoch).as_nanos() as u64).to_le_bytes();
+            mask::apply(&mut stamp, key, 0);
+            out[at + stamp_at..at + stamp_at + 8].copy_from_slice(&stamp);
+            next += interval;
+            due += 1;
+        }
+        if due > 0 {
+            outstanding += due;
+            if let Err(e) = client.flush().await {
+                result.error(live, format!("write: {e}"));
+                return result;
+            }
+        }
+        match client.try_recv() {
+            Ok(Some(0)) => {
+                result.error(live, "server closed the connection mid-run".into());
+                return result;
+            }
+            Ok(Some(_)) => {
+                if let Err(e) = take_latencies(common, plan, &mut client, key, &mut result, &mut outstanding) {
+                    result.error(live, e);
+                    let _ = client.flush().await;
+                    return result;
+                }
+            }
+            Ok(None) => {
+                if common.busy_poll {
+                    yield_now().await;
+                } else {
+                    // Sleep until the next send, or until a reply comes.
+                    let left = next.min(until).saturating_duration_since(Instant::now());
+                    let _ = monoio::time::timeout(left, client.stream().readable(false)).await;
+                }
+            }
+            Err(e) => {
+                result.error(live, format!("read: {e}"));
+                return result;
+            }
+        }
+    }
+    // Collect the replies still in flight, briefly.
+    let drain_until = Instant::now() + Duration::from_secs(2);
+    while outstanding > 0 && Instant::now() < drain_until {
+        wait_readable(&client, drain_until, false).await;
+        if !matches!(client.try_recv(), Ok(Some(n)) if n > 0) {
+            break;
+        }
+        if take_latencies(common, plan, &mut client, key, &mut result, &mut outstanding).is_err() {
+            break;
+        }
+    }
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+    result
+}
+
+/// Records the latency of every echoed message read so far, measured from
+/// the intended send time it carries; counts those sent inside the window.
+fn take_latencies(
+    common: &Common,
+    plan: &LatencyPlan,
+    client: &mut Client,
+    key: [u8; 4],
+    result: &mut ThreadResult,
+    outstanding: &mut u64,
+) -> Result<(), String> {
+    let now_ns = common.nanos_since_epoch();
+    let measure_ns = plan.warmup.as_nanos() as u64;
+    let mut replies = 0u64;
+    let mut measured = 0u64;
+    let hist = &mut result.latency_us;
+    let drained = client.drain_events(key, |e| {
+        let Event::Message { payload, .. } = e else { return };
+        replies += 1;
+        let Some(stamp) = payload.get(..8) else { return };
+        let intended = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
+        if intended >= measure_ns {
+            measured += 1;
+            let _ = hist.record((now_ns.saturating_sub(intended) / 1000).max(1));
+        }
+    });
+    *outstanding = outstanding.saturating_sub(replies);
+    result.received += measured;
+    Live::add(&common.live.received, measured);
+    drained
+}
+
+// ---- fanout -----------------------------------------------------------------
+
+pub struct FanoutPlan {
+    pub subscribers: usize,
+    pub topics: usize,
+    pub publishers: usize,
+    /// Publishes per second over all publishers.
+    pub rate: f64,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Subscribe message; `{topic}` is replaced by the topic name.
+    pub sub_msg: String,
+    /// Text before a publish's payload; `{topic}` is replaced.
+    pub pub_prefix: String,
+    pub topic_prefix: String,
+    /// Time for subscriptions to settle before publishing starts.
+    pub settle: Duration,
+}
+
+impl FanoutPlan {
+    fn topic(&self, n: usize) -> String {
+        format!("{}{n}", self.topic_prefix)
+    }
+
+    /// Subscribers of topic `t`: subscriber `c` takes topic `c % topics`.
+    pub fn subscribers_of(&self, t: usize) -> u64 {
+        (self.subscribers / self.topics + usize::from(t < self.subscribers % self.topics)) as u64
+    }
+
+    /// Deliveries the server owes for these publishes.
+    pub fn expected_deliveries(&self, published: &std::collections::BTreeMap<usize, u64>) -> u64 {
+        published.iter().map(|(t, n)| n * self.subscribers_of(*t)).sum()
+    }
+}
+
+/// Marker that starts the harness's fields inside a published payload:
+/// `#<publisher>:<seq>:<sent_ns>#`, padded with `.` to the payload size.
+const MARK: &[u8] = b"#L";
+
+fn parse_stamp(message: &[u8]) -> Option<(u32, u64, u64)> {
+    let at = message.windows(MARK.len()).position(|w| w == MARK)?;
+    let rest = std::str::from_utf8(&message[at + MARK.len()..]).ok()?;
+    let body = rest.split('#').next()?;
+    let mut parts = body.split(':');
+    let publisher = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let sent_ns = parts.next()?.parse().ok()?;
+    Some((publisher, seq, sent_ns))
+}
+
+/// Subscribers and publishers share connection numbers: 0..subscribers are
+/// subscribers, the rest publishers. Publisher `p` publishes its messages to
+/// topics round robin; every subscriber of a topic should see every message
+/// published to it, in each publisher's order.
+pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) -> ThreadResult {
+    let total_conns = plan.subscribers + plan.publishers;
+    let tasks: Vec<_> = common
+        .share(index, total_conns)
+        .map(|conn| {
+            let common = common.clone();
+            let plan = plan.clone();
+            monoio::spawn(async move {
+                if conn < plan.subscribers {
+                    subscriber(&common, &plan, conn).await
+                } else {
+                    publisher(&common, &plan, conn, conn - plan.subscribers).await
+                }
+            })
+        })
+        .collect();
+    let mut total = ThreadResult::default();
+    for t in tasks {
+        total.merge(t.await);
+    }
+    total
+}
+
+async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    let mut rng = Rng::new(conn as u64);
+    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+        return result;
+    };
+    let topic = plan.topic(conn % plan.topics);
+    let (sub, key) = masked(
+        Opcode::Text,
+        plan.sub_msg.replace("{topic}", &topic).as_bytes(),
+        &mut rng,
+    );
+    client.queue(&sub);
+    if let Err(e) = client.flush().await {
+        result.error(&common.live, format!("subscribe: {e}"));
+        return result;
+    }
+    let live = &common.live;
+    let publish_from = common.epoch + plan.settle;
+    let measure_ns = (plan.settle + plan.warmup).as_nanos() as u64;
+    // Publishing ends at publish_from + warmup + duration; deliveries get a
+    // grace period after that.
+    let until = publish_from + plan.warmup + plan.duration + Duration::from_secs(2);
+    let mut last_seq: HashMap<u32, u64> = HashMap::new();
+    while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
+        wait_readable(&client, until, common.busy_poll).await;
+        match client.try_recv() {
+            Ok(Some(0)) => {
+                result.error(live, "server closed a subscriber mid-run".into());
+                return result;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(e) => {
+                result.error(live, format!("read: {e}"));
+                return result;
+            }
+        }
+        let now_ns = common.nanos_since_epoch();
+        let mut received = 0;
+        let hist = &mut result.latency_us;
+        let out_of_order = &mut result.out_of_order;
+        let drained = client.drain_events(key, |e| {
+            let Event::Message { payload, .. } = e else { return };
+            let Some((publisher, seq, sent_ns)) = parse_stamp(payload) else {
+                return;
+            };
+            received += 1;
+            let last = last_seq.entry(publisher).or_insert(0);
+            if seq <= *last {
+                *out_of_order += 1;
+            }
+            *last = (*last).max(seq);
+            if sent_ns >= measure_ns {
+                let _ = hist.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+            }
+        });
+        if let Err(e) = drained {
+            result.error(live, e);
+            let _ = client.flush().await;
+            return result;
+        }
+        result.received += received;
+        Live::add(&live.received, received);
+        if client.flush().await.is_err() {
+            break;
+        }
+    }
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+    result
+}
+
+async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: usize) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    let mut rng = Rng::new(conn as u64);
+    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+        return result;
+    };
+    let key = (rng.next_u64() as u32).to_le_bytes();
+    let live = &common.live;
+    let interval = Duration::from_secs_f64(plan.publishers as f64 / plan.rate);
+    let start = common.epoch + plan.settle;
+    let until = start + plan.warmup + plan.duration;
+    let mut next = start + interval.mul_f64(publisher as f64 / plan.publishers as f64);
+    let prefixes: Vec<String> = (0..plan.topics)
+        .map(|t| plan.pub_prefix.replace("{topic}", &plan.topic(t)))
+        .collect();
+    let mut seq = 0u64;
+    let mut payload = Vec::with_capacity(plan.size + 64);
+    while next < until && !live.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            if common.busy_poll {
+                yield_now().await;
+            } else {
+                monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
+            }
+            continue;
+        }
+        while next <= now && next < until {
+            seq += 1;
+            let topic = (seq as usize) % plan.topics;
+            let prefix = &prefixes[topic];
+            payload.clear();
+            payload.extend_from_slice(prefix.as_bytes());
+            let sent_ns = next.duration_since(common.epoch).as_nanos();
+            payload.extend_from_slice(format!("#L{publisher}:{seq}:{sent_ns}#").as_bytes());
+            while payload.len() < prefix.len() + plan.size {
+                payload.push(b'.');
+            }
+            encode_frame(client.outbox(), true, Opcode::Text, Some(key), &payload);
+            // Every publish counts as sent: a loss is a publish no one saw.
+            result.sent += 1;
+            *result.published.entry(topic).or_default() += 1;
+            Live::add(&live.sent, 1);
+            next += interval;
+        }
+        if let Err(e) = client.flush().await {
+            result.error(live, format!("publish: {e}"));
+            return result;
+        }
+        // Answer pings and notice a server that went away.
+        match client.try_recv() {
+            Ok(Some(0)) => {
+                result.error(live, "server closed a publisher mid-run".into());
+                return result;
+            }
+            Ok(_) => {
+                let _ = client.drain_events(key, |_| {});
+            }
+            Err(e) => {
+                result.error(live, format!("read: {e}"));
+                return result;
+            }
+        }
+    }
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_inside_any_wrapping() {
+        let msg = b"MSG t3 #L7:42:123456789#......";
+        assert_eq!(parse_stamp(msg), Some((7, 42, 123456789)));
+        let stomp = b"MESSAGE\ndestination:/topic/t3\n\n#L1:2:3#..\0";
+        assert_eq!(parse_stamp(stomp), Some((1, 2, 3)));
+        assert_eq!(parse_stamp(b"no stamp"), None);
+    }
+
+    #[test]
+    fn shares_cover_every_connection_once() {
+        let common = Common {
+            target: Target::parse("ws://127.0.0.1:1/").unwrap(),
+            threads: 3,
+            sources: Vec::new(),
+            connect_timeout: Duration::from_secs(1),
+            busy_poll: false,
+            epoch: Instant::now(),
+            live: Arc::default(),
+        };
+        let mut all: Vec<usize> = (0..3).flat_map(|i| common.share(i, 10)).collect();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn expected_deliveries_per_topic() {
+        let plan = FanoutPlan {
+            subscribers: 5,
+            topics: 2,
+            publishers: 1,
+            rate: 1.0,
+            size: 0,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            sub_msg: String::new(),
+            pub_prefix: String::new(),
+            topic_prefix: String::new(),
+            settle: Duration::ZERO,
+        };
+        // Subscribers 0, 2, 4 on topic 0; 1, 3 on topic 1.
+        assert_eq!((plan.subscribers_of(0), plan.subscribers_of(1)), (3, 2));
+        let published = [(0usize, 10u64), (1, 7)].into_iter().collect();
+        assert_eq!(plan.expected_deliveries(&published), 10 * 3 + 7 * 2);
+    }
+
+    #[test]
+    fn header_len_matches_encoder() {
+        for len in [0usize, 8, 125, 126, 65535, 65536] {
+            let mut out = Vec::new();
+            encode_frame(&mut out, true, Opcode::Binary, Some([1, 2, 3, 4]), &vec![0; len]);
+            assert_eq!(out.len() - len, header_len(len), "{len}");
+        }
+    }
+}

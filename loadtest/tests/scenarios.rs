@@ -1,0 +1,337 @@
+//! Each scenario against a real server, small and bounded, with its figures
+//! checked for sense; and bad targets giving clear, non-zero exits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A sluice gateway inside the test process (one worker, epoch driver
+/// choice left to auto), stopped when dropped.
+struct Gateway {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    server: Option<sluice::server::Server>,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let opts = sluice::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            workers: Some(1),
+            ..Default::default()
+        };
+        let server = sluice::server::Server::start(opts.validate(1).unwrap()).expect("sluice starts");
+        Gateway {
+            addr: server.local_addr,
+            stop: server.shutdown_handle(),
+            server: Some(server),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = self.server.take() {
+            s.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn load(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
+        .args(args)
+        .output()
+        .expect("run sluice-load");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn json_path(name: &str) -> String {
+    std::env::temp_dir()
+        .join(format!("sluice-load-{name}-{}.json", std::process::id()))
+        .display()
+        .to_string()
+}
+
+fn read_json(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("json written")).expect("valid json")
+}
+
+fn assert_ordered(p: &Value) {
+    let keys = ["p50", "p90", "p99", "p99_9", "p99_99", "max"];
+    let values: Vec<u64> = keys.iter().map(|k| p[k].as_u64().unwrap()).collect();
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles not ordered: {values:?}"
+    );
+    assert!(values[0] > 0, "latencies recorded");
+}
+
+#[test]
+fn connect_opens_holds_and_closes_every_connection() {
+    let gw = Gateway::start();
+    let json = json_path("connect");
+    let pid = std::process::id().to_string();
+    let out = load(&[
+        "connect",
+        "--url",
+        &gw.url("/echo"),
+        "-n",
+        "300",
+        "--rate",
+        "3000",
+        "--hold",
+        "0.5",
+        "--source",
+        "127.0.0.1-127.0.0.3",
+        "--server-pid",
+        &pid,
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    assert_eq!(r["established"], 300);
+    assert_eq!(r["failed"].as_object().unwrap().len(), 0);
+    assert_eq!(r["clean_closes"], 300);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["handshake_us"]["count"], 300);
+    assert!(r["memory"]["server_rss_after_kib"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn echo_counts_add_up() {
+    let gw = Gateway::start();
+    let json = json_path("echo");
+    let report = std::env::temp_dir().join(format!("sluice-load-echo-{}.html", std::process::id()));
+    let out = load(&[
+        "echo",
+        "--url",
+        &gw.url("/echo"),
+        "-c",
+        "10",
+        "-d",
+        "4",
+        "-s",
+        "32",
+        "-t",
+        "1",
+        "--warmup",
+        "0.3",
+        "--json",
+        &json,
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    let (sent, received) = (r["sent"].as_u64().unwrap(), r["received"].as_u64().unwrap());
+    assert!(received > 1000, "{received}");
+    // Everything measured was sent in the window; at most the last batch is unanswered.
+    assert!(
+        sent >= received && sent - received <= 10 * 4,
+        "sent {sent} received {received}"
+    );
+    assert_eq!(r["latency_us"]["count"].as_u64().unwrap(), received);
+    assert_ordered(&r["latency_us"]);
+    assert_eq!((r["errors"].as_u64(), r["clean_closes"].as_u64()), (Some(0), Some(10)));
+    assert!(!r["latency_histogram"].as_str().unwrap().is_empty());
+    assert!(std::fs::read_to_string(report).unwrap().contains("<svg"));
+}
+
+#[test]
+fn latency_keeps_its_schedule_and_loses_nothing() {
+    let gw = Gateway::start();
+    let json = json_path("latency");
+    let out = load(&[
+        "latency",
+        "--url",
+        &gw.url("/echo"),
+        "-c",
+        "10",
+        "-r",
+        "2000",
+        "-s",
+        "16",
+        "-t",
+        "1",
+        "--warmup",
+        "0.5",
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    let measured = r["latency_us"]["count"].as_u64().unwrap();
+    // 2,000 msg/s for 1 s, give or take one interval per connection.
+    assert!((1950..=2050).contains(&measured), "{measured}");
+    // Sent and received both count messages whose intended send time is in
+    // the window; on an idle machine every one comes back.
+    assert_eq!(r["sent"].as_u64(), r["received"].as_u64());
+    assert_eq!(r["received"].as_u64().unwrap(), measured);
+    assert_ordered(&r["latency_us"]);
+    assert_eq!(r["errors"], 0);
+}
+
+/// A minimal broadcast server speaking `SUB <topic>` / `PUB <topic> <payload>`,
+/// delivering `MSG <topic> <payload>`: the shape of sluice's native protocol,
+/// so the fan-out scenario is tested before any particular gateway has it.
+fn broadcast_server() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    type Subs = Arc<Mutex<HashMap<String, Vec<tokio::sync::mpsc::UnboundedSender<Message>>>>>;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let subs: Subs = Arc::default();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let subs = subs.clone();
+                tokio::spawn(async move {
+                    let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    let (mut sink, mut stream) = ws.split();
+                    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(async move {
+                        while let Some(m) = out_rx.recv().await {
+                            if sink.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    while let Some(Ok(msg)) = stream.next().await {
+                        let Message::Text(text) = msg else {
+                            if let Message::Close(_) = msg {
+                                let _ = out_tx.send(Message::Close(None));
+                            }
+                            continue;
+                        };
+                        if let Some(topic) = text.strip_prefix("SUB ") {
+                            subs.lock()
+                                .unwrap()
+                                .entry(topic.to_string())
+                                .or_default()
+                                .push(out_tx.clone());
+                        } else if let Some(rest) = text.strip_prefix("PUB ") {
+                            let (topic, payload) = rest.split_once(' ').unwrap_or((rest, ""));
+                            let deliver = format!("MSG {topic} {payload}");
+                            for s in subs.lock().unwrap().get(topic).into_iter().flatten() {
+                                let _ = s.send(Message::Text(deliver.clone()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn fanout_delivers_everything_in_order() {
+    let addr = broadcast_server();
+    let json = json_path("fanout");
+    let url = format!("ws://{addr}/");
+    let out = load(&[
+        "fanout",
+        "--url",
+        &url,
+        "--subscribers",
+        "20",
+        "--topics",
+        "2",
+        "--publishers",
+        "2",
+        "-r",
+        "200",
+        "-s",
+        "48",
+        "-t",
+        "1",
+        "--warmup",
+        "0.2",
+        "--settle-ms",
+        "300",
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    let sent = r["sent"].as_u64().unwrap();
+    assert!((230..=250).contains(&sent), "200/s over 1.2 s: {sent}");
+    // Each publish reaches the 10 subscribers of its topic.
+    assert_eq!(r["received"].as_u64().unwrap(), sent * 10);
+    assert_eq!((r["lost"].as_u64(), r["out_of_order"].as_u64()), (Some(0), Some(0)));
+    assert_ordered(&r["latency_us"]);
+}
+
+#[test]
+fn unreachable_server_is_a_clear_failure() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}/echo");
+    let start = Instant::now();
+    let out = load(&["echo", "--url", &url, "-c", "3", "-t", "1", "--warmup", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused 3"));
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn non_101_answers_are_reported_as_such() {
+    let gw = Gateway::start();
+    let out = load(&["connect", "--url", &gw.url("/no-such-route"), "-n", "5", "--hold", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("non-101 5") && stdout.contains("HTTP 404"), "{stdout}");
+}
+
+#[test]
+fn server_stopping_mid_run_ends_the_run_with_an_error() {
+    let mut gw = Gateway::start();
+    let url = gw.url("/echo");
+    let run = std::thread::spawn(move || load(&["echo", "--url", &url, "-c", "5", "-t", "5", "--warmup", "0"]));
+    std::thread::sleep(Duration::from_millis(800));
+    let start = Instant::now();
+    gw.stop();
+    let out = run.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(start.elapsed() < Duration::from_secs(8), "the run ended, not hung");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("server sent close 1001"), "{stdout}");
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let out = load(&["echo", "--url", "http://127.0.0.1:1/"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only ws:// URLs"));
+    let out = load(&["latency", "--url", "ws://127.0.0.1:1/", "-s", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+}
