@@ -370,13 +370,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let window = window.unwrap_or_else(|| measured_from.elapsed());
     let mut report = Report::new(name, &args.url, args.threads, window, &result);
     report.parameters = params;
+    // Per message: CPU over the window divided by the messages measured in it.
+    let measured = result.latency_us.len();
+    let per_message = |cpu: f64| (measured > 0).then(|| cpu * 1e9 / measured as f64);
     if let (Some(a), Some(b)) = (harness_cpu0, cpu_seconds(None)) {
         report.cpu.harness_seconds = b - a;
-        report.cpu.harness_ns_per_message = (b - a) * 1e9 / result.received.max(1) as f64;
+        report.cpu.harness_ns_per_message = per_message(b - a);
     }
     if let (Some(a), Some(b)) = (server_cpu0, args.server_pid.and_then(|p| cpu_seconds(Some(p)))) {
         report.cpu.server_seconds = Some(b - a);
-        report.cpu.server_ns_per_message = Some((b - a) * 1e9 / result.received.max(1) as f64);
+        report.cpu.server_ns_per_message = per_message(b - a);
     }
     if let (Some(before), Some(probe)) = (rss_before, memory_probe) {
         if let Some(after) = probe.join().ok().flatten() {

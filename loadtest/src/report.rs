@@ -80,8 +80,8 @@ pub struct Cpu {
     /// CPU seconds used during the measured window.
     pub harness_seconds: f64,
     pub server_seconds: Option<f64>,
-    /// CPU nanoseconds per message received by the harness.
-    pub harness_ns_per_message: f64,
+    /// CPU nanoseconds per message measured (none without messages).
+    pub harness_ns_per_message: Option<f64>,
     pub server_ns_per_message: Option<f64>,
 }
 
@@ -241,11 +241,14 @@ impl Report {
         }
         let c = &self.cpu;
         let mut cpu = format!("harness {:.2} s", c.harness_seconds);
-        if self.received > 0 {
-            cpu += &format!(" ({:.0} ns/msg)", c.harness_ns_per_message);
+        if let Some(per) = c.harness_ns_per_message {
+            cpu += &format!(" ({per:.0} ns/msg)");
         }
-        if let (Some(s), Some(per)) = (c.server_seconds, c.server_ns_per_message) {
-            cpu += &format!(", server {s:.2} s ({per:.0} ns/msg)");
+        if let Some(s) = c.server_seconds {
+            cpu += &format!(", server {s:.2} s");
+        }
+        if let Some(per) = c.server_ns_per_message {
+            cpu += &format!(" ({per:.0} ns/msg)");
         }
         rows.push(("cpu".into(), cpu));
         rows.push(("closes".into(), format!("{} clean", self.clean_closes)));

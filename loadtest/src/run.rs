@@ -40,7 +40,36 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("static histogram bounds are valid")
 }
 
-/// What one thread gathered.
+thread_local! {
+    // One pair of histograms per load thread: connections record into them
+    // directly (a histogram per connection would cost tens of KB each).
+    static LATENCY_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+    static HANDSHAKE_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+}
+
+/// Records a latency on this thread's histogram (microseconds, at least 1).
+pub fn record_latency_us(us: u64) {
+    LATENCY_US.with(|h| {
+        let _ = h.borrow_mut().record(us.max(1));
+    });
+}
+
+/// Records `n` equal latencies at once.
+pub fn record_latency_us_n(us: u64, n: u64) {
+    LATENCY_US.with(|h| {
+        let _ = h.borrow_mut().record_n(us.max(1), n);
+    });
+}
+
+/// Records a handshake time on this thread's histogram.
+pub fn record_handshake_us(us: u64) {
+    HANDSHAKE_US.with(|h| {
+        let _ = h.borrow_mut().record(us.max(1));
+    });
+}
+
+/// What one thread (or one of its connections) gathered. The histograms
+/// are filled in once per thread, by `with_thread_histograms`.
 pub struct ThreadResult {
     pub latency_us: Histogram<u64>,
     pub handshake_us: Histogram<u64>,
@@ -59,11 +88,16 @@ pub struct ThreadResult {
     pub first_errors: Vec<String>,
 }
 
+/// An empty histogram that allocates next to nothing (auto-resizing).
+fn empty_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is valid")
+}
+
 impl Default for ThreadResult {
     fn default() -> ThreadResult {
         ThreadResult {
-            latency_us: histogram(),
-            handshake_us: histogram(),
+            latency_us: empty_histogram(),
+            handshake_us: empty_histogram(),
             failures: BTreeMap::new(),
             established: 0,
             sent: 0,
@@ -90,10 +124,20 @@ impl ThreadResult {
         }
     }
 
+    /// Takes this thread's histograms into the result.
+    pub fn with_thread_histograms(mut self) -> ThreadResult {
+        self.latency_us = LATENCY_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
+        self.handshake_us = HANDSHAKE_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
+        self
+    }
+
     pub fn merge(&mut self, other: ThreadResult) {
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = self.latency_us.add(&other.latency_us);
-        let _ = self.handshake_us.add(&other.handshake_us);
+        if !other.latency_us.is_empty() {
+            let _ = self.latency_us.add(&other.latency_us);
+        }
+        if !other.handshake_us.is_empty() {
+            let _ = self.handshake_us.add(&other.handshake_us);
+        }
         for (k, v) in other.failures {
             *self.failures.entry(k).or_default() += v;
         }
@@ -145,13 +189,13 @@ pub fn run_threads(threads: usize, driver: Driver, live: Arc<Live>, body: Thread
                         .enable_timer()
                         .build()
                         .map_err(|e| format!("io_uring runtime: {e}"))?;
-                    Ok(rt.block_on(body(index)))
+                    Ok(rt.block_on(body(index)).with_thread_histograms())
                 } else {
                     let mut rt = RuntimeBuilder::<LegacyDriver>::new()
                         .enable_timer()
                         .build()
                         .map_err(|e| format!("epoll runtime: {e}"))?;
-                    Ok(rt.block_on(body(index)))
+                    Ok(rt.block_on(body(index)).with_thread_histograms())
                 }
             })
             .map_err(|e| format!("cannot start thread: {e}"))?;

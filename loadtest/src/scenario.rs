@@ -15,7 +15,9 @@ use sluice::ws::frame::{encode_frame, MAX_HEADER_BYTES};
 use sluice::ws::{mask, Event, Opcode};
 
 use crate::client::{Client, Rng, Target};
-use crate::run::{yield_now, Deadline, Live, ThreadResult};
+use crate::run::{
+    record_handshake_us, record_latency_us, record_latency_us_n, yield_now, Deadline, Live, ThreadResult,
+};
 
 /// What every scenario shares.
 pub struct Common {
@@ -49,7 +51,7 @@ impl Common {
     async fn connect(&self, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
         match Client::connect(&self.target, self.source(conn), self.connect_timeout, rng).await {
             Ok((client, took)) => {
-                let _ = result.handshake_us.record((took.as_micros() as u64).max(1));
+                record_handshake_us(took.as_micros() as u64);
                 result.established += 1;
                 Live::add(&self.live.established, 1);
                 Some(client)
@@ -196,17 +198,19 @@ async fn echo_conn(common: &Common, plan: &EchoPlan, conn: usize, deadline: &Dea
         return result;
     };
     let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], &mut rng);
+    // `in_flight` frames back to back: a batch of n is one copy of its first n.
+    let batch = frame.repeat(plan.in_flight);
     let measure_from = common.epoch + plan.warmup;
-    let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(plan.in_flight);
+    // Send times by batch: every message of a batch left at the same instant,
+    // so round trips are recorded per batch (`record_n`), not per message.
+    let mut sent_at: VecDeque<(Instant, usize)> = VecDeque::with_capacity(plan.in_flight);
     let mut owed = plan.in_flight;
     let live = &common.live;
     while !deadline.passed() {
         if owed > 0 {
             let now = Instant::now();
-            for _ in 0..owed {
-                client.queue(&frame);
-                sent_at.push_back(now);
-            }
+            client.queue(&batch[..owed * frame.len()]);
+            sent_at.push_back((now, owed));
             if now >= measure_from {
                 result.sent += owed as u64;
                 Live::add(&live.sent, owed as u64);
@@ -251,18 +255,23 @@ async fn echo_conn(common: &Common, plan: &EchoPlan, conn: usize, deadline: &Dea
             let _ = client.flush().await;
             return result;
         }
-        for _ in 0..replies {
-            let Some(sent) = sent_at.pop_front() else {
+        let mut left = replies;
+        while left > 0 {
+            let Some((sent, count)) = sent_at.front_mut() else {
                 result.error(live, "more echoes than messages sent".into());
                 return result;
             };
-            if sent >= measure_from {
-                let _ = result
-                    .latency_us
-                    .record((now.duration_since(sent).as_micros() as u64).max(1));
-                result.received += 1;
-                result.bytes_received += plan.size as u64;
-                Live::add(&live.received, 1);
+            let n = left.min(*count);
+            if *sent >= measure_from {
+                record_latency_us_n(now.duration_since(*sent).as_micros() as u64, n as u64);
+                result.received += n as u64;
+                result.bytes_received += (n * plan.size) as u64;
+                Live::add(&live.received, n as u64);
+            }
+            *count -= n;
+            left -= n;
+            if *count == 0 {
+                sent_at.pop_front();
             }
         }
         owed = replies;
@@ -402,7 +411,6 @@ fn take_latencies(
     let measure_ns = plan.warmup.as_nanos() as u64;
     let mut replies = 0u64;
     let mut measured = 0u64;
-    let hist = &mut result.latency_us;
     let drained = client.drain_events(key, |e| {
         let Event::Message { payload, .. } = e else { return };
         replies += 1;
@@ -410,7 +418,7 @@ fn take_latencies(
         let intended = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
         if intended >= measure_ns {
             measured += 1;
-            let _ = hist.record((now_ns.saturating_sub(intended) / 1000).max(1));
+            record_latency_us(now_ns.saturating_sub(intended) / 1000);
         }
     });
     *outstanding = outstanding.saturating_sub(replies);
@@ -537,7 +545,6 @@ async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadRe
         }
         let now_ns = common.nanos_since_epoch();
         let mut received = 0;
-        let hist = &mut result.latency_us;
         let out_of_order = &mut result.out_of_order;
         let drained = client.drain_events(key, |e| {
             let Event::Message { payload, .. } = e else { return };
@@ -551,7 +558,7 @@ async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadRe
             }
             *last = (*last).max(seq);
             if sent_ns >= measure_ns {
-                let _ = hist.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+                record_latency_us(now_ns.saturating_sub(sent_ns) / 1000);
             }
         });
         if let Err(e) = drained {
