@@ -292,6 +292,39 @@ impl Client {
         result.map(|_| ())
     }
 
+    /// Writes everything queued with direct non-blocking sends, waiting only
+    /// when the socket is full. For open-loop senders: a send goes out now,
+    /// not at the runtime's next completion pass (which a busy-polling
+    /// thread delays).
+    pub async fn send_now(&mut self) -> io::Result<()> {
+        let mut sent = 0;
+        while sent < self.outbox.len() {
+            match Socket::new(&self.stream).send(&self.outbox[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.writable(false).await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbox.clear();
+        Ok(())
+    }
+
+    /// Sends what the socket takes now and keeps the rest queued.
+    pub fn try_send(&mut self) -> io::Result<()> {
+        let mut sent = 0;
+        while sent < self.outbox.len() {
+            match Socket::new(&self.stream).send(&self.outbox[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbox.drain(..sent);
+        Ok(())
+    }
+
     /// Waits for data and reads what is there; returns bytes read (0 at end
     /// of stream). An owned-buffer read: with io_uring a RECV operation.
     pub async fn recv(&mut self) -> io::Result<usize> {

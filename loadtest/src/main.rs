@@ -68,6 +68,10 @@ enum Scenario {
         /// Payload bytes (at least 8: the send time rides in the payload).
         #[arg(short = 's', long, default_value_t = 32)]
         size: usize,
+        /// Never park a thread: one loop per thread spins over its
+        /// connections (waking a parked thread costs tens of microseconds).
+        #[arg(long)]
+        busy_poll: bool,
         #[command(flatten)]
         window: Window,
     },
@@ -119,9 +123,6 @@ struct CommonArgs {
     source: Option<String>,
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
-    /// Never park a thread: spin instead (for latency work).
-    #[arg(long)]
-    busy_poll: bool,
     /// Server process to read CPU and memory from.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -195,7 +196,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         threads: args.threads,
         sources,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        busy_poll: args.busy_poll,
+        busy_poll: matches!(cli.scenario, Scenario::Latency { busy_poll: true, .. }),
         epoch: Instant::now(),
         live: live.clone(),
     });

@@ -255,21 +255,6 @@ fn progress<T>(live: &Live, handles: &[std::thread::JoinHandle<T>]) {
     }
 }
 
-/// Yields once to the runtime: a busy-polling loop's way to let other
-/// connections on the thread run without parking the thread.
-pub async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
-}
-
 /// A per-thread deadline that wakes every waiting connection once, so a
 /// connection's wait for its socket needs no timer of its own (a timer per
 /// wait cost more CPU than the server spends per message).
@@ -318,6 +303,48 @@ impl Deadline {
                     std::task::Poll::Pending
                 }
             }
+        })
+        .await
+    }
+}
+
+/// A per-thread start line: every connection of the thread waits here until
+/// all have connected (or failed), so measuring starts together, and a
+/// busy-polling thread starts spinning only once every connect is done
+/// (while it spins, no other task of the thread runs).
+pub struct Gate {
+    waiting_for: std::cell::Cell<usize>,
+    waiters: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Gate {
+    pub fn new(connections: usize) -> std::rc::Rc<Gate> {
+        std::rc::Rc::new(Gate {
+            waiting_for: std::cell::Cell::new(connections),
+            waiters: std::cell::RefCell::new(Vec::with_capacity(connections)),
+        })
+    }
+
+    /// Marks one connection as settled, then waits for the rest.
+    pub async fn arrive(&self) {
+        let left = self.waiting_for.get().saturating_sub(1);
+        self.waiting_for.set(left);
+        if left == 0 {
+            for w in self.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+            return;
+        }
+        let mut registered = false;
+        std::future::poll_fn(|cx| {
+            if self.waiting_for.get() == 0 {
+                return std::task::Poll::Ready(());
+            }
+            if !registered {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                registered = true;
+            }
+            std::task::Poll::Pending
         })
         .await
     }

@@ -15,9 +15,7 @@ use sluice::ws::frame::{encode_frame, MAX_HEADER_BYTES};
 use sluice::ws::{mask, Event, Opcode};
 
 use crate::client::{Client, Rng, Target};
-use crate::run::{
-    record_handshake_us, record_latency_us, record_latency_us_n, yield_now, Deadline, Live, ThreadResult,
-};
+use crate::run::{record_handshake_us, record_latency_us, record_latency_us_n, Deadline, Gate, Live, ThreadResult};
 
 /// What every scenario shares.
 pub struct Common {
@@ -46,6 +44,13 @@ impl Common {
 
     fn nanos_since_epoch(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Connects, then waits at the thread's gate for its other connections.
+    async fn connect_at(&self, gate: &Gate, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
+        let client = self.connect(conn, rng, result).await;
+        gate.arrive().await;
+        client
     }
 
     async fn connect(&self, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
@@ -85,12 +90,8 @@ fn header_len(payload_len: usize) -> usize {
     }
 }
 
-/// Waits for the socket, a deadline, or (busy-polling) just yields.
-async fn wait_readable(client: &Client, until: Instant, busy: bool) {
-    if busy {
-        yield_now().await;
-        return;
-    }
+/// Waits for the socket or a deadline.
+async fn wait_readable(client: &Client, until: Instant) {
     let left = until.saturating_duration_since(Instant::now());
     let _ = monoio::time::timeout(left, client.stream().readable(false)).await;
 }
@@ -139,7 +140,7 @@ pub async fn connect(common: Arc<Common>, plan: Arc<ConnectPlan>, index: usize) 
 async fn hold(mut client: Client, until: Instant, rng: &mut Rng, live: &Live, result: &mut ThreadResult) {
     let key = (rng.next_u64() as u32).to_le_bytes();
     while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
-        wait_readable(&client, until, false).await;
+        wait_readable(&client, until).await;
         match client.try_recv() {
             Ok(Some(0)) => return result.error(live, "server closed the connection during the hold".into()),
             Ok(_) => {}
@@ -175,13 +176,15 @@ pub struct EchoPlan {
 pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> ThreadResult {
     let share = common.share(index, plan.connections);
     let deadline = Deadline::start(common.epoch + plan.warmup + plan.duration, share.len());
+    let gate = Gate::new(share.len());
     let conns: Vec<_> = share
         .enumerate()
         .map(|(slot, conn)| {
             let common = common.clone();
             let plan = plan.clone();
             let deadline = deadline.clone();
-            monoio::spawn(async move { echo_conn(&common, &plan, conn, &deadline, slot).await })
+            let gate = gate.clone();
+            monoio::spawn(async move { echo_conn(&common, &plan, conn, (&deadline, slot), &gate).await })
         })
         .collect();
     let mut total = ThreadResult::default();
@@ -191,10 +194,16 @@ pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> Thr
     total
 }
 
-async fn echo_conn(common: &Common, plan: &EchoPlan, conn: usize, deadline: &Deadline, slot: usize) -> ThreadResult {
+async fn echo_conn(
+    common: &Common,
+    plan: &EchoPlan,
+    conn: usize,
+    (deadline, slot): (&Deadline, usize),
+    gate: &Gate,
+) -> ThreadResult {
     let mut result = ThreadResult::default();
     let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
         return result;
     };
     let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], &mut rng);
@@ -221,23 +230,13 @@ async fn echo_conn(common: &Common, plan: &EchoPlan, conn: usize, deadline: &Dea
             }
         }
         // Echoes cannot be back the moment we sent: wait first (a read now
-        // would be a wasted syscall per batch), unless busy-polling.
-        let read = if common.busy_poll {
-            match client.try_recv() {
-                Ok(None) => {
-                    yield_now().await;
-                    continue;
-                }
-                other => other,
-            }
-        } else {
-            match deadline.wait(slot, client.recv()).await {
-                None => break,
-                Some(read) => read.map(Some),
-            }
+        // would be a wasted syscall per batch).
+        let read = match deadline.wait(slot, client.recv()).await {
+            None => break,
+            Some(read) => read,
         };
         match read {
-            Ok(Some(0)) => {
+            Ok(0) => {
                 result.error(live, "server closed the connection mid-run".into());
                 return result;
             }
@@ -297,134 +296,213 @@ pub struct LatencyPlan {
 /// each carrying its INTENDED send time, and latency is measured from that
 /// time, so a stalled server is charged for every message it delayed
 /// (coordinated-omission correction).
+///
+/// Without `--busy-poll` each connection is a task that sleeps until its
+/// next send or a reply; monoio's timer has millisecond resolution, so sends
+/// can start up to a millisecond late, and that lateness is charged as
+/// latency. With `--busy-poll` one loop per thread drives all of the
+/// thread's connections with non-blocking calls and never parks.
 pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) -> ThreadResult {
-    let conns: Vec<_> = common
-        .share(index, plan.connections)
+    let share = common.share(index, plan.connections);
+    let gate = Gate::new(share.len());
+    let tasks: Vec<_> = share
         .map(|conn| {
             let common = common.clone();
             let plan = plan.clone();
-            monoio::spawn(async move { latency_conn(&common, &plan, conn).await })
+            let gate = gate.clone();
+            monoio::spawn(async move {
+                let mut result = ThreadResult::default();
+                let mut rng = Rng::new(conn as u64);
+                let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
+                let sender = client.map(|c| Sender::new(&common, &plan, conn, c, &mut rng));
+                if common.busy_poll {
+                    // The thread's spin loop takes it from here.
+                    return (sender, result);
+                }
+                if let Some(mut s) = sender {
+                    s.run(&common, &plan, &mut result).await;
+                    s.finish(&common, &plan, &mut result).await;
+                }
+                (None, result)
+            })
         })
         .collect();
     let mut total = ThreadResult::default();
-    for c in conns {
-        total.merge(c.await);
+    let mut senders = Vec::new();
+    for t in tasks {
+        let (sender, result) = t.await;
+        total.merge(result);
+        senders.extend(sender);
+    }
+    if common.busy_poll {
+        spin(&common, &plan, &mut senders, &mut total);
+        let closes: Vec<_> = senders
+            .into_iter()
+            .map(|s| {
+                let common = common.clone();
+                let plan = plan.clone();
+                monoio::spawn(async move {
+                    let mut result = ThreadResult::default();
+                    s.finish(&common, &plan, &mut result).await;
+                    result
+                })
+            })
+            .collect();
+        for c in closes {
+            total.merge(c.await);
+        }
     }
     total
 }
 
-async fn latency_conn(common: &Common, plan: &LatencyPlan, conn: usize) -> ThreadResult {
-    let mut result = ThreadResult::default();
-    let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
-        return result;
-    };
-    let size = plan.size.max(8);
-    let (frame, key) = masked(Opcode::Binary, &vec![0u8; size], &mut rng);
-    let stamp_at = header_len(size);
-    let interval = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
-    let live = &common.live;
-    let measure_from = common.epoch + plan.warmup;
-    let until = measure_from + plan.duration;
-    // Spread the connections' schedules evenly over one interval.
-    let mut next = Instant::now() + interval.mul_f64(conn as f64 / plan.connections as f64);
-    let mut outstanding = 0u64;
-    while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        let mut due = 0u64;
-        while next <= now && next < until {
-            if next >= measure_from {
-                result.sent += 1;
-                Live::add(&live.sent, 1);
-            }
-            let out = client.outbox();
-            let at = out.len();
-            out.extend_from_slice(&frame);
-            let mut stamp = (next.duration_since(common.epoch).as_nanos() as u64).to_le_bytes();
-            mask::apply(&mut stamp, key, 0);
-            out[at + stamp_at..at + stamp_at + 8].copy_from_slice(&stamp);
-            next += interval;
-            due += 1;
-        }
-        if due > 0 {
-            outstanding += due;
-            if let Err(e) = client.flush().await {
-                result.error(live, format!("write: {e}"));
-                return result;
-            }
-        }
-        match client.try_recv() {
-            Ok(Some(0)) => {
-                result.error(live, "server closed the connection mid-run".into());
-                return result;
-            }
-            Ok(Some(_)) => {
-                if let Err(e) = take_latencies(common, plan, &mut client, key, &mut result, &mut outstanding) {
-                    result.error(live, e);
-                    let _ = client.flush().await;
-                    return result;
-                }
-            }
-            Ok(None) => {
-                if common.busy_poll {
-                    yield_now().await;
-                } else {
-                    // Sleep until the next send, or until a reply comes.
-                    let left = next.min(until).saturating_duration_since(Instant::now());
-                    let _ = monoio::time::timeout(left, client.stream().readable(false)).await;
-                }
-            }
+/// Drives every sender of the thread until the window ends, never parking.
+fn spin(common: &Common, plan: &LatencyPlan, senders: &mut Vec<Sender>, result: &mut ThreadResult) {
+    let until = common.epoch + plan.warmup + plan.duration;
+    while Instant::now() < until && !senders.is_empty() && !common.live.stop.load(Ordering::Relaxed) {
+        senders.retain_mut(|s| match s.step(common, plan, result) {
+            Ok(_) => true,
             Err(e) => {
-                result.error(live, format!("read: {e}"));
-                return result;
+                result.error(&common.live, e);
+                false
             }
-        }
+        });
+        std::hint::spin_loop();
     }
-    // Collect the replies still in flight, briefly.
-    let drain_until = Instant::now() + Duration::from_secs(2);
-    while outstanding > 0 && Instant::now() < drain_until {
-        wait_readable(&client, drain_until, false).await;
-        if !matches!(client.try_recv(), Ok(Some(n)) if n > 0) {
-            break;
-        }
-        if take_latencies(common, plan, &mut client, key, &mut result, &mut outstanding).is_err() {
-            break;
-        }
-    }
-    if client.close(key, Duration::from_secs(2)).await {
-        result.clean_closes += 1;
-    }
-    result
 }
 
-/// Records the latency of every echoed message read so far, measured from
-/// the intended send time it carries; counts those sent inside the window.
-fn take_latencies(
-    common: &Common,
-    plan: &LatencyPlan,
-    client: &mut Client,
+/// One latency connection: its schedule, its pre-masked frame, and the
+/// messages it has in flight.
+struct Sender {
+    client: Client,
+    frame: Vec<u8>,
     key: [u8; 4],
-    result: &mut ThreadResult,
-    outstanding: &mut u64,
-) -> Result<(), String> {
-    let now_ns = common.nanos_since_epoch();
-    let measure_ns = plan.warmup.as_nanos() as u64;
-    let mut replies = 0u64;
-    let mut measured = 0u64;
-    let drained = client.drain_events(key, |e| {
-        let Event::Message { payload, .. } = e else { return };
-        replies += 1;
-        let Some(stamp) = payload.get(..8) else { return };
-        let intended = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
-        if intended >= measure_ns {
-            measured += 1;
-            record_latency_us(now_ns.saturating_sub(intended) / 1000);
+    /// Where the 8-byte send time sits in `frame`.
+    stamp_at: usize,
+    interval: Duration,
+    next: Instant,
+    outstanding: u64,
+}
+
+impl Sender {
+    fn new(common: &Common, plan: &LatencyPlan, conn: usize, client: Client, rng: &mut Rng) -> Sender {
+        let size = plan.size.max(8);
+        let (frame, key) = masked(Opcode::Binary, &vec![0u8; size], rng);
+        let interval = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
+        // Spread the connections' schedules evenly over one interval.
+        let next = Instant::now().max(common.epoch) + interval.mul_f64(conn as f64 / plan.connections as f64);
+        Sender {
+            client,
+            frame,
+            key,
+            stamp_at: header_len(size),
+            interval,
+            next,
+            outstanding: 0,
         }
-    });
-    *outstanding = outstanding.saturating_sub(replies);
-    result.received += measured;
-    Live::add(&common.live.received, measured);
-    drained
+    }
+
+    /// Queues every message due by now, stamped with its intended time.
+    fn queue_due(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> u64 {
+        let now = Instant::now();
+        let measure_from = common.epoch + plan.warmup;
+        let until = measure_from + plan.duration;
+        let mut due = 0;
+        while self.next <= now && self.next < until {
+            if self.next >= measure_from {
+                result.sent += 1;
+                Live::add(&common.live.sent, 1);
+            }
+            let out = self.client.outbox();
+            let at = out.len();
+            out.extend_from_slice(&self.frame);
+            let mut stamp = (self.next.duration_since(common.epoch).as_nanos() as u64).to_le_bytes();
+            mask::apply(&mut stamp, self.key, 0);
+            out[at + self.stamp_at..at + self.stamp_at + 8].copy_from_slice(&stamp);
+            self.next += self.interval;
+            due += 1;
+        }
+        self.outstanding += due;
+        due
+    }
+
+    /// Sends what is due and takes what has come back, without waiting.
+    /// `Ok(true)` when something was read.
+    fn step(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> Result<bool, String> {
+        self.queue_due(common, plan, result);
+        self.client.try_send().map_err(|e| format!("write: {e}"))?;
+        match self.client.try_recv() {
+            Ok(Some(0)) => Err("server closed the connection mid-run".into()),
+            Ok(Some(_)) => {
+                self.take_latencies(common, plan, result)?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// The task-per-connection loop: sleep until the next send or a reply.
+    async fn run(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) {
+        let until = common.epoch + plan.warmup + plan.duration;
+        while Instant::now() < until && !common.live.stop.load(Ordering::Relaxed) {
+            match self.step(common, plan, result) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(e) = self.client.send_now().await {
+                        return result.error(&common.live, format!("write: {e}"));
+                    }
+                    let left = self.next.min(until).saturating_duration_since(Instant::now());
+                    let _ = monoio::time::timeout(left, self.client.stream().readable(false)).await;
+                }
+                Err(e) => {
+                    result.error(&common.live, e);
+                    let _ = self.client.flush().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Collects the replies still in flight (briefly), then closes with 1000.
+    async fn finish(mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) {
+        let drain_until = Instant::now() + Duration::from_secs(2);
+        while self.outstanding > 0 && Instant::now() < drain_until {
+            let left = drain_until.saturating_duration_since(Instant::now());
+            let _ = monoio::time::timeout(left, self.client.stream().readable(false)).await;
+            if !matches!(self.client.try_recv(), Ok(Some(n)) if n > 0) {
+                break;
+            }
+            if self.take_latencies(common, plan, result).is_err() {
+                break;
+            }
+        }
+        if self.client.close(self.key, Duration::from_secs(2)).await {
+            result.clean_closes += 1;
+        }
+    }
+
+    /// Records the latency of every echo read so far, measured from the
+    /// intended send time it carries; counts those sent inside the window.
+    fn take_latencies(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> Result<(), String> {
+        let now_ns = common.nanos_since_epoch();
+        let measure_ns = plan.warmup.as_nanos() as u64;
+        let mut replies = 0u64;
+        let mut measured = 0u64;
+        let drained = self.client.drain_events(self.key, |e| {
+            let Event::Message { payload, .. } = e else { return };
+            replies += 1;
+            let Some(stamp) = payload.get(..8) else { return };
+            let intended = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
+            if intended >= measure_ns {
+                measured += 1;
+                record_latency_us(now_ns.saturating_sub(intended) / 1000);
+            }
+        });
+        self.outstanding = self.outstanding.saturating_sub(replies);
+        result.received += measured;
+        Live::add(&common.live.received, measured);
+        drained
+    }
 }
 
 // ---- fanout -----------------------------------------------------------------
@@ -484,16 +562,18 @@ fn parse_stamp(message: &[u8]) -> Option<(u32, u64, u64)> {
 /// published to it, in each publisher's order.
 pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) -> ThreadResult {
     let total_conns = plan.subscribers + plan.publishers;
-    let tasks: Vec<_> = common
-        .share(index, total_conns)
+    let share = common.share(index, total_conns);
+    let gate = Gate::new(share.len());
+    let tasks: Vec<_> = share
         .map(|conn| {
             let common = common.clone();
             let plan = plan.clone();
+            let gate = gate.clone();
             monoio::spawn(async move {
                 if conn < plan.subscribers {
-                    subscriber(&common, &plan, conn).await
+                    subscriber(&common, &plan, conn, &gate).await
                 } else {
-                    publisher(&common, &plan, conn, conn - plan.subscribers).await
+                    publisher(&common, &plan, conn, conn - plan.subscribers, &gate).await
                 }
             })
         })
@@ -505,10 +585,10 @@ pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) ->
     total
 }
 
-async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadResult {
+async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize, gate: &Gate) -> ThreadResult {
     let mut result = ThreadResult::default();
     let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
         return result;
     };
     let topic = plan.topic(conn % plan.topics);
@@ -530,7 +610,7 @@ async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadRe
     let until = publish_from + plan.warmup + plan.duration + Duration::from_secs(2);
     let mut last_seq: HashMap<u32, u64> = HashMap::new();
     while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
-        wait_readable(&client, until, common.busy_poll).await;
+        wait_readable(&client, until).await;
         match client.try_recv() {
             Ok(Some(0)) => {
                 result.error(live, "server closed a subscriber mid-run".into());
@@ -578,10 +658,10 @@ async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize) -> ThreadRe
     result
 }
 
-async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: usize) -> ThreadResult {
+async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: usize, gate: &Gate) -> ThreadResult {
     let mut result = ThreadResult::default();
     let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect(conn, &mut rng, &mut result).await else {
+    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
         return result;
     };
     let key = (rng.next_u64() as u32).to_le_bytes();
@@ -598,11 +678,7 @@ async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: u
     while next < until && !live.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if next > now {
-            if common.busy_poll {
-                yield_now().await;
-            } else {
-                monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
-            }
+            monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
             continue;
         }
         while next <= now && next < until {
@@ -623,7 +699,7 @@ async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: u
             Live::add(&live.sent, 1);
             next += interval;
         }
-        if let Err(e) = client.flush().await {
+        if let Err(e) = client.send_now().await {
             result.error(live, format!("publish: {e}"));
             return result;
         }

@@ -188,6 +188,38 @@ fn latency_keeps_its_schedule_and_loses_nothing() {
     assert_eq!(r["errors"], 0);
 }
 
+#[test]
+fn latency_busy_poll_drives_every_connection() {
+    let gw = Gateway::start();
+    let json = json_path("latency-busy");
+    let out = load(&[
+        "latency",
+        "--url",
+        &gw.url("/echo"),
+        "-c",
+        "20",
+        "-r",
+        "4000",
+        "-s",
+        "16",
+        "-t",
+        "1",
+        "--warmup",
+        "0.3",
+        "--busy-poll",
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    // All 20 connections keep their schedules: 4,000 msg/s in total.
+    let measured = r["latency_us"]["count"].as_u64().unwrap();
+    assert!((3900..=4100).contains(&measured), "{measured}");
+    assert_eq!(r["sent"].as_u64(), r["received"].as_u64());
+    assert_eq!((r["errors"].as_u64(), r["clean_closes"].as_u64()), (Some(0), Some(20)));
+    assert_ordered(&r["latency_us"]);
+}
+
 /// A minimal broadcast server speaking `SUB <topic>` / `PUB <topic> <payload>`,
 /// delivering `MSG <topic> <payload>`: the shape of sluice's native protocol,
 /// so the fan-out scenario is tested before any particular gateway has it.
