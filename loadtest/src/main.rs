@@ -341,6 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             (
                 cpu_seconds(None),
                 pid.and_then(|p| cpu_seconds(Some(p))),
+                report::steal_seconds(),
                 Instant::now(),
             )
         })
@@ -367,7 +368,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     };
 
     let result = run_threads(args.threads, args.driver, live.clone(), body)?;
-    let (harness_cpu0, server_cpu0, measured_from) = cpu_sampler.join().map_err(|_| "cpu sampler failed")?;
+    let (harness_cpu0, server_cpu0, steal0, measured_from) = cpu_sampler.join().map_err(|_| "cpu sampler failed")?;
     let window = window.unwrap_or_else(|| measured_from.elapsed());
     let mut report = Report::new(name, &args.url, args.threads, window, &result);
     report.parameters = params;
@@ -378,6 +379,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         report.cpu.harness_seconds = b - a;
         report.cpu.harness_ns_per_message = per_message(b - a);
     }
+    report.cpu.steal_seconds = report::steal_seconds()
+        .iter()
+        .zip(&steal0)
+        .map(|(b, a)| b - a)
+        .collect();
     if let (Some(a), Some(b)) = (server_cpu0, args.server_pid.and_then(|p| cpu_seconds(Some(p)))) {
         report.cpu.server_seconds = Some(b - a);
         report.cpu.server_ns_per_message = per_message(b - a);

@@ -33,6 +33,21 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// Seconds each CPU has had stolen by the hypervisor (the `steal` column of
+/// /proc/stat), indexed by CPU number.
+pub fn steal_seconds() -> Vec<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| l.split_whitespace().nth(8)?.parse::<f64>().ok())
+        .map(|t| t / ticks)
+        .collect()
+}
+
 /// Resident memory of a process in KiB, from /proc/PID/status.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -83,6 +98,9 @@ pub struct Cpu {
     /// CPU nanoseconds per message measured (none without messages).
     pub harness_ns_per_message: Option<f64>,
     pub server_ns_per_message: Option<f64>,
+    /// Seconds the hypervisor took from each CPU during the window. On a
+    /// shared VM this is what makes a run unreliable.
+    pub steal_seconds: Vec<f64>,
 }
 
 #[derive(Serialize, Default)]
@@ -251,6 +269,21 @@ impl Report {
             cpu += &format!(" ({per:.0} ns/msg)");
         }
         rows.push(("cpu".into(), cpu));
+        if !c.steal_seconds.is_empty() {
+            let worst = c.steal_seconds.iter().copied().fold(0.0, f64::max);
+            let per_cpu: Vec<String> = c
+                .steal_seconds
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("cpu{i} {s:.2} s"))
+                .collect();
+            let warning = if worst > 0.05 * self.measured_seconds {
+                " (over 5% of the window: the host took CPU, figures are unreliable)"
+            } else {
+                ""
+            };
+            rows.push(("steal".into(), format!("{}{warning}", per_cpu.join(", "))));
+        }
         rows.push(("closes".into(), format!("{} clean", self.clean_closes)));
         rows.push(("errors".into(), self.errors.to_string()));
         let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
@@ -361,6 +394,8 @@ mod tests {
     fn own_cpu_is_readable() {
         assert!(cpu_seconds(None).is_some());
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        // /proc/stat always lists cpu0.
+        assert!(!steal_seconds().is_empty());
     }
 
     #[test]
