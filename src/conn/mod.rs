@@ -19,8 +19,8 @@ pub mod socket;
 
 use std::future::Future;
 use std::io;
-use std::pin::pin;
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use monoio::net::TcpStream;
 
@@ -40,17 +40,33 @@ enum Wake {
 
 /// Waits for `io` (a readiness future) or a kick from the sweep, whichever is
 /// first. An `ABORT` kick is an error, and every caller ends on an error.
-async fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> io::Result<Wake> {
-    let mut io = pin!(io);
-    std::future::poll_fn(|cx| {
-        match session.poll_kick(cx.waker()) {
+fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> ReadyOrKick<'_, F> {
+    ReadyOrKick { io, session }
+}
+
+pin_project_lite::pin_project! {
+    /// A plain struct rather than an `async fn`: an async fn would keep both
+    /// its argument and the pinned copy of it, and this future sits in every
+    /// idle connection's task.
+    struct ReadyOrKick<'s, F> {
+        #[pin]
+        io: F,
+        session: &'s Session,
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Future for ReadyOrKick<'_, F> {
+    type Output = io::Result<Wake>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.session.poll_kick(cx.waker()) {
             Some(kick) if kick.has(Kick::ABORT) => return Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Some(kick) => return Poll::Ready(Ok(Wake::Kick(kick))),
             None => {}
         }
-        io.as_mut().poll(cx).map_ok(|()| Wake::Ready)
-    })
-    .await
+        this.io.poll(cx).map_ok(|()| Wake::Ready)
+    }
 }
 
 /// What processing a batch of input decided.
@@ -531,4 +547,37 @@ fn process(
     stats.messages_in += messages_in;
     stats.bytes_in += bytes_in;
     (pos, flow, partial_frame_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Options;
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    /// The connection task is what an idle connection costs: keep it small.
+    /// Budget in bytes for the future of `serve` (monoio's task header and
+    /// the session slot come on top).
+    const SERVE_FUTURE_BUDGET_BYTES: usize = 640;
+
+    #[test]
+    fn connection_future_fits_its_budget() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            accepted.set_nonblocking(true).unwrap();
+            let stream = TcpStream::from_std(accepted).unwrap();
+            let shard = Rc::new(Shard::new(0, Arc::new(Options::default().validate(1).unwrap())));
+            let future = serve(stream, shard.open_session());
+            let size = std::mem::size_of_val(&future);
+            eprintln!("serve future: {size} bytes");
+            assert!(size <= SERVE_FUTURE_BUDGET_BYTES, "serve future is {size} bytes");
+        });
+    }
 }
