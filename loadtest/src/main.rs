@@ -408,7 +408,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         report.write_json(path)?;
     }
     if let Some(path) = &args.report {
-        report::write_plot(path, &format!("{name} latency, {}", args.url), &result.latency_us)?;
+        report::write_plot(
+            path,
+            &format!("sluice-load {name}: latency by percentile, {}", args.url),
+            &result.latency_us,
+        )?;
     }
     if report.error_count() > args.max_errors {
         eprintln!(
