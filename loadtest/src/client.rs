@@ -113,6 +113,16 @@ fn io_fail(e: io::Error) -> ConnectError {
     }
 }
 
+/// A write that makes no progress this long means the server stopped reading.
+const WRITE_STALL: Duration = Duration::from_secs(5);
+
+fn stalled() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the server took no data for {WRITE_STALL:?}"),
+    )
+}
+
 /// Read buffer growth step, and the most a single read takes.
 const READ_BYTES: usize = 64 * 1024;
 
@@ -280,9 +290,19 @@ impl Client {
         &mut self.outbox
     }
 
-    /// Writes everything queued. An owned-buffer write: with io_uring it is
-    /// a SEND operation in the ring, not a syscall of its own.
+    /// Writes everything queued, failing if the server takes none of it for
+    /// `WRITE_STALL` (it stopped reading): no write waits without a bound.
     pub async fn flush(&mut self) -> io::Result<()> {
+        match monoio::time::timeout(WRITE_STALL, self.write_queued()).await {
+            Ok(result) => result,
+            Err(_) => Err(stalled()),
+        }
+    }
+
+    /// Writes everything queued, with no bound of its own: the caller bounds
+    /// it (echo wraps it in its thread's deadline, which costs no timer per
+    /// write). An owned-buffer write: with io_uring a SEND in the ring.
+    pub async fn write_queued(&mut self) -> io::Result<()> {
         if self.outbox.is_empty() {
             return Ok(());
         }
@@ -301,7 +321,11 @@ impl Client {
         while sent < self.outbox.len() {
             match Socket::new(&self.stream).send(&self.outbox[sent..]) {
                 Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.writable(false).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    monoio::time::timeout(WRITE_STALL, self.stream.writable(false))
+                        .await
+                        .map_err(|_| stalled())??
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

@@ -224,9 +224,13 @@ async fn echo_conn(
                 result.sent += owed as u64;
                 Live::add(&live.sent, owed as u64);
             }
-            if let Err(e) = client.flush().await {
-                result.error(live, format!("write: {e}"));
-                break;
+            match deadline.wait(slot, client.write_queued()).await {
+                None => break,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    result.error(live, format!("write: {e}"));
+                    break;
+                }
             }
         }
         // Echoes cannot be back the moment we sent: wait first (a read now
@@ -274,6 +278,9 @@ async fn echo_conn(
             }
         }
         owed = replies;
+    }
+    if result.sent > 0 && result.received == 0 {
+        result.error(live, "the server echoed nothing back".into());
     }
     if client.close(key, Duration::from_secs(2)).await {
         result.clean_closes += 1;

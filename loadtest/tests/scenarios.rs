@@ -359,6 +359,57 @@ fn server_stopping_mid_run_ends_the_run_with_an_error() {
     assert!(stdout.contains("server sent close 1001"), "{stdout}");
 }
 
+/// Completes the WebSocket handshake, then never reads or writes again.
+fn black_hole_server() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let mut held = Vec::new();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                    held.push(ws);
+                }
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn server_that_stops_reading_cannot_hang_the_run() {
+    let addr = black_hole_server();
+    let url = format!("ws://{addr}/");
+    let start = Instant::now();
+    // Large messages fill both socket buffers quickly, so the writes stall.
+    let out = load(&[
+        "echo", "--url", &url, "-c", "2", "-d", "64", "-s", "60000", "-t", "1", "--warmup", "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("echoed nothing back"));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "bounded: {:?}",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    let out = load(&[
+        "latency", "--url", &url, "-c", "2", "-r", "2000", "-s", "60000", "-t", "1", "--warmup", "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "bounded: {:?}",
+        start.elapsed()
+    );
+}
+
 #[test]
 fn bad_arguments_exit_2() {
     let out = load(&["echo", "--url", "http://127.0.0.1:1/"]);
