@@ -65,6 +65,10 @@ pub struct Options {
     /// On SIGTERM/SIGINT, wait this long for sessions to close [default: 10000].
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Park a connection quiet this long: its task ends and only its socket and
+    /// session slot remain until the peer speaks again; 0 never parks [default: 1000].
+    #[arg(long)]
+    pub park_after_ms: Option<u64>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -96,6 +100,13 @@ pub struct Route {
     pub origins: OriginPolicy,
 }
 
+/// A route's index in `Config::routes`: what a parked connection keeps of
+/// its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteId(u32);
+
+const MAX_ROUTES: usize = 1024;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -110,6 +121,7 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     pub close_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    pub park_after_ms: u64,
 }
 
 #[derive(Debug)]
@@ -160,6 +172,7 @@ impl Options {
             idle_timeout_ms: self.idle_timeout_ms.or(base.idle_timeout_ms),
             close_timeout_ms: self.close_timeout_ms.or(base.close_timeout_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(base.drain_timeout_ms),
+            park_after_ms: self.park_after_ms.or(base.park_after_ms),
             route: self.route.or(base.route),
         }
     }
@@ -201,6 +214,7 @@ impl Options {
             idle_timeout_ms: self.idle_timeout_ms.unwrap_or(75_000),
             close_timeout_ms: self.close_timeout_ms.unwrap_or(2_000),
             drain_timeout_ms: self.drain_timeout_ms.unwrap_or(10_000),
+            park_after_ms: self.park_after_ms.unwrap_or(1_000),
         };
         config.check()?;
         Ok(config)
@@ -236,6 +250,7 @@ impl Config {
         in_range("idle_timeout_ms", self.idle_timeout_ms, 0, 24 * 3_600_000)?;
         in_range("close_timeout_ms", self.close_timeout_ms, 1, 60_000)?;
         in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
+        in_range("park_after_ms", self.park_after_ms, 0, 3_600_000)?;
         if self.ping_interval_ms > 0 && self.idle_timeout_ms > 0 && self.idle_timeout_ms <= self.ping_interval_ms {
             return Err(ConfigError::Invalid {
                 option: "idle_timeout_ms",
@@ -245,10 +260,10 @@ impl Config {
                 ),
             });
         }
-        if self.routes.is_empty() {
+        if self.routes.is_empty() || self.routes.len() > MAX_ROUTES {
             return Err(ConfigError::Invalid {
                 option: "route",
-                error: "at least one route is required".into(),
+                error: format!("between 1 and {MAX_ROUTES} routes are required"),
             });
         }
         for (i, r) in self.routes.iter().enumerate() {
@@ -274,9 +289,14 @@ impl Config {
         Ok(())
     }
 
-    /// The route serving `path`, if any.
-    pub fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.path == path)
+    /// The route serving `path`, if any, and its index in `routes`.
+    pub fn route(&self, path: &str) -> Option<(RouteId, &Route)> {
+        let i = self.routes.iter().position(|r| r.path == path)?;
+        Some((RouteId(i as u32), &self.routes[i]))
+    }
+
+    pub fn route_by_id(&self, id: RouteId) -> &Route {
+        &self.routes[id.0 as usize]
     }
 }
 
@@ -299,7 +319,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.workers, 2);
         assert_eq!(c.limits.max_frame_bytes, 16 * MIB);
-        assert_eq!(c.route("/echo").unwrap().protocol, RouteProtocol::Echo);
+        assert_eq!(c.route("/echo").unwrap().1.protocol, RouteProtocol::Echo);
         assert_eq!(c.handshake_timeout_ms, 5000);
         assert_eq!((c.ping_interval_ms, c.idle_timeout_ms), (30_000, 75_000));
     }
@@ -314,7 +334,7 @@ mod tests {
         let c = cli.over(file).validate(2).unwrap();
         assert_eq!(c.workers, 1);
         assert_eq!(c.limits.max_frame_bytes, 100);
-        assert_eq!(c.route("/e").unwrap().subprotocols, vec!["chat".to_string()]);
+        assert_eq!(c.route("/e").unwrap().1.subprotocols, vec!["chat".to_string()]);
         assert!(c.route("/echo").is_none());
     }
 
@@ -378,7 +398,7 @@ mod tests {
         .validate(1)
         .unwrap();
         assert_eq!(
-            c.route("/echo").unwrap().origins,
+            c.route("/echo").unwrap().1.origins,
             OriginPolicy::List(vec!["https://a.example".into()])
         );
         let c = Options {
@@ -387,6 +407,6 @@ mod tests {
         }
         .validate(1)
         .unwrap();
-        assert_eq!(c.route("/echo").unwrap().origins, OriginPolicy::Any);
+        assert_eq!(c.route("/echo").unwrap().1.origins, OriginPolicy::Any);
     }
 }

@@ -52,6 +52,8 @@ fn main() -> ExitCode {
                 close_sent = ?stats.close_sent,
                 rejected = ?stats.rejected,
                 handshake_timeouts = stats.handshake_timeouts,
+                parks = stats.parks,
+                resumes = stats.resumes,
                 "stopped"
             );
             ExitCode::SUCCESS

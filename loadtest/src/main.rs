@@ -20,6 +20,9 @@ use report::{cpu_seconds, rss_kib, Memory, Report};
 use run::{run_threads, Driver, Live, ThreadBody};
 use scenario::Common;
 
+/// `connect` reads the server's memory this long before the hold ends.
+const MEMORY_PROBE_BEFORE_HOLD_ENDS: Duration = Duration::from_millis(250);
+
 #[derive(Parser)]
 #[command(version, about = "Load-test harness for WebSocket servers")]
 struct Cli {
@@ -346,10 +349,22 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )
         })
     };
-    // The connect scenario reads the server's memory while every connection is held.
+    // The connect scenario reads the server's memory while every connection
+    // is held: at the end of the hold (a server may settle idle connections
+    // into a cheaper state after a while), and at least a second after the
+    // last connection settled.
     let memory_probe = match (&cli.scenario, args.server_pid) {
-        (Scenario::Connect { connections, rate, .. }, Some(pid)) => {
+        (
+            Scenario::Connect {
+                connections,
+                rate,
+                hold,
+                ..
+            },
+            Some(pid),
+        ) => {
             let ramp = Duration::from_secs_f64(*connections as f64 / rate);
+            let hold_ends = common.epoch + ramp + Duration::from_secs_f64(*hold);
             let live = live.clone();
             let total = *connections as u64;
             Some(std::thread::spawn(move || {
@@ -360,7 +375,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                let probe_at = (Instant::now() + Duration::from_secs(1)).max(
+                    hold_ends
+                        .checked_sub(MEMORY_PROBE_BEFORE_HOLD_ENDS)
+                        .unwrap_or(hold_ends),
+                );
+                std::thread::sleep(probe_at.saturating_duration_since(Instant::now()));
                 rss_kib(pid)
             }))
         }

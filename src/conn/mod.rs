@@ -11,20 +11,25 @@
 //! - Output of a whole read goes out in one write. While output is pending,
 //!   nothing more is read, so a peer that does not read cannot make us buffer
 //!   more than one read's worth of replies.
+//! - A quiet connection with nothing in progress parks when the sweep asks:
+//!   its task ends, and the shard starts a new one (`resume`) when the peer
+//!   speaks or a kick is due. See `park`.
 
 pub mod outbound;
+pub mod park;
 pub mod pool;
 pub mod shard;
 pub mod socket;
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use monoio::net::TcpStream;
 
-use crate::config::{Config, Route, HEALTH_PATH};
+use crate::config::{Config, RouteId, HEALTH_PATH};
 use crate::proto::App;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
 use outbound::{Flush, Outbound};
@@ -78,6 +83,15 @@ enum Flow {
     Failed(Violation),
 }
 
+/// How an upgraded connection's task ended.
+enum End {
+    /// The session is over. The peer's close frame code, if it sent one
+    /// (`Some(None)`: a close without a code).
+    Closed(Option<Option<CloseCode>>),
+    /// The session parked: its socket and slot live on without this task.
+    Parked,
+}
+
 /// The RFC 6455 7.1.5 close code of an ended session: the code of the close
 /// frame the peer sent (1005 if it had none), or 1006 if it sent none.
 fn close_code(peer_close: Option<Option<CloseCode>>) -> CloseCode {
@@ -101,9 +115,22 @@ struct Conn<'a> {
     kicks: Kick,
 }
 
-/// Serves one accepted connection to its end. The session was registered
-/// by the accept loop, so a shutdown that starts meanwhile still sees it.
-pub async fn serve(stream: TcpStream, session: Session) {
+/// Serves one accepted connection to its end (or until it parks). The
+/// session was registered by the accept loop, so a shutdown that starts
+/// meanwhile still sees it.
+pub fn serve(stream: TcpStream, session: Session) -> impl Future<Output = ()> {
+    serve_from(stream, session, None)
+}
+
+/// Serves a parked session again, from its next input or pending kick.
+pub fn resume(stream: TcpStream, session: Session, route: RouteId) -> impl Future<Output = ()> {
+    serve_from(stream, session, Some(route))
+}
+
+/// Both entries share one body, so there is one task type and one size
+/// (plain functions, not async ones: a wrapper future would add its own
+/// copy of the arguments).
+async fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) {
     let shard = session.shard();
     let mut conn = Conn {
         stream: &stream,
@@ -115,10 +142,18 @@ pub async fn serve(stream: TcpStream, session: Session) {
         carry_frame_bytes: None,
         kicks: Kick::default(),
     };
-    if let Some(route) = conn.handshake().await {
-        shard.stats.borrow_mut().upgraded += 1;
-        let peer_close = conn.run(App::for_route(route)).await;
-        shard.count_close(close_code(peer_close));
+    let route = match resumed {
+        Some(route) => Some(route),
+        None => conn
+            .handshake()
+            .await
+            .inspect(|_| shard.stats.borrow_mut().upgraded += 1),
+    };
+    if let Some(route) = route {
+        match conn.run(route, resumed.is_some()).await {
+            End::Closed(peer_close) => shard.count_close(close_code(peer_close)),
+            End::Parked => {}
+        }
     }
     conn.release();
 }
@@ -126,7 +161,7 @@ pub async fn serve(stream: TcpStream, session: Session) {
 impl<'a> Conn<'a> {
     /// Reads and answers the opening handshake. Returns the route on a 101;
     /// `None` when the client was refused, timed out or went away.
-    async fn handshake(&mut self) -> Option<&'a Route> {
+    async fn handshake(&mut self) -> Option<RouteId> {
         loop {
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Ready) => {}
@@ -176,7 +211,7 @@ impl<'a> Conn<'a> {
     /// complete, queues the answer. Like frames, the head is read into the
     /// core's scratch buffer; only an incomplete head, or frames that came
     /// behind a complete one, are kept in `carry`. `Ok(None)`: read more.
-    fn read_head(&mut self) -> io::Result<Option<Answer<'a>>> {
+    fn read_head(&mut self) -> io::Result<Option<Answer>> {
         let shard: &'a Shard = self.shard;
         let config = &*shard.config;
         if !self.carry.is_empty() {
@@ -219,15 +254,21 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// The upgraded connection, until it ends. Returns the peer's close
-    /// frame code if it sent one (`Some(None)`: a close without a code).
-    async fn run(&mut self, mut app: App) -> Option<Option<CloseCode>> {
+    /// The upgraded connection, until it ends or parks. A resumed session
+    /// starts with a read: its socket is likely what woke it.
+    async fn run(&mut self, route: RouteId, resumed: bool) -> End {
+        let mut app = App::for_route(self.shard.config.route_by_id(route));
         let mut reader = MessageReader::new(Role::Server, self.shard.config.limits);
         // Frames that arrived with the request head come first.
-        let mut flow = if self.carry.is_empty() {
-            Flow::Continue
-        } else {
+        let mut flow = if !self.carry.is_empty() {
             self.process_carry(&mut reader, &mut app)
+        } else if resumed {
+            match self.read_and_process(&mut reader, &mut app) {
+                Ok(flow) => flow.unwrap_or(Flow::Continue),
+                Err(_) => return End::Closed(None),
+            }
+        } else {
+            Flow::Continue
         };
         loop {
             match flow {
@@ -237,7 +278,7 @@ impl<'a> Conn<'a> {
                     // once its close frame is out.
                     self.session.set_phase(Phase::Closing);
                     let _ = self.flush().await;
-                    return Some(code);
+                    return End::Closed(Some(code));
                 }
                 Flow::Failed(violation) => {
                     // RFC 6455 7.1.7: fail the connection: send a close, then
@@ -253,22 +294,28 @@ impl<'a> Conn<'a> {
                         self.shard.count_close_sent(violation.code);
                         self.linger().await;
                     }
-                    return None;
+                    return End::Closed(None);
                 }
             }
             if self.kicks.has(Kick::TIMEOUT) {
-                return Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout")).await;
+                return End::Closed(
+                    Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, "idle timeout")).await,
+                );
             }
             if self.kicks.has(Kick::SHUTDOWN) {
-                return Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, "server shutting down")).await;
+                let reason = "server shutting down";
+                return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, reason)).await);
             }
             if self.kicks.has(Kick::PING) {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
                 self.out.push_frame(&self.shard.pool, Opcode::Ping, &[]);
             }
+            if self.kicks == Kick::PARK && self.may_park(&reader, &app) && self.park(route) {
+                return End::Parked;
+            }
             self.kicks = Kick::default();
             if self.flush().await.is_err() {
-                return None;
+                return End::Closed(None);
             }
             if !self.kicks.is_empty() {
                 continue;
@@ -279,14 +326,30 @@ impl<'a> Conn<'a> {
                     continue;
                 }
                 Ok(Wake::Ready) => {}
-                Err(_) => return None,
+                Err(_) => return End::Closed(None),
             }
             flow = match self.read_and_process(&mut reader, &mut app) {
                 Ok(Some(flow)) => flow,
                 Ok(None) => Flow::Continue,
-                Err(_) => return None,
+                Err(_) => return End::Closed(None),
             };
         }
+    }
+
+    /// Nothing in progress that lives in the task: no partial frame or
+    /// message, no queued output, a protocol whose state is not in the task.
+    fn may_park(&self, reader: &MessageReader, app: &App) -> bool {
+        reader.is_idle() && self.carry.is_empty() && self.out.is_empty() && app.may_park()
+    }
+
+    /// Hands the socket to the shard's parking lot. `false` if it could not
+    /// (out of descriptors or memory): the task then simply goes on.
+    fn park(&self, route: RouteId) -> bool {
+        let parked = park::duplicate(self.stream.as_raw_fd()).and_then(|fd| self.session.park(fd, route));
+        if let Err(e) = &parked {
+            tracing::debug!(error = %e, "cannot park a quiet connection");
+        }
+        parked.is_ok()
     }
 
     /// Reads what the socket has and processes it. `Ok(None)`: nothing was
@@ -444,20 +507,15 @@ impl<'a> Conn<'a> {
 }
 
 /// What a complete request head leads to; its response is already queued.
-enum Answer<'r> {
-    Upgrade(&'r Route),
+enum Answer {
+    Upgrade(RouteId),
     Health,
     Reject(handshake::Reject),
 }
 
 /// Parses a request head and queues the response once it is complete.
 /// `None` while incomplete; otherwise the answer and the head's length.
-fn answer_head<'r>(
-    buf: &[u8],
-    config: &'r Config,
-    out: &mut Outbound,
-    pool: &BufferPool,
-) -> Option<(Answer<'r>, usize)> {
+fn answer_head(buf: &[u8], config: &Config, out: &mut Outbound, pool: &BufferPool) -> Option<(Answer, usize)> {
     let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
         Ok(None) => return None,
         Err(reject) => (Err(reject), buf.len()),
@@ -474,23 +532,23 @@ fn answer_head<'r>(
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
 /// queueing the 101 or the health answer.
-fn decide<'r>(
+fn decide(
     head: &handshake::Head<'_>,
-    config: &'r Config,
+    config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
-) -> Result<Answer<'r>, handshake::Reject> {
+) -> Result<Answer, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
         return Ok(Answer::Health);
     }
-    let route = config.route(head.path).ok_or(handshake::Reject::NotFound)?;
+    let (id, route) = config.route(head.path).ok_or(handshake::Reject::NotFound)?;
     let key = head.validate_upgrade()?;
     if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
-    Ok(Answer::Upgrade(route))
+    Ok(Answer::Upgrade(id))
 }
 
 /// Runs every complete frame in `data` through the reader and the app.
@@ -573,7 +631,7 @@ mod tests {
             let (accepted, _) = listener.accept().unwrap();
             accepted.set_nonblocking(true).unwrap();
             let stream = TcpStream::from_std(accepted).unwrap();
-            let shard = Rc::new(Shard::new(0, Arc::new(Options::default().validate(1).unwrap())));
+            let shard = Rc::new(Shard::new(0, Arc::new(Options::default().validate(1).unwrap())).unwrap());
             let future = serve(stream, shard.open_session());
             let size = std::mem::size_of_val(&future);
             eprintln!("serve future: {size} bytes");

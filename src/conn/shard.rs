@@ -5,19 +5,24 @@
 //! read scratch), its counters, and the per-core sweep that replaces a timer
 //! per connection: every tick it walks the table and "kicks" each session
 //! that is due a ping, a timeout or the shutdown close. A kicked session's
-//! task wakes, reads its kick and acts. Protocol logic is not here.
+//! task wakes, reads its kick and acts. A session quiet for `park_after_ms`
+//! is kicked to park: its task ends and the slot keeps its socket, watched by
+//! the core's `ParkingLot`, until input, a due kick or the shutdown starts a
+//! task for it again. Protocol logic is not here.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use slotmap::{new_key_type, SlotMap};
+use slotmap::{new_key_type, Key, KeyData, SlotMap};
 
+use super::park::ParkingLot;
 use super::pool::BufferPool;
-use crate::config::Config;
+use crate::config::{Config, RouteId};
 use crate::ws::CloseCode;
 
 new_key_type! {
@@ -35,6 +40,8 @@ impl Kick {
     pub const SHUTDOWN: Kick = Kick(4);
     /// End now, without a close handshake (the drain time is over).
     pub const ABORT: Kick = Kick(8);
+    /// Quiet for `park_after_ms`: park if nothing is in progress.
+    pub const PARK: Kick = Kick(16);
 
     pub fn has(self, k: Kick) -> bool {
         self.0 & k.0 != 0
@@ -64,9 +71,19 @@ struct Slot {
     phase_since_ms: u64,
     last_rx_ms: u64,
     last_ping_ms: u64,
+    last_park_kick_ms: u64,
     shutdown_sent: bool,
     kick: Kick,
     waker: Option<Waker>,
+    /// Set while the session has no task.
+    parked: Option<Parked>,
+}
+
+/// What a parked session keeps: its socket (a duplicate fd, registered in
+/// the parking lot) and its route.
+struct Parked {
+    fd: OwnedFd,
+    route: RouteId,
 }
 
 /// Counters of one core. Summed across cores when reported.
@@ -86,6 +103,9 @@ pub struct Stats {
     /// Whole data messages received, and their payload bytes.
     pub messages_in: u64,
     pub bytes_in: u64,
+    /// Times a quiet session parked, and times a parked one got a task again.
+    pub parks: u64,
+    pub resumes: u64,
 }
 
 impl Stats {
@@ -105,6 +125,8 @@ impl Stats {
         }
         self.messages_in += other.messages_in;
         self.bytes_in += other.bytes_in;
+        self.parks += other.parks;
+        self.resumes += other.resumes;
     }
 }
 
@@ -123,6 +145,10 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     pub stats: RefCell<Stats>,
     sessions: RefCell<SlotMap<SessionKey, Slot>>,
+    lot: ParkingLot,
+    /// Parking needs the lot's waiter running (see `enable_parking`).
+    parking: Cell<bool>,
+    parked: Cell<usize>,
     start: Instant,
     now_ms: Cell<u64>,
     shutting_down: Cell<bool>,
@@ -131,19 +157,22 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(core: usize, config: Arc<Config>) -> Shard {
-        Shard {
+    pub fn new(core: usize, config: Arc<Config>) -> std::io::Result<Shard> {
+        Ok(Shard {
             core,
             config,
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
             stats: RefCell::new(Stats::default()),
             sessions: RefCell::new(SlotMap::with_key()),
+            lot: ParkingLot::new()?,
+            parking: Cell::new(false),
+            parked: Cell::new(0),
             start: Instant::now(),
             now_ms: Cell::new(0),
             shutting_down: Cell::new(false),
             watcher: Cell::new(None),
-        }
+        })
     }
 
     /// The coarse clock: milliseconds since the shard started, as of the last tick.
@@ -153,6 +182,21 @@ impl Shard {
 
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()
+    }
+
+    /// Sessions parked now (their count is also in `session_count`).
+    pub fn parked_count(&self) -> usize {
+        self.parked.get()
+    }
+
+    pub fn lot(&self) -> &ParkingLot {
+        &self.lot
+    }
+
+    /// Lets quiet sessions park, once something resumes them when their
+    /// socket is ready (`resume_ready`); if `park_after_ms` is 0, nothing parks.
+    pub fn enable_parking(&self) {
+        self.parking.set(self.config.park_after_ms > 0);
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -167,9 +211,11 @@ impl Shard {
             phase_since_ms: now,
             last_rx_ms: now,
             last_ping_ms: now,
+            last_park_kick_ms: now,
             shutdown_sent: false,
             kick: Kick::default(),
             waker: None,
+            parked: None,
         });
         Session {
             shard: self.clone(),
@@ -196,26 +242,45 @@ impl Shard {
         }
     }
 
-    /// Ends every session at its next poll (after the drain timeout).
+    /// Ends every session at its next poll (after the drain timeout); a
+    /// parked one at once, by closing its socket.
     pub fn abort_all(&self) {
-        for (_, slot) in self.sessions.borrow_mut().iter_mut() {
-            slot.kick = slot.kick.with(Kick::ABORT);
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
+        let mut aborted_parked = 0;
+        let empty = {
+            let mut sessions = self.sessions.borrow_mut();
+            sessions.retain(|_, slot| {
+                if slot.parked.is_some() {
+                    aborted_parked += 1;
+                    return false;
+                }
+                slot.kick = slot.kick.with(Kick::ABORT);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+                true
+            });
+            sessions.is_empty()
+        };
+        self.parked.set(self.parked.get() - aborted_parked);
+        // As for a task that is aborted: no close frame came from the peer.
+        *self.stats.borrow_mut().closed.entry(CloseCode::ABNORMAL.0).or_default() += aborted_parked as u64;
+        if empty {
+            self.wake_watcher();
         }
     }
 
     /// One tick: advance the clock and kick every session that is due.
-    pub fn sweep(&self) {
+    pub fn sweep(self: &Rc<Self>) {
         self.sweep_at(self.start.elapsed().as_millis() as u64);
     }
 
-    fn sweep_at(&self, now: u64) {
+    fn sweep_at(self: &Rc<Self>, now: u64) {
         self.now_ms.set(now);
         let c = &self.config;
         let shutting_down = self.shutting_down.get();
-        for (_, slot) in self.sessions.borrow_mut().iter_mut() {
+        let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
+        let mut due_parked = Vec::new();
+        for (key, slot) in self.sessions.borrow_mut().iter_mut() {
             let mut due = Kick::default();
             let in_phase = now.saturating_sub(slot.phase_since_ms);
             match slot.phase {
@@ -231,6 +296,14 @@ impl Shard {
                     {
                         slot.last_ping_ms = now;
                         due = due.with(Kick::PING);
+                    } else if park_after > 0
+                        && slot.parked.is_none()
+                        && !shutting_down
+                        && quiet >= park_after
+                        && now.saturating_sub(slot.last_park_kick_ms) >= park_after
+                    {
+                        slot.last_park_kick_ms = now;
+                        due = due.with(Kick::PARK);
                     }
                 }
                 _ => {}
@@ -241,9 +314,62 @@ impl Shard {
             }
             if !due.is_empty() {
                 slot.kick = slot.kick.with(due);
-                if let Some(w) = slot.waker.take() {
+                if slot.parked.is_some() {
+                    due_parked.push(key);
+                } else if let Some(w) = slot.waker.take() {
                     w.wake();
                 }
+            }
+        }
+        for key in due_parked {
+            self.resume(key);
+        }
+    }
+
+    /// Starts a task again for every parked session whose socket became
+    /// ready. Called when the lot's waiter is readable.
+    pub fn resume_ready(self: &Rc<Self>, keys: &mut Vec<u64>) -> std::io::Result<()> {
+        loop {
+            keys.clear();
+            let more = self.lot.ready(keys)?;
+            for &token in keys.iter() {
+                // A stale token (the session resumed or ended since) finds no
+                // parked slot: the generation in the key tells them apart.
+                self.resume(SessionKey::from(KeyData::from_ffi(token)));
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Gives a parked session a task again; its pending kicks are waiting
+    /// in its slot. Does nothing if the session is not parked.
+    fn resume(self: &Rc<Self>, key: SessionKey) {
+        let parked = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(parked) = sessions.get_mut(key).and_then(|s| s.parked.take()) else {
+                return;
+            };
+            parked
+        };
+        self.parked.set(self.parked.get() - 1);
+        self.lot.remove(parked.fd.as_raw_fd());
+        self.stats.borrow_mut().resumes += 1;
+        let session = Session {
+            shard: self.clone(),
+            key,
+        };
+        match monoio::net::TcpStream::from_std(std::net::TcpStream::from(parked.fd)) {
+            Ok(stream) => {
+                monoio::spawn(super::resume(stream, session, parked.route));
+            }
+            Err(e) => {
+                // The runtime could not take the socket back (out of memory):
+                // the connection is lost, as if the peer had vanished.
+                tracing::warn!(core = self.core, error = %e, "cannot resume a parked connection");
+                self.count_close(CloseCode::ABNORMAL);
+                drop(session);
             }
         }
     }
@@ -257,6 +383,7 @@ impl Shard {
             c.close_timeout_ms,
             c.ping_interval_ms,
             c.idle_timeout_ms,
+            c.park_after_ms,
         ]
         .into_iter()
         .filter(|&t| t > 0)
@@ -312,6 +439,22 @@ impl Session {
         self.with(|s| s.last_rx_ms = now);
     }
 
+    /// Parks the session: from now on its slot holds `fd` (a duplicate of
+    /// the task's socket) and the lot watches it; the task must end, and
+    /// dropping this handle then keeps the slot. On error nothing changed.
+    pub fn park(&self, fd: OwnedFd, route: RouteId) -> std::io::Result<()> {
+        let shard = &self.shard;
+        shard.lot.add(fd.as_raw_fd(), self.key.data().as_ffi())?;
+        self.with(|s| {
+            s.parked = Some(Parked { fd, route });
+            // The task is ending: a waker kept here would keep its memory.
+            s.waker = None;
+        });
+        shard.parked.set(shard.parked.get() + 1);
+        shard.stats.borrow_mut().parks += 1;
+        Ok(())
+    }
+
     /// Takes pending kicks, or stores `waker` to be woken by the next one.
     pub fn poll_kick(&self, waker: &Waker) -> Option<Kick> {
         self.with(|s| {
@@ -331,6 +474,10 @@ impl Drop for Session {
     fn drop(&mut self) {
         let empty = {
             let mut sessions = self.shard.sessions.borrow_mut();
+            if sessions.get(self.key).is_some_and(|s| s.parked.is_some()) {
+                // Parked: the slot lives on without a task.
+                return;
+            }
             sessions.remove(self.key);
             sessions.is_empty()
         };
@@ -362,7 +509,7 @@ mod tests {
             close_timeout_ms: Some(500),
             ..Options::default()
         };
-        Rc::new(Shard::new(0, Arc::new(opts.validate(1).unwrap())))
+        Rc::new(Shard::new(0, Arc::new(opts.validate(1).unwrap())).unwrap())
     }
 
     fn waker() -> (Arc<CountingWaker>, Waker) {
@@ -409,6 +556,45 @@ mod tests {
     }
 
     #[test]
+    fn quiet_open_session_is_asked_to_park_once_per_interval() {
+        let opts = Options {
+            ping_interval_ms: Some(1000),
+            idle_timeout_ms: Some(3000),
+            park_after_ms: Some(400),
+            ..Options::default()
+        };
+        let shard = Rc::new(Shard::new(0, Arc::new(opts.validate(1).unwrap())).unwrap());
+        let s = shard.open_session();
+        let h = shard.open_session();
+        s.set_phase(Phase::Open);
+        let (_, w) = waker();
+        // Without the lot's waiter running, nothing is asked to park.
+        shard.sweep_at(400);
+        assert_eq!(s.poll_kick(&w), None);
+        shard.enable_parking();
+        shard.sweep_at(399);
+        assert_eq!(s.poll_kick(&w), None, "quiet for less than park_after_ms");
+        shard.sweep_at(400);
+        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
+        // A session that could not park is asked again one interval later.
+        shard.sweep_at(799);
+        assert_eq!(s.poll_kick(&w), None);
+        shard.sweep_at(800);
+        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
+        // A due ping comes first; parking waits for a later tick.
+        shard.sweep_at(1200);
+        assert_eq!(s.poll_kick(&w), Some(Kick::PING));
+        shard.sweep_at(1600);
+        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
+        // Hearing from the peer restarts the quiet time.
+        s.peer_alive();
+        shard.sweep_at(1999);
+        assert_eq!(s.poll_kick(&w), None);
+        // Sessions in the handshake (or closing) never park.
+        assert_eq!(h.poll_kick(&w), None);
+    }
+
+    #[test]
     fn close_timeout() {
         let shard = shard();
         let s = shard.open_session();
@@ -452,7 +638,7 @@ mod tests {
     #[test]
     fn tick_follows_shortest_timeout() {
         assert_eq!(shard().tick_ms(), 25);
-        let default = Shard::new(0, Arc::new(Options::default().validate(1).unwrap()));
+        let default = Shard::new(0, Arc::new(Options::default().validate(1).unwrap())).unwrap();
         assert_eq!(default.tick_ms(), 100);
     }
 }

@@ -32,6 +32,12 @@ impl App {
         }
     }
 
+    /// Whether the protocol keeps no state in the connection's task, so the
+    /// connection may park between messages.
+    pub fn may_park(&self) -> bool {
+        matches!(self, App::Echo)
+    }
+
     /// Whether pings and closes still get answers.
     pub fn replies(&self) -> bool {
         !matches!(self, App::Closing)

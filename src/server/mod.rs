@@ -214,7 +214,13 @@ fn run_worker(
         core: index,
         error: error.to_string(),
     };
-    let shard = Rc::new(Shard::new(index, config.clone()));
+    let shard = match Shard::new(index, config.clone()) {
+        Ok(shard) => Rc::new(shard),
+        Err(e) => {
+            let _ = ready.send(Err(fail(e)));
+            return Stats::default();
+        }
+    };
     let work = worker(listener, shard.clone(), shutdown, ready.clone());
     match config.driver {
         DriverChoice::Uring => match uring() {
@@ -282,8 +288,31 @@ fn worker(
             monoio::select! {
                 _ = life => {}
                 _ = sweep(shard.clone(), shutdown) => {}
+                _ = resume_parked(shard.clone()) => {}
             }
         })
+    }
+}
+
+/// Starts a task again for each parked session whose socket is ready.
+/// Parking is enabled only once this runs; if it cannot, nothing parks.
+async fn resume_parked(shard: Rc<Shard>) {
+    let waiter = match shard.lot().waiter() {
+        Ok(waiter) => waiter,
+        Err(e) => {
+            tracing::warn!(core = shard.core, error = %e, "parking lot unavailable: quiet connections keep their tasks");
+            return std::future::pending().await;
+        }
+    };
+    shard.enable_parking();
+    let mut tokens = Vec::new();
+    loop {
+        let ready = waiter.readable(false).await;
+        if let Err(e) = ready.and_then(|()| shard.resume_ready(&mut tokens)) {
+            // Not expected from an epoll set; back off rather than spin.
+            tracing::warn!(core = shard.core, error = %e, "parking lot wait failed");
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -1,0 +1,177 @@
+//! Quiet connections park (their task ends, the socket waits in the core's
+//! parking lot) and come back on input, on a due ping or timeout, on the
+//! shutdown, and on a hang-up; under both I/O drivers.
+
+mod common;
+
+use common::{masked_frame, tokio_rt, Raw, Server};
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Long enough for a 50 ms park delay, swept every 12 ms, to have parked.
+const PARKED: Duration = Duration::from_millis(400);
+
+/// Parks after 50 ms of quiet; no pings or idle timeouts to resume it.
+const PARK_FAST_NO_TIMERS: &[&str] = &[
+    "--park-after-ms",
+    "50",
+    "--ping-interval-ms",
+    "0",
+    "--idle-timeout-ms",
+    "0",
+];
+
+/// A counter from the server's final "stopped" log line.
+fn stopped_count(log: &str, name: &str) -> u64 {
+    let line = log.lines().find(|l| l.contains("stopped")).expect("stopped line");
+    let start = line
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+        + name.len()
+        + 1;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+both_drivers!(parked_connection_resumes_on_input_and_keeps_message_state, |driver| {
+    let mut server = Server::start(
+        driver,
+        &[
+            "--park-after-ms",
+            "50",
+            "--ping-interval-ms",
+            "0",
+            "--idle-timeout-ms",
+            "0",
+        ],
+    );
+    let mut raw = Raw::open(server.addr, "/echo");
+    std::thread::sleep(PARKED);
+    raw.send_frame(0x81, b"after a park");
+    let echo = raw.read_frame().unwrap();
+    assert_eq!((echo.opcode, echo.payload.as_slice()), (1, &b"after a park"[..]));
+    // A message in progress is task state: the connection must not lose it.
+    raw.send_frame(0x01, "κό".as_bytes());
+    std::thread::sleep(PARKED);
+    raw.send_frame(0x80, "σμε".as_bytes());
+    let echo = raw.read_frame().unwrap();
+    assert_eq!((echo.opcode, echo.payload.as_slice()), (1, "κόσμε".as_bytes()));
+    std::thread::sleep(PARKED);
+    // The shutdown reaches a parked session too: 1001, then our close.
+    let status = std::thread::scope(|s| {
+        let term = s.spawn(|| server.terminate());
+        assert_eq!(raw.expect_close(), Some(1001));
+        raw.send(&masked_frame(0x88, &1001u16.to_be_bytes()));
+        term.join().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+    let log = server.log();
+    // Parked before the first message and after the second; never while
+    // the fragmented message was in progress.
+    assert_eq!(stopped_count(&log, "parks"), 2, "{log}");
+    assert_eq!(stopped_count(&log, "resumes"), 2, "{log}");
+    assert!(log.contains("closed={1001: 1}"), "{log}");
+});
+
+both_drivers!(parked_connection_is_pinged_then_times_out, |driver| {
+    let mut server = Server::start(
+        driver,
+        &[
+            "--park-after-ms",
+            "50",
+            "--ping-interval-ms",
+            "300",
+            "--idle-timeout-ms",
+            "1000",
+        ],
+    );
+    let mut raw = Raw::open(server.addr, "/echo");
+    // Silent client: the server parks it, resumes it to ping, parks it
+    // again, and closes it at the idle timeout.
+    let mut pings = 0;
+    let code = loop {
+        let frame = raw.read_frame().expect("a frame before the close");
+        match frame.opcode {
+            9 => pings += 1,
+            8 => break frame.close_code(),
+            other => panic!("unexpected opcode {other}"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    assert!(pings >= 2, "{pings} pings");
+    raw.send(&masked_frame(0x88, &1001u16.to_be_bytes()));
+    assert!(raw.is_closed_by_server());
+    server.terminate();
+    let log = server.log();
+    assert!(stopped_count(&log, "parks") >= 2, "{log}");
+});
+
+both_drivers!(peer_hanging_up_while_parked_ends_the_session, |driver| {
+    let mut server = Server::start(
+        driver,
+        &[
+            "--park-after-ms",
+            "50",
+            "--ping-interval-ms",
+            "0",
+            "--idle-timeout-ms",
+            "0",
+        ],
+    );
+    let raw = Raw::open(server.addr, "/echo");
+    std::thread::sleep(PARKED);
+    drop(raw);
+    std::thread::sleep(PARKED);
+    // The session ended on the hang-up, not at the shutdown: no 1001 is sent.
+    server.terminate();
+    let log = server.log();
+    assert!(log.contains("closed={1006: 1}"), "{log}");
+    assert!(log.contains("close_sent={}"), "{log}");
+    assert_eq!(stopped_count(&log, "resumes"), 1, "{log}");
+});
+
+both_drivers!(many_parked_connections_resume_independently, |driver| {
+    let mut server = Server::start(
+        driver,
+        &[
+            "--park-after-ms",
+            "50",
+            "--ping-interval-ms",
+            "0",
+            "--idle-timeout-ms",
+            "0",
+        ],
+    );
+    let url = server.url("/echo");
+    const CLIENTS: usize = 200;
+    const ROUNDS: usize = 3;
+    tokio_rt().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            clients.push(tokio_tungstenite::connect_async(&url).await.unwrap().0);
+        }
+        for round in 0..ROUNDS {
+            tokio::time::sleep(PARKED).await;
+            for (c, ws) in clients.iter_mut().enumerate() {
+                ws.send(Message::Text(format!("{round}:{c}"))).await.unwrap();
+            }
+            for (c, ws) in clients.iter_mut().enumerate() {
+                let got = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+                assert_eq!(got.unwrap().unwrap().unwrap(), Message::Text(format!("{round}:{c}")));
+            }
+        }
+        for mut ws in clients {
+            ws.close(None).await.unwrap();
+        }
+    });
+    server.terminate();
+    let log = server.log();
+    let parks = stopped_count(&log, "parks");
+    assert!(parks >= (CLIENTS * ROUNDS) as u64, "{parks} parks: {log}");
+    assert!(stopped_count(&log, "resumes") >= (CLIENTS * ROUNDS) as u64, "{log}");
+});
