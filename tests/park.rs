@@ -39,17 +39,7 @@ fn stopped_count(log: &str, name: &str) -> u64 {
 }
 
 both_drivers!(parked_connection_resumes_on_input_and_keeps_message_state, |driver| {
-    let mut server = Server::start(
-        driver,
-        &[
-            "--park-after-ms",
-            "50",
-            "--ping-interval-ms",
-            "0",
-            "--idle-timeout-ms",
-            "0",
-        ],
-    );
+    let mut server = Server::start(driver, PARK_FAST_NO_TIMERS);
     let mut raw = Raw::open(server.addr, "/echo");
     std::thread::sleep(PARKED);
     raw.send_frame(0x81, b"after a park");
@@ -112,17 +102,7 @@ both_drivers!(parked_connection_is_pinged_then_times_out, |driver| {
 });
 
 both_drivers!(peer_hanging_up_while_parked_ends_the_session, |driver| {
-    let mut server = Server::start(
-        driver,
-        &[
-            "--park-after-ms",
-            "50",
-            "--ping-interval-ms",
-            "0",
-            "--idle-timeout-ms",
-            "0",
-        ],
-    );
+    let mut server = Server::start(driver, PARK_FAST_NO_TIMERS);
     let raw = Raw::open(server.addr, "/echo");
     std::thread::sleep(PARKED);
     drop(raw);
@@ -136,17 +116,7 @@ both_drivers!(peer_hanging_up_while_parked_ends_the_session, |driver| {
 });
 
 both_drivers!(many_parked_connections_resume_independently, |driver| {
-    let mut server = Server::start(
-        driver,
-        &[
-            "--park-after-ms",
-            "50",
-            "--ping-interval-ms",
-            "0",
-            "--idle-timeout-ms",
-            "0",
-        ],
-    );
+    let mut server = Server::start(driver, PARK_FAST_NO_TIMERS);
     let url = server.url("/echo");
     const CLIENTS: usize = 200;
     const ROUNDS: usize = 3;
