@@ -116,6 +116,9 @@ fn io_fail(e: io::Error) -> ConnectError {
 /// A write that makes no progress this long means the server stopped reading.
 const WRITE_STALL: Duration = Duration::from_secs(5);
 
+/// Most bytes a connection may have queued and unsent.
+const MAX_QUEUED_BYTES: usize = 4 << 20;
+
 fn stalled() -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
@@ -133,6 +136,8 @@ pub struct Client {
     inbox: Vec<u8>,
     /// Bytes queued for the socket.
     outbox: Vec<u8>,
+    /// Since when `try_send` has left bytes queued without sending any.
+    stalled_since: Option<Instant>,
     /// The close frame the server sent, if it did (code, reason).
     server_close: Option<String>,
 }
@@ -219,6 +224,7 @@ impl Client {
             ),
             inbox: Vec::new(),
             outbox: Vec::new(),
+            stalled_since: None,
             server_close: None,
         };
         client.handshake(target, rng).await?;
@@ -285,6 +291,11 @@ impl Client {
         self.outbox.extend_from_slice(bytes);
     }
 
+    /// Whether bytes wait to be sent.
+    pub fn has_queued(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
     /// The queue itself, for callers that frame in place.
     pub fn outbox(&mut self) -> &mut Vec<u8> {
         &mut self.outbox
@@ -334,7 +345,10 @@ impl Client {
         Ok(())
     }
 
-    /// Sends what the socket takes now and keeps the rest queued.
+    /// Sends what the socket takes now and keeps the rest queued. Fails
+    /// when the server has taken nothing for `WRITE_STALL`, or when more than
+    /// `MAX_QUEUED_BYTES` wait: an open-loop sender must not queue without
+    /// a bound behind a server that stopped reading.
     pub fn try_send(&mut self) -> io::Result<()> {
         let mut sent = 0;
         while sent < self.outbox.len() {
@@ -346,6 +360,17 @@ impl Client {
             }
         }
         self.outbox.drain(..sent);
+        if self.outbox.is_empty() || sent > 0 {
+            self.stalled_since = None;
+        } else if self.stalled_since.get_or_insert_with(Instant::now).elapsed() >= WRITE_STALL {
+            return Err(stalled());
+        }
+        if self.outbox.len() > MAX_QUEUED_BYTES {
+            return Err(io::Error::other(format!(
+                "{} bytes wait to be sent: the server is not reading",
+                self.outbox.len()
+            )));
+        }
         Ok(())
     }
 

@@ -255,59 +255,6 @@ fn progress<T>(live: &Live, handles: &[std::thread::JoinHandle<T>]) {
     }
 }
 
-/// A per-thread deadline that wakes every waiting connection once, so a
-/// connection's wait for its socket needs no timer of its own (a timer per
-/// wait cost more CPU than the server spends per message).
-pub struct Deadline {
-    passed: std::cell::Cell<bool>,
-    waiters: std::cell::RefCell<Vec<Option<std::task::Waker>>>,
-}
-
-impl Deadline {
-    /// A deadline at `at`, with `slots` waiters (one per connection of the thread).
-    pub fn start(at: Instant, slots: usize) -> std::rc::Rc<Deadline> {
-        let deadline = std::rc::Rc::new(Deadline {
-            passed: std::cell::Cell::new(false),
-            waiters: std::cell::RefCell::new(vec![None; slots]),
-        });
-        let d = deadline.clone();
-        monoio::spawn(async move {
-            monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
-            d.passed.set(true);
-            for w in d.waiters.borrow_mut().iter_mut().filter_map(Option::take) {
-                w.wake();
-            }
-        });
-        deadline
-    }
-
-    pub fn passed(&self) -> bool {
-        self.passed.get()
-    }
-
-    /// Waits for `fut` unless the deadline passes first (then `None`).
-    pub async fn wait<F: Future>(&self, slot: usize, fut: F) -> Option<F::Output> {
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if self.passed.get() {
-                return std::task::Poll::Ready(None);
-            }
-            match fut.as_mut().poll(cx) {
-                std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
-                std::task::Poll::Pending => {
-                    let mut waiters = self.waiters.borrow_mut();
-                    match &waiters[slot] {
-                        Some(w) if w.will_wake(cx.waker()) => {}
-                        _ => waiters[slot] = Some(cx.waker().clone()),
-                    }
-                    std::task::Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-}
-
 /// A per-thread start line: every connection of the thread waits here until
 /// all have connected (or failed), so measuring starts together, and a
 /// busy-polling thread starts spinning only once every connect is done

@@ -6,7 +6,9 @@
 //! change per message (a timestamp, a sequence number) are masked per send.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use sluice::ws::frame::{encode_frame, MAX_HEADER_BYTES};
 use sluice::ws::{mask, Event, Opcode};
 
 use crate::client::{Client, Rng, Target};
-use crate::run::{record_handshake_us, record_latency_us, record_latency_us_n, Deadline, Gate, Live, ThreadResult};
+use crate::run::{record_handshake_us, record_latency_us, record_latency_us_n, Gate, Live, ThreadResult};
 
 /// What every scenario shares.
 pub struct Common {
@@ -175,94 +177,116 @@ pub struct EchoPlan {
 /// queue of send times (echoes come back in order).
 pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> ThreadResult {
     let share = common.share(index, plan.connections);
-    let deadline = Deadline::start(common.epoch + plan.warmup + plan.duration, share.len());
     let gate = Gate::new(share.len());
-    let conns: Vec<_> = share
-        .enumerate()
-        .map(|(slot, conn)| {
+    let tasks: Vec<_> = share
+        .map(|conn| {
             let common = common.clone();
             let plan = plan.clone();
-            let deadline = deadline.clone();
             let gate = gate.clone();
-            monoio::spawn(async move { echo_conn(&common, &plan, conn, (&deadline, slot), &gate).await })
+            monoio::spawn(async move {
+                let mut result = ThreadResult::default();
+                let mut rng = Rng::new(conn as u64);
+                let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
+                (client.map(|c| Echoer::new(&plan, c, &mut rng)), result)
+            })
         })
         .collect();
     let mut total = ThreadResult::default();
-    for c in conns {
-        total.merge(c.await);
+    let mut echoers = Vec::new();
+    for t in tasks {
+        let (echoer, result) = t.await;
+        total.merge(result);
+        echoers.extend(echoer);
+    }
+    if let Err(e) = drive_echo(&common, &plan, &mut echoers, &mut total) {
+        total.error(&common.live, format!("event loop: {e}"));
+    }
+    if total.sent > 0 && total.received == 0 {
+        total.error(&common.live, "the server echoed nothing back".into());
+    }
+    let closes: Vec<_> = echoers
+        .into_iter()
+        .map(|e| monoio::spawn(async move { e.client.close(e.key, Duration::from_secs(2)).await }))
+        .collect();
+    for c in closes {
+        if c.await {
+            total.clean_closes += 1;
+        }
     }
     total
 }
 
-async fn echo_conn(
-    common: &Common,
-    plan: &EchoPlan,
-    conn: usize,
-    (deadline, slot): (&Deadline, usize),
-    gate: &Gate,
-) -> ThreadResult {
-    let mut result = ThreadResult::default();
-    let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
-        return result;
-    };
-    let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], &mut rng);
-    // `in_flight` frames back to back: a batch of n is one copy of its first n.
-    let batch = frame.repeat(plan.in_flight);
-    let measure_from = common.epoch + plan.warmup;
-    // Send times by batch: every message of a batch left at the same instant,
-    // so round trips are recorded per batch (`record_n`), not per message.
-    let mut sent_at: VecDeque<(Instant, usize)> = VecDeque::with_capacity(plan.in_flight);
-    let mut owed = plan.in_flight;
-    let live = &common.live;
-    while !deadline.passed() {
-        if owed > 0 {
-            let now = Instant::now();
-            client.queue(&batch[..owed * frame.len()]);
-            sent_at.push_back((now, owed));
-            if now >= measure_from {
-                result.sent += owed as u64;
-                Live::add(&live.sent, owed as u64);
-            }
-            match deadline.wait(slot, client.write_queued()).await {
-                None => break,
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    result.error(live, format!("write: {e}"));
-                    break;
-                }
-            }
+/// One echo connection: its pre-masked batch and its messages in flight.
+struct Echoer {
+    client: Client,
+    key: [u8; 4],
+    /// `in_flight` frames back to back: a batch of n is its first n frames.
+    batch: Vec<u8>,
+    frame_len: usize,
+    /// Send times by batch: every message of a batch left at the same
+    /// instant, so round trips are recorded per batch, not per message.
+    sent_at: VecDeque<(Instant, usize)>,
+    /// Messages to send: the replies just taken.
+    owed: usize,
+    done: bool,
+}
+
+impl Echoer {
+    fn new(plan: &EchoPlan, client: Client, rng: &mut Rng) -> Echoer {
+        let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], rng);
+        Echoer {
+            client,
+            key,
+            batch: frame.repeat(plan.in_flight),
+            frame_len: frame.len(),
+            sent_at: VecDeque::with_capacity(plan.in_flight),
+            owed: plan.in_flight,
+            done: false,
         }
-        // Echoes cannot be back the moment we sent: wait first (a read now
-        // would be a wasted syscall per batch).
-        let read = match deadline.wait(slot, client.recv()).await {
-            None => break,
-            Some(read) => read,
-        };
-        match read {
-            Ok(0) => {
-                result.error(live, "server closed the connection mid-run".into());
-                return result;
+    }
+
+    /// Queues and sends the owed messages; keeps what the socket did not take.
+    fn send_owed(
+        &mut self,
+        now: Instant,
+        measure_from: Instant,
+        live: &Live,
+        result: &mut ThreadResult,
+    ) -> io::Result<()> {
+        if self.owed > 0 {
+            self.client.queue(&self.batch[..self.owed * self.frame_len]);
+            self.sent_at.push_back((now, self.owed));
+            if now >= measure_from {
+                result.sent += self.owed as u64;
+                Live::add(&live.sent, self.owed as u64);
             }
-            Ok(_) => {}
-            Err(e) => {
-                result.error(live, format!("read: {e}"));
-                return result;
-            }
+            self.owed = 0;
+        }
+        self.client.try_send()
+    }
+
+    /// Reads the echoes that are there and records their round trips.
+    fn take_echoes(
+        &mut self,
+        plan: &EchoPlan,
+        measure_from: Instant,
+        live: &Live,
+        result: &mut ThreadResult,
+    ) -> Result<(), String> {
+        match self.client.try_recv() {
+            Ok(Some(0)) => return Err("server closed the connection mid-run".into()),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("read: {e}")),
         }
         let now = Instant::now();
         let mut replies = 0;
-        let drained = client.drain_events(key, |e| replies += usize::from(matches!(e, Event::Message { .. })));
-        if let Err(e) = drained {
-            result.error(live, e);
-            let _ = client.flush().await;
-            return result;
-        }
+        self.client
+            .drain_events(self.key, |e| replies += usize::from(matches!(e, Event::Message { .. })))?;
         let mut left = replies;
         while left > 0 {
-            let Some((sent, count)) = sent_at.front_mut() else {
-                result.error(live, "more echoes than messages sent".into());
-                return result;
+            let Some((sent, count)) = self.sent_at.front_mut() else {
+                return Err("more echoes than messages sent".into());
             };
             let n = left.min(*count);
             if *sent >= measure_from {
@@ -274,19 +298,79 @@ async fn echo_conn(
             *count -= n;
             left -= n;
             if *count == 0 {
-                sent_at.pop_front();
+                self.sent_at.pop_front();
             }
         }
-        owed = replies;
+        self.owed += replies;
+        Ok(())
     }
-    if result.sent > 0 && result.received == 0 {
-        result.error(live, "the server echoed nothing back".into());
-    }
-    if client.close(key, Duration::from_secs(2)).await {
-        result.clean_closes += 1;
-    }
-    result
 }
+
+/// The closed loop of every echo connection of the thread: each connection
+/// sends as many messages as it got back, as soon as it got them. One wait
+/// covers all connections; sends and reads are direct non-blocking calls.
+fn drive_echo(
+    common: &Common,
+    plan: &EchoPlan,
+    echoers: &mut Vec<Echoer>,
+    result: &mut ThreadResult,
+) -> io::Result<()> {
+    let measure_from = common.epoch + plan.warmup;
+    let until = measure_from + plan.duration;
+    let live = &common.live;
+    let fds: Vec<RawFd> = echoers.iter().map(|e| e.client.stream().as_raw_fd()).collect();
+    let mut set = ReadySet::new(&fds)?;
+    let mut ready = Vec::new();
+    let now = Instant::now();
+    for (i, e) in echoers.iter_mut().enumerate() {
+        if let Err(err) = e.send_owed(now, measure_from, live, result) {
+            e.done = true;
+            set.remove(fds[i]);
+            result.error(live, format!("write: {err}"));
+        }
+    }
+    let mut blocked = echoers.iter().any(|e| e.client.has_queued());
+    loop {
+        let now = Instant::now();
+        if now >= until || live.stop.load(Ordering::Relaxed) || echoers.iter().all(|e| e.done) {
+            break;
+        }
+        let mut wait = (until - now).min(STOP_CHECK);
+        if blocked {
+            wait = wait.min(FULL_SOCKET_RETRY);
+        }
+        set.wait(wait, &mut ready)?;
+        for &i in &ready {
+            let e = &mut echoers[i];
+            if e.done {
+                continue;
+            }
+            if let Err(err) = e.take_echoes(plan, measure_from, live, result) {
+                e.done = true;
+                set.remove(fds[i]);
+                result.error(live, err);
+            }
+        }
+        let now = Instant::now();
+        blocked = false;
+        for (i, e) in echoers.iter_mut().enumerate() {
+            if e.done || (e.owed == 0 && !e.client.has_queued()) {
+                continue;
+            }
+            if let Err(err) = e.send_owed(now, measure_from, live, result) {
+                e.done = true;
+                set.remove(fds[i]);
+                result.error(live, format!("write: {err}"));
+            }
+            blocked |= e.client.has_queued();
+        }
+    }
+    echoers.retain(|e| !e.done);
+    Ok(())
+}
+
+/// Longest single wait, so a stop request (Ctrl-C, too many errors) is seen.
+const STOP_CHECK: Duration = Duration::from_millis(50);
 
 // ---- latency ----------------------------------------------------------------
 
@@ -304,11 +388,12 @@ pub struct LatencyPlan {
 /// time, so a stalled server is charged for every message it delayed
 /// (coordinated-omission correction).
 ///
-/// Without `--busy-poll` each connection is a task that sleeps until its
-/// next send or a reply; monoio's timer has millisecond resolution, so sends
-/// can start up to a millisecond late, and that lateness is charged as
-/// latency. With `--busy-poll` one loop per thread drives all of the
-/// thread's connections with non-blocking calls and never parks.
+/// Once connected, one loop per thread drives all of the thread's
+/// connections with non-blocking calls: it sends whatever is due, then waits
+/// in one epoll set for replies or the next send time, with nanosecond
+/// timeouts (`epoll_pwait2`), so a send is late only by the wake-up itself.
+/// With `--busy-poll` the wait never blocks: the loop spins, and neither side
+/// of a message pays for waking the harness.
 pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) -> ThreadResult {
     let share = common.share(index, plan.connections);
     let gate = Gate::new(share.len());
@@ -321,16 +406,9 @@ pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) 
                 let mut result = ThreadResult::default();
                 let mut rng = Rng::new(conn as u64);
                 let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
+                // The thread's loop takes it from here.
                 let sender = client.map(|c| Sender::new(&common, &plan, conn, c, &mut rng));
-                if common.busy_poll {
-                    // The thread's spin loop takes it from here.
-                    return (sender, result);
-                }
-                if let Some(mut s) = sender {
-                    s.run(&common, &plan, &mut result).await;
-                    s.finish(&common, &plan, &mut result).await;
-                }
-                (None, result)
+                (sender, result)
             })
         })
         .collect();
@@ -341,39 +419,159 @@ pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) 
         total.merge(result);
         senders.extend(sender);
     }
-    if common.busy_poll {
-        spin(&common, &plan, &mut senders, &mut total);
-        let closes: Vec<_> = senders
-            .into_iter()
-            .map(|s| {
-                let common = common.clone();
-                let plan = plan.clone();
-                monoio::spawn(async move {
-                    let mut result = ThreadResult::default();
-                    s.finish(&common, &plan, &mut result).await;
-                    result
-                })
+    if let Err(e) = drive(&common, &plan, &mut senders, &mut total) {
+        total.error(&common.live, format!("event loop: {e}"));
+    }
+    let closes: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            let common = common.clone();
+            let plan = plan.clone();
+            monoio::spawn(async move {
+                let mut result = ThreadResult::default();
+                s.finish(&common, &plan, &mut result).await;
+                result
             })
-            .collect();
-        for c in closes {
-            total.merge(c.await);
-        }
+        })
+        .collect();
+    for c in closes {
+        total.merge(c.await);
     }
     total
 }
 
-/// Drives every sender of the thread until the window ends, never parking.
-fn spin(common: &Common, plan: &LatencyPlan, senders: &mut Vec<Sender>, result: &mut ThreadResult) {
+/// Drives every sender of the thread until the window ends: sends what is
+/// due, then waits (or, busy-polling, only looks) for replies until the next
+/// send time. A connection that fails is reported and leaves the loop.
+fn drive(common: &Common, plan: &LatencyPlan, senders: &mut Vec<Sender>, result: &mut ThreadResult) -> io::Result<()> {
     let until = common.epoch + plan.warmup + plan.duration;
-    while Instant::now() < until && !senders.is_empty() && !common.live.stop.load(Ordering::Relaxed) {
-        senders.retain_mut(|s| match s.step(common, plan, result) {
-            Ok(_) => true,
-            Err(e) => {
-                result.error(&common.live, e);
-                false
+    let live = &common.live;
+    let fds: Vec<RawFd> = senders.iter().map(|s| s.client.stream().as_raw_fd()).collect();
+    let mut set = ReadySet::new(&fds)?;
+    let mut ready = Vec::new();
+    loop {
+        let now = Instant::now();
+        if now >= until || live.stop.load(Ordering::Relaxed) || senders.iter().all(|s| s.done) {
+            break;
+        }
+        let mut next_due = until;
+        let mut blocked = false;
+        for (i, s) in senders.iter_mut().enumerate() {
+            if s.done {
+                continue;
             }
-        });
-        std::hint::spin_loop();
+            if s.next <= now {
+                s.queue_due(now, common, plan, result);
+            }
+            if let Err(e) = s.client.try_send() {
+                s.done = true;
+                set.remove(fds[i]);
+                result.error(live, format!("write: {e}"));
+                continue;
+            }
+            blocked |= s.client.has_queued();
+            next_due = next_due.min(s.next);
+        }
+        // A full socket is retried soon rather than waited on for
+        // writability: it is rare at the rates this scenario runs at.
+        let mut wait = next_due.saturating_duration_since(Instant::now()).min(STOP_CHECK);
+        if common.busy_poll {
+            wait = Duration::ZERO;
+        } else if blocked {
+            wait = wait.min(FULL_SOCKET_RETRY);
+        }
+        set.wait(wait, &mut ready)?;
+        for &i in &ready {
+            let s = &mut senders[i];
+            if s.done {
+                continue;
+            }
+            let outcome = match s.client.try_recv() {
+                Ok(Some(0)) => Err("server closed the connection mid-run".to_string()),
+                Ok(Some(_)) => s.take_latencies(common, plan, result),
+                Ok(None) => Ok(()),
+                Err(e) => Err(format!("read: {e}")),
+            };
+            if let Err(e) = outcome {
+                s.done = true;
+                set.remove(fds[i]);
+                result.error(live, e);
+            }
+        }
+    }
+    senders.retain(|s| !s.done);
+    Ok(())
+}
+
+/// How soon a connection whose socket was full is tried again.
+const FULL_SOCKET_RETRY: Duration = Duration::from_micros(200);
+
+/// One thread's sockets in one epoll set, waited on with a nanosecond
+/// timeout (`epoll_pwait2`; monoio's timers and mio round to milliseconds).
+/// Level-triggered: a socket with unread replies is reported until read.
+struct ReadySet {
+    epoll: OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl ReadySet {
+    fn new(fds: &[RawFd]) -> io::Result<ReadySet> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `epfd` is a fresh fd that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        for (i, &fd) in fds.iter().enumerate() {
+            let mut event = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+                u64: i as u64,
+            };
+            // SAFETY: `event` is a valid epoll_event for the call's duration.
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(ReadySet {
+            epoll,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; fds.len().max(1)],
+        })
+    }
+
+    fn remove(&self, fd: RawFd) {
+        // SAFETY: a null event is allowed for EPOLL_CTL_DEL; an error only
+        // means the fd was not in the set.
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    /// Waits up to `timeout` and puts the indices of ready sockets in `ready`.
+    fn wait(&mut self, timeout: Duration, ready: &mut Vec<usize>) -> io::Result<()> {
+        ready.clear();
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `events` has room for `len` entries and `ts` outlives the call.
+        let n = unsafe {
+            libc::epoll_pwait2(
+                self.epoll.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                self.events.len() as libc::c_int,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        ready.extend(self.events[..n as usize].iter().map(|e| e.u64 as usize));
+        Ok(())
     }
 }
 
@@ -388,6 +586,8 @@ struct Sender {
     interval: Duration,
     next: Instant,
     outstanding: u64,
+    /// Failed: out of the loop, already reported.
+    done: bool,
 }
 
 impl Sender {
@@ -405,12 +605,12 @@ impl Sender {
             interval,
             next,
             outstanding: 0,
+            done: false,
         }
     }
 
     /// Queues every message due by now, stamped with its intended time.
-    fn queue_due(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> u64 {
-        let now = Instant::now();
+    fn queue_due(&mut self, now: Instant, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> u64 {
         let measure_from = common.epoch + plan.warmup;
         let until = measure_from + plan.duration;
         let mut due = 0;
@@ -430,44 +630,6 @@ impl Sender {
         }
         self.outstanding += due;
         due
-    }
-
-    /// Sends what is due and takes what has come back, without waiting.
-    /// `Ok(true)` when something was read.
-    fn step(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) -> Result<bool, String> {
-        self.queue_due(common, plan, result);
-        self.client.try_send().map_err(|e| format!("write: {e}"))?;
-        match self.client.try_recv() {
-            Ok(Some(0)) => Err("server closed the connection mid-run".into()),
-            Ok(Some(_)) => {
-                self.take_latencies(common, plan, result)?;
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => Err(format!("read: {e}")),
-        }
-    }
-
-    /// The task-per-connection loop: sleep until the next send or a reply.
-    async fn run(&mut self, common: &Common, plan: &LatencyPlan, result: &mut ThreadResult) {
-        let until = common.epoch + plan.warmup + plan.duration;
-        while Instant::now() < until && !common.live.stop.load(Ordering::Relaxed) {
-            match self.step(common, plan, result) {
-                Ok(true) => {}
-                Ok(false) => {
-                    if let Err(e) = self.client.send_now().await {
-                        return result.error(&common.live, format!("write: {e}"));
-                    }
-                    let left = self.next.min(until).saturating_duration_since(Instant::now());
-                    let _ = monoio::time::timeout(left, self.client.stream().readable(false)).await;
-                }
-                Err(e) => {
-                    result.error(&common.live, e);
-                    let _ = self.client.flush().await;
-                    return;
-                }
-            }
-        }
     }
 
     /// Collects the replies still in flight (briefly), then closes with 1000.
