@@ -69,6 +69,18 @@ pub struct Options {
     /// session slot remain until the peer speaks again; 0 never parks [default: 1000].
     #[arg(long)]
     pub park_after_ms: Option<u64>,
+    /// Most topics one connection may subscribe to [default: 1000].
+    #[arg(long)]
+    pub max_subscriptions: Option<usize>,
+    /// Most bytes of deliveries queued for one connection [default: 1 MiB].
+    #[arg(long)]
+    pub max_outbound_bytes: Option<usize>,
+    /// What happens to a subscriber over --max-outbound-bytes [default: close].
+    #[arg(long, value_enum)]
+    pub slow_consumer: Option<SlowConsumer>,
+    /// Messages each cross-core ring holds [default: 4096].
+    #[arg(long)]
+    pub mesh_ring_capacity: Option<usize>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -90,6 +102,18 @@ pub struct RouteOptions {
 pub enum RouteProtocol {
     /// Every data message is sent back as it came.
     Echo,
+    /// The native pub/sub protocol (docs/PROTOCOL.md).
+    Pubsub,
+}
+
+/// The policy for a subscriber whose queued deliveries pass the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// Close it with 1008 "slow consumer".
+    Close,
+    /// Drop the deliveries that do not fit, and count them.
+    Drop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +146,10 @@ pub struct Config {
     pub close_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub park_after_ms: u64,
+    pub max_subscriptions: usize,
+    pub max_outbound_bytes: usize,
+    pub slow_consumer: SlowConsumer,
+    pub mesh_ring_capacity: usize,
 }
 
 #[derive(Debug)]
@@ -173,6 +201,10 @@ impl Options {
             close_timeout_ms: self.close_timeout_ms.or(base.close_timeout_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(base.drain_timeout_ms),
             park_after_ms: self.park_after_ms.or(base.park_after_ms),
+            max_subscriptions: self.max_subscriptions.or(base.max_subscriptions),
+            max_outbound_bytes: self.max_outbound_bytes.or(base.max_outbound_bytes),
+            slow_consumer: self.slow_consumer.or(base.slow_consumer),
+            mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
             route: self.route.or(base.route),
         }
     }
@@ -181,12 +213,20 @@ impl Options {
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
         let global_origins = origin_policy(self.allowed_origins);
         let routes = match self.route {
-            None => vec![Route {
-                path: "/echo".into(),
-                protocol: RouteProtocol::Echo,
-                subprotocols: Vec::new(),
-                origins: global_origins.clone(),
-            }],
+            None => vec![
+                Route {
+                    path: "/echo".into(),
+                    protocol: RouteProtocol::Echo,
+                    subprotocols: Vec::new(),
+                    origins: global_origins.clone(),
+                },
+                Route {
+                    path: "/ws".into(),
+                    protocol: RouteProtocol::Pubsub,
+                    subprotocols: Vec::new(),
+                    origins: global_origins.clone(),
+                },
+            ],
             Some(routes) => routes
                 .into_iter()
                 .map(|r| Route {
@@ -215,6 +255,10 @@ impl Options {
             close_timeout_ms: self.close_timeout_ms.unwrap_or(2_000),
             drain_timeout_ms: self.drain_timeout_ms.unwrap_or(10_000),
             park_after_ms: self.park_after_ms.unwrap_or(1_000),
+            max_subscriptions: self.max_subscriptions.unwrap_or(1_000),
+            max_outbound_bytes: self.max_outbound_bytes.unwrap_or(MIB),
+            slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
+            mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
         };
         config.check()?;
         Ok(config)
@@ -251,6 +295,9 @@ impl Config {
         in_range("close_timeout_ms", self.close_timeout_ms, 1, 60_000)?;
         in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
         in_range("park_after_ms", self.park_after_ms, 0, 3_600_000)?;
+        in_range("max_subscriptions", self.max_subscriptions, 1, 1_000_000)?;
+        in_range("max_outbound_bytes", self.max_outbound_bytes, 1024, GIB)?;
+        in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
         if self.ping_interval_ms > 0 && self.idle_timeout_ms > 0 && self.idle_timeout_ms <= self.ping_interval_ms {
             return Err(ConfigError::Invalid {
                 option: "idle_timeout_ms",

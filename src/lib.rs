@@ -8,5 +8,6 @@
 pub mod config;
 pub mod conn;
 pub mod proto;
+pub mod pubsub;
 pub mod server;
 pub mod ws;

@@ -54,6 +54,10 @@ fn main() -> ExitCode {
                 handshake_timeouts = stats.handshake_timeouts,
                 parks = stats.parks,
                 resumes = stats.resumes,
+                publishes = stats.publishes,
+                deliveries = stats.deliveries,
+                dropped = stats.dropped,
+                slow_consumers = stats.slow_consumers,
                 "stopped"
             );
             ExitCode::SUCCESS

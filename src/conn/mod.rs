@@ -263,6 +263,9 @@ impl<'a> Conn<'a> {
     /// starts with a read: its socket is likely what woke it.
     async fn run(&mut self, route: RouteId, resumed: bool) -> End {
         let mut app = App::for_route(self.shard.config.route_by_id(route));
+        if !resumed {
+            app.start(&mut self.out, &self.shard.pool, self.session);
+        }
         let mut reader = MessageReader::new(Role::Server, self.shard.config.limits);
         // Frames that arrived with the request head come first.
         let mut flow = if !self.carry.is_empty() {
@@ -311,6 +314,10 @@ impl<'a> Conn<'a> {
                 let reason = "server shutting down";
                 return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, reason)).await);
             }
+            if self.kicks.has(Kick::SLOW) {
+                let reason = "slow consumer";
+                return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::POLICY_VIOLATION, reason)).await);
+            }
             if self.kicks.has(Kick::PING) {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
                 self.out.push_frame(&self.shard.pool, Opcode::Ping, &[]);
@@ -323,6 +330,15 @@ impl<'a> Conn<'a> {
                 return End::Closed(None);
             }
             if !self.kicks.is_empty() {
+                continue;
+            }
+            if self.session.is_blocked() {
+                // Reads stay paused until the publish is through.
+                match Box::pin(self.wait_for_ring_space()).await {
+                    Ok(Wake::Kick(k)) => self.kicks = self.kicks.with(k),
+                    Ok(Wake::Ready) => flow = self.process_carry(&mut reader, &mut app),
+                    Err(_) => return End::Closed(None),
+                }
                 continue;
             }
             match ready_or_kick(self.stream.readable(false), self.session).await {
@@ -341,10 +357,31 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Waits until the app's pending cross-core envelopes are all sent, or
+    /// a kick comes. `Ready` once they are.
+    async fn wait_for_ring_space(&mut self) -> io::Result<Wake> {
+        let session = self.session;
+        std::future::poll_fn(|cx| {
+            match session.poll_kick(cx.waker()) {
+                Some(kick) if kick.has(Kick::ABORT) => return Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+                Some(kick) => return Poll::Ready(Ok(Wake::Kick(kick))),
+                None => {}
+            }
+            session.poll_unblocked(cx).map(|()| Ok(Wake::Ready))
+        })
+        .await
+    }
+
     /// Nothing in progress that lives in the task: no partial frame or
-    /// message, no queued output, a protocol whose state is not in the task.
+    /// message, no queued output or deliveries, a protocol whose state is
+    /// not in the task.
     fn may_park(&self, reader: &MessageReader, app: &App) -> bool {
-        reader.is_idle() && self.carry.is_empty() && self.out.is_empty() && app.may_park()
+        reader.is_idle()
+            && self.carry.is_empty()
+            && self.out.is_empty()
+            && app.may_park()
+            && !self.session.has_deliveries()
+            && !self.session.is_blocked()
     }
 
     /// Hands the socket to the shard's parking lot. `false` if it could not
@@ -376,7 +413,7 @@ impl<'a> Conn<'a> {
             return Ok(None);
         }
         self.session.peer_alive();
-        let (used, flow, frame_bytes) = process(&mut scratch, reader, app, &mut self.out, shard);
+        let (used, flow, frame_bytes) = process(&mut scratch, reader, app, &mut self.out, self.session);
         self.carry_frame_bytes = frame_bytes;
         if used < scratch.len() {
             // Keep the unfinished frame for the next read.
@@ -406,7 +443,7 @@ impl<'a> Conn<'a> {
     }
 
     fn process_carry(&mut self, reader: &mut MessageReader, app: &mut App) -> Flow {
-        let (used, flow, frame_bytes) = process(&mut self.carry, reader, app, &mut self.out, self.shard);
+        let (used, flow, frame_bytes) = process(&mut self.carry, reader, app, &mut self.out, self.session);
         self.carry_frame_bytes = frame_bytes;
         self.carry.drain(..used);
         let pool = &self.shard.pool;
@@ -457,12 +494,25 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Writes all queued output, waiting for writability as needed.
+    /// Writes all queued output (the session's own replies, then queued
+    /// deliveries), waiting for writability as needed.
     async fn flush(&mut self) -> io::Result<()> {
-        match self.out.flush(&self.socket, &self.shard.pool)? {
+        match self.try_flush()? {
             Flush::Done => Ok(()),
             // A full socket is the rare case: its wait is boxed.
             Flush::Blocked => Box::pin(self.flush_when_writable()).await,
+        }
+    }
+
+    /// Frames never interleave: a delivery partly written is finished
+    /// before our own output, and deliveries go only once that is all out.
+    fn try_flush(&mut self) -> io::Result<Flush> {
+        if let Flush::Blocked = self.session.flush_deliveries(&self.socket, true)? {
+            return Ok(Flush::Blocked);
+        }
+        match self.out.flush(&self.socket, &self.shard.pool)? {
+            Flush::Done => self.session.flush_deliveries(&self.socket, false),
+            Flush::Blocked => Ok(Flush::Blocked),
         }
     }
 
@@ -476,7 +526,7 @@ impl<'a> Conn<'a> {
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
                 Wake::Kick(k) => self.kicks = self.kicks.with(k),
             }
-            let flushed = self.out.flush(&self.socket, &self.shard.pool)?;
+            let flushed = self.try_flush()?;
             self.session.peer_alive();
             if let Flush::Done = flushed {
                 return Ok(());
@@ -564,8 +614,9 @@ fn process(
     reader: &mut MessageReader,
     app: &mut App,
     out: &mut Outbound,
-    shard: &Shard,
+    session: &Session,
 ) -> (usize, Flow, Option<usize>) {
+    let shard = session.shard();
     let pool = &shard.pool;
     let mut pos = 0;
     let mut messages_in = 0u64;
@@ -584,7 +635,12 @@ fn process(
                     Event::Message { kind, payload } => {
                         messages_in += 1;
                         bytes_in += payload.len() as u64;
-                        app.on_message(kind, payload, out, pool);
+                        app.on_message(kind, payload, out, pool, session);
+                        if session.is_blocked() {
+                            // A cross-core ring is full: stop here; the rest
+                            // waits in `carry` until the publish is through.
+                            break Flow::Continue;
+                        }
                     }
                     // RFC 6455 5.5.2: answer a ping with a pong of the same payload.
                     Event::Ping(payload) if app.replies() => out.push_frame(pool, Opcode::Pong, payload),
@@ -616,8 +672,6 @@ fn process(
 mod tests {
     use super::*;
     use crate::config::Options;
-    use std::rc::Rc;
-    use std::sync::Arc;
 
     /// The connection task is what an idle connection costs: keep it small.
     /// Budget in bytes for the future of `serve` (monoio's task header and
@@ -636,7 +690,7 @@ mod tests {
             let (accepted, _) = listener.accept().unwrap();
             accepted.set_nonblocking(true).unwrap();
             let stream = TcpStream::from_std(accepted).unwrap();
-            let shard = Rc::new(Shard::new(0, Arc::new(Options::default().validate(1).unwrap())).unwrap());
+            let shard = crate::conn::shard::tests::test_shard(Options::default());
             let future = serve(stream, shard.open_session());
             let size = std::mem::size_of_val(&future);
             eprintln!("serve future: {size} bytes");

@@ -11,19 +11,26 @@
 //! task for it again. Protocol logic is not here.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
+use bytes::Bytes;
 use slotmap::{new_key_type, Key, KeyData, SlotMap};
 
+use super::outbound::Flush;
 use super::park::ParkingLot;
 use super::pool::BufferPool;
-use crate::config::{Config, RouteId};
+use super::socket::Socket;
+use crate::config::{Config, RouteId, SlowConsumer};
+use crate::pubsub::mesh::CoreMesh;
+use crate::pubsub::{Hub, Pending};
 use crate::ws::CloseCode;
+use crate::ws::MessageKind;
 
 new_key_type! {
     /// Slot and generation of a session in its core's table.
@@ -42,6 +49,10 @@ impl Kick {
     pub const ABORT: Kick = Kick(8);
     /// Quiet for `park_after_ms`: park if nothing is in progress.
     pub const PARK: Kick = Kick(16);
+    /// Deliveries were queued for the session.
+    pub const DELIVER: Kick = Kick(32);
+    /// The session's deliveries passed `max_outbound_bytes` (policy close).
+    pub const SLOW: Kick = Kick(64);
 
     pub fn has(self, k: Kick) -> bool {
         self.0 & k.0 != 0
@@ -71,13 +82,46 @@ struct Slot {
     phase_since_ms: u64,
     last_rx_ms: u64,
     last_ping_ms: u64,
+    /// Last time deliveries went out (a subscriber that only receives is
+    /// not quiet, and does not park between deliveries).
+    last_tx_ms: u64,
     last_park_kick_ms: u64,
     shutdown_sent: bool,
     kick: Kick,
     waker: Option<Waker>,
     /// Set while the session has no task.
     parked: Option<Parked>,
+    /// Subscriptions and queued deliveries: only for pub/sub sessions.
+    pubsub: Option<Box<SessionPubSub>>,
 }
+
+/// A pub/sub session's state that outlives its task: its topics, and the
+/// shared frames queued for it (written with vectored sends).
+#[derive(Default)]
+struct SessionPubSub {
+    topics: Vec<Box<[u8]>>,
+    queue: VecDeque<Bytes>,
+    queued_bytes: usize,
+    /// Bytes of the queue's first frame already written.
+    head_sent: usize,
+    /// Over the limit under the close policy: takes no more deliveries.
+    slow: bool,
+    /// Envelopes of this session's publishes that wait for ring space.
+    pending: Pending,
+}
+
+impl SessionPubSub {
+    /// Drops every queued frame not yet started; a frame partly written
+    /// stays, so the stream of frames is never cut mid-frame.
+    fn drop_unsent(&mut self) {
+        let keep = usize::from(self.head_sent > 0).min(self.queue.len());
+        self.queue.truncate(keep);
+        self.queued_bytes = self.queue.front().map_or(0, |f| f.len() - self.head_sent);
+    }
+}
+
+/// Frames per vectored send.
+const IOV_FRAMES: usize = 64;
 
 /// What a parked session keeps: its socket (a duplicate fd, registered in
 /// the parking lot) and its route.
@@ -106,6 +150,12 @@ pub struct Stats {
     /// Times a quiet session parked, and times a parked one got a task again.
     pub parks: u64,
     pub resumes: u64,
+    /// Publishes made on this core (by its clients), frames queued for its
+    /// subscribers, deliveries dropped (policy drop), slow consumers closed.
+    pub publishes: u64,
+    pub deliveries: u64,
+    pub dropped: u64,
+    pub slow_consumers: u64,
 }
 
 impl Stats {
@@ -127,6 +177,10 @@ impl Stats {
         self.bytes_in += other.bytes_in;
         self.parks += other.parks;
         self.resumes += other.resumes;
+        self.publishes += other.publishes;
+        self.deliveries += other.deliveries;
+        self.dropped += other.dropped;
+        self.slow_consumers += other.slow_consumers;
     }
 }
 
@@ -145,6 +199,7 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     pub stats: RefCell<Stats>,
     sessions: RefCell<SlotMap<SessionKey, Slot>>,
+    pub hub: Hub,
     lot: ParkingLot,
     /// Parking needs the lot's waiter running (see `enable_parking`).
     parking: Cell<bool>,
@@ -157,14 +212,16 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(core: usize, config: Arc<Config>) -> std::io::Result<Shard> {
+    /// The shard of the core at `mesh`'s end of the mesh.
+    pub fn new(config: Arc<Config>, mesh: CoreMesh) -> io::Result<Shard> {
         Ok(Shard {
-            core,
+            core: mesh.core(),
             config,
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
             stats: RefCell::new(Stats::default()),
             sessions: RefCell::new(SlotMap::with_key()),
+            hub: Hub::new(mesh),
             lot: ParkingLot::new()?,
             parking: Cell::new(false),
             parked: Cell::new(0),
@@ -211,11 +268,13 @@ impl Shard {
             phase_since_ms: now,
             last_rx_ms: now,
             last_ping_ms: now,
+            last_tx_ms: now,
             last_park_kick_ms: now,
             shutdown_sent: false,
             kick: Kick::default(),
             waker: None,
             parked: None,
+            pubsub: None,
         });
         Session {
             shard: self.clone(),
@@ -246,11 +305,15 @@ impl Shard {
     /// parked one at once, by closing its socket.
     pub fn abort_all(&self) {
         let mut aborted_parked = 0;
+        let mut left_topics = Vec::new();
         let empty = {
             let mut sessions = self.sessions.borrow_mut();
-            sessions.retain(|_, slot| {
+            sessions.retain(|key, slot| {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
+                    if let Some(ps) = slot.pubsub.take() {
+                        left_topics.push((key, ps));
+                    }
                     return false;
                 }
                 slot.kick = slot.kick.with(Kick::ABORT);
@@ -261,6 +324,11 @@ impl Shard {
             });
             sessions.is_empty()
         };
+        for (key, ps) in left_topics {
+            for topic in &ps.topics {
+                self.hub.unsubscribe(topic, key);
+            }
+        }
         self.parked.set(self.parked.get() - aborted_parked);
         // As for a task that is aborted: no close frame came from the peer.
         *self.stats.borrow_mut().closed.entry(CloseCode::ABNORMAL.0).or_default() += aborted_parked as u64;
@@ -300,6 +368,7 @@ impl Shard {
                         && slot.parked.is_none()
                         && !shutting_down
                         && quiet >= park_after
+                        && now.saturating_sub(slot.last_tx_ms) >= park_after
                         && now.saturating_sub(slot.last_park_kick_ms) >= park_after
                     {
                         slot.last_park_kick_ms = now;
@@ -392,6 +461,62 @@ impl Shard {
         (shortest / 4).clamp(10, 100)
     }
 
+    pub fn count_publish(&self) {
+        self.stats.borrow_mut().publishes += 1;
+    }
+
+    /// Queues a shared frame for session `key`, applying the outbound limit,
+    /// and wakes (or resumes) it if its queue was empty. Sessions that are
+    /// gone, not open or not pub/sub are skipped.
+    pub fn deliver(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
+        let limit = self.config.max_outbound_bytes;
+        let mut resume = false;
+        {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(slot) = sessions.get_mut(key) else { return };
+            if slot.phase != Phase::Open {
+                return;
+            }
+            let Some(ps) = slot.pubsub.as_mut() else { return };
+            if ps.slow {
+                return;
+            }
+            let mut stats = self.stats.borrow_mut();
+            if ps.queued_bytes + frame.len() > limit {
+                match self.config.slow_consumer {
+                    SlowConsumer::Drop => {
+                        stats.dropped += 1;
+                        return;
+                    }
+                    SlowConsumer::Close => {
+                        // Free the queue now; the task closes with 1008.
+                        ps.slow = true;
+                        ps.drop_unsent();
+                        stats.slow_consumers += 1;
+                        slot.kick = slot.kick.with(Kick::SLOW);
+                    }
+                }
+            } else {
+                stats.deliveries += 1;
+                let was_empty = ps.queue.is_empty();
+                ps.queued_bytes += frame.len();
+                ps.queue.push_back(frame.clone());
+                if !was_empty {
+                    return;
+                }
+                slot.kick = slot.kick.with(Kick::DELIVER);
+            }
+            if slot.parked.is_some() {
+                resume = true;
+            } else if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+        }
+        if resume {
+            self.resume(key);
+        }
+    }
+
     pub fn count_close(&self, code: CloseCode) {
         *self.stats.borrow_mut().closed.entry(code.0).or_default() += 1;
     }
@@ -416,6 +541,10 @@ impl Session {
         &self.shard
     }
 
+    pub fn shard_rc(&self) -> &Rc<Shard> {
+        &self.shard
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> R {
         let mut sessions = self.shard.sessions.borrow_mut();
         // A Session is the only remover of its slot, so the slot exists.
@@ -424,11 +553,173 @@ impl Session {
             .expect("session slot exists while the Session lives"))
     }
 
+    /// The session's id for the admin API and `HELLO`: core, slot and
+    /// generation, `<core>.<slot>.<generation>`.
+    pub fn id(&self) -> String {
+        let ffi = self.key.data().as_ffi();
+        format!("{}.{}.{}", self.shard.core, ffi & 0xffff_ffff, ffi >> 32)
+    }
+
+    pub fn key(&self) -> SessionKey {
+        self.key
+    }
+
+    /// Makes this a pub/sub session: it can subscribe and take deliveries.
+    pub fn enable_pubsub(&self) {
+        self.with(|s| {
+            s.pubsub.get_or_insert_with(Default::default);
+        });
+    }
+
+    /// Subscribes the session to `topic` (a valid name); `Ok(false)` if it
+    /// already was. Fails at `max_subscriptions`.
+    pub fn subscribe(&self, topic: &[u8]) -> Result<bool, crate::proto::native::Refusal> {
+        let max = self.shard.config.max_subscriptions;
+        let added = self.with(|s| {
+            let ps = s.pubsub.get_or_insert_with(Default::default);
+            if ps.topics.iter().any(|t| &t[..] == topic) {
+                return Ok(false);
+            }
+            if ps.topics.len() >= max {
+                return Err(crate::proto::native::Refusal::TooManySubscriptions);
+            }
+            ps.topics.push(topic.into());
+            Ok(true)
+        })?;
+        if added {
+            self.shard.hub.subscribe(topic, self.key);
+        }
+        Ok(added)
+    }
+
+    pub fn unsubscribe(&self, topic: &[u8]) {
+        let removed = self.with(|s| {
+            let Some(ps) = s.pubsub.as_mut() else { return false };
+            let Some(at) = ps.topics.iter().position(|t| &t[..] == topic) else {
+                return false;
+            };
+            ps.topics.swap_remove(at);
+            true
+        });
+        if removed {
+            self.shard.hub.unsubscribe(topic, self.key);
+        }
+    }
+
+    /// Publishes from this session (see `Hub::publish`); envelopes that
+    /// found a ring full wait in the slot, and the session is not read
+    /// until they are through (`poll_unblocked`).
+    pub fn publish(&self, kind: MessageKind, topic: &[u8], payload: &[u8]) {
+        let mut pending = self.with(|s| {
+            s.pubsub
+                .as_mut()
+                .map(|ps| std::mem::take(&mut ps.pending))
+                .unwrap_or_default()
+        });
+        self.shard.hub.publish(&self.shard, kind, topic, payload, &mut pending);
+        self.put_pending(pending);
+    }
+
+    fn put_pending(&self, pending: Pending) {
+        self.with(|s| {
+            if let Some(ps) = s.pubsub.as_mut() {
+                ps.pending = pending;
+            }
+        });
+    }
+
+    /// Whether a publish waits for ring space.
+    pub fn is_blocked(&self) -> bool {
+        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| !ps.pending.is_empty()))
+    }
+
+    /// Ready once no publish waits for ring space.
+    pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut pending = self.with(|s| {
+            s.pubsub
+                .as_mut()
+                .map(|ps| std::mem::take(&mut ps.pending))
+                .unwrap_or_default()
+        });
+        let hub = &self.shard.hub;
+        let ready = loop {
+            if hub.retry(&mut pending) {
+                break true;
+            }
+            if hub.mesh.poll_space(pending[0].0, cx).is_pending() {
+                break false;
+            }
+        };
+        self.put_pending(pending);
+        if ready {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Whether deliveries wait to be written.
+    pub fn has_deliveries(&self) -> bool {
+        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| !ps.queue.is_empty()))
+    }
+
+    /// Writes queued deliveries, many frames per vectored send, until the
+    /// queue is empty or the socket is full. With `partial_only`, only the
+    /// rest of a frame already partly written: other output may go out
+    /// only between whole frames.
+    pub fn flush_deliveries(&self, socket: &Socket<'_>, partial_only: bool) -> io::Result<Flush> {
+        let now = self.shard.now_ms();
+        self.with(|s| {
+            let Some(ps) = s.pubsub.as_mut() else {
+                return Ok(Flush::Done);
+            };
+            while !ps.queue.is_empty() && (!partial_only || ps.head_sent > 0) {
+                let mut iov = [IoSlice::new(&[]); IOV_FRAMES];
+                let mut n = 0;
+                let frames = if partial_only { 1 } else { IOV_FRAMES };
+                for (i, frame) in ps.queue.iter().take(frames).enumerate() {
+                    let from = if i == 0 { ps.head_sent } else { 0 };
+                    iov[i] = IoSlice::new(&frame[from..]);
+                    n += 1;
+                }
+                let mut written = match socket.send_vectored(&iov[..n]) {
+                    Ok(written) => written,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                s.last_tx_ms = now;
+                ps.queued_bytes -= written;
+                while written > 0 {
+                    let left = ps.queue[0].len() - ps.head_sent;
+                    if written < left {
+                        ps.head_sent += written;
+                        break;
+                    }
+                    written -= left;
+                    ps.head_sent = 0;
+                    ps.queue.pop_front();
+                }
+            }
+            // A large burst may have grown the queue: give the memory back.
+            if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
+                ps.queue = VecDeque::new();
+            }
+            Ok(Flush::Done)
+        })
+    }
+
     pub fn set_phase(&self, phase: Phase) {
         let now = self.shard.now_ms();
         self.with(|s| {
             s.phase = phase;
             s.phase_since_ms = now;
+            if phase == Phase::Closing {
+                // Nothing may follow our close frame (RFC 6455 5.5.1).
+                if let Some(ps) = s.pubsub.as_mut() {
+                    ps.drop_unsent();
+                }
+            }
         });
     }
 
@@ -472,15 +763,21 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let empty = {
+        let (empty, pubsub) = {
             let mut sessions = self.shard.sessions.borrow_mut();
             if sessions.get(self.key).is_some_and(|s| s.parked.is_some()) {
                 // Parked: the slot lives on without a task.
                 return;
             }
-            sessions.remove(self.key);
-            sessions.is_empty()
+            let slot = sessions.remove(self.key);
+            (sessions.is_empty(), slot.and_then(|s| s.pubsub))
         };
+        // A closing connection leaves all its topics.
+        if let Some(ps) = pubsub {
+            for topic in &ps.topics {
+                self.shard.hub.unsubscribe(topic, self.key);
+            }
+        }
         if empty && self.shard.is_shutting_down() {
             self.shard.wake_watcher();
         }
@@ -488,7 +785,7 @@ impl Drop for Session {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Options;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -509,7 +806,12 @@ mod tests {
             close_timeout_ms: Some(500),
             ..Options::default()
         };
-        Rc::new(Shard::new(0, Arc::new(opts.validate(1).unwrap())).unwrap())
+        test_shard(opts)
+    }
+
+    pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
+        let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
+        Rc::new(Shard::new(Arc::new(opts.validate(1).unwrap()), mesh).unwrap())
     }
 
     fn waker() -> (Arc<CountingWaker>, Waker) {
@@ -563,7 +865,7 @@ mod tests {
             park_after_ms: Some(400),
             ..Options::default()
         };
-        let shard = Rc::new(Shard::new(0, Arc::new(opts.validate(1).unwrap())).unwrap());
+        let shard = test_shard(opts);
         let s = shard.open_session();
         let h = shard.open_session();
         s.set_phase(Phase::Open);
@@ -638,7 +940,7 @@ mod tests {
     #[test]
     fn tick_follows_shortest_timeout() {
         assert_eq!(shard().tick_ms(), 25);
-        let default = Shard::new(0, Arc::new(Options::default().validate(1).unwrap())).unwrap();
+        let default = test_shard(Options::default());
         assert_eq!(default.tick_ms(), 100);
     }
 }

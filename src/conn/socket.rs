@@ -59,6 +59,12 @@ impl<'a> Socket<'a> {
             .send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     }
 
+    /// Writes what it can of `frames`, in order, with one vectored send.
+    pub fn send_vectored(&self, frames: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+        self.sock()
+            .send_vectored_with_flags(frames, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
     pub fn shutdown_write(&self) -> io::Result<()> {
         self.sock().shutdown(Shutdown::Write)
     }

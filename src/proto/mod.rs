@@ -5,14 +5,20 @@
 //! connection speaks is decided by its route at the handshake.
 
 pub mod echo;
+pub mod native;
 
 use crate::config::{Route, RouteProtocol};
 use crate::conn::outbound::Outbound;
 use crate::conn::pool::BufferPool;
+use crate::conn::shard::Session;
 use crate::ws::MessageKind;
 
 pub enum App {
     Echo,
+    /// The native pub/sub protocol. Its state (subscriptions, queued
+    /// deliveries, publishes waiting for ring space) lives in the session's
+    /// slot, not in the task.
+    Native,
     /// Our close frame is sent: every message is dropped and nothing is
     /// answered (RFC 6455 5.5.1), so a closing peer cannot make output grow.
     Closing,
@@ -22,12 +28,38 @@ impl App {
     pub fn for_route(route: &Route) -> App {
         match route.protocol {
             RouteProtocol::Echo => App::Echo,
+            RouteProtocol::Pubsub => App::Native,
         }
     }
 
-    pub fn on_message(&mut self, kind: MessageKind, payload: &[u8], out: &mut Outbound, pool: &BufferPool) {
+    /// What the protocol says first, right after the 101.
+    pub fn start(&mut self, out: &mut Outbound, pool: &BufferPool, session: &Session) {
+        if let App::Native = self {
+            session.enable_pubsub();
+            out.push_bytes(pool, &native::hello_frame(&session.id()));
+        }
+    }
+
+    pub fn on_message(
+        &mut self,
+        kind: MessageKind,
+        payload: &[u8],
+        out: &mut Outbound,
+        pool: &BufferPool,
+        session: &Session,
+    ) {
         match self {
             App::Echo => echo::on_message(kind, payload, out, pool),
+            App::Native => match native::parse(payload) {
+                Ok(native::Command::Sub(topic)) => {
+                    if let Err(refusal) = session.subscribe(topic) {
+                        out.push_bytes(pool, &native::error_frame(refusal, Some(topic)));
+                    }
+                }
+                Ok(native::Command::Unsub(topic)) => session.unsubscribe(topic),
+                Ok(native::Command::Pub { topic, payload }) => session.publish(kind, topic, payload),
+                Err(refusal) => out.push_bytes(pool, &native::error_frame(refusal, None)),
+            },
             App::Closing => {}
         }
     }
@@ -35,7 +67,7 @@ impl App {
     /// Whether the protocol keeps no state in the connection's task, so the
     /// connection may park between messages.
     pub fn may_park(&self) -> bool {
-        matches!(self, App::Echo)
+        !matches!(self, App::Closing)
     }
 
     /// Whether pings and closes still get answers.

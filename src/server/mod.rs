@@ -95,11 +95,16 @@ impl Server {
     pub fn start(config: Config) -> Result<Server, ServerError> {
         let config = Arc::new(config);
         let (listeners, local_addr) = bind_listeners(config.listen, config.workers)?;
+        let meshes =
+            crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
+                core: 0,
+                error: format!("cannot build the mesh: {e}"),
+            })?;
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         let shutdown = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.workers);
-        for (index, listener) in listeners.into_iter().enumerate() {
+        for ((index, listener), mesh) in listeners.into_iter().enumerate().zip(meshes) {
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
             let config = config.clone();
             let shutdown = shutdown.clone();
@@ -110,7 +115,7 @@ impl Server {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    run_worker(index, listener, config, shutdown, ready)
+                    run_worker(index, listener, mesh, config, shutdown, ready)
                 })
                 .map_err(|e| ServerError::Worker {
                     core: index,
@@ -199,6 +204,7 @@ type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
 fn run_worker(
     index: usize,
     listener: std::net::TcpListener,
+    mesh: crate::pubsub::mesh::CoreMesh,
     config: Arc<Config>,
     shutdown: Arc<AtomicBool>,
     ready: Ready,
@@ -214,7 +220,7 @@ fn run_worker(
         core: index,
         error: error.to_string(),
     };
-    let shard = match Shard::new(index, config.clone()) {
+    let shard = match Shard::new(config.clone(), mesh) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
             let _ = ready.send(Err(fail(e)));
@@ -289,6 +295,7 @@ fn worker(
                 _ = life => {}
                 _ = sweep(shard.clone(), shutdown) => {}
                 _ = resume_parked(shard.clone()) => {}
+                _ = mesh_loop(shard.clone()) => {}
             }
         })
     }
@@ -313,6 +320,45 @@ async fn resume_parked(shard: Rc<Shard>) {
             tracing::warn!(core = shard.core, error = %e, "parking lot wait failed");
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Takes what other cores send this one, until all rings are empty, then
+/// sleeps on the core's doorbell. Never waits for ring space itself, which
+/// is what keeps the mesh free of deadlock (docs/ARCHITECTURE.md).
+async fn mesh_loop(shard: Rc<Shard>) {
+    let hub = &shard.hub;
+    if hub.mesh.cores() == 1 {
+        return std::future::pending().await;
+    }
+    let doorbell = match hub.mesh.doorbell_waiter() {
+        Ok(d) => d,
+        Err(e) => {
+            // Without a doorbell, poll the rings on a short timer instead.
+            tracing::warn!(core = shard.core, error = %e, "mesh doorbell unavailable: polling every millisecond");
+            loop {
+                hub.mesh.drain(|envelope| hub.receive(&shard, envelope));
+                hub.flush_interest();
+                hub.mesh.wake_space_waiters();
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    loop {
+        let taken = hub.mesh.drain(|envelope| hub.receive(&shard, envelope));
+        hub.flush_interest();
+        hub.mesh.wake_space_waiters();
+        if taken > 0 {
+            // Let the sessions just fed write before draining more: ring
+            // our own doorbell, so the wait below ends only after the
+            // core's other ready tasks ran (a task that wakes itself is
+            // polled again at once by monoio).
+            hub.mesh.ring_own_doorbell();
+        } else if !hub.mesh.arm() {
+            continue;
+        }
+        let _ = doorbell.readable(false).await;
+        hub.mesh.clear_doorbell();
     }
 }
 

@@ -1,0 +1,371 @@
+//! The mesh: how cores talk without sharing mutable state.
+//!
+//! One bounded wait-free SPSC ring (rtrb) for each ordered pair of cores,
+//! and one doorbell (an eventfd) per core. A producer rings the target's
+//! doorbell only when the target has said it may go to sleep (`armed`), so
+//! a busy core is never signalled; the target drains every ring until all
+//! are empty before it arms its doorbell again.
+//!
+//! A full ring never drops: the producer raises the ring's `space_wanted`
+//! flag and waits; the consumer, after popping from a ring with that flag
+//! set, rings the producer's doorbell, and the producer's core wakes the
+//! tasks waiting for space. Why this cannot deadlock is in
+//! docs/ARCHITECTURE.md ("The mesh").
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+use crate::conn::park::duplicate;
+
+/// Envelopes taken from one ring per drain.
+const DRAIN_BUDGET: usize = 1024;
+
+/// What crosses from one core to another.
+#[derive(Debug)]
+pub enum Envelope {
+    /// Deliver `frame` to this core's subscribers of `topic`.
+    Publish { topic: Bytes, frame: Bytes },
+    /// Core `core` now has (`on`) or no longer has subscribers of `topic`.
+    Interest { topic: Bytes, core: u16, on: bool },
+}
+
+/// A core's wake-up, shared by every core.
+pub struct Doorbell {
+    eventfd: OwnedFd,
+    /// Set by the owner before it waits; taken by whoever rings.
+    armed: AtomicBool,
+    rings: AtomicU64,
+}
+
+impl Doorbell {
+    fn new() -> io::Result<Doorbell> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Doorbell {
+            // SAFETY: `fd` is a fresh fd that nothing else owns.
+            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            armed: AtomicBool::new(false),
+            rings: AtomicU64::new(0),
+        })
+    }
+
+    /// Wakes the owner if it may be asleep.
+    pub fn ring(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.rings.fetch_add(1, Ordering::Relaxed);
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd. It
+            // can only fail if the counter would overflow, which leaves the
+            // fd readable anyway.
+            unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+
+    /// Times this doorbell actually signalled (woke or could have woken) its core.
+    pub fn signals(&self) -> u64 {
+        self.rings.load(Ordering::Relaxed)
+    }
+}
+
+/// Flags shared by the two ends of one ring.
+struct RingShared {
+    space_wanted: AtomicBool,
+}
+
+struct Outbound {
+    producer: RefCell<rtrb::Producer<Envelope>>,
+    shared: Arc<RingShared>,
+    capacity: usize,
+}
+
+struct Inbound {
+    from: usize,
+    consumer: RefCell<rtrb::Consumer<Envelope>>,
+    shared: Arc<RingShared>,
+}
+
+/// One core's end of the mesh: its rings to and from every other core.
+pub struct CoreMesh {
+    core: usize,
+    doorbells: Arc<[Doorbell]>,
+    /// By target core; `None` at our own index.
+    outbound: Vec<Option<Outbound>>,
+    inbound: Vec<Inbound>,
+    /// Tasks waiting for space in one of our outbound rings.
+    space_waiters: RefCell<Vec<Waker>>,
+}
+
+/// Builds the mesh for `cores` cores with rings of `capacity` envelopes.
+pub fn build(cores: usize, capacity: usize) -> io::Result<Vec<CoreMesh>> {
+    let doorbells: Arc<[Doorbell]> = (0..cores)
+        .map(|_| Doorbell::new())
+        .collect::<io::Result<Vec<_>>>()?
+        .into();
+    let mut meshes: Vec<CoreMesh> = (0..cores)
+        .map(|core| CoreMesh {
+            core,
+            doorbells: doorbells.clone(),
+            outbound: (0..cores).map(|_| None).collect(),
+            inbound: Vec::new(),
+            space_waiters: RefCell::new(Vec::new()),
+        })
+        .collect();
+    for from in 0..cores {
+        for to in (0..cores).filter(|&to| to != from) {
+            let (producer, consumer) = rtrb::RingBuffer::new(capacity);
+            let shared = Arc::new(RingShared {
+                space_wanted: AtomicBool::new(false),
+            });
+            meshes[from].outbound[to] = Some(Outbound {
+                producer: RefCell::new(producer),
+                shared: shared.clone(),
+                capacity,
+            });
+            meshes[to].inbound.push(Inbound {
+                from,
+                consumer: RefCell::new(consumer),
+                shared,
+            });
+        }
+    }
+    Ok(meshes)
+}
+
+impl CoreMesh {
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    pub fn cores(&self) -> usize {
+        self.outbound.len()
+    }
+
+    /// Pushes `envelope` to core `to` and wakes it if it may be asleep.
+    /// A full ring gives the envelope back; call `poll_space` to wait.
+    pub fn send(&self, to: usize, envelope: Envelope) -> Result<(), Envelope> {
+        let ring = self.outbound[to].as_ref().expect("no ring to our own core");
+        match ring.producer.borrow_mut().push(envelope) {
+            Ok(()) => {
+                self.doorbells[to].ring();
+                Ok(())
+            }
+            Err(rtrb::PushError::Full(envelope)) => Err(envelope),
+        }
+    }
+
+    /// Ready when ring `to` has room; otherwise asks its consumer to ring
+    /// our doorbell once it has made some.
+    pub fn poll_space(&self, to: usize, cx: &mut Context<'_>) -> Poll<()> {
+        let ring = self.outbound[to].as_ref().expect("no ring to our own core");
+        if !ring.producer.borrow().is_full() {
+            return Poll::Ready(());
+        }
+        self.space_waiters.borrow_mut().push(cx.waker().clone());
+        ring.shared.space_wanted.store(true, Ordering::SeqCst);
+        // The consumer may have made room between the check and the flag.
+        if !ring.producer.borrow().is_full() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Takes every envelope waiting in our inbound rings, in ring order,
+    /// and rings the doorbell of each producer that waits for space.
+    /// Returns how many were taken.
+    pub fn drain(&self, mut handle: impl FnMut(Envelope)) -> usize {
+        let mut taken = 0;
+        for ring in &self.inbound {
+            let mut consumer = ring.consumer.borrow_mut();
+            let mut popped = false;
+            // Bounded per ring, so a busy producer cannot hold the others back.
+            for _ in 0..DRAIN_BUDGET {
+                let Ok(envelope) = consumer.pop() else { break };
+                handle(envelope);
+                taken += 1;
+                popped = true;
+            }
+            if popped && ring.shared.space_wanted.swap(false, Ordering::SeqCst) {
+                // Force the signal: the producer's core may be busy but is
+                // waiting for exactly this.
+                self.doorbells[ring.from].armed.store(true, Ordering::SeqCst);
+                self.doorbells[ring.from].ring();
+            }
+        }
+        taken
+    }
+
+    /// Wakes every task that waited for ring space (some may find their
+    /// ring still full and wait again).
+    pub fn wake_space_waiters(&self) {
+        for waker in self.space_waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Says we may go to sleep. Returns `false` if an envelope arrived
+    /// meanwhile (drain again instead of sleeping).
+    pub fn arm(&self) -> bool {
+        self.doorbells[self.core].armed.store(true, Ordering::SeqCst);
+        if self.inbound.iter().any(|r| !r.consumer.borrow().is_empty()) {
+            self.doorbells[self.core].armed.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Rings our own doorbell (see `mesh_loop`).
+    pub fn ring_own_doorbell(&self) {
+        let own = &self.doorbells[self.core];
+        own.armed.store(true, Ordering::SeqCst);
+        own.ring();
+    }
+
+    /// A monoio handle on our doorbell: readable once rung.
+    pub fn doorbell_waiter(&self) -> io::Result<monoio::net::UnixStream> {
+        let fd = duplicate(self.doorbells[self.core].eventfd.as_raw_fd())?;
+        monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+    }
+
+    /// Resets our doorbell's counter after a wake-up.
+    pub fn clear_doorbell(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer; EAGAIN (nothing
+        // to clear) is fine.
+        unsafe {
+            libc::read(
+                self.doorbells[self.core].eventfd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                8,
+            )
+        };
+    }
+
+    /// Envelopes waiting in our ring to each other core, and its capacity.
+    pub fn fullness(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.outbound.iter().enumerate().filter_map(|(to, ring)| {
+            let ring = ring.as_ref()?;
+            let used = ring.capacity - ring.producer.borrow().slots();
+            Some((to, used, ring.capacity))
+        })
+    }
+
+    /// Times our doorbell signalled us.
+    pub fn doorbell_signals(&self) -> u64 {
+        self.doorbells[self.core].signals()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three cores, tiny rings, every core sending numbered publishes to
+    /// every other from its own thread while draining its inbound rings:
+    /// each consumer must see each producer's numbers exactly once, in
+    /// order, whatever the interleaving and however often rings are full.
+    #[test]
+    fn rings_lose_and_reorder_nothing_under_contention() {
+        const CORES: usize = 3;
+        const EACH: u64 = 20_000;
+        let meshes = build(CORES, 8).unwrap();
+        let threads: Vec<_> = meshes
+            .into_iter()
+            .map(|mesh| {
+                std::thread::spawn(move || {
+                    let me = mesh.core();
+                    let mut next_to_send = [0u64; CORES];
+                    let mut next_expected = [0u64; CORES];
+                    let mut full_seen = 0u64;
+                    let done = |sent: &[u64; CORES], got: &[u64; CORES]| {
+                        (0..CORES)
+                            .filter(|&c| c != me)
+                            .all(|c| sent[c] == EACH && got[c] == EACH)
+                    };
+                    let mut spins = 0u64;
+                    while !done(&next_to_send, &next_expected) {
+                        spins += 1;
+                        assert!(
+                            spins < 200_000_000,
+                            "stuck: sent {next_to_send:?} got {next_expected:?}"
+                        );
+                        for to in (0..CORES).filter(|&c| c != me) {
+                            // A few at a time, so sending and draining interleave.
+                            for _ in 0..3 {
+                                let n = next_to_send[to];
+                                if n == EACH {
+                                    break;
+                                }
+                                let frame = Bytes::copy_from_slice(&n.to_le_bytes());
+                                let topic = Bytes::from(vec![me as u8]);
+                                match mesh.send(to, Envelope::Publish { topic, frame }) {
+                                    Ok(()) => next_to_send[to] += 1,
+                                    Err(_) => {
+                                        full_seen += 1;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        mesh.drain(|envelope| {
+                            let Envelope::Publish { topic, frame } = envelope else {
+                                panic!("only publishes are sent")
+                            };
+                            let from = topic[0] as usize;
+                            let n = u64::from_le_bytes(frame[..8].try_into().unwrap());
+                            assert_eq!(n, next_expected[from], "core {me} from core {from}");
+                            next_expected[from] += 1;
+                        });
+                    }
+                    full_seen
+                })
+            })
+            .collect();
+        let full: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(full > 0, "the rings never filled: the test did not test back-pressure");
+    }
+
+    #[test]
+    fn doorbell_signals_only_when_armed() {
+        let meshes = build(2, 4).unwrap();
+        let frame = || Envelope::Publish {
+            topic: Bytes::from_static(b"t"),
+            frame: Bytes::from_static(b"f"),
+        };
+        // Core 1 is busy (not armed): no signal.
+        meshes[0].send(1, frame()).unwrap();
+        assert_eq!(meshes[1].doorbell_signals(), 0);
+        // It drained, armed only if nothing is waiting.
+        assert!(!meshes[1].arm(), "an envelope waits: must not sleep");
+        assert_eq!(meshes[1].drain(|_| {}), 1);
+        assert!(meshes[1].arm());
+        meshes[0].send(1, frame()).unwrap();
+        meshes[0].send(1, frame()).unwrap();
+        assert_eq!(
+            meshes[1].doorbell_signals(),
+            1,
+            "one signal while asleep, not one per envelope"
+        );
+    }
+
+    #[test]
+    fn full_ring_gives_the_envelope_back() {
+        let meshes = build(2, 2).unwrap();
+        let env = |n: u8| Envelope::Publish {
+            topic: Bytes::from_static(b"t"),
+            frame: Bytes::from(vec![n]),
+        };
+        meshes[0].send(1, env(0)).unwrap();
+        meshes[0].send(1, env(1)).unwrap();
+        assert!(meshes[0].send(1, env(2)).is_err());
+        assert_eq!(meshes[0].fullness().collect::<Vec<_>>(), vec![(1, 2, 2)]);
+    }
+}

@@ -1,0 +1,297 @@
+//! The native pub/sub protocol on `/ws` through an independent client
+//! (tokio-tungstenite), across two workers, under both I/O drivers.
+
+mod common;
+
+use common::{masked_frame, tokio_rt, Raw, Server};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Time for subscriptions to reach the other core (there is no SUB reply).
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// A native client and the core its session landed on.
+struct Client {
+    ws: Ws,
+    core: u32,
+}
+
+async fn connect(url: &str) -> Client {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = next_text(&mut ws).await;
+    let id = hello
+        .strip_prefix("HELLO ")
+        .unwrap_or_else(|| panic!("first message {hello:?}"));
+    let core = id.split('.').next().unwrap().parse().unwrap();
+    assert_eq!(id.split('.').count(), 3, "{id}");
+    Client { ws, core }
+}
+
+/// Connects until there are `per_core` clients on each of `cores` cores
+/// (the kernel spreads connections; bounded attempts).
+async fn connect_on_every_core(url: &str, cores: u32, per_core: usize) -> Vec<Vec<Client>> {
+    let mut by_core: Vec<Vec<Client>> = (0..cores).map(|_| Vec::new()).collect();
+    for _ in 0..400 {
+        if by_core.iter().all(|c| c.len() >= per_core) {
+            return by_core;
+        }
+        let c = connect(url).await;
+        if by_core[c.core as usize].len() < per_core {
+            by_core[c.core as usize].push(c);
+        }
+    }
+    panic!("connections did not land on every core");
+}
+
+async fn next_text(ws: &mut Ws) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t,
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+async fn send(ws: &mut Ws, text: String) {
+    ws.send(Message::Text(text)).await.unwrap();
+}
+
+/// Nothing arrives within `wait`.
+async fn silent(ws: &mut Ws, wait: Duration) -> bool {
+    tokio::time::timeout(wait, ws.next()).await.is_err()
+}
+
+both_drivers!(publishes_reach_every_subscriber_on_every_core_once_in_order, |driver| {
+    let server = Server::start(driver, &[]);
+    let url = server.url("/ws");
+    tokio_rt().block_on(async {
+        let mut cores = connect_on_every_core(&url, 2, 6).await;
+        let mut publishers: Vec<Client> = cores.iter_mut().map(|c| c.pop().unwrap()).collect();
+        let mut subscribers: Vec<Client> = cores.into_iter().flatten().collect();
+        for s in &mut subscribers {
+            send(&mut s.ws, "SUB news".into()).await;
+        }
+        tokio::time::sleep(SETTLE).await;
+        const EACH: usize = 500;
+        for i in 0..EACH {
+            for (p, publisher) in publishers.iter_mut().enumerate() {
+                send(&mut publisher.ws, format!("PUB news {p}:{i}")).await;
+            }
+        }
+        for s in &mut subscribers {
+            let mut next = [0usize; 2];
+            for _ in 0..2 * EACH {
+                let msg = next_text(&mut s.ws).await;
+                let body = msg.strip_prefix("MSG news ").unwrap_or_else(|| panic!("{msg:?}"));
+                let (p, i) = body.split_once(':').unwrap();
+                let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+                assert_eq!(i, next[p], "publisher {p}: out of order or repeated on core {}", s.core);
+                next[p] += 1;
+            }
+            assert!(silent(&mut s.ws, Duration::from_millis(100)).await, "more than sent");
+        }
+        // Binary publishes arrive as binary messages, payload intact.
+        send(&mut subscribers[0].ws, "SUB bin".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        let mut payload = b"PUB bin ".to_vec();
+        payload.extend([0u8, 255, 10, 32]);
+        publishers[1].ws.send(Message::Binary(payload)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), subscribers[0].ws.next()).await;
+        assert_eq!(
+            got.unwrap().unwrap().unwrap(),
+            Message::Binary(b"MSG bin \x00\xff\n ".to_vec())
+        );
+    });
+});
+
+both_drivers!(unsubscribe_and_disconnect_stop_delivery, |driver| {
+    let mut server = Server::start(driver, &[]);
+    let url = server.url("/ws");
+    tokio_rt().block_on(async {
+        let mut cores = connect_on_every_core(&url, 2, 2).await;
+        let mut a = cores[0].pop().unwrap();
+        let mut b = cores[1].pop().unwrap();
+        let mut publisher = cores[0].pop().unwrap();
+        let leaver = cores[1].pop().unwrap();
+        for ws in [&mut a.ws, &mut b.ws] {
+            send(ws, "SUB t".into()).await;
+        }
+        let mut leaver_ws = leaver.ws;
+        send(&mut leaver_ws, "SUB t".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        leaver_ws.close(None).await.unwrap();
+        send(&mut a.ws, "UNSUB t".into()).await;
+        // Idempotent: neither is an error.
+        send(&mut a.ws, "UNSUB t".into()).await;
+        send(&mut b.ws, "SUB t".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        send(&mut publisher.ws, "PUB t one".into()).await;
+        assert_eq!(next_text(&mut b.ws).await, "MSG t one");
+        assert!(silent(&mut a.ws, Duration::from_millis(300)).await);
+        assert!(
+            silent(&mut b.ws, Duration::from_millis(100)).await,
+            "SUB twice delivers once"
+        );
+        // The last subscriber on core 1 leaves: core 0 stops sending there.
+        send(&mut b.ws, "UNSUB t".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        send(&mut publisher.ws, "PUB t two".into()).await;
+        assert!(silent(&mut b.ws, Duration::from_millis(300)).await);
+    });
+    server.terminate();
+    let log = server.log();
+    assert!(log.contains("publishes=2"), "{log}");
+});
+
+both_drivers!(bad_commands_are_answered_and_disturb_no_one, |driver| {
+    let server = Server::start(driver, &["--max-subscriptions", "3", "--max-message-bytes", "4096"]);
+    let url = server.url("/ws");
+    tokio_rt().block_on(async {
+        let mut bystander = connect(&url).await;
+        send(&mut bystander.ws, "SUB calm".into()).await;
+        let mut c = connect(&url).await;
+        for (command, answer) in [
+            ("HELLO", "ERR bad-command"),
+            ("sub x", "ERR bad-command"),
+            ("SUB", "ERR bad-command"),
+            ("PING x", "ERR bad-command"),
+            ("SUB pr!ces", "ERR bad-topic"),
+            ("SUB ", "ERR bad-topic"),
+            ("PUB a b c", ""),
+        ] {
+            send(&mut c.ws, command.into()).await;
+            if !answer.is_empty() {
+                assert_eq!(next_text(&mut c.ws).await, answer, "{command}");
+            }
+        }
+        send(&mut c.ws, format!("SUB {}", "x".repeat(256))).await;
+        assert_eq!(next_text(&mut c.ws).await, "ERR bad-topic");
+        send(&mut c.ws, format!("SUB {}", "x".repeat(255))).await;
+        for t in ["a", "b", "c"] {
+            send(&mut c.ws, format!("SUB {t}")).await;
+        }
+        assert_eq!(next_text(&mut c.ws).await, "ERR too-many-subscriptions c");
+        // Still open and served: a subscriber at the limit still receives.
+        send(&mut c.ws, "PUB a hi".into()).await;
+        assert_eq!(next_text(&mut c.ws).await, "MSG a hi");
+        // A publish over the message limit closes that connection with 1009.
+        send(&mut c.ws, format!("PUB calm {}", "y".repeat(5000))).await;
+        match tokio::time::timeout(Duration::from_secs(10), c.ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(u16::from(f.code), 1009),
+            other => panic!("expected close 1009, got {other:?}"),
+        }
+        // The bystander saw none of it.
+        assert!(silent(&mut bystander.ws, Duration::from_millis(200)).await);
+        let mut p = connect(&url).await;
+        send(&mut p.ws, "PUB calm ok".into()).await;
+        assert_eq!(next_text(&mut bystander.ws).await, "MSG calm ok");
+    });
+});
+
+/// A raw subscriber that never reads after subscribing.
+fn stalled_subscriber(server: &Server, topic: &str) -> Raw {
+    let mut raw = Raw::open(server.addr, "/ws");
+    let hello = raw.read_frame().unwrap();
+    assert!(hello.payload.starts_with(b"HELLO "));
+    raw.send(&masked_frame(0x81, format!("SUB {topic}").as_bytes()));
+    raw
+}
+
+/// Publishes `count` messages of `size` bytes on `topic`, in rounds of 32
+/// that a reader on the same topic takes in full before the next round, so
+/// the reader is never the slow one.
+async fn flood(url: &str, topic: &str, count: usize, size: usize) {
+    let mut publisher = connect(url).await;
+    let mut reader = connect(url).await;
+    send(&mut reader.ws, format!("SUB {topic}")).await;
+    tokio::time::sleep(SETTLE).await;
+    let body = "z".repeat(size);
+    let expected = format!("MSG {topic} {body}");
+    for round in 0..count.div_ceil(32) {
+        let n = 32.min(count - round * 32);
+        for _ in 0..n {
+            send(&mut publisher.ws, format!("PUB {topic} {body}")).await;
+        }
+        for _ in 0..n {
+            assert!(next_text(&mut reader.ws).await == expected);
+        }
+    }
+}
+
+both_drivers!(
+    slow_consumer_is_closed_with_1008_while_others_keep_receiving,
+    |driver| {
+        let mut server = Server::start(driver, &[]);
+        let url = server.url("/ws");
+        let mut slow = stalled_subscriber(&server, "firehose");
+        std::thread::sleep(SETTLE);
+        // 3,000 x 8 KiB: far more than the socket buffers and the 1 MiB limit hold.
+        tokio_rt().block_on(flood(&url, "firehose", 3000, 8 * 1024));
+        // Reading now: some messages, then the close.
+        slow.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut messages = 0;
+        let code = loop {
+            let frame = slow.read_frame().expect("a close frame before the end");
+            if frame.opcode == 8 {
+                break frame.close_code();
+            }
+            messages += 1;
+        };
+        assert_eq!(code, Some(1008));
+        assert!(messages < 3000, "{messages}");
+        server.terminate();
+        let log = server.log();
+        assert!(log.contains("slow_consumers=1"), "{log}");
+        assert!(log.contains("dropped=0"), "{log}");
+    }
+);
+
+both_drivers!(slow_consumer_under_drop_policy_loses_messages_but_stays, |driver| {
+    let mut server = Server::start(driver, &["--slow-consumer", "drop"]);
+    let url = server.url("/ws");
+    let mut slow = stalled_subscriber(&server, "firehose");
+    std::thread::sleep(SETTLE);
+    tokio_rt().block_on(flood(&url, "firehose", 3000, 8 * 1024));
+    // It is still open: it gets what was kept, then later messages again.
+    slow.stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut messages = 0;
+    while let Some(frame) = slow.read_frame() {
+        assert_eq!(frame.opcode, 1);
+        messages += 1;
+    }
+    assert!(messages > 0 && messages < 3000, "{messages}");
+    server.terminate();
+    let log = server.log();
+    assert!(log.contains("slow_consumers=0"), "{log}");
+    assert!(!log.contains("dropped=0 "), "{log}");
+});
+
+both_drivers!(full_ring_back_pressures_the_publisher_and_loses_nothing, |driver| {
+    let server = Server::start(driver, &["--mesh-ring-capacity", "16"]);
+    let url = server.url("/ws");
+    tokio_rt().block_on(async {
+        let mut cores = connect_on_every_core(&url, 2, 1).await;
+        let mut subscriber = cores[1].pop().unwrap();
+        let mut publisher = cores[0].pop().unwrap();
+        send(&mut subscriber.ws, "SUB q".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        const COUNT: usize = 20_000;
+        let pubs = tokio::spawn(async move {
+            for i in 0..COUNT {
+                send(&mut publisher.ws, format!("PUB q {i}")).await;
+            }
+            publisher
+        });
+        let mut seen = HashSet::new();
+        for i in 0..COUNT {
+            assert_eq!(next_text(&mut subscriber.ws).await, format!("MSG q {i}"));
+            seen.insert(i);
+        }
+        assert_eq!(seen.len(), COUNT);
+        pubs.await.unwrap();
+    });
+});
