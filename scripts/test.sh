@@ -31,7 +31,7 @@ step "integration tests under AddressSanitizer (the unsafe socket code runs here
 # proc-macros unsanitized; mimalloc is off so ASan sees every allocation.
 LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
-  --test echo --test protocol --test park --test pubsub 2>&1 | tee target/asan.log
+  --test echo --test protocol --test park --test pubsub --test admin 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
 step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"

@@ -81,6 +81,12 @@ pub struct Options {
     /// Messages each cross-core ring holds [default: 4096].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
+    /// Admin HTTP address (publish, metrics, sessions), or "off" [default: 127.0.0.1:9090].
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// Bearer token the admin API requires (all but /healthz and /metrics) [default: none].
+    #[arg(long)]
+    pub admin_token: Option<String>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -150,6 +156,9 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
     pub mesh_ring_capacity: usize,
+    /// `None`: no admin port.
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -205,6 +214,8 @@ impl Options {
             max_outbound_bytes: self.max_outbound_bytes.or(base.max_outbound_bytes),
             slow_consumer: self.slow_consumer.or(base.slow_consumer),
             mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
+            admin_listen: self.admin_listen.or(base.admin_listen),
+            admin_token: self.admin_token.or(base.admin_token),
             route: self.route.or(base.route),
         }
     }
@@ -239,6 +250,22 @@ impl Options {
                 })
                 .collect(),
         };
+        let admin_listen = match self.admin_listen.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            Some("off") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| ConfigError::Invalid {
+                option: "admin_listen",
+                error: format!("{addr:?} is not an address (HOST:PORT) or \"off\""),
+            })?),
+        };
+        if let Some(token) = &self.admin_token {
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::Invalid {
+                    option: "admin_token",
+                    error: "must be non-empty visible ASCII".into(),
+                });
+            }
+        }
         let config = Config {
             listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             workers: self.workers.unwrap_or(available_cpus),
@@ -259,6 +286,8 @@ impl Options {
             max_outbound_bytes: self.max_outbound_bytes.unwrap_or(MIB),
             slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
             mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
+            admin_listen,
+            admin_token: self.admin_token,
         };
         config.check()?;
         Ok(config)

@@ -5,6 +5,7 @@
 //! listeners, signals); `proto` holds the application protocols spoken over
 //! a connection; `config` is every option with its default and limit.
 
+pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod proto;

@@ -22,6 +22,7 @@ impl Gateway {
     fn start() -> Gateway {
         let opts = sluice::config::Options {
             listen: Some("127.0.0.1:0".parse().unwrap()),
+            admin_listen: Some("off".into()),
             workers: Some(1),
             ..Default::default()
         };

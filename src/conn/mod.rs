@@ -314,6 +314,13 @@ impl<'a> Conn<'a> {
                 let reason = "server shutting down";
                 return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, reason)).await);
             }
+            if self.kicks.has(Kick::CLOSE) {
+                if let Some((code, reason)) = self.session.take_close_request() {
+                    let reason = String::from_utf8_lossy(&reason).into_owned();
+                    let closing = Box::pin(self.close_first(&mut reader, CloseCode(code), &reason));
+                    return End::Closed(closing.await);
+                }
+            }
             if self.kicks.has(Kick::SLOW) {
                 let reason = "slow consumer";
                 return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::POLICY_VIOLATION, reason)).await);
@@ -510,7 +517,9 @@ impl<'a> Conn<'a> {
         if let Flush::Blocked = self.session.flush_deliveries(&self.socket, true)? {
             return Ok(Flush::Blocked);
         }
-        match self.out.flush(&self.socket, &self.shard.pool)? {
+        let flushed = self.out.flush(&self.socket, &self.shard.pool);
+        self.shard.stats.borrow_mut().bytes_out += self.out.take_written();
+        match flushed? {
             Flush::Done => self.session.flush_deliveries(&self.socket, false),
             Flush::Blocked => Ok(Flush::Blocked),
         }
@@ -621,6 +630,7 @@ fn process(
     let mut pos = 0;
     let mut messages_in = 0u64;
     let mut bytes_in = 0u64;
+    let echoes = matches!(app, App::Echo);
     let mut partial_frame_bytes = None;
     let flow = loop {
         match reader.read(&mut data[pos..]) {
@@ -665,6 +675,9 @@ fn process(
     let mut stats = shard.stats.borrow_mut();
     stats.messages_in += messages_in;
     stats.bytes_in += bytes_in;
+    if echoes {
+        stats.messages_out += messages_in;
+    }
     (pos, flow, partial_frame_bytes)
 }
 

@@ -18,6 +18,8 @@ pub struct Outbound {
     buf: Vec<u8>,
     /// Bytes at the front of `buf` already written.
     sent: usize,
+    /// Bytes written since the last `take_written`.
+    written: u64,
 }
 
 pub enum Flush {
@@ -79,7 +81,10 @@ impl Outbound {
     pub fn flush(&mut self, socket: &Socket<'_>, pool: &BufferPool) -> io::Result<Flush> {
         while !self.is_empty() {
             match socket.send(&self.buf[self.sent..]) {
-                Ok(n) => self.sent += n,
+                Ok(n) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -87,6 +92,11 @@ impl Outbound {
         }
         self.release(pool);
         Ok(Flush::Done)
+    }
+
+    /// Bytes written since the last call.
+    pub fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.written)
     }
 
     /// Gives the buffer back to the pool, dropping anything unsent.

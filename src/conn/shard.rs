@@ -53,6 +53,8 @@ impl Kick {
     pub const DELIVER: Kick = Kick(32);
     /// The session's deliveries passed `max_outbound_bytes` (policy close).
     pub const SLOW: Kick = Kick(64);
+    /// The admin API asked to close the session (`take_close_request`).
+    pub const CLOSE: Kick = Kick(128);
 
     pub fn has(self, k: Kick) -> bool {
         self.0 & k.0 != 0
@@ -108,6 +110,8 @@ struct SessionPubSub {
     slow: bool,
     /// Envelopes of this session's publishes that wait for ring space.
     pending: Pending,
+    /// A close the admin API asked for: code and reason.
+    close_request: Option<(u16, Bytes)>,
 }
 
 impl SessionPubSub {
@@ -147,6 +151,9 @@ pub struct Stats {
     /// Whole data messages received, and their payload bytes.
     pub messages_in: u64,
     pub bytes_in: u64,
+    /// Data messages sent (echoes and deliveries), and bytes written.
+    pub messages_out: u64,
+    pub bytes_out: u64,
     /// Times a quiet session parked, and times a parked one got a task again.
     pub parks: u64,
     pub resumes: u64,
@@ -175,6 +182,8 @@ impl Stats {
         }
         self.messages_in += other.messages_in;
         self.bytes_in += other.bytes_in;
+        self.messages_out += other.messages_out;
+        self.bytes_out += other.bytes_out;
         self.parks += other.parks;
         self.resumes += other.resumes;
         self.publishes += other.publishes;
@@ -209,6 +218,10 @@ pub struct Shard {
     shutting_down: Cell<bool>,
     /// Woken when shutdown begins (the accept loop) or the table empties (the drain).
     watcher: Cell<Option<Waker>>,
+    /// Admin connections open, and the wakers of those waiting to read:
+    /// woken when shutdown begins, so they end instead of idling.
+    pub admin_open: Cell<usize>,
+    admin_waiters: RefCell<Vec<Waker>>,
 }
 
 impl Shard {
@@ -229,6 +242,8 @@ impl Shard {
             now_ms: Cell::new(0),
             shutting_down: Cell::new(false),
             watcher: Cell::new(None),
+            admin_open: Cell::new(0),
+            admin_waiters: RefCell::new(Vec::new()),
         })
     }
 
@@ -287,6 +302,11 @@ impl Shard {
         self.watcher.set(Some(waker.clone()));
     }
 
+    /// Wakes the watcher (the drain waits for admin connections too).
+    pub fn wake_watcher_pub(&self) {
+        self.wake_watcher();
+    }
+
     fn wake_watcher(&self) {
         if let Some(w) = self.watcher.take() {
             w.wake();
@@ -298,7 +318,22 @@ impl Shard {
     pub fn begin_shutdown(&self) {
         if !self.shutting_down.replace(true) {
             self.wake_watcher();
+            for w in self.admin_waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
         }
+    }
+
+    /// For admin connections: `true` once shutdown began; otherwise `waker`
+    /// is woken when it does.
+    pub fn poll_shutdown(&self, waker: &Waker) -> bool {
+        if self.shutting_down.get() {
+            return true;
+        }
+        let mut waiters = self.admin_waiters.borrow_mut();
+        waiters.retain(|w| !w.will_wake(waker));
+        waiters.push(waker.clone());
+        false
     }
 
     /// Ends every session at its next poll (after the drain timeout); a
@@ -470,8 +505,7 @@ impl Shard {
     /// gone, not open or not pub/sub are skipped.
     pub fn deliver(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
         let limit = self.config.max_outbound_bytes;
-        let mut resume = false;
-        {
+        let kick = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(slot) = sessions.get_mut(key) else { return };
             if slot.phase != Phase::Open {
@@ -493,7 +527,7 @@ impl Shard {
                         ps.slow = true;
                         ps.drop_unsent();
                         stats.slow_consumers += 1;
-                        slot.kick = slot.kick.with(Kick::SLOW);
+                        Kick::SLOW
                     }
                 }
             } else {
@@ -502,19 +536,58 @@ impl Shard {
                 ps.queued_bytes += frame.len();
                 ps.queue.push_back(frame.clone());
                 if !was_empty {
+                    // Its task was told when the queue became non-empty.
                     return;
                 }
-                slot.kick = slot.kick.with(Kick::DELIVER);
+                Kick::DELIVER
             }
+        };
+        self.kick(key, kick);
+    }
+
+    /// Adds `kick` to session `key` and wakes its task, or gives it a task
+    /// again if it is parked.
+    fn kick(self: &Rc<Self>, key: SessionKey, kick: Kick) {
+        let resume = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(slot) = sessions.get_mut(key) else { return };
+            slot.kick = slot.kick.with(kick);
             if slot.parked.is_some() {
-                resume = true;
-            } else if let Some(w) = slot.waker.take() {
-                w.wake();
+                true
+            } else {
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+                false
             }
-        }
+        };
         if resume {
             self.resume(key);
         }
+    }
+
+    /// Carries out an admin API action on session `key` of this core.
+    /// `false` if there is no such open session.
+    pub fn act_on_session(self: &Rc<Self>, key: SessionKey, action: crate::pubsub::mesh::SessionAction) -> bool {
+        use crate::pubsub::mesh::SessionAction;
+        {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(slot) = sessions.get_mut(key) else {
+                return false;
+            };
+            if slot.phase != Phase::Open {
+                return false;
+            }
+            let ps = slot.pubsub.get_or_insert_with(Default::default);
+            if let SessionAction::Close(code, reason) = &action {
+                ps.close_request = Some((*code, reason.clone()));
+            }
+        }
+        match action {
+            SessionAction::Send(frame) => self.deliver(key, &frame),
+            SessionAction::Close(..) => self.kick(key, Kick::CLOSE),
+        }
+        true
     }
 
     pub fn count_close(&self, code: CloseCode) {
@@ -658,6 +731,11 @@ impl Session {
         }
     }
 
+    /// The close the admin API asked for, if any.
+    pub fn take_close_request(&self) -> Option<(u16, Bytes)> {
+        self.with(|s| s.pubsub.as_mut().and_then(|ps| ps.close_request.take()))
+    }
+
     /// Whether deliveries wait to be written.
     pub fn has_deliveries(&self) -> bool {
         self.with(|s| s.pubsub.as_ref().is_some_and(|ps| !ps.queue.is_empty()))
@@ -690,6 +768,8 @@ impl Session {
                 };
                 s.last_tx_ms = now;
                 ps.queued_bytes -= written;
+                let mut stats = self.shard.stats.borrow_mut();
+                stats.bytes_out += written as u64;
                 while written > 0 {
                     let left = ps.queue[0].len() - ps.head_sent;
                     if written < left {
@@ -699,6 +779,7 @@ impl Session {
                     written -= left;
                     ps.head_sent = 0;
                     ps.queue.pop_front();
+                    stats.messages_out += 1;
                 }
             }
             // A large burst may have grown the queue: give the memory back.

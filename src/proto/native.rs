@@ -63,7 +63,7 @@ pub fn parse(message: &[u8]) -> Result<Command<'_>, Refusal> {
 
 /// A complete unmasked server frame (RFC 6455 5.1: servers do not mask)
 /// whose payload is the concatenation of `parts`.
-fn frame(opcode: Opcode, parts: &[&[u8]]) -> Bytes {
+pub fn frame(opcode: Opcode, parts: &[&[u8]]) -> Bytes {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = [0u8; MAX_HEADER_BYTES];
     let n = encode_header(

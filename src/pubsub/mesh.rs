@@ -33,6 +33,24 @@ pub enum Envelope {
     Publish { topic: Bytes, frame: Bytes },
     /// Core `core` now has (`on`) or no longer has subscribers of `topic`.
     Interest { topic: Bytes, core: u16, on: bool },
+    /// An admin API action on one of this core's sessions (by session key),
+    /// to be answered with a `Reply` to core `from`.
+    Session {
+        key: u64,
+        action: SessionAction,
+        request: u64,
+        from: u16,
+    },
+    /// The answer to a `Session` envelope: whether the session was there.
+    Reply { request: u64, found: bool },
+}
+
+#[derive(Debug, Clone)]
+pub enum SessionAction {
+    /// Queue this (whole, encoded) frame for the session.
+    Send(Bytes),
+    /// Close the session with this code and reason.
+    Close(u16, Bytes),
 }
 
 /// A core's wake-up, shared by every core.

@@ -17,16 +17,17 @@
 pub mod mesh;
 pub mod topics;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
 use crate::conn::shard::{SessionKey, Shard};
 use crate::proto::native;
 use crate::ws::MessageKind;
-use mesh::{CoreMesh, Envelope};
+use mesh::{CoreMesh, Envelope, SessionAction};
 use topics::{Change, Topics};
 
 pub struct Hub {
@@ -35,7 +36,18 @@ pub struct Hub {
     interest: RefCell<HashMap<Bytes, Vec<u16>>>,
     /// Interest changes not yet sent, by target core: topic -> on/off.
     interest_outbox: RefCell<Vec<HashMap<Bytes, bool>>>,
+    /// Replies to other cores' session requests not yet sent, by target.
+    reply_outbox: RefCell<Vec<VecDeque<Envelope>>>,
+    /// Our requests to other cores' sessions, waiting for their reply.
+    requests: RefCell<HashMap<u64, Request>>,
+    next_request: Cell<u64>,
     pub mesh: CoreMesh,
+}
+
+#[derive(Default)]
+struct Request {
+    found: Option<bool>,
+    waker: Option<Waker>,
 }
 
 /// Envelopes a publish could not put into full rings yet, with their
@@ -49,6 +61,9 @@ impl Hub {
             topics: RefCell::new(Topics::default()),
             interest: RefCell::new(HashMap::new()),
             interest_outbox: RefCell::new(vec![HashMap::new(); cores]),
+            reply_outbox: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
+            requests: RefCell::new(HashMap::new()),
+            next_request: Cell::new(0),
             mesh,
         }
     }
@@ -90,10 +105,20 @@ impl Hub {
         self.flush_interest();
     }
 
-    /// Sends what the interest outbox holds, as far as the rings have room.
-    /// Returns `false` if something is left (the mesh loop retries).
+    /// Sends what the interest and reply outboxes hold, as far as the rings
+    /// have room. Returns `false` if something is left (the mesh loop
+    /// retries when a consumer makes room).
     pub fn flush_interest(&self) -> bool {
         let mut all_sent = true;
+        for (core, replies) in self.reply_outbox.borrow_mut().iter_mut().enumerate() {
+            while let Some(reply) = replies.pop_front() {
+                if let Err(reply) = self.mesh.send(core, reply) {
+                    replies.push_front(reply);
+                    all_sent = false;
+                    break;
+                }
+            }
+        }
         let me = self.mesh.core() as u16;
         for (core, pending) in self.interest_outbox.borrow_mut().iter_mut().enumerate() {
             while let Some(topic) = pending.keys().next().cloned() {
@@ -139,7 +164,71 @@ impl Hub {
                     interest.remove(&topic);
                 }
             }
+            Envelope::Session {
+                key,
+                action,
+                request,
+                from,
+            } => {
+                let found = shard.act_on_session(SessionKey::from(slotmap::KeyData::from_ffi(key)), action);
+                self.reply_outbox.borrow_mut()[from as usize].push_back(Envelope::Reply { request, found });
+                self.flush_interest();
+            }
+            Envelope::Reply { request, found } => {
+                if let Some(r) = self.requests.borrow_mut().get_mut(&request) {
+                    r.found = Some(found);
+                    if let Some(w) = r.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
         }
+    }
+
+    /// Acts on the session `key` of core `core` (this one or another, over
+    /// the mesh). Resolves to whether the session was there.
+    pub async fn session_action(&self, shard: &Rc<Shard>, core: usize, key: u64, action: SessionAction) -> bool {
+        if core == self.mesh.core() {
+            return shard.act_on_session(SessionKey::from(slotmap::KeyData::from_ffi(key)), action);
+        }
+        let request = self.next_request.get();
+        self.next_request.set(request + 1);
+        self.requests.borrow_mut().insert(request, Request::default());
+        let mut envelope = Some(Envelope::Session {
+            key,
+            action,
+            request,
+            from: self.mesh.core() as u16,
+        });
+        let found = std::future::poll_fn(|cx: &mut Context<'_>| {
+            if let Some(e) = envelope.take() {
+                if let Err(e) = self.mesh.send(core, e) {
+                    envelope = Some(e);
+                    // Full ring: wait for room like a publisher.
+                    return match self.mesh.poll_space(core, cx) {
+                        Poll::Ready(()) => {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+            let mut requests = self.requests.borrow_mut();
+            let r = requests
+                .get_mut(&request)
+                .expect("request is registered until answered");
+            match r.found {
+                Some(found) => Poll::Ready(found),
+                None => {
+                    r.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        self.requests.borrow_mut().remove(&request);
+        found
     }
 
     /// Queues `frame` for every subscriber of `topic` on this core; returns
@@ -159,14 +248,23 @@ impl Hub {
 
     /// Publishes on this core: encodes the frame once, queues it for local
     /// subscribers, and sends it to every other interested core. Envelopes
-    /// that found their ring full are appended to `pending`.
-    pub fn publish(&self, shard: &Rc<Shard>, kind: MessageKind, topic: &[u8], payload: &[u8], pending: &mut Pending) {
+    /// that found their ring full are appended to `pending`. Returns how
+    /// many cores it reached (this one if it has subscribers, and every
+    /// other interested one).
+    pub fn publish(
+        &self,
+        shard: &Rc<Shard>,
+        kind: MessageKind,
+        topic: &[u8],
+        payload: &[u8],
+        pending: &mut Pending,
+    ) -> usize {
         let frame = native::message_frame(kind, topic, payload);
         shard.count_publish();
-        self.deliver_local(shard, topic, &frame);
+        let local = self.deliver_local(shard, topic, &frame);
         let interest = self.interest.borrow();
         let Some(cores) = interest.get(topic) else {
-            return;
+            return usize::from(local > 0);
         };
         let topic = native::topic_of(&frame, topic.len(), payload.len());
         for &core in cores {
@@ -178,6 +276,7 @@ impl Hub {
                 pending.push((core as usize, envelope));
             }
         }
+        usize::from(local > 0) + cores.len()
     }
 
     /// Retries pending envelopes in order; returns `true` once all are sent.

@@ -85,6 +85,8 @@ impl std::error::Error for ServerError {}
 /// A started server: its address and driver, and the handle that stops it.
 pub struct Server {
     pub local_addr: std::net::SocketAddr,
+    /// The admin port's address, if it has one.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub driver: DriverKind,
     shutdown: Arc<AtomicBool>,
     workers: Vec<std::thread::JoinHandle<Stats>>,
@@ -95,6 +97,14 @@ impl Server {
     pub fn start(config: Config) -> Result<Server, ServerError> {
         let config = Arc::new(config);
         let (listeners, local_addr) = bind_listeners(config.listen, config.workers)?;
+        let (admin_listeners, admin_addr) = match config.admin_listen {
+            Some(addr) => {
+                let (listeners, bound) = bind_listeners(addr, config.workers)?;
+                (listeners.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..config.workers).map(|_| None).collect::<Vec<_>>(), None),
+        };
+        let metrics = Arc::new(crate::admin::Metrics::new(config.workers));
         let meshes =
             crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
                 core: 0,
@@ -104,7 +114,9 @@ impl Server {
         let shutdown = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.workers);
-        for ((index, listener), mesh) in listeners.into_iter().enumerate().zip(meshes) {
+        let per_worker = listeners.into_iter().zip(admin_listeners).zip(meshes);
+        for (index, ((listener, admin), mesh)) in per_worker.enumerate() {
+            let metrics = metrics.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
             let config = config.clone();
             let shutdown = shutdown.clone();
@@ -115,7 +127,8 @@ impl Server {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    run_worker(index, listener, mesh, config, shutdown, ready)
+                    let listeners = Listeners { ws: listener, admin };
+                    run_worker(index, listeners, mesh, metrics, config, shutdown, ready)
                 })
                 .map_err(|e| ServerError::Worker {
                     core: index,
@@ -140,6 +153,7 @@ impl Server {
         }
         let server = Server {
             local_addr,
+            admin_addr,
             driver: driver.unwrap_or(DriverKind::Epoll),
             shutdown,
             workers,
@@ -178,6 +192,9 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
     let workers = config.workers;
     let server = Server::start(config)?;
     tracing::info!(addr = %server.local_addr, driver = %server.driver, workers, "listening on {}", server.local_addr);
+    if let Some(admin) = server.admin_addr {
+        tracing::info!(addr = %admin, "admin API on {admin}");
+    }
     let shutdown = server.shutdown_handle();
     let signal_handle = signals.handle();
     let watcher = std::thread::spawn(move || {
@@ -201,10 +218,17 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
 
 type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
 
+/// A worker's listening sockets.
+struct Listeners {
+    ws: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
+}
+
 fn run_worker(
     index: usize,
-    listener: std::net::TcpListener,
+    listeners: Listeners,
     mesh: crate::pubsub::mesh::CoreMesh,
+    metrics: Arc<crate::admin::Metrics>,
     config: Arc<Config>,
     shutdown: Arc<AtomicBool>,
     ready: Ready,
@@ -227,7 +251,7 @@ fn run_worker(
             return Stats::default();
         }
     };
-    let work = worker(listener, shard.clone(), shutdown, ready.clone());
+    let work = worker(listeners, shard.clone(), metrics, shutdown, ready.clone());
     match config.driver {
         DriverChoice::Uring => match uring() {
             Ok(mut rt) => rt.block_on(work(DriverKind::IoUring)),
@@ -263,14 +287,16 @@ fn run_worker(
 
 /// The worker's life on its runtime: accept until shutdown, then drain.
 fn worker(
-    listener: std::net::TcpListener,
+    listeners: Listeners,
     shard: Rc<Shard>,
+    metrics: Arc<crate::admin::Metrics>,
     shutdown: Arc<AtomicBool>,
     ready: Ready,
 ) -> impl FnOnce(DriverKind) -> std::pin::Pin<Box<dyn Future<Output = ()>>> {
     move |driver| {
         Box::pin(async move {
-            let listener = match monoio::net::TcpListener::from_std(listener) {
+            let admin = listeners.admin.map(monoio::net::TcpListener::from_std).transpose();
+            let listener = match monoio::net::TcpListener::from_std(listeners.ws).and_then(|l| Ok((l, admin?))) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready.send(Err(ServerError::Worker {
@@ -282,18 +308,29 @@ fn worker(
             };
             let _ = ready.send(Ok(driver));
             drop(ready);
+            let (listener, admin) = listener;
             let shard_for_life = shard.clone();
+            let metrics_for_admin = metrics.clone();
             let life = async move {
-                accept_until_shutdown(&listener, &shard_for_life).await;
-                // Stop accepting: connections still queued on this listener are reset.
+                match &admin {
+                    Some(admin) => {
+                        monoio::select! {
+                            _ = accept_until_shutdown(&listener, &shard_for_life) => {}
+                            _ = accept_admin(admin, &shard_for_life, &metrics_for_admin) => {}
+                        }
+                    }
+                    None => accept_until_shutdown(&listener, &shard_for_life).await,
+                }
+                // Stop accepting: connections still queued on these listeners are reset.
                 drop(listener);
+                drop(admin);
                 drain(&shard_for_life).await;
             };
             // The sweep runs inside this future rather than as its own task:
             // monoio does not drop unfinished tasks with the runtime.
             monoio::select! {
                 _ = life => {}
-                _ = sweep(shard.clone(), shutdown) => {}
+                _ = sweep(shard.clone(), shutdown, metrics, driver) => {}
                 _ = resume_parked(shard.clone()) => {}
                 _ = mesh_loop(shard.clone()) => {}
             }
@@ -363,14 +400,42 @@ async fn mesh_loop(shard: Rc<Shard>) {
 }
 
 /// The per-core timer: advances the shard's clock and kicks due sessions.
-async fn sweep(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
+async fn sweep(shard: Rc<Shard>, shutdown: Arc<AtomicBool>, metrics: Arc<crate::admin::Metrics>, driver: DriverKind) {
     let tick = Duration::from_millis(shard.tick_ms());
+    let driver = match driver {
+        DriverKind::IoUring => "io_uring",
+        DriverKind::Epoll => "epoll",
+    };
     loop {
+        metrics.refresh(&shard, driver);
         monoio::time::sleep(tick).await;
         if shutdown.load(Ordering::Relaxed) {
             shard.begin_shutdown();
         }
         shard.sweep();
+    }
+}
+
+/// Accepts admin connections (until the select it runs in ends at shutdown).
+async fn accept_admin(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, metrics: &Arc<crate::admin::Metrics>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let shard = shard.clone();
+                let metrics = metrics.clone();
+                shard.admin_open.set(shard.admin_open.get() + 1);
+                monoio::spawn(async move {
+                    crate::admin::serve(stream, shard.clone(), metrics).await;
+                    shard.admin_open.set(shard.admin_open.get() - 1);
+                    shard.wake_watcher_pub();
+                });
+            }
+            Err(e) => {
+                tracing::warn!(core = shard.core, error = %e, "admin accept failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 
@@ -428,7 +493,7 @@ async fn drain(shard: &Rc<Shard>) {
 
 fn all_sessions_ended(shard: &Shard) -> impl Future<Output = ()> + '_ {
     std::future::poll_fn(move |cx| {
-        if shard.session_count() == 0 {
+        if shard.session_count() == 0 && shard.admin_open.get() == 0 {
             return Poll::Ready(());
         }
         shard.watch(cx.waker());

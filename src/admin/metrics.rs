@@ -1,0 +1,222 @@
+//! Per-core snapshots of the counters, refreshed by each core at every
+//! sweep tick, rendered as Prometheus text and as JSON. A scrape reads the
+//! snapshots (one short lock per core); the cores never wait for it.
+
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::conn::shard::{Shard, Stats};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct CoreSnapshot {
+    pub driver: &'static str,
+    pub connections: usize,
+    pub parked: usize,
+    pub topics: usize,
+    /// Per target core: envelopes waiting in our ring to it, and its capacity.
+    pub rings: Vec<(usize, usize, usize)>,
+    pub doorbell_signals: u64,
+    #[serde(flatten)]
+    pub stats: StatsView,
+}
+
+/// The counters, in the form both renderings use.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StatsView {
+    pub accepted: u64,
+    pub upgraded: u64,
+    pub closed: std::collections::BTreeMap<u16, u64>,
+    pub close_sent: std::collections::BTreeMap<u16, u64>,
+    pub rejected: std::collections::BTreeMap<u16, u64>,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+    pub publishes: u64,
+    pub deliveries: u64,
+    pub dropped: u64,
+    pub slow_consumers: u64,
+    pub parks: u64,
+    pub resumes: u64,
+}
+
+impl From<&Stats> for StatsView {
+    fn from(s: &Stats) -> StatsView {
+        StatsView {
+            accepted: s.accepted,
+            upgraded: s.upgraded,
+            closed: s.closed.clone(),
+            close_sent: s.close_sent.clone(),
+            rejected: s.rejected.clone(),
+            messages_in: s.messages_in,
+            bytes_in: s.bytes_in,
+            messages_out: s.messages_out,
+            bytes_out: s.bytes_out,
+            publishes: s.publishes,
+            deliveries: s.deliveries,
+            dropped: s.dropped,
+            slow_consumers: s.slow_consumers,
+            parks: s.parks,
+            resumes: s.resumes,
+        }
+    }
+}
+
+pub struct Metrics {
+    cores: Vec<Mutex<CoreSnapshot>>,
+}
+
+impl Metrics {
+    pub fn new(cores: usize) -> Metrics {
+        Metrics {
+            cores: (0..cores).map(|_| Mutex::new(CoreSnapshot::default())).collect(),
+        }
+    }
+
+    /// Called by each core at every sweep tick.
+    pub fn refresh(&self, shard: &Shard, driver: &'static str) {
+        let snapshot = CoreSnapshot {
+            driver,
+            connections: shard.session_count(),
+            parked: shard.parked_count(),
+            topics: shard.hub.topic_count(),
+            rings: shard.hub.mesh.fullness().collect(),
+            doorbell_signals: shard.hub.mesh.doorbell_signals(),
+            stats: StatsView::from(&*shard.stats.borrow()),
+        };
+        if let Ok(mut slot) = self.cores[shard.core].lock() {
+            *slot = snapshot;
+        }
+    }
+
+    fn snapshots(&self) -> Vec<CoreSnapshot> {
+        self.cores
+            .iter()
+            .map(|c| c.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "cores": self.snapshots() })
+    }
+
+    /// Prometheus text format 0.0.4: every series per core (`core` label)
+    /// and summed (no `core` label).
+    pub fn prometheus(&self) -> String {
+        let cores = self.snapshots();
+        let mut out = String::new();
+        let driver = cores.first().map_or("", |c| c.driver);
+        let _ = writeln!(
+            out,
+            "# HELP sluice_info The I/O driver in use.\n# TYPE sluice_info gauge"
+        );
+        let _ = writeln!(out, "sluice_info{{driver=\"{driver}\",workers=\"{}\"}} 1", cores.len());
+        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&CoreSnapshot) -> u64| {
+            let _ = writeln!(out, "# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}");
+            let mut total = 0;
+            for (core, c) in cores.iter().enumerate() {
+                let v = value(c);
+                total += v;
+                let _ = writeln!(out, "sluice_{name}{{core=\"{core}\"}} {v}");
+            }
+            let _ = writeln!(out, "sluice_{name} {total}");
+        };
+        series("connections", "gauge", "Open connections.", &|c| c.connections as u64);
+        series(
+            "parked_connections",
+            "gauge",
+            "Open connections parked without a task.",
+            &|c| c.parked as u64,
+        );
+        series("topics", "gauge", "Topics with a subscriber on the core.", &|c| {
+            c.topics as u64
+        });
+        series(
+            "connections_accepted_total",
+            "counter",
+            "Accepted TCP connections.",
+            &|c| c.stats.accepted,
+        );
+        series(
+            "connections_upgraded_total",
+            "counter",
+            "Completed WebSocket handshakes.",
+            &|c| c.stats.upgraded,
+        );
+        series("messages_in_total", "counter", "Data messages received.", &|c| {
+            c.stats.messages_in
+        });
+        series("bytes_in_total", "counter", "Payload bytes received.", &|c| {
+            c.stats.bytes_in
+        });
+        series("messages_out_total", "counter", "Data messages sent.", &|c| {
+            c.stats.messages_out
+        });
+        series("bytes_out_total", "counter", "Bytes written to sockets.", &|c| {
+            c.stats.bytes_out
+        });
+        series("publishes_total", "counter", "Publishes made on the core.", &|c| {
+            c.stats.publishes
+        });
+        series(
+            "deliveries_total",
+            "counter",
+            "Messages queued for subscribers.",
+            &|c| c.stats.deliveries,
+        );
+        series(
+            "dropped_total",
+            "counter",
+            "Deliveries dropped (slow consumer, drop policy).",
+            &|c| c.stats.dropped,
+        );
+        series(
+            "slow_consumer_closes_total",
+            "counter",
+            "Subscribers closed with 1008 as slow consumers.",
+            &|c| c.stats.slow_consumers,
+        );
+        series("parks_total", "counter", "Times a quiet connection parked.", &|c| {
+            c.stats.parks
+        });
+        series(
+            "mesh_doorbell_signals_total",
+            "counter",
+            "Times another core woke this one.",
+            &|c| c.doorbell_signals,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_connections_closed_total Ended sessions by RFC 6455 7.1.5 close code.\n# TYPE sluice_connections_closed_total counter"
+        );
+        let mut codes = std::collections::BTreeMap::<u16, u64>::new();
+        for (core, c) in cores.iter().enumerate() {
+            for (code, n) in &c.stats.closed {
+                *codes.entry(*code).or_default() += n;
+                let _ = writeln!(
+                    out,
+                    "sluice_connections_closed_total{{core=\"{core}\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        for (code, n) in codes {
+            let _ = writeln!(out, "sluice_connections_closed_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_mesh_ring_used Envelopes waiting in a cross-core ring.\n# TYPE sluice_mesh_ring_used gauge"
+        );
+        for (core, c) in cores.iter().enumerate() {
+            for (to, used, capacity) in &c.rings {
+                let _ = writeln!(out, "sluice_mesh_ring_used{{from=\"{core}\",to=\"{to}\"}} {used}");
+                let _ = writeln!(
+                    out,
+                    "sluice_mesh_ring_capacity{{from=\"{core}\",to=\"{to}\"}} {capacity}"
+                );
+            }
+        }
+        out
+    }
+}
