@@ -39,7 +39,7 @@ cargo build --release --bin sluice
 agents=()
 for driver in uring epoll; do
   log="target/autobahn-server-$driver.log"
-  ./target/release/sluice --listen 127.0.0.1:0 --driver "$driver" >"$log" 2>&1 &
+  ./target/release/sluice --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --driver "$driver" >"$log" 2>&1 &
   PIDS+=("$!")
   addr=""
   for _ in $(seq 50); do
