@@ -323,28 +323,6 @@ impl Client {
         result.map(|_| ())
     }
 
-    /// Writes everything queued with direct non-blocking sends, waiting only
-    /// when the socket is full. For open-loop senders: a send goes out now,
-    /// not at the runtime's next completion pass (which a busy-polling
-    /// thread delays).
-    pub async fn send_now(&mut self) -> io::Result<()> {
-        let mut sent = 0;
-        while sent < self.outbox.len() {
-            match Socket::new(&self.stream).send(&self.outbox[sent..]) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    monoio::time::timeout(WRITE_STALL, self.stream.writable(false))
-                        .await
-                        .map_err(|_| stalled())??
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.outbox.clear();
-        Ok(())
-    }
-
     /// Sends what the socket takes now and keeps the rest queued. Fails
     /// when the server has taken nothing for `WRITE_STALL`, or when more than
     /// `MAX_QUEUED_BYTES` wait: an open-loop sender must not queue without

@@ -739,27 +739,66 @@ pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) ->
             let plan = plan.clone();
             let gate = gate.clone();
             monoio::spawn(async move {
-                if conn < plan.subscribers {
-                    subscriber(&common, &plan, conn, &gate).await
+                let mut result = ThreadResult::default();
+                let member = if conn < plan.subscribers {
+                    subscribe(&common, &plan, conn, &gate, &mut result).await
                 } else {
-                    publisher(&common, &plan, conn, conn - plan.subscribers, &gate).await
-                }
+                    join_as_publisher(&common, &plan, conn, &gate, &mut result).await
+                };
+                (member, result)
             })
         })
         .collect();
     let mut total = ThreadResult::default();
+    let mut members = Vec::new();
     for t in tasks {
-        total.merge(t.await);
+        let (member, result) = t.await;
+        total.merge(result);
+        members.extend(member);
+    }
+    if let Err(e) = drive_fanout(&common, &plan, &mut members, &mut total) {
+        total.error(&common.live, format!("event loop: {e}"));
+    }
+    let closes: Vec<_> = members
+        .into_iter()
+        .map(|m| monoio::spawn(async move { m.client.close(m.key, Duration::from_secs(2)).await }))
+        .collect();
+    for c in closes {
+        if c.await {
+            total.clean_closes += 1;
+        }
     }
     total
 }
 
-async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize, gate: &Gate) -> ThreadResult {
-    let mut result = ThreadResult::default();
+/// A fan-out connection, once connected.
+struct Member {
+    client: Client,
+    key: [u8; 4],
+    role: Role,
+}
+
+enum Role {
+    /// Only reads; keeps the highest sequence number seen per publisher.
+    Subscriber { last_seq: HashMap<u32, u64> },
+    /// Sends on its schedule.
+    Publisher {
+        publisher: usize,
+        prefixes: Vec<String>,
+        seq: u64,
+        next: Instant,
+    },
+}
+
+async fn subscribe(
+    common: &Common,
+    plan: &FanoutPlan,
+    conn: usize,
+    gate: &Gate,
+    result: &mut ThreadResult,
+) -> Option<Member> {
     let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
-        return result;
-    };
+    let mut client = common.connect_at(gate, conn, &mut rng, result).await?;
     let topic = plan.topic(conn % plan.topics);
     let (sub, key) = masked(
         Opcode::Text,
@@ -769,128 +808,181 @@ async fn subscriber(common: &Common, plan: &FanoutPlan, conn: usize, gate: &Gate
     client.queue(&sub);
     if let Err(e) = client.flush().await {
         result.error(&common.live, format!("subscribe: {e}"));
-        return result;
+        return None;
     }
-    let live = &common.live;
-    let publish_from = common.epoch + plan.settle;
-    let measure_ns = (plan.settle + plan.warmup).as_nanos() as u64;
-    // Publishing ends at publish_from + warmup + duration; deliveries get a
-    // grace period after that.
-    let until = publish_from + plan.warmup + plan.duration + Duration::from_secs(2);
-    let mut last_seq: HashMap<u32, u64> = HashMap::new();
-    while Instant::now() < until && !live.stop.load(Ordering::Relaxed) {
-        wait_readable(&client, until).await;
-        match client.try_recv() {
-            Ok(Some(0)) => {
-                result.error(live, "server closed a subscriber mid-run".into());
-                return result;
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => continue,
-            Err(e) => {
-                result.error(live, format!("read: {e}"));
-                return result;
-            }
-        }
-        let now_ns = common.nanos_since_epoch();
-        let mut received = 0;
-        let out_of_order = &mut result.out_of_order;
-        let drained = client.drain_events(key, |e| {
-            let Event::Message { payload, .. } = e else { return };
-            let Some((publisher, seq, sent_ns)) = parse_stamp(payload) else {
-                return;
-            };
-            received += 1;
-            let last = last_seq.entry(publisher).or_insert(0);
-            if seq <= *last {
-                *out_of_order += 1;
-            }
-            *last = (*last).max(seq);
-            if sent_ns >= measure_ns {
-                record_latency_us(now_ns.saturating_sub(sent_ns) / 1000);
-            }
-        });
-        if let Err(e) = drained {
-            result.error(live, e);
-            let _ = client.flush().await;
-            return result;
-        }
-        result.received += received;
-        Live::add(&live.received, received);
-        if client.flush().await.is_err() {
-            break;
-        }
-    }
-    if client.close(key, Duration::from_secs(2)).await {
-        result.clean_closes += 1;
-    }
-    result
+    Some(Member {
+        client,
+        key,
+        role: Role::Subscriber {
+            last_seq: HashMap::new(),
+        },
+    })
 }
 
-async fn publisher(common: &Common, plan: &FanoutPlan, conn: usize, publisher: usize, gate: &Gate) -> ThreadResult {
-    let mut result = ThreadResult::default();
+async fn join_as_publisher(
+    common: &Common,
+    plan: &FanoutPlan,
+    conn: usize,
+    gate: &Gate,
+    result: &mut ThreadResult,
+) -> Option<Member> {
     let mut rng = Rng::new(conn as u64);
-    let Some(mut client) = common.connect_at(gate, conn, &mut rng, &mut result).await else {
-        return result;
-    };
-    let key = (rng.next_u64() as u32).to_le_bytes();
-    let live = &common.live;
+    let client = common.connect_at(gate, conn, &mut rng, result).await?;
+    let publisher = conn - plan.subscribers;
     let interval = Duration::from_secs_f64(plan.publishers as f64 / plan.rate);
-    let start = common.epoch + plan.settle;
-    let until = start + plan.warmup + plan.duration;
-    let mut next = start + interval.mul_f64(publisher as f64 / plan.publishers as f64);
-    let prefixes: Vec<String> = (0..plan.topics)
-        .map(|t| plan.pub_prefix.replace("{topic}", &plan.topic(t)))
-        .collect();
-    let mut seq = 0u64;
+    Some(Member {
+        client,
+        key: (rng.next_u64() as u32).to_le_bytes(),
+        role: Role::Publisher {
+            publisher,
+            prefixes: (0..plan.topics)
+                .map(|t| plan.pub_prefix.replace("{topic}", &plan.topic(t)))
+                .collect(),
+            seq: 0,
+            next: common.epoch + plan.settle + interval.mul_f64(publisher as f64 / plan.publishers as f64),
+        },
+    })
+}
+
+/// The thread's fan-out loop: publishers send what their schedule says is
+/// due (stamped with the intended time), subscribers take deliveries as
+/// they come (one epoll wait for all), until the window and a grace
+/// period for late deliveries are over.
+fn drive_fanout(
+    common: &Common,
+    plan: &FanoutPlan,
+    members: &mut Vec<Member>,
+    result: &mut ThreadResult,
+) -> io::Result<()> {
+    let live = &common.live;
+    let publish_from = common.epoch + plan.settle;
+    let publish_until = publish_from + plan.warmup + plan.duration;
+    let until = publish_until + Duration::from_secs(2);
+    let measure_ns = (plan.settle + plan.warmup).as_nanos() as u64;
+    let interval = Duration::from_secs_f64(plan.publishers as f64 / plan.rate);
+    let fds: Vec<RawFd> = members.iter().map(|m| m.client.stream().as_raw_fd()).collect();
+    let mut set = ReadySet::new(&fds)?;
+    let mut ready = Vec::new();
+    let mut failed = vec![false; members.len()];
     let mut payload = Vec::with_capacity(plan.size + 64);
-    while next < until && !live.stop.load(Ordering::Relaxed) {
+    loop {
         let now = Instant::now();
-        if next > now {
-            monoio::time::sleep_until(monoio::time::Instant::from_std(next)).await;
-            continue;
+        if now >= until || live.stop.load(Ordering::Relaxed) {
+            break;
         }
-        while next <= now && next < until {
-            seq += 1;
-            let topic = (seq as usize) % plan.topics;
-            let prefix = &prefixes[topic];
-            payload.clear();
-            payload.extend_from_slice(prefix.as_bytes());
-            let sent_ns = next.duration_since(common.epoch).as_nanos();
-            payload.extend_from_slice(format!("#L{publisher}:{seq}:{sent_ns}#").as_bytes());
-            while payload.len() < prefix.len() + plan.size {
-                payload.push(b'.');
+        let mut next_due = until;
+        for (i, m) in members.iter_mut().enumerate() {
+            let Member { client, key, role } = m;
+            let Role::Publisher {
+                publisher,
+                prefixes,
+                seq,
+                next,
+            } = role
+            else {
+                continue;
+            };
+            if failed[i] {
+                continue;
             }
-            encode_frame(client.outbox(), true, Opcode::Text, Some(key), &payload);
-            // Every publish counts as sent: a loss is a publish no one saw.
-            result.sent += 1;
-            *result.published.entry(topic).or_default() += 1;
-            Live::add(&live.sent, 1);
-            next += interval;
+            while *next <= now && *next < publish_until {
+                *seq += 1;
+                let topic = (*seq as usize) % plan.topics;
+                let prefix = &prefixes[topic];
+                payload.clear();
+                payload.extend_from_slice(prefix.as_bytes());
+                let sent_ns = next.duration_since(common.epoch).as_nanos();
+                payload.extend_from_slice(format!("#L{publisher}:{seq}:{sent_ns}#").as_bytes());
+                while payload.len() < prefix.len() + plan.size {
+                    payload.push(b'.');
+                }
+                encode_frame(client.outbox(), true, Opcode::Text, Some(*key), &payload);
+                // Every publish counts as sent: a loss is a publish no one saw.
+                result.sent += 1;
+                *result.published.entry(topic).or_default() += 1;
+                Live::add(&live.sent, 1);
+                *next += interval;
+            }
+            if let Err(e) = client.try_send() {
+                failed[i] = true;
+                set.remove(fds[i]);
+                result.error(live, format!("publish: {e}"));
+                continue;
+            }
+            if *next < publish_until {
+                next_due = next_due.min(*next);
+            }
+            if client.has_queued() {
+                next_due = next_due.min(now + FULL_SOCKET_RETRY);
+            }
         }
-        if let Err(e) = client.send_now().await {
-            result.error(live, format!("publish: {e}"));
-            return result;
-        }
-        // Answer pings and notice a server that went away.
-        match client.try_recv() {
-            Ok(Some(0)) => {
-                result.error(live, "server closed a publisher mid-run".into());
-                return result;
+        let wait = next_due.saturating_duration_since(Instant::now()).min(STOP_CHECK);
+        set.wait(if common.busy_poll { Duration::ZERO } else { wait }, &mut ready)?;
+        let now_ns = common.nanos_since_epoch();
+        for &i in &ready {
+            if failed[i] {
+                continue;
             }
-            Ok(_) => {
-                let _ = client.drain_events(key, |_| {});
-            }
-            Err(e) => {
-                result.error(live, format!("read: {e}"));
-                return result;
+            let outcome = take_deliveries(&mut members[i], now_ns, measure_ns, live, result);
+            if let Err(e) = outcome {
+                failed[i] = true;
+                set.remove(fds[i]);
+                result.error(live, e);
             }
         }
     }
-    if client.close(key, Duration::from_secs(2)).await {
-        result.clean_closes += 1;
+    let mut i = 0;
+    members.retain(|_| {
+        i += 1;
+        !failed[i - 1]
+    });
+    Ok(())
+}
+
+/// Reads what a member's socket has: deliveries for a subscriber (counted,
+/// sequence-checked, their latency recorded), pings for either.
+fn take_deliveries(
+    member: &mut Member,
+    now_ns: u64,
+    measure_ns: u64,
+    live: &Live,
+    result: &mut ThreadResult,
+) -> Result<(), String> {
+    let Member { client, key, role } = member;
+    match client.try_recv() {
+        Ok(Some(0)) => return Err("server closed a connection mid-run".into()),
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("read: {e}")),
     }
-    result
+    let mut received = 0;
+    let out_of_order = &mut result.out_of_order;
+    let mut last_seq = match role {
+        Role::Subscriber { last_seq } => Some(last_seq),
+        Role::Publisher { .. } => None,
+    };
+    client.drain_events(*key, |e| {
+        let Some(last_seq) = last_seq.as_deref_mut() else {
+            return;
+        };
+        let Event::Message { payload, .. } = e else { return };
+        let Some((publisher, seq, sent_ns)) = parse_stamp(payload) else {
+            return;
+        };
+        received += 1;
+        let last = last_seq.entry(publisher).or_insert(0);
+        if seq <= *last {
+            *out_of_order += 1;
+        }
+        *last = (*last).max(seq);
+        if sent_ns >= measure_ns {
+            record_latency_us(now_ns.saturating_sub(sent_ns) / 1000);
+        }
+    })?;
+    result.received += received;
+    Live::add(&live.received, received);
+    // Pongs (and a close reply) queued by `drain_events`.
+    client.try_send().map_err(|e| format!("write: {e}"))
 }
 
 #[cfg(test)]

@@ -321,6 +321,42 @@ fn fanout_delivers_everything_in_order() {
 }
 
 #[test]
+fn fanout_through_sluice_pubsub_loses_nothing() {
+    let gw = Gateway::start();
+    let json = json_path("fanout-sluice");
+    let url = gw.url("/ws");
+    let out = load(&[
+        "fanout",
+        "--url",
+        &url,
+        "--subscribers",
+        "50",
+        "--topics",
+        "3",
+        "--publishers",
+        "3",
+        "-r",
+        "300",
+        "-t",
+        "1",
+        "--warmup",
+        "0.2",
+        "--settle-ms",
+        "300",
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = read_json(&json);
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent > 300, "{sent}");
+    // 50 subscribers over 3 topics: 17, 17 and 16 of them.
+    assert_eq!((r["lost"].as_u64(), r["out_of_order"].as_u64()), (Some(0), Some(0)));
+    assert!(r["received"].as_u64().unwrap() >= sent * 16);
+    assert_ordered(&r["latency_us"]);
+}
+
+#[test]
 fn unreachable_server_is_a_clear_failure() {
     // A port nothing listens on: bind one, then free it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
