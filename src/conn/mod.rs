@@ -533,6 +533,12 @@ impl<'a> Conn<'a> {
             match ready_or_kick(self.stream.writable(false), self.session).await? {
                 Wake::Ready => {}
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
+                Wake::Kick(k) if k.has(Kick::SLOW) || k.has(Kick::CLOSE) => {
+                    // Closing does not wait for this output: the close
+                    // handshake has its own (bounded) wait.
+                    self.kicks = self.kicks.with(k);
+                    return Ok(());
+                }
                 Wake::Kick(k) => self.kicks = self.kicks.with(k),
             }
             let flushed = self.try_flush()?;
