@@ -113,6 +113,9 @@ struct Conn<'a> {
     carry_frame_bytes: Option<usize>,
     /// Kicks taken from the sweep and not yet acted on.
     kicks: Kick,
+    /// Deliveries may be queued for this session (a pub/sub route, or a
+    /// message the admin API pushed): flushes look at the queue only then.
+    deliveries: bool,
 }
 
 /// Serves one accepted connection to its end (or until it parks). The
@@ -145,6 +148,7 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
             carry: Vec::new(),
             carry_frame_bytes: None,
             kicks: Kick::default(),
+            deliveries: false,
         };
         let route = match resumed {
             Some(route) => Some(route),
@@ -263,6 +267,7 @@ impl<'a> Conn<'a> {
     /// starts with a read: its socket is likely what woke it.
     async fn run(&mut self, route: RouteId, resumed: bool) -> End {
         let mut app = App::for_route(self.shard.config.route_by_id(route));
+        self.deliveries = matches!(app, App::Native) || self.session.has_deliveries();
         if !resumed {
             app.start(&mut self.out, &self.shard.pool, self.session);
         }
@@ -332,6 +337,7 @@ impl<'a> Conn<'a> {
             if self.kicks == Kick::PARK && self.may_park(&reader, &app) && self.park(route) {
                 return End::Parked;
             }
+            self.deliveries |= self.kicks.has(Kick::DELIVER);
             self.kicks = Kick::default();
             if self.flush().await.is_err() {
                 return End::Closed(None);
@@ -514,6 +520,11 @@ impl<'a> Conn<'a> {
     /// Frames never interleave: a delivery partly written is finished
     /// before our own output, and deliveries go only once that is all out.
     fn try_flush(&mut self) -> io::Result<Flush> {
+        if !self.deliveries {
+            let flushed = self.out.flush(&self.socket, &self.shard.pool);
+            self.shard.stats.borrow_mut().bytes_out += self.out.take_written();
+            return flushed;
+        }
         if let Flush::Blocked = self.session.flush_deliveries(&self.socket, true)? {
             return Ok(Flush::Blocked);
         }
@@ -539,7 +550,10 @@ impl<'a> Conn<'a> {
                     self.kicks = self.kicks.with(k);
                     return Ok(());
                 }
-                Wake::Kick(k) => self.kicks = self.kicks.with(k),
+                Wake::Kick(k) => {
+                    self.deliveries |= k.has(Kick::DELIVER);
+                    self.kicks = self.kicks.with(k);
+                }
             }
             let flushed = self.try_flush()?;
             self.session.peer_alive();
@@ -652,7 +666,7 @@ fn process(
                         messages_in += 1;
                         bytes_in += payload.len() as u64;
                         app.on_message(kind, payload, out, pool, session);
-                        if session.is_blocked() {
+                        if matches!(app, App::Native) && session.is_blocked() {
                             // A cross-core ring is full: stop here; the rest
                             // waits in `carry` until the publish is through.
                             break Flow::Continue;
