@@ -176,44 +176,67 @@ pub struct EchoPlan {
 /// sends one more for each echo. Round trips come from a per-connection
 /// queue of send times (echoes come back in order).
 pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> ThreadResult {
-    let share = common.share(index, plan.connections);
-    let gate = Gate::new(share.len());
-    let tasks: Vec<_> = share
-        .map(|conn| {
-            let common = common.clone();
-            let plan = plan.clone();
-            let gate = gate.clone();
-            monoio::spawn(async move {
-                let mut result = ThreadResult::default();
-                let mut rng = Rng::new(conn as u64);
-                let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
-                (client.map(|c| Echoer::new(&plan, c, &mut rng)), result)
-            })
-        })
-        .collect();
-    let mut total = ThreadResult::default();
-    let mut echoers = Vec::new();
-    for t in tasks {
-        let (echoer, result) = t.await;
-        total.merge(result);
-        echoers.extend(echoer);
-    }
+    let (mut echoers, mut total) = join_all(&common, index, plan.connections, |conn, gate| {
+        let (common, plan) = (common.clone(), plan.clone());
+        async move {
+            let mut result = ThreadResult::default();
+            let mut rng = Rng::new(conn as u64);
+            let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
+            (client.map(|c| Echoer::new(&plan, c, &mut rng)), result)
+        }
+    })
+    .await;
     if let Err(e) = drive_echo(&common, &plan, &mut echoers, &mut total) {
         total.error(&common.live, format!("event loop: {e}"));
     }
     if total.sent > 0 && total.received == 0 {
         total.error(&common.live, "the server echoed nothing back".into());
     }
-    let closes: Vec<_> = echoers
-        .into_iter()
-        .map(|e| monoio::spawn(async move { e.client.close(e.key, Duration::from_secs(2)).await }))
-        .collect();
-    for c in closes {
-        if c.await {
-            total.clean_closes += 1;
-        }
-    }
+    end_all(echoers, |e| close_cleanly(e.client, e.key), &mut total).await;
     total
+}
+
+/// Connects this thread's share of `count` connections, one task each
+/// (`join` connects one, through the thread's start line `gate`, and makes
+/// what the scenario's loop drives of it), and collects them.
+async fn join_all<T, F, Fut>(common: &Common, index: usize, count: usize, join: F) -> (Vec<T>, ThreadResult)
+where
+    T: 'static,
+    F: Fn(usize, std::rc::Rc<Gate>) -> Fut,
+    Fut: std::future::Future<Output = (Option<T>, ThreadResult)> + 'static,
+{
+    let share = common.share(index, count);
+    let gate = Gate::new(share.len());
+    let tasks: Vec<_> = share.map(|conn| monoio::spawn(join(conn, gate.clone()))).collect();
+    let mut total = ThreadResult::default();
+    let mut joined = Vec::new();
+    for t in tasks {
+        let (member, result) = t.await;
+        total.merge(result);
+        joined.extend(member);
+    }
+    (joined, total)
+}
+
+/// Ends every connection of the thread at once, each with `end`.
+async fn end_all<T, F, Fut>(members: Vec<T>, end: F, total: &mut ThreadResult)
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ThreadResult> + 'static,
+{
+    let tasks: Vec<_> = members.into_iter().map(|m| monoio::spawn(end(m))).collect();
+    for t in tasks {
+        total.merge(t.await);
+    }
+}
+
+/// A clean close (1000), counted.
+async fn close_cleanly(client: Client, key: [u8; 4]) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    if client.close(key, Duration::from_secs(2)).await {
+        result.clean_closes += 1;
+    }
+    result
 }
 
 /// One echo connection: its pre-masked batch and its messages in flight.
@@ -395,48 +418,28 @@ pub struct LatencyPlan {
 /// With `--busy-poll` the wait never blocks: the loop spins, and neither side
 /// of a message pays for waking the harness.
 pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) -> ThreadResult {
-    let share = common.share(index, plan.connections);
-    let gate = Gate::new(share.len());
-    let tasks: Vec<_> = share
-        .map(|conn| {
-            let common = common.clone();
-            let plan = plan.clone();
-            let gate = gate.clone();
-            monoio::spawn(async move {
-                let mut result = ThreadResult::default();
-                let mut rng = Rng::new(conn as u64);
-                let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
-                // The thread's loop takes it from here.
-                let sender = client.map(|c| Sender::new(&common, &plan, conn, c, &mut rng));
-                (sender, result)
-            })
-        })
-        .collect();
-    let mut total = ThreadResult::default();
-    let mut senders = Vec::new();
-    for t in tasks {
-        let (sender, result) = t.await;
-        total.merge(result);
-        senders.extend(sender);
-    }
+    let (mut senders, mut total) = join_all(&common, index, plan.connections, |conn, gate| {
+        let (common, plan) = (common.clone(), plan.clone());
+        async move {
+            let mut result = ThreadResult::default();
+            let mut rng = Rng::new(conn as u64);
+            let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
+            (client.map(|c| Sender::new(&common, &plan, conn, c, &mut rng)), result)
+        }
+    })
+    .await;
     if let Err(e) = drive(&common, &plan, &mut senders, &mut total) {
         total.error(&common.live, format!("event loop: {e}"));
     }
-    let closes: Vec<_> = senders
-        .into_iter()
-        .map(|s| {
-            let common = common.clone();
-            let plan = plan.clone();
-            monoio::spawn(async move {
-                let mut result = ThreadResult::default();
-                s.finish(&common, &plan, &mut result).await;
-                result
-            })
-        })
-        .collect();
-    for c in closes {
-        total.merge(c.await);
-    }
+    let end = |s: Sender| {
+        let (common, plan) = (common.clone(), plan.clone());
+        async move {
+            let mut result = ThreadResult::default();
+            s.finish(&common, &plan, &mut result).await;
+            result
+        }
+    };
+    end_all(senders, end, &mut total).await;
     total
 }
 
@@ -730,44 +733,24 @@ fn parse_stamp(message: &[u8]) -> Option<(u32, u64, u64)> {
 /// topics round robin; every subscriber of a topic should see every message
 /// published to it, in each publisher's order.
 pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) -> ThreadResult {
-    let total_conns = plan.subscribers + plan.publishers;
-    let share = common.share(index, total_conns);
-    let gate = Gate::new(share.len());
-    let tasks: Vec<_> = share
-        .map(|conn| {
-            let common = common.clone();
-            let plan = plan.clone();
-            let gate = gate.clone();
-            monoio::spawn(async move {
-                let mut result = ThreadResult::default();
-                let member = if conn < plan.subscribers {
-                    subscribe(&common, &plan, conn, &gate, &mut result).await
-                } else {
-                    join_as_publisher(&common, &plan, conn, &gate, &mut result).await
-                };
-                (member, result)
-            })
-        })
-        .collect();
-    let mut total = ThreadResult::default();
-    let mut members = Vec::new();
-    for t in tasks {
-        let (member, result) = t.await;
-        total.merge(result);
-        members.extend(member);
-    }
+    let count = plan.subscribers + plan.publishers;
+    let (mut members, mut total) = join_all(&common, index, count, |conn, gate| {
+        let (common, plan) = (common.clone(), plan.clone());
+        async move {
+            let mut result = ThreadResult::default();
+            let member = if conn < plan.subscribers {
+                subscribe(&common, &plan, conn, &gate, &mut result).await
+            } else {
+                join_as_publisher(&common, &plan, conn, &gate, &mut result).await
+            };
+            (member, result)
+        }
+    })
+    .await;
     if let Err(e) = drive_fanout(&common, &plan, &mut members, &mut total) {
         total.error(&common.live, format!("event loop: {e}"));
     }
-    let closes: Vec<_> = members
-        .into_iter()
-        .map(|m| monoio::spawn(async move { m.client.close(m.key, Duration::from_secs(2)).await }))
-        .collect();
-    for c in closes {
-        if c.await {
-            total.clean_closes += 1;
-        }
-    }
+    end_all(members, |m| close_cleanly(m.client, m.key), &mut total).await;
     total
 }
 

@@ -64,6 +64,79 @@ impl From<&Stats> for StatsView {
     }
 }
 
+/// `# HELP` and `# TYPE` lines of series `sluice_<name>`.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}");
+}
+
+type Value = fn(&CoreSnapshot) -> u64;
+type RingValue = fn(usize, usize) -> usize;
+
+/// The series shown per core and summed: name, type, help, value.
+const SERIES: &[(&str, &str, &str, Value)] = &[
+    ("connections", "gauge", "Open connections.", |c| c.connections as u64),
+    (
+        "parked_connections",
+        "gauge",
+        "Open connections parked without a task.",
+        |c| c.parked as u64,
+    ),
+    ("topics", "gauge", "Topics with a subscriber on the core.", |c| {
+        c.topics as u64
+    }),
+    (
+        "connections_accepted_total",
+        "counter",
+        "Accepted TCP connections.",
+        |c| c.stats.accepted,
+    ),
+    (
+        "connections_upgraded_total",
+        "counter",
+        "Completed WebSocket handshakes.",
+        |c| c.stats.upgraded,
+    ),
+    ("messages_in_total", "counter", "Data messages received.", |c| {
+        c.stats.messages_in
+    }),
+    ("bytes_in_total", "counter", "Payload bytes received.", |c| {
+        c.stats.bytes_in
+    }),
+    ("messages_out_total", "counter", "Data messages sent.", |c| {
+        c.stats.messages_out
+    }),
+    ("bytes_out_total", "counter", "Bytes written to sockets.", |c| {
+        c.stats.bytes_out
+    }),
+    ("publishes_total", "counter", "Publishes made on the core.", |c| {
+        c.stats.publishes
+    }),
+    ("deliveries_total", "counter", "Messages queued for subscribers.", |c| {
+        c.stats.deliveries
+    }),
+    (
+        "dropped_total",
+        "counter",
+        "Deliveries dropped (slow consumer, drop policy).",
+        |c| c.stats.dropped,
+    ),
+    (
+        "slow_consumer_closes_total",
+        "counter",
+        "Subscribers closed with 1008 as slow consumers.",
+        |c| c.stats.slow_consumers,
+    ),
+    ("parks_total", "counter", "Times a quiet connection parked.", |c| {
+        c.stats.parks
+    }),
+    (
+        "mesh_doorbell_signals_total",
+        "counter",
+        "Times another core woke this one.",
+        |c| c.doorbell_signals,
+    ),
+];
+
 pub struct Metrics {
     cores: Vec<Mutex<CoreSnapshot>>,
 }
@@ -108,13 +181,10 @@ impl Metrics {
         let cores = self.snapshots();
         let mut out = String::new();
         let driver = cores.first().map_or("", |c| c.driver);
-        let _ = writeln!(
-            out,
-            "# HELP sluice_info The I/O driver in use.\n# TYPE sluice_info gauge"
-        );
+        header(&mut out, "info", "gauge", "The I/O driver in use.");
         let _ = writeln!(out, "sluice_info{{driver=\"{driver}\",workers=\"{}\"}} 1", cores.len());
-        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&CoreSnapshot) -> u64| {
-            let _ = writeln!(out, "# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}");
+        for (name, kind, help, value) in SERIES {
+            header(&mut out, name, kind, help);
             let mut total = 0;
             for (core, c) in cores.iter().enumerate() {
                 let v = value(c);
@@ -122,74 +192,12 @@ impl Metrics {
                 let _ = writeln!(out, "sluice_{name}{{core=\"{core}\"}} {v}");
             }
             let _ = writeln!(out, "sluice_{name} {total}");
-        };
-        series("connections", "gauge", "Open connections.", &|c| c.connections as u64);
-        series(
-            "parked_connections",
-            "gauge",
-            "Open connections parked without a task.",
-            &|c| c.parked as u64,
-        );
-        series("topics", "gauge", "Topics with a subscriber on the core.", &|c| {
-            c.topics as u64
-        });
-        series(
-            "connections_accepted_total",
+        }
+        header(
+            &mut out,
+            "connections_closed_total",
             "counter",
-            "Accepted TCP connections.",
-            &|c| c.stats.accepted,
-        );
-        series(
-            "connections_upgraded_total",
-            "counter",
-            "Completed WebSocket handshakes.",
-            &|c| c.stats.upgraded,
-        );
-        series("messages_in_total", "counter", "Data messages received.", &|c| {
-            c.stats.messages_in
-        });
-        series("bytes_in_total", "counter", "Payload bytes received.", &|c| {
-            c.stats.bytes_in
-        });
-        series("messages_out_total", "counter", "Data messages sent.", &|c| {
-            c.stats.messages_out
-        });
-        series("bytes_out_total", "counter", "Bytes written to sockets.", &|c| {
-            c.stats.bytes_out
-        });
-        series("publishes_total", "counter", "Publishes made on the core.", &|c| {
-            c.stats.publishes
-        });
-        series(
-            "deliveries_total",
-            "counter",
-            "Messages queued for subscribers.",
-            &|c| c.stats.deliveries,
-        );
-        series(
-            "dropped_total",
-            "counter",
-            "Deliveries dropped (slow consumer, drop policy).",
-            &|c| c.stats.dropped,
-        );
-        series(
-            "slow_consumer_closes_total",
-            "counter",
-            "Subscribers closed with 1008 as slow consumers.",
-            &|c| c.stats.slow_consumers,
-        );
-        series("parks_total", "counter", "Times a quiet connection parked.", &|c| {
-            c.stats.parks
-        });
-        series(
-            "mesh_doorbell_signals_total",
-            "counter",
-            "Times another core woke this one.",
-            &|c| c.doorbell_signals,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sluice_connections_closed_total Ended sessions by RFC 6455 7.1.5 close code.\n# TYPE sluice_connections_closed_total counter"
+            "Ended sessions by RFC 6455 7.1.5 close code.",
         );
         let mut codes = std::collections::BTreeMap::<u16, u64>::new();
         for (core, c) in cores.iter().enumerate() {
@@ -204,17 +212,26 @@ impl Metrics {
         for (code, n) in codes {
             let _ = writeln!(out, "sluice_connections_closed_total{{code=\"{code}\"}} {n}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_mesh_ring_used Envelopes waiting in a cross-core ring.\n# TYPE sluice_mesh_ring_used gauge"
-        );
-        for (core, c) in cores.iter().enumerate() {
-            for (to, used, capacity) in &c.rings {
-                let _ = writeln!(out, "sluice_mesh_ring_used{{from=\"{core}\",to=\"{to}\"}} {used}");
-                let _ = writeln!(
-                    out,
-                    "sluice_mesh_ring_capacity{{from=\"{core}\",to=\"{to}\"}} {capacity}"
-                );
+        // Each family's samples stay together under its own header.
+        let rings: [(&str, &str, RingValue); 2] = [
+            (
+                "mesh_ring_used",
+                "Envelopes waiting in a cross-core ring.",
+                |used, _| used,
+            ),
+            (
+                "mesh_ring_capacity",
+                "Envelopes a cross-core ring holds.",
+                |_, capacity| capacity,
+            ),
+        ];
+        for (name, help, value) in rings {
+            header(&mut out, name, "gauge", help);
+            for (core, c) in cores.iter().enumerate() {
+                for &(to, used, capacity) in &c.rings {
+                    let v = value(used, capacity);
+                    let _ = writeln!(out, "sluice_{name}{{from=\"{core}\",to=\"{to}\"}} {v}");
+                }
             }
         }
         out

@@ -302,12 +302,9 @@ impl Shard {
         self.watcher.set(Some(waker.clone()));
     }
 
-    /// Wakes the watcher (the drain waits for admin connections too).
-    pub fn wake_watcher_pub(&self) {
-        self.wake_watcher();
-    }
-
-    fn wake_watcher(&self) {
+    /// Wakes the watcher (the accept loop, or the drain, which waits for
+    /// admin connections too).
+    pub fn wake_watcher(&self) {
         if let Some(w) = self.watcher.take() {
             w.wake();
         }
@@ -611,10 +608,6 @@ pub struct Session {
 
 impl Session {
     pub fn shard(&self) -> &Shard {
-        &self.shard
-    }
-
-    pub fn shard_rc(&self) -> &Rc<Shard> {
         &self.shard
     }
 
@@ -975,6 +968,55 @@ pub(crate) mod tests {
         assert_eq!(s.poll_kick(&w), None);
         // Sessions in the handshake (or closing) never park.
         assert_eq!(h.poll_kick(&w), None);
+    }
+
+    #[test]
+    fn outbound_limit_is_exact() {
+        let opts = Options {
+            max_outbound_bytes: Some(1024),
+            ..Options::default()
+        };
+        let shard = test_shard(opts);
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        let (_, w) = waker();
+        let frame = Bytes::from(vec![0u8; 512]);
+        shard.deliver(s.key(), &frame);
+        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+        // Exactly at the limit: still queued.
+        shard.deliver(s.key(), &frame);
+        assert_eq!(shard.stats.borrow().deliveries, 2);
+        assert_eq!(s.poll_kick(&w), None);
+        // One byte over: the session is a slow consumer, its queue freed.
+        shard.deliver(s.key(), &Bytes::from_static(&[0]));
+        assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
+        assert_eq!(shard.stats.borrow().slow_consumers, 1);
+        assert!(!s.has_deliveries());
+        // And it takes nothing more.
+        shard.deliver(s.key(), &frame);
+        assert_eq!(shard.stats.borrow().deliveries, 2);
+    }
+
+    #[test]
+    fn outbound_limit_under_drop_policy_drops_and_counts() {
+        let opts = Options {
+            max_outbound_bytes: Some(1024),
+            slow_consumer: Some(crate::config::SlowConsumer::Drop),
+            ..Options::default()
+        };
+        let shard = test_shard(opts);
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        let frame = Bytes::from(vec![0u8; 512]);
+        for _ in 0..3 {
+            shard.deliver(s.key(), &frame);
+        }
+        let stats = shard.stats.borrow();
+        assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
+        drop(stats);
+        assert!(s.has_deliveries());
     }
 
     #[test]

@@ -44,6 +44,14 @@ pub struct Hub {
     pub mesh: CoreMesh,
 }
 
+struct ForgetRequest<'h>(&'h Hub, u64);
+
+impl Drop for ForgetRequest<'_> {
+    fn drop(&mut self) {
+        self.0.requests.borrow_mut().remove(&self.1);
+    }
+}
+
 #[derive(Default)]
 struct Request {
     found: Option<bool>,
@@ -194,6 +202,9 @@ impl Hub {
         let request = self.next_request.get();
         self.next_request.set(request + 1);
         self.requests.borrow_mut().insert(request, Request::default());
+        // Removed however this future ends (answered, or dropped by a
+        // caller's timeout): a late reply then finds nothing.
+        let _forget = ForgetRequest(self, request);
         let mut envelope = Some(Envelope::Session {
             key,
             action,
@@ -227,7 +238,6 @@ impl Hub {
             }
         })
         .await;
-        self.requests.borrow_mut().remove(&request);
         found
     }
 

@@ -428,7 +428,7 @@ async fn accept_admin(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, me
                 monoio::spawn(async move {
                     crate::admin::serve(stream, shard.clone(), metrics).await;
                     shard.admin_open.set(shard.admin_open.get() - 1);
-                    shard.wake_watcher_pub();
+                    shard.wake_watcher();
                 });
             }
             Err(e) => {
