@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -375,6 +375,74 @@ impl Client {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Some(0)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Asks the kernel to stamp each received segment with its arrival time
+    /// (SO_TIMESTAMPNS), read back by `try_recv_stamped`.
+    pub fn enable_arrival_stamps(&self) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads an int option from `on`.
+        let r = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// As `try_recv`, and also when the last segment read reached the socket
+    /// (CLOCK_REALTIME nanoseconds, if stamps are enabled): every message
+    /// complete after this read had arrived by then.
+    pub fn try_recv_stamped(&mut self) -> io::Result<(Option<usize>, Option<u64>)> {
+        self.inbox.reserve(READ_BYTES);
+        let spare = self.inbox.spare_capacity_mut();
+        let room = spare.len().min(READ_BYTES);
+        let mut iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: room,
+        };
+        // Room for one timespec control message, aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        // SAFETY: an all-zero msghdr is valid; the pointers set below stay
+        // valid for the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: the iovec points at `room` bytes of the inbox's spare
+        // capacity, and the control buffer at `control`.
+        let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok((None, None)),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: recvmsg initialised the first `n <= room` bytes.
+        unsafe { self.inbox.set_len(self.inbox.len() + n as usize) };
+        let mut stamp = None;
+        // SAFETY: walking the control messages recvmsg wrote into `control`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                    stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        Ok((Some(n as usize), stamp))
     }
 
     /// Decodes every complete frame received so far, calling `on_event` for

@@ -106,6 +106,10 @@ enum Scenario {
         /// Milliseconds for subscriptions to settle before publishing.
         #[arg(long, default_value_t = 500)]
         settle_ms: u64,
+        /// Never block: each thread's loop spins instead of waiting for
+        /// deliveries, so the server's sends never pay for waking it.
+        #[arg(long)]
+        busy_poll: bool,
         #[command(flatten)]
         window: Window,
     },
@@ -199,8 +203,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         threads: args.threads,
         sources,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        busy_poll: matches!(cli.scenario, Scenario::Latency { busy_poll: true, .. }),
+        busy_poll: matches!(
+            cli.scenario,
+            Scenario::Latency { busy_poll: true, .. } | Scenario::Fanout { busy_poll: true, .. }
+        ),
         epoch: Instant::now(),
+        epoch_realtime_ns: realtime_ns(),
         live: live.clone(),
     });
     let mut params = std::collections::BTreeMap::new();
@@ -448,4 +456,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Now on the realtime clock, in nanoseconds since 1970.
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

@@ -123,6 +123,9 @@ pub struct Report {
     pub sent: u64,
     pub received: u64,
     pub messages_per_second: f64,
+    /// Fan-out: deliveries per second arriving inside the window, whenever
+    /// they were sent.
+    pub arrivals_per_second: f64,
     pub megabytes_per_second: f64,
     /// Fan-out: deliveries expected but not seen, and deliveries out of a
     /// publisher's order.
@@ -132,6 +135,8 @@ pub struct Report {
     pub errors: u64,
     pub first_errors: Vec<String>,
     pub latency_us: Percentiles,
+    /// Fan-out: send to arrival in the subscriber's socket (kernel stamps).
+    pub arrival_us: Percentiles,
     pub handshake_us: Percentiles,
     /// HdrHistogram V2 serialized form, base64.
     pub latency_histogram: String,
@@ -163,6 +168,7 @@ impl Report {
             received: r.received,
             // Only messages whose latency was measured fall in the window.
             messages_per_second: r.latency_us.len() as f64 / secs,
+            arrivals_per_second: r.arrived_in_window as f64 / secs,
             megabytes_per_second: r.bytes_received as f64 / secs / 1e6,
             lost: None,
             out_of_order: r.out_of_order,
@@ -170,6 +176,7 @@ impl Report {
             errors: r.errors,
             first_errors: r.first_errors.clone(),
             latency_us: Percentiles::of(&r.latency_us),
+            arrival_us: Percentiles::of(&r.arrival_us),
             handshake_us: Percentiles::of(&r.handshake_us),
             latency_histogram: serialize(&r.latency_us),
             handshake_histogram: serialize(&r.handshake_us),
@@ -232,6 +239,15 @@ impl Report {
                 ),
             ));
         }
+        if self.arrivals_per_second > 0.0 {
+            rows.push((
+                "arrivals".into(),
+                format!(
+                    "{:.0} msg/s (deliveries arriving in the window, whenever published)",
+                    self.arrivals_per_second
+                ),
+            ));
+        }
         if let Some(lost) = self.lost {
             rows.push((
                 "delivery".into(),
@@ -245,6 +261,16 @@ impl Report {
                 format!(
                     "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {} (n={})",
                     l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max, l.count
+                ),
+            ));
+        }
+        if self.arrival_us.count > 0 {
+            let l = &self.arrival_us;
+            rows.push((
+                "arrival µs".into(),
+                format!(
+                    "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {} (send to socket, kernel stamps)",
+                    l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
                 ),
             ));
         }

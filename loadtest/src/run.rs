@@ -45,6 +45,14 @@ thread_local! {
     // directly (a histogram per connection would cost tens of KB each).
     static LATENCY_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
     static HANDSHAKE_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+    static ARRIVAL_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+}
+
+/// Records a send-to-arrival time (by the kernel's receive stamp).
+pub fn record_arrival_us(us: u64) {
+    ARRIVAL_US.with(|h| {
+        let _ = h.borrow_mut().record(us.max(1));
+    });
 }
 
 /// Records a latency on this thread's histogram (microseconds, at least 1).
@@ -72,12 +80,18 @@ pub fn record_handshake_us(us: u64) {
 /// are filled in once per thread, by `with_thread_histograms`.
 pub struct ThreadResult {
     pub latency_us: Histogram<u64>,
+    /// Fan-out: send to arrival in the subscriber's socket, by the kernel's
+    /// receive stamps, so the harness's own delays are not in it.
+    pub arrival_us: Histogram<u64>,
     pub handshake_us: Histogram<u64>,
     pub failures: BTreeMap<Failure, u64>,
     pub established: u64,
     /// Messages sent and received inside the measured window.
     pub sent: u64,
     pub received: u64,
+    /// Fan-out: deliveries that arrived inside the measured window,
+    /// whenever they were sent (the rate a subscriber sees under overload).
+    pub arrived_in_window: u64,
     pub bytes_received: u64,
     pub out_of_order: u64,
     /// Fan-out: publishes sent per topic number.
@@ -97,11 +111,13 @@ impl Default for ThreadResult {
     fn default() -> ThreadResult {
         ThreadResult {
             latency_us: empty_histogram(),
+            arrival_us: empty_histogram(),
             handshake_us: empty_histogram(),
             failures: BTreeMap::new(),
             established: 0,
             sent: 0,
             received: 0,
+            arrived_in_window: 0,
             bytes_received: 0,
             out_of_order: 0,
             published: BTreeMap::new(),
@@ -128,6 +144,7 @@ impl ThreadResult {
     pub fn with_thread_histograms(mut self) -> ThreadResult {
         self.latency_us = LATENCY_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
         self.handshake_us = HANDSHAKE_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
+        self.arrival_us = ARRIVAL_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
         self
     }
 
@@ -138,6 +155,9 @@ impl ThreadResult {
         if !other.handshake_us.is_empty() {
             let _ = self.handshake_us.add(&other.handshake_us);
         }
+        if !other.arrival_us.is_empty() {
+            let _ = self.arrival_us.add(&other.arrival_us);
+        }
         for (k, v) in other.failures {
             *self.failures.entry(k).or_default() += v;
         }
@@ -145,6 +165,7 @@ impl ThreadResult {
         self.sent += other.sent;
         self.received += other.received;
         self.bytes_received += other.bytes_received;
+        self.arrived_in_window += other.arrived_in_window;
         self.out_of_order += other.out_of_order;
         for (k, v) in other.published {
             *self.published.entry(k).or_default() += v;

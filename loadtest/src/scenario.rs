@@ -17,7 +17,9 @@ use sluice::ws::frame::{encode_frame, MAX_HEADER_BYTES};
 use sluice::ws::{mask, Event, Opcode};
 
 use crate::client::{Client, Rng, Target};
-use crate::run::{record_handshake_us, record_latency_us, record_latency_us_n, Gate, Live, ThreadResult};
+use crate::run::{
+    record_arrival_us, record_handshake_us, record_latency_us, record_latency_us_n, Gate, Live, ThreadResult,
+};
 
 /// What every scenario shares.
 pub struct Common {
@@ -28,6 +30,9 @@ pub struct Common {
     pub busy_poll: bool,
     /// One epoch for every thread, so timestamps compare across threads.
     pub epoch: Instant,
+    /// `epoch` on the realtime clock (nanoseconds since 1970), which the
+    /// kernel's receive stamps use.
+    pub epoch_realtime_ns: u64,
     pub live: Arc<Live>,
 }
 
@@ -718,14 +723,37 @@ impl FanoutPlan {
 const MARK: &[u8] = b"#L";
 
 fn parse_stamp(message: &[u8]) -> Option<(u32, u64, u64)> {
-    let at = message.windows(MARK.len()).position(|w| w == MARK)?;
-    let rest = std::str::from_utf8(&message[at + MARK.len()..]).ok()?;
-    let body = rest.split('#').next()?;
-    let mut parts = body.split(':');
-    let publisher = parts.next()?.parse().ok()?;
-    let seq = parts.next()?.parse().ok()?;
-    let sent_ns = parts.next()?.parse().ok()?;
-    Some((publisher, seq, sent_ns))
+    // Byte by byte, no UTF-8 pass: this runs for every delivery, and at
+    // millions per second it is most of the harness's own work.
+    let mut from = 0;
+    let at = loop {
+        let hash = from + message[from..].iter().position(|&b| b == MARK[0])?;
+        if message[hash..].starts_with(MARK) {
+            break hash;
+        }
+        from = hash + 1;
+    };
+    let mut rest = &message[at + MARK.len()..];
+    let publisher = take_number(&mut rest, b':')?;
+    let seq = take_number(&mut rest, b':')?;
+    let sent_ns = take_number(&mut rest, b'#')?;
+    Some((u32::try_from(publisher).ok()?, seq, sent_ns))
+}
+
+/// A decimal number at the front of `rest`, up to `end` (consumed).
+fn take_number(rest: &mut &[u8], end: u8) -> Option<u64> {
+    let mut n = 0u64;
+    for (i, &b) in rest.iter().enumerate() {
+        if b == end && i > 0 {
+            *rest = &rest[i + 1..];
+            return Some(n);
+        }
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    None
 }
 
 /// Subscribers and publishers share connection numbers: 0..subscribers are
@@ -792,6 +820,9 @@ async fn subscribe(
     if let Err(e) = client.flush().await {
         result.error(&common.live, format!("subscribe: {e}"));
         return None;
+    }
+    if let Err(e) = client.enable_arrival_stamps() {
+        result.error(&common.live, format!("SO_TIMESTAMPNS: {e}"));
     }
     Some(Member {
         client,
@@ -906,7 +937,8 @@ fn drive_fanout(
             if failed[i] {
                 continue;
             }
-            let outcome = take_deliveries(&mut members[i], now_ns, measure_ns, live, result);
+            let window = measure_ns..measure_ns + plan.duration.as_nanos() as u64;
+            let outcome = take_deliveries(&mut members[i], now_ns, common, window, result);
             if let Err(e) = outcome {
                 failed[i] = true;
                 set.remove(fds[i]);
@@ -927,17 +959,19 @@ fn drive_fanout(
 fn take_deliveries(
     member: &mut Member,
     now_ns: u64,
-    measure_ns: u64,
-    live: &Live,
+    common: &Common,
+    window: std::ops::Range<u64>,
     result: &mut ThreadResult,
 ) -> Result<(), String> {
+    let measure_ns = window.start;
+    let live = &common.live;
     let Member { client, key, role } = member;
-    match client.try_recv() {
-        Ok(Some(0)) => return Err("server closed a connection mid-run".into()),
-        Ok(Some(_)) => {}
-        Ok(None) => return Ok(()),
+    let arrived_ns = match client.try_recv_stamped() {
+        Ok((Some(0), _)) => return Err("server closed a connection mid-run".into()),
+        Ok((Some(_), stamp)) => stamp.map(|s| s.saturating_sub(common.epoch_realtime_ns)),
+        Ok((None, _)) => return Ok(()),
         Err(e) => return Err(format!("read: {e}")),
-    }
+    };
     let mut received = 0;
     let out_of_order = &mut result.out_of_order;
     let mut last_seq = match role {
@@ -960,9 +994,15 @@ fn take_deliveries(
         *last = (*last).max(seq);
         if sent_ns >= measure_ns {
             record_latency_us(now_ns.saturating_sub(sent_ns) / 1000);
+            if let Some(arrived) = arrived_ns {
+                record_arrival_us(arrived.saturating_sub(sent_ns) / 1000);
+            }
         }
     })?;
     result.received += received;
+    if window.contains(&now_ns) {
+        result.arrived_in_window += received;
+    }
     Live::add(&live.received, received);
     // Pongs (and a close reply) queued by `drain_events`.
     client.try_send().map_err(|e| format!("write: {e}"))
@@ -979,6 +1019,13 @@ mod tests {
         let stomp = b"MESSAGE\ndestination:/topic/t3\n\n#L1:2:3#..\0";
         assert_eq!(parse_stamp(stomp), Some((1, 2, 3)));
         assert_eq!(parse_stamp(b"no stamp"), None);
+        // A '#' before the mark, and broken stamps.
+        assert_eq!(parse_stamp(b"MSG a#b #L1:2:3#"), Some((1, 2, 3)));
+        assert_eq!(parse_stamp(b"#L1:2:3"), None);
+        assert_eq!(parse_stamp(b"#L1::3#"), None);
+        assert_eq!(parse_stamp(b"#L1:x:3#"), None);
+        assert_eq!(parse_stamp(b"#L99999999999:2:3#"), None, "publisher is a u32");
+        assert_eq!(parse_stamp(b"#L1:2:99999999999999999999999#"), None, "overflow");
     }
 
     #[test]
@@ -990,6 +1037,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             busy_poll: false,
             epoch: Instant::now(),
+            epoch_realtime_ns: 0,
             live: Arc::default(),
         };
         let mut all: Vec<usize> = (0..3).flat_map(|i| common.share(i, 10)).collect();

@@ -45,32 +45,78 @@ enum Wake {
 
 /// Waits for `io` (a readiness future) or a kick from the sweep, whichever is
 /// first. An `ABORT` kick is an error, and every caller ends on an error.
-fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> ReadyOrKick<'_, F> {
-    ReadyOrKick { io, session }
+fn ready_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> ReadyOrKick<F, &Session> {
+    ReadyOrKick { io, waiter: session }
+}
+
+/// The main wait of an open connection: as `ready_or_kick`, and while it
+/// waits the shard may write the session's deliveries itself (see
+/// `Shard::flush_direct`): nothing of ours is queued then.
+fn idle_or_kick<F: Future<Output = io::Result<()>>>(io: F, session: &Session) -> ReadyOrKick<F, Direct<'_>> {
+    ReadyOrKick {
+        io,
+        waiter: Direct(session),
+    }
+}
+
+/// Who waits in a `ReadyOrKick`, and what it does while it waits.
+trait Waiter {
+    fn session(&self) -> &Session;
+    /// The wait goes on (`true`) or ends (`false`).
+    fn waiting(&self, _on: bool) {}
+}
+
+impl Waiter for &Session {
+    fn session(&self) -> &Session {
+        self
+    }
+}
+
+/// A waiter whose socket the shard may write to while it waits.
+struct Direct<'s>(&'s Session);
+
+impl Waiter for Direct<'_> {
+    fn session(&self) -> &Session {
+        self.0
+    }
+
+    fn waiting(&self, on: bool) {
+        self.0.set_direct(on);
+    }
+}
+
+impl Drop for Direct<'_> {
+    fn drop(&mut self) {
+        // However the wait ends (even dropped with its task), the shard
+        // must not write to this socket behind the task's back.
+        self.0.set_direct(false);
+    }
 }
 
 pin_project_lite::pin_project! {
     /// A plain struct rather than an `async fn`: an async fn would keep both
     /// its argument and the pinned copy of it, and this future sits in every
     /// idle connection's task.
-    struct ReadyOrKick<'s, F> {
+    struct ReadyOrKick<F, W> {
         #[pin]
         io: F,
-        session: &'s Session,
+        waiter: W,
     }
 }
 
-impl<F: Future<Output = io::Result<()>>> Future for ReadyOrKick<'_, F> {
+impl<F: Future<Output = io::Result<()>>, W: Waiter> Future for ReadyOrKick<F, W> {
     type Output = io::Result<Wake>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match this.session.poll_kick(cx.waker()) {
-            Some(kick) if kick.has(Kick::ABORT) => return Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
-            Some(kick) => return Poll::Ready(Ok(Wake::Kick(kick))),
-            None => {}
-        }
-        this.io.poll(cx).map_ok(|()| Wake::Ready)
+        let session = this.waiter.session();
+        let woke = match session.poll_kick(cx.waker()) {
+            Some(kick) if kick.has(Kick::ABORT) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Some(kick) => Poll::Ready(Ok(Wake::Kick(kick))),
+            None => this.io.poll(cx).map_ok(|()| Wake::Ready),
+        };
+        this.waiter.waiting(woke.is_pending());
+        woke
     }
 }
 
@@ -139,6 +185,7 @@ pub fn resume(stream: TcpStream, session: Session, route: RouteId) -> impl Futur
 fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> impl Future<Output = ()> {
     async move {
         let shard = session.shard();
+        session.set_fd(stream.as_raw_fd());
         let mut conn = Conn {
             stream: &stream,
             socket: Socket::new(&stream),
@@ -354,7 +401,7 @@ impl<'a> Conn<'a> {
                 }
                 continue;
             }
-            match ready_or_kick(self.stream.readable(false), self.session).await {
+            match idle_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Kick(k)) => {
                     self.kicks = self.kicks.with(k);
                     continue;

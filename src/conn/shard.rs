@@ -13,7 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -95,6 +95,11 @@ struct Slot {
     parked: Option<Parked>,
     /// Subscriptions and queued deliveries: only for pub/sub sessions.
     pubsub: Option<Box<SessionPubSub>>,
+    /// The socket of the session's task (while it has one).
+    fd: RawFd,
+    /// The task waits with nothing of its own queued: the shard may write
+    /// deliveries to `fd` itself (`Shard::flush_direct`).
+    direct: bool,
 }
 
 /// A pub/sub session's state that outlives its task: its topics, and the
@@ -222,6 +227,10 @@ pub struct Shard {
     /// woken when shutdown begins, so they end instead of idling.
     pub admin_open: Cell<usize>,
     admin_waiters: RefCell<Vec<Waker>>,
+    /// Sessions whose queue of deliveries became non-empty while the shard
+    /// may write to them itself, and the waker of the task that does.
+    dirty: RefCell<Vec<SessionKey>>,
+    flusher: Cell<Option<Waker>>,
 }
 
 impl Shard {
@@ -244,6 +253,8 @@ impl Shard {
             watcher: Cell::new(None),
             admin_open: Cell::new(0),
             admin_waiters: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
+            flusher: Cell::new(None),
         })
     }
 
@@ -290,6 +301,8 @@ impl Shard {
             waker: None,
             parked: None,
             pubsub: None,
+            fd: -1,
+            direct: false,
         });
         Session {
             shard: self.clone(),
@@ -533,13 +546,87 @@ impl Shard {
                 ps.queued_bytes += frame.len();
                 ps.queue.push_back(frame.clone());
                 if !was_empty {
-                    // Its task was told when the queue became non-empty.
+                    // Its task (or the flusher) was told when the queue
+                    // became non-empty.
+                    return;
+                }
+                if slot.direct || slot.parked.is_some() {
+                    // Written by the flusher once the current task yields,
+                    // together with whatever else arrives until then.
+                    drop(stats);
+                    drop(sessions);
+                    self.mark_dirty(key);
                     return;
                 }
                 Kick::DELIVER
             }
         };
         self.kick(key, kick);
+    }
+
+    fn mark_dirty(&self, key: SessionKey) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            if let Some(w) = self.flusher.take() {
+                w.wake();
+            }
+        }
+        dirty.push(key);
+    }
+
+    /// For the flusher: moves the sessions to write into `batch` (empty),
+    /// or stores `waker` to be woken when there are some.
+    pub fn poll_dirty(&self, cx: &mut std::task::Context<'_>, batch: &mut Vec<SessionKey>) -> std::task::Poll<()> {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            self.flusher.set(Some(cx.waker().clone()));
+            return std::task::Poll::Pending;
+        }
+        std::mem::swap(&mut *dirty, batch);
+        std::task::Poll::Ready(())
+    }
+
+    /// Writes the queued deliveries of each session in `batch` straight to
+    /// its socket, without waking its task: a subscriber idle in its wait,
+    /// or parked, costs one vectored send per batch of deliveries. A socket
+    /// that is full (or failing) is left to the session's task, which is
+    /// kicked (or resumed) to wait for it. Writes at most `max` sessions of
+    /// `batch` from `from`; returns where it stopped.
+    pub fn flush_direct(self: &Rc<Self>, batch: &[SessionKey], from: usize, max: usize) -> usize {
+        let now = self.now_ms();
+        let until = batch.len().min(from.saturating_add(max));
+        for &key in &batch[from..until] {
+            let written = {
+                let mut sessions = self.sessions.borrow_mut();
+                let Some(slot) = sessions.get_mut(key) else { continue };
+                if slot.pubsub.as_ref().is_none_or(|ps| ps.queue.is_empty()) {
+                    // Written meanwhile by its task.
+                    continue;
+                }
+                let fd = match &slot.parked {
+                    Some(parked) => parked.fd.as_raw_fd(),
+                    None if slot.direct => slot.fd,
+                    // Its task runs: it writes its deliveries itself.
+                    None => -1,
+                };
+                if fd < 0 || slot.phase != Phase::Open {
+                    false
+                } else {
+                    // SAFETY: a parked slot owns its fd; a direct one's task
+                    // owns it and is suspended in its wait (`direct` is
+                    // cleared before the task can close it).
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                    matches!(
+                        write_deliveries(slot, &Socket::from_fd(fd), false, now, self),
+                        Ok(Flush::Done)
+                    )
+                }
+            };
+            if !written {
+                self.kick(key, Kick::DELIVER);
+            }
+        }
+        until
     }
 
     /// Adds `kick` to session `key` and wakes its task, or gives it a task
@@ -598,6 +685,57 @@ impl Shard {
     pub fn count_rejected(&self, status: u16) {
         *self.stats.borrow_mut().rejected.entry(status).or_default() += 1;
     }
+}
+
+/// Writes a slot's queued deliveries, many frames per vectored send, until
+/// the queue is empty or the socket is full. With `partial_only`, only the
+/// rest of a frame already partly written.
+fn write_deliveries(
+    s: &mut Slot,
+    socket: &Socket<'_>,
+    partial_only: bool,
+    now: u64,
+    shard: &Shard,
+) -> io::Result<Flush> {
+    let Some(ps) = s.pubsub.as_mut() else {
+        return Ok(Flush::Done);
+    };
+    while !ps.queue.is_empty() && (!partial_only || ps.head_sent > 0) {
+        let mut iov = [IoSlice::new(&[]); IOV_FRAMES];
+        let mut n = 0;
+        let frames = if partial_only { 1 } else { IOV_FRAMES };
+        for (i, frame) in ps.queue.iter().take(frames).enumerate() {
+            let from = if i == 0 { ps.head_sent } else { 0 };
+            iov[i] = IoSlice::new(&frame[from..]);
+            n += 1;
+        }
+        let mut written = match socket.send_vectored(&iov[..n]) {
+            Ok(written) => written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        s.last_tx_ms = now;
+        ps.queued_bytes -= written;
+        let mut stats = shard.stats.borrow_mut();
+        stats.bytes_out += written as u64;
+        while written > 0 {
+            let left = ps.queue[0].len() - ps.head_sent;
+            if written < left {
+                ps.head_sent += written;
+                break;
+            }
+            written -= left;
+            ps.head_sent = 0;
+            ps.queue.pop_front();
+            stats.messages_out += 1;
+        }
+    }
+    // A large burst may have grown the queue: give the memory back.
+    if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
+        ps.queue = VecDeque::new();
+    }
+    Ok(Flush::Done)
 }
 
 /// A session's entry in its shard; removed when dropped.
@@ -740,47 +878,18 @@ impl Session {
     /// only between whole frames.
     pub fn flush_deliveries(&self, socket: &Socket<'_>, partial_only: bool) -> io::Result<Flush> {
         let now = self.shard.now_ms();
-        self.with(|s| {
-            let Some(ps) = s.pubsub.as_mut() else {
-                return Ok(Flush::Done);
-            };
-            while !ps.queue.is_empty() && (!partial_only || ps.head_sent > 0) {
-                let mut iov = [IoSlice::new(&[]); IOV_FRAMES];
-                let mut n = 0;
-                let frames = if partial_only { 1 } else { IOV_FRAMES };
-                for (i, frame) in ps.queue.iter().take(frames).enumerate() {
-                    let from = if i == 0 { ps.head_sent } else { 0 };
-                    iov[i] = IoSlice::new(&frame[from..]);
-                    n += 1;
-                }
-                let mut written = match socket.send_vectored(&iov[..n]) {
-                    Ok(written) => written,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                s.last_tx_ms = now;
-                ps.queued_bytes -= written;
-                let mut stats = self.shard.stats.borrow_mut();
-                stats.bytes_out += written as u64;
-                while written > 0 {
-                    let left = ps.queue[0].len() - ps.head_sent;
-                    if written < left {
-                        ps.head_sent += written;
-                        break;
-                    }
-                    written -= left;
-                    ps.head_sent = 0;
-                    ps.queue.pop_front();
-                    stats.messages_out += 1;
-                }
-            }
-            // A large burst may have grown the queue: give the memory back.
-            if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
-                ps.queue = VecDeque::new();
-            }
-            Ok(Flush::Done)
-        })
+        self.with(|s| write_deliveries(s, socket, partial_only, now, &self.shard))
+    }
+
+    /// Records the socket of the session's task.
+    pub fn set_fd(&self, fd: RawFd) {
+        self.with(|s| s.fd = fd);
+    }
+
+    /// Whether the shard may write deliveries to the task's socket itself:
+    /// only while the task waits with nothing of its own queued.
+    pub fn set_direct(&self, direct: bool) {
+        self.with(|s| s.direct = direct);
     }
 
     pub fn set_phase(&self, phase: Phase) {
@@ -1017,6 +1126,65 @@ pub(crate) mod tests {
         assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
         drop(stats);
         assert!(s.has_deliveries());
+    }
+
+    #[test]
+    fn idle_sessions_take_deliveries_without_their_task() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let shard = test_shard(Options::default());
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        s.set_fd(ours.as_raw_fd());
+        let (woken, w) = waker();
+        let mut cx = std::task::Context::from_waker(&w);
+        let mut batch = Vec::new();
+        assert!(shard.poll_dirty(&mut cx, &mut batch).is_pending());
+
+        // Waiting in its idle wait: queued, and the flusher (not the task) told.
+        s.set_direct(true);
+        shard.deliver(s.key(), &Bytes::from_static(b"one"));
+        shard.deliver(s.key(), &Bytes::from_static(b"two"));
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the flusher is woken once");
+        assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
+        assert_eq!(batch, vec![s.key()]);
+        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"onetwo");
+        assert!(!s.has_deliveries());
+        assert_eq!(s.poll_kick(&w), None, "its task was not disturbed");
+
+        // Its task runs: the task is kicked and writes them itself.
+        s.set_direct(false);
+        shard.deliver(s.key(), &Bytes::from_static(b"three"));
+        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+        assert_eq!(shard.dirty.borrow().len(), 0);
+        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
+
+        // A full socket is left to the task, kicked to wait for it; the
+        // frame stays queued.
+        let filler = [0u8; 4096];
+        while (&ours).write(&filler).is_ok() {}
+        s.set_direct(true);
+        shard.deliver(s.key(), &Bytes::from_static(b"four"));
+        batch.clear();
+        assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
+        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
+        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+        assert!(s.has_deliveries());
+    }
+
+    #[test]
+    fn flush_rounds_stop_at_their_slice() {
+        let shard = test_shard(Options::default());
+        let sessions: Vec<Session> = (0..3).map(|_| shard.open_session()).collect();
+        let keys: Vec<SessionKey> = sessions.iter().map(|s| s.key()).collect();
+        assert_eq!(shard.flush_direct(&keys, 0, 2), 2);
+        assert_eq!(shard.flush_direct(&keys, 2, 2), 3);
     }
 
     #[test]

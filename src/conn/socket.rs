@@ -29,6 +29,11 @@ impl<'a> Socket<'a> {
         Socket { fd }
     }
 
+    /// A socket the caller keeps open for `'a`.
+    pub fn from_fd(fd: BorrowedFd<'a>) -> Socket<'a> {
+        Socket { fd }
+    }
+
     fn sock(&self) -> SockRef<'_> {
         SockRef::from(&self.fd)
     }

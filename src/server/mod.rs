@@ -333,6 +333,7 @@ fn worker(
                 _ = sweep(shard.clone(), shutdown, metrics, driver) => {}
                 _ = resume_parked(shard.clone()) => {}
                 _ = mesh_loop(shard.clone()) => {}
+                _ = flush_loop(shard.clone()) => {}
             }
         })
     }
@@ -396,6 +397,74 @@ async fn mesh_loop(shard: Rc<Shard>) {
         }
         let _ = doorbell.readable(false).await;
         hub.mesh.clear_doorbell();
+    }
+}
+
+/// Writes deliveries to the sessions that may take them without their
+/// task (`Shard::flush_direct`). It is woken by the first delivery and runs
+/// after the task that delivered has yielded, so what a publisher's whole
+/// read produced goes out together. A long round yields to the core's I/O
+/// every `FLUSH_SLICE` sessions: a publish that arrived meanwhile is queued
+/// behind the frames of the sessions not yet written, which then take both
+/// in one send (under load, the batches grow by themselves).
+async fn flush_loop(shard: Rc<Shard>) {
+    let io_yield = IoYield::new()
+        .inspect_err(|e| tracing::warn!(core = shard.core, error = %e, "flush rounds will not yield to I/O"))
+        .ok();
+    let mut batch = Vec::new();
+    loop {
+        std::future::poll_fn(|cx| shard.poll_dirty(cx, &mut batch)).await;
+        let mut done = 0;
+        while done < batch.len() {
+            let slice = match io_yield {
+                Some(_) => FLUSH_SLICE,
+                None => batch.len(),
+            };
+            done = shard.flush_direct(&batch, done, slice);
+            if let (Some(y), true) = (&io_yield, done < batch.len()) {
+                y.yield_now().await;
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Sessions a flush round writes between two looks at the core's I/O.
+const FLUSH_SLICE: usize = 128;
+
+/// Lets the core's I/O and its other tasks run before going on. The worker
+/// future is polled again at once when it wakes itself, without the driver
+/// looking for completions, so it waits instead on an eventfd it has just
+/// written: that completes through the driver, after the others.
+struct IoYield {
+    eventfd: std::os::fd::OwnedFd,
+    waiter: monoio::net::UnixStream,
+}
+
+impl IoYield {
+    fn new() -> std::io::Result<IoYield> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd that nothing else owns.
+        let eventfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let dup = crate::conn::park::duplicate(std::os::fd::AsRawFd::as_raw_fd(&eventfd))?;
+        let waiter = monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(dup))?;
+        Ok(IoYield { eventfd, waiter })
+    }
+
+    async fn yield_now(&self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.eventfd);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+        let _ = self.waiter.readable(false).await;
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer.
+        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
     }
 }
 
