@@ -36,13 +36,32 @@ pub struct Common {
     pub live: Arc<Live>,
 }
 
+/// Part `index` of `0..total` cut into `parts` near-equal ranges.
+fn split(total: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
+    let per = total / parts;
+    let extra = total % parts;
+    let start = index * per + index.min(extra);
+    start..start + per + usize::from(index < extra)
+}
+
 impl Common {
     /// Connections of thread `index` when `total` are spread over the threads.
     fn share(&self, index: usize, total: usize) -> std::ops::Range<usize> {
-        let per = total / self.threads;
-        let extra = total % self.threads;
-        let start = index * per + index.min(extra);
-        start..start + per + usize::from(index < extra)
+        split(total, self.threads, index)
+    }
+
+    /// Fan-out connections of thread `index`: with several threads the last
+    /// one runs the publishers alone, so a subscriber loop that is busy
+    /// never makes a publish late; the others share the subscribers.
+    fn fanout_share(&self, index: usize, plan: &FanoutPlan) -> std::ops::Range<usize> {
+        let all = plan.subscribers + plan.publishers;
+        if self.threads == 1 || plan.publishers == 0 || plan.subscribers == 0 {
+            return self.share(index, all);
+        }
+        if index == self.threads - 1 {
+            return plan.subscribers..all;
+        }
+        split(plan.subscribers, self.threads - 1, index)
     }
 
     fn source(&self, conn: usize) -> Option<IpAddr> {
@@ -181,7 +200,7 @@ pub struct EchoPlan {
 /// sends one more for each echo. Round trips come from a per-connection
 /// queue of send times (echoes come back in order).
 pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> ThreadResult {
-    let (mut echoers, mut total) = join_all(&common, index, plan.connections, |conn, gate| {
+    let (mut echoers, mut total) = join_all(common.share(index, plan.connections), |conn, gate| {
         let (common, plan) = (common.clone(), plan.clone());
         async move {
             let mut result = ThreadResult::default();
@@ -204,13 +223,12 @@ pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> Thr
 /// Connects this thread's share of `count` connections, one task each
 /// (`join` connects one, through the thread's start line `gate`, and makes
 /// what the scenario's loop drives of it), and collects them.
-async fn join_all<T, F, Fut>(common: &Common, index: usize, count: usize, join: F) -> (Vec<T>, ThreadResult)
+async fn join_all<T, F, Fut>(share: std::ops::Range<usize>, join: F) -> (Vec<T>, ThreadResult)
 where
     T: 'static,
     F: Fn(usize, std::rc::Rc<Gate>) -> Fut,
     Fut: std::future::Future<Output = (Option<T>, ThreadResult)> + 'static,
 {
-    let share = common.share(index, count);
     let gate = Gate::new(share.len());
     let tasks: Vec<_> = share.map(|conn| monoio::spawn(join(conn, gate.clone()))).collect();
     let mut total = ThreadResult::default();
@@ -423,7 +441,7 @@ pub struct LatencyPlan {
 /// With `--busy-poll` the wait never blocks: the loop spins, and neither side
 /// of a message pays for waking the harness.
 pub async fn latency(common: Arc<Common>, plan: Arc<LatencyPlan>, index: usize) -> ThreadResult {
-    let (mut senders, mut total) = join_all(&common, index, plan.connections, |conn, gate| {
+    let (mut senders, mut total) = join_all(common.share(index, plan.connections), |conn, gate| {
         let (common, plan) = (common.clone(), plan.clone());
         async move {
             let mut result = ThreadResult::default();
@@ -761,8 +779,7 @@ fn take_number(rest: &mut &[u8], end: u8) -> Option<u64> {
 /// topics round robin; every subscriber of a topic should see every message
 /// published to it, in each publisher's order.
 pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) -> ThreadResult {
-    let count = plan.subscribers + plan.publishers;
-    let (mut members, mut total) = join_all(&common, index, count, |conn, gate| {
+    let (mut members, mut total) = join_all(common.fanout_share(index, &plan), |conn, gate| {
         let (common, plan) = (common.clone(), plan.clone());
         async move {
             let mut result = ThreadResult::default();
@@ -1043,6 +1060,22 @@ mod tests {
         let mut all: Vec<usize> = (0..3).flat_map(|i| common.share(i, 10)).collect();
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+        // Fan-out: the last thread has the publishers to itself.
+        let plan = FanoutPlan {
+            subscribers: 7,
+            topics: 1,
+            publishers: 2,
+            rate: 1.0,
+            size: 0,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            sub_msg: String::new(),
+            pub_prefix: String::new(),
+            topic_prefix: String::new(),
+            settle: Duration::ZERO,
+        };
+        let shares: Vec<_> = (0..3).map(|i| common.fanout_share(i, &plan)).collect();
+        assert_eq!(shares, vec![0..4, 4..7, 7..9]);
     }
 
     #[test]
