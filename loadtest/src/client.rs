@@ -134,8 +134,9 @@ pub struct Client {
     reader: MessageReader,
     /// Received bytes not yet decoded (a partial frame).
     inbox: Vec<u8>,
-    /// Bytes queued for the socket.
+    /// Bytes queued for the socket; the first `outbox_sent` are sent.
     outbox: Vec<u8>,
+    outbox_sent: usize,
     /// Since when `try_send` has left bytes queued without sending any.
     stalled_since: Option<Instant>,
     /// The close frame the server sent, if it did (code, reason).
@@ -224,6 +225,7 @@ impl Client {
             ),
             inbox: Vec::new(),
             outbox: Vec::new(),
+            outbox_sent: 0,
             stalled_since: None,
             server_close: None,
         };
@@ -293,7 +295,7 @@ impl Client {
 
     /// Whether bytes wait to be sent.
     pub fn has_queued(&self) -> bool {
-        !self.outbox.is_empty()
+        self.outbox.len() > self.outbox_sent
     }
 
     /// The queue itself, for callers that frame in place.
@@ -314,6 +316,7 @@ impl Client {
     /// it (echo wraps it in its thread's deadline, which costs no timer per
     /// write). An owned-buffer write: with io_uring a SEND in the ring.
     pub async fn write_queued(&mut self) -> io::Result<()> {
+        self.outbox.drain(..std::mem::take(&mut self.outbox_sent));
         if self.outbox.is_empty() {
             return Ok(());
         }
@@ -329,24 +332,34 @@ impl Client {
     /// a bound behind a server that stopped reading.
     pub fn try_send(&mut self) -> io::Result<()> {
         let mut sent = 0;
-        while sent < self.outbox.len() {
-            match Socket::new(&self.stream).send(&self.outbox[sent..]) {
-                Ok(n) => sent += n,
+        while self.outbox_sent < self.outbox.len() {
+            match Socket::new(&self.stream).send(&self.outbox[self.outbox_sent..]) {
+                Ok(n) => {
+                    sent += n;
+                    self.outbox_sent += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.outbox.drain(..sent);
-        if self.outbox.is_empty() || sent > 0 {
+        if self.outbox_sent == self.outbox.len() {
+            self.outbox.clear();
+            self.outbox_sent = 0;
+        } else if self.outbox_sent > self.outbox.len() / 2 {
+            // Behind a slow reader the queue can be megabytes: move the
+            // unsent rest to the front only once half of it is sent.
+            self.outbox.drain(..std::mem::take(&mut self.outbox_sent));
+        }
+        let queued = self.outbox.len() - self.outbox_sent;
+        if queued == 0 || sent > 0 {
             self.stalled_since = None;
         } else if self.stalled_since.get_or_insert_with(Instant::now).elapsed() >= WRITE_STALL {
             return Err(stalled());
         }
-        if self.outbox.len() > MAX_QUEUED_BYTES {
+        if queued > MAX_QUEUED_BYTES {
             return Err(io::Error::other(format!(
-                "{} bytes wait to be sent: the server is not reading",
-                self.outbox.len()
+                "{queued} bytes wait to be sent: the server is not reading"
             )));
         }
         Ok(())

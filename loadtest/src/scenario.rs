@@ -949,13 +949,12 @@ fn drive_fanout(
         }
         let wait = next_due.saturating_duration_since(Instant::now()).min(STOP_CHECK);
         set.wait(if common.busy_poll { Duration::ZERO } else { wait }, &mut ready)?;
-        let now_ns = common.nanos_since_epoch();
         for &i in &ready {
             if failed[i] {
                 continue;
             }
             let window = measure_ns..measure_ns + plan.duration.as_nanos() as u64;
-            let outcome = take_deliveries(&mut members[i], now_ns, common, window, result);
+            let outcome = take_deliveries(&mut members[i], common, window, result);
             if let Err(e) = outcome {
                 failed[i] = true;
                 set.remove(fds[i]);
@@ -975,7 +974,6 @@ fn drive_fanout(
 /// sequence-checked, their latency recorded), pings for either.
 fn take_deliveries(
     member: &mut Member,
-    now_ns: u64,
     common: &Common,
     window: std::ops::Range<u64>,
     result: &mut ThreadResult,
@@ -989,6 +987,8 @@ fn take_deliveries(
         Ok((None, _)) => return Ok(()),
         Err(e) => return Err(format!("read: {e}")),
     };
+    // Read now: what this read returned was all in by this time.
+    let now_ns = common.nanos_since_epoch();
     let mut received = 0;
     let out_of_order = &mut result.out_of_order;
     let mut last_seq = match role {

@@ -394,6 +394,14 @@ impl Shard {
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
+            if let Some(ps) = slot.pubsub.as_mut() {
+                // A burst grew the queue, and it has been written since:
+                // give the memory back. Not at once when it empties, as a
+                // busy subscriber would grow it again for every batch.
+                if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
+                    ps.queue = VecDeque::new();
+                }
+            }
             let mut due = Kick::default();
             let in_phase = now.saturating_sub(slot.phase_since_ms);
             match slot.phase {
@@ -730,10 +738,6 @@ fn write_deliveries(
             ps.queue.pop_front();
             stats.messages_out += 1;
         }
-    }
-    // A large burst may have grown the queue: give the memory back.
-    if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
-        ps.queue = VecDeque::new();
     }
     Ok(Flush::Done)
 }
