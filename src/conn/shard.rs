@@ -1183,6 +1183,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_grown_queue_is_kept_while_busy_and_freed_by_the_sweep() {
+        use std::os::fd::AsFd;
+        let shard = test_shard(Options::default());
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        let capacity = || {
+            shard.sessions.borrow()[s.key()]
+                .pubsub
+                .as_ref()
+                .unwrap()
+                .queue
+                .capacity()
+        };
+        for _ in 0..IOV_FRAMES * 5 {
+            shard.deliver(s.key(), &Bytes::from_static(b"x"));
+        }
+        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
+        assert!(!s.has_deliveries());
+        assert!(capacity() > IOV_FRAMES * 4, "kept for the next batch");
+        shard.sweep_at(1);
+        assert_eq!(capacity(), 0, "freed once the sweep finds it empty");
+    }
+
+    #[test]
     fn flush_rounds_stop_at_their_slice() {
         let shard = test_shard(Options::default());
         let sessions: Vec<Session> = (0..3).map(|_| shard.open_session()).collect();
