@@ -305,6 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             pub_prefix,
             topic_prefix,
             settle_ms,
+            busy_poll,
             window: w,
             ..
         } => {
@@ -316,6 +317,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 format!("{subscribers} / {topics} / {publishers}"),
             );
             params.insert("publish rate".into(), format!("{rate} msg/s"));
+            if args.threads > 1 {
+                params.insert(
+                    "publishers".into(),
+                    if *busy_poll {
+                        "a thread of their own".into()
+                    } else {
+                        "a thread of their own, real-time priority (SCHED_FIFO) when allowed".into()
+                    },
+                );
+            }
             let plan = Arc::new(scenario::FanoutPlan {
                 subscribers: *subscribers,
                 topics: *topics,

@@ -137,6 +137,8 @@ pub struct Report {
     pub latency_us: Percentiles,
     /// Fan-out: send to arrival in the subscriber's socket (kernel stamps).
     pub arrival_us: Percentiles,
+    /// Fan-out: how late publishes left the harness.
+    pub publish_lag_us: Percentiles,
     pub handshake_us: Percentiles,
     /// HdrHistogram V2 serialized form, base64.
     pub latency_histogram: String,
@@ -177,6 +179,7 @@ impl Report {
             first_errors: r.first_errors.clone(),
             latency_us: Percentiles::of(&r.latency_us),
             arrival_us: Percentiles::of(&r.arrival_us),
+            publish_lag_us: Percentiles::of(&r.lag_us),
             handshake_us: Percentiles::of(&r.handshake_us),
             latency_histogram: serialize(&r.latency_us),
             handshake_histogram: serialize(&r.handshake_us),
@@ -271,6 +274,16 @@ impl Report {
                 format!(
                     "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {} (send to socket, kernel stamps)",
                     l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
+                ),
+            ));
+        }
+        if self.publish_lag_us.count > 0 {
+            let l = &self.publish_lag_us;
+            rows.push((
+                "publish lag µs".into(),
+                format!(
+                    "p50 {} p99 {} p99.9 {} max {} (the harness's own delay, part of both latencies)",
+                    l.p50, l.p99, l.p99_9, l.max
                 ),
             ));
         }

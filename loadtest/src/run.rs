@@ -46,6 +46,14 @@ thread_local! {
     static LATENCY_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
     static HANDSHAKE_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
     static ARRIVAL_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+    static LAG_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
+}
+
+/// Records how late a publish left the harness after its intended time.
+pub fn record_lag_us(us: u64) {
+    LAG_US.with(|h| {
+        let _ = h.borrow_mut().record(us.max(1));
+    });
 }
 
 /// Records a send-to-arrival time (by the kernel's receive stamp).
@@ -83,6 +91,9 @@ pub struct ThreadResult {
     /// Fan-out: send to arrival in the subscriber's socket, by the kernel's
     /// receive stamps, so the harness's own delays are not in it.
     pub arrival_us: Histogram<u64>,
+    /// Fan-out: how late publishes were written after their intended time
+    /// (part of every latency above; the harness's own delay).
+    pub lag_us: Histogram<u64>,
     pub handshake_us: Histogram<u64>,
     pub failures: BTreeMap<Failure, u64>,
     pub established: u64,
@@ -112,6 +123,7 @@ impl Default for ThreadResult {
         ThreadResult {
             latency_us: empty_histogram(),
             arrival_us: empty_histogram(),
+            lag_us: empty_histogram(),
             handshake_us: empty_histogram(),
             failures: BTreeMap::new(),
             established: 0,
@@ -145,6 +157,7 @@ impl ThreadResult {
         self.latency_us = LATENCY_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
         self.handshake_us = HANDSHAKE_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
         self.arrival_us = ARRIVAL_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
+        self.lag_us = LAG_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
         self
     }
 
@@ -157,6 +170,9 @@ impl ThreadResult {
         }
         if !other.arrival_us.is_empty() {
             let _ = self.arrival_us.add(&other.arrival_us);
+        }
+        if !other.lag_us.is_empty() {
+            let _ = self.lag_us.add(&other.lag_us);
         }
         for (k, v) in other.failures {
             *self.failures.entry(k).or_default() += v;

@@ -18,7 +18,8 @@ use sluice::ws::{mask, Event, Opcode};
 
 use crate::client::{Client, Rng, Target};
 use crate::run::{
-    record_arrival_us, record_handshake_us, record_latency_us, record_latency_us_n, Gate, Live, ThreadResult,
+    record_arrival_us, record_handshake_us, record_lag_us, record_latency_us, record_latency_us_n, Gate, Live,
+    ThreadResult,
 };
 
 /// What every scenario shares.
@@ -774,12 +775,32 @@ fn take_number(rest: &mut &[u8], end: u8) -> Option<u64> {
     None
 }
 
+/// Makes the calling thread (the publishers' own) real-time, so that when
+/// it shares a core with subscriber threads that keep it busy, a publish
+/// leaves when due instead of after their time slice (several ms). It
+/// sleeps between publishes, so it cannot starve them. Without the right
+/// (CAP_SYS_NICE), it says so and runs as before.
+fn publish_on_time() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sets the calling thread's policy from a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        eprintln!(
+            "sluice-load: publishers run at normal priority ({}); publishes may leave late when subscribers keep the core busy",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Subscribers and publishers share connection numbers: 0..subscribers are
 /// subscribers, the rest publishers. Publisher `p` publishes its messages to
 /// topics round robin; every subscriber of a topic should see every message
 /// published to it, in each publisher's order.
 pub async fn fanout(common: Arc<Common>, plan: Arc<FanoutPlan>, index: usize) -> ThreadResult {
-    let (mut members, mut total) = join_all(common.fanout_share(index, &plan), |conn, gate| {
+    let share = common.fanout_share(index, &plan);
+    if share.start >= plan.subscribers && common.threads > 1 && !common.busy_poll {
+        publish_on_time();
+    }
+    let (mut members, mut total) = join_all(share, |conn, gate| {
         let (common, plan) = (common.clone(), plan.clone());
         async move {
             let mut result = ThreadResult::default();
@@ -928,6 +949,9 @@ fn drive_fanout(
                     payload.push(b'.');
                 }
                 encode_frame(client.outbox(), true, Opcode::Text, Some(*key), &payload);
+                if sent_ns as u64 >= measure_ns {
+                    record_lag_us(now.duration_since(*next).as_micros() as u64);
+                }
                 // Every publish counts as sent: a loss is a publish no one saw.
                 result.sent += 1;
                 *result.published.entry(topic).or_default() += 1;
