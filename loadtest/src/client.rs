@@ -359,7 +359,7 @@ impl Client {
         }
         if queued > MAX_QUEUED_BYTES {
             return Err(io::Error::other(format!(
-                "{queued} bytes wait to be sent: the server is not reading"
+                "{queued} bytes wait to be sent: the server reads slower than this connection writes"
             )));
         }
         Ok(())
