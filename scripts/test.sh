@@ -59,7 +59,7 @@ PIDS=()
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
   step "fuzz targets, ${FUZZ_SECONDS}s each (libFuzzer; longer runs: see fuzz/README.md)"
   command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-  for target in handshake messages; do
+  for target in handshake messages stomp; do
     mkdir -p "fuzz/corpus/$target"
     (cd fuzz && cargo fuzz run -s none "$target" "corpus/$target" "seeds/$target" -- \
       -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 3)

@@ -6,6 +6,7 @@
 
 pub mod echo;
 pub mod native;
+pub mod stomp;
 
 use crate::config::{Route, RouteProtocol};
 use crate::conn::outbound::Outbound;
