@@ -1,6 +1,8 @@
 //! STOMP 1.2 over WebSocket (the STOMP 1.2 specification), sans-I/O.
 //!
-//! `frame`: the codec. The session (CONNECT negotiation, subscriptions,
-//! receipts, transactions, heart-beats) comes on top of it.
+//! - `frame`: the codec (frames across and within WebSocket messages).
+//! - `session`: what each client frame does and what is answered
+//!   (negotiation, subscriptions, receipts, transactions, errors).
 
 pub mod frame;
+pub mod session;
