@@ -222,6 +222,48 @@ async fn flood(url: &str, topic: &str, count: usize, size: usize) {
     }
 }
 
+both_drivers!(a_subscriber_that_pauses_gets_everything_in_order_after, |driver| {
+    // The queue may hold it all: what does not fit in the socket waits in
+    // the queue, written as the subscriber drains its socket.
+    let mut server = Server::start(driver, &["--max-outbound-bytes", "16777216"]);
+    let url = server.url("/ws");
+    let mut paused = stalled_subscriber(&server, "pause");
+    std::thread::sleep(SETTLE);
+    let (count, size) = (1000, 8 * 1024);
+    let body = "z".repeat(size);
+    tokio_rt().block_on(async {
+        let mut publisher = connect(&url).await;
+        let mut reader = connect(&url).await;
+        send(&mut reader.ws, "SUB pause".into()).await;
+        tokio::time::sleep(SETTLE).await;
+        for round in 0..count / 20 {
+            for i in round * 20..round * 20 + 20 {
+                send(&mut publisher.ws, format!("PUB pause {i:05} {body}")).await;
+            }
+            for i in round * 20..round * 20 + 20 {
+                assert!(next_text(&mut reader.ws)
+                    .await
+                    .starts_with(&format!("MSG pause {i:05} ")));
+            }
+        }
+    });
+    // Far more than the socket buffers hold was published while it slept.
+    paused.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..count {
+        let frame = paused.read_frame().expect("every message");
+        assert_eq!(frame.opcode, 1);
+        let expected = format!("MSG pause {i:05} {body}");
+        assert!(
+            frame.payload == expected.as_bytes(),
+            "message {i} is whole and in order"
+        );
+    }
+    server.terminate();
+    let log = server.log();
+    assert!(log.contains("slow_consumers=0"), "{log}");
+    assert!(log.contains("dropped=0"), "{log}");
+});
+
 both_drivers!(
     slow_consumer_is_closed_with_1008_while_others_keep_receiving,
     |driver| {
