@@ -73,6 +73,14 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
+    /// "p50 .. p90 .. p99 .. p99.9 .. p99.99 .. max ..".
+    fn line(&self) -> String {
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
+            self.p50, self.p90, self.p99, self.p99_9, self.p99_99, self.max
+        )
+    }
+
     pub fn of(h: &Histogram<u64>) -> Percentiles {
         if h.is_empty() {
             return Percentiles::default();
@@ -259,22 +267,13 @@ impl Report {
         }
         if self.latency_us.count > 0 {
             let l = &self.latency_us;
-            rows.push((
-                "latency µs".into(),
-                format!(
-                    "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {} (n={})",
-                    l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max, l.count
-                ),
-            ));
+            rows.push(("latency µs".into(), format!("{} (n={})", l.line(), l.count)));
         }
         if self.arrival_us.count > 0 {
             let l = &self.arrival_us;
             rows.push((
                 "arrival µs".into(),
-                format!(
-                    "p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {} (send to socket, kernel stamps)",
-                    l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
-                ),
+                format!("{} (send to socket, kernel stamps)", l.line()),
             ));
         }
         if self.publish_lag_us.count > 0 {

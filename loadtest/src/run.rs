@@ -40,8 +40,10 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("static histogram bounds are valid")
 }
 
+type Local = std::thread::LocalKey<std::cell::RefCell<Histogram<u64>>>;
+
 thread_local! {
-    // One pair of histograms per load thread: connections record into them
+    // One set of histograms per load thread: connections record into them
     // directly (a histogram per connection would cost tens of KB each).
     static LATENCY_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
     static HANDSHAKE_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
@@ -49,39 +51,48 @@ thread_local! {
     static LAG_US: std::cell::RefCell<Histogram<u64>> = std::cell::RefCell::new(histogram());
 }
 
-/// Records how late a publish left the harness after its intended time.
-pub fn record_lag_us(us: u64) {
-    LAG_US.with(|h| {
-        let _ = h.borrow_mut().record(us.max(1));
-    });
-}
-
-/// Records a send-to-arrival time (by the kernel's receive stamp).
-pub fn record_arrival_us(us: u64) {
-    ARRIVAL_US.with(|h| {
-        let _ = h.borrow_mut().record(us.max(1));
-    });
-}
-
-/// Records a latency on this thread's histogram (microseconds, at least 1).
-pub fn record_latency_us(us: u64) {
-    LATENCY_US.with(|h| {
-        let _ = h.borrow_mut().record(us.max(1));
-    });
-}
-
-/// Records `n` equal latencies at once.
-pub fn record_latency_us_n(us: u64, n: u64) {
-    LATENCY_US.with(|h| {
+/// Records `n` equal times (microseconds, at least 1) on this thread's `local`.
+fn record(local: &'static Local, us: u64, n: u64) {
+    local.with(|h| {
         let _ = h.borrow_mut().record_n(us.max(1), n);
     });
 }
 
+/// Takes this thread's `local`, leaving an empty one.
+fn take(local: &'static Local) -> Histogram<u64> {
+    local.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()))
+}
+
+/// Adds `other` into `into`.
+fn add(into: &mut Histogram<u64>, other: &Histogram<u64>) {
+    if !other.is_empty() {
+        let _ = into.add(other);
+    }
+}
+
+/// Records how late a publish left the harness after its intended time.
+pub fn record_lag_us(us: u64) {
+    record(&LAG_US, us, 1);
+}
+
+/// Records a send-to-arrival time (by the kernel's receive stamp).
+pub fn record_arrival_us(us: u64) {
+    record(&ARRIVAL_US, us, 1);
+}
+
+/// Records a latency on this thread's histogram.
+pub fn record_latency_us(us: u64) {
+    record(&LATENCY_US, us, 1);
+}
+
+/// Records `n` equal latencies at once.
+pub fn record_latency_us_n(us: u64, n: u64) {
+    record(&LATENCY_US, us, n);
+}
+
 /// Records a handshake time on this thread's histogram.
 pub fn record_handshake_us(us: u64) {
-    HANDSHAKE_US.with(|h| {
-        let _ = h.borrow_mut().record(us.max(1));
-    });
+    record(&HANDSHAKE_US, us, 1);
 }
 
 /// What one thread (or one of its connections) gathered. The histograms
@@ -154,26 +165,18 @@ impl ThreadResult {
 
     /// Takes this thread's histograms into the result.
     pub fn with_thread_histograms(mut self) -> ThreadResult {
-        self.latency_us = LATENCY_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
-        self.handshake_us = HANDSHAKE_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
-        self.arrival_us = ARRIVAL_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
-        self.lag_us = LAG_US.with(|h| std::mem::replace(&mut *h.borrow_mut(), histogram()));
+        self.latency_us = take(&LATENCY_US);
+        self.handshake_us = take(&HANDSHAKE_US);
+        self.arrival_us = take(&ARRIVAL_US);
+        self.lag_us = take(&LAG_US);
         self
     }
 
     pub fn merge(&mut self, other: ThreadResult) {
-        if !other.latency_us.is_empty() {
-            let _ = self.latency_us.add(&other.latency_us);
-        }
-        if !other.handshake_us.is_empty() {
-            let _ = self.handshake_us.add(&other.handshake_us);
-        }
-        if !other.arrival_us.is_empty() {
-            let _ = self.arrival_us.add(&other.arrival_us);
-        }
-        if !other.lag_us.is_empty() {
-            let _ = self.lag_us.add(&other.lag_us);
-        }
+        add(&mut self.latency_us, &other.latency_us);
+        add(&mut self.handshake_us, &other.handshake_us);
+        add(&mut self.arrival_us, &other.arrival_us);
+        add(&mut self.lag_us, &other.lag_us);
         for (k, v) in other.failures {
             *self.failures.entry(k).or_default() += v;
         }

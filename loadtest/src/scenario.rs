@@ -1069,6 +1069,22 @@ mod tests {
         assert_eq!(parse_stamp(b"#L1:2:99999999999999999999999#"), None, "overflow");
     }
 
+    fn plan(subscribers: usize, topics: usize, publishers: usize) -> FanoutPlan {
+        FanoutPlan {
+            subscribers,
+            topics,
+            publishers,
+            rate: 1.0,
+            size: 0,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            sub_msg: String::new(),
+            pub_prefix: String::new(),
+            topic_prefix: String::new(),
+            settle: Duration::ZERO,
+        }
+    }
+
     #[test]
     fn shares_cover_every_connection_once() {
         let common = Common {
@@ -1085,38 +1101,14 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
         // Fan-out: the last thread has the publishers to itself.
-        let plan = FanoutPlan {
-            subscribers: 7,
-            topics: 1,
-            publishers: 2,
-            rate: 1.0,
-            size: 0,
-            warmup: Duration::ZERO,
-            duration: Duration::ZERO,
-            sub_msg: String::new(),
-            pub_prefix: String::new(),
-            topic_prefix: String::new(),
-            settle: Duration::ZERO,
-        };
+        let plan = plan(7, 1, 2);
         let shares: Vec<_> = (0..3).map(|i| common.fanout_share(i, &plan)).collect();
         assert_eq!(shares, vec![0..4, 4..7, 7..9]);
     }
 
     #[test]
     fn expected_deliveries_per_topic() {
-        let plan = FanoutPlan {
-            subscribers: 5,
-            topics: 2,
-            publishers: 1,
-            rate: 1.0,
-            size: 0,
-            warmup: Duration::ZERO,
-            duration: Duration::ZERO,
-            sub_msg: String::new(),
-            pub_prefix: String::new(),
-            topic_prefix: String::new(),
-            settle: Duration::ZERO,
-        };
+        let plan = plan(5, 2, 1);
         // Subscribers 0, 2, 4 on topic 0; 1, 3 on topic 1.
         assert_eq!((plan.subscribers_of(0), plan.subscribers_of(1)), (3, 2));
         let published = [(0usize, 10u64), (1, 7)].into_iter().collect();

@@ -343,6 +343,8 @@ fn fanout_through_sluice_pubsub_loses_nothing() {
         "0.2",
         "--settle-ms",
         "300",
+        "--threads",
+        "2",
         "--json",
         &json,
     ]);
@@ -354,6 +356,12 @@ fn fanout_through_sluice_pubsub_loses_nothing() {
     assert_eq!((r["lost"].as_u64(), r["out_of_order"].as_u64()), (Some(0), Some(0)));
     assert!(r["received"].as_u64().unwrap() >= sent * 16);
     assert_ordered(&r["latency_us"]);
+    // Every measured delivery also has its kernel arrival stamp.
+    assert_ordered(&r["arrival_us"]);
+    assert_eq!(r["arrival_us"]["count"], r["latency_us"]["count"]);
+    assert!(r["arrivals_per_second"].as_f64().unwrap() > 0.0);
+    // The publishers ran in a thread of their own, which timed its lag.
+    assert!(r["publish_lag_us"]["count"].as_u64().unwrap() > 0);
 }
 
 #[test]

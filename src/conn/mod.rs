@@ -15,6 +15,7 @@
 //!   its task ends, and the shard starts a new one (`resume`) when the peer
 //!   speaks or a kick is due. See `park`.
 
+pub mod eventfd;
 pub mod outbound;
 pub mod park;
 pub mod pool;

@@ -69,9 +69,15 @@ impl ParkingLot {
 
     /// A monoio handle whose `readable()` resolves when `ready` has events.
     pub fn waiter(&self) -> io::Result<monoio::net::UnixStream> {
-        let fd = duplicate(self.poll.borrow().as_raw_fd())?;
-        monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+        readiness_handle(self.poll.borrow().as_raw_fd())
     }
+}
+
+/// A monoio handle on a duplicate of `fd` (an epoll set, an eventfd), to
+/// await its readiness with `readable()` under either driver.
+pub fn readiness_handle(fd: RawFd) -> io::Result<monoio::net::UnixStream> {
+    let fd = duplicate(fd)?;
+    monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// A new fd (close-on-exec) for the same open file. For a socket, this keeps

@@ -14,14 +14,13 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::conn::park::duplicate;
+use crate::conn::eventfd::EventFd;
 
 /// Envelopes taken from one ring per drain.
 const DRAIN_BUDGET: usize = 1024;
@@ -55,7 +54,7 @@ pub enum SessionAction {
 
 /// A core's wake-up, shared by every core.
 pub struct Doorbell {
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     /// Set by the owner before it waits; taken by whoever rings.
     armed: AtomicBool,
     rings: AtomicU64,
@@ -63,14 +62,8 @@ pub struct Doorbell {
 
 impl Doorbell {
     fn new() -> io::Result<Doorbell> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Doorbell {
-            // SAFETY: `fd` is a fresh fd that nothing else owns.
-            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            eventfd: EventFd::new()?,
             armed: AtomicBool::new(false),
             rings: AtomicU64::new(0),
         })
@@ -80,11 +73,7 @@ impl Doorbell {
     pub fn ring(&self) {
         if self.armed.swap(false, Ordering::AcqRel) {
             self.rings.fetch_add(1, Ordering::Relaxed);
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to our eventfd. It
-            // can only fail if the counter would overflow, which leaves the
-            // fd readable anyway.
-            unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            self.eventfd.signal();
         }
     }
 
@@ -249,22 +238,12 @@ impl CoreMesh {
 
     /// A monoio handle on our doorbell: readable once rung.
     pub fn doorbell_waiter(&self) -> io::Result<monoio::net::UnixStream> {
-        let fd = duplicate(self.doorbells[self.core].eventfd.as_raw_fd())?;
-        monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+        self.doorbells[self.core].eventfd.waiter()
     }
 
     /// Resets our doorbell's counter after a wake-up.
     pub fn clear_doorbell(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer; EAGAIN (nothing
-        // to clear) is fine.
-        unsafe {
-            libc::read(
-                self.doorbells[self.core].eventfd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                8,
-            )
-        };
+        self.doorbells[self.core].eventfd.clear();
     }
 
     /// Envelopes waiting in our ring to each other core, and its capacity.

@@ -24,6 +24,7 @@ use std::time::Duration;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{Config, DriverChoice};
+use crate::conn::eventfd::EventFd;
 use crate::conn::shard::{Shard, Stats};
 pub use listen::bind_listeners;
 
@@ -435,36 +436,23 @@ const FLUSH_SLICE: usize = 128;
 /// Lets the core's I/O and its other tasks run before going on. The worker
 /// future is polled again at once when it wakes itself, without the driver
 /// looking for completions, so it waits instead on an eventfd it has just
-/// written: that completes through the driver, after the others.
+/// signalled: that completes through the driver, after the others.
 struct IoYield {
-    eventfd: std::os::fd::OwnedFd,
+    eventfd: EventFd,
     waiter: monoio::net::UnixStream,
 }
 
 impl IoYield {
     fn new() -> std::io::Result<IoYield> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh fd that nothing else owns.
-        let eventfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let dup = crate::conn::park::duplicate(std::os::fd::AsRawFd::as_raw_fd(&eventfd))?;
-        let waiter = monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(dup))?;
+        let eventfd = EventFd::new()?;
+        let waiter = eventfd.waiter()?;
         Ok(IoYield { eventfd, waiter })
     }
 
     async fn yield_now(&self) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.eventfd);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-        unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+        self.eventfd.signal();
         let _ = self.waiter.readable(false).await;
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer.
-        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+        self.eventfd.clear();
     }
 }
 

@@ -288,15 +288,12 @@ impl Session {
     fn act(&mut self, frame: Frame, out: &mut Vec<Action>) -> Result<(), (&'static str, String)> {
         match frame.command {
             Command::Send => {
-                let publish = publish_of(frame.headers, frame.body)?;
-                let transaction = publish
-                    .headers
-                    .iter()
-                    .find(|(n, _)| n == "transaction")
-                    .map(|(_, v)| v.clone());
+                let destination = destination_of(&frame)?;
+                let transaction = frame.header("transaction").map(str::to_string);
                 let publish = Publish {
-                    headers: passed_through(publish.headers),
-                    ..publish
+                    destination,
+                    headers: passed_through(frame.headers),
+                    body: frame.body,
                 };
                 match transaction {
                     None => out.push(Action::Publish(publish)),
@@ -456,20 +453,6 @@ fn destination_of(frame: &Frame) -> Result<Destination, (&'static str, String)> 
                 "{raw:?} is not supported: destinations are /topic/<name> or /queue/<name>, names of 1 to 255 of A-Z a-z 0-9 . _ - : /"
             ),
         )
-    })
-}
-
-fn publish_of(headers: Vec<(String, String)>, body: Bytes) -> Result<Publish, (&'static str, String)> {
-    let frame = Frame {
-        command: Command::Send,
-        headers,
-        body,
-    };
-    let destination = destination_of(&frame)?;
-    Ok(Publish {
-        destination,
-        headers: frame.headers,
-        body: frame.body,
     })
 }
 
@@ -733,14 +716,24 @@ mod tests {
         run(&mut s, Frame::new(Command::Begin).with_header("transaction", "tx3"));
         let out = run(&mut s, Frame::new(Command::Begin).with_header("transaction", "tx4"));
         assert_eq!(error_message(&out).as_deref(), Some("too many transactions"));
+        let held = |size: usize| {
+            Frame::new(Command::Send)
+                .with_header("destination", "/topic/t")
+                .with_header("transaction", "t")
+                .with_body(vec![0u8; size])
+        };
         let mut s = connected();
         run(&mut s, Frame::new(Command::Begin).with_header("transaction", "t"));
-        let big = Frame::new(Command::Send)
-            .with_header("destination", "/topic/t")
-            .with_header("transaction", "t")
-            .with_body(vec![0u8; 65]);
         assert_eq!(
-            error_message(&run(&mut s, big)).as_deref(),
+            error_message(&run(&mut s, held(65))).as_deref(),
+            Some("transaction too large")
+        );
+        // Exactly at the 64-byte limit, then one byte over it.
+        let mut s = connected();
+        run(&mut s, Frame::new(Command::Begin).with_header("transaction", "t"));
+        assert!(run(&mut s, held(64)).is_empty());
+        assert_eq!(
+            error_message(&run(&mut s, held(1))).as_deref(),
             Some("transaction too large")
         );
     }
