@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, every unit/property/integration test
-# (integration tests run the real binary under io_uring and epoll), the
+# (integration tests run the real binary under io_uring and epoll; the STOMP
+# ones also drive it with @stomp/stompjs, installed here from npm), the
 # Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
 # short run of each fuzz target. Exits non-zero on the first failure.
 #
@@ -21,6 +22,11 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "STOMP client library for the integration tests (@stomp/stompjs, ws)"
+npm ci --prefix tests/stomp --no-audit --no-fund --loglevel=error
+# tests/stomp.rs fails rather than skips without it.
+export SLUICE_REQUIRE_STOMPJS=1
+
 step "cargo test (unit, property, integration under both drivers)"
 cargo test --workspace --lib --bins --tests 2>&1 | tee target/test.log
 cargo_passed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
@@ -31,7 +37,7 @@ step "integration tests under AddressSanitizer (the unsafe socket code runs here
 # proc-macros unsanitized; mimalloc is off so ASan sees every allocation.
 LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
-  --test echo --test protocol --test park --test pubsub --test admin 2>&1 | tee target/asan.log
+  --test echo --test protocol --test park --test pubsub --test admin --test stomp 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
 step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"

@@ -81,6 +81,13 @@ pub struct Options {
     /// Messages each cross-core ring holds [default: 4096].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
+    /// STOMP heart-beats (ms) offered to clients, both ways: we send one when
+    /// quiet this long, and ask as much of them; 0 turns them off [default: 10000].
+    #[arg(long)]
+    pub stomp_heart_beat_ms: Option<u64>,
+    /// A STOMP client silent this long past its heart-beat interval is closed [default: 5000].
+    #[arg(long)]
+    pub stomp_heart_beat_grace_ms: Option<u64>,
     /// Admin HTTP address (publish, metrics, sessions), or "off" [default: 127.0.0.1:9090].
     #[arg(long)]
     pub admin_listen: Option<String>,
@@ -110,7 +117,13 @@ pub enum RouteProtocol {
     Echo,
     /// The native pub/sub protocol (docs/PROTOCOL.md).
     Pubsub,
+    /// STOMP 1.2 (also 1.1 and 1.0) over WebSocket, on the same topics.
+    Stomp,
 }
+
+/// The subprotocols a STOMP route offers when its file entry lists none
+/// (STOMP over WebSocket's names, newest first).
+pub const STOMP_SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
 
 /// The policy for a subscriber whose queued deliveries pass the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -156,6 +169,8 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
     pub mesh_ring_capacity: usize,
+    pub stomp_heart_beat_ms: u64,
+    pub stomp_heart_beat_grace_ms: u64,
     /// `None`: no admin port.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
@@ -214,6 +229,8 @@ impl Options {
             max_outbound_bytes: self.max_outbound_bytes.or(base.max_outbound_bytes),
             slow_consumer: self.slow_consumer.or(base.slow_consumer),
             mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
+            stomp_heart_beat_ms: self.stomp_heart_beat_ms.or(base.stomp_heart_beat_ms),
+            stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
             admin_listen: self.admin_listen.or(base.admin_listen),
             admin_token: self.admin_token.or(base.admin_token),
             route: self.route.or(base.route),
@@ -237,13 +254,23 @@ impl Options {
                     subprotocols: Vec::new(),
                     origins: global_origins.clone(),
                 },
+                Route {
+                    path: "/stomp".into(),
+                    protocol: RouteProtocol::Stomp,
+                    subprotocols: STOMP_SUBPROTOCOLS.map(String::from).to_vec(),
+                    origins: global_origins.clone(),
+                },
             ],
             Some(routes) => routes
                 .into_iter()
                 .map(|r| Route {
                     path: r.path,
                     protocol: r.protocol,
-                    subprotocols: r.subprotocols,
+                    subprotocols: if r.protocol == RouteProtocol::Stomp && r.subprotocols.is_empty() {
+                        STOMP_SUBPROTOCOLS.map(String::from).to_vec()
+                    } else {
+                        r.subprotocols
+                    },
                     origins: r
                         .allowed_origins
                         .map_or_else(|| global_origins.clone(), |o| origin_policy(Some(o))),
@@ -286,6 +313,8 @@ impl Options {
             max_outbound_bytes: self.max_outbound_bytes.unwrap_or(MIB),
             slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
             mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
+            stomp_heart_beat_ms: self.stomp_heart_beat_ms.unwrap_or(10_000),
+            stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
             admin_listen,
             admin_token: self.admin_token,
         };
@@ -327,6 +356,8 @@ impl Config {
         in_range("max_subscriptions", self.max_subscriptions, 1, 1_000_000)?;
         in_range("max_outbound_bytes", self.max_outbound_bytes, 1024, GIB)?;
         in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
+        in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
+        in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;
         if self.ping_interval_ms > 0 && self.idle_timeout_ms > 0 && self.idle_timeout_ms <= self.ping_interval_ms {
             return Err(ConfigError::Invalid {
                 option: "idle_timeout_ms",
@@ -396,6 +427,12 @@ mod tests {
         assert_eq!(c.workers, 2);
         assert_eq!(c.limits.max_frame_bytes, 16 * MIB);
         assert_eq!(c.route("/echo").unwrap().1.protocol, RouteProtocol::Echo);
+        let stomp = c.route("/stomp").unwrap().1;
+        assert_eq!(stomp.protocol, RouteProtocol::Stomp);
+        assert_eq!(stomp.subprotocols, ["v12.stomp", "v11.stomp", "v10.stomp"]);
+        let file = parse_toml("[[route]]\npath = \"/s\"\nprotocol = \"stomp\"\n").unwrap();
+        let c = file.validate(1).unwrap();
+        assert_eq!(c.route("/s").unwrap().1.subprotocols.len(), 3);
         assert_eq!(c.handshake_timeout_ms, 5000);
         assert_eq!((c.ping_interval_ms, c.idle_timeout_ms), (30_000, 75_000));
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{masked_frame, tokio_rt, Raw, Server};
+use common::{masked_frame, stopped_count, tokio_rt, Raw, Server};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -21,22 +21,6 @@ const PARK_FAST_NO_TIMERS: &[&str] = &[
     "--idle-timeout-ms",
     "0",
 ];
-
-/// A counter from the server's final "stopped" log line.
-fn stopped_count(log: &str, name: &str) -> u64 {
-    let line = log.lines().find(|l| l.contains("stopped")).expect("stopped line");
-    let start = line
-        .find(&format!("{name}="))
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-        + name.len()
-        + 1;
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 both_drivers!(parked_connection_resumes_on_input_and_keeps_message_state, |driver| {
     let mut server = Server::start(driver, PARK_FAST_NO_TIMERS);

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::conn::shard::Shard;
 use crate::proto::native;
 use crate::pubsub::mesh::SessionAction;
+use crate::pubsub::message::Message;
 use crate::ws::MessageKind;
 use http::{Bad, Request};
 pub use metrics::Metrics;
@@ -208,7 +209,8 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
     let mut cores = 0;
     for (kind, topic, payload) in &messages {
         let mut pending = Vec::new();
-        let reached = hub.publish(shard, *kind, topic.as_bytes(), payload, &mut pending);
+        let message = Message::native(*kind, topic.as_bytes(), payload, hub.next_message_id());
+        let reached = hub.publish(shard, message, &mut pending);
         cores = cores.max(reached);
         // Full rings: wait for room (bounded), in order, like a publisher.
         let sent = monoio::time::timeout(

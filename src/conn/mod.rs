@@ -128,6 +128,9 @@ enum Flow {
     PeerClosed(Option<CloseCode>),
     /// The peer broke a rule; our close is queued.
     Failed(Violation),
+    /// The protocol's session ended (STOMP DISCONNECT or ERROR): its last
+    /// replies are queued; we close first with this code.
+    AppClosed(CloseCode),
 }
 
 /// How an upgraded connection's task ended.
@@ -315,7 +318,7 @@ impl<'a> Conn<'a> {
     /// starts with a read: its socket is likely what woke it.
     async fn run(&mut self, route: RouteId, resumed: bool) -> End {
         let mut app = App::for_route(self.shard.config.route_by_id(route));
-        self.deliveries = matches!(app, App::Native) || self.session.has_deliveries();
+        self.deliveries = app.is_pubsub() || self.session.has_deliveries();
         if !resumed {
             app.start(&mut self.out, &self.shard.pool, self.session);
         }
@@ -356,6 +359,10 @@ impl<'a> Conn<'a> {
                         self.linger().await;
                     }
                     return End::Closed(None);
+                }
+                Flow::AppClosed(code) => {
+                    let reason = App::close_reason(code);
+                    return End::Closed(Box::pin(self.close_first(&mut reader, code, reason)).await);
                 }
             }
             if self.kicks.has(Kick::TIMEOUT) {
@@ -550,7 +557,7 @@ impl<'a> Conn<'a> {
             match self.read_and_process(reader, &mut closing) {
                 Ok(None) | Ok(Some(Flow::Continue)) => continue,
                 Ok(Some(Flow::PeerClosed(peer_code))) => return Some(peer_code),
-                Ok(Some(Flow::Failed(_))) | Err(_) => return None,
+                Ok(Some(Flow::Failed(_))) | Ok(Some(Flow::AppClosed(_))) | Err(_) => return None,
             }
         }
     }
@@ -700,6 +707,14 @@ fn process(
     let mut bytes_in = 0u64;
     let echoes = matches!(app, App::Echo);
     let mut partial_frame_bytes = None;
+    // Input that waited for a publish to get through goes first.
+    app.resume(out, pool, session);
+    if let Some(code) = app.take_close(session) {
+        return (0, Flow::AppClosed(code), None);
+    }
+    if app.is_pubsub() && session.is_blocked() {
+        return (0, Flow::Continue, None);
+    }
     let flow = loop {
         match reader.read(&mut data[pos..]) {
             Ok(Step::Need { frame_bytes }) => {
@@ -714,7 +729,10 @@ fn process(
                         messages_in += 1;
                         bytes_in += payload.len() as u64;
                         app.on_message(kind, payload, out, pool, session);
-                        if matches!(app, App::Native) && session.is_blocked() {
+                        if let Some(code) = app.take_close(session) {
+                            break Flow::AppClosed(code);
+                        }
+                        if app.is_pubsub() && session.is_blocked() {
                             // A cross-core ring is full: stop here; the rest
                             // waits in `carry` until the publish is through.
                             break Flow::Continue;

@@ -27,7 +27,10 @@ use super::park::ParkingLot;
 use super::pool::BufferPool;
 use super::socket::Socket;
 use crate::config::{Config, RouteId, SlowConsumer};
+use crate::proto::stomp::app::StompConn;
 use crate::pubsub::mesh::CoreMesh;
+use crate::pubsub::message::{Fanout, Message};
+use crate::pubsub::topics::{Change, StompTarget, Via};
 use crate::pubsub::{Hub, Pending};
 use crate::ws::CloseCode;
 use crate::ws::MessageKind;
@@ -100,37 +103,72 @@ struct Slot {
     /// The task waits with nothing of its own queued: the shard may write
     /// deliveries to `fd` itself (`Shard::flush_direct`).
     direct: bool,
+    /// STOMP heart-beats (ms, 0: none): we send one when we have sent
+    /// nothing for `heart_beat_send_ms`; the peer must send something at
+    /// least every `heart_beat_expect_ms`.
+    heart_beat_send_ms: u64,
+    heart_beat_expect_ms: u64,
+}
+
+/// One piece of a queued delivery: a message is one or more parts (a
+/// STOMP MESSAGE: its own head, then shared headers and body), and only
+/// whole messages are ever dropped.
+struct Part {
+    bytes: Bytes,
+    /// The message's last part.
+    last: bool,
 }
 
 /// A pub/sub session's state that outlives its task: its topics, and the
 /// shared frames queued for it (written with vectored sends).
 #[derive(Default)]
 struct SessionPubSub {
+    /// Topic table keys the session is in (topics, and STOMP queues).
     topics: Vec<Box<[u8]>>,
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Part>,
     queued_bytes: usize,
-    /// Bytes of the queue's first frame already written.
+    /// Bytes of the queue's first part already written.
     head_sent: usize,
+    /// The queue's first part continues a message partly written.
+    mid_message: bool,
     /// Over the limit under the close policy: takes no more deliveries.
     slow: bool,
     /// Envelopes of this session's publishes that wait for ring space.
     pending: Pending,
-    /// A close the admin API asked for: code and reason.
+    /// A close the admin API (or a missed heart-beat) asked for: code and
+    /// reason.
     close_request: Option<(u16, Bytes)>,
+    /// A STOMP connection's codec and session state.
+    stomp: Option<Box<StompConn>>,
 }
 
 impl SessionPubSub {
-    /// Drops every queued frame not yet started; a frame partly written
+    /// Whether a message is partly written: only its rest may go next.
+    fn mid_message(&self) -> bool {
+        self.head_sent > 0 || self.mid_message
+    }
+
+    /// Drops every queued message not yet started; one partly written
     /// stays, so the stream of frames is never cut mid-frame.
     fn drop_unsent(&mut self) {
-        let keep = usize::from(self.head_sent > 0).min(self.queue.len());
+        let keep = if self.mid_message() {
+            self.queue
+                .iter()
+                .position(|p| p.last)
+                .map_or(self.queue.len(), |i| i + 1)
+        } else {
+            0
+        };
         self.queue.truncate(keep);
-        self.queued_bytes = self.queue.front().map_or(0, |f| f.len() - self.head_sent);
+        self.queued_bytes = self.queue.iter().map(|p| p.bytes.len()).sum::<usize>() - self.head_sent;
     }
 }
 
-/// Frames per vectored send.
-const IOV_FRAMES: usize = 64;
+/// Parts per vectored send.
+const IOV_PARTS: usize = 128;
+
+/// A STOMP heart-beat: an EOL, in a text frame of its own.
+const HEART_BEAT_FRAME: &[u8] = &[0x81, 0x01, b'\n'];
 
 /// What a parked session keeps: its socket (a duplicate fd, registered in
 /// the parking lot) and its route.
@@ -231,6 +269,8 @@ pub struct Shard {
     /// may write to them itself, and the waker of the task that does.
     dirty: RefCell<Vec<SessionKey>>,
     flusher: Cell<Option<Waker>>,
+    /// Where STOMP MESSAGE heads are carved from (see `pubsub::message`).
+    heads: RefCell<bytes::BytesMut>,
 }
 
 impl Shard {
@@ -255,6 +295,7 @@ impl Shard {
             admin_waiters: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             flusher: Cell::new(None),
+            heads: RefCell::new(bytes::BytesMut::new()),
         })
     }
 
@@ -303,6 +344,8 @@ impl Shard {
             pubsub: None,
             fd: -1,
             direct: false,
+            heart_beat_send_ms: 0,
+            heart_beat_expect_ms: 0,
         });
         Session {
             shard: self.clone(),
@@ -371,7 +414,7 @@ impl Shard {
         };
         for (key, ps) in left_topics {
             for topic in &ps.topics {
-                self.hub.unsubscribe(topic, key);
+                self.hub.unsubscribe(topic, key, None);
             }
         }
         self.parked.set(self.parked.get() - aborted_parked);
@@ -393,12 +436,13 @@ impl Shard {
         let shutting_down = self.shutting_down.get();
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
+        let mut due_heart_beats = Vec::new();
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
             if let Some(ps) = slot.pubsub.as_mut() {
                 // A burst grew the queue, and it has been written since:
                 // give the memory back. Not at once when it empties, as a
                 // busy subscriber would grow it again for every batch.
-                if ps.queue.is_empty() && ps.queue.capacity() > IOV_FRAMES * 4 {
+                if ps.queue.is_empty() && ps.queue.capacity() > IOV_PARTS * 2 {
                     ps.queue = VecDeque::new();
                 }
             }
@@ -409,6 +453,27 @@ impl Shard {
                 Phase::Closing if in_phase >= c.close_timeout_ms => due = due.with(Kick::TIMEOUT),
                 Phase::Open => {
                     let quiet = now.saturating_sub(slot.last_rx_ms);
+                    // STOMP 1.2 "Heart-beating": an EOL when we have been
+                    // quiet for our interval (unless something is queued);
+                    // a peer silent past its interval and the grace is dead.
+                    if slot.heart_beat_send_ms > 0
+                        && now.saturating_sub(slot.last_tx_ms) >= slot.heart_beat_send_ms
+                        && slot.pubsub.as_ref().is_some_and(|ps| ps.queue.is_empty())
+                    {
+                        due_heart_beats.push(key);
+                    }
+                    if slot.heart_beat_expect_ms > 0
+                        && quiet >= slot.heart_beat_expect_ms + c.stomp_heart_beat_grace_ms
+                        && !slot.kick.has(Kick::CLOSE)
+                    {
+                        if let Some(ps) = slot.pubsub.as_mut() {
+                            if ps.close_request.is_none() {
+                                ps.close_request =
+                                    Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
+                                due = due.with(Kick::CLOSE);
+                            }
+                        }
+                    }
                     if c.idle_timeout_ms > 0 && quiet >= c.idle_timeout_ms {
                         due = due.with(Kick::TIMEOUT);
                     } else if c.ping_interval_ms > 0
@@ -445,6 +510,9 @@ impl Shard {
         }
         for key in due_parked {
             self.resume(key);
+        }
+        for key in due_heart_beats {
+            self.enqueue(key, &[Bytes::from_static(HEART_BEAT_FRAME)], false);
         }
     }
 
@@ -518,11 +586,32 @@ impl Shard {
         self.stats.borrow_mut().publishes += 1;
     }
 
-    /// Queues a shared frame for session `key`, applying the outbound limit,
-    /// and wakes (or resumes) it if its queue was empty. Sessions that are
-    /// gone, not open or not pub/sub are skipped.
-    pub fn deliver(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
+    /// Queues a message for session `key` in the encoding its subscription
+    /// asks for (one MESSAGE per STOMP subscription).
+    pub fn deliver(self: &Rc<Self>, key: SessionKey, via: &Via, fanout: &Fanout<'_>) {
+        match via {
+            Via::Native => self.enqueue(key, std::slice::from_ref(fanout.native()), true),
+            Via::Stomp(targets) => {
+                let mut heads = self.heads.borrow_mut();
+                for target in targets {
+                    self.enqueue(key, &fanout.stomp(target, &mut heads), true);
+                }
+            }
+        }
+    }
+
+    /// Queues one whole frame (from the admin API) for session `key`.
+    pub fn deliver_frame(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
+        self.enqueue(key, std::slice::from_ref(frame), true);
+    }
+
+    /// Queues one message (`parts`, written in order) for session `key`,
+    /// applying the outbound limit, and wakes (or resumes) it if its queue
+    /// was empty. Sessions that are gone, not open or not pub/sub are
+    /// skipped. `count`: the message is a delivery (not a heart-beat).
+    fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &[Bytes], count: bool) {
         let limit = self.config.max_outbound_bytes;
+        let len: usize = parts.iter().map(Bytes::len).sum();
         let kick = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(slot) = sessions.get_mut(key) else { return };
@@ -534,7 +623,7 @@ impl Shard {
                 return;
             }
             let mut stats = self.stats.borrow_mut();
-            if ps.queued_bytes + frame.len() > limit {
+            if ps.queued_bytes + len > limit {
                 match self.config.slow_consumer {
                     SlowConsumer::Drop => {
                         stats.dropped += 1;
@@ -549,10 +638,15 @@ impl Shard {
                     }
                 }
             } else {
-                stats.deliveries += 1;
+                stats.deliveries += u64::from(count);
                 let was_empty = ps.queue.is_empty();
-                ps.queued_bytes += frame.len();
-                ps.queue.push_back(frame.clone());
+                ps.queued_bytes += len;
+                for (i, part) in parts.iter().enumerate() {
+                    ps.queue.push_back(Part {
+                        bytes: part.clone(),
+                        last: i + 1 == parts.len(),
+                    });
+                }
                 if !was_empty {
                     // Its task (or the flusher) was told when the queue
                     // became non-empty.
@@ -676,7 +770,7 @@ impl Shard {
             }
         }
         match action {
-            SessionAction::Send(frame) => self.deliver(key, &frame),
+            SessionAction::Send(frame) => self.deliver_frame(key, &frame),
             SessionAction::Close(..) => self.kick(key, Kick::CLOSE),
         }
         true
@@ -695,9 +789,9 @@ impl Shard {
     }
 }
 
-/// Writes a slot's queued deliveries, many frames per vectored send, until
+/// Writes a slot's queued deliveries, many parts per vectored send, until
 /// the queue is empty or the socket is full. With `partial_only`, only the
-/// rest of a frame already partly written.
+/// rest of a message already partly written.
 fn write_deliveries(
     s: &mut Slot,
     socket: &Socket<'_>,
@@ -708,14 +802,16 @@ fn write_deliveries(
     let Some(ps) = s.pubsub.as_mut() else {
         return Ok(Flush::Done);
     };
-    while !ps.queue.is_empty() && (!partial_only || ps.head_sent > 0) {
-        let mut iov = [IoSlice::new(&[]); IOV_FRAMES];
+    while !ps.queue.is_empty() && (!partial_only || ps.mid_message()) {
+        let mut iov = [IoSlice::new(&[]); IOV_PARTS];
         let mut n = 0;
-        let frames = if partial_only { 1 } else { IOV_FRAMES };
-        for (i, frame) in ps.queue.iter().take(frames).enumerate() {
+        for (i, part) in ps.queue.iter().take(IOV_PARTS).enumerate() {
             let from = if i == 0 { ps.head_sent } else { 0 };
-            iov[i] = IoSlice::new(&frame[from..]);
+            iov[i] = IoSlice::new(&part.bytes[from..]);
             n += 1;
+            if partial_only && part.last {
+                break;
+            }
         }
         let mut written = match socket.send_vectored(&iov[..n]) {
             Ok(written) => written,
@@ -728,15 +824,16 @@ fn write_deliveries(
         let mut stats = shard.stats.borrow_mut();
         stats.bytes_out += written as u64;
         while written > 0 {
-            let left = ps.queue[0].len() - ps.head_sent;
+            let left = ps.queue[0].bytes.len() - ps.head_sent;
             if written < left {
                 ps.head_sent += written;
                 break;
             }
             written -= left;
             ps.head_sent = 0;
-            ps.queue.pop_front();
-            stats.messages_out += 1;
+            let last = ps.queue.pop_front().is_some_and(|p| p.last);
+            ps.mid_message = !last;
+            stats.messages_out += u64::from(last);
         }
     }
     Ok(Flush::Done)
@@ -795,37 +892,90 @@ impl Session {
             Ok(true)
         })?;
         if added {
-            self.shard.hub.subscribe(topic, self.key);
+            self.shard.hub.subscribe(topic, self.key, None);
         }
         Ok(added)
     }
 
     pub fn unsubscribe(&self, topic: &[u8]) {
-        let removed = self.with(|s| {
+        if self.forget_topic(topic) {
+            self.shard.hub.unsubscribe(topic, self.key, None);
+        }
+    }
+
+    /// Adds a STOMP subscription to the topic table key `key` (the session
+    /// rules bound how many there are).
+    pub fn subscribe_stomp(&self, key: &[u8], target: StompTarget) {
+        match self.shard.hub.subscribe(key, self.key, Some(target)) {
+            Change::Joined | Change::FirstJoined => self.with(|s| {
+                s.pubsub.get_or_insert_with(Default::default).topics.push(key.into());
+            }),
+            _ => {}
+        }
+    }
+
+    /// Ends the STOMP subscription `id` (escaped) to `key`.
+    pub fn unsubscribe_stomp(&self, key: &[u8], id: &str) {
+        match self.shard.hub.unsubscribe(key, self.key, Some(id)) {
+            Change::Left | Change::LastLeft => {
+                self.forget_topic(key);
+            }
+            _ => {}
+        }
+    }
+
+    fn forget_topic(&self, topic: &[u8]) -> bool {
+        self.with(|s| {
             let Some(ps) = s.pubsub.as_mut() else { return false };
             let Some(at) = ps.topics.iter().position(|t| &t[..] == topic) else {
                 return false;
             };
             ps.topics.swap_remove(at);
             true
-        });
-        if removed {
-            self.shard.hub.unsubscribe(topic, self.key);
-        }
+        })
+    }
+
+    /// Publishes a native message from this session.
+    pub fn publish(&self, kind: MessageKind, topic: &[u8], payload: &[u8]) {
+        let id = self.shard.hub.next_message_id();
+        self.publish_message(Message::native(kind, topic, payload, id));
     }
 
     /// Publishes from this session (see `Hub::publish`); envelopes that
     /// found a ring full wait in the slot, and the session is not read
     /// until they are through (`poll_unblocked`).
-    pub fn publish(&self, kind: MessageKind, topic: &[u8], payload: &[u8]) {
+    pub fn publish_message(&self, message: Message) {
         let mut pending = self.with(|s| {
             s.pubsub
                 .as_mut()
                 .map(|ps| std::mem::take(&mut ps.pending))
                 .unwrap_or_default()
         });
-        self.shard.hub.publish(&self.shard, kind, topic, payload, &mut pending);
+        self.shard.hub.publish(&self.shard, message, &mut pending);
         self.put_pending(pending);
+    }
+
+    /// Sets the negotiated STOMP heart-beats (ms, 0: none): the sweep sends
+    /// ours and closes the session when the peer's stop.
+    pub fn set_heart_beats(&self, send_ms: u64, expect_ms: u64) {
+        self.with(|s| {
+            s.heart_beat_send_ms = send_ms;
+            s.heart_beat_expect_ms = expect_ms;
+        });
+    }
+
+    /// Makes this a STOMP session with this state.
+    pub fn set_stomp(&self, conn: Box<StompConn>) {
+        self.with(|s| s.pubsub.get_or_insert_with(Default::default).stomp = Some(conn));
+    }
+
+    /// Runs `f` on the session's STOMP state (`None` if it has none). The
+    /// state is out of the slot meanwhile, so `f` may use the shard.
+    pub fn with_stomp<R>(&self, f: impl FnOnce(&mut StompConn) -> R) -> Option<R> {
+        let mut conn = self.with(|s| s.pubsub.as_mut().and_then(|ps| ps.stomp.take()))?;
+        let r = f(&mut conn);
+        self.set_stomp(conn);
+        Some(r)
     }
 
     fn put_pending(&self, pending: Pending) {
@@ -962,7 +1112,7 @@ impl Drop for Session {
         // A closing connection leaves all its topics.
         if let Some(ps) = pubsub {
             for topic in &ps.topics {
-                self.shard.hub.unsubscribe(topic, self.key);
+                self.shard.hub.unsubscribe(topic, self.key, None);
             }
         }
         if empty && self.shard.is_shutting_down() {
@@ -1095,19 +1245,19 @@ pub(crate) mod tests {
         s.enable_pubsub();
         let (_, w) = waker();
         let frame = Bytes::from(vec![0u8; 512]);
-        shard.deliver(s.key(), &frame);
+        shard.deliver_frame(s.key(), &frame);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         // Exactly at the limit: still queued.
-        shard.deliver(s.key(), &frame);
+        shard.deliver_frame(s.key(), &frame);
         assert_eq!(shard.stats.borrow().deliveries, 2);
         assert_eq!(s.poll_kick(&w), None);
         // One byte over: the session is a slow consumer, its queue freed.
-        shard.deliver(s.key(), &Bytes::from_static(&[0]));
+        shard.deliver_frame(s.key(), &Bytes::from_static(&[0]));
         assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
         assert_eq!(shard.stats.borrow().slow_consumers, 1);
         assert!(!s.has_deliveries());
         // And it takes nothing more.
-        shard.deliver(s.key(), &frame);
+        shard.deliver_frame(s.key(), &frame);
         assert_eq!(shard.stats.borrow().deliveries, 2);
     }
 
@@ -1124,7 +1274,7 @@ pub(crate) mod tests {
         s.enable_pubsub();
         let frame = Bytes::from(vec![0u8; 512]);
         for _ in 0..3 {
-            shard.deliver(s.key(), &frame);
+            shard.deliver_frame(s.key(), &frame);
         }
         let stats = shard.stats.borrow();
         assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
@@ -1150,8 +1300,8 @@ pub(crate) mod tests {
 
         // Waiting in its idle wait: queued, and the flusher (not the task) told.
         s.set_direct(true);
-        shard.deliver(s.key(), &Bytes::from_static(b"one"));
-        shard.deliver(s.key(), &Bytes::from_static(b"two"));
+        shard.deliver_frame(s.key(), &Bytes::from_static(b"one"));
+        shard.deliver_frame(s.key(), &Bytes::from_static(b"two"));
         assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the flusher is woken once");
         assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
         assert_eq!(batch, vec![s.key()]);
@@ -1164,7 +1314,7 @@ pub(crate) mod tests {
 
         // Its task runs: the task is kicked and writes them itself.
         s.set_direct(false);
-        shard.deliver(s.key(), &Bytes::from_static(b"three"));
+        shard.deliver_frame(s.key(), &Bytes::from_static(b"three"));
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         assert_eq!(shard.dirty.borrow().len(), 0);
         s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
@@ -1174,12 +1324,105 @@ pub(crate) mod tests {
         let filler = [0u8; 4096];
         while (&ours).write(&filler).is_ok() {}
         s.set_direct(true);
-        shard.deliver(s.key(), &Bytes::from_static(b"four"));
+        shard.deliver_frame(s.key(), &Bytes::from_static(b"four"));
         batch.clear();
         assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
         assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         assert!(s.has_deliveries());
+    }
+
+    #[test]
+    fn a_message_in_parts_is_never_cut() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let shard = test_shard(Options::default());
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        let parts = |m: &'static [u8]| {
+            [
+                Bytes::from_static(&m[..1]),
+                Bytes::from_static(&m[1..2]),
+                Bytes::from_static(&m[2..]),
+            ]
+        };
+        let queued = |s: &Session| {
+            s.with(|slot| {
+                let ps = slot.pubsub.as_ref().unwrap();
+                (
+                    ps.queue.iter().flat_map(|p| p.bytes.to_vec()).collect::<Vec<u8>>(),
+                    ps.queued_bytes,
+                )
+            })
+        };
+        shard.enqueue(s.key(), &parts(b"AAA"), true);
+        shard.enqueue(s.key(), &parts(b"BBB"), true);
+        assert_eq!(shard.stats.borrow().deliveries, 2);
+        // A byte of the first part is out: the rest of that message stays.
+        s.with(|slot| slot.pubsub.as_mut().unwrap().head_sent = 1);
+        s.with(|slot| slot.pubsub.as_mut().unwrap().drop_unsent());
+        assert_eq!(queued(&s), (b"AAA".to_vec(), 2));
+        // Its first part is out: the last two stay.
+        shard.enqueue(s.key(), &parts(b"BBB"), true);
+        s.with(|slot| {
+            let ps = slot.pubsub.as_mut().unwrap();
+            ps.queue.pop_front();
+            ps.head_sent = 0;
+            ps.mid_message = true;
+            ps.queued_bytes -= 1;
+            ps.drop_unsent();
+        });
+        assert_eq!(queued(&s), (b"AA".to_vec(), 2));
+        // Only the rest of the message goes before other output.
+        shard.enqueue(s.key(), &parts(b"CCC"), true);
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), true).unwrap();
+        let mut got = [0u8; 2];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"AA");
+        assert_eq!(queued(&s), (b"CCC".to_vec(), 3));
+        assert_eq!(shard.stats.borrow().messages_out, 1, "messages are counted, not parts");
+    }
+
+    #[test]
+    fn stomp_heart_beats_are_sent_and_required() {
+        let shard = test_shard(Options {
+            stomp_heart_beat_grace_ms: Some(50),
+            ping_interval_ms: Some(0),
+            idle_timeout_ms: Some(0),
+            park_after_ms: Some(0),
+            ..Options::default()
+        });
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        s.set_heart_beats(100, 200);
+        let (_, w) = waker();
+        shard.sweep_at(99);
+        assert!(!s.has_deliveries());
+        shard.sweep_at(100);
+        assert!(s.has_deliveries(), "an EOL is queued after 100 ms without output");
+        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+        assert_eq!(shard.stats.borrow().deliveries, 0, "a heart-beat is not a delivery");
+        shard.sweep_at(150);
+        assert_eq!(
+            s.with(|slot| slot.pubsub.as_ref().unwrap().queue.len()),
+            1,
+            "one at a time"
+        );
+        // The peer promised one every 200 ms: at 200 + 50 ms of silence
+        // (since 150) it is closed.
+        s.peer_alive();
+        shard.sweep_at(399);
+        assert_eq!(s.poll_kick(&w), None);
+        shard.sweep_at(400);
+        assert_eq!(s.poll_kick(&w), Some(Kick::CLOSE));
+        assert_eq!(
+            s.take_close_request(),
+            Some((1001, Bytes::from_static(b"missed heart-beats")))
+        );
     }
 
     #[test]
@@ -1198,12 +1441,12 @@ pub(crate) mod tests {
                 .queue
                 .capacity()
         };
-        for _ in 0..IOV_FRAMES * 5 {
-            shard.deliver(s.key(), &Bytes::from_static(b"x"));
+        for _ in 0..IOV_PARTS * 5 {
+            shard.deliver_frame(s.key(), &Bytes::from_static(b"x"));
         }
         s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
         assert!(!s.has_deliveries());
-        assert!(capacity() > IOV_FRAMES * 4, "kept for the next batch");
+        assert!(capacity() > IOV_PARTS * 2, "kept for the next batch");
         shard.sweep_at(1);
         assert_eq!(capacity(), 0, "freed once the sweep finds it empty");
     }

@@ -12,7 +12,8 @@ use crate::config::{Route, RouteProtocol};
 use crate::conn::outbound::Outbound;
 use crate::conn::pool::BufferPool;
 use crate::conn::shard::Session;
-use crate::ws::MessageKind;
+use crate::ws::{CloseCode, MessageKind};
+use stomp::app::StompConn;
 
 pub enum App {
     Echo,
@@ -20,6 +21,9 @@ pub enum App {
     /// deliveries, publishes waiting for ring space) lives in the session's
     /// slot, not in the task.
     Native,
+    /// STOMP: its codec and session state (`StompConn`) live in the slot
+    /// too, so it parks like `Native`.
+    Stomp,
     /// Our close frame is sent: every message is dropped and nothing is
     /// answered (RFC 6455 5.5.1), so a closing peer cannot make output grow.
     Closing,
@@ -30,14 +34,53 @@ impl App {
         match route.protocol {
             RouteProtocol::Echo => App::Echo,
             RouteProtocol::Pubsub => App::Native,
+            RouteProtocol::Stomp => App::Stomp,
         }
     }
 
-    /// What the protocol says first, right after the 101.
+    /// What the protocol says first, right after the 101 (STOMP: nothing,
+    /// the client speaks first).
     pub fn start(&mut self, out: &mut Outbound, pool: &BufferPool, session: &Session) {
-        if let App::Native = self {
-            session.enable_pubsub();
-            out.push_bytes(pool, &native::hello_frame(&session.id()));
+        match self {
+            App::Native => {
+                session.enable_pubsub();
+                out.push_bytes(pool, &native::hello_frame(&session.id()));
+            }
+            App::Stomp => {
+                session.enable_pubsub();
+                session.set_stomp(Box::new(StompConn::new(session)));
+            }
+            App::Echo | App::Closing => {}
+        }
+    }
+
+    /// Whether the protocol publishes and takes deliveries.
+    pub fn is_pubsub(&self) -> bool {
+        matches!(self, App::Native | App::Stomp)
+    }
+
+    /// Goes on with input that waited for a publish to get through (STOMP
+    /// frames still in the decoder).
+    pub fn resume(&mut self, out: &mut Outbound, pool: &BufferPool, session: &Session) {
+        if let App::Stomp = self {
+            session.with_stomp(|stomp| stomp.drain(out, pool, session));
+        }
+    }
+
+    /// The close the protocol asked for (its session ended), once.
+    pub fn take_close(&mut self, session: &Session) -> Option<CloseCode> {
+        match self {
+            App::Stomp => session.with_stomp(StompConn::take_close).flatten(),
+            _ => None,
+        }
+    }
+
+    /// The reason sent with a close the protocol asked for.
+    pub fn close_reason(code: CloseCode) -> &'static str {
+        if code == CloseCode::NORMAL {
+            ""
+        } else {
+            "STOMP ERROR"
         }
     }
 
@@ -61,6 +104,9 @@ impl App {
                 Ok(native::Command::Pub { topic, payload }) => session.publish(kind, topic, payload),
                 Err(refusal) => out.push_bytes(pool, &native::error_frame(refusal, None)),
             },
+            App::Stomp => {
+                session.with_stomp(|stomp| stomp.on_message(kind, payload, out, pool, session));
+            }
             App::Closing => {}
         }
     }

@@ -20,6 +20,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use super::message::Message;
 use crate::conn::eventfd::EventFd;
 
 /// Envelopes taken from one ring per drain.
@@ -28,10 +29,12 @@ const DRAIN_BUDGET: usize = 1024;
 /// What crosses from one core to another.
 #[derive(Debug)]
 pub enum Envelope {
-    /// Deliver `frame` to this core's subscribers of `topic`.
-    Publish { topic: Bytes, frame: Bytes },
-    /// Core `core` now has (`on`) or no longer has subscribers of `topic`.
-    Interest { topic: Bytes, core: u16, on: bool },
+    /// Deliver the message to this core's subscribers of its topic (one of
+    /// them, for a queue). Shared by every core it goes to.
+    Publish(Arc<Message>),
+    /// Core `core` now has `count` subscribers of `topic` (0: none; for a
+    /// topic, 1 stands for any).
+    Interest { topic: Bytes, core: u16, count: u32 },
     /// An admin API action on one of this core's sessions (by session key),
     /// to be answered with a `Reply` to core `from`.
     Session {
@@ -264,6 +267,18 @@ impl CoreMesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::MessageKind;
+
+    fn publish(key: Bytes, body: Bytes) -> Envelope {
+        Envelope::Publish(Arc::new(Message {
+            key,
+            kind: MessageKind::Binary,
+            body,
+            stomp_headers: None,
+            id: 0,
+            native: None,
+        }))
+    }
 
     /// Three cores, tiny rings, every core sending numbered publishes to
     /// every other from its own thread while draining its inbound rings:
@@ -303,7 +318,7 @@ mod tests {
                                 }
                                 let frame = Bytes::copy_from_slice(&n.to_le_bytes());
                                 let topic = Bytes::from(vec![me as u8]);
-                                match mesh.send(to, Envelope::Publish { topic, frame }) {
+                                match mesh.send(to, publish(topic, frame)) {
                                     Ok(()) => next_to_send[to] += 1,
                                     Err(_) => {
                                         full_seen += 1;
@@ -313,9 +328,10 @@ mod tests {
                             }
                         }
                         mesh.drain(|envelope| {
-                            let Envelope::Publish { topic, frame } = envelope else {
+                            let Envelope::Publish(message) = envelope else {
                                 panic!("only publishes are sent")
                             };
+                            let (topic, frame) = (&message.key, &message.body);
                             let from = topic[0] as usize;
                             let n = u64::from_le_bytes(frame[..8].try_into().unwrap());
                             assert_eq!(n, next_expected[from], "core {me} from core {from}");
@@ -333,10 +349,7 @@ mod tests {
     #[test]
     fn doorbell_signals_only_when_armed() {
         let meshes = build(2, 4).unwrap();
-        let frame = || Envelope::Publish {
-            topic: Bytes::from_static(b"t"),
-            frame: Bytes::from_static(b"f"),
-        };
+        let frame = || publish(Bytes::from_static(b"t"), Bytes::from_static(b"f"));
         // Core 1 is busy (not armed): no signal.
         meshes[0].send(1, frame()).unwrap();
         assert_eq!(meshes[1].doorbell_signals(), 0);
@@ -356,10 +369,7 @@ mod tests {
     #[test]
     fn full_ring_gives_the_envelope_back() {
         let meshes = build(2, 2).unwrap();
-        let env = |n: u8| Envelope::Publish {
-            topic: Bytes::from_static(b"t"),
-            frame: Bytes::from(vec![n]),
-        };
+        let env = |n: u8| publish(Bytes::from_static(b"t"), Bytes::from(vec![n]));
         meshes[0].send(1, env(0)).unwrap();
         meshes[0].send(1, env(1)).unwrap();
         assert!(meshes[0].send(1, env(2)).is_err());

@@ -2,12 +2,18 @@
 //!
 //! Each core owns a `Hub`: its topic table (topic -> local subscribers), its
 //! replica of which other cores have subscribers of each topic (interest),
-//! and its end of the mesh. A publish on core k encodes the outbound frame
-//! once, queues a refcount of it for each local subscriber, and sends one
-//! envelope to each core in the topic's interest, which fans it out to its
-//! own subscribers. The first subscriber of a topic on a core, and the last
-//! to leave, change that core's interest, which every other core learns
-//! through the mesh.
+//! and its end of the mesh. A publish on core k becomes a `Message` (shared
+//! bytes), queued for each local subscriber in its protocol's encoding
+//! (made once per core, see `message`), and sent in one envelope to each
+//! core in the topic's interest, which fans it out to its own subscribers.
+//! The first subscriber of a topic on a core, and the last to leave, change
+//! that core's interest, which every other core learns through the mesh.
+//!
+//! A STOMP queue (`/queue/<name>`) gives each message to one subscriber.
+//! Its interest carries how many subscribers each core has, so the
+//! publishing core picks cores in proportion to them (weighted round
+//! robin), and the chosen core its subscribers in turn: over a round, every
+//! subscriber on every core gets one message.
 //!
 //! Interest changes never wait: they go into a per-target outbox (the
 //! latest state per topic) that is flushed whenever its ring has room.
@@ -15,27 +21,32 @@
 //! stops being read until its envelope is in (see `Pending`).
 
 pub mod mesh;
+pub mod message;
 pub mod topics;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
 use crate::conn::shard::{SessionKey, Shard};
-use crate::proto::native;
-use crate::ws::MessageKind;
 use mesh::{CoreMesh, Envelope, SessionAction};
-use topics::{Change, Topics};
+use message::{Fanout, Message};
+use topics::{is_queue, Change, StompTarget, Topics};
 
 pub struct Hub {
     topics: RefCell<Topics>,
-    /// Topic -> the other cores that have subscribers of it.
-    interest: RefCell<HashMap<Bytes, Vec<u16>>>,
-    /// Interest changes not yet sent, by target core: topic -> on/off.
-    interest_outbox: RefCell<Vec<HashMap<Bytes, bool>>>,
+    /// Topic -> the other cores that have subscribers of it, in core
+    /// order, with how many (counted for queues only; 1 for topics).
+    interest: RefCell<HashMap<Bytes, Vec<(u16, u32)>>>,
+    /// Interest changes not yet sent, by target core: topic -> count.
+    interest_outbox: RefCell<Vec<HashMap<Bytes, u32>>>,
+    /// Queue -> messages this core has handed out (whose turn is next).
+    queue_turns: RefCell<HashMap<Bytes, u64>>,
+    next_message: Cell<u64>,
     /// Replies to other cores' session requests not yet sent, by target.
     reply_outbox: RefCell<Vec<VecDeque<Envelope>>>,
     /// Our requests to other cores' sessions, waiting for their reply.
@@ -69,6 +80,8 @@ impl Hub {
             topics: RefCell::new(Topics::default()),
             interest: RefCell::new(HashMap::new()),
             interest_outbox: RefCell::new(vec![HashMap::new(); cores]),
+            queue_turns: RefCell::new(HashMap::new()),
+            next_message: Cell::new(0),
             reply_outbox: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
             requests: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
@@ -80,25 +93,44 @@ impl Hub {
         self.topics.borrow().topic_count()
     }
 
-    /// Subscribes `session` to `topic` on this core.
-    pub fn subscribe(&self, topic: &[u8], session: SessionKey) -> Change {
-        let change = self.topics.borrow_mut().subscribe(topic, session);
-        if change == Change::FirstJoined {
-            self.announce(topic, true);
-        }
+    /// A new message id: this core and its sequence number.
+    pub fn next_message_id(&self) -> u64 {
+        let seq = self.next_message.get();
+        self.next_message.set(seq + 1);
+        ((self.mesh.core() as u64) << 48) | (seq & ((1 << 48) - 1))
+    }
+
+    /// Subscribes `session` to `topic` (or a queue's key) on this core:
+    /// natively, or (`target`) with one more STOMP subscription.
+    pub fn subscribe(&self, topic: &[u8], session: SessionKey, target: Option<StompTarget>) -> Change {
+        let change = self.topics.borrow_mut().subscribe(topic, session, target);
+        self.announce_change(topic, change);
         change
     }
 
-    pub fn unsubscribe(&self, topic: &[u8], session: SessionKey) -> Change {
-        let change = self.topics.borrow_mut().unsubscribe(topic, session);
-        if change == Change::LastLeft {
-            self.announce(topic, false);
-        }
+    /// Unsubscribes `session` from `topic`: wholly, or (`id`) one STOMP
+    /// subscription.
+    pub fn unsubscribe(&self, topic: &[u8], session: SessionKey, id: Option<&str>) -> Change {
+        let change = self.topics.borrow_mut().unsubscribe(topic, session, id);
+        self.announce_change(topic, change);
         change
     }
 
-    /// Tells every other core that this core gained or lost `topic`.
-    fn announce(&self, topic: &[u8], on: bool) {
+    fn announce_change(&self, topic: &[u8], change: Change) {
+        let count = match change {
+            Change::None => return,
+            // Topics: only whether this core has subscribers matters.
+            Change::FirstJoined if !is_queue(topic) => 1,
+            Change::LastLeft if !is_queue(topic) => 0,
+            Change::Joined | Change::Left if !is_queue(topic) => return,
+            _ => self.topics.borrow().count(topic) as u32,
+        };
+        self.announce(topic, count);
+    }
+
+    /// Tells every other core how many subscribers of `topic` this core
+    /// has now (0: none).
+    fn announce(&self, topic: &[u8], count: u32) {
         if self.mesh.cores() == 1 {
             return;
         }
@@ -106,7 +138,7 @@ impl Hub {
         let mut outbox = self.interest_outbox.borrow_mut();
         for (core, pending) in outbox.iter_mut().enumerate() {
             if core != self.mesh.core() {
-                pending.insert(topic.clone(), on);
+                pending.insert(topic.clone(), count);
             }
         }
         drop(outbox);
@@ -130,13 +162,13 @@ impl Hub {
         let me = self.mesh.core() as u16;
         for (core, pending) in self.interest_outbox.borrow_mut().iter_mut().enumerate() {
             while let Some(topic) = pending.keys().next().cloned() {
-                let on = pending[&topic];
+                let count = pending[&topic];
                 match self.mesh.send(
                     core,
                     Envelope::Interest {
                         topic: topic.clone(),
                         core: me,
-                        on,
+                        count,
                     },
                 ) {
                     Ok(()) => {
@@ -155,18 +187,28 @@ impl Hub {
     /// Applies one envelope from another core.
     pub fn receive(&self, shard: &Rc<Shard>, envelope: Envelope) {
         match envelope {
-            Envelope::Publish { topic, frame } => {
-                self.deliver_local(shard, &topic, &frame);
+            Envelope::Publish(message) => {
+                let fanout = Fanout::new(&message);
+                if is_queue(&message.key) {
+                    if !self.deliver_in_turn(shard, &fanout) {
+                        // Its last subscriber here left while it was on its
+                        // way: nobody takes it.
+                        shard.stats.borrow_mut().dropped += 1;
+                    }
+                } else {
+                    self.deliver_local(shard, &fanout);
+                }
             }
-            Envelope::Interest { topic, core, on } => {
+            Envelope::Interest { topic, core, count } => {
                 let mut interest = self.interest.borrow_mut();
                 let cores = interest.entry(topic.clone()).or_default();
-                match (on, cores.binary_search(&core)) {
-                    (true, Err(at)) => cores.insert(at, core),
-                    (false, Ok(at)) => {
+                match (count, cores.binary_search_by_key(&core, |&(c, _)| c)) {
+                    (0, Ok(at)) => {
                         cores.remove(at);
                     }
-                    _ => {}
+                    (0, Err(_)) => {}
+                    (n, Ok(at)) => cores[at].1 = n,
+                    (n, Err(at)) => cores.insert(at, (core, n)),
                 }
                 if cores.is_empty() {
                     interest.remove(&topic);
@@ -241,52 +283,92 @@ impl Hub {
         found
     }
 
-    /// Queues `frame` for every subscriber of `topic` on this core; returns
-    /// how many that was.
-    fn deliver_local(&self, shard: &Rc<Shard>, topic: &[u8], frame: &Bytes) -> usize {
+    /// Queues the message for every subscriber of its topic on this core;
+    /// returns how many that was.
+    fn deliver_local(&self, shard: &Rc<Shard>, fanout: &Fanout<'_>) -> usize {
         // A delivery never changes the table (a session leaves its topics
         // only when its task ends), so the borrow is held across them.
         let topics = self.topics.borrow();
-        let Some(subscribers) = topics.subscribers(topic) else {
+        let Some(subscribers) = topics.subscribers(&fanout.message.key) else {
             return 0;
         };
-        for &key in subscribers {
-            shard.deliver(key, frame);
+        for (&key, via) in &subscribers.sessions {
+            shard.deliver(key, via, fanout);
         }
         subscribers.len()
     }
 
-    /// Publishes on this core: encodes the frame once, queues it for local
-    /// subscribers, and sends it to every other interested core. Envelopes
-    /// that found their ring full are appended to `pending`. Returns how
-    /// many cores it reached (this one if it has subscribers, and every
-    /// other interested one).
-    pub fn publish(
-        &self,
-        shard: &Rc<Shard>,
-        kind: MessageKind,
-        topic: &[u8],
-        payload: &[u8],
-        pending: &mut Pending,
-    ) -> usize {
-        let frame = native::message_frame(kind, topic, payload);
+    /// Queues a queue's message for the one local subscriber whose turn it
+    /// is; `false` if there is none.
+    fn deliver_in_turn(&self, shard: &Rc<Shard>, fanout: &Fanout<'_>) -> bool {
+        let topics = self.topics.borrow();
+        let Some((key, via)) = topics.subscribers(&fanout.message.key).and_then(|s| s.next_in_turn()) else {
+            return false;
+        };
+        shard.deliver(key, via, fanout);
+        true
+    }
+
+    /// Publishes on this core: queues the message for local subscribers and
+    /// sends it to every other interested core (a queue's message: to the
+    /// one core whose turn it is). Envelopes that found their ring full are
+    /// appended to `pending`. Returns how many cores it reached.
+    pub fn publish(&self, shard: &Rc<Shard>, message: Message, pending: &mut Pending) -> usize {
         shard.count_publish();
-        let local = self.deliver_local(shard, topic, &frame);
+        if is_queue(&message.key) {
+            return self.publish_to_queue(shard, message, pending);
+        }
+        let local = self.deliver_local(shard, &Fanout::new(&message));
         let interest = self.interest.borrow();
-        let Some(cores) = interest.get(topic) else {
+        let Some(cores) = interest.get(&message.key) else {
             return usize::from(local > 0);
         };
-        let topic = native::topic_of(&frame, topic.len(), payload.len());
-        for &core in cores {
-            let envelope = Envelope::Publish {
-                topic: topic.clone(),
-                frame: frame.clone(),
-            };
-            if let Err(envelope) = self.mesh.send(core as usize, envelope) {
+        let message = Arc::new(message);
+        for &(core, _) in cores {
+            if let Err(envelope) = self.mesh.send(core as usize, Envelope::Publish(message.clone())) {
                 pending.push((core as usize, envelope));
             }
         }
         usize::from(local > 0) + cores.len()
+    }
+
+    /// Picks the core whose turn it is, each core weighted by its
+    /// subscribers of the queue, and hands the message to it.
+    fn publish_to_queue(&self, shard: &Rc<Shard>, message: Message, pending: &mut Pending) -> usize {
+        let me = self.mesh.core() as u16;
+        let local = self.topics.borrow().count(&message.key) as u64;
+        let interest = self.interest.borrow();
+        let remote = interest.get(&message.key).map_or(&[][..], Vec::as_slice);
+        let total = local + remote.iter().map(|&(_, n)| u64::from(n)).sum::<u64>();
+        let mut turns = self.queue_turns.borrow_mut();
+        if total == 0 {
+            // No subscriber anywhere: the message is not kept.
+            turns.remove(&message.key);
+            shard.stats.borrow_mut().dropped += 1;
+            return 0;
+        }
+        let turn = turns.entry(message.key.clone()).or_insert(0);
+        let mut at = *turn % total;
+        *turn = turn.wrapping_add(1);
+        drop(turns);
+        let mut chosen = me;
+        if at >= local {
+            at -= local;
+            for &(core, n) in remote {
+                if at < u64::from(n) {
+                    chosen = core;
+                    break;
+                }
+                at -= u64::from(n);
+            }
+        }
+        if chosen == me {
+            drop(interest);
+            self.deliver_in_turn(shard, &Fanout::new(&message));
+        } else if let Err(envelope) = self.mesh.send(chosen as usize, Envelope::Publish(Arc::new(message))) {
+            pending.push((chosen as usize, envelope));
+        }
+        1
     }
 
     /// Retries pending envelopes in order; returns `true` once all are sent.

@@ -1,24 +1,83 @@
-//! One core's topic table: topic -> the core's subscribers of it.
+//! One core's topic table: topic -> the core's subscribers of it, and how
+//! each one takes its messages.
 //!
 //! A topic exists while it has a subscriber on this core. Subscribers are
 //! kept in insertion order with O(1) removal, so a publish walks a dense
-//! list and an unsubscribe (or a closing connection) costs no scan.
+//! list and an unsubscribe (or a closing connection) costs no scan. The
+//! same table holds STOMP queues (under `QUEUE_PREFIX`), whose messages go
+//! to one subscriber each, taken in turn (`next_in_turn`).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
-use indexmap::IndexSet;
+use indexmap::IndexMap;
 
 use crate::conn::shard::SessionKey;
 
+/// Table keys that start with this byte are queues; it is not a valid
+/// topic byte, so no topic name can collide with a queue's key.
+pub const QUEUE_PREFIX: u8 = b'#';
+
+pub fn is_queue(key: &[u8]) -> bool {
+    key.first() == Some(&QUEUE_PREFIX)
+}
+
+/// How a session takes a topic's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// One native `MSG` frame.
+    Native,
+    /// One STOMP MESSAGE per subscription of the session to the topic.
+    Stomp(Vec<StompTarget>),
+}
+
+/// A STOMP subscription, as its MESSAGE frames name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StompTarget {
+    /// The subscription id, escaped for a header value.
+    pub id: Box<str>,
+    /// MESSAGE frames carry an `ack` header (ack mode client or
+    /// client-individual).
+    pub ack: bool,
+}
+
+#[derive(Default)]
+pub struct Subscribers {
+    pub sessions: IndexMap<SessionKey, Via>,
+    /// The next session in turn for a queue.
+    next: Cell<usize>,
+}
+
+impl Subscribers {
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The session whose turn it is (round robin), for a queue.
+    pub fn next_in_turn(&self) -> Option<(SessionKey, &Via)> {
+        if self.sessions.is_empty() {
+            return None;
+        }
+        let at = self.next.get() % self.sessions.len();
+        self.next.set(at + 1);
+        self.sessions.get_index(at).map(|(k, v)| (*k, v))
+    }
+}
+
 #[derive(Default)]
 pub struct Topics {
-    by_name: HashMap<Box<[u8]>, IndexSet<SessionKey>>,
+    by_name: HashMap<Box<[u8]>, Subscribers>,
 }
 
 /// What a subscription change did to the topic on this core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Nothing: already subscribed, or not subscribed.
+    /// The session's membership did not change: it was already in (or not
+    /// in) the topic, or only one of its STOMP subscriptions came or went.
     None,
     /// The session joined (left) the topic.
     Joined,
@@ -30,38 +89,61 @@ pub enum Change {
 }
 
 impl Topics {
-    pub fn subscribe(&mut self, topic: &[u8], session: SessionKey) -> Change {
-        match self.by_name.get_mut(topic) {
-            Some(subscribers) => {
-                if subscribers.insert(session) {
-                    Change::Joined
-                } else {
-                    Change::None
-                }
+    /// Adds `session` to `topic`: natively (`target` is `None`), or with one
+    /// more STOMP subscription.
+    pub fn subscribe(&mut self, topic: &[u8], session: SessionKey, target: Option<StompTarget>) -> Change {
+        let via = |target: Option<StompTarget>| match target {
+            None => Via::Native,
+            Some(t) => Via::Stomp(vec![t]),
+        };
+        let Some(subscribers) = self.by_name.get_mut(topic) else {
+            let mut subscribers = Subscribers::default();
+            subscribers.sessions.insert(session, via(target));
+            self.by_name.insert(topic.into(), subscribers);
+            return Change::FirstJoined;
+        };
+        match (subscribers.sessions.get_mut(&session), target) {
+            (None, target) => {
+                subscribers.sessions.insert(session, via(target));
+                Change::Joined
             }
-            None => {
-                self.by_name.insert(topic.into(), IndexSet::from([session]));
-                Change::FirstJoined
+            (Some(Via::Stomp(targets)), Some(t)) => {
+                targets.push(t);
+                Change::None
             }
+            (Some(_), _) => Change::None,
         }
     }
 
-    pub fn unsubscribe(&mut self, topic: &[u8], session: SessionKey) -> Change {
+    /// Removes `session` from `topic`, or (`id` given) only its STOMP
+    /// subscription `id` (escaped), and the session once it has none left.
+    pub fn unsubscribe(&mut self, topic: &[u8], session: SessionKey, id: Option<&str>) -> Change {
         let Some(subscribers) = self.by_name.get_mut(topic) else {
             return Change::None;
         };
-        if !subscribers.swap_remove(&session) {
+        if let (Some(id), Some(Via::Stomp(targets))) = (id, subscribers.sessions.get_mut(&session)) {
+            targets.retain(|t| &*t.id != id);
+            if !targets.is_empty() {
+                return Change::None;
+            }
+        }
+        if subscribers.sessions.swap_remove(&session).is_none() {
             return Change::None;
         }
-        if subscribers.is_empty() {
+        if subscribers.sessions.is_empty() {
             self.by_name.remove(topic);
             return Change::LastLeft;
         }
         Change::Left
     }
 
-    pub fn subscribers(&self, topic: &[u8]) -> Option<&IndexSet<SessionKey>> {
+    pub fn subscribers(&self, topic: &[u8]) -> Option<&Subscribers> {
         self.by_name.get(topic)
+    }
+
+    /// Sessions subscribed to `topic` on this core.
+    pub fn count(&self, topic: &[u8]) -> usize {
+        self.by_name.get(topic).map_or(0, Subscribers::len)
     }
 
     pub fn topic_count(&self) -> usize {
@@ -78,19 +160,54 @@ mod tests {
         SessionKey::from(KeyData::from_ffi((1 << 32) | n))
     }
 
+    fn target(id: &str) -> Option<StompTarget> {
+        Some(StompTarget {
+            id: id.into(),
+            ack: false,
+        })
+    }
+
     #[test]
     fn first_and_last_subscriber_are_reported() {
         let mut t = Topics::default();
-        assert_eq!(t.subscribe(b"a", key(1)), Change::FirstJoined);
-        assert_eq!(t.subscribe(b"a", key(1)), Change::None);
-        assert_eq!(t.subscribe(b"a", key(2)), Change::Joined);
-        assert_eq!(t.subscribers(b"a").unwrap().len(), 2);
-        assert_eq!(t.unsubscribe(b"a", key(3)), Change::None);
-        assert_eq!(t.unsubscribe(b"b", key(1)), Change::None);
-        assert_eq!(t.unsubscribe(b"a", key(1)), Change::Left);
-        assert_eq!(t.unsubscribe(b"a", key(2)), Change::LastLeft);
+        assert_eq!(t.subscribe(b"a", key(1), None), Change::FirstJoined);
+        assert_eq!(t.subscribe(b"a", key(1), None), Change::None);
+        assert_eq!(t.subscribe(b"a", key(2), None), Change::Joined);
+        assert_eq!(t.count(b"a"), 2);
+        assert_eq!(t.unsubscribe(b"a", key(3), None), Change::None);
+        assert_eq!(t.unsubscribe(b"b", key(1), None), Change::None);
+        assert_eq!(t.unsubscribe(b"a", key(1), None), Change::Left);
+        assert_eq!(t.unsubscribe(b"a", key(2), None), Change::LastLeft);
         assert!(t.subscribers(b"a").is_none());
         assert_eq!(t.topic_count(), 0);
         assert!(!key(1).is_null());
+    }
+
+    #[test]
+    fn a_session_leaves_with_its_last_stomp_subscription() {
+        let mut t = Topics::default();
+        assert_eq!(t.subscribe(b"a", key(1), target("s1")), Change::FirstJoined);
+        assert_eq!(t.subscribe(b"a", key(1), target("s2")), Change::None);
+        let via = &t.subscribers(b"a").unwrap().sessions[&key(1)];
+        assert!(matches!(via, Via::Stomp(v) if v.len() == 2));
+        assert_eq!(t.unsubscribe(b"a", key(1), Some("s1")), Change::None);
+        assert_eq!(t.unsubscribe(b"a", key(1), Some("nope")), Change::None);
+        assert_eq!(t.unsubscribe(b"a", key(1), Some("s2")), Change::LastLeft);
+        // A closing session leaves whatever its subscriptions.
+        t.subscribe(b"a", key(1), target("s1"));
+        t.subscribe(b"a", key(1), target("s2"));
+        assert_eq!(t.unsubscribe(b"a", key(1), None), Change::LastLeft);
+    }
+
+    #[test]
+    fn queue_turns_go_round() {
+        let mut t = Topics::default();
+        for n in 1..=3 {
+            t.subscribe(b"#q", key(n), target("s"));
+        }
+        let s = t.subscribers(b"#q").unwrap();
+        let turns: Vec<_> = (0..6).map(|_| s.next_in_turn().unwrap().0).collect();
+        assert_eq!(turns, [key(1), key(2), key(3), key(1), key(2), key(3)]);
+        assert!(is_queue(b"#q") && !is_queue(b"q"));
     }
 }

@@ -163,6 +163,22 @@ pub fn start_error(args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// A counter from the server's final "stopped" log line.
+pub fn stopped_count(log: &str, name: &str) -> u64 {
+    let line = log.lines().find(|l| l.contains("stopped")).expect("stopped line");
+    let start = line
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+        + name.len()
+        + 1;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 pub fn upgrade_request(path: &str, extra: &str) -> String {

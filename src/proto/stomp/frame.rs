@@ -135,7 +135,7 @@ impl Frame {
     }
 }
 
-fn push_value(out: &mut Vec<u8>, value: &str, escape: bool) {
+pub fn push_value(out: &mut Vec<u8>, value: &str, escape: bool) {
     if !escape {
         out.extend_from_slice(value.as_bytes());
         return;

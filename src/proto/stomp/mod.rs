@@ -3,6 +3,8 @@
 //! - `frame`: the codec (frames across and within WebSocket messages).
 //! - `session`: what each client frame does and what is answered
 //!   (negotiation, subscriptions, receipts, transactions, errors).
+//! - `app`: the two wired to a connection and the hub.
 
+pub mod app;
 pub mod frame;
 pub mod session;
