@@ -1,12 +1,17 @@
 //! Micro-benchmarks of the RFC 6455 hot path: handshake, frame header,
-//! unmasking (fast vs scalar twin) and UTF-8 validation.
+//! unmasking (fast vs scalar twin) and UTF-8 validation; and what one
+//! delivery costs to prepare per subscriber: a STOMP MESSAGE head against a
+//! native frame's shared reference.
 //! Run: `cargo bench -p sluice-bench --bench codec`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice::pubsub::message::{Fanout, Message};
+use sluice::pubsub::topics::StompTarget;
 use sluice::ws::frame::{decode_header, encode_frame, Opcode, Role};
 use sluice::ws::handshake;
 use sluice::ws::mask;
 use sluice::ws::utf8::Utf8Validator;
+use sluice::ws::MessageKind;
 
 const REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1\r\nUser-Agent: bench\r\n\r\n";
 
@@ -63,5 +68,43 @@ fn utf8_bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, handshake_bench, header_bench, mask_bench, utf8_bench);
+/// Per subscriber, with the message's shared encodings already made: a
+/// native subscriber takes a reference to the shared frame; a STOMP one the
+/// MESSAGE made for an equal subscription (same id), or a head of its own,
+/// carved from the core's arena, and a reference to the body. Each is
+/// dropped as a written delivery would be.
+fn per_subscriber_bench(c: &mut Criterion) {
+    let message = Message::native(MessageKind::Text, b"load.0", &[b'.'; 64], 1 << 48 | 12345);
+    let fanout = Fanout::new(&message);
+    let target = |id: &str| StompTarget {
+        id: id.into(),
+        ack: false,
+    };
+    let mut arena = bytes::BytesMut::new();
+    fanout.native();
+    // Eight distinct subscriptions fill the shared frames; a ninth id gets
+    // a head of its own every time.
+    for i in 0..8 {
+        fanout.stomp(&target(&format!("sub-{i}")), &mut arena);
+    }
+    let (shared, own) = (target("sub-0"), target("sub-999"));
+    let mut group = c.benchmark_group("delivery_per_subscriber_64B");
+    group.bench_function("native_frame", |b| b.iter(|| black_box(fanout.native().clone())));
+    group.bench_function("stomp_shared_frame", |b| {
+        b.iter(|| black_box(fanout.stomp(black_box(&shared), &mut arena)))
+    });
+    group.bench_function("stomp_own_head", |b| {
+        b.iter(|| black_box(fanout.stomp(black_box(&own), &mut arena)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    handshake_bench,
+    header_bench,
+    mask_bench,
+    utf8_bench,
+    per_subscriber_bench
+);
 criterion_main!(benches);

@@ -94,6 +94,15 @@ enum Scenario {
         /// Payload bytes (at least the harness's stamp, about 30).
         #[arg(short = 's', long, default_value_t = 64)]
         size: usize,
+        /// What the clients speak: the native protocol (with --sub-msg and
+        /// --pub-prefix), or STOMP 1.2 (CONNECT, then SUBSCRIBE to and SEND
+        /// to /topic/<topic>; the URL's path should be a STOMP route).
+        #[arg(long, value_enum, default_value_t = scenario::FanoutProtocol::Native)]
+        protocol: scenario::FanoutProtocol,
+        /// STOMP: give every subscription an id of its own (`sub-<n>`);
+        /// otherwise each is `sub-0`, as stomp.js names a client's first.
+        #[arg(long)]
+        distinct_ids: bool,
         /// Subscribe message; `{topic}` becomes the topic name.
         #[arg(long, default_value = "SUB {topic}")]
         sub_msg: String,
@@ -301,6 +310,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             publishers,
             rate,
             size,
+            protocol,
+            distinct_ids,
             sub_msg,
             pub_prefix,
             topic_prefix,
@@ -317,6 +328,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 format!("{subscribers} / {topics} / {publishers}"),
             );
             params.insert("publish rate".into(), format!("{rate} msg/s"));
+            params.insert("protocol".into(), format!("{protocol:?}").to_lowercase());
             if args.threads > 1 {
                 params.insert(
                     "publishers".into(),
@@ -335,8 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 size: *size,
                 warmup: seconds(w.warmup, "--warmup")?,
                 duration: seconds(w.duration, "--duration")?,
-                sub_msg: sub_msg.clone(),
-                pub_prefix: pub_prefix.clone(),
+                speech: protocol.speech(sub_msg, pub_prefix, *distinct_ids),
                 topic_prefix: topic_prefix.clone(),
                 settle: Duration::from_millis(*settle_ms),
             });

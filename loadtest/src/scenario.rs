@@ -712,13 +712,51 @@ pub struct FanoutPlan {
     pub size: usize,
     pub warmup: Duration,
     pub duration: Duration,
-    /// Subscribe message; `{topic}` is replaced by the topic name.
-    pub sub_msg: String,
-    /// Text before a publish's payload; `{topic}` is replaced.
-    pub pub_prefix: String,
+    pub speech: Speech,
     pub topic_prefix: String,
     /// Time for subscriptions to settle before publishing starts.
     pub settle: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FanoutProtocol {
+    Native,
+    Stomp,
+}
+
+/// What fan-out clients send, as templates where `{topic}` is replaced by
+/// the topic name and `{conn}` by the connection's number.
+#[derive(Debug, Clone, Default)]
+pub struct Speech {
+    /// The first message of every client, if the protocol has one.
+    pub hello: Option<String>,
+    pub subscribe: String,
+    /// Text before and after a publish's payload.
+    pub publish_prefix: String,
+    pub publish_suffix: String,
+}
+
+impl FanoutProtocol {
+    /// The messages of this protocol; the native ones are the caller's.
+    pub fn speech(self, sub_msg: &str, pub_prefix: &str, distinct_ids: bool) -> Speech {
+        match self {
+            FanoutProtocol::Native => Speech {
+                hello: None,
+                subscribe: sub_msg.into(),
+                publish_prefix: pub_prefix.into(),
+                publish_suffix: String::new(),
+            },
+            FanoutProtocol::Stomp => Speech {
+                hello: Some("CONNECT\naccept-version:1.2\nhost:sluice-load\nheart-beat:0,0\n\n\0".into()),
+                subscribe: format!(
+                    "SUBSCRIBE\nid:{}\ndestination:/topic/{{topic}}\n\n\0",
+                    if distinct_ids { "sub-{conn}" } else { "sub-0" }
+                ),
+                publish_prefix: "SEND\ndestination:/topic/{topic}\n\n".into(),
+                publish_suffix: "\0".into(),
+            },
+        }
+    }
 }
 
 impl FanoutPlan {
@@ -849,9 +887,16 @@ async fn subscribe(
     let mut rng = Rng::new(conn as u64);
     let mut client = common.connect_at(gate, conn, &mut rng, result).await?;
     let topic = plan.topic(conn % plan.topics);
+    if let Some(hello) = &plan.speech.hello {
+        client.queue(&masked(Opcode::Text, hello.as_bytes(), &mut rng).0);
+    }
     let (sub, key) = masked(
         Opcode::Text,
-        plan.sub_msg.replace("{topic}", &topic).as_bytes(),
+        plan.speech
+            .subscribe
+            .replace("{topic}", &topic)
+            .replace("{conn}", &conn.to_string())
+            .as_bytes(),
         &mut rng,
     );
     client.queue(&sub);
@@ -879,7 +924,11 @@ async fn join_as_publisher(
     result: &mut ThreadResult,
 ) -> Option<Member> {
     let mut rng = Rng::new(conn as u64);
-    let client = common.connect_at(gate, conn, &mut rng, result).await?;
+    let mut client = common.connect_at(gate, conn, &mut rng, result).await?;
+    if let Some(hello) = &plan.speech.hello {
+        // Sent ahead of its first publish.
+        client.queue(&masked(Opcode::Text, hello.as_bytes(), &mut rng).0);
+    }
     let publisher = conn - plan.subscribers;
     let interval = Duration::from_secs_f64(plan.publishers as f64 / plan.rate);
     Some(Member {
@@ -888,7 +937,7 @@ async fn join_as_publisher(
         role: Role::Publisher {
             publisher,
             prefixes: (0..plan.topics)
-                .map(|t| plan.pub_prefix.replace("{topic}", &plan.topic(t)))
+                .map(|t| plan.speech.publish_prefix.replace("{topic}", &plan.topic(t)))
                 .collect(),
             seq: 0,
             next: common.epoch + plan.settle + interval.mul_f64(publisher as f64 / plan.publishers as f64),
@@ -948,6 +997,7 @@ fn drive_fanout(
                 while payload.len() < prefix.len() + plan.size {
                     payload.push(b'.');
                 }
+                payload.extend_from_slice(plan.speech.publish_suffix.as_bytes());
                 encode_frame(client.outbox(), true, Opcode::Text, Some(*key), &payload);
                 if sent_ns as u64 >= measure_ns {
                     record_lag_us(now.duration_since(*next).as_micros() as u64);
@@ -1078,8 +1128,7 @@ mod tests {
             size: 0,
             warmup: Duration::ZERO,
             duration: Duration::ZERO,
-            sub_msg: String::new(),
-            pub_prefix: String::new(),
+            speech: Speech::default(),
             topic_prefix: String::new(),
             settle: Duration::ZERO,
         }

@@ -594,7 +594,7 @@ impl Shard {
             Via::Stomp(targets) => {
                 let mut heads = self.heads.borrow_mut();
                 for target in targets {
-                    self.enqueue(key, &fanout.stomp(target, &mut heads), true);
+                    fanout.with_stomp(target, &mut heads, |parts| self.enqueue(key, parts, true));
                 }
             }
         }

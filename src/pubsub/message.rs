@@ -3,12 +3,23 @@
 //! A message is encoded at most once per core for each protocol: the native
 //! `MSG` frame is shared by every native subscriber; a STOMP MESSAGE frame
 //! differs per subscription only in its first headers, so each STOMP
-//! subscriber gets its own small head (WebSocket header, command,
-//! `subscription`, `ack`) followed by parts shared by all: the common
-//! headers, and the body with its NUL. The parts go out in one vectored
-//! write; the body is never copied per subscriber.
+//! subscriber gets its own head (WebSocket header, command, `subscription`,
+//! `ack`, then the common headers, copied: a hundred bytes cost less to copy
+//! than a shared reference costs to count) followed by the body with its
+//! NUL, shared by all. Both go out in one vectored write; the body is never
+//! copied per subscriber.
+//!
+//! Subscribers whose subscriptions have the same id and ack mode get the
+//! same MESSAGE, head included: clients number their subscriptions from
+//! zero (stomp.js names them `sub-0`, `sub-1` ...), so most subscribers of a
+//! topic share one head, which stays in cache while it is sent a thousand
+//! times, where a thousand heads of their own would each be copied cold.
+//! When the body is small (`WHOLE_FRAME_BODY_BYTES`) such a shared MESSAGE
+//! is made whole, head and body in one buffer: a copy of the body once per
+//! distinct subscription on the core (at most `SHARED_HEADS`), never per
+//! subscriber, saves every subscriber an iovec and a reference count.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -88,13 +99,35 @@ pub struct Fanout<'m> {
     pub message: &'m Message,
     native: OnceCell<Bytes>,
     stomp: OnceCell<StompShared>,
+    /// MESSAGE frames made so far, by subscription (the first `SHARED_HEADS`).
+    heads: RefCell<Vec<(StompTarget, StompParts)>>,
+}
+
+/// Distinct subscriptions per message whose MESSAGE frames are kept for
+/// reuse.
+const SHARED_HEADS: usize = 8;
+
+/// Bodies up to this size are copied into a shared MESSAGE frame made whole.
+pub const WHOLE_FRAME_BODY_BYTES: usize = 4096;
+
+/// One MESSAGE frame, in one or two parts.
+#[derive(Clone)]
+pub struct StompParts {
+    parts: [Bytes; 2],
+    count: usize,
+}
+
+impl StompParts {
+    pub fn as_slice(&self) -> &[Bytes] {
+        &self.parts[..self.count]
+    }
 }
 
 /// What every STOMP subscriber's MESSAGE shares.
 struct StompShared {
     message_id: String,
     /// From `message-id` to the blank line that ends the headers.
-    headers: Bytes,
+    headers: Vec<u8>,
     /// The body and the frame's NUL.
     tail: Bytes,
 }
@@ -107,6 +140,7 @@ impl<'m> Fanout<'m> {
             message,
             native: OnceCell::new(),
             stomp: OnceCell::new(),
+            heads: RefCell::new(Vec::new()),
         }
     }
 
@@ -123,7 +157,7 @@ impl<'m> Fanout<'m> {
         self.stomp.get_or_init(|| {
             let m = self.message;
             let message_id = m.message_id();
-            let mut h = BytesMut::with_capacity(128 + m.stomp_headers.as_ref().map_or(0, Bytes::len));
+            let mut h = Vec::with_capacity(128 + m.stomp_headers.as_ref().map_or(0, Bytes::len));
             h.put_slice(b"message-id:");
             h.put_slice(message_id.as_bytes());
             h.put_slice(b"\ndestination:");
@@ -143,20 +177,58 @@ impl<'m> Fanout<'m> {
             tail.put_u8(0);
             StompShared {
                 message_id,
-                headers: h.freeze(),
+                headers: h,
                 tail: tail.freeze(),
             }
         })
     }
 
-    /// The three parts of one subscription's MESSAGE frame: its own head
-    /// (carved from `arena`, a per-core buffer), then the shared headers
-    /// and body.
-    pub fn stomp(&self, target: &StompTarget, arena: &mut BytesMut) -> [Bytes; 3] {
+    /// One subscription's MESSAGE frame: the one made for an equal
+    /// subscription, or a head carved from `arena` (a per-core buffer) and
+    /// the shared body.
+    pub fn stomp(&self, target: &StompTarget, arena: &mut BytesMut) -> StompParts {
+        self.with_stomp(target, arena, |parts| StompParts {
+            count: parts.len(),
+            parts: [parts[0].clone(), parts.get(1).cloned().unwrap_or_default()],
+        })
+    }
+
+    /// Calls `f` with the parts of one subscription's MESSAGE frame (see
+    /// `stomp`), lent rather than cloned: the caller takes the references
+    /// it keeps, and a delivery costs one count per part.
+    pub fn with_stomp<R>(&self, target: &StompTarget, arena: &mut BytesMut, f: impl FnOnce(&[Bytes]) -> R) -> R {
         let shared = self.stomp_shared();
+        let mut heads = self.heads.borrow_mut();
+        if let Some((_, parts)) = heads.iter().find(|(t, _)| t == target) {
+            return f(parts.as_slice());
+        }
+        let head = self.stomp_head(shared, target, arena);
+        if heads.len() >= SHARED_HEADS {
+            return f(&[head, shared.tail.clone()]);
+        }
+        let parts = if shared.tail.len() <= WHOLE_FRAME_BODY_BYTES + 1 {
+            let mut whole = BytesMut::with_capacity(head.len() + shared.tail.len());
+            whole.put_slice(&head);
+            whole.put_slice(&shared.tail);
+            StompParts {
+                parts: [whole.freeze(), Bytes::new()],
+                count: 1,
+            }
+        } else {
+            StompParts {
+                parts: [head, shared.tail.clone()],
+                count: 2,
+            }
+        };
+        let r = f(parts.as_slice());
+        heads.push((target.clone(), parts));
+        r
+    }
+
+    fn stomp_head(&self, shared: &StompShared, target: &StompTarget, arena: &mut BytesMut) -> Bytes {
         let ack_len = if target.ack { 4 + shared.message_id.len() + 1 } else { 0 };
-        let own = MESSAGE_SUBSCRIPTION.len() + target.id.len() + 1 + ack_len;
-        let payload_len = own + shared.headers.len() + shared.tail.len();
+        let own = MESSAGE_SUBSCRIPTION.len() + target.id.len() + 1 + ack_len + shared.headers.len();
+        let payload_len = own + shared.tail.len();
         let mut ws = [0u8; MAX_HEADER_BYTES];
         let ws_len = encode_header(
             &FrameHeader {
@@ -179,7 +251,8 @@ impl<'m> Fanout<'m> {
             arena.put_slice(shared.message_id.as_bytes());
             arena.put_u8(b'\n');
         }
-        [arena.split().freeze(), shared.headers.clone(), shared.tail.clone()]
+        arena.put_slice(&shared.headers);
+        arena.split().freeze()
     }
 }
 
@@ -209,28 +282,18 @@ mod tests {
         }
     }
 
+    fn target(id: &str, ack: bool) -> StompTarget {
+        StompTarget { id: id.into(), ack }
+    }
+
     #[test]
-    fn stomp_subscribers_share_all_but_their_head() {
+    fn a_stomp_message_is_whole_and_says_what_it_is() {
         let m = Message::native(MessageKind::Binary, b"news", b"a\0b", 7 | (1 << 48));
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let a = f.stomp(
-            &StompTarget {
-                id: "s\\c1".into(),
-                ack: true,
-            },
-            &mut arena,
-        );
-        let b = f.stomp(
-            &StompTarget {
-                id: "2".into(),
-                ack: false,
-            },
-            &mut arena,
-        );
-        assert_eq!(a[2].as_ptr(), b[2].as_ptr(), "the body is shared");
-        assert_eq!(a[1].as_ptr(), b[1].as_ptr());
-        let (op, p) = payload_of(&a);
+        let a = f.stomp(&target("s\\c1", true), &mut arena);
+        assert_eq!(a.as_slice().len(), 1, "a small body is copied into a whole frame");
+        let (op, p) = payload_of(a.as_slice());
         assert_eq!(op, Opcode::Binary);
         let frame = decode(&p);
         assert_eq!(frame.header("subscription"), Some("s:1"));
@@ -240,11 +303,33 @@ mod tests {
         assert_eq!(frame.header("content-type"), Some("application/octet-stream"));
         assert_eq!(frame.header("content-length"), Some("3"));
         assert_eq!(&frame.body[..], b"a\0b");
-        let frame = decode(&payload_of(&b).1);
+        let frame = decode(&payload_of(f.stomp(&target("2", false), &mut arena).as_slice()).1);
         assert_eq!(frame.header("subscription"), Some("2"));
         assert_eq!(frame.header("ack"), None);
         // The native frame is the publisher's own.
         assert_eq!(f.native(), m.native.as_ref().unwrap());
+    }
+
+    #[test]
+    fn equal_subscriptions_share_their_frame_and_a_large_body_is_never_copied() {
+        let big = vec![b'x'; WHOLE_FRAME_BODY_BYTES + 1];
+        let m = Message::native(MessageKind::Text, b"t", &big, 1);
+        let f = Fanout::new(&m);
+        let mut arena = BytesMut::new();
+        let a = f.stomp(&target("sub-0", false), &mut arena);
+        let b = f.stomp(&target("sub-0", false), &mut arena);
+        let c = f.stomp(&target("sub-1", false), &mut arena);
+        assert_eq!(a.as_slice()[0].as_ptr(), b.as_slice()[0].as_ptr(), "one head");
+        assert_ne!(a.as_slice()[0].as_ptr(), c.as_slice()[0].as_ptr());
+        assert_eq!(a.as_slice()[1].as_ptr(), c.as_slice()[1].as_ptr(), "one body");
+        let frame = decode(&payload_of(c.as_slice()).1);
+        assert_eq!(frame.body.len(), big.len());
+        // A small body: equal subscriptions share one whole frame.
+        let m = Message::native(MessageKind::Text, b"t", b"small", 2);
+        let f = Fanout::new(&m);
+        let a = f.stomp(&target("sub-0", false), &mut arena);
+        let b = f.stomp(&target("sub-0", false), &mut arena);
+        assert_eq!(a.as_slice()[0].as_ptr(), b.as_slice()[0].as_ptr());
     }
 
     #[test]
@@ -262,16 +347,7 @@ mod tests {
         };
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let frame = decode(
-            &payload_of(&f.stomp(
-                &StompTarget {
-                    id: "q".into(),
-                    ack: false,
-                },
-                &mut arena,
-            ))
-            .1,
-        );
+        let frame = decode(&payload_of(f.stomp(&target("q", false), &mut arena).as_slice()).1);
         assert_eq!(frame.header("destination"), Some("/queue/jobs"));
         assert_eq!(frame.header("content-type"), Some("text/plain"));
         assert_eq!(frame.header("x-trace"), Some("a:b"));
@@ -285,16 +361,20 @@ mod tests {
     }
 
     #[test]
-    fn heads_come_from_shared_arenas() {
+    fn heads_of_their_own_come_from_shared_arenas() {
         let m = Message::native(MessageKind::Text, b"t", b"x", 1);
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let t = StompTarget {
-            id: "1".into(),
-            ack: false,
-        };
-        let heads: Vec<Bytes> = (0..100).map(|_| f.stomp(&t, &mut arena)[0].clone()).collect();
-        // Consecutive heads sit side by side in one allocation.
-        assert_eq!(heads[0].as_ptr().wrapping_add(heads[0].len()), heads[1].as_ptr());
+        let parts: Vec<StompParts> = (0..100)
+            .map(|i| f.stomp(&target(&i.to_string(), false), &mut arena))
+            .collect();
+        // Past the first SHARED_HEADS distinct subscriptions, each gets a
+        // head of its own, side by side in one allocation, and the body.
+        let (a, b) = (parts[20].as_slice(), parts[21].as_slice());
+        assert_eq!((a.len(), b.len()), (2, 2));
+        assert_eq!(a[0].as_ptr().wrapping_add(a[0].len()), b[0].as_ptr());
+        assert_eq!(a[1].as_ptr(), b[1].as_ptr());
+        let frame = decode(&payload_of(a).1);
+        assert_eq!((frame.header("subscription"), &frame.body[..]), (Some("20"), &b"x"[..]));
     }
 }
