@@ -295,3 +295,23 @@ both_drivers!(limits_and_bad_frames_end_in_error, |driver| {
     assert_eq!(r.header("receipt-id"), Some("bye"));
     assert_eq!(raw.expect_close(), Some(1000));
 });
+
+both_drivers!(a_queue_message_has_one_consumer_and_names_are_escaped, |driver| {
+    let server = Server::start(driver, &[]);
+    // Two subscriptions of one connection to one queue: each message is
+    // consumed once.
+    let mut c = Client::connect(&server, "0,0");
+    c.confirmed("SUBSCRIBE\nid:a\ndestination:/queue/jobs:eu", "");
+    c.confirmed("SUBSCRIBE\nid:b\ndestination:/queue/jobs:eu", "");
+    let mut publisher = Client::connect(&server, "0,0");
+    publisher.confirmed("SEND\ndestination:/queue/jobs:eu", "one");
+    publisher.confirmed("SEND\ndestination:/queue/jobs:eu", "two");
+    for body in [&b"one"[..], b"two"] {
+        let m = c.next();
+        assert_eq!(m.body, body);
+        // A colon in a header value is escaped (STOMP 1.2 "Value Encoding").
+        assert_eq!(m.header("destination"), Some("/queue/jobs\\ceu"));
+    }
+    c.raw.stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    assert!(c.raw.read_frame().is_none(), "a message came twice");
+});

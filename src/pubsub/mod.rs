@@ -125,6 +125,9 @@ impl Hub {
             Change::Joined | Change::Left if !is_queue(topic) => return,
             _ => self.topics.borrow().count(topic) as u32,
         };
+        if count == 0 {
+            self.forget_turn_if_unused(topic);
+        }
         self.announce(topic, count);
     }
 
@@ -212,6 +215,8 @@ impl Hub {
                 }
                 if cores.is_empty() {
                     interest.remove(&topic);
+                    drop(interest);
+                    self.forget_turn_if_unused(&topic);
                 }
             }
             Envelope::Session {
@@ -293,7 +298,7 @@ impl Hub {
             return 0;
         };
         for (&key, via) in &subscribers.sessions {
-            shard.deliver(key, via, fanout);
+            shard.deliver(key, via, fanout, false);
         }
         subscribers.len()
     }
@@ -305,7 +310,7 @@ impl Hub {
         let Some((key, via)) = topics.subscribers(&fanout.message.key).and_then(|s| s.next_in_turn()) else {
             return false;
         };
-        shard.deliver(key, via, fanout);
+        shard.deliver(key, via, fanout, true);
         true
     }
 
@@ -325,11 +330,28 @@ impl Hub {
         };
         let message = Arc::new(message);
         for &(core, _) in cores {
-            if let Err(envelope) = self.mesh.send(core as usize, Envelope::Publish(message.clone())) {
-                pending.push((core as usize, envelope));
-            }
+            self.send_in_order(core as usize, Envelope::Publish(message.clone()), pending);
         }
         usize::from(local > 0) + cores.len()
+    }
+
+    /// Sends a publisher's envelope, or queues it in `pending` behind any of
+    /// the same publisher's that wait for the same ring (several publishes
+    /// may come from one read: a STOMP COMMIT, frames batched in one
+    /// message), so none overtakes another.
+    fn send_in_order(&self, core: usize, envelope: Envelope, pending: &mut Pending) {
+        if pending.iter().any(|&(c, _)| c == core) {
+            pending.push((core, envelope));
+        } else if let Err(envelope) = self.mesh.send(core, envelope) {
+            pending.push((core, envelope));
+        }
+    }
+
+    /// Forgets a queue's turn once it has no subscriber on any core.
+    fn forget_turn_if_unused(&self, key: &[u8]) {
+        if is_queue(key) && self.topics.borrow().count(key) == 0 && !self.interest.borrow().contains_key(key) {
+            self.queue_turns.borrow_mut().remove(key);
+        }
     }
 
     /// Picks the core whose turn it is, each core weighted by its
@@ -365,8 +387,8 @@ impl Hub {
         if chosen == me {
             drop(interest);
             self.deliver_in_turn(shard, &Fanout::new(&message));
-        } else if let Err(envelope) = self.mesh.send(chosen as usize, Envelope::Publish(Arc::new(message))) {
-            pending.push((chosen as usize, envelope));
+        } else {
+            self.send_in_order(chosen as usize, Envelope::Publish(Arc::new(message)), pending);
         }
         1
     }

@@ -217,8 +217,10 @@ impl ParseError {
 /// What `parse` found at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 enum Parsed {
-    /// More bytes are needed: at least `need` in all before trying again.
-    Incomplete { need: usize },
+    /// More bytes are needed: parsing again can make progress only once
+    /// there are `need` in all, or (`until`) once that byte has arrived.
+    /// So a frame trickling in byte by byte is not parsed again per byte.
+    Incomplete { need: usize, until: Option<u8> },
     /// A heart-beat EOL of this many bytes.
     HeartBeat(usize),
     /// A frame: command and headers, where its body lies, and its length.
@@ -232,7 +234,15 @@ enum Parsed {
 
 /// Parses one item at the front of `buf`.
 fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
-    let more = Parsed::Incomplete { need: buf.len() + 1 };
+    let more = Parsed::Incomplete {
+        need: buf.len() + 1,
+        until: None,
+    };
+    // A line is complete at its LF, or refused once it is too long.
+    let line_pending = |pos: usize| Parsed::Incomplete {
+        need: pos + limits.max_header_bytes + 2,
+        until: Some(b'\n'),
+    };
     match buf {
         [] | [b'\r'] => return Ok(more),
         [b'\n', ..] => return Ok(Parsed::HeartBeat(1)),
@@ -242,14 +252,14 @@ fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
     }
     let mut pos = 0;
     let Some(line) = next_line(buf, &mut pos, limits)? else {
-        return Ok(more);
+        return Ok(line_pending(pos));
     };
     let command = Command::parse(line).ok_or(ParseError::UnknownCommand)?;
     let mut headers = Vec::new();
     let mut content_length = None;
     loop {
         let Some(line) = next_line(buf, &mut pos, limits)? else {
-            return Ok(more);
+            return Ok(line_pending(pos));
         };
         if line.is_empty() {
             break;
@@ -276,7 +286,10 @@ fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
             }
             let end = body_start + n;
             match buf.get(end) {
-                None => Ok(Parsed::Incomplete { need: end + 1 }),
+                None => Ok(Parsed::Incomplete {
+                    need: end + 1,
+                    until: None,
+                }),
                 Some(0) => Ok(Parsed::Frame {
                     command,
                     headers,
@@ -296,7 +309,11 @@ fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
                     len: body_start + n + 1,
                 }),
                 None if window.len() > limits.max_body_bytes => Err(ParseError::BodyTooLarge),
-                None => Ok(more),
+                // The body ends at a NUL, or is refused at its limit.
+                None => Ok(Parsed::Incomplete {
+                    need: body_start + limits.max_body_bytes + 1,
+                    until: Some(0),
+                }),
             }
         }
     }
@@ -366,9 +383,15 @@ fn parse_length(value: &str) -> Result<usize, ParseError> {
 #[derive(Debug)]
 pub struct Decoder {
     buf: BytesMut,
-    /// Buffered bytes needed before parsing again can make progress.
+    /// Parsing again can make progress once this many bytes are buffered,
+    /// or once `until` arrives in the bytes after `scanned`.
     need: usize,
+    until: Option<u8>,
+    scanned: usize,
     limits: Limits,
+    /// Times `parse` ran.
+    #[cfg(test)]
+    parses: usize,
 }
 
 impl Decoder {
@@ -376,7 +399,11 @@ impl Decoder {
         Decoder {
             buf: BytesMut::new(),
             need: 1,
+            until: None,
+            scanned: 0,
             limits,
+            #[cfg(test)]
+            parses: 0,
         }
     }
 
@@ -394,16 +421,27 @@ impl Decoder {
     /// error the stream is not resynchronised: the session ends.
     pub fn next_item(&mut self) -> Result<Option<Item>, ParseError> {
         if self.buf.len() < self.need {
-            return Ok(None);
+            let arrived = self.until.is_some_and(|b| self.buf[self.scanned..].contains(&b));
+            self.scanned = self.buf.len();
+            if !arrived {
+                return Ok(None);
+            }
+        }
+        #[cfg(test)]
+        {
+            self.parses += 1;
         }
         match parse(&self.buf, &self.limits)? {
-            Parsed::Incomplete { need } => {
+            Parsed::Incomplete { need, until } => {
                 self.need = need;
+                self.until = until;
+                self.scanned = self.buf.len();
                 Ok(None)
             }
             Parsed::HeartBeat(n) => {
                 let _ = self.buf.split_to(n);
                 self.need = 1;
+                self.until = None;
                 Ok(Some(Item::HeartBeat))
             }
             Parsed::Frame {
@@ -414,6 +452,7 @@ impl Decoder {
             } => {
                 let whole = self.buf.split_to(len).freeze();
                 self.need = 1;
+                self.until = None;
                 Ok(Some(Item::Frame(Frame {
                     command,
                     headers,
@@ -427,6 +466,48 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_trickling_in_is_not_parsed_again_per_byte() {
+        let mut d = Decoder::new(Limits::default());
+        let body = vec![b'x'; 100_000];
+        let mut wire = b"SEND\ndestination:/topic/t\nx-a:1\nx-b:2\n\n".to_vec();
+        wire.extend_from_slice(&body);
+        wire.push(0);
+        for &b in &wire {
+            d.push(&[b]);
+            if let Some(Item::Frame(f)) = d.next_item().unwrap() {
+                assert_eq!(f.body.len(), body.len());
+            }
+        }
+        assert_eq!(d.buffered(), 0);
+        // Once per line of the head, and once when the NUL came.
+        assert!(d.parses <= 8, "{} parses", d.parses);
+        // The limits still apply as bytes arrive: a body one byte over.
+        let mut d = Decoder::new(Limits {
+            max_body_bytes: 10,
+            ..Limits::default()
+        });
+        d.push(b"SEND\ndestination:/topic/t\n\n");
+        for _ in 0..10 {
+            d.push(b"y");
+            assert_eq!(d.next_item(), Ok(None));
+        }
+        d.push(b"y");
+        assert_eq!(d.next_item(), Err(ParseError::BodyTooLarge));
+        // And a header line over its limit, before its LF (16 bytes and a
+        // CR may still be a line).
+        let mut d = Decoder::new(Limits {
+            max_header_bytes: 16,
+            ..Limits::default()
+        });
+        d.push(b"SEND\n");
+        for _ in 0..18 {
+            assert_eq!(d.next_item(), Ok(None));
+            d.push(b"h");
+        }
+        assert_eq!(d.next_item(), Err(ParseError::HeaderTooLong));
+    }
 
     fn decode_all(wire: &[u8]) -> Result<Vec<Item>, ParseError> {
         let mut d = Decoder::new(Limits::default());

@@ -115,10 +115,18 @@ pub struct Publish {
     pub body: Bytes,
 }
 
+/// What holding a SEND costs beyond its bytes (its place in the list, its
+/// destination): an empty SEND is not free, so a transaction of them is
+/// bounded too.
+const HELD_SEND_BYTES: usize = 64;
+
 impl Publish {
     /// What holding it in a transaction counts against the limit.
     fn held_bytes(&self) -> usize {
-        self.body.len() + self.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        let name = match &self.destination {
+            Destination::Topic(n) | Destination::Queue(n) => n.len(),
+        };
+        HELD_SEND_BYTES + name + self.body.len() + self.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
     }
 }
 
@@ -306,13 +314,20 @@ impl Session {
                             ));
                         }
                         let held = self.transactions.get_mut(&tx).ok_or_else(|| unknown_transaction(&tx))?;
-                        held.push(publish);
+                        // Its own copy: a slice would keep the whole
+                        // message that carried it for as long as it is held.
+                        let body = Bytes::copy_from_slice(&publish.body);
+                        held.push(Publish { body, ..publish });
                         self.transaction_bytes += size;
                     }
                 }
             }
             Command::Subscribe => {
-                let id = required(&frame, "id")?;
+                // 1.0 makes `id` optional: the destination names it then.
+                let id = match (frame.header("id"), self.version) {
+                    (None, Version::V1_0) => required(&frame, "destination")?,
+                    _ => required(&frame, "id")?,
+                };
                 let destination = destination_of(&frame)?;
                 let ack = match frame.header("ack").unwrap_or("auto") {
                     "auto" => AckMode::Auto,
@@ -424,6 +439,7 @@ impl Session {
         if let Some(id) = receipt {
             error = error.with_header("receipt-id", &id);
         }
+        let error = error.with_header("content-length", &detail.len().to_string());
         out.push(Action::Reply(error.with_body(detail.to_string())));
         out.push(Action::Close);
         self.state = State::Ended;
@@ -487,7 +503,8 @@ mod tests {
             heart_beat_want_ms: 10_000,
             max_subscriptions: 2,
             max_transactions: 1,
-            max_transaction_bytes: 64,
+            // One held SEND of a 200-byte body to /topic/t, exactly.
+            max_transaction_bytes: HELD_SEND_BYTES + 1 + 200,
         }
     }
 
@@ -725,13 +742,14 @@ mod tests {
         let mut s = connected();
         run(&mut s, Frame::new(Command::Begin).with_header("transaction", "t"));
         assert_eq!(
-            error_message(&run(&mut s, held(65))).as_deref(),
+            error_message(&run(&mut s, held(201))).as_deref(),
             Some("transaction too large")
         );
-        // Exactly at the 64-byte limit, then one byte over it.
+        // Exactly at the limit (a 200-byte body), then one byte over it; an
+        // empty SEND counts too.
         let mut s = connected();
         run(&mut s, Frame::new(Command::Begin).with_header("transaction", "t"));
-        assert!(run(&mut s, held(64)).is_empty());
+        assert!(run(&mut s, held(200)).is_empty());
         assert_eq!(
             error_message(&run(&mut s, held(1))).as_deref(),
             Some("transaction too large")
