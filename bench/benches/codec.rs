@@ -85,16 +85,20 @@ fn per_subscriber_bench(c: &mut Criterion) {
     // Eight distinct subscriptions fill the shared frames; a ninth id gets
     // a head of its own every time.
     for i in 0..8 {
-        fanout.stomp(&target(&format!("sub-{i}")), &mut arena);
+        fanout.stomp(&target(&format!("sub-{i}")), &mut arena, || true);
     }
     let (shared, own) = (target("sub-0"), target("sub-999"));
     let mut group = c.benchmark_group("delivery_per_subscriber_64B");
     group.bench_function("native_frame", |b| b.iter(|| black_box(fanout.native().clone())));
     group.bench_function("stomp_shared_frame", |b| {
-        b.iter(|| black_box(fanout.stomp(black_box(&shared), &mut arena)))
+        b.iter(|| black_box(fanout.stomp(black_box(&shared), &mut arena, || true)))
     });
     group.bench_function("stomp_own_head", |b| {
-        b.iter(|| black_box(fanout.stomp(black_box(&own), &mut arena)))
+        b.iter(|| black_box(fanout.stomp(black_box(&own), &mut arena, || true)))
+    });
+    // The subscriber's queue is not empty: a buffer of its own.
+    group.bench_function("stomp_own_head_queued", |b| {
+        b.iter(|| black_box(fanout.stomp(black_box(&own), &mut arena, || false)))
     });
     group.finish();
 }

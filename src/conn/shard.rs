@@ -517,7 +517,7 @@ impl Shard {
             self.resume(key);
         }
         for key in due_heart_beats {
-            self.enqueue(key, &[Bytes::from_static(HEART_BEAT_FRAME)], false);
+            self.enqueue(key, &mut [Bytes::from_static(HEART_BEAT_FRAME)], false);
         }
     }
 
@@ -598,13 +598,13 @@ impl Shard {
     /// a queue's message, which has one consumer) for its first.
     pub fn deliver(self: &Rc<Self>, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
         match via {
-            Via::Native => self.enqueue(key, std::slice::from_ref(fanout.native()), true),
+            Via::Native => self.enqueue(key, &mut [fanout.native().clone()], true),
             Via::Stomp(targets) => {
                 let mut heads = self.heads.borrow_mut();
                 let take = if one { 1 } else { targets.len() };
                 for target in &targets[..take] {
-                    let idle = || self.queue_is_empty(key);
-                    fanout.with_stomp(target, &mut heads, idle, |parts| self.enqueue(key, parts, true));
+                    let mut parts = fanout.stomp(target, &mut heads, || self.queue_is_empty(key));
+                    self.enqueue(key, parts.as_mut_slice(), true);
                 }
             }
         }
@@ -618,14 +618,14 @@ impl Shard {
 
     /// Queues one whole frame (from the admin API) for session `key`.
     pub fn deliver_frame(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
-        self.enqueue(key, std::slice::from_ref(frame), true);
+        self.enqueue(key, &mut [frame.clone()], true);
     }
 
     /// Queues one message (`parts`, written in order) for session `key`,
     /// applying the outbound limit, and wakes (or resumes) it if its queue
     /// was empty. Sessions that are gone, not open or not pub/sub are
     /// skipped. `count`: the message is a delivery (not a heart-beat).
-    fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &[Bytes], count: bool) {
+    fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &mut [Bytes], count: bool) {
         let limit = self.config.max_outbound_bytes;
         let len: usize = parts.iter().map(Bytes::len).sum();
         let kick = {
@@ -657,10 +657,11 @@ impl Shard {
                 stats.deliveries += u64::from(count);
                 let was_empty = ps.queue.is_empty();
                 ps.queued_bytes += len;
-                for (i, part) in parts.iter().enumerate() {
+                let n = parts.len();
+                for (i, part) in parts.iter_mut().enumerate() {
                     ps.queue.push_back(Part {
-                        bytes: part.clone(),
-                        last: i + 1 == parts.len(),
+                        bytes: std::mem::take(part),
+                        last: i + 1 == n,
                         counts: count,
                     });
                 }
@@ -1373,15 +1374,15 @@ pub(crate) mod tests {
                 )
             })
         };
-        shard.enqueue(s.key(), &parts(b"AAA"), true);
-        shard.enqueue(s.key(), &parts(b"BBB"), true);
+        shard.enqueue(s.key(), &mut parts(b"AAA"), true);
+        shard.enqueue(s.key(), &mut parts(b"BBB"), true);
         assert_eq!(shard.stats.borrow().deliveries, 2);
         // A byte of the first part is out: the rest of that message stays.
         s.with(|slot| slot.pubsub.as_mut().unwrap().head_sent = 1);
         s.with(|slot| slot.pubsub.as_mut().unwrap().drop_unsent());
         assert_eq!(queued(&s), (b"AAA".to_vec(), 2));
         // Its first part is out: the last two stay.
-        shard.enqueue(s.key(), &parts(b"BBB"), true);
+        shard.enqueue(s.key(), &mut parts(b"BBB"), true);
         s.with(|slot| {
             let ps = slot.pubsub.as_mut().unwrap();
             ps.queue.pop_front();
@@ -1392,7 +1393,7 @@ pub(crate) mod tests {
         });
         assert_eq!(queued(&s), (b"AA".to_vec(), 2));
         // Only the rest of the message goes before other output.
-        shard.enqueue(s.key(), &parts(b"CCC"), true);
+        shard.enqueue(s.key(), &mut parts(b"CCC"), true);
         let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         s.flush_deliveries(&Socket::from_fd(ours.as_fd()), true).unwrap();

@@ -124,6 +124,11 @@ impl StompParts {
     pub fn as_slice(&self) -> &[Bytes] {
         &self.parts[..self.count]
     }
+
+    /// The parts, to be moved out (`std::mem::take`).
+    pub fn as_mut_slice(&mut self) -> &mut [Bytes] {
+        &mut self.parts[..self.count]
+    }
 }
 
 /// What every STOMP subscriber's MESSAGE shares.
@@ -187,38 +192,17 @@ impl<'m> Fanout<'m> {
     }
 
     /// One subscription's MESSAGE frame: the one made for an equal
-    /// subscription, or a head carved from `arena` (a per-core buffer) and
-    /// the shared body.
-    pub fn stomp(&self, target: &StompTarget, arena: &mut BytesMut) -> StompParts {
-        self.with_stomp(
-            target,
-            arena,
-            || true,
-            |parts| StompParts {
-                count: parts.len(),
-                parts: [parts[0].clone(), parts.get(1).cloned().unwrap_or_default()],
-            },
-        )
-    }
-
-    /// Calls `f` with the parts of one subscription's MESSAGE frame (see
-    /// `stomp`), lent rather than cloned: the caller takes the references
-    /// it keeps, and a delivery costs one count per part. A head of its own
-    /// comes from `arena` only if `idle()` says the subscriber's queue is
-    /// empty (so it is written within the round): a head that waits in a
-    /// queue would keep its whole arena chunk alive, and gets a buffer of
-    /// its size instead.
-    pub fn with_stomp<R>(
-        &self,
-        target: &StompTarget,
-        arena: &mut BytesMut,
-        idle: impl FnOnce() -> bool,
-        f: impl FnOnce(&[Bytes]) -> R,
-    ) -> R {
+    /// subscription (shared), or a head of its own and the shared body. A
+    /// head of its own is carved from `arena` (a per-core buffer) only if
+    /// `idle()` says the subscriber's queue is empty, so it is written
+    /// within the round: a head that waits in a queue would keep its whole
+    /// chunk alive, and gets a buffer of its size instead (moved into the
+    /// queue, never counted).
+    pub fn stomp(&self, target: &StompTarget, arena: &mut BytesMut, idle: impl FnOnce() -> bool) -> StompParts {
         let shared = self.stomp_shared();
         let mut heads = self.heads.borrow_mut();
         if let Some((_, parts)) = heads.iter().find(|(t, _)| t == target) {
-            return f(parts.as_slice());
+            return parts.clone();
         }
         let (ws, ws_len, head_len) = self.stomp_head_len(shared, target);
         if heads.len() >= SHARED_HEADS {
@@ -233,7 +217,10 @@ impl<'m> Fanout<'m> {
                 put_head(&mut own, &ws[..ws_len], shared, target);
                 own.freeze()
             };
-            return f(&[head, shared.tail.clone()]);
+            return StompParts {
+                parts: [head, shared.tail.clone()],
+                count: 2,
+            };
         }
         let parts = if shared.tail.len() <= WHOLE_FRAME_BODY_BYTES + 1 {
             let mut whole = BytesMut::with_capacity(head_len + shared.tail.len());
@@ -251,9 +238,8 @@ impl<'m> Fanout<'m> {
                 count: 2,
             }
         };
-        let r = f(parts.as_slice());
-        heads.push((target.clone(), parts));
-        r
+        heads.push((target.clone(), parts.clone()));
+        parts
     }
 
     /// The WebSocket header of a subscription's MESSAGE frame, its length,
@@ -327,7 +313,7 @@ mod tests {
         let m = Message::native(MessageKind::Binary, b"news", b"a\0b", 7 | (1 << 48));
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let a = f.stomp(&target("s\\c1", true), &mut arena);
+        let a = f.stomp(&target("s\\c1", true), &mut arena, || true);
         assert_eq!(a.as_slice().len(), 1, "a small body is copied into a whole frame");
         let (op, p) = payload_of(a.as_slice());
         assert_eq!(op, Opcode::Binary);
@@ -339,7 +325,7 @@ mod tests {
         assert_eq!(frame.header("content-type"), Some("application/octet-stream"));
         assert_eq!(frame.header("content-length"), Some("3"));
         assert_eq!(&frame.body[..], b"a\0b");
-        let frame = decode(&payload_of(f.stomp(&target("2", false), &mut arena).as_slice()).1);
+        let frame = decode(&payload_of(f.stomp(&target("2", false), &mut arena, || true).as_slice()).1);
         assert_eq!(frame.header("subscription"), Some("2"));
         assert_eq!(frame.header("ack"), None);
         // The native frame is the publisher's own.
@@ -352,9 +338,9 @@ mod tests {
         let m = Message::native(MessageKind::Text, b"t", &big, 1);
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let a = f.stomp(&target("sub-0", false), &mut arena);
-        let b = f.stomp(&target("sub-0", false), &mut arena);
-        let c = f.stomp(&target("sub-1", false), &mut arena);
+        let a = f.stomp(&target("sub-0", false), &mut arena, || true);
+        let b = f.stomp(&target("sub-0", false), &mut arena, || true);
+        let c = f.stomp(&target("sub-1", false), &mut arena, || true);
         assert_eq!(a.as_slice()[0].as_ptr(), b.as_slice()[0].as_ptr(), "one head");
         assert_ne!(a.as_slice()[0].as_ptr(), c.as_slice()[0].as_ptr());
         assert_eq!(a.as_slice()[1].as_ptr(), c.as_slice()[1].as_ptr(), "one body");
@@ -363,8 +349,8 @@ mod tests {
         // A small body: equal subscriptions share one whole frame.
         let m = Message::native(MessageKind::Text, b"t", b"small", 2);
         let f = Fanout::new(&m);
-        let a = f.stomp(&target("sub-0", false), &mut arena);
-        let b = f.stomp(&target("sub-0", false), &mut arena);
+        let a = f.stomp(&target("sub-0", false), &mut arena, || true);
+        let b = f.stomp(&target("sub-0", false), &mut arena, || true);
         assert_eq!(a.as_slice()[0].as_ptr(), b.as_slice()[0].as_ptr());
     }
 
@@ -383,7 +369,7 @@ mod tests {
         };
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
-        let frame = decode(&payload_of(f.stomp(&target("q", false), &mut arena).as_slice()).1);
+        let frame = decode(&payload_of(f.stomp(&target("q", false), &mut arena, || true).as_slice()).1);
         assert_eq!(frame.header("destination"), Some("/queue/jobs"));
         assert_eq!(frame.header("content-type"), Some("text/plain"));
         assert_eq!(frame.header("x-trace"), Some("a:b"));
@@ -402,7 +388,7 @@ mod tests {
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();
         let parts: Vec<StompParts> = (0..100)
-            .map(|i| f.stomp(&target(&i.to_string(), false), &mut arena))
+            .map(|i| f.stomp(&target(&i.to_string(), false), &mut arena, || true))
             .collect();
         // Past the first SHARED_HEADS distinct subscriptions, each gets a
         // head of its own, side by side in one allocation, and the body.
