@@ -780,16 +780,11 @@ impl FanoutPlan {
 const MARK: &[u8] = b"#L";
 
 fn parse_stamp(message: &[u8]) -> Option<(u32, u64, u64)> {
-    // Byte by byte, no UTF-8 pass: this runs for every delivery, and at
-    // millions per second it is most of the harness's own work.
-    let mut from = 0;
-    let at = loop {
-        let hash = from + message[from..].iter().position(|&b| b == MARK[0])?;
-        if message[hash..].starts_with(MARK) {
-            break hash;
-        }
-        from = hash + 1;
-    };
+    // No UTF-8 pass, and a vectorised search for the mark (a STOMP MESSAGE
+    // puts a hundred bytes of headers before it): this runs for every
+    // delivery, and at millions per second it is most of the harness's own
+    // work.
+    let at = memchr::memmem::find(message, MARK)?;
     let mut rest = &message[at + MARK.len()..];
     let publisher = take_number(&mut rest, b':')?;
     let seq = take_number(&mut rest, b':')?;

@@ -2,22 +2,23 @@
 //!
 //! A message is encoded at most once per core for each protocol: the native
 //! `MSG` frame is shared by every native subscriber; a STOMP MESSAGE frame
-//! differs per subscription only in its first headers, so each STOMP
-//! subscriber gets its own head (WebSocket header, command, `subscription`,
-//! `ack`, then the common headers, copied: a hundred bytes cost less to copy
-//! than a shared reference costs to count) followed by the body with its
-//! NUL, shared by all. Both go out in one vectored write; the body is never
-//! copied per subscriber.
+//! differs per subscription only in its first headers (`subscription`,
+//! `ack`), so a STOMP subscriber gets a small head of its own (WebSocket
+//! header, command, those headers) followed by the rest of the frame (the
+//! common headers, the body, the NUL), encoded once and shared by all. Both
+//! go out in one vectored write; the body is never copied per subscriber,
+//! and a head of its own is a few dozen bytes, which matters as each one is
+//! cold by the time the kernel copies it.
 //!
 //! Subscribers whose subscriptions have the same id and ack mode get the
 //! same MESSAGE, head included: clients number their subscriptions from
 //! zero (stomp.js names them `sub-0`, `sub-1` ...), so most subscribers of a
 //! topic share one head, which stays in cache while it is sent a thousand
-//! times, where a thousand heads of their own would each be copied cold.
-//! When the body is small (`WHOLE_FRAME_BODY_BYTES`) such a shared MESSAGE
-//! is made whole, head and body in one buffer: a copy of the body once per
-//! distinct subscription on the core (at most `SHARED_HEADS`), never per
-//! subscriber, saves every subscriber an iovec and a reference count.
+//! times. When the body is small (`WHOLE_FRAME_BODY_BYTES`) such a shared
+//! MESSAGE is made whole, head and rest in one buffer: a copy of the body
+//! once per distinct subscription on the core (at most `SHARED_HEADS`),
+//! never per subscriber, saves every subscriber an iovec and a reference
+//! count.
 
 use std::cell::{OnceCell, RefCell};
 
@@ -114,10 +115,23 @@ const SHARED_HEADS: usize = 8;
 pub const WHOLE_FRAME_BODY_BYTES: usize = 4096;
 
 /// One MESSAGE frame, in one or two parts.
-#[derive(Clone)]
 pub struct StompParts {
     parts: [Bytes; 2],
     count: usize,
+}
+
+impl Clone for StompParts {
+    /// Counts a reference only for the parts in use.
+    fn clone(&self) -> StompParts {
+        let mut parts = [Bytes::new(), Bytes::new()];
+        for (to, from) in parts.iter_mut().zip(self.as_slice()) {
+            *to = from.clone();
+        }
+        StompParts {
+            parts,
+            count: self.count,
+        }
+    }
 }
 
 impl StompParts {
@@ -134,10 +148,10 @@ impl StompParts {
 /// What every STOMP subscriber's MESSAGE shares.
 struct StompShared {
     message_id: String,
-    /// From `message-id` to the blank line that ends the headers.
-    headers: Vec<u8>,
-    /// The body and the frame's NUL.
-    tail: Bytes,
+    /// The rest of the frame after the subscription's own headers: the
+    /// common headers from `message-id`, the blank line, the body and the
+    /// NUL.
+    rest: Bytes,
 }
 
 const MESSAGE_SUBSCRIPTION: &[u8] = b"MESSAGE\nsubscription:";
@@ -165,7 +179,8 @@ impl<'m> Fanout<'m> {
         self.stomp.get_or_init(|| {
             let m = self.message;
             let message_id = m.message_id();
-            let mut h = Vec::with_capacity(128 + m.stomp_headers.as_ref().map_or(0, Bytes::len));
+            let extra = m.stomp_headers.as_ref().map_or(0, Bytes::len);
+            let mut h = BytesMut::with_capacity(128 + extra + m.body.len());
             h.put_slice(b"message-id:");
             h.put_slice(message_id.as_bytes());
             h.put_slice(b"\ndestination:");
@@ -180,13 +195,11 @@ impl<'m> Fanout<'m> {
             }
             // The body may hold NULs: its length says where it ends.
             h.put_slice(format!("content-length:{}\n\n", m.body.len()).as_bytes());
-            let mut tail = BytesMut::with_capacity(m.body.len() + 1);
-            tail.put_slice(&m.body);
-            tail.put_u8(0);
+            h.put_slice(&m.body);
+            h.put_u8(0);
             StompShared {
                 message_id,
-                headers: h,
-                tail: tail.freeze(),
+                rest: h.freeze(),
             }
         })
     }
@@ -218,14 +231,14 @@ impl<'m> Fanout<'m> {
                 own.freeze()
             };
             return StompParts {
-                parts: [head, shared.tail.clone()],
+                parts: [head, shared.rest.clone()],
                 count: 2,
             };
         }
-        let parts = if shared.tail.len() <= WHOLE_FRAME_BODY_BYTES + 1 {
-            let mut whole = BytesMut::with_capacity(head_len + shared.tail.len());
+        let parts = if self.message.body.len() <= WHOLE_FRAME_BODY_BYTES {
+            let mut whole = BytesMut::with_capacity(head_len + shared.rest.len());
             put_head(&mut whole, &ws[..ws_len], shared, target);
-            whole.put_slice(&shared.tail);
+            whole.put_slice(&shared.rest);
             StompParts {
                 parts: [whole.freeze(), Bytes::new()],
                 count: 1,
@@ -234,7 +247,7 @@ impl<'m> Fanout<'m> {
             let mut head = BytesMut::with_capacity(head_len);
             put_head(&mut head, &ws[..ws_len], shared, target);
             StompParts {
-                parts: [head.freeze(), shared.tail.clone()],
+                parts: [head.freeze(), shared.rest.clone()],
                 count: 2,
             }
         };
@@ -246,14 +259,14 @@ impl<'m> Fanout<'m> {
     /// and the length of the whole head (everything before the body).
     fn stomp_head_len(&self, shared: &StompShared, target: &StompTarget) -> ([u8; MAX_HEADER_BYTES], usize, usize) {
         let ack_len = if target.ack { 4 + shared.message_id.len() + 1 } else { 0 };
-        let own = MESSAGE_SUBSCRIPTION.len() + target.id.len() + 1 + ack_len + shared.headers.len();
+        let own = MESSAGE_SUBSCRIPTION.len() + target.id.len() + 1 + ack_len;
         let mut ws = [0u8; MAX_HEADER_BYTES];
         let ws_len = encode_header(
             &FrameHeader {
                 fin: true,
                 opcode: self.message.kind.opcode(),
                 mask: None,
-                payload_len: (own + shared.tail.len()) as u64,
+                payload_len: (own + shared.rest.len()) as u64,
             },
             &mut ws,
         );
@@ -273,7 +286,6 @@ fn put_head(out: &mut BytesMut, ws: &[u8], shared: &StompShared, target: &StompT
         out.put_slice(shared.message_id.as_bytes());
         out.put_u8(b'\n');
     }
-    out.put_slice(&shared.headers);
 }
 
 /// Size of the buffers STOMP heads of their own are carved from (one
