@@ -1,17 +1,23 @@
 //! Micro-benchmarks of the RFC 6455 hot path: handshake, frame header,
 //! unmasking (fast vs scalar twin) and UTF-8 validation; and what one
 //! delivery costs to prepare per subscriber: a STOMP MESSAGE head against a
-//! native frame's shared reference.
+//! native frame's shared reference; STOMP frame parsing, topic lookup, and
+//! a cross-core ring's push and pop between two threads.
 //! Run: `cargo bench -p sluice-bench --bench codec`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice::conn::shard::SessionKey;
+use sluice::proto::stomp::frame::{Decoder, Item, Limits};
+use sluice::pubsub::mesh::{self, Envelope};
 use sluice::pubsub::message::{Fanout, Message};
-use sluice::pubsub::topics::StompTarget;
+use sluice::pubsub::topics::{StompTarget, Topics};
 use sluice::ws::frame::{decode_header, encode_frame, Opcode, Role};
 use sluice::ws::handshake;
 use sluice::ws::mask;
 use sluice::ws::utf8::Utf8Validator;
 use sluice::ws::MessageKind;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1\r\nUser-Agent: bench\r\n\r\n";
 
@@ -103,12 +109,87 @@ fn per_subscriber_bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// A SEND as stomp.js writes it (64-byte body), and a MESSAGE as sluice
+/// writes it, each decoded from one WebSocket message.
+fn stomp_bench(c: &mut Criterion) {
+    let body = [b'.'; 64];
+    let mut send = b"SEND\ndestination:/topic/prices.eur\ncontent-type:text/plain\ncontent-length:64\n\n".to_vec();
+    send.extend_from_slice(&body);
+    send.push(0);
+    let mut message =
+        b"MESSAGE\nsubscription:sub-0\nmessage-id:0-12345\ndestination:/topic/prices.eur\ncontent-length:64\n\n"
+            .to_vec();
+    message.extend_from_slice(&body);
+    message.push(0);
+    let mut group = c.benchmark_group("stomp_decode");
+    for (name, wire) in [("send_64B", &send), ("message_64B", &message)] {
+        group.throughput(Throughput::Bytes(wire.len() as u64));
+        group.bench_function(name, |b| {
+            let mut d = Decoder::new(Limits::default());
+            b.iter(|| {
+                d.push(black_box(wire));
+                match d.next_item() {
+                    Ok(Some(Item::Frame(f))) => f,
+                    other => panic!("{other:?}"),
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A publish finds its topic's subscribers among 10,000 topics.
+fn topic_lookup_bench(c: &mut Criterion) {
+    let mut topics = Topics::default();
+    for i in 0..10_000 {
+        topics.subscribe(format!("prices.{i}").as_bytes(), SessionKey::default(), None);
+    }
+    c.bench_function("topics/lookup_among_10000", |b| {
+        b.iter(|| topics.subscribers(black_box(b"prices.5000")).map(|s| s.len()))
+    });
+}
+
+/// One envelope from core 0 to core 1: pushed by one thread, popped by
+/// another, as publishes cross cores (the consumer drains as it would in
+/// its mesh loop; no doorbell, both threads spin).
+fn mesh_bench(c: &mut Criterion) {
+    let message = Arc::new(Message::native(MessageKind::Text, b"t", &[0u8; 32], 0));
+    c.bench_function("mesh/envelope_across_two_threads", |b| {
+        b.iter_custom(|iters| {
+            let mut meshes = mesh::build(2, 4096).unwrap();
+            let consumer = meshes.pop().unwrap();
+            let producer = meshes.pop().unwrap();
+            let drain = std::thread::spawn(move || {
+                let mut got = 0;
+                while got < iters {
+                    got += consumer.drain(|e| {
+                        black_box(e);
+                    }) as u64;
+                }
+            });
+            let start = Instant::now();
+            for _ in 0..iters {
+                let mut envelope = Envelope::Publish(message.clone());
+                while let Err(back) = producer.send(1, envelope) {
+                    envelope = back;
+                    std::hint::spin_loop();
+                }
+            }
+            drain.join().unwrap();
+            start.elapsed().max(Duration::from_nanos(1))
+        })
+    });
+}
+
 criterion_group!(
     benches,
     handshake_bench,
     header_bench,
     mask_bench,
     utf8_bench,
-    per_subscriber_bench
+    per_subscriber_bench,
+    stomp_bench,
+    topic_lookup_bench,
+    mesh_bench
 );
 criterion_main!(benches);
