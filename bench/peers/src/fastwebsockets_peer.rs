@@ -18,12 +18,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::BufWriter;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{channel, error::TrySendError, Sender};
 
-use crate::{accept_loop, apply, Config, Mode, Topics};
+use crate::{accept_loop, apply, Config, Mode, Topics, OUTBOX};
 
 /// A frame to write: its payload (a delivery's is shared) and opcode.
-type Outbox = UnboundedSender<(Rc<[u8]>, OpCode)>;
+type Outbox = Sender<(Rc<[u8]>, OpCode)>;
 
 pub async fn serve(listener: TcpListener, config: Config, mode: Mode) -> std::io::Result<()> {
     accept_loop(listener, move |stream, id, topics: Rc<Topics<Outbox>>| async move {
@@ -108,7 +108,7 @@ async fn broadcast(
         (r, BufWriter::with_capacity(capacity, w))
     });
     let mut read = fastwebsockets::FragmentCollectorRead::new(read);
-    let (outbox, mut inbox) = unbounded_channel::<(Rc<[u8]>, OpCode)>();
+    let (outbox, mut inbox) = channel::<(Rc<[u8]>, OpCode)>(OUTBOX);
     let writer = tokio::task::spawn_local(async move {
         match config {
             Config::Default => {
@@ -142,7 +142,7 @@ async fn broadcast(
     loop {
         let mut obligated = |frame: Frame<'_>| {
             // Pongs (and the close reply) go out through the writer.
-            let _ = pong_outbox.send((Rc::from(&frame.payload[..]), frame.opcode));
+            let _ = pong_outbox.try_send((Rc::from(&frame.payload[..]), frame.opcode));
             async { Ok::<(), WebSocketError>(()) }
         };
         let frame = match read.read_frame(&mut obligated).await {
@@ -157,9 +157,16 @@ async fn broadcast(
         if let Some((t, msg)) = apply(&topics, id, &outbox, &mut mine, &frame.payload) {
             // Encoded once; every subscriber's frame borrows or copies it.
             let msg: Rc<[u8]> = msg.into();
+            // A full outbox makes the publisher wait for it.
+            let mut full = Vec::new();
             topics.each(t, |sub| {
-                let _ = sub.send((msg.clone(), opcode));
+                if let Err(TrySendError::Full(m)) = sub.try_send((msg.clone(), opcode)) {
+                    full.push((sub.clone(), m));
+                }
             });
+            for (sub, m) in full {
+                let _ = sub.send(m).await;
+            }
         }
     }
     topics.leave_all(&mine, id);

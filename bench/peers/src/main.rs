@@ -155,6 +155,10 @@ impl<T: Clone> Topics<T> {
     }
 }
 
+/// Messages a subscriber's outbox holds before its publishers wait (so an
+/// overloaded peer holds a bounded backlog, as sluice does).
+pub const OUTBOX: usize = 4096;
+
 /// Accepts connections for ever; each gets a task running `handle` with
 /// its stream, a connection id, and the thread's topic table.
 pub async fn accept_loop<T, F, Fut>(listener: tokio::net::TcpListener, mut handle: F) -> std::io::Result<()>

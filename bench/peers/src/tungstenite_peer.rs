@@ -9,13 +9,13 @@ use std::rc::Rc;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{channel, error::TrySendError, Sender};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{accept_loop, apply, Config, Mode, Topics};
+use crate::{accept_loop, apply, Config, Mode, Topics, OUTBOX};
 
-type Outbox = UnboundedSender<Message>;
+type Outbox = Sender<Message>;
 
 pub async fn serve(listener: TcpListener, config: Config, mode: Mode) -> std::io::Result<()> {
     accept_loop(listener, move |stream, id, topics: Rc<Topics<Outbox>>| async move {
@@ -75,7 +75,7 @@ async fn broadcast(
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let ws = accept(stream, config).await?;
     let (mut sink, mut source) = ws.split();
-    let (outbox, mut inbox) = unbounded_channel::<Message>();
+    let (outbox, mut inbox) = channel::<Message>(OUTBOX);
     let writer = tokio::task::spawn_local(async move {
         while let Some(m) = inbox.recv().await {
             let sent = match config {
@@ -113,9 +113,16 @@ async fn broadcast(
                     Err(_) => continue,
                 }
             };
+            // A full outbox makes the publisher wait for it.
+            let mut full = Vec::new();
             topics.each(t, |sub| {
-                let _ = sub.send(out.clone());
+                if let Err(TrySendError::Full(m)) = sub.try_send(out.clone()) {
+                    full.push((sub.clone(), m));
+                }
             });
+            for (sub, m) in full {
+                let _ = sub.send(m).await;
+            }
         }
     }
     topics.leave_all(&mine, id);
