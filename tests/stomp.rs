@@ -11,6 +11,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Time for a subscription to reach the server's other core (a RECEIPT
+/// confirms it on the subscriber's own core).
+const SETTLE: Duration = Duration::from_millis(300);
+
 /// A STOMP frame as the server sent it, parsed by hand.
 #[derive(Debug)]
 struct Stomp {
@@ -132,6 +136,7 @@ both_drivers!(frames_split_and_batched_across_messages, |driver| {
     let server = Server::start(driver, &[]);
     let mut sub = Client::connect(&server, "0,0");
     sub.confirmed("SUBSCRIBE\nid:0\ndestination:/topic/t", "");
+    std::thread::sleep(SETTLE);
     let mut publisher = Client::connect(&server, "0,0");
     // One SEND over three WebSocket messages (as stomp.js splits large
     // frames), then two SENDs and heart-beat EOLs in one message.
@@ -199,7 +204,7 @@ both_drivers!(queues_take_turns_across_cores, |driver| {
         s.confirmed("SUBSCRIBE\nid:q\ndestination:/queue/work", "");
     }
     // Each core learns of the other's subscribers through the mesh.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(SETTLE);
     let mut publisher = Client::connect(&server, "0,0");
     for i in 0..40 {
         publisher.send(&format!("SEND\ndestination:/queue/work\n\njob {i}\0"));
@@ -303,6 +308,7 @@ both_drivers!(a_queue_message_has_one_consumer_and_names_are_escaped, |driver| {
     let mut c = Client::connect(&server, "0,0");
     c.confirmed("SUBSCRIBE\nid:a\ndestination:/queue/jobs:eu", "");
     c.confirmed("SUBSCRIBE\nid:b\ndestination:/queue/jobs:eu", "");
+    std::thread::sleep(SETTLE);
     let mut publisher = Client::connect(&server, "0,0");
     publisher.confirmed("SEND\ndestination:/queue/jobs:eu", "one");
     publisher.confirmed("SEND\ndestination:/queue/jobs:eu", "two");

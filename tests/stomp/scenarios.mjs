@@ -23,6 +23,10 @@ function within(ms, what, promise) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Time for a subscription to reach the server's other cores (a RECEIPT
+// confirms it on the subscriber's own core).
+const SETTLE = 300;
+
 /// A connected stompjs client; `debugLines` keeps its debug output.
 async function connect(options = {}) {
   const debugLines = [];
@@ -125,8 +129,10 @@ const scenarios = {
     expect(a.frame.headers.session.split('.').length === 3, 'session header');
     const b = await connect();
     const sub = collect(a.client, '/topic/chat');
-    // A receipt for the SUBSCRIBE: it is in place once the receipt is back.
+    // A receipt for the SUBSCRIBE: it is in place on its core once the
+    // receipt is back; other cores learn of it through the mesh.
     await sub.ready;
+    await sleep(SETTLE);
     b.client.publish({
       destination: '/topic/chat',
       body: 'hello, stomp',
@@ -174,6 +180,7 @@ const scenarios = {
     const b = await connect();
     const sub = collect(a.client, '/topic/tx');
     await sub.ready;
+    await sleep(SETTLE);
     const tx = b.client.begin('tx-1');
     b.client.publish({ destination: '/topic/tx', body: 'one', headers: { transaction: tx.id } });
     b.client.publish({ destination: '/topic/tx', body: 'two', headers: { transaction: tx.id } });
