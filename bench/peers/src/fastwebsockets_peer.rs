@@ -18,7 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::BufWriter;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::{channel, error::TrySendError, Sender};
+use tokio::sync::mpsc::{channel, Sender};
 
 use crate::{accept_loop, apply, Config, Mode, Topics, OUTBOX};
 
@@ -157,16 +157,7 @@ async fn broadcast(
         if let Some((t, msg)) = apply(&topics, id, &outbox, &mut mine, &frame.payload) {
             // Encoded once; every subscriber's frame borrows or copies it.
             let msg: Rc<[u8]> = msg.into();
-            // A full outbox makes the publisher wait for it.
-            let mut full = Vec::new();
-            topics.each(t, |sub| {
-                if let Err(TrySendError::Full(m)) = sub.try_send((msg.clone(), opcode)) {
-                    full.push((sub.clone(), m));
-                }
-            });
-            for (sub, m) in full {
-                let _ = sub.send(m).await;
-            }
+            topics.publish(t, (msg, opcode)).await;
         }
     }
     topics.leave_all(&mine, id);

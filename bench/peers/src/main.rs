@@ -155,6 +155,22 @@ impl<T: Clone> Topics<T> {
     }
 }
 
+impl<M: Clone> Topics<tokio::sync::mpsc::Sender<M>> {
+    /// Sends `message` to every subscriber of `topic`; a full outbox makes
+    /// the publisher wait for it.
+    pub async fn publish(&self, topic: &str, message: M) {
+        let mut full = Vec::new();
+        self.each(topic, |sub| {
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(m)) = sub.try_send(message.clone()) {
+                full.push((sub.clone(), m));
+            }
+        });
+        for (sub, m) in full {
+            let _ = sub.send(m).await;
+        }
+    }
+}
+
 /// Messages a subscriber's outbox holds before its publishers wait (so an
 /// overloaded peer holds a bounded backlog, as sluice does).
 pub const OUTBOX: usize = 4096;

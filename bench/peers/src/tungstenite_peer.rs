@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::{channel, error::TrySendError, Sender};
+use tokio::sync::mpsc::{channel, Sender};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -113,16 +113,7 @@ async fn broadcast(
                     Err(_) => continue,
                 }
             };
-            // A full outbox makes the publisher wait for it.
-            let mut full = Vec::new();
-            topics.each(t, |sub| {
-                if let Err(TrySendError::Full(m)) = sub.try_send(out.clone()) {
-                    full.push((sub.clone(), m));
-                }
-            });
-            for (sub, m) in full {
-                let _ = sub.send(m).await;
-            }
+            topics.publish(t, out).await;
         }
     }
     topics.leave_all(&mine, id);
