@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{tokio_rt, Server};
+use common::{masked_frame, tokio_rt, Raw, Server};
 use futures_util::{SinkExt, StreamExt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -160,4 +160,39 @@ both_drivers!(sigterm_sends_1001_to_every_client_and_exits_0, |driver| {
         term.join().unwrap()
     });
     assert_eq!(status.code(), Some(0), "{}", server.log());
+});
+
+both_drivers!(the_server_closes_tcp_right_after_the_close_handshake, |driver| {
+    // RFC 6455 7.1.1: the server closes the TCP connection first, and a
+    // client waits for it. Clients that were busy echoing up to their close
+    // must see the end of the stream at once, not only once they give up.
+    let server = Server::start(driver, &[]);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut raw = Raw::open(addr, "/echo");
+                let until = Instant::now() + Duration::from_millis(500);
+                let batch: Vec<u8> = (0..16).flat_map(|_| masked_frame(0x82, &[7u8; 32])).collect();
+                raw.send(&batch);
+                while Instant::now() < until {
+                    raw.send(&batch);
+                    for _ in 0..16 {
+                        assert_eq!(raw.read_frame().expect("echo").payload, [7u8; 32]);
+                    }
+                }
+                // The close follows echoes still on their way back.
+                raw.send_frame(0x88, &1000u16.to_be_bytes());
+                assert_eq!(raw.expect_close(), Some(1000));
+                raw.stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let asked = Instant::now();
+                assert!(raw.is_closed_by_server(), "no FIN within 1 s of the close handshake");
+                asked.elapsed()
+            })
+        })
+        .collect();
+    for c in clients {
+        let took = c.join().unwrap();
+        assert!(took < Duration::from_millis(500), "FIN after {took:?}");
+    }
 });

@@ -503,7 +503,12 @@ impl Client {
         }
     }
 
-    /// Sends a close 1000 and waits (bounded) for the server's close.
+    /// Sends a close 1000 and waits (bounded) for the server's close frame,
+    /// then for the server to close the TCP connection: RFC 6455 7.1.1 has
+    /// the server close first, so that the server, not the client, holds
+    /// the TIME_WAIT state. A client that closed at once would race the
+    /// server's FIN and end in TIME_WAIT itself, which makes later connects
+    /// from the same addresses slower.
     pub async fn close(mut self, mask: [u8; 4], wait: Duration) -> bool {
         if self.server_close.is_some() {
             return false;
@@ -528,10 +533,17 @@ impl Client {
                 let mut got_close = false;
                 let drained = self.drain_events(mask, |e| got_close |= matches!(e, Event::Close(_)));
                 if got_close {
-                    return true;
+                    break;
                 }
                 if drained.is_err() {
                     return false;
+                }
+            }
+            // The close handshake is done; what follows is the server's FIN.
+            loop {
+                match self.recv().await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => self.inbox.clear(),
                 }
             }
         };

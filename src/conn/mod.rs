@@ -208,11 +208,19 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
                 .await
                 .inspect(|_| shard.stats.borrow_mut().upgraded += 1),
         };
-        if let Some(route) = route {
-            match conn.run(route, resumed.is_some()).await {
-                End::Closed(peer_close) => shard.count_close(close_code(peer_close)),
-                End::Parked => {}
-            }
+        let ended = match route {
+            Some(route) => match conn.run(route, resumed.is_some()).await {
+                End::Closed(peer_close) => {
+                    shard.count_close(close_code(peer_close));
+                    true
+                }
+                End::Parked => false,
+            },
+            None => true,
+        };
+        // RFC 6455 7.1.1: the server closes the TCP connection first.
+        if ended {
+            conn.socket.shutdown();
         }
         conn.release();
     }

@@ -74,6 +74,16 @@ impl<'a> Socket<'a> {
         self.sock().shutdown(Shutdown::Write)
     }
 
+    /// Ends the TCP connection now, before the stream is dropped. Dropping
+    /// alone may not send the FIN at once: under io_uring an operation
+    /// still in flight on the socket (a readiness wait given up for a kick)
+    /// holds the file open until it completes, and a client that waits for
+    /// the server's FIN, as RFC 6455 7.1.1 asks, sends nothing to complete
+    /// it. `shutdown` acts on the socket itself and wakes such a wait.
+    pub fn shutdown(&self) {
+        let _ = self.sock().shutdown(Shutdown::Both);
+    }
+
     /// Reads and discards what is queued, at most `DISCARD_BUDGET_BYTES` per
     /// call so a flooding peer cannot hold the core. `Ok(true)` once the
     /// peer has closed its side. Used only while closing.
