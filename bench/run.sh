@@ -2,12 +2,24 @@
 # Measures sluice and the peer servers (bench/peers) in one run: for each
 # scenario, every server in turn (A B C D E A B C D E ...), each pinned to
 # core 0 with one core's worth of work (sluice --workers 1; the peers are
-# single-threaded), sluice-load pinned to core 1. Prints a markdown table:
-# medians, min-max, and sluice's ratio to each peer.
+# single-threaded), sluice-load pinned to core 1. Writes every run's JSON,
+# a percentile plot per scenario (SCENARIO.svg) and the table (table.md)
+# into OUT, and prints the table: medians, min-max, and how sluice compares
+# with each peer.
 #
-#   bench/run.sh               5 rounds, 5 s windows
+#   bench/run.sh               every scenario, 5 rounds, 5 s windows
 #   ROUNDS=1 SECONDS_PER_RUN=2 bench/run.sh     a quick check
 #   SCENARIOS="echo-32-100x64 fanout-1000" bench/run.sh
+#
+# Scenarios (names are parsed, so others of the same shapes work too):
+#   echo-SIZE-CxD        closed-loop echo, C connections x D in flight
+#   latency-SIZE-C       open-loop echo at LATENCY_RATE msg/s (default: half
+#                        the lowest median of echo-SIZE-Cx1 in this run),
+#                        the harness busy-polling
+#   memory-N             N idle connections: server RSS per connection
+#   fanout-N[-RATE]      1 publisher, N subscribers on one topic, RATE
+#                        publishes/s (default 12,000,000 / N offered deliveries)
+#   churn-C              C clients: connect, one echo, close, over and over
 #
 # Loopback only; every run ends by itself; only processes it started are
 # stopped, by PID.
@@ -15,14 +27,22 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-5}"
 SECS="${SECONDS_PER_RUN:-5}"
-SCENARIOS="${SCENARIOS:-echo-32-100x64 echo-512-100x64 echo-32-1000x4 echo-512-1000x4 fanout-1000}"
+SCENARIOS="${SCENARIOS:-echo-32-100x64 echo-512-100x64 echo-32-1000x4 echo-512-1000x4 echo-32-100x1 latency-32-100 memory-15000 fanout-1000 fanout-1000-24000 fanout-10000 fanout-10000-2400 churn-50}"
 OUT="${OUT:-target/bench-run}"
 SERVERS=(sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned)
+# Source addresses for the scenarios that use many ports.
+SOURCES=127.0.0.1-127.0.0.40
 
 cargo build --release --workspace -q
 cargo build --release -q --manifest-path bench/peers/Cargo.toml
 mkdir -p "$OUT"
 ulimit -n 20000
+{
+  echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)')"
+  echo "date $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "machine $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -r)"
+  echo "rounds $ROUNDS, $SECS s windows"
+} >"$OUT/run.txt"
 
 # start_server NAME MODE PORT: starts it in the background; its PID in $SERVER_PID
 start_server() {
@@ -46,58 +66,92 @@ stop_server() {
   wait "$SERVER_PID" 2>/dev/null || true
 }
 
-# run SCENARIO SERVER ROUND: one measurement, its JSON in $OUT
-run() {
-  local scenario=$1 server=$2 round=$3 port=$((9300 + RANDOM % 500)) mode args path
+# lowest_median SCENARIO KEY: the lowest per-server median of KEY over this run's JSONs
+lowest_median() {
+  python3 - "$OUT" "$1" "$2" "$ROUNDS" "${SERVERS[@]}" <<'PY'
+import json, statistics, sys
+out, sc, key, rounds, servers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+meds = []
+for sv in servers:
+    vals = []
+    for r in range(1, rounds + 1):
+        try:
+            vals.append(json.load(open(f"{out}/{sc}-{sv}-{r}.json"))[key])
+        except Exception:
+            pass
+    if vals:
+        meds.append(statistics.median(vals))
+print(int(min(meds)) if meds else "")
+PY
+}
+
+# args_for SCENARIO: the harness command for it in ARGS, the peer mode in MODE, the path in URL_PATH
+args_for() {
+  local scenario=$1 size shape subs rate
   case $scenario in
     echo-*)
-      mode=echo; path=/echo
+      MODE=echo URL_PATH=/echo
       IFS=- read -r _ size shape <<<"$scenario"
-      args=(echo -c "${shape%x*}" -d "${shape#*x}" -s "$size" --warmup 2)
+      ARGS=(echo -c "${shape%x*}" -d "${shape#*x}" -s "$size" --warmup 1 -t "$SECS")
+      ;;
+    latency-*)
+      MODE=echo URL_PATH=/echo
+      IFS=- read -r _ size conns <<<"$scenario"
+      rate="${LATENCY_RATE:-}"
+      if [[ -z $rate ]]; then
+        local ceiling
+        ceiling=$(lowest_median "echo-$size-${conns}x1" messages_per_second)
+        [[ -n $ceiling ]] || { echo "latency: run echo-$size-${conns}x1 first or set LATENCY_RATE" >&2; exit 2; }
+        rate=$((ceiling / 2))
+        echo "$scenario: $rate msg/s (half of the lowest echo-$size-${conns}x1 median, $ceiling)" >>"$OUT/run.txt"
+      fi
+      ARGS=(latency -c "$conns" -r "$rate" -s "$size" --busy-poll --warmup 1 -t "$SECS")
+      ;;
+    memory-*)
+      MODE=echo URL_PATH=/echo
+      ARGS=(connect -n "${scenario#memory-}" --rate 10000 --hold 3 --source "$SOURCES")
       ;;
     fanout-*)
-      mode=broadcast; path=/ws
-      args=(fanout --subscribers "${scenario#fanout-}" --topics 1 --publishers 1 -r 12000 -s 64 --warmup 2 --threads 2 --max-errors 1000000000)
+      MODE=broadcast URL_PATH=/ws
+      IFS=- read -r _ subs rate <<<"$scenario"
+      rate="${rate:-$((12000000 / subs))}"
+      ARGS=(fanout --subscribers "$subs" --topics 1 --publishers 1 -r "$rate" -s 64 --warmup 2 -t "$SECS"
+        --threads 2 --settle-ms $((subs >= 5000 ? 2000 : 500)) --source "$SOURCES" --max-errors 1000000000)
       ;;
+    churn-*)
+      MODE=echo URL_PATH=/echo
+      ARGS=(churn -c "${scenario#churn-}" -s 32 --warmup 1 -t "$SECS" --source "$SOURCES")
+      ;;
+    *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
-  start_server "$server" "$mode" "$port"
+}
+
+# run SCENARIO SERVER ROUND: one measurement, its JSON in $OUT
+run() {
+  local scenario=$1 server=$2 round=$3 port=$((9300 + RANDOM % 500))
+  start_server "$server" "$MODE" "$port"
   sleep 0.3
-  taskset -c 1 target/release/sluice-load "${args[0]}" --url "ws://127.0.0.1:$port$path" "${args[@]:1}" \
-    -t "$SECS" --server-pid "$SERVER_PID" --json "$OUT/$scenario-$server-$round.json" >"$OUT/$scenario-$server-$round.out" 2>&1 || true
+  taskset -c 1 target/release/sluice-load "${ARGS[0]}" --url "ws://127.0.0.1:$port$URL_PATH" "${ARGS[@]:1}" \
+    --server-pid "$SERVER_PID" --json "$OUT/$scenario-$server-$round.json" >"$OUT/$scenario-$server-$round.out" 2>&1 || true
   stop_server
 }
 
 for scenario in $SCENARIOS; do
+  args_for "$scenario"
   for round in $(seq "$ROUNDS"); do
     for server in "${SERVERS[@]}"; do
       run "$scenario" "$server" "$round"
     done
   done
+  series=()
+  for server in "${SERVERS[@]}"; do
+    files=$(ls "$OUT/$scenario-$server"-*.json 2>/dev/null | paste -sd, || true)
+    [[ -n $files ]] && series+=("$server=$files")
+  done
+  drawn=latency
+  [[ $scenario == memory-* ]] && drawn=handshake
+  target/release/sluice-load plot --out "$OUT/$scenario.svg" --histogram "$drawn" \
+    --title "$scenario: $drawn by percentile, all rounds" "${series[@]}" >/dev/null 2>&1 || true
 done
 
-python3 - "$OUT" "$ROUNDS" "$SCENARIOS" "${SERVERS[@]}" <<'PY'
-import json, statistics, sys
-out, rounds, scenarios, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
-print("| scenario | server | median | min-max | sluice / this |")
-print("| --- | --- | --- | --- | --- |")
-for sc in scenarios:
-    key = "arrivals_per_second" if sc.startswith("fanout") else "messages_per_second"
-    unit = "deliveries/s" if sc.startswith("fanout") else "msg/s"
-    med = {}
-    for sv in servers:
-        vals = []
-        for r in range(1, rounds + 1):
-            try:
-                vals.append(json.load(open(f"{out}/{sc}-{sv}-{r}.json"))[key])
-            except Exception:
-                pass
-        if vals:
-            med[sv] = (statistics.median(vals), min(vals), max(vals))
-    for sv in servers:
-        if sv not in med:
-            print(f"| {sc} | {sv} | no result | | |")
-            continue
-        m, lo, hi = med[sv]
-        ratio = f"{med['sluice'][0] / m:.2f}x" if "sluice" in med and sv != "sluice" and m > 0 else ""
-        print(f"| {sc} | {sv} | {m/1e6:.2f} M {unit} | {lo/1e6:.2f}-{hi/1e6:.2f} M | {ratio} |")
-PY
+python3 bench/table.py "$OUT" "$ROUNDS" "$SCENARIOS" "${SERVERS[@]}" | tee "$OUT/table.md"

@@ -78,6 +78,19 @@ enum Scenario {
         #[command(flatten)]
         window: Window,
     },
+    /// Connection churn: C clients, each connecting, sending one message,
+    /// reading its echo and closing, over and over.
+    Churn {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Clients cycling at once.
+        #[arg(short = 'c', long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(short = 's', long, default_value_t = 32)]
+        size: usize,
+        #[command(flatten)]
+        window: Window,
+    },
     /// Publish/subscribe fan-out: N subscribers on K topics, P publishers at R msg/s.
     Fanout {
         #[command(flatten)]
@@ -121,6 +134,21 @@ enum Scenario {
         busy_poll: bool,
         #[command(flatten)]
         window: Window,
+    },
+    /// Draws the latency percentiles of earlier runs (their --json files),
+    /// one line per series, in one plot.
+    Plot {
+        /// The plot to write (.svg, or .html with a table).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "latency by percentile")]
+        title: String,
+        /// LABEL=FILE[,FILE...]: a series; the histograms of its files are merged.
+        #[arg(required = true)]
+        series: Vec<String>,
+        /// Which histogram to draw.
+        #[arg(long, value_enum, default_value_t = report::Drawn::Latency)]
+        histogram: report::Drawn,
     },
 }
 
@@ -194,7 +222,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Scenario::Connect { common, .. } => (common, "connect"),
         Scenario::Echo { common, .. } => (common, "echo"),
         Scenario::Latency { common, .. } => (common, "latency"),
+        Scenario::Churn { common, .. } => (common, "churn"),
         Scenario::Fanout { common, .. } => (common, "fanout"),
+        Scenario::Plot {
+            out,
+            title,
+            series,
+            histogram,
+        } => {
+            report::plot_runs(out, title, series, *histogram)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if args.threads == 0 || args.threads > 256 {
         return Err("--threads must be 1..=256".into());
@@ -304,6 +342,37 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 *connections,
             )
         }
+        Scenario::Churn {
+            concurrency,
+            size,
+            window: w,
+            ..
+        } => {
+            if *concurrency == 0 {
+                return Err("--concurrency must be above 0".into());
+            }
+            params.insert("clients cycling".into(), concurrency.to_string());
+            params.insert("bytes".into(), size.to_string());
+            params.insert(
+                "cycle".into(),
+                "connect, one message and its echo, close 1000; latency is the whole cycle".into(),
+            );
+            let plan = Arc::new(scenario::ChurnPlan {
+                concurrency: *concurrency,
+                size: *size,
+                warmup: seconds(w.warmup, "--warmup")?,
+                duration: seconds(w.duration, "--duration")?,
+            });
+            let (warmup, duration) = (plan.warmup, plan.duration);
+            let c = common.clone();
+            (
+                Arc::new(move |i| Box::pin(scenario::churn(c.clone(), plan.clone(), i))),
+                warmup,
+                Some(duration),
+                *concurrency,
+            )
+        }
+        Scenario::Plot { .. } => unreachable!("plot returns before any run"),
         Scenario::Fanout {
             subscribers,
             topics,

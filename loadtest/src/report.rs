@@ -342,21 +342,74 @@ impl Report {
 /// The HdrHistogram percentile-distribution chart: latency against
 /// percentile, the x axis log-scaled in 1/(1-p) so the tail gets room.
 pub fn write_plot(path: &Path, title: &str, h: &Histogram<u64>) -> Result<(), String> {
+    write_plot_series(path, title, &[(String::new(), h.clone())])
+}
+
+/// Which histogram of a run's JSON `plot_runs` draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Drawn {
+    Latency,
+    Handshake,
+}
+
+/// Plots earlier runs: each of `series` is `LABEL=FILE[,FILE...]`, the
+/// `--json` files of runs whose histograms are merged into one line.
+pub fn plot_runs(path: &Path, title: &str, series: &[String], drawn: Drawn) -> Result<(), String> {
+    let mut lines = Vec::new();
+    for spec in series {
+        let (label, files) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("{spec:?}: give a series as LABEL=FILE[,FILE...]"))?;
+        let mut merged = crate::run::histogram();
+        for file in files.split(',').filter(|f| !f.is_empty()) {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+            let key = match drawn {
+                Drawn::Latency => "latency_histogram",
+                Drawn::Handshake => "handshake_histogram",
+            };
+            let encoded = json[key].as_str().ok_or_else(|| format!("{file}: no {key}"))?;
+            let bytes = BASE64.decode(encoded).map_err(|e| format!("{file}: {key}: {e}"))?;
+            let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+                .deserialize(&mut bytes.as_slice())
+                .map_err(|e| format!("{file}: {key}: {e}"))?;
+            merged.add(&h).map_err(|e| format!("{file}: {key}: {e}"))?;
+        }
+        if !merged.is_empty() {
+            lines.push((label.to_string(), merged));
+        }
+    }
+    write_plot_series(path, title, &lines)
+}
+
+/// One latency-by-percentile plot with a line per labelled histogram (an
+/// empty label: no legend).
+fn write_plot_series(path: &Path, title: &str, series: &[(String, Histogram<u64>)]) -> Result<(), String> {
     use plotters::prelude::*;
-    if h.is_empty() {
+    if series.iter().all(|(_, h)| h.is_empty()) {
         return Err("no latencies were recorded: nothing to plot".into());
     }
-    let points: Vec<(f64, f64)> = h
-        .iter_quantiles(1)
-        .map(|v| {
-            (
-                1.0 / (1.0 - v.quantile_iterated_to()).max(1e-6),
-                v.value_iterated_to() as f64,
-            )
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(label, h)| {
+            let points = h
+                .iter_quantiles(1)
+                .map(|v| {
+                    (
+                        1.0 / (1.0 - v.quantile_iterated_to()).max(1e-6),
+                        v.value_iterated_to() as f64,
+                    )
+                })
+                .collect();
+            (label.as_str(), points)
         })
         .collect();
-    let x_max = points.iter().map(|p| p.0).fold(10.0, f64::max).min(1e6);
-    let y_max = h.max() as f64 * 1.1;
+    let x_max = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.0))
+        .fold(10.0, f64::max)
+        .min(1e6);
+    let y_max = series.iter().map(|(_, h)| h.max()).max().unwrap_or(1) as f64 * 1.1;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 500)).into_drawing_area();
@@ -366,7 +419,7 @@ pub fn write_plot(path: &Path, title: &str, h: &Histogram<u64>) -> Result<(), St
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((1.0..x_max).log_scale(), 0.0..y_max)
+            .build_cartesian_2d((1.0..x_max).log_scale(), (1.0..y_max.max(2.0)).log_scale())
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
@@ -375,19 +428,42 @@ pub fn write_plot(path: &Path, title: &str, h: &Histogram<u64>) -> Result<(), St
             .x_label_formatter(&|x| percentile_label(*x))
             .draw()
             .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(LineSeries::new(points, &BLUE))
-            .map_err(|e| e.to_string())?;
+        for (i, (label, points)) in lines.into_iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let drawn = chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?;
+            if !label.is_empty() {
+                drawn
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+        }
+        if series.iter().any(|(label, _)| !label.is_empty()) {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
         root.present().map_err(|e| e.to_string())?;
     }
     let is_html = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("html"));
     let body = if is_html {
-        let p = Percentiles::of(h);
+        let mut rows = String::new();
+        for (label, h) in series {
+            let p = Percentiles::of(h);
+            rows.push_str(&format!(
+                "<tr><td>{label}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                p.p50, p.p90, p.p99, p.p99_9, p.p99_99, p.max, p.count
+            ));
+        }
         format!(
             "<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1>{svg}\
-             <table border=1 cellpadding=4><tr><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>p99.99</th><th>max</th><th>count</th></tr>\
-             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table><p>microseconds</p>",
-            p.p50, p.p90, p.p99, p.p99_9, p.p99_99, p.max, p.count
+             <table border=1 cellpadding=4><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>p99.99</th><th>max</th><th>count</th></tr>\
+             {rows}</table><p>microseconds</p>"
         )
     } else {
         svg

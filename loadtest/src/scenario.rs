@@ -187,6 +187,97 @@ async fn hold(mut client: Client, until: Instant, rng: &mut Rng, live: &Live, re
     }
 }
 
+// ---- churn ------------------------------------------------------------------
+
+pub struct ChurnPlan {
+    /// Clients cycling at once.
+    pub concurrency: usize,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Connection churn: each client connects, sends one message, waits for its
+/// echo, closes (1000, waiting for the server's close) and starts over,
+/// until the window ends. A cycle counts when it ends inside the window; its
+/// time, connect to close, is the latency recorded, so the cycles per second
+/// are the handshakes per second the server completed with a message each.
+pub async fn churn(common: Arc<Common>, plan: Arc<ChurnPlan>, index: usize) -> ThreadResult {
+    let tasks: Vec<_> = common
+        .share(index, plan.concurrency)
+        .map(|slot| monoio::spawn(churn_client(common.clone(), plan.clone(), slot)))
+        .collect();
+    let mut total = ThreadResult::default();
+    for t in tasks {
+        total.merge(t.await);
+    }
+    total
+}
+
+/// Longest a cycle's echo or close may take before it counts as an error.
+const CHURN_STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after a failed connect, so refusals do not spin.
+const CHURN_RETRY: Duration = Duration::from_millis(10);
+
+async fn churn_client(common: Arc<Common>, plan: Arc<ChurnPlan>, slot: usize) -> ThreadResult {
+    let mut result = ThreadResult::default();
+    let mut rng = Rng::new(slot as u64);
+    let measure_from = common.epoch + plan.warmup;
+    let until = measure_from + plan.duration;
+    let live = common.live.clone();
+    let payload = vec![0x5a; plan.size];
+    for cycle in 0.. {
+        let start = Instant::now();
+        if start >= until || live.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // Each cycle takes the next source address, so ports last.
+        let Some(mut client) = common
+            .connect(slot + cycle * plan.concurrency, &mut rng, &mut result)
+            .await
+        else {
+            monoio::time::sleep(CHURN_RETRY).await;
+            continue;
+        };
+        let (frame, key) = masked(Opcode::Binary, &payload, &mut rng);
+        client.queue(&frame);
+        let echoed = monoio::time::timeout(CHURN_STEP_TIMEOUT, async {
+            client.flush().await.map_err(|e| format!("write: {e}"))?;
+            loop {
+                match client.recv().await {
+                    Ok(0) => return Err("server closed the connection before the echo".to_string()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+                let mut got = false;
+                client.drain_events(key, |e| got |= matches!(e, Event::Message { .. }))?;
+                if got {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no echo within {CHURN_STEP_TIMEOUT:?}")));
+        if let Err(e) = echoed {
+            result.error(&live, e);
+            continue;
+        }
+        if !client.close(key, CHURN_STEP_TIMEOUT).await {
+            result.error(&live, "the server did not answer the close".into());
+            continue;
+        }
+        result.clean_closes += 1;
+        let end = Instant::now();
+        if start >= measure_from && end <= until {
+            result.sent += 1;
+            result.received += 1;
+            Live::add(&live.received, 1);
+            record_latency_us(end.duration_since(start).as_micros() as u64);
+        }
+    }
+    result
+}
+
 // ---- echo -------------------------------------------------------------------
 
 pub struct EchoPlan {

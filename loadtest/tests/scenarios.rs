@@ -156,6 +156,101 @@ fn echo_counts_add_up() {
 }
 
 #[test]
+fn churn_cycles_connect_echo_and_close_cleanly() {
+    let gw = Gateway::start();
+    let json = json_path("churn");
+    let out = load(&[
+        "churn",
+        "--url",
+        &gw.url("/echo"),
+        "-c",
+        "4",
+        "-t",
+        "1",
+        "--warmup",
+        "0.2",
+        "--json",
+        &json,
+    ]);
+    assert!(out.status.success());
+    let r = read_json(&json);
+    let cycles = r["received"].as_u64().unwrap();
+    assert!(cycles > 100, "{cycles}");
+    // Every cycle measured is one handshake, one echo and one clean close.
+    assert_eq!(r["latency_us"]["count"].as_u64().unwrap(), cycles);
+    let (established, closes) = (r["established"].as_u64().unwrap(), r["clean_closes"].as_u64().unwrap());
+    assert!(
+        established >= cycles && closes >= cycles,
+        "{established} {closes} {cycles}"
+    );
+    assert!(
+        established - closes <= 4,
+        "at most the cycles cut by the deadline: {established} {closes}"
+    );
+    assert_eq!(r["errors"].as_u64(), Some(0));
+    assert_ordered(&r["latency_us"]);
+    // RFC 6455 7.1.1: the client waits for the server to close the TCP
+    // connection, so the server holds TIME_WAIT. None of the churn's client
+    // sockets (to the gateway's port) may be left in it.
+    let port = format!("{:04X}", gw.addr.port());
+    let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let left = tcp
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // rem_address is IP:PORT in hex; state 06 is TIME_WAIT.
+            fields.len() > 3 && fields[2].ends_with(&format!(":{port}")) && fields[3] == "06"
+        })
+        .count();
+    assert!(left <= 4, "{left} client sockets in TIME_WAIT");
+}
+
+#[test]
+fn plot_draws_one_line_per_series_from_earlier_runs() {
+    let gw = Gateway::start();
+    let (a, b) = (json_path("plot-a"), json_path("plot-b"));
+    for json in [&a, &b] {
+        let out = load(&[
+            "echo",
+            "--url",
+            &gw.url("/echo"),
+            "-c",
+            "2",
+            "-d",
+            "2",
+            "-t",
+            "0.3",
+            "--warmup",
+            "0",
+            "--json",
+            json,
+        ]);
+        assert!(out.status.success());
+    }
+    let svg = std::env::temp_dir().join(format!("sluice-load-plot-{}.svg", std::process::id()));
+    let svg = svg.to_str().unwrap();
+    let out = load(&[
+        "plot",
+        "--out",
+        svg,
+        "--title",
+        "two",
+        &format!("first={a},{b}"),
+        &format!("second={b}"),
+    ]);
+    assert!(out.status.success());
+    let drawn = std::fs::read_to_string(svg).unwrap();
+    assert!(drawn.contains("<svg") && drawn.contains("first") && drawn.contains("second"));
+    // A series without a label, or a file that is not a run, is refused.
+    assert_eq!(load(&["plot", "--out", svg, &a]).status.code(), Some(2));
+    assert_eq!(
+        load(&["plot", "--out", svg, &format!("x={svg}")]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
 fn latency_keeps_its_schedule_and_loses_nothing() {
     let gw = Gateway::start();
     let json = json_path("latency");
