@@ -42,8 +42,31 @@ def runs(out, sc, sv, rounds):
     return found
 
 
+def summary(out, rounds, scenarios, servers):
+    """One row per scenario: each server's median, and sluice against the best peer."""
+    print("| scenario | figure | " + " | ".join(servers) + " | sluice vs the best peer |")
+    print("| --- | --- | " + " | ".join("---" for _ in servers) + " | --- |")
+    for sc in scenarios:
+        what, read, unit, higher = figure(sc)
+        meds = {}
+        for sv in servers:
+            vals = [v for v in (read(j) for j in runs(out, sc, sv, rounds)) if v is not None]
+            if vals:
+                meds[sv] = statistics.median(vals)
+        cells = [scaled(meds[sv], unit) if sv in meds else "-" for sv in servers]
+        peers = {sv: m for sv, m in meds.items() if sv != "sluice" and m > 0}
+        vs = ""
+        if "sluice" in meds and meds["sluice"] > 0 and peers:
+            best = (max if higher else min)(peers, key=peers.get)
+            ratio = meds["sluice"] / peers[best] if higher else peers[best] / meds["sluice"]
+            vs = f"{ratio:.2f}x ({best})"
+        print(f"| {sc} | {what} | " + " | ".join(cells) + f" | {vs} |")
+    print()
+
+
 def main():
     out, rounds, scenarios, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
+    summary(out, rounds, scenarios, servers)
     print("| scenario | server | median | min-max | p50 / p99 / p99.9 / p99.99 µs (medians) | server CPU per message | errors | sluice vs this |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for sc in scenarios:
