@@ -267,7 +267,9 @@ both_drivers!(a_subscriber_that_pauses_gets_everything_in_order_after, |driver| 
 both_drivers!(
     slow_consumer_is_closed_with_1008_while_others_keep_receiving,
     |driver| {
-        let mut server = Server::start(driver, &[]);
+        // The slow subscriber reads only once the flood is over, and the
+        // 1008 waits in its full socket until then: give the close that long.
+        let mut server = Server::start(driver, &["--close-timeout-ms", "30000"]);
         let url = server.url("/ws");
         let mut slow = stalled_subscriber(&server, "firehose");
         std::thread::sleep(SETTLE);

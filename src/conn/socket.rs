@@ -79,9 +79,11 @@ impl<'a> Socket<'a> {
     /// still in flight on the socket (a readiness wait given up for a kick)
     /// holds the file open until it completes, and a client that waits for
     /// the server's FIN, as RFC 6455 7.1.1 asks, sends nothing to complete
-    /// it. `shutdown` acts on the socket itself and wakes such a wait.
+    /// it. `shutdown` acts on the socket itself. Only the write side: a
+    /// socket shut for reading answers any later input with a reset, which
+    /// can destroy our close frame before the peer reads it.
     pub fn shutdown(&self) {
-        let _ = self.sock().shutdown(Shutdown::Both);
+        let _ = self.sock().shutdown(Shutdown::Write);
     }
 
     /// Reads and discards what is queued, at most `DISCARD_BUDGET_BYTES` per
