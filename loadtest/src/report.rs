@@ -342,7 +342,7 @@ impl Report {
 /// The HdrHistogram percentile-distribution chart: latency against
 /// percentile, the x axis log-scaled in 1/(1-p) so the tail gets room.
 pub fn write_plot(path: &Path, title: &str, h: &Histogram<u64>) -> Result<(), String> {
-    write_plot_series(path, title, &[(String::new(), h.clone())])
+    write_plot_series(path, title, &[("", h)])
 }
 
 /// Which histogram of a run's JSON `plot_runs` draws.
@@ -355,6 +355,10 @@ pub enum Drawn {
 /// Plots earlier runs: each of `series` is `LABEL=FILE[,FILE...]`, the
 /// `--json` files of runs whose histograms are merged into one line.
 pub fn plot_runs(path: &Path, title: &str, series: &[String], drawn: Drawn) -> Result<(), String> {
+    let key = match drawn {
+        Drawn::Latency => "latency_histogram",
+        Drawn::Handshake => "handshake_histogram",
+    };
     let mut lines = Vec::new();
     for spec in series {
         let (label, files) = spec
@@ -364,10 +368,6 @@ pub fn plot_runs(path: &Path, title: &str, series: &[String], drawn: Drawn) -> R
         for file in files.split(',').filter(|f| !f.is_empty()) {
             let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
-            let key = match drawn {
-                Drawn::Latency => "latency_histogram",
-                Drawn::Handshake => "handshake_histogram",
-            };
             let encoded = json[key].as_str().ok_or_else(|| format!("{file}: no {key}"))?;
             let bytes = BASE64.decode(encoded).map_err(|e| format!("{file}: {key}: {e}"))?;
             let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
@@ -376,15 +376,16 @@ pub fn plot_runs(path: &Path, title: &str, series: &[String], drawn: Drawn) -> R
             merged.add(&h).map_err(|e| format!("{file}: {key}: {e}"))?;
         }
         if !merged.is_empty() {
-            lines.push((label.to_string(), merged));
+            lines.push((label, merged));
         }
     }
+    let lines: Vec<(&str, &Histogram<u64>)> = lines.iter().map(|(label, h)| (*label, h)).collect();
     write_plot_series(path, title, &lines)
 }
 
 /// One latency-by-percentile plot with a line per labelled histogram (an
 /// empty label: no legend).
-fn write_plot_series(path: &Path, title: &str, series: &[(String, Histogram<u64>)]) -> Result<(), String> {
+fn write_plot_series(path: &Path, title: &str, series: &[(&str, &Histogram<u64>)]) -> Result<(), String> {
     use plotters::prelude::*;
     if series.iter().all(|(_, h)| h.is_empty()) {
         return Err("no latencies were recorded: nothing to plot".into());
@@ -401,7 +402,7 @@ fn write_plot_series(path: &Path, title: &str, series: &[(String, Histogram<u64>
                     )
                 })
                 .collect();
-            (label.as_str(), points)
+            (*label, points)
         })
         .collect();
     let x_max = lines
