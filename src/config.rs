@@ -78,6 +78,14 @@ pub struct Options {
     /// What happens to a subscriber over --max-outbound-bytes [default: close].
     #[arg(long, value_enum)]
     pub slow_consumer: Option<SlowConsumer>,
+    /// Most bytes of deliveries queued for all connections of one core: past
+    /// it, publishing on that core waits until half of it is written [default: 64 MiB].
+    #[arg(long)]
+    pub max_core_outbound_bytes: Option<usize>,
+    /// While a core's publishers wait, a subscriber that has taken none of
+    /// its queued deliveries for this long is a slow consumer [default: 2000].
+    #[arg(long)]
+    pub stall_timeout_ms: Option<u64>,
     /// Messages each cross-core ring holds [default: 4096].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
@@ -168,6 +176,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
+    pub max_core_outbound_bytes: usize,
+    pub stall_timeout_ms: u64,
     pub mesh_ring_capacity: usize,
     pub stomp_heart_beat_ms: u64,
     pub stomp_heart_beat_grace_ms: u64,
@@ -228,6 +238,8 @@ impl Options {
             max_subscriptions: self.max_subscriptions.or(base.max_subscriptions),
             max_outbound_bytes: self.max_outbound_bytes.or(base.max_outbound_bytes),
             slow_consumer: self.slow_consumer.or(base.slow_consumer),
+            max_core_outbound_bytes: self.max_core_outbound_bytes.or(base.max_core_outbound_bytes),
+            stall_timeout_ms: self.stall_timeout_ms.or(base.stall_timeout_ms),
             mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.or(base.stomp_heart_beat_ms),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
@@ -312,6 +324,8 @@ impl Options {
             max_subscriptions: self.max_subscriptions.unwrap_or(1_000),
             max_outbound_bytes: self.max_outbound_bytes.unwrap_or(MIB),
             slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
+            max_core_outbound_bytes: self.max_core_outbound_bytes.unwrap_or(64 * MIB),
+            stall_timeout_ms: self.stall_timeout_ms.unwrap_or(2_000),
             mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.unwrap_or(10_000),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
@@ -355,6 +369,14 @@ impl Config {
         in_range("park_after_ms", self.park_after_ms, 0, 3_600_000)?;
         in_range("max_subscriptions", self.max_subscriptions, 1, 1_000_000)?;
         in_range("max_outbound_bytes", self.max_outbound_bytes, 1024, GIB)?;
+        // One subscriber at its own limit must not hold a core's publishers.
+        in_range(
+            "max_core_outbound_bytes",
+            self.max_core_outbound_bytes,
+            self.max_outbound_bytes.saturating_mul(2),
+            64 * GIB,
+        )?;
+        in_range("stall_timeout_ms", self.stall_timeout_ms, 1, 600_000)?;
         in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
         in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
         in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;
@@ -470,6 +492,20 @@ mod tests {
         .validate(2)
         .unwrap_err();
         assert!(e.to_string().starts_with("idle_timeout_ms"));
+        // A core's budget holds at least two subscribers at their own limit.
+        let budget = |core: usize| {
+            Options {
+                max_outbound_bytes: Some(4096),
+                max_core_outbound_bytes: Some(core),
+                ..Options::default()
+            }
+            .validate(2)
+        };
+        assert!(budget(8192).is_ok());
+        assert_eq!(
+            budget(8191).unwrap_err().to_string(),
+            "max_core_outbound_bytes: 8191 is outside 8192..=68719476736"
+        );
         let bad_route = parse_toml("[[route]]\npath = \"/healthz\"\nprotocol = \"echo\"\n").unwrap();
         assert!(bad_route.validate(2).is_err());
         let dup = parse_toml(

@@ -58,6 +58,7 @@ fn main() -> ExitCode {
                 deliveries = stats.deliveries,
                 dropped = stats.dropped,
                 slow_consumers = stats.slow_consumers,
+                publish_holds = stats.publish_holds,
                 "stopped"
             );
             ExitCode::SUCCESS

@@ -164,7 +164,7 @@ fn mesh_bench(c: &mut Criterion) {
                 while got < iters {
                     got += consumer.drain(|e| {
                         black_box(e);
-                    }) as u64;
+                    }, || false) as u64;
                 }
             });
             let start = Instant::now();

@@ -15,6 +15,8 @@ pub struct CoreSnapshot {
     pub connections: usize,
     pub parked: usize,
     pub topics: usize,
+    /// Bytes of deliveries queued for the core's subscribers.
+    pub queued_bytes: usize,
     /// Per target core: envelopes waiting in our ring to it, and its capacity.
     pub rings: Vec<(usize, usize, usize)>,
     pub doorbell_signals: u64,
@@ -38,6 +40,7 @@ pub struct StatsView {
     pub deliveries: u64,
     pub dropped: u64,
     pub slow_consumers: u64,
+    pub publish_holds: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -58,6 +61,7 @@ impl From<&Stats> for StatsView {
             deliveries: s.deliveries,
             dropped: s.dropped,
             slow_consumers: s.slow_consumers,
+            publish_holds: s.publish_holds,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -84,6 +88,12 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
     ("topics", "gauge", "Topics with a subscriber on the core.", |c| {
         c.topics as u64
     }),
+    (
+        "queued_bytes",
+        "gauge",
+        "Bytes of deliveries queued for the core's subscribers.",
+        |c| c.queued_bytes as u64,
+    ),
     (
         "connections_accepted_total",
         "counter",
@@ -126,6 +136,12 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "Subscribers closed with 1008 as slow consumers.",
         |c| c.stats.slow_consumers,
     ),
+    (
+        "publish_holds_total",
+        "counter",
+        "Times publishing paused: queued deliveries passed --max-core-outbound-bytes.",
+        |c| c.stats.publish_holds,
+    ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks
     }),
@@ -155,6 +171,7 @@ impl Metrics {
             connections: shard.session_count(),
             parked: shard.parked_count(),
             topics: shard.hub.topic_count(),
+            queued_bytes: shard.queued_bytes(),
             rings: shard.hub.mesh.fullness().collect(),
             doorbell_signals: shard.hub.mesh.doorbell_signals(),
             stats: StatsView::from(&*shard.stats.borrow()),

@@ -208,6 +208,12 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
     let hub = &shard.hub;
     let mut cores = 0;
     for (kind, topic, payload) in &messages {
+        // Subscribers here over their budget: wait (bounded) like a
+        // publishing connection, which is not read meanwhile.
+        let within = monoio::time::timeout(MESH_WAIT, std::future::poll_fn(|cx| shard.poll_budget(cx))).await;
+        if within.is_err() {
+            return Err((503, "subscribers' queues on this core stayed full".to_string()));
+        }
         let mut pending = Vec::new();
         let message = Message::native(*kind, topic.as_bytes(), payload, hub.next_message_id());
         let reached = hub.publish(shard, message, &mut pending);

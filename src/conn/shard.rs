@@ -137,6 +137,9 @@ struct SessionPubSub {
     slow: bool,
     /// Envelopes of this session's publishes that wait for ring space.
     pending: Pending,
+    /// A publish of this session found the core's subscribers over their
+    /// budget: it is not read until the shard releases its publishers.
+    held: bool,
     /// A close the admin API (or a missed heart-beat) asked for: code and
     /// reason.
     close_request: Option<(u16, Bytes)>,
@@ -145,14 +148,21 @@ struct SessionPubSub {
 }
 
 impl SessionPubSub {
+    /// Whether the session's publishes wait (for ring space, or the core's
+    /// budget): it is not read meanwhile.
+    fn is_blocked(&self) -> bool {
+        self.held || !self.pending.is_empty()
+    }
+
     /// Whether a message is partly written: only its rest may go next.
     fn mid_message(&self) -> bool {
         self.head_sent > 0 || self.mid_message
     }
 
     /// Drops every queued message not yet started; one partly written
-    /// stays, so the stream of frames is never cut mid-frame.
-    fn drop_unsent(&mut self) {
+    /// stays, so the stream of frames is never cut mid-frame. Returns the
+    /// bytes and the deliveries dropped.
+    fn drop_unsent(&mut self) -> (usize, u64) {
         let keep = if self.mid_message() {
             self.queue
                 .iter()
@@ -161,8 +171,11 @@ impl SessionPubSub {
         } else {
             0
         };
+        let deliveries = self.queue.iter().skip(keep).filter(|p| p.last && p.counts).count() as u64;
         self.queue.truncate(keep);
+        let before = self.queued_bytes;
         self.queued_bytes = self.queue.iter().map(|p| p.bytes.len()).sum::<usize>() - self.head_sent;
+        (before - self.queued_bytes, deliveries)
     }
 }
 
@@ -208,6 +221,9 @@ pub struct Stats {
     pub deliveries: u64,
     pub dropped: u64,
     pub slow_consumers: u64,
+    /// Times the core's queued deliveries passed their budget, so its
+    /// publishers were held.
+    pub publish_holds: u64,
 }
 
 impl Stats {
@@ -235,6 +251,7 @@ impl Stats {
         self.deliveries += other.deliveries;
         self.dropped += other.dropped;
         self.slow_consumers += other.slow_consumers;
+        self.publish_holds += other.publish_holds;
     }
 }
 
@@ -273,6 +290,13 @@ pub struct Shard {
     flusher: Cell<Option<Waker>>,
     /// Where STOMP MESSAGE heads are carved from (see `pubsub::message`).
     heads: RefCell<bytes::BytesMut>,
+    /// Bytes queued for all of this core's subscribers (the sum of their
+    /// `queued_bytes`). Past `max_core_outbound_bytes`, publishers are held
+    /// (since `held_since_ms`) until it falls to half of that, and then
+    /// the waiters are woken.
+    queued: Cell<usize>,
+    held_since_ms: Cell<Option<u64>>,
+    budget_waiters: RefCell<Vec<Waker>>,
 }
 
 impl Shard {
@@ -298,6 +322,9 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             flusher: Cell::new(None),
             heads: RefCell::new(bytes::BytesMut::new()),
+            queued: Cell::new(0),
+            held_since_ms: Cell::new(None),
+            budget_waiters: RefCell::new(Vec::new()),
         })
     }
 
@@ -402,6 +429,7 @@ impl Shard {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
                     if let Some(ps) = slot.pubsub.take() {
+                        self.unqueue(ps.queued_bytes);
                         left_topics.push((key, ps));
                     }
                     return false;
@@ -427,6 +455,72 @@ impl Shard {
         }
     }
 
+    /// The core's publishers have been held for `stall_timeout_ms`: its
+    /// subscribers' queues are not being written down. Frees the queues of
+    /// those that hold it back: every subscriber that took nothing for as
+    /// long, then the largest queues until the total is down to half the
+    /// budget, which ends the hold.
+    fn shed_stalled(self: &Rc<Self>, now: u64) {
+        let stall = self.config.stall_timeout_ms;
+        let half = self.config.max_core_outbound_bytes / 2;
+        let mut kicks = Vec::new();
+        {
+            let mut sessions = self.sessions.borrow_mut();
+            let mut candidates: Vec<(bool, usize, SessionKey)> = sessions
+                .iter()
+                .filter_map(|(key, slot)| {
+                    let ps = slot.pubsub.as_ref()?;
+                    let stuck = now.saturating_sub(slot.last_tx_ms) >= stall;
+                    (slot.phase == Phase::Open && ps.queued_bytes > 0 && !ps.slow).then_some((
+                        stuck,
+                        ps.queued_bytes,
+                        key,
+                    ))
+                })
+                .collect();
+            // Stuck ones first, then the largest queues.
+            candidates.sort_unstable_by(|a, b| b.cmp(a));
+            let mut shed = 0;
+            for (stuck, _, key) in candidates {
+                if !stuck && self.queued.get() <= half {
+                    break;
+                }
+                shed += 1;
+                if let Some(kick) = self.shed(&mut sessions[key]) {
+                    kicks.push((key, kick));
+                }
+            }
+            tracing::debug!(core = self.core, shed, "publishers held too long: subscribers' queues shed");
+        }
+        for (key, kick) in kicks {
+            self.kick(key, kick);
+        }
+    }
+
+    /// Frees the queue of a subscriber that holds the core's publishers
+    /// back: under the close policy it is closed (1008, as over its own
+    /// limit), under the drop policy its unsent deliveries are dropped.
+    /// Returns the kick for its task, if any.
+    fn shed(&self, slot: &mut Slot) -> Option<Kick> {
+        let ps = slot.pubsub.as_mut()?;
+        let (bytes, deliveries) = ps.drop_unsent();
+        let mut stats = self.stats.borrow_mut();
+        let kick = match self.config.slow_consumer {
+            SlowConsumer::Drop => {
+                stats.dropped += deliveries;
+                None
+            }
+            SlowConsumer::Close => {
+                ps.slow = true;
+                stats.slow_consumers += 1;
+                Some(Kick::SLOW)
+            }
+        };
+        drop(stats);
+        self.unqueue(bytes);
+        kick
+    }
+
     /// One tick: advance the clock and kick every session that is due.
     pub fn sweep(self: &Rc<Self>) {
         self.sweep_at(self.start.elapsed().as_millis() as u64);
@@ -439,7 +533,15 @@ impl Shard {
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
         let mut due_heart_beats = Vec::new();
+        if self
+            .held_since_ms
+            .get()
+            .is_some_and(|since| now.saturating_sub(since) >= c.stall_timeout_ms)
+        {
+            self.shed_stalled(now);
+        }
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
+            let mut due = Kick::default();
             if let Some(ps) = slot.pubsub.as_mut() {
                 // A burst grew the queue, and it has been written since:
                 // give the memory back. Not at once when it empties, as a
@@ -448,7 +550,6 @@ impl Shard {
                     ps.queue = VecDeque::new();
                 }
             }
-            let mut due = Kick::default();
             let in_phase = now.saturating_sub(slot.phase_since_ms);
             match slot.phase {
                 Phase::Handshake if in_phase >= c.handshake_timeout_ms => due = due.with(Kick::TIMEOUT),
@@ -471,7 +572,7 @@ impl Shard {
                         && quiet >= slot.heart_beat_expect_ms.saturating_add(c.stomp_heart_beat_grace_ms)
                         && !slot.kick.has(Kick::CLOSE)
                     {
-                        if let Some(ps) = slot.pubsub.as_mut().filter(|ps| ps.pending.is_empty()) {
+                        if let Some(ps) = slot.pubsub.as_mut().filter(|ps| !ps.is_blocked()) {
                             if ps.close_request.is_none() {
                                 ps.close_request =
                                     Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
@@ -589,6 +690,50 @@ impl Shard {
         (shortest / 4).clamp(10, 100)
     }
 
+    /// Whether this core's subscribers hold more queued deliveries than
+    /// `--max-core-outbound-bytes`.
+    pub fn over_budget(&self) -> bool {
+        self.queued.get() > self.config.max_core_outbound_bytes
+    }
+
+    /// Bytes queued for all of this core's subscribers.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.get()
+    }
+
+    /// Ready while this core may take publishes: its subscribers' queues
+    /// are within their budget, and no hold is in force. Past the budget,
+    /// the hold starts (and the caller waits) until the queues are written
+    /// down to half of it: a publisher that made the core go over is
+    /// paused, its socket unread, so TCP slows it, and the core spends
+    /// its time writing rather than queueing more than it can write.
+    pub fn poll_budget(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.held_since_ms.get().is_none() {
+            if !self.over_budget() {
+                return std::task::Poll::Ready(());
+            }
+            self.held_since_ms.set(Some(self.now_ms()));
+            self.stats.borrow_mut().publish_holds += 1;
+        }
+        let mut waiters = self.budget_waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
+
+    /// Takes `n` written (or dropped) bytes off the core's queued total,
+    /// and ends a hold once half the budget is reached.
+    fn unqueue(&self, n: usize) {
+        let queued = self.queued.get() - n;
+        self.queued.set(queued);
+        if queued <= self.config.max_core_outbound_bytes / 2 && self.held_since_ms.take().is_some() {
+            for waker in self.budget_waiters.take() {
+                waker.wake();
+            }
+        }
+    }
+
     pub fn count_publish(&self) {
         self.stats.borrow_mut().publishes += 1;
     }
@@ -648,7 +793,7 @@ impl Shard {
                     SlowConsumer::Close => {
                         // Free the queue now; the task closes with 1008.
                         ps.slow = true;
-                        ps.drop_unsent();
+                        self.unqueue(ps.drop_unsent().0);
                         stats.slow_consumers += 1;
                         Kick::SLOW
                     }
@@ -657,6 +802,7 @@ impl Shard {
                 stats.deliveries += u64::from(count);
                 let was_empty = ps.queue.is_empty();
                 ps.queued_bytes += len;
+                self.queued.set(self.queued.get() + len);
                 let n = parts.len();
                 for (i, part) in parts.iter_mut().enumerate() {
                     ps.queue.push_back(Part {
@@ -839,6 +985,7 @@ fn write_deliveries(
         };
         s.last_tx_ms = now;
         ps.queued_bytes -= written;
+        shard.unqueue(written);
         let mut stats = shard.stats.borrow_mut();
         stats.bytes_out += written as u64;
         while written > 0 {
@@ -970,7 +1117,13 @@ impl Session {
                 .unwrap_or_default()
         });
         self.shard.hub.publish(&self.shard, message, &mut pending);
-        self.put_pending(pending);
+        let held = self.shard.over_budget();
+        self.with(|s| {
+            if let Some(ps) = s.pubsub.as_mut() {
+                ps.pending = pending;
+                ps.held |= held;
+            }
+        });
     }
 
     /// Sets the negotiated STOMP heart-beats (ms, 0: none): the sweep sends
@@ -1004,13 +1157,29 @@ impl Session {
         });
     }
 
-    /// Whether a publish waits for ring space.
+    /// Whether a publish waits for ring space, or for the core's queued
+    /// deliveries to be written down (`Shard::poll_budget`).
     pub fn is_blocked(&self) -> bool {
-        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| !ps.pending.is_empty()))
+        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| ps.is_blocked()))
     }
 
-    /// Ready once no publish waits for ring space.
+    /// Ready once no publish waits for ring space and the core takes
+    /// publishes again.
     pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.poll_rings(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        let held = self.with(|s| s.pubsub.as_ref().is_some_and(|ps| ps.held));
+        if held {
+            if self.shard.poll_budget(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.with(|s| s.pubsub.as_mut().map(|ps| ps.held = false));
+        }
+        std::task::Poll::Ready(())
+    }
+
+    fn poll_rings(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         let mut pending = self.with(|s| {
             s.pubsub
                 .as_mut()
@@ -1127,6 +1296,9 @@ impl Drop for Session {
             let slot = sessions.remove(self.key);
             (sessions.is_empty(), slot.and_then(|s| s.pubsub))
         };
+        if let Some(ps) = &pubsub {
+            self.shard.unqueue(ps.queued_bytes);
+        }
         // A closing connection leaves all its topics.
         if let Some(ps) = pubsub {
             for topic in &ps.topics {
@@ -1298,6 +1470,116 @@ pub(crate) mod tests {
         assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
         drop(stats);
         assert!(s.has_deliveries());
+    }
+
+    fn budget_opts(slow_consumer: crate::config::SlowConsumer, max_outbound_bytes: usize) -> Options {
+        Options {
+            max_outbound_bytes: Some(max_outbound_bytes),
+            max_core_outbound_bytes: Some(4096),
+            stall_timeout_ms: Some(100),
+            slow_consumer: Some(slow_consumer),
+            ..Options::default()
+        }
+    }
+
+    fn open_subscriber(shard: &Rc<Shard>) -> Session {
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        s
+    }
+
+    #[test]
+    fn core_budget_holds_publishers_past_the_limit_until_half_is_written() {
+        use std::os::fd::AsFd;
+        let shard = test_shard(budget_opts(crate::config::SlowConsumer::Close, 1024));
+        let subs: Vec<Session> = (0..5).map(|_| open_subscriber(&shard)).collect();
+        subs[4].subscribe(b"t").unwrap();
+        let publisher = open_subscriber(&shard);
+        let (woken, w) = waker();
+        let mut cx = std::task::Context::from_waker(&w);
+        let kib = Bytes::from(vec![0u8; 1024]);
+        for s in &subs[..4] {
+            shard.deliver_frame(s.key(), &kib);
+        }
+        // Exactly at the budget: publishing goes on.
+        assert_eq!(shard.queued_bytes(), 4096);
+        assert!(!shard.over_budget());
+        assert!(shard.poll_budget(&mut cx).is_ready());
+        // The publish that takes the core over is made; then its publisher
+        // waits, not read until the hold ends.
+        publisher.publish(MessageKind::Binary, b"t", &[7; 100]);
+        assert!(shard.over_budget());
+        assert!(publisher.is_blocked());
+        assert!(publisher.poll_unblocked(&mut cx).is_pending());
+        assert!(shard.poll_budget(&mut cx).is_pending());
+        assert_eq!(shard.budget_waiters.borrow().len(), 1, "one waker per task");
+        assert_eq!(shard.stats.borrow().publish_holds, 1);
+        // Written down, but still above half: held.
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let socket = Socket::from_fd(ours.as_fd());
+        for s in [&subs[4], &subs[0]] {
+            s.flush_deliveries(&socket, false).unwrap();
+        }
+        assert_eq!(shard.queued_bytes(), 3072);
+        assert!(shard.poll_budget(&mut cx).is_pending());
+        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+        // Exactly half: the hold ends and its waiters are woken.
+        subs[1].flush_deliveries(&socket, false).unwrap();
+        assert_eq!(shard.queued_bytes(), 2048);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert!(publisher.poll_unblocked(&mut cx).is_ready());
+        assert!(!publisher.is_blocked());
+        // A session that ends gives its queue back.
+        drop(subs);
+        assert_eq!(shard.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_hold_past_the_stall_timeout_sheds_stuck_subscribers_then_the_largest_queues() {
+        use crate::config::SlowConsumer;
+        for policy in [SlowConsumer::Close, SlowConsumer::Drop] {
+            let shard = test_shard(budget_opts(policy, 2048));
+            let (stuck, big, small) = (open_subscriber(&shard), open_subscriber(&shard), open_subscriber(&shard));
+            let (_, w) = waker();
+            let mut cx = std::task::Context::from_waker(&w);
+            // Queues of 1000, 2000 and 1200 bytes: over the 4096 budget.
+            let frame = |n: usize| Bytes::from(vec![0u8; n]);
+            shard.deliver_frame(stuck.key(), &frame(1000));
+            shard.deliver_frame(big.key(), &frame(2000));
+            shard.deliver_frame(small.key(), &frame(1200));
+            assert!(shard.poll_budget(&mut cx).is_pending());
+            for s in [&stuck, &big, &small] {
+                s.poll_kick(&w);
+            }
+            // The others took something 60 ms into the hold.
+            for s in [&big, &small] {
+                s.with(|slot| slot.last_tx_ms = 60);
+            }
+            shard.sweep_at(99);
+            assert_eq!(shard.queued_bytes(), 4200, "not stalled yet");
+            // Held for the stall timeout: the stuck one goes, then the
+            // largest queue, which takes the core down to half the budget.
+            shard.sweep_at(100);
+            assert_eq!(shard.queued_bytes(), 1200);
+            assert!(shard.poll_budget(&mut cx).is_ready());
+            assert!(small.has_deliveries());
+            let stats = shard.stats.borrow().clone();
+            match policy {
+                SlowConsumer::Close => {
+                    assert_eq!((stats.slow_consumers, stats.dropped), (2, 0));
+                    assert_eq!(stuck.poll_kick(&w), Some(Kick::SLOW));
+                    assert_eq!(big.poll_kick(&w), Some(Kick::SLOW));
+                }
+                SlowConsumer::Drop => {
+                    assert_eq!((stats.slow_consumers, stats.dropped), (0, 2));
+                    assert_eq!(stuck.poll_kick(&w), None);
+                    assert_eq!(big.poll_kick(&w), None);
+                }
+            }
+            assert_eq!(small.poll_kick(&w), None);
+        }
     }
 
     #[test]

@@ -189,15 +189,19 @@ impl CoreMesh {
     }
 
     /// Takes every envelope waiting in our inbound rings, in ring order,
-    /// and rings the doorbell of each producer that waits for space.
-    /// Returns how many were taken.
-    pub fn drain(&self, mut handle: impl FnMut(Envelope)) -> usize {
+    /// until `stop` says so (it is asked before each), and rings the
+    /// doorbell of each producer that waits for space. Returns how many
+    /// were taken.
+    pub fn drain(&self, mut handle: impl FnMut(Envelope), stop: impl Fn() -> bool) -> usize {
         let mut taken = 0;
         for ring in &self.inbound {
             let mut consumer = ring.consumer.borrow_mut();
             let mut popped = false;
             // Bounded per ring, so a busy producer cannot hold the others back.
             for _ in 0..DRAIN_BUDGET {
+                if stop() {
+                    break;
+                }
                 let Ok(envelope) = consumer.pop() else { break };
                 handle(envelope);
                 taken += 1;
@@ -336,7 +340,7 @@ mod tests {
                             let n = u64::from_le_bytes(frame[..8].try_into().unwrap());
                             assert_eq!(n, next_expected[from], "core {me} from core {from}");
                             next_expected[from] += 1;
-                        });
+                        }, || false);
                     }
                     full_seen
                 })
@@ -355,7 +359,7 @@ mod tests {
         assert_eq!(meshes[1].doorbell_signals(), 0);
         // It drained, armed only if nothing is waiting.
         assert!(!meshes[1].arm(), "an envelope waits: must not sleep");
-        assert_eq!(meshes[1].drain(|_| {}), 1);
+        assert_eq!(meshes[1].drain(|_| {}, || false), 1);
         assert!(meshes[1].arm());
         meshes[0].send(1, frame()).unwrap();
         meshes[0].send(1, frame()).unwrap();

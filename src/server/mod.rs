@@ -376,7 +376,8 @@ async fn mesh_loop(shard: Rc<Shard>) {
             // Without a doorbell, poll the rings on a short timer instead.
             tracing::warn!(core = shard.core, error = %e, "mesh doorbell unavailable: polling every millisecond");
             loop {
-                hub.mesh.drain(|envelope| hub.receive(&shard, envelope));
+                std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
+                hub.mesh.drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
                 hub.flush_interest();
                 hub.mesh.wake_space_waiters();
                 monoio::time::sleep(Duration::from_millis(1)).await;
@@ -384,7 +385,10 @@ async fn mesh_loop(shard: Rc<Shard>) {
         }
     };
     loop {
-        let taken = hub.mesh.drain(|envelope| hub.receive(&shard, envelope));
+        // Over its budget, the core takes no more publishes from the rings
+        // either: their producers wait for space like any publisher.
+        std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
+        let taken = hub.mesh.drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
         hub.flush_interest();
         hub.mesh.wake_space_waiters();
         if taken > 0 {

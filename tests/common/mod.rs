@@ -37,24 +37,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts sluice on a free port with `driver` and extra flags; waits until it listens.
+    /// Starts sluice on a free port with `driver` and extra flags (two
+    /// workers unless they say otherwise); waits until it listens.
     pub fn start(driver: &str, args: &[&str]) -> Server {
         Self::start_with_env(driver, args, &[])
     }
 
     pub fn start_with_env(driver: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--driver",
-            driver,
-        ])
-        .args(args)
+        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--driver", driver]);
+        if !args.contains(&"--workers") {
+            cmd.args(["--workers", "2"]);
+        }
+        cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -113,6 +108,21 @@ impl Server {
             assert!(Instant::now() < deadline, "no admin address in the log");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A series of the admin API's `/metrics`, summed over cores.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut stream = TcpStream::connect(self.admin_addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {response}"))
     }
 
     pub fn log(&self) -> String {
