@@ -314,6 +314,19 @@ fn read_all_in_background(mut sub: Raw, topic: &'static str, count: usize, size:
     })
 }
 
+/// Reads data messages until a close frame: how many, and the close code.
+fn messages_then_close(sub: &mut Raw) -> (usize, Option<u16>) {
+    sub.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut messages = 0;
+    loop {
+        let frame = sub.read_frame().expect("a close frame before the end");
+        if frame.opcode == 8 {
+            return (messages, frame.close_code());
+        }
+        messages += 1;
+    }
+}
+
 /// Waits (bounded) until `ready` holds.
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -323,96 +336,101 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-both_drivers!(publishing_pauses_while_the_core_s_queues_are_over_budget_and_loses_nothing, |driver| {
-    // One core with a 32 MiB budget for its subscribers' queues, and four
-    // that do not read: the whole stream (1,000 x 16 KiB) is within each
-    // one's own 16 MiB limit, but not within the budget for all four.
-    // No stall timeout within the test.
-    let mut server = Server::start(
-        driver,
-        &[
-            "--workers",
-            "1",
-            "--max-outbound-bytes",
-            "16777216",
-            "--max-core-outbound-bytes",
-            "33554432",
-            "--stall-timeout-ms",
-            "600000",
-        ],
-    );
-    let subs: Vec<Raw> = (0..4).map(|_| stalled_subscriber(&server, "held")).collect();
-    std::thread::sleep(SETTLE);
-    let (count, size) = (1000, 16 * 1024);
-    let (publisher, _) = publish_in_background(&server, "held", count, size);
-    wait_for("publishing was never held", || server.metric("sluice_publish_holds_total") >= 1);
-    // Held: the core took only part of the stream, and its queues stay
-    // within the budget (past it by one publish at most).
-    std::thread::sleep(Duration::from_millis(500));
-    let taken = server.metric("sluice_publishes_total");
-    assert!(taken < count as u64, "{taken}");
-    let queued = server.metric("sluice_queued_bytes");
-    assert!(queued > 16 << 20 && queued <= ((32 << 20) + 4 * (size + 32)) as u64, "{queued}");
-    // The subscribers read: publishing resumes, and each gets everything.
-    let readers: Vec<_> = subs
-        .into_iter()
-        .map(|sub| read_all_in_background(sub, "held", count, size))
-        .collect();
-    for reader in readers {
-        reader.join().unwrap();
+both_drivers!(
+    publishing_pauses_while_the_core_s_queues_are_over_budget_and_loses_nothing,
+    |driver| {
+        // One core with a 32 MiB budget for its subscribers' queues, and four
+        // that do not read: the whole stream (1,000 x 16 KiB) is within each
+        // one's own 16 MiB limit, but not within the budget for all four.
+        // No stall timeout within the test.
+        let mut server = Server::start(
+            driver,
+            &[
+                "--workers",
+                "1",
+                "--max-outbound-bytes",
+                "16777216",
+                "--max-core-outbound-bytes",
+                "33554432",
+                "--stall-timeout-ms",
+                "600000",
+            ],
+        );
+        let subs: Vec<Raw> = (0..4).map(|_| stalled_subscriber(&server, "held")).collect();
+        std::thread::sleep(SETTLE);
+        let (count, size) = (1000, 16 * 1024);
+        let (publisher, _) = publish_in_background(&server, "held", count, size);
+        wait_for("publishing was never held", || {
+            server.metric("sluice_publish_holds_total") >= 1
+        });
+        // Held: the core took only part of the stream, and its queues stay
+        // within the budget (past it by one publish at most).
+        std::thread::sleep(Duration::from_millis(500));
+        let taken = server.metric("sluice_publishes_total");
+        assert!(taken < count as u64, "{taken}");
+        let queued = server.metric("sluice_queued_bytes");
+        assert!(
+            queued > 16 << 20 && queued <= ((32 << 20) + 4 * (size + 32)) as u64,
+            "{queued}"
+        );
+        // The subscribers read: publishing resumes, and each gets everything.
+        let readers: Vec<_> = subs
+            .into_iter()
+            .map(|sub| read_all_in_background(sub, "held", count, size))
+            .collect();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        publisher.join().unwrap();
+        server.terminate();
+        let log = server.log();
+        assert_eq!(common::stopped_count(&log, "publishes"), count as u64, "{log}");
+        assert_eq!(common::stopped_count(&log, "slow_consumers"), 0, "{log}");
+        assert_eq!(common::stopped_count(&log, "dropped"), 0, "{log}");
     }
-    publisher.join().unwrap();
-    server.terminate();
-    let log = server.log();
-    assert_eq!(common::stopped_count(&log, "publishes"), count as u64, "{log}");
-    assert_eq!(common::stopped_count(&log, "slow_consumers"), 0, "{log}");
-    assert_eq!(common::stopped_count(&log, "dropped"), 0, "{log}");
-});
+);
 
-both_drivers!(a_hold_past_the_stall_timeout_closes_the_subscribers_that_took_nothing, |driver| {
-    // A 2 MiB budget and three subscribers that never read: after 300 ms
-    // of a hold they are closed as slow consumers (each holding less than
-    // its own 1 MiB limit), and the publisher gets through. Their 1008
-    // waits in their full sockets until they read: give the close that long.
-    let mut server = Server::start(
-        driver,
-        &[
-            "--workers",
-            "1",
-            "--max-core-outbound-bytes",
-            "2097152",
-            "--stall-timeout-ms",
-            "300",
-            "--close-timeout-ms",
-            "30000",
-        ],
-    );
-    let mut stalled: Vec<Raw> = (0..3).map(|_| stalled_subscriber(&server, "jam")).collect();
-    std::thread::sleep(SETTLE);
-    let (count, size) = (3000, 16 * 1024);
-    let (publisher, sent) = publish_in_background(&server, "jam", count, size);
-    wait_for("the publisher never got through", || sent.load(Ordering::SeqCst) == count);
-    publisher.join().unwrap();
-    for sub in &mut stalled {
-        sub.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut messages = 0;
-        let code = loop {
-            let frame = sub.read_frame().expect("a close frame before the end");
-            if frame.opcode == 8 {
-                break frame.close_code();
-            }
-            messages += 1;
-        };
-        assert_eq!(code, Some(1008));
-        assert!(messages < count, "{messages}");
+both_drivers!(
+    a_hold_past_the_stall_timeout_closes_the_subscribers_that_took_nothing,
+    |driver| {
+        // A 2 MiB budget and three subscribers that never read: after 300 ms
+        // of a hold they are closed as slow consumers (each holding less than
+        // its own 1 MiB limit), and the publisher gets through. Their 1008
+        // waits in their full sockets until they read: give the close that long.
+        let mut server = Server::start(
+            driver,
+            &[
+                "--workers",
+                "1",
+                "--max-core-outbound-bytes",
+                "2097152",
+                "--stall-timeout-ms",
+                "300",
+                "--close-timeout-ms",
+                "30000",
+            ],
+        );
+        let mut stalled: Vec<Raw> = (0..3).map(|_| stalled_subscriber(&server, "jam")).collect();
+        std::thread::sleep(SETTLE);
+        let (count, size) = (3000, 16 * 1024);
+        let (publisher, sent) = publish_in_background(&server, "jam", count, size);
+        wait_for("the publisher never got through", || {
+            sent.load(Ordering::SeqCst) == count
+        });
+        publisher.join().unwrap();
+        for sub in &mut stalled {
+            let (messages, code) = messages_then_close(sub);
+            assert_eq!(code, Some(1008));
+            assert!(messages < count, "{messages}");
+        }
+        assert!(server.metric("sluice_publish_holds_total") >= 1);
+        drop(stalled);
+        server.terminate();
+        let log = server.log();
+        assert_eq!(common::stopped_count(&log, "publishes"), count as u64, "{log}");
+        assert_eq!(common::stopped_count(&log, "slow_consumers"), 3, "{log}");
     }
-    assert!(server.metric("sluice_publish_holds_total") >= 1);
-    drop(stalled);
-    server.terminate();
-    let log = server.log();
-    assert_eq!(common::stopped_count(&log, "publishes"), count as u64, "{log}");
-    assert_eq!(common::stopped_count(&log, "slow_consumers"), 3, "{log}");
-});
+);
 
 both_drivers!(
     slow_consumer_is_closed_with_1008_while_others_keep_receiving,
@@ -426,15 +444,7 @@ both_drivers!(
         // 3,000 x 8 KiB: far more than the socket buffers and the 1 MiB limit hold.
         tokio_rt().block_on(flood(&url, "firehose", 3000, 8 * 1024));
         // Reading now: some messages, then the close.
-        slow.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut messages = 0;
-        let code = loop {
-            let frame = slow.read_frame().expect("a close frame before the end");
-            if frame.opcode == 8 {
-                break frame.close_code();
-            }
-            messages += 1;
-        };
+        let (messages, code) = messages_then_close(&mut slow);
         assert_eq!(code, Some(1008));
         assert!(messages < 3000, "{messages}");
         server.terminate();

@@ -162,9 +162,12 @@ fn mesh_bench(c: &mut Criterion) {
             let drain = std::thread::spawn(move || {
                 let mut got = 0;
                 while got < iters {
-                    got += consumer.drain(|e| {
-                        black_box(e);
-                    }, || false) as u64;
+                    got += consumer.drain(
+                        |e| {
+                            black_box(e);
+                        },
+                        || false,
+                    ) as u64;
                 }
             });
             let start = Instant::now();

@@ -490,7 +490,11 @@ impl Shard {
                     kicks.push((key, kick));
                 }
             }
-            tracing::debug!(core = self.core, shed, "publishers held too long: subscribers' queues shed");
+            tracing::debug!(
+                core = self.core,
+                shed,
+                "publishers held too long: subscribers' queues shed"
+            );
         }
         for (key, kick) in kicks {
             self.kick(key, kick);
@@ -1541,7 +1545,11 @@ pub(crate) mod tests {
         use crate::config::SlowConsumer;
         for policy in [SlowConsumer::Close, SlowConsumer::Drop] {
             let shard = test_shard(budget_opts(policy, 2048));
-            let (stuck, big, small) = (open_subscriber(&shard), open_subscriber(&shard), open_subscriber(&shard));
+            let (stuck, big, small) = (
+                open_subscriber(&shard),
+                open_subscriber(&shard),
+                open_subscriber(&shard),
+            );
             let (_, w) = waker();
             let mut cx = std::task::Context::from_waker(&w);
             // Queues of 1000, 2000 and 1200 bytes: over the 4096 budget.

@@ -331,16 +331,19 @@ mod tests {
                                 }
                             }
                         }
-                        mesh.drain(|envelope| {
-                            let Envelope::Publish(message) = envelope else {
-                                panic!("only publishes are sent")
-                            };
-                            let (topic, frame) = (&message.key, &message.body);
-                            let from = topic[0] as usize;
-                            let n = u64::from_le_bytes(frame[..8].try_into().unwrap());
-                            assert_eq!(n, next_expected[from], "core {me} from core {from}");
-                            next_expected[from] += 1;
-                        }, || false);
+                        mesh.drain(
+                            |envelope| {
+                                let Envelope::Publish(message) = envelope else {
+                                    panic!("only publishes are sent")
+                                };
+                                let (topic, frame) = (&message.key, &message.body);
+                                let from = topic[0] as usize;
+                                let n = u64::from_le_bytes(frame[..8].try_into().unwrap());
+                                assert_eq!(n, next_expected[from], "core {me} from core {from}");
+                                next_expected[from] += 1;
+                            },
+                            || false,
+                        );
                     }
                     full_seen
                 })

@@ -377,7 +377,8 @@ async fn mesh_loop(shard: Rc<Shard>) {
             tracing::warn!(core = shard.core, error = %e, "mesh doorbell unavailable: polling every millisecond");
             loop {
                 std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
-                hub.mesh.drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
+                hub.mesh
+                    .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
                 hub.flush_interest();
                 hub.mesh.wake_space_waiters();
                 monoio::time::sleep(Duration::from_millis(1)).await;
@@ -388,7 +389,9 @@ async fn mesh_loop(shard: Rc<Shard>) {
         // Over its budget, the core takes no more publishes from the rings
         // either: their producers wait for space like any publisher.
         std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
-        let taken = hub.mesh.drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
+        let taken = hub
+            .mesh
+            .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
         hub.flush_interest();
         hub.mesh.wake_space_waiters();
         if taken > 0 {

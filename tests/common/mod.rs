@@ -45,15 +45,22 @@ impl Server {
 
     pub fn start_with_env(driver: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--driver", driver]);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--driver",
+            driver,
+        ]);
         if !args.contains(&"--workers") {
             cmd.args(["--workers", "2"]);
         }
         cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("SLUICE_LOG", "info");
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("SLUICE_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
