@@ -86,6 +86,13 @@ pub struct Options {
     /// its queued deliveries for this long is a slow consumer [default: 2000].
     #[arg(long)]
     pub stall_timeout_ms: Option<u64>,
+    /// Upgraded connections the server holds at once; past it, handshakes
+    /// get 503 with Retry-After [default: the open-files limit less 1/16].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Upgraded connections one client address may hold; 0: no limit [default: 0].
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
     /// Messages each cross-core ring holds [default: 4096].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
@@ -178,6 +185,8 @@ pub struct Config {
     pub slow_consumer: SlowConsumer,
     pub max_core_outbound_bytes: usize,
     pub stall_timeout_ms: u64,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub mesh_ring_capacity: usize,
     pub stomp_heart_beat_ms: u64,
     pub stomp_heart_beat_grace_ms: u64,
@@ -240,6 +249,8 @@ impl Options {
             slow_consumer: self.slow_consumer.or(base.slow_consumer),
             max_core_outbound_bytes: self.max_core_outbound_bytes.or(base.max_core_outbound_bytes),
             stall_timeout_ms: self.stall_timeout_ms.or(base.stall_timeout_ms),
+            max_connections: self.max_connections.or(base.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(base.max_connections_per_ip),
             mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.or(base.stomp_heart_beat_ms),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
@@ -326,6 +337,8 @@ impl Options {
             slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
             max_core_outbound_bytes: self.max_core_outbound_bytes.unwrap_or(64 * MIB),
             stall_timeout_ms: self.stall_timeout_ms.unwrap_or(2_000),
+            max_connections: self.max_connections.unwrap_or_else(default_max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
             mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.unwrap_or(10_000),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
@@ -335,6 +348,23 @@ impl Options {
         config.check()?;
         Ok(config)
     }
+}
+
+/// The open-files limit (soft) less 1/16 of it (at least 64), which the
+/// listeners, the admin API, parked sockets' registrations and handshakes
+/// being refused need besides the connections.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX).min(100_000_000)
+    } else {
+        1024
+    };
+    files.saturating_sub((files / 16).max(64)).max(1)
 }
 
 fn origin_policy(list: Option<Vec<String>>) -> OriginPolicy {
@@ -377,6 +407,13 @@ impl Config {
             64 * GIB,
         )?;
         in_range("stall_timeout_ms", self.stall_timeout_ms, 1, 600_000)?;
+        in_range("max_connections", self.max_connections, 1, 100_000_000)?;
+        in_range(
+            "max_connections_per_ip",
+            self.max_connections_per_ip,
+            0,
+            self.max_connections,
+        )?;
         in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
         in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
         in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;
@@ -502,6 +539,33 @@ mod tests {
             .validate(2)
         };
         assert!(budget(8192).is_ok());
+        // Connection caps: per address at most the server's.
+        let caps = |max: usize, per_ip: usize| {
+            Options {
+                max_connections: Some(max),
+                max_connections_per_ip: Some(per_ip),
+                ..Options::default()
+            }
+            .validate(2)
+        };
+        assert!(caps(10, 10).is_ok());
+        assert_eq!(
+            caps(10, 11).unwrap_err().to_string(),
+            "max_connections_per_ip: 11 is outside 0..=10"
+        );
+        // The default leaves a sixteenth of the open-files limit (at least
+        // 64) to what is not a connection.
+        let files = {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
+            l.rlim_cur as usize
+        };
+        let max = Options::default().validate(2).unwrap().max_connections;
+        assert_eq!(max, files - (files / 16).max(64));
         assert_eq!(
             budget(8191).unwrap_err().to_string(),
             "max_core_outbound_bytes: 8191 is outside 8192..=68719476736"

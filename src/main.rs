@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         },
         None => Options::default(),
     };
+    raise_open_files_limit();
     let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len().max(1));
     let config = match cli.options.over(file).validate(cpus) {
         Ok(c) => c,
@@ -59,11 +60,31 @@ fn main() -> ExitCode {
                 dropped = stats.dropped,
                 slow_consumers = stats.slow_consumers,
                 publish_holds = stats.publish_holds,
+                refused_max_connections = stats.refused_max_connections,
+                refused_max_per_ip = stats.refused_max_per_ip,
                 "stopped"
             );
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// Every connection is a file: take the hard limit on open files as the
+/// soft one (the default `--max-connections` follows from it).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
+            }
+        }
     }
 }
 

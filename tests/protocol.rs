@@ -148,6 +148,64 @@ both_drivers!(handshake_refusals, |driver| {
     assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("ok\n"), "{r}");
 });
 
+/// Sends an upgrade on `/echo` from 127.0.0.`host`; returns the
+/// connection (open on a 101) and the response head.
+fn upgrade_from(server: &Server, host: u8) -> (Raw, String) {
+    let mut raw = Raw::connect_from(server.addr, std::net::IpAddr::from([127, 0, 0, host]));
+    raw.send(upgrade_request("/echo", "").as_bytes());
+    let head = raw.read_head();
+    (raw, head)
+}
+
+/// An upgrade from 127.0.0.`host` gets 503, `Retry-After` and `reason`.
+fn refused_at_a_cap(server: &Server, host: u8, reason: &str) {
+    let (mut raw, head) = upgrade_from(server, host);
+    assert!(
+        head.starts_with("HTTP/1.1 503 ") && head.contains("\r\nRetry-After: 5\r\n"),
+        "{head}"
+    );
+    assert_eq!(raw.read_to_end(), reason);
+}
+
+both_drivers!(connection_caps_answer_503_with_retry_after_at_the_limit, |driver| {
+    let mut server = Server::start(driver, &["--max-connections", "3", "--max-connections-per-ip", "2"]);
+    // Two from one address: its cap.
+    let (mut first, head) = upgrade_from(&server, 1);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (_second, head) = upgrade_from(&server, 1);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    refused_at_a_cap(&server, 1, "too many connections from this address\n");
+    // A third from another address: the server's cap.
+    let (_third, head) = upgrade_from(&server, 2);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    refused_at_a_cap(&server, 3, "too many connections\n");
+    // Health checks are not connections.
+    let health = respond(&server, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 "), "{health}");
+    // One closes: its place is free again, and its address's.
+    first.send(&masked_frame(0x88, &1000u16.to_be_bytes()));
+    assert_eq!(first.expect_close(), Some(1000));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_raw, head) = upgrade_from(&server, 1);
+        if head.starts_with("HTTP/1.1 101 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place never came back: {head}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The metrics are refreshed at every sweep tick.
+    while server.metric("sluice_refused_max_connections_per_ip_total") != 1 {
+        assert!(Instant::now() < deadline, "no refusal in the metrics");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.metric("sluice_refused_max_connections_total") >= 1);
+    server.terminate();
+    let log = server.log();
+    assert_eq!(common::stopped_count(&log, "refused_max_per_ip"), 1, "{log}");
+    assert!(common::stopped_count(&log, "refused_max_connections") >= 1, "{log}");
+});
+
 both_drivers!(head_over_8_kib_gets_431, |driver| {
     let server = Server::start(driver, &[]);
     let base = upgrade_request("/echo", "X-Pad: \r\n").len();

@@ -41,6 +41,8 @@ pub struct StatsView {
     pub dropped: u64,
     pub slow_consumers: u64,
     pub publish_holds: u64,
+    pub refused_max_connections: u64,
+    pub refused_max_per_ip: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -62,6 +64,8 @@ impl From<&Stats> for StatsView {
             dropped: s.dropped,
             slow_consumers: s.slow_consumers,
             publish_holds: s.publish_holds,
+            refused_max_connections: s.refused_max_connections,
+            refused_max_per_ip: s.refused_max_per_ip,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -141,6 +145,18 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Times publishing paused: queued deliveries passed --max-core-outbound-bytes.",
         |c| c.stats.publish_holds,
+    ),
+    (
+        "refused_max_connections_total",
+        "counter",
+        "Handshakes refused with 503 at --max-connections.",
+        |c| c.stats.refused_max_connections,
+    ),
+    (
+        "refused_max_connections_per_ip_total",
+        "counter",
+        "Handshakes refused with 503 at --max-connections-per-ip.",
+        |c| c.stats.refused_max_per_ip,
     ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks

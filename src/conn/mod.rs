@@ -15,6 +15,7 @@
 //!   its task ends, and the shard starts a new one (`resume`) when the peer
 //!   speaks or a kick is due. See `park`.
 
+pub mod admission;
 pub mod eventfd;
 pub mod outbound;
 pub mod park;
@@ -288,7 +289,9 @@ impl<'a> Conn<'a> {
             if self.socket.recv_into(&mut self.carry, room)?.is_none() {
                 return Ok(None);
             }
-            let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool) else {
+            let session = self.session;
+            let admit = || session.admit();
+            let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool, admit) else {
                 return Ok(None);
             };
             self.carry.drain(..head_len);
@@ -300,7 +303,8 @@ impl<'a> Conn<'a> {
         if self.socket.recv_into(&mut scratch, config.max_head_bytes)?.is_none() {
             return Ok(None);
         }
-        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool);
+        let session = self.session;
+        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool, || session.admit());
         // Keep what must outlive this read: an unfinished head, or the
         // client's first frames behind a complete one.
         let keep_from = answer.as_ref().map_or(0, |(_, head_len)| *head_len);
@@ -662,11 +666,17 @@ enum Answer {
 
 /// Parses a request head and queues the response once it is complete.
 /// `None` while incomplete; otherwise the answer and the head's length.
-fn answer_head(buf: &[u8], config: &Config, out: &mut Outbound, pool: &BufferPool) -> Option<(Answer, usize)> {
+fn answer_head(
+    buf: &[u8],
+    config: &Config,
+    out: &mut Outbound,
+    pool: &BufferPool,
+    admit: impl FnOnce() -> Result<(), handshake::Reject>,
+) -> Option<(Answer, usize)> {
     let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
         Ok(None) => return None,
         Err(reject) => (Err(reject), buf.len()),
-        Ok(Some((head, head_len))) => (decide(&head, config, out, pool), head_len),
+        Ok(Some((head, head_len))) => (decide(&head, config, out, pool, admit), head_len),
     };
     Some(match answer {
         Ok(answer) => (answer, head_len),
@@ -678,12 +688,14 @@ fn answer_head(buf: &[u8], config: &Config, out: &mut Outbound, pool: &BufferPoo
 }
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
-/// queueing the 101 or the health answer.
+/// queueing the 101 or the health answer. `admit` decides last, so only
+/// a handshake that would succeed counts against the connection caps.
 fn decide(
     head: &handshake::Head<'_>,
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
+    admit: impl FnOnce() -> Result<(), handshake::Reject>,
 ) -> Result<Answer, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
@@ -694,6 +706,7 @@ fn decide(
     if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
+    admit()?;
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))
 }

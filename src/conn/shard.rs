@@ -103,6 +103,10 @@ struct Slot {
     /// The task waits with nothing of its own queued: the shard may write
     /// deliveries to `fd` itself (`Shard::flush_direct`).
     direct: bool,
+    /// The client's address, and whether the session counts against the
+    /// admission caps (from its 101 until the slot is removed).
+    peer_ip: Option<std::net::IpAddr>,
+    admitted: bool,
     /// STOMP heart-beats (ms, 0: none): we send one when we have sent
     /// nothing for `heart_beat_send_ms`; the peer must send something at
     /// least every `heart_beat_expect_ms`.
@@ -224,6 +228,10 @@ pub struct Stats {
     /// Times the core's queued deliveries passed their budget, so its
     /// publishers were held.
     pub publish_holds: u64,
+    /// Handshakes refused with 503 at `--max-connections`, and at
+    /// `--max-connections-per-ip`.
+    pub refused_max_connections: u64,
+    pub refused_max_per_ip: u64,
 }
 
 impl Stats {
@@ -252,6 +260,8 @@ impl Stats {
         self.dropped += other.dropped;
         self.slow_consumers += other.slow_consumers;
         self.publish_holds += other.publish_holds;
+        self.refused_max_connections += other.refused_max_connections;
+        self.refused_max_per_ip += other.refused_max_per_ip;
     }
 }
 
@@ -267,6 +277,7 @@ pub struct Shard {
     pub core: usize,
     pub config: Arc<Config>,
     pub pool: BufferPool,
+    pub admission: Arc<super::admission::Admission>,
     pub scratch: RefCell<Vec<u8>>,
     pub stats: RefCell<Stats>,
     sessions: RefCell<SlotMap<SessionKey, Slot>>,
@@ -301,11 +312,12 @@ pub struct Shard {
 
 impl Shard {
     /// The shard of the core at `mesh`'s end of the mesh.
-    pub fn new(config: Arc<Config>, mesh: CoreMesh) -> io::Result<Shard> {
+    pub fn new(config: Arc<Config>, mesh: CoreMesh, admission: Arc<super::admission::Admission>) -> io::Result<Shard> {
         Ok(Shard {
             core: mesh.core(),
             config,
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
+            admission,
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
             stats: RefCell::new(Stats::default()),
             sessions: RefCell::new(SlotMap::with_key()),
@@ -373,6 +385,8 @@ impl Shard {
             pubsub: None,
             fd: -1,
             direct: false,
+            peer_ip: None,
+            admitted: false,
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
         });
@@ -428,6 +442,9 @@ impl Shard {
             sessions.retain(|key, slot| {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
+                    if slot.admitted {
+                        self.admission.release(slot.peer_ip);
+                    }
                     if let Some(ps) = slot.pubsub.take() {
                         self.unqueue(ps.queued_bytes);
                         left_topics.push((key, ps));
@@ -1226,6 +1243,32 @@ impl Session {
         self.with(|s| write_deliveries(s, socket, partial_only, now, &self.shard))
     }
 
+    /// Records the client's address (for the per-address cap).
+    pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
+        self.with(|s| s.peer_ip = Some(ip));
+    }
+
+    /// Counts the session against the admission caps (its handshake is
+    /// about to succeed), or says which cap refuses it (counted).
+    pub fn admit(&self) -> Result<(), crate::ws::handshake::Reject> {
+        use crate::ws::handshake::Reject;
+        let ip = self.with(|s| s.peer_ip);
+        match self.shard.admission.admit(ip) {
+            Ok(()) => {
+                self.with(|s| s.admitted = true);
+                Ok(())
+            }
+            Err(reject) => {
+                let mut stats = self.shard.stats.borrow_mut();
+                match reject {
+                    Reject::TooManyFromAddress => stats.refused_max_per_ip += 1,
+                    _ => stats.refused_max_connections += 1,
+                }
+                Err(reject)
+            }
+        }
+    }
+
     /// Records the socket of the session's task.
     pub fn set_fd(&self, fd: RawFd) {
         self.with(|s| s.fd = fd);
@@ -1298,6 +1341,9 @@ impl Drop for Session {
                 return;
             }
             let slot = sessions.remove(self.key);
+            if let Some(slot) = slot.as_ref().filter(|s| s.admitted) {
+                self.shard.admission.release(slot.peer_ip);
+            }
             (sessions.is_empty(), slot.and_then(|s| s.pubsub))
         };
         if let Some(ps) = &pubsub {
@@ -1342,7 +1388,12 @@ pub(crate) mod tests {
 
     pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
         let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
-        Rc::new(Shard::new(Arc::new(opts.validate(1).unwrap()), mesh).unwrap())
+        let config = Arc::new(opts.validate(1).unwrap());
+        let admission = Arc::new(crate::conn::admission::Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ));
+        Rc::new(Shard::new(config, mesh, admission).unwrap())
     }
 
     fn waker() -> (Arc<CountingWaker>, Waker) {

@@ -106,6 +106,10 @@ impl Server {
             None => ((0..config.workers).map(|_| None).collect::<Vec<_>>(), None),
         };
         let metrics = Arc::new(crate::admin::Metrics::new(config.workers));
+        let admission = Arc::new(crate::conn::admission::Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ));
         let meshes =
             crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
                 core: 0,
@@ -117,10 +121,13 @@ impl Server {
         let mut workers = Vec::with_capacity(config.workers);
         let per_worker = listeners.into_iter().zip(admin_listeners).zip(meshes);
         for (index, ((listener, admin), mesh)) in per_worker.enumerate() {
-            let metrics = metrics.clone();
+            let shared = Shared {
+                config: config.clone(),
+                metrics: metrics.clone(),
+                admission: admission.clone(),
+                shutdown: shutdown.clone(),
+            };
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let config = config.clone();
-            let shutdown = shutdown.clone();
             let ready = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("sluice-w{index}"))
@@ -129,7 +136,7 @@ impl Server {
                         core_affinity::set_for_current(cpu);
                     }
                     let listeners = Listeners { ws: listener, admin };
-                    run_worker(index, listeners, mesh, metrics, config, shutdown, ready)
+                    run_worker(index, listeners, mesh, shared, ready)
                 })
                 .map_err(|e| ServerError::Worker {
                     core: index,
@@ -225,15 +232,27 @@ struct Listeners {
     admin: Option<std::net::TcpListener>,
 }
 
+/// What every worker shares with the others.
+struct Shared {
+    config: Arc<Config>,
+    metrics: Arc<crate::admin::Metrics>,
+    admission: Arc<crate::conn::admission::Admission>,
+    shutdown: Arc<AtomicBool>,
+}
+
 fn run_worker(
     index: usize,
     listeners: Listeners,
     mesh: crate::pubsub::mesh::CoreMesh,
-    metrics: Arc<crate::admin::Metrics>,
-    config: Arc<Config>,
-    shutdown: Arc<AtomicBool>,
+    shared: Shared,
     ready: Ready,
 ) -> Stats {
+    let Shared {
+        config,
+        metrics,
+        admission,
+        shutdown,
+    } = shared;
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
             .with_entries(URING_ENTRIES)
@@ -245,7 +264,7 @@ fn run_worker(
         core: index,
         error: error.to_string(),
     };
-    let shard = match Shard::new(config.clone(), mesh) {
+    let shard = match Shard::new(config.clone(), mesh, admission) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
             let _ = ready.send(Err(fail(e)));
@@ -517,13 +536,15 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
         .await;
         match accepted {
             None => return,
-            Some(Ok((stream, _peer))) => {
+            Some(Ok((stream, peer))) => {
                 // Small frames must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
                 shard.stats.borrow_mut().accepted += 1;
                 // Registered before the task first runs, so a shutdown that
                 // starts meanwhile waits for (and kicks) this session too.
-                monoio::spawn(crate::conn::serve(stream, shard.open_session()));
+                let session = shard.open_session();
+                session.set_peer_ip(peer.ip());
+                monoio::spawn(crate::conn::serve(stream, session));
             }
             Some(Err(e)) => {
                 // Out of descriptors or memory: say so (once a second at most)

@@ -33,6 +33,10 @@ pub enum Reject {
     MethodNotAllowed,
     /// 503: the server is shutting down.
     ShuttingDown,
+    /// 503: the server holds `--max-connections`.
+    TooManyConnections,
+    /// 503: the client's address holds `--max-connections-per-ip`.
+    TooManyFromAddress,
 }
 
 impl Reject {
@@ -44,7 +48,7 @@ impl Reject {
             Reject::NotFound => 404,
             Reject::HeadTooLarge => 431,
             Reject::MethodNotAllowed => 405,
-            Reject::ShuttingDown => 503,
+            Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => 503,
         }
     }
 
@@ -57,6 +61,8 @@ impl Reject {
             Reject::HeadTooLarge => "request header fields too large",
             Reject::MethodNotAllowed => "method not allowed",
             Reject::ShuttingDown => "shutting down",
+            Reject::TooManyConnections => "too many connections",
+            Reject::TooManyFromAddress => "too many connections from this address",
         }
     }
 
@@ -69,13 +75,17 @@ impl Reject {
             Reject::NotFound => (404, "Not Found"),
             Reject::HeadTooLarge => (431, "Request Header Fields Too Large"),
             Reject::MethodNotAllowed => (405, "Method Not Allowed"),
-            Reject::ShuttingDown => (503, "Service Unavailable"),
+            Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => {
+                (503, "Service Unavailable")
+            }
         };
         let extra = match self {
             // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
             Reject::UnsupportedVersion => "Sec-WebSocket-Version: 13\r\n",
             Reject::MethodNotAllowed => "Allow: GET, HEAD\r\n",
             Reject::ShuttingDown => "Retry-After: 1\r\n",
+            // RFC 7231 7.1.3: when to try again (a connection may have ended by then).
+            Reject::TooManyConnections | Reject::TooManyFromAddress => "Retry-After: 5\r\n",
             _ => "",
         };
         plain_response(status, text, extra, self.reason(), true)

@@ -230,6 +230,17 @@ impl Raw {
         Raw { stream }
     }
 
+    /// Connects from a source address of our choosing (127.0.0.x).
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Raw {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw { stream }
+    }
+
     /// Connects and completes a handshake on `path`; panics unless 101.
     pub fn open(addr: SocketAddr, path: &str) -> Raw {
         let mut raw = Raw::connect(addr);
