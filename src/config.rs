@@ -262,7 +262,7 @@ impl Options {
 
     /// Applies defaults and checks every limit.
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
-        let global_origins = origin_policy(self.allowed_origins);
+        let global_origins = origin_policy(self.allowed_origins)?;
         let routes = match self.route {
             None => vec![
                 Route {
@@ -286,19 +286,22 @@ impl Options {
             ],
             Some(routes) => routes
                 .into_iter()
-                .map(|r| Route {
-                    path: r.path,
-                    protocol: r.protocol,
-                    subprotocols: if r.protocol == RouteProtocol::Stomp && r.subprotocols.is_empty() {
-                        STOMP_SUBPROTOCOLS.map(String::from).to_vec()
-                    } else {
-                        r.subprotocols
-                    },
-                    origins: r
-                        .allowed_origins
-                        .map_or_else(|| global_origins.clone(), |o| origin_policy(Some(o))),
+                .map(|r| {
+                    Ok(Route {
+                        path: r.path,
+                        protocol: r.protocol,
+                        subprotocols: if r.protocol == RouteProtocol::Stomp && r.subprotocols.is_empty() {
+                            STOMP_SUBPROTOCOLS.map(String::from).to_vec()
+                        } else {
+                            r.subprotocols
+                        },
+                        origins: match r.allowed_origins {
+                            None => global_origins.clone(),
+                            Some(list) => origin_policy(Some(list))?,
+                        },
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, ConfigError>>()?,
         };
         let admin_listen = match self.admin_listen.as_deref() {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
@@ -367,11 +370,21 @@ fn default_max_connections() -> usize {
     files.saturating_sub((files / 16).max(64)).max(1)
 }
 
-fn origin_policy(list: Option<Vec<String>>) -> OriginPolicy {
+/// An allow-list: `*` (alone) for any origin, else exact origins and
+/// `*.domain` patterns, each checked.
+fn origin_policy(list: Option<Vec<String>>) -> Result<OriginPolicy, ConfigError> {
     match list {
-        None => OriginPolicy::Any,
-        Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
-        Some(list) => OriginPolicy::List(list),
+        None => Ok(OriginPolicy::Any),
+        Some(list) if list.iter().any(|o| o == "*") => Ok(OriginPolicy::Any),
+        Some(list) => {
+            for entry in &list {
+                crate::ws::handshake::check_origin_entry(entry).map_err(|error| ConfigError::Invalid {
+                    option: "allowed_origins",
+                    error,
+                })?;
+            }
+            Ok(OriginPolicy::List(list))
+        }
     }
 }
 

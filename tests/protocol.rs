@@ -206,6 +206,38 @@ both_drivers!(connection_caps_answer_503_with_retry_after_at_the_limit, |driver|
     assert!(common::stopped_count(&log, "refused_max_connections") >= 1, "{log}");
 });
 
+both_drivers!(origin_lists_per_route_take_subdomain_patterns, |driver| {
+    let file = std::env::temp_dir().join(format!("sluice-origins-{driver}-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "allowed_origins = [\"https://app.example.com\"]\n\
+         [[route]]\npath = \"/open\"\nprotocol = \"echo\"\nallowed_origins = [\"*\"]\n\
+         [[route]]\npath = \"/sub\"\nprotocol = \"echo\"\nallowed_origins = [\"https://*.example.com\"]\n\
+         [[route]]\npath = \"/exact\"\nprotocol = \"echo\"\n",
+    )
+    .unwrap();
+    let server = Server::start(driver, &["--config", file.to_str().unwrap()]);
+    let status = |path: &str, origin: &str| {
+        let mut raw = Raw::connect(server.addr);
+        raw.send(upgrade_request(path, &format!("Origin: {origin}\r\n")).as_bytes());
+        raw.read_head()[9..12].to_string()
+    };
+    assert_eq!(status("/open", "https://anything.test"), "101");
+    assert_eq!(status("/sub", "https://a.example.com"), "101");
+    assert_eq!(status("/sub", "https://a.b.example.com"), "101");
+    assert_eq!(status("/sub", "https://example.com"), "403");
+    assert_eq!(status("/sub", "http://a.example.com"), "403");
+    assert_eq!(status("/sub", "https://a.example.com.evil.test"), "403");
+    // A route without a list of its own takes the global one.
+    assert_eq!(status("/exact", "https://app.example.com"), "101");
+    assert_eq!(status("/exact", "https://other.example.com"), "403");
+    let _ = std::fs::remove_file(file);
+    // A malformed pattern stops the server at start, naming the entry.
+    let (code, err) = common::start_error(&["--allowed-origins", "https://app.*.com"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("allowed_origins: \"https://app.*.com\""), "{err}");
+});
+
 both_drivers!(head_over_8_kib_gets_431, |driver| {
     let server = Server::start(driver, &[]);
     let base = upgrade_request("/echo", "X-Pad: \r\n").len();

@@ -351,12 +351,14 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
-/// Origins a route accepts: any, or an exact list (RFC 6455 10.2).
+/// Origins a route accepts: any, or a list (RFC 6455 10.2).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum OriginPolicy {
     #[default]
     Any,
-    /// Exact, ASCII case-insensitive origins (`https://app.example.com`).
+    /// Exact origins (`https://app.example.com`) and subdomain patterns
+    /// (`*.example.com`, `https://*.example.com`, `https://*.example.com:8443`),
+    /// ASCII case-insensitive (see `check_origin_entry`).
     List(Vec<String>),
 }
 
@@ -366,9 +368,64 @@ impl OriginPolicy {
     pub fn allows(&self, origin: Option<&str>) -> bool {
         match (self, origin) {
             (OriginPolicy::Any, _) | (_, None) => true,
-            (OriginPolicy::List(list), Some(o)) => list.iter().any(|a| a.eq_ignore_ascii_case(o)),
+            (OriginPolicy::List(list), Some(o)) => list.iter().any(|entry| origin_matches(entry, o)),
         }
     }
+}
+
+/// An origin (RFC 6454 6.2, `scheme://host[:port]`) in parts; the scheme
+/// is absent from a pattern that matches any.
+fn origin_parts(s: &str) -> (Option<&str>, &str, Option<&str>) {
+    let (scheme, rest) = match s.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, s),
+    };
+    // A port is the digits after the last colon (an IPv6 host is bracketed).
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (scheme, host, Some(port))
+        }
+        _ => (scheme, rest, None),
+    }
+}
+
+/// Whether an allow-list entry is well formed: an exact origin, or a
+/// pattern `[scheme://]*.domain[:port]` with its one `*` leading the host.
+pub fn check_origin_entry(entry: &str) -> Result<(), String> {
+    if entry.is_empty() || entry.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(format!("{entry:?} is not an origin"));
+    }
+    if !entry.contains('*') {
+        return Ok(());
+    }
+    let (scheme, host, _) = origin_parts(entry);
+    let domain = host.strip_prefix("*.").unwrap_or("");
+    if domain.is_empty() || domain.contains('*') || scheme.is_some_and(|s| s.is_empty() || s.contains('*')) {
+        return Err(format!(
+            "{entry:?}: a pattern is [scheme://]*.domain[:port], with its one * leading the host"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `origin` is the exact origin `entry`, or (a pattern) on a strict
+/// subdomain of its domain, with its scheme (when it names one) and its
+/// port (none means the scheme's default, which browsers leave out).
+fn origin_matches(entry: &str, origin: &str) -> bool {
+    if !entry.contains('*') {
+        return entry.eq_ignore_ascii_case(origin);
+    }
+    let (p_scheme, p_host, p_port) = origin_parts(entry);
+    let (o_scheme, o_host, o_port) = origin_parts(origin);
+    let Some(o_scheme) = o_scheme else { return false };
+    let Some(domain) = p_host.strip_prefix('*') else {
+        return false;
+    };
+    // `domain` keeps its dot: ".example.com".
+    let subdomain = o_host.len() > domain.len()
+        && o_host.is_char_boundary(o_host.len() - domain.len())
+        && o_host[o_host.len() - domain.len()..].eq_ignore_ascii_case(domain);
+    subdomain && p_scheme.is_none_or(|s| s.eq_ignore_ascii_case(o_scheme)) && p_port == o_port
 }
 
 #[cfg(test)]
@@ -538,6 +595,47 @@ mod tests {
         assert!(!list.allows(Some("https://evil.example.com")));
         assert!(list.allows(None));
         assert!(OriginPolicy::Any.allows(Some("x")));
+    }
+
+    #[test]
+    fn origin_patterns_match_strict_subdomains_only() {
+        let any_scheme = OriginPolicy::List(vec!["*.example.com".into()]);
+        assert!(any_scheme.allows(Some("https://app.example.com")));
+        assert!(any_scheme.allows(Some("http://a.b.EXAMPLE.com")));
+        // Not the domain itself, not a look-alike, not another port.
+        assert!(!any_scheme.allows(Some("https://example.com")));
+        assert!(!any_scheme.allows(Some("https://evilexample.com")));
+        assert!(!any_scheme.allows(Some("https://example.com.evil.net")));
+        assert!(!any_scheme.allows(Some("https://app.example.com:8443")));
+        assert!(!any_scheme.allows(Some("null")));
+        let https = OriginPolicy::List(vec![
+            "https://*.example.com".into(),
+            "https://*.example.com:8443".into(),
+        ]);
+        assert!(https.allows(Some("https://app.example.com")));
+        assert!(https.allows(Some("https://app.example.com:8443")));
+        assert!(!https.allows(Some("http://app.example.com")));
+        assert!(!https.allows(Some("https://app.example.com:8444")));
+        for good in [
+            "https://app.example.com",
+            "*.example.com",
+            "https://*.example.com:8443",
+            "null",
+        ] {
+            assert_eq!(check_origin_entry(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "*",
+            "*example.com",
+            "https://app.*.com",
+            "*.",
+            "https://*.a.*.com",
+            "",
+            "a b",
+            "://*.a.com",
+        ] {
+            assert!(check_origin_entry(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
