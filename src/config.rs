@@ -93,6 +93,17 @@ pub struct Options {
     /// Upgraded connections one client address may hold; 0: no limit [default: 0].
     #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
+    /// Data messages one connection may send per second (a bucket of one
+    /// second's worth, refilled as time passes); 0: no limit [default: 0].
+    #[arg(long)]
+    pub max_messages_per_sec: Option<u32>,
+    /// Payload bytes one connection may send per second (a message is
+    /// taken while the bucket is not empty, and may overdraw it); 0: no limit [default: 0].
+    #[arg(long)]
+    pub max_bytes_per_sec: Option<u64>,
+    /// What happens to a message over those limits [default: close].
+    #[arg(long, value_enum)]
+    pub rate_limit: Option<RateLimit>,
     /// Messages each cross-core ring holds [default: 4096].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
@@ -150,6 +161,16 @@ pub enum SlowConsumer {
     Drop,
 }
 
+/// What happens to a message over a connection's rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimit {
+    /// Close the connection with 1008 "rate limit".
+    Close,
+    /// Drop the message, and count it.
+    Drop,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub path: String,
@@ -187,6 +208,9 @@ pub struct Config {
     pub stall_timeout_ms: u64,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub max_messages_per_sec: u32,
+    pub max_bytes_per_sec: u64,
+    pub rate_limit: RateLimit,
     pub mesh_ring_capacity: usize,
     pub stomp_heart_beat_ms: u64,
     pub stomp_heart_beat_grace_ms: u64,
@@ -251,6 +275,9 @@ impl Options {
             stall_timeout_ms: self.stall_timeout_ms.or(base.stall_timeout_ms),
             max_connections: self.max_connections.or(base.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(base.max_connections_per_ip),
+            max_messages_per_sec: self.max_messages_per_sec.or(base.max_messages_per_sec),
+            max_bytes_per_sec: self.max_bytes_per_sec.or(base.max_bytes_per_sec),
+            rate_limit: self.rate_limit.or(base.rate_limit),
             mesh_ring_capacity: self.mesh_ring_capacity.or(base.mesh_ring_capacity),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.or(base.stomp_heart_beat_ms),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
@@ -342,6 +369,9 @@ impl Options {
             stall_timeout_ms: self.stall_timeout_ms.unwrap_or(2_000),
             max_connections: self.max_connections.unwrap_or_else(default_max_connections),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
+            max_messages_per_sec: self.max_messages_per_sec.unwrap_or(0),
+            max_bytes_per_sec: self.max_bytes_per_sec.unwrap_or(0),
+            rate_limit: self.rate_limit.unwrap_or(RateLimit::Close),
             mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.unwrap_or(10_000),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
@@ -427,6 +457,8 @@ impl Config {
             0,
             self.max_connections,
         )?;
+        in_range("max_messages_per_sec", self.max_messages_per_sec, 0, 100_000_000)?;
+        in_range("max_bytes_per_sec", self.max_bytes_per_sec, 0, 1 << 40)?;
         in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
         in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
         in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;

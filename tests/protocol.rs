@@ -238,6 +238,56 @@ both_drivers!(origin_lists_per_route_take_subdomain_patterns, |driver| {
     assert!(err.contains("allowed_origins: \"https://app.*.com\""), "{err}");
 });
 
+/// Sends `count` one-byte text messages in one write on `/echo`; returns
+/// the connection and how many echoes came back before `end` (a close
+/// frame's code, or None once nothing more came within 300 ms).
+fn burst(server: &Server, count: usize) -> (Raw, usize, Option<u16>) {
+    let mut raw = Raw::open(server.addr, "/echo");
+    let wire: Vec<u8> = (0..count).flat_map(|_| masked_frame(0x81, b"x")).collect();
+    raw.send(&wire);
+    raw.stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut echoes = 0;
+    while let Some(frame) = raw.read_frame() {
+        if frame.opcode == 8 {
+            return (raw, echoes, frame.close_code());
+        }
+        echoes += 1;
+    }
+    (raw, echoes, None)
+}
+
+both_drivers!(message_rate_limit_closes_1008_or_drops_at_the_limit, |driver| {
+    // 20 a second: a burst of 40 gets its first 20 through (a clock tick
+    // during the burst may refill one or two), then 1008.
+    let mut server = Server::start(driver, &["--max-messages-per-sec", "20"]);
+    let (mut raw, echoes, code) = burst(&server, 40);
+    assert_eq!(code, Some(1008));
+    assert!((20..=22).contains(&echoes), "{echoes}");
+    assert!(raw.is_closed_by_server());
+    server.terminate();
+    assert_eq!(common::stopped_count(&server.log(), "rate_limited"), 1);
+    // Under the drop policy the rest of the burst is dropped and the
+    // connection stays; a second later the bucket is full again.
+    let server = Server::start(driver, &["--max-messages-per-sec", "20", "--rate-limit", "drop"]);
+    let (mut raw, echoes, code) = burst(&server, 40);
+    assert_eq!(code, None);
+    assert!((20..=22).contains(&echoes), "{echoes}");
+    std::thread::sleep(Duration::from_millis(1100));
+    raw.send(&masked_frame(0x81, b"again"));
+    raw.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(raw.read_frame().unwrap().payload, b"again");
+    // Counted in the metrics (refreshed at every sweep tick).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let limited = loop {
+        let limited = server.metric("sluice_rate_limited_total");
+        if limited > 0 || Instant::now() > deadline {
+            break limited;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(limited, 40 - echoes as u64);
+});
+
 both_drivers!(head_over_8_kib_gets_431, |driver| {
     let server = Server::start(driver, &[]);
     let base = upgrade_request("/echo", "X-Pad: \r\n").len();

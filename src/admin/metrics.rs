@@ -43,6 +43,7 @@ pub struct StatsView {
     pub publish_holds: u64,
     pub refused_max_connections: u64,
     pub refused_max_per_ip: u64,
+    pub rate_limited: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -66,6 +67,7 @@ impl From<&Stats> for StatsView {
             publish_holds: s.publish_holds,
             refused_max_connections: s.refused_max_connections,
             refused_max_per_ip: s.refused_max_per_ip,
+            rate_limited: s.rate_limited,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -157,6 +159,12 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Handshakes refused with 503 at --max-connections-per-ip.",
         |c| c.stats.refused_max_per_ip,
+    ),
+    (
+        "rate_limited_total",
+        "counter",
+        "Data messages over a connection's rate limits (dropped, or closing it with 1008).",
+        |c| c.stats.rate_limited,
     ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks

@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 
 use monoio::net::TcpStream;
 
-use crate::config::{Config, RouteId, HEALTH_PATH};
+use crate::config::{Config, RateLimit, RouteId, HEALTH_PATH};
 use crate::proto::App;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
 use outbound::{Flush, Outbound};
@@ -728,6 +728,8 @@ fn process(
     let mut bytes_in = 0u64;
     let echoes = matches!(app, App::Echo);
     let mut partial_frame_bytes = None;
+    // Messages dropped over the rate limits (never echoed).
+    let mut limited = 0;
     // Input that waited for a publish to get through goes first.
     app.resume(out, pool, session);
     if let Some(code) = app.take_close(session) {
@@ -749,6 +751,20 @@ fn process(
                     Event::Message { kind, payload } => {
                         messages_in += 1;
                         bytes_in += payload.len() as u64;
+                        if !session.take_tokens(payload.len()) {
+                            if shard.config.rate_limit == RateLimit::Drop {
+                                limited += 1;
+                                continue;
+                            }
+                            let violation = Violation {
+                                code: CloseCode::POLICY_VIOLATION,
+                                reason: "rate limit",
+                            };
+                            if app.replies() {
+                                out.push_close(pool, Some(violation.code), violation.reason);
+                            }
+                            break Flow::Failed(violation);
+                        }
                         app.on_message(kind, payload, out, pool, session);
                         if let Some(code) = app.take_close(session) {
                             break Flow::AppClosed(code);
@@ -783,7 +799,7 @@ fn process(
     stats.messages_in += messages_in;
     stats.bytes_in += bytes_in;
     if echoes {
-        stats.messages_out += messages_in;
+        stats.messages_out += messages_in - limited;
     }
     (pos, flow, partial_frame_bytes)
 }

@@ -103,6 +103,11 @@ struct Slot {
     /// The task waits with nothing of its own queued: the shard may write
     /// deliveries to `fd` itself (`Shard::flush_direct`).
     direct: bool,
+    /// Token buckets of the connection's inbound messages and bytes, as of
+    /// `bucket_ms` (see `Session::take_tokens`).
+    message_tokens: f64,
+    byte_tokens: f64,
+    bucket_ms: u64,
     /// The client's address, and whether the session counts against the
     /// admission caps (from its 101 until the slot is removed).
     peer_ip: Option<std::net::IpAddr>,
@@ -232,6 +237,9 @@ pub struct Stats {
     /// `--max-connections-per-ip`.
     pub refused_max_connections: u64,
     pub refused_max_per_ip: u64,
+    /// Data messages over a connection's rate limits (dropped, or the one
+    /// that closed it).
+    pub rate_limited: u64,
 }
 
 impl Stats {
@@ -262,6 +270,7 @@ impl Stats {
         self.publish_holds += other.publish_holds;
         self.refused_max_connections += other.refused_max_connections;
         self.refused_max_per_ip += other.refused_max_per_ip;
+        self.rate_limited += other.rate_limited;
     }
 }
 
@@ -385,6 +394,9 @@ impl Shard {
             pubsub: None,
             fd: -1,
             direct: false,
+            message_tokens: f64::from(self.config.max_messages_per_sec),
+            byte_tokens: self.config.max_bytes_per_sec as f64,
+            bucket_ms: now,
             peer_ip: None,
             admitted: false,
             heart_beat_send_ms: 0,
@@ -1243,6 +1255,36 @@ impl Session {
         self.with(|s| write_deliveries(s, socket, partial_only, now, &self.shard))
     }
 
+    /// Takes one message of `len` payload bytes from the connection's
+    /// buckets: `false` (counted) if either limit refuses it. A bucket holds
+    /// one second's worth and refills at its rate; a message needs a whole
+    /// message token, and bytes not overdrawn (a message larger than the
+    /// byte rate passes on a full bucket and overdraws it).
+    pub fn take_tokens(&self, len: usize) -> bool {
+        let c = &self.shard.config;
+        if c.max_messages_per_sec == 0 && c.max_bytes_per_sec == 0 {
+            return true;
+        }
+        let now = self.shard.now_ms();
+        let (messages, bytes) = (f64::from(c.max_messages_per_sec), c.max_bytes_per_sec as f64);
+        let taken = self.with(|s| {
+            let seconds = now.saturating_sub(s.bucket_ms) as f64 / 1000.0;
+            s.bucket_ms = now;
+            s.message_tokens = (s.message_tokens + seconds * messages).min(messages);
+            s.byte_tokens = (s.byte_tokens + seconds * bytes).min(bytes);
+            let fits = (messages == 0.0 || s.message_tokens >= 1.0) && (bytes == 0.0 || s.byte_tokens >= 0.0);
+            if fits {
+                s.message_tokens -= 1.0;
+                s.byte_tokens -= len as f64;
+            }
+            fits
+        });
+        if !taken {
+            self.shard.stats.borrow_mut().rate_limited += 1;
+        }
+        taken
+    }
+
     /// Records the client's address (for the per-address cap).
     pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
         self.with(|s| s.peer_ip = Some(ip));
@@ -1639,6 +1681,39 @@ pub(crate) mod tests {
             }
             assert_eq!(small.poll_kick(&w), None);
         }
+    }
+
+    #[test]
+    fn rate_limits_are_exact_and_refill_with_time() {
+        let shard = test_shard(Options {
+            max_messages_per_sec: Some(3),
+            max_bytes_per_sec: Some(1000),
+            ..Options::default()
+        });
+        let s = shard.open_session();
+        // A second's worth at once: three messages, the fourth refused.
+        for _ in 0..3 {
+            assert!(s.take_tokens(10));
+        }
+        assert!(!s.take_tokens(10));
+        assert_eq!(shard.stats.borrow().rate_limited, 1);
+        // 333 ms give back 0.999 of a message: still refused; 334 ms, one.
+        shard.sweep_at(333);
+        assert!(!s.take_tokens(10));
+        shard.sweep_at(334);
+        assert!(s.take_tokens(10));
+        assert!(!s.take_tokens(10));
+        // Bytes: a full bucket (1000) takes a 1500-byte message and is
+        // overdrawn by 500, so nothing passes until 500 ms have refilled it.
+        let b = shard.open_session();
+        assert!(b.take_tokens(1500));
+        shard.sweep_at(334 + 499);
+        assert!(!b.take_tokens(1));
+        shard.sweep_at(334 + 500);
+        assert!(b.take_tokens(1));
+        // No limits: always.
+        let free = test_shard(Options::default()).open_session();
+        assert!((0..10_000).all(|_| free.take_tokens(1 << 20)));
     }
 
     #[test]
