@@ -103,20 +103,49 @@ struct Slot {
     /// The task waits with nothing of its own queued: the shard may write
     /// deliveries to `fd` itself (`Shard::flush_direct`).
     direct: bool,
-    /// Token buckets of the connection's inbound messages and bytes, as of
-    /// `bucket_ms` (see `Session::take_tokens`).
-    message_tokens: f64,
-    byte_tokens: f64,
-    bucket_ms: u64,
-    /// The client's address, and whether the session counts against the
-    /// admission caps (from its 101 until the slot is removed).
-    peer_ip: Option<std::net::IpAddr>,
+    /// The session counts against the admission caps (from its 101 until
+    /// the slot is removed).
     admitted: bool,
+    /// What only some configurations need (a per-address cap, rate
+    /// limits): allocated on first use, so it weighs on no other slot.
+    limits: Option<Box<Limits>>,
     /// STOMP heart-beats (ms, 0: none): we send one when we have sent
     /// nothing for `heart_beat_send_ms`; the peer must send something at
     /// least every `heart_beat_expect_ms`.
     heart_beat_send_ms: u64,
     heart_beat_expect_ms: u64,
+}
+
+/// A session's address (kept only under a per-address cap) and the token
+/// buckets of its inbound messages and bytes as of `bucket_ms` (see
+/// `Session::take_tokens`).
+struct Limits {
+    peer_ip: Option<std::net::IpAddr>,
+    message_tokens: f64,
+    byte_tokens: f64,
+    bucket_ms: u64,
+}
+
+impl Limits {
+    /// Full buckets as of `now`.
+    fn new(config: &Config, now: u64) -> Limits {
+        Limits {
+            peer_ip: None,
+            message_tokens: f64::from(config.max_messages_per_sec),
+            byte_tokens: config.max_bytes_per_sec as f64,
+            bucket_ms: now,
+        }
+    }
+}
+
+impl Slot {
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.limits.as_ref().and_then(|l| l.peer_ip)
+    }
+
+    fn limits(&mut self, config: &Config, now: u64) -> &mut Limits {
+        self.limits.get_or_insert_with(|| Box::new(Limits::new(config, now)))
+    }
 }
 
 /// One piece of a queued delivery: a message is one or more parts (a
@@ -394,11 +423,8 @@ impl Shard {
             pubsub: None,
             fd: -1,
             direct: false,
-            message_tokens: f64::from(self.config.max_messages_per_sec),
-            byte_tokens: self.config.max_bytes_per_sec as f64,
-            bucket_ms: now,
-            peer_ip: None,
             admitted: false,
+            limits: None,
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
         });
@@ -455,7 +481,7 @@ impl Shard {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
                     if slot.admitted {
-                        self.admission.release(slot.peer_ip);
+                        self.admission.release(slot.peer_ip());
                     }
                     if let Some(ps) = slot.pubsub.take() {
                         self.unqueue(ps.queued_bytes);
@@ -1268,14 +1294,15 @@ impl Session {
         let now = self.shard.now_ms();
         let (messages, bytes) = (f64::from(c.max_messages_per_sec), c.max_bytes_per_sec as f64);
         let taken = self.with(|s| {
-            let seconds = now.saturating_sub(s.bucket_ms) as f64 / 1000.0;
-            s.bucket_ms = now;
-            s.message_tokens = (s.message_tokens + seconds * messages).min(messages);
-            s.byte_tokens = (s.byte_tokens + seconds * bytes).min(bytes);
-            let fits = (messages == 0.0 || s.message_tokens >= 1.0) && (bytes == 0.0 || s.byte_tokens >= 0.0);
+            let b = s.limits(c, now);
+            let seconds = now.saturating_sub(b.bucket_ms) as f64 / 1000.0;
+            b.bucket_ms = now;
+            b.message_tokens = (b.message_tokens + seconds * messages).min(messages);
+            b.byte_tokens = (b.byte_tokens + seconds * bytes).min(bytes);
+            let fits = (messages == 0.0 || b.message_tokens >= 1.0) && (bytes == 0.0 || b.byte_tokens >= 0.0);
             if fits {
-                s.message_tokens -= 1.0;
-                s.byte_tokens -= len as f64;
+                b.message_tokens -= 1.0;
+                b.byte_tokens -= len as f64;
             }
             fits
         });
@@ -1287,14 +1314,19 @@ impl Session {
 
     /// Records the client's address (for the per-address cap).
     pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
-        self.with(|s| s.peer_ip = Some(ip));
+        let config = &self.shard.config;
+        if config.max_connections_per_ip == 0 {
+            return;
+        }
+        let now = self.shard.now_ms();
+        self.with(|s| s.limits(config, now).peer_ip = Some(ip));
     }
 
     /// Counts the session against the admission caps (its handshake is
     /// about to succeed), or says which cap refuses it (counted).
     pub fn admit(&self) -> Result<(), crate::ws::handshake::Reject> {
         use crate::ws::handshake::Reject;
-        let ip = self.with(|s| s.peer_ip);
+        let ip = self.with(|s| s.peer_ip());
         match self.shard.admission.admit(ip) {
             Ok(()) => {
                 self.with(|s| s.admitted = true);
@@ -1384,7 +1416,7 @@ impl Drop for Session {
             }
             let slot = sessions.remove(self.key);
             if let Some(slot) = slot.as_ref().filter(|s| s.admitted) {
-                self.shard.admission.release(slot.peer_ip);
+                self.shard.admission.release(slot.peer_ip());
             }
             (sessions.is_empty(), slot.and_then(|s| s.pubsub))
         };
