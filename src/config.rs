@@ -93,6 +93,10 @@ pub struct Options {
     /// Upgraded connections one client address may hold; 0: no limit [default: 0].
     #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
+    /// Handshakes one client address may make per second (a bucket of one
+    /// second's worth); past it, 429 with Retry-After; 0: no limit [default: 0].
+    #[arg(long)]
+    pub max_handshakes_per_sec_per_ip: Option<u32>,
     /// Data messages one connection may send per second (a bucket of one
     /// second's worth, refilled as time passes); 0: no limit [default: 0].
     #[arg(long)]
@@ -208,6 +212,7 @@ pub struct Config {
     pub stall_timeout_ms: u64,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub max_handshakes_per_sec_per_ip: u32,
     pub max_messages_per_sec: u32,
     pub max_bytes_per_sec: u64,
     pub rate_limit: RateLimit,
@@ -275,6 +280,9 @@ impl Options {
             stall_timeout_ms: self.stall_timeout_ms.or(base.stall_timeout_ms),
             max_connections: self.max_connections.or(base.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(base.max_connections_per_ip),
+            max_handshakes_per_sec_per_ip: self
+                .max_handshakes_per_sec_per_ip
+                .or(base.max_handshakes_per_sec_per_ip),
             max_messages_per_sec: self.max_messages_per_sec.or(base.max_messages_per_sec),
             max_bytes_per_sec: self.max_bytes_per_sec.or(base.max_bytes_per_sec),
             rate_limit: self.rate_limit.or(base.rate_limit),
@@ -369,6 +377,7 @@ impl Options {
             stall_timeout_ms: self.stall_timeout_ms.unwrap_or(2_000),
             max_connections: self.max_connections.unwrap_or_else(default_max_connections),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
+            max_handshakes_per_sec_per_ip: self.max_handshakes_per_sec_per_ip.unwrap_or(0),
             max_messages_per_sec: self.max_messages_per_sec.unwrap_or(0),
             max_bytes_per_sec: self.max_bytes_per_sec.unwrap_or(0),
             rate_limit: self.rate_limit.unwrap_or(RateLimit::Close),
@@ -456,6 +465,12 @@ impl Config {
             self.max_connections_per_ip,
             0,
             self.max_connections,
+        )?;
+        in_range(
+            "max_handshakes_per_sec_per_ip",
+            self.max_handshakes_per_sec_per_ip,
+            0,
+            100_000_000,
         )?;
         in_range("max_messages_per_sec", self.max_messages_per_sec, 0, 100_000_000)?;
         in_range("max_bytes_per_sec", self.max_bytes_per_sec, 0, 1 << 40)?;

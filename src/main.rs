@@ -62,6 +62,7 @@ fn main() -> ExitCode {
                 publish_holds = stats.publish_holds,
                 refused_max_connections = stats.refused_max_connections,
                 refused_max_per_ip = stats.refused_max_per_ip,
+                refused_handshake_rate = stats.refused_handshake_rate,
                 rate_limited = stats.rate_limited,
                 "stopped"
             );

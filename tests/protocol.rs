@@ -256,6 +256,34 @@ fn burst(server: &Server, count: usize) -> (Raw, usize, Option<u16>) {
     (raw, echoes, None)
 }
 
+both_drivers!(handshake_rate_per_address_answers_429_at_the_limit, |driver| {
+    let mut server = Server::start(driver, &["--max-handshakes-per-sec-per-ip", "3"]);
+    // A second's worth from one address; the next gets 429 (a clock that
+    // moves during the burst may refill one at most).
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (raw, head) = upgrade_from(&server, 5);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        open.push(raw);
+    }
+    let refused = (0..2).find_map(|_| {
+        let (mut raw, head) = upgrade_from(&server, 5);
+        head.starts_with("HTTP/1.1 429 ").then(|| (head, raw.read_to_end()))
+    });
+    let (head, body) = refused.expect("a 429 within the burst");
+    assert!(head.contains("\r\nRetry-After: 1\r\n"), "{head}");
+    assert_eq!(body, "too many handshakes from this address\n");
+    // Another address is not affected.
+    let (_raw, head) = upgrade_from(&server, 6);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    // A second later the address may come back.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_raw, head) = upgrade_from(&server, 5);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    server.terminate();
+    assert_eq!(common::stopped_count(&server.log(), "refused_handshake_rate"), 1);
+});
+
 both_drivers!(message_rate_limit_closes_1008_or_drops_at_the_limit, |driver| {
     // 20 a second: a burst of 40 gets its first 20 through (a clock tick
     // during the burst may refill one or two), then 1008.

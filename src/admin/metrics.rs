@@ -43,6 +43,7 @@ pub struct StatsView {
     pub publish_holds: u64,
     pub refused_max_connections: u64,
     pub refused_max_per_ip: u64,
+    pub refused_handshake_rate: u64,
     pub rate_limited: u64,
     pub parks: u64,
     pub resumes: u64,
@@ -67,6 +68,7 @@ impl From<&Stats> for StatsView {
             publish_holds: s.publish_holds,
             refused_max_connections: s.refused_max_connections,
             refused_max_per_ip: s.refused_max_per_ip,
+            refused_handshake_rate: s.refused_handshake_rate,
             rate_limited: s.rate_limited,
             parks: s.parks,
             resumes: s.resumes,
@@ -159,6 +161,12 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Handshakes refused with 503 at --max-connections-per-ip.",
         |c| c.stats.refused_max_per_ip,
+    ),
+    (
+        "refused_handshake_rate_total",
+        "counter",
+        "Handshakes refused with 429 at --max-handshakes-per-sec-per-ip.",
+        |c| c.stats.refused_handshake_rate,
     ),
     (
         "rate_limited_total",

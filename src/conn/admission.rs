@@ -1,13 +1,15 @@
-//! Admission: how many upgraded connections the whole server holds, and
-//! how many from one address. Shared by every core; decided when a
-//! handshake would succeed, so refused clients get a 503 with
-//! `Retry-After` instead of a silent drop, and health checks and refused
-//! handshakes never count.
+//! Admission: how many upgraded connections the whole server holds, how
+//! many from one address, and how fast one address may open them. Shared
+//! by every core; decided when a handshake would succeed, so refused
+//! clients get a 503 (a cap) or a 429 (the rate), with `Retry-After`,
+//! instead of a silent drop; health checks and refused handshakes never
+//! count.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::ws::handshake::Reject;
 
@@ -17,16 +19,71 @@ pub struct Admission {
     max_per_ip: usize,
     open: AtomicUsize,
     by_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Handshakes one address may make per second; 0: no limit.
+    handshakes_per_sec: u32,
+    rates: Mutex<Rates>,
 }
 
+/// A token bucket per address that made a handshake lately (a second's
+/// worth, refilled as time passes). An address idle for a second has a
+/// full bucket, the same as none: once the map reaches `prune_at`
+/// addresses, at most once a second, those are forgotten, so it holds at
+/// most the addresses of about two seconds of handshakes beyond that.
+struct Rates {
+    by_ip: HashMap<IpAddr, (f64, Instant)>,
+    prune_at: usize,
+    pruned: Instant,
+}
+
+/// Addresses the handshake-rate map holds before it prunes.
+const PRUNE_AT: usize = 65_536;
+
 impl Admission {
-    pub fn new(max: usize, max_per_ip: usize) -> Admission {
+    pub fn new(max: usize, max_per_ip: usize, handshakes_per_sec: u32) -> Admission {
+        Admission::with_prune_at(max, max_per_ip, handshakes_per_sec, PRUNE_AT)
+    }
+
+    fn with_prune_at(max: usize, max_per_ip: usize, handshakes_per_sec: u32, prune_at: usize) -> Admission {
         Admission {
             max,
             max_per_ip,
             open: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),
+            handshakes_per_sec,
+            rates: Mutex::new(Rates {
+                by_ip: HashMap::new(),
+                prune_at,
+                pruned: Instant::now(),
+            }),
         }
+    }
+
+    /// Takes one handshake from `ip`'s bucket, or refuses it (429).
+    pub fn handshake(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Reject> {
+        let (Some(ip), true) = (ip, self.handshakes_per_sec > 0) else {
+            return Ok(());
+        };
+        let rate = f64::from(self.handshakes_per_sec);
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        if rates.by_ip.len() >= rates.prune_at && now.duration_since(rates.pruned) >= Duration::from_secs(1) {
+            rates
+                .by_ip
+                .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
+            rates.pruned = now;
+        }
+        let (tokens, at) = rates.by_ip.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(Reject::TooManyHandshakes);
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Addresses the handshake-rate map holds.
+    pub fn rate_entries(&self) -> usize {
+        self.rates.lock().map_or(0, |r| r.by_ip.len())
     }
 
     /// Counts one more connection from `ip`, unless a cap is reached.
@@ -84,7 +141,7 @@ mod tests {
     #[test]
     fn caps_are_exact_and_release_gives_back() {
         let ip = |n: u8| Some(IpAddr::from([127, 0, 0, n]));
-        let a = Admission::new(3, 2);
+        let a = Admission::new(3, 2, 0);
         assert_eq!(a.admit(ip(1)), Ok(()));
         assert_eq!(a.admit(ip(1)), Ok(()));
         // The address's cap: refused, and the global count is not kept.
@@ -101,10 +158,39 @@ mod tests {
         }
         assert_eq!((a.open(), a.addresses()), (0, 0));
         // No per-address cap: the map stays empty.
-        let a = Admission::new(2, 0);
+        let a = Admission::new(2, 0, 0);
         assert_eq!(a.admit(ip(1)), Ok(()));
         assert_eq!(a.admit(ip(1)), Ok(()));
         assert_eq!(a.admit(ip(1)), Err(Reject::TooManyConnections));
         assert_eq!(a.addresses(), 0);
+    }
+
+    #[test]
+    fn handshake_rate_is_exact_per_address_and_its_map_is_pruned() {
+        let ip = |n: u8| Some(IpAddr::from([127, 0, 0, n]));
+        let a = Admission::with_prune_at(100, 0, 2, 3);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A second's worth at once, then refused; others are not affected.
+        assert_eq!(a.handshake(ip(1), at(0)), Ok(()));
+        assert_eq!(a.handshake(ip(1), at(0)), Ok(()));
+        assert_eq!(a.handshake(ip(1), at(0)), Err(Reject::TooManyHandshakes));
+        assert_eq!(a.handshake(ip(2), at(0)), Ok(()));
+        // 2 a second: one more after 500 ms, not after 499.
+        assert_eq!(a.handshake(ip(1), at(499)), Err(Reject::TooManyHandshakes));
+        assert_eq!(a.handshake(ip(1), at(500)), Ok(()));
+        // Without an address (or a limit), nothing is counted.
+        assert_eq!(a.handshake(None, at(500)), Ok(()));
+        assert_eq!(Admission::new(1, 0, 0).handshake(ip(1), at(0)), Ok(()));
+        // At 3 addresses the map prunes those idle for a second.
+        assert_eq!(a.handshake(ip(3), at(600)), Ok(()));
+        assert_eq!(a.rate_entries(), 3);
+        assert_eq!(a.handshake(ip(4), at(1550)), Ok(()));
+        // ip 1 (idle since 500 ms) and ip 2 (0 ms) went; ip 3 (600) stayed.
+        assert_eq!(a.rate_entries(), 2);
+        // Forgotten means a full bucket, as it would have been.
+        assert_eq!(a.handshake(ip(1), at(1550)), Ok(()));
+        assert_eq!(a.handshake(ip(1), at(1550)), Ok(()));
+        assert_eq!(a.handshake(ip(1), at(1550)), Err(Reject::TooManyHandshakes));
     }
 }

@@ -266,6 +266,8 @@ pub struct Stats {
     /// `--max-connections-per-ip`.
     pub refused_max_connections: u64,
     pub refused_max_per_ip: u64,
+    /// Handshakes refused with 429 at `--max-handshakes-per-sec-per-ip`.
+    pub refused_handshake_rate: u64,
     /// Data messages over a connection's rate limits (dropped, or the one
     /// that closed it).
     pub rate_limited: u64,
@@ -299,6 +301,7 @@ impl Stats {
         self.publish_holds += other.publish_holds;
         self.refused_max_connections += other.refused_max_connections;
         self.refused_max_per_ip += other.refused_max_per_ip;
+        self.refused_handshake_rate += other.refused_handshake_rate;
         self.rate_limited += other.rate_limited;
     }
 }
@@ -1315,19 +1318,24 @@ impl Session {
     /// Records the client's address (for the per-address cap).
     pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
         let config = &self.shard.config;
-        if config.max_connections_per_ip == 0 {
+        if config.max_connections_per_ip == 0 && config.max_handshakes_per_sec_per_ip == 0 {
             return;
         }
         let now = self.shard.now_ms();
         self.with(|s| s.limits(config, now).peer_ip = Some(ip));
     }
 
-    /// Counts the session against the admission caps (its handshake is
-    /// about to succeed), or says which cap refuses it (counted).
+    /// Counts the session against the handshake rate and the admission
+    /// caps (its handshake is about to succeed), or says which refuses it
+    /// (counted).
     pub fn admit(&self) -> Result<(), crate::ws::handshake::Reject> {
         use crate::ws::handshake::Reject;
         let ip = self.with(|s| s.peer_ip());
-        match self.shard.admission.admit(ip) {
+        let admission = &self.shard.admission;
+        let admitted = admission
+            .handshake(ip, std::time::Instant::now())
+            .and_then(|()| admission.admit(ip));
+        match admitted {
             Ok(()) => {
                 self.with(|s| s.admitted = true);
                 Ok(())
@@ -1335,6 +1343,7 @@ impl Session {
             Err(reject) => {
                 let mut stats = self.shard.stats.borrow_mut();
                 match reject {
+                    Reject::TooManyHandshakes => stats.refused_handshake_rate += 1,
                     Reject::TooManyFromAddress => stats.refused_max_per_ip += 1,
                     _ => stats.refused_max_connections += 1,
                 }
@@ -1466,6 +1475,7 @@ pub(crate) mod tests {
         let admission = Arc::new(crate::conn::admission::Admission::new(
             config.max_connections,
             config.max_connections_per_ip,
+            config.max_handshakes_per_sec_per_ip,
         ));
         Rc::new(Shard::new(config, mesh, admission).unwrap())
     }

@@ -109,6 +109,7 @@ impl Server {
         let admission = Arc::new(crate::conn::admission::Admission::new(
             config.max_connections,
             config.max_connections_per_ip,
+            config.max_handshakes_per_sec_per_ip,
         ));
         let meshes =
             crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {

@@ -37,6 +37,8 @@ pub enum Reject {
     TooManyConnections,
     /// 503: the client's address holds `--max-connections-per-ip`.
     TooManyFromAddress,
+    /// 429: the client's address passed `--max-handshakes-per-sec-per-ip`.
+    TooManyHandshakes,
 }
 
 impl Reject {
@@ -49,6 +51,7 @@ impl Reject {
             Reject::HeadTooLarge => 431,
             Reject::MethodNotAllowed => 405,
             Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => 503,
+            Reject::TooManyHandshakes => 429,
         }
     }
 
@@ -63,6 +66,7 @@ impl Reject {
             Reject::ShuttingDown => "shutting down",
             Reject::TooManyConnections => "too many connections",
             Reject::TooManyFromAddress => "too many connections from this address",
+            Reject::TooManyHandshakes => "too many handshakes from this address",
         }
     }
 
@@ -78,6 +82,8 @@ impl Reject {
             Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => {
                 (503, "Service Unavailable")
             }
+            // RFC 6585 4.
+            Reject::TooManyHandshakes => (429, "Too Many Requests"),
         };
         let extra = match self {
             // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
@@ -86,6 +92,7 @@ impl Reject {
             Reject::ShuttingDown => "Retry-After: 1\r\n",
             // RFC 7231 7.1.3: when to try again (a connection may have ended by then).
             Reject::TooManyConnections | Reject::TooManyFromAddress => "Retry-After: 5\r\n",
+            Reject::TooManyHandshakes => "Retry-After: 1\r\n",
             _ => "",
         };
         plain_response(status, text, extra, self.reason(), true)
