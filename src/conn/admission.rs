@@ -43,6 +43,15 @@ impl Admission {
         Admission::with_prune_at(max, max_per_ip, handshakes_per_sec, PRUNE_AT)
     }
 
+    /// The caps and the rate `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> Admission {
+        Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.max_handshakes_per_sec_per_ip,
+        )
+    }
+
     fn with_prune_at(max: usize, max_per_ip: usize, handshakes_per_sec: u32, prune_at: usize) -> Admission {
         Admission {
             max,
@@ -72,7 +81,7 @@ impl Admission {
             rates.pruned = now;
         }
         let (tokens, at) = rates.by_ip.entry(ip).or_insert((rate, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *tokens = refill(*tokens, now.duration_since(*at).as_secs_f64(), rate);
         *at = now;
         if *tokens < 1.0 {
             return Err(Reject::TooManyHandshakes);
@@ -96,9 +105,6 @@ impl Admission {
             let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
             let count = by_ip.entry(ip).or_insert(0);
             if *count >= self.max_per_ip {
-                if *count == 0 {
-                    by_ip.remove(&ip);
-                }
                 drop(by_ip);
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(Reject::TooManyFromAddress);
@@ -132,6 +138,12 @@ impl Admission {
     pub fn addresses(&self) -> usize {
         self.by_ip.lock().map_or(0, |m| m.len())
     }
+}
+
+/// A token bucket of one second's worth at `rate` a second, `seconds`
+/// after it held `tokens`.
+pub fn refill(tokens: f64, seconds: f64, rate: f64) -> f64 {
+    (tokens + seconds * rate).min(rate)
 }
 
 #[cfg(test)]

@@ -1300,8 +1300,8 @@ impl Session {
             let b = s.limits(c, now);
             let seconds = now.saturating_sub(b.bucket_ms) as f64 / 1000.0;
             b.bucket_ms = now;
-            b.message_tokens = (b.message_tokens + seconds * messages).min(messages);
-            b.byte_tokens = (b.byte_tokens + seconds * bytes).min(bytes);
+            b.message_tokens = super::admission::refill(b.message_tokens, seconds, messages);
+            b.byte_tokens = super::admission::refill(b.byte_tokens, seconds, bytes);
             let fits = (messages == 0.0 || b.message_tokens >= 1.0) && (bytes == 0.0 || b.byte_tokens >= 0.0);
             if fits {
                 b.message_tokens -= 1.0;
@@ -1472,11 +1472,7 @@ pub(crate) mod tests {
     pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
         let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
         let config = Arc::new(opts.validate(1).unwrap());
-        let admission = Arc::new(crate::conn::admission::Admission::new(
-            config.max_connections,
-            config.max_connections_per_ip,
-            config.max_handshakes_per_sec_per_ip,
-        ));
+        let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
         Rc::new(Shard::new(config, mesh, admission).unwrap())
     }
 

@@ -106,11 +106,7 @@ impl Server {
             None => ((0..config.workers).map(|_| None).collect::<Vec<_>>(), None),
         };
         let metrics = Arc::new(crate::admin::Metrics::new(config.workers));
-        let admission = Arc::new(crate::conn::admission::Admission::new(
-            config.max_connections,
-            config.max_connections_per_ip,
-            config.max_handshakes_per_sec_per_ip,
-        ));
+        let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
         let meshes =
             crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
                 core: 0,
