@@ -124,6 +124,25 @@ pub struct Options {
     /// Bearer token the admin API requires (all but /healthz and /metrics) [default: none].
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// How routes without their own `auth` treat tokens [default: required
+    /// when a JWT key is configured, else none].
+    #[arg(long, value_enum)]
+    pub auth: Option<crate::auth::Mode>,
+    /// File holding the HMAC secret (at least 32 bytes) that signs HS256/384/512 tokens.
+    #[arg(long)]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA or EC P-256/P-384) that verifies RS*/PS*/ES* tokens.
+    #[arg(long)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Seconds of clock skew allowed on a token's exp and nbf [default: 30].
+    #[arg(long)]
+    pub jwt_leeway_secs: Option<u64>,
+    /// Tokens must carry this `aud` [default: tokens with an `aud` are refused].
+    #[arg(long)]
+    pub jwt_audience: Option<String>,
+    /// Tokens must carry this `iss` [default: any].
+    #[arg(long)]
+    pub jwt_issuer: Option<String>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -138,6 +157,14 @@ pub struct RouteOptions {
     pub subprotocols: Vec<String>,
     /// Overrides the global `allowed_origins` for this route.
     pub allowed_origins: Option<Vec<String>>,
+    /// Overrides the global `auth` for this route.
+    pub auth: Option<crate::auth::Mode>,
+    /// Topic patterns an anonymous session of an `optional` route may
+    /// subscribe (publish) to.
+    #[serde(default)]
+    pub anonymous_subscribe: Vec<String>,
+    #[serde(default)]
+    pub anonymous_publish: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -150,6 +177,11 @@ pub enum RouteProtocol {
     /// STOMP 1.2 (also 1.1 and 1.0) over WebSocket, on the same topics.
     Stomp,
 }
+
+/// The subprotocol the default native route answers to: a browser that
+/// carries its token in a `bearer.<token>` subprotocol must also offer one
+/// the server picks, or it fails the connection.
+pub const NATIVE_SUBPROTOCOL: &str = "sluice";
 
 /// The subprotocols a STOMP route offers when its file entry lists none
 /// (STOMP over WebSocket's names, newest first).
@@ -181,6 +213,9 @@ pub struct Route {
     pub protocol: RouteProtocol,
     pub subprotocols: Vec<String>,
     pub origins: OriginPolicy,
+    pub auth: crate::auth::Mode,
+    /// What an anonymous session of an `optional` route may do.
+    pub anonymous: std::sync::Arc<crate::auth::Grants>,
 }
 
 /// A route's index in `Config::routes`: what a parked connection keeps of
@@ -222,6 +257,8 @@ pub struct Config {
     /// `None`: no admin port.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
+    /// Checks handshake tokens; `None` when no JWT key is configured.
+    pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
 
 #[derive(Debug)]
@@ -291,6 +328,12 @@ impl Options {
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
             admin_listen: self.admin_listen.or(base.admin_listen),
             admin_token: self.admin_token.or(base.admin_token),
+            auth: self.auth.or(base.auth),
+            jwt_secret_file: self.jwt_secret_file.or(base.jwt_secret_file),
+            jwt_public_key: self.jwt_public_key.or(base.jwt_public_key),
+            jwt_leeway_secs: self.jwt_leeway_secs.or(base.jwt_leeway_secs),
+            jwt_audience: self.jwt_audience.or(base.jwt_audience),
+            jwt_issuer: self.jwt_issuer.or(base.jwt_issuer),
             route: self.route.or(base.route),
         }
     }
@@ -298,6 +341,19 @@ impl Options {
     /// Applies defaults and checks every limit.
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
         let global_origins = origin_policy(self.allowed_origins)?;
+        let verifier = verifier(
+            self.jwt_secret_file.as_deref(),
+            self.jwt_public_key.as_deref(),
+            self.jwt_leeway_secs.unwrap_or(30),
+            self.jwt_audience,
+            self.jwt_issuer,
+        )?;
+        let global_auth = self.auth.unwrap_or(if verifier.is_some() {
+            crate::auth::Mode::Required
+        } else {
+            crate::auth::Mode::None
+        });
+        let no_grants = std::sync::Arc::new(crate::auth::Grants::default());
         let routes = match self.route {
             None => vec![
                 Route {
@@ -305,18 +361,24 @@ impl Options {
                     protocol: RouteProtocol::Echo,
                     subprotocols: Vec::new(),
                     origins: global_origins.clone(),
+                    auth: global_auth,
+                    anonymous: no_grants.clone(),
                 },
                 Route {
                     path: "/ws".into(),
                     protocol: RouteProtocol::Pubsub,
-                    subprotocols: Vec::new(),
+                    subprotocols: vec![NATIVE_SUBPROTOCOL.into()],
                     origins: global_origins.clone(),
+                    auth: global_auth,
+                    anonymous: no_grants.clone(),
                 },
                 Route {
                     path: "/stomp".into(),
                     protocol: RouteProtocol::Stomp,
                     subprotocols: STOMP_SUBPROTOCOLS.map(String::from).to_vec(),
                     origins: global_origins.clone(),
+                    auth: global_auth,
+                    anonymous: no_grants.clone(),
                 },
             ],
             Some(routes) => routes
@@ -334,6 +396,11 @@ impl Options {
                             None => global_origins.clone(),
                             Some(list) => origin_policy(Some(list))?,
                         },
+                        auth: r.auth.unwrap_or(global_auth),
+                        anonymous: std::sync::Arc::new(
+                            crate::auth::Grants::new(&r.anonymous_subscribe, &r.anonymous_publish, None)
+                                .map_err(|error| ConfigError::Invalid { option: "route", error })?,
+                        ),
                     })
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -386,10 +453,41 @@ impl Options {
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
             admin_listen,
             admin_token: self.admin_token,
+            verifier,
         };
         config.check()?;
         Ok(config)
     }
+}
+
+/// The token verifier, from the key files.
+fn verifier(
+    secret_file: Option<&Path>,
+    public_key: Option<&Path>,
+    leeway_secs: u64,
+    audience: Option<String>,
+    issuer: Option<String>,
+) -> Result<Option<std::sync::Arc<crate::auth::Verifier>>, ConfigError> {
+    let read = |option: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| ConfigError::Invalid {
+            option,
+            error: format!("{}: {e}", path.display()),
+        })
+    };
+    let keys = crate::auth::KeySource {
+        // A trailing newline (as `echo` writes) is not part of the secret.
+        secret: secret_file
+            .map(|p| read("jwt_secret_file", p).map(|s| s.trim_ascii_end().to_vec()))
+            .transpose()?,
+        public_key_pem: public_key.map(|p| read("jwt_public_key", p)).transpose()?,
+    };
+    in_range("jwt_leeway_secs", leeway_secs, 0, 3600)?;
+    let verifier =
+        crate::auth::Verifier::new(keys, leeway_secs, audience, issuer).map_err(|error| ConfigError::Invalid {
+            option: "jwt_secret_file",
+            error,
+        })?;
+    Ok(verifier.map(std::sync::Arc::new))
 }
 
 /// The open-files limit (soft) less 1/16 of it (at least 64), which the
@@ -502,6 +600,12 @@ impl Config {
             }
             if self.routes[..i].iter().any(|o| o.path == r.path) {
                 return bad(format!("path {:?} is listed twice", r.path));
+            }
+            if r.auth != crate::auth::Mode::None && self.verifier.is_none() {
+                return bad(format!(
+                    "route {:?} takes tokens (auth = {:?}) but no JWT key is configured (jwt_secret_file, jwt_public_key)",
+                    r.path, r.auth
+                ));
             }
             // RFC 6455 4.1: subprotocol names are HTTP tokens.
             if let Some(p) = r
@@ -681,5 +785,43 @@ mod tests {
         .validate(1)
         .unwrap();
         assert_eq!(c.route("/echo").unwrap().1.origins, OriginPolicy::Any);
+    }
+
+    #[test]
+    fn auth_defaults_follow_the_keys_and_routes_need_one_to_take_tokens() {
+        use crate::auth::Mode;
+        let c = Options::default().validate(1).unwrap();
+        assert!(c.verifier.is_none());
+        assert!(c.routes.iter().all(|r| r.auth == Mode::None));
+        let secret = std::env::temp_dir().join(format!("sluice-config-secret-{}", std::process::id()));
+        std::fs::write(&secret, [b'k'; 32]).unwrap();
+        let with_key = Options {
+            jwt_secret_file: Some(secret.clone()),
+            ..Options::default()
+        };
+        let c = with_key.clone().validate(1).unwrap();
+        assert!(c.verifier.is_some());
+        assert!(c.routes.iter().all(|r| r.auth == Mode::Required));
+        let file = parse_toml(
+            "[[route]]\npath = \"/p\"\nprotocol = \"pubsub\"\nauth = \"optional\"\nanonymous_subscribe = [\"a.*\"]\n",
+        )
+        .unwrap();
+        let c = file.clone().over(with_key.clone()).validate(1).unwrap();
+        assert_eq!(c.routes[0].auth, Mode::Optional);
+        assert_eq!(c.routes[0].anonymous.subscribe, vec![Box::from("a.*")]);
+        let err = file.validate(1).unwrap_err().to_string();
+        assert!(err.contains("no JWT key is configured"), "{err}");
+        let bad_grant =
+            parse_toml("[[route]]\npath = \"/p\"\nprotocol = \"pubsub\"\nanonymous_publish = [\"a..b\"]\n").unwrap();
+        assert!(bad_grant.over(with_key).validate(1).is_err());
+        // 31 bytes (a trailing newline is not counted): refused.
+        std::fs::write(&secret, [b'k'; 31].iter().chain(b"\n").copied().collect::<Vec<u8>>()).unwrap();
+        let short = Options {
+            jwt_secret_file: Some(secret.clone()),
+            ..Options::default()
+        };
+        let err = short.validate(1).unwrap_err().to_string();
+        assert!(err.contains("at least 32"), "{err}");
+        std::fs::remove_file(&secret).unwrap();
     }
 }

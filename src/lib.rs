@@ -6,6 +6,7 @@
 //! a connection; `config` is every option with its default and limit.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod proto;

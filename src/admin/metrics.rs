@@ -45,6 +45,11 @@ pub struct StatsView {
     pub refused_max_per_ip: u64,
     pub refused_handshake_rate: u64,
     pub rate_limited: u64,
+    pub auth_failures: [u64; 7],
+    pub denied_subscribes: u64,
+    pub denied_publishes: u64,
+    pub token_refreshes: u64,
+    pub tokens_expired: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -70,6 +75,11 @@ impl From<&Stats> for StatsView {
             refused_max_per_ip: s.refused_max_per_ip,
             refused_handshake_rate: s.refused_handshake_rate,
             rate_limited: s.rate_limited,
+            auth_failures: s.auth_failures,
+            denied_subscribes: s.denied_subscribes,
+            denied_publishes: s.denied_publishes,
+            token_refreshes: s.token_refreshes,
+            tokens_expired: s.tokens_expired,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -174,6 +184,30 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "Data messages over a connection's rate limits (dropped, or closing it with 1008).",
         |c| c.stats.rate_limited,
     ),
+    (
+        "denied_subscribes_total",
+        "counter",
+        "Subscribes refused by the session's grants.",
+        |c| c.stats.denied_subscribes,
+    ),
+    (
+        "denied_publishes_total",
+        "counter",
+        "Publishes refused by the session's grants.",
+        |c| c.stats.denied_publishes,
+    ),
+    (
+        "token_refreshes_total",
+        "counter",
+        "Fresh tokens taken by open sessions.",
+        |c| c.stats.token_refreshes,
+    ),
+    (
+        "tokens_expired_total",
+        "counter",
+        "Sessions closed with 4001 when their token expired.",
+        |c| c.stats.tokens_expired,
+    ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks
     }),
@@ -260,6 +294,25 @@ impl Metrics {
         }
         for (code, n) in codes {
             let _ = writeln!(out, "sluice_connections_closed_total{{code=\"{code}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "auth_failures_total",
+            "counter",
+            "Handshakes refused with 401, by why the token was refused.",
+        );
+        for failure in crate::auth::Failure::ALL {
+            let reason = failure.label();
+            let mut total = 0;
+            for (core, c) in cores.iter().enumerate() {
+                let n = c.stats.auth_failures[failure.index()];
+                total += n;
+                let _ = writeln!(
+                    out,
+                    "sluice_auth_failures_total{{core=\"{core}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+            let _ = writeln!(out, "sluice_auth_failures_total{{reason=\"{reason}\"}} {total}");
         }
         // Each family's samples stay together under its own header.
         let rings: [(&str, &str, RingValue); 2] = [

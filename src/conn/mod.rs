@@ -31,6 +31,7 @@ use std::task::{Context, Poll};
 
 use monoio::net::TcpStream;
 
+use crate::auth::Identity;
 use crate::config::{Config, RateLimit, RouteId, HEALTH_PATH};
 use crate::proto::App;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
@@ -268,6 +269,9 @@ impl<'a> Conn<'a> {
                 }
                 Answer::Reject(reject) => {
                     self.shard.count_rejected(reject.status());
+                    if let handshake::Reject::Unauthorized(failure) = reject {
+                        self.shard.stats.borrow_mut().auth_failures[failure.index()] += 1;
+                    }
                     tracing::debug!(status = reject.status(), reason = reject.reason(), "handshake refused");
                     Box::pin(self.refuse()).await;
                     None
@@ -290,7 +294,7 @@ impl<'a> Conn<'a> {
                 return Ok(None);
             }
             let session = self.session;
-            let admit = || session.admit();
+            let admit = |identity| session.admit(identity);
             let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool, admit) else {
                 return Ok(None);
             };
@@ -304,7 +308,9 @@ impl<'a> Conn<'a> {
             return Ok(None);
         }
         let session = self.session;
-        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool, || session.admit());
+        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool, |identity| {
+            session.admit(identity)
+        });
         // Keep what must outlive this read: an unfinished head, or the
         // client's first frames behind a complete one.
         let keep_from = answer.as_ref().map_or(0, |(_, head_len)| *head_len);
@@ -392,6 +398,11 @@ impl<'a> Conn<'a> {
                     let closing = Box::pin(self.close_first(&mut reader, CloseCode(code), &reason));
                     return End::Closed(closing.await);
                 }
+            }
+            if self.kicks.has(Kick::EXPIRED) {
+                self.shard.stats.borrow_mut().tokens_expired += 1;
+                let closing = self.close_first(&mut reader, crate::auth::EXPIRED_CLOSE, "token expired");
+                return End::Closed(Box::pin(closing).await);
             }
             if self.kicks.has(Kick::SLOW) {
                 let reason = "slow consumer";
@@ -611,7 +622,7 @@ impl<'a> Conn<'a> {
             match ready_or_kick(self.stream.writable(false), self.session).await? {
                 Wake::Ready => {}
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
-                Wake::Kick(k) if k.has(Kick::SLOW) || k.has(Kick::CLOSE) => {
+                Wake::Kick(k) if k.has(Kick::SLOW) || k.has(Kick::CLOSE) || k.has(Kick::EXPIRED) => {
                     // Closing does not wait for this output: the close
                     // handshake has its own (bounded) wait.
                     self.kicks = self.kicks.with(k);
@@ -671,7 +682,7 @@ fn answer_head(
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
-    admit: impl FnOnce() -> Result<(), handshake::Reject>,
+    admit: impl FnOnce(Option<Identity>) -> Result<(), handshake::Reject>,
 ) -> Option<(Answer, usize)> {
     let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
         Ok(None) => return None,
@@ -689,13 +700,14 @@ fn answer_head(
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
 /// queueing the 101 or the health answer. `admit` decides last, so only
-/// a handshake that would succeed counts against the connection caps.
+/// a handshake that would succeed counts against the connection caps; it
+/// takes the session's identity when the route takes tokens.
 fn decide(
     head: &handshake::Head<'_>,
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
-    admit: impl FnOnce() -> Result<(), handshake::Reject>,
+    admit: impl FnOnce(Option<Identity>) -> Result<(), handshake::Reject>,
 ) -> Result<Answer, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
@@ -706,9 +718,31 @@ fn decide(
     if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
-    admit()?;
+    let identity = authenticate(head, route, config.verifier.as_deref())?;
+    admit(identity)?;
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))
+}
+
+/// Who the client is, by the token of its handshake, as its route asks
+/// (`auth::Mode`): `None` on a route that takes no tokens.
+fn authenticate(
+    head: &handshake::Head<'_>,
+    route: &crate::config::Route,
+    verifier: Option<&crate::auth::Verifier>,
+) -> Result<Option<Identity>, handshake::Reject> {
+    use crate::auth::{Failure, Mode};
+    let Some(verifier) = verifier.filter(|_| route.auth != Mode::None) else {
+        return Ok(None);
+    };
+    match crate::auth::token_of(head.authorization, head.offered_protocols(), head.query) {
+        Some(token) => verifier
+            .verify(token, crate::auth::unix_now())
+            .map(Some)
+            .map_err(handshake::Reject::Unauthorized),
+        None if route.auth == Mode::Optional => Ok(Some(Identity::anonymous(route.anonymous.clone()))),
+        None => Err(handshake::Reject::Unauthorized(Failure::Missing)),
+    }
 }
 
 /// Runs every complete frame in `data` through the reader and the app.

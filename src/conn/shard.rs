@@ -26,6 +26,7 @@ use super::outbound::Flush;
 use super::park::ParkingLot;
 use super::pool::BufferPool;
 use super::socket::Socket;
+use crate::auth::{Action, Identity};
 use crate::config::{Config, RouteId, SlowConsumer};
 use crate::proto::stomp::app::StompConn;
 use crate::pubsub::mesh::CoreMesh;
@@ -40,9 +41,19 @@ new_key_type! {
     pub struct SessionKey;
 }
 
+/// Why a session did not take a fresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefused {
+    /// The session's route takes no tokens.
+    NotTaken,
+    Invalid(crate::auth::Failure),
+    /// A valid token of another user.
+    OtherUser,
+}
+
 /// What the sweep asks a session to do. A bit set: several can be due.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Kick(u8);
+pub struct Kick(u16);
 
 impl Kick {
     pub const PING: Kick = Kick(1);
@@ -58,6 +69,8 @@ impl Kick {
     pub const SLOW: Kick = Kick(64);
     /// The admin API asked to close the session (`take_close_request`).
     pub const CLOSE: Kick = Kick(128);
+    /// The session's token expired: close with 4001.
+    pub const EXPIRED: Kick = Kick(256);
 
     pub fn has(self, k: Kick) -> bool {
         self.0 & k.0 != 0
@@ -107,8 +120,8 @@ struct Slot {
     /// the slot is removed).
     admitted: bool,
     /// What only some configurations need (a per-address cap, rate
-    /// limits): allocated on first use, so it weighs on no other slot.
-    limits: Option<Box<Limits>>,
+    /// limits, tokens): allocated on first use, so it weighs on no other slot.
+    extra: Option<Box<Extra>>,
     /// STOMP heart-beats (ms, 0: none): we send one when we have sent
     /// nothing for `heart_beat_send_ms`; the peer must send something at
     /// least every `heart_beat_expect_ms`.
@@ -116,21 +129,23 @@ struct Slot {
     heart_beat_expect_ms: u64,
 }
 
-/// A session's address (kept only under a per-address cap) and the token
+/// A session's address (kept only under a per-address cap), the token
 /// buckets of its inbound messages and bytes as of `bucket_ms` (see
-/// `Session::take_tokens`).
-struct Limits {
+/// `Session::take_tokens`), and who it is (routes that take tokens).
+struct Extra {
     peer_ip: Option<std::net::IpAddr>,
+    identity: Option<Identity>,
     message_tokens: f64,
     byte_tokens: f64,
     bucket_ms: u64,
 }
 
-impl Limits {
+impl Extra {
     /// Full buckets as of `now`.
-    fn new(config: &Config, now: u64) -> Limits {
-        Limits {
+    fn new(config: &Config, now: u64) -> Extra {
+        Extra {
             peer_ip: None,
+            identity: None,
             message_tokens: f64::from(config.max_messages_per_sec),
             byte_tokens: config.max_bytes_per_sec as f64,
             bucket_ms: now,
@@ -140,11 +155,15 @@ impl Limits {
 
 impl Slot {
     fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        self.limits.as_ref().and_then(|l| l.peer_ip)
+        self.extra.as_ref().and_then(|l| l.peer_ip)
     }
 
-    fn limits(&mut self, config: &Config, now: u64) -> &mut Limits {
-        self.limits.get_or_insert_with(|| Box::new(Limits::new(config, now)))
+    fn identity(&self) -> Option<&Identity> {
+        self.extra.as_ref().and_then(|e| e.identity.as_ref())
+    }
+
+    fn extra(&mut self, config: &Config, now: u64) -> &mut Extra {
+        self.extra.get_or_insert_with(|| Box::new(Extra::new(config, now)))
     }
 }
 
@@ -271,6 +290,15 @@ pub struct Stats {
     /// Data messages over a connection's rate limits (dropped, or the one
     /// that closed it).
     pub rate_limited: u64,
+    /// Handshakes refused with 401, by `auth::Failure::index`.
+    pub auth_failures: [u64; 7],
+    /// Subscribes and publishes the session's grants refused.
+    pub denied_subscribes: u64,
+    pub denied_publishes: u64,
+    /// Fresh tokens taken in a session (`AUTH`), and sessions closed with
+    /// 4001 when theirs expired.
+    pub token_refreshes: u64,
+    pub tokens_expired: u64,
 }
 
 impl Stats {
@@ -303,6 +331,13 @@ impl Stats {
         self.refused_max_per_ip += other.refused_max_per_ip;
         self.refused_handshake_rate += other.refused_handshake_rate;
         self.rate_limited += other.rate_limited;
+        for (mine, theirs) in self.auth_failures.iter_mut().zip(other.auth_failures) {
+            *mine += theirs;
+        }
+        self.denied_subscribes += other.denied_subscribes;
+        self.denied_publishes += other.denied_publishes;
+        self.token_refreshes += other.token_refreshes;
+        self.tokens_expired += other.tokens_expired;
     }
 }
 
@@ -427,7 +462,7 @@ impl Shard {
             fd: -1,
             direct: false,
             admitted: false,
-            limits: None,
+            extra: None,
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
         });
@@ -595,6 +630,7 @@ impl Shard {
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
         let mut due_heart_beats = Vec::new();
+        let unix_now = crate::auth::unix_now();
         if self
             .held_since_ms
             .get()
@@ -641,6 +677,13 @@ impl Shard {
                                 due = due.with(Kick::CLOSE);
                             }
                         }
+                    }
+                    if slot
+                        .identity()
+                        .and_then(|id| id.expires_at)
+                        .is_some_and(|at| unix_now >= at)
+                    {
+                        due = due.with(Kick::EXPIRED);
                     }
                     if c.idle_timeout_ms > 0 && quiet >= c.idle_timeout_ms {
                         due = due.with(Kick::TIMEOUT);
@@ -1297,7 +1340,7 @@ impl Session {
         let now = self.shard.now_ms();
         let (messages, bytes) = (f64::from(c.max_messages_per_sec), c.max_bytes_per_sec as f64);
         let taken = self.with(|s| {
-            let b = s.limits(c, now);
+            let b = s.extra(c, now);
             let seconds = now.saturating_sub(b.bucket_ms) as f64 / 1000.0;
             b.bucket_ms = now;
             b.message_tokens = super::admission::refill(b.message_tokens, seconds, messages);
@@ -1322,13 +1365,13 @@ impl Session {
             return;
         }
         let now = self.shard.now_ms();
-        self.with(|s| s.limits(config, now).peer_ip = Some(ip));
+        self.with(|s| s.extra(config, now).peer_ip = Some(ip));
     }
 
     /// Counts the session against the handshake rate and the admission
     /// caps (its handshake is about to succeed), or says which refuses it
     /// (counted).
-    pub fn admit(&self) -> Result<(), crate::ws::handshake::Reject> {
+    pub fn admit(&self, identity: Option<Identity>) -> Result<(), crate::ws::handshake::Reject> {
         use crate::ws::handshake::Reject;
         let ip = self.with(|s| s.peer_ip());
         let admission = &self.shard.admission;
@@ -1337,7 +1380,13 @@ impl Session {
             .and_then(|()| admission.admit(ip));
         match admitted {
             Ok(()) => {
-                self.with(|s| s.admitted = true);
+                let (config, now) = (&self.shard.config, self.shard.now_ms());
+                self.with(|s| {
+                    s.admitted = true;
+                    if identity.is_some() {
+                        s.extra(config, now).identity = identity;
+                    }
+                });
                 Ok(())
             }
             Err(reject) => {
@@ -1350,6 +1399,46 @@ impl Session {
                 Err(reject)
             }
         }
+    }
+
+    /// Whether the session may do `action` on `topic` (docs/PROTOCOL.md,
+    /// "Authentication and permissions"); a refusal is counted.
+    pub fn allows(&self, action: Action, topic: &[u8]) -> bool {
+        let allowed = self.with(|s| crate::auth::allows(s.identity(), action, topic));
+        if !allowed {
+            let mut stats = self.shard.stats.borrow_mut();
+            match action {
+                Action::Subscribe => stats.denied_subscribes += 1,
+                Action::Publish => stats.denied_publishes += 1,
+            }
+        }
+        allowed
+    }
+
+    /// Takes a fresh token in the session (native `AUTH`, STOMP CONNECT):
+    /// its identity replaces the session's, which moves its expiry. Only
+    /// the same user's token, or any valid one for an anonymous session
+    /// (which becomes that user's); nothing changes on a refusal.
+    pub fn take_token(&self, token: &[u8]) -> Result<(), TokenRefused> {
+        let Some(verifier) = self.shard.config.verifier.as_deref() else {
+            return Err(TokenRefused::NotTaken);
+        };
+        if self.with(|s| s.identity().is_none()) {
+            return Err(TokenRefused::NotTaken);
+        }
+        let identity = verifier
+            .verify(token, crate::auth::unix_now())
+            .map_err(TokenRefused::Invalid)?;
+        self.with(|s| match s.extra.as_mut().and_then(|e| e.identity.as_mut()) {
+            None => Err(TokenRefused::NotTaken),
+            Some(current) if current.user.is_some() && current.user != identity.user => Err(TokenRefused::OtherUser),
+            Some(current) => {
+                *current = identity;
+                Ok(())
+            }
+        })?;
+        self.shard.stats.borrow_mut().token_refreshes += 1;
+        Ok(())
     }
 
     /// Records the socket of the session's task.

@@ -8,10 +8,11 @@ pub mod echo;
 pub mod native;
 pub mod stomp;
 
+use crate::auth::Action;
 use crate::config::{Route, RouteProtocol};
 use crate::conn::outbound::Outbound;
 use crate::conn::pool::BufferPool;
-use crate::conn::shard::Session;
+use crate::conn::shard::{Session, TokenRefused};
 use crate::ws::{CloseCode, MessageKind};
 use stomp::app::StompConn;
 
@@ -96,12 +97,33 @@ impl App {
             App::Echo => echo::on_message(kind, payload, out, pool),
             App::Native => match native::parse(payload) {
                 Ok(native::Command::Sub(topic)) => {
-                    if let Err(refusal) = session.subscribe(topic) {
+                    let subscribed = if session.allows(Action::Subscribe, topic) {
+                        session.subscribe(topic)
+                    } else {
+                        Err(native::Refusal::Denied)
+                    };
+                    if let Err(refusal) = subscribed {
                         out.push_bytes(pool, &native::error_frame(refusal, Some(topic)));
                     }
                 }
                 Ok(native::Command::Unsub(topic)) => session.unsubscribe(topic),
-                Ok(native::Command::Pub { topic, payload }) => session.publish(kind, topic, payload),
+                Ok(native::Command::Pub { topic, payload }) => {
+                    if session.allows(Action::Publish, topic) {
+                        session.publish(kind, topic, payload);
+                    } else {
+                        out.push_bytes(pool, &native::error_frame(native::Refusal::Denied, Some(topic)));
+                    }
+                }
+                Ok(native::Command::Auth(token)) => {
+                    let refusal = match session.take_token(token) {
+                        Ok(()) => None,
+                        Err(TokenRefused::OtherUser) => Some(native::Refusal::Denied),
+                        Err(TokenRefused::Invalid(_) | TokenRefused::NotTaken) => Some(native::Refusal::Unauthorized),
+                    };
+                    if let Some(refusal) = refusal {
+                        out.push_bytes(pool, &native::error_frame(refusal, None));
+                    }
+                }
                 Err(refusal) => out.push_bytes(pool, &native::error_frame(refusal, None)),
             },
             App::Stomp => {

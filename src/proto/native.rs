@@ -13,7 +13,12 @@ pub const MAX_TOPIC_BYTES: usize = 255;
 pub enum Command<'a> {
     Sub(&'a [u8]),
     Unsub(&'a [u8]),
-    Pub { topic: &'a [u8], payload: &'a [u8] },
+    Pub {
+        topic: &'a [u8],
+        payload: &'a [u8],
+    },
+    /// A fresh token for the session (docs/PROTOCOL.md, "Authentication").
+    Auth(&'a [u8]),
 }
 
 /// Why a command was not carried out; answered with `ERR <reason>`.
@@ -22,6 +27,10 @@ pub enum Refusal {
     BadCommand,
     BadTopic,
     TooManySubscriptions,
+    /// The session's grants do not cover the topic.
+    Denied,
+    /// `AUTH` with a token that is not valid (or on a route that takes none).
+    Unauthorized,
 }
 
 impl Refusal {
@@ -30,6 +39,8 @@ impl Refusal {
             Refusal::BadCommand => "bad-command",
             Refusal::BadTopic => "bad-topic",
             Refusal::TooManySubscriptions => "too-many-subscriptions",
+            Refusal::Denied => "denied",
+            Refusal::Unauthorized => "unauthorized",
         }
     }
 }
@@ -57,6 +68,7 @@ pub fn parse(message: &[u8]) -> Result<Command<'_>, Refusal> {
             };
             topic(name).map(|()| Command::Pub { topic: name, payload })
         }
+        b"AUTH" if !rest.is_empty() => Ok(Command::Auth(rest)),
         _ => Err(Refusal::BadCommand),
     }
 }
@@ -200,6 +212,12 @@ mod tests {
         let e = error_frame(Refusal::TooManySubscriptions, Some(b"news"));
         assert_eq!(&e[2..], b"ERR too-many-subscriptions news");
         assert_eq!(&hello_frame("0.1.1")[2..], b"HELLO 0.1.1");
+        assert_eq!(parse(b"AUTH a.b.c"), Ok(Command::Auth(b"a.b.c")));
+        assert_eq!(parse(b"AUTH "), Err(Refusal::BadCommand));
+        assert_eq!(
+            &error_frame(Refusal::Denied, Some(b"user.bob"))[2..],
+            b"ERR denied user.bob"
+        );
     }
 
     proptest! {
@@ -209,6 +227,7 @@ mod tests {
                 Ok(Command::Sub(t)) | Ok(Command::Unsub(t)) | Ok(Command::Pub { topic: t, .. }) => {
                     prop_assert!(valid_topic(t));
                 }
+                Ok(Command::Auth(token)) => prop_assert!(!token.is_empty()),
                 Err(_) => {}
             }
         }

@@ -39,6 +39,8 @@ pub enum Reject {
     TooManyFromAddress,
     /// 429: the client's address passed `--max-handshakes-per-sec-per-ip`.
     TooManyHandshakes,
+    /// 401: the route takes tokens and this one is missing or invalid.
+    Unauthorized(crate::auth::Failure),
 }
 
 impl Reject {
@@ -52,6 +54,7 @@ impl Reject {
             Reject::MethodNotAllowed => 405,
             Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => 503,
             Reject::TooManyHandshakes => 429,
+            Reject::Unauthorized(_) => 401,
         }
     }
 
@@ -67,6 +70,7 @@ impl Reject {
             Reject::TooManyConnections => "too many connections",
             Reject::TooManyFromAddress => "too many connections from this address",
             Reject::TooManyHandshakes => "too many handshakes from this address",
+            Reject::Unauthorized(failure) => failure.reason(),
         }
     }
 
@@ -84,6 +88,7 @@ impl Reject {
             }
             // RFC 6585 4.
             Reject::TooManyHandshakes => (429, "Too Many Requests"),
+            Reject::Unauthorized(_) => (401, "Unauthorized"),
         };
         let extra = match self {
             // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
@@ -93,6 +98,9 @@ impl Reject {
             // RFC 7231 7.1.3: when to try again (a connection may have ended by then).
             Reject::TooManyConnections | Reject::TooManyFromAddress => "Retry-After: 5\r\n",
             Reject::TooManyHandshakes => "Retry-After: 1\r\n",
+            // RFC 6750 3 and 3.1: no error code when no token was given.
+            Reject::Unauthorized(crate::auth::Failure::Missing) => "WWW-Authenticate: Bearer realm=\"sluice\"\r\n",
+            Reject::Unauthorized(_) => "WWW-Authenticate: Bearer realm=\"sluice\", error=\"invalid_token\"\r\n",
             _ => "",
         };
         plain_response(status, text, extra, self.reason(), true)
@@ -138,6 +146,8 @@ pub struct Head<'a> {
     version_count: usize,
     has_body: bool,
     pub origin: Option<&'a str>,
+    /// The `Authorization` header's value (the first, if repeated).
+    pub authorization: Option<&'a [u8]>,
     /// `Origin` headers seen; one that is not UTF-8 is counted but not kept.
     origin_count: usize,
     protocol_lines: [&'a [u8]; MAX_PROTOCOL_LINES],
@@ -184,6 +194,7 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
         version_count: 0,
         has_body: false,
         origin: None,
+        authorization: None,
         origin_count: 0,
         protocol_lines: [&[]; MAX_PROTOCOL_LINES],
         protocol_line_count: 0,
@@ -206,6 +217,8 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = std::str::from_utf8(value).ok();
             head.origin_count += 1;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            head.authorization.get_or_insert(value);
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             if head.protocol_line_count == MAX_PROTOCOL_LINES {
                 return Err(Reject::BadRequest("too many Sec-WebSocket-Protocol headers"));

@@ -81,6 +81,12 @@ impl StompConn {
                 Ok(Some(Item::HeartBeat)) => {}
                 Ok(Some(Item::Frame(frame))) => {
                     let connect = matches!(frame.command, Command::Connect | Command::Stomp);
+                    if connect && !self.session.is_connected() {
+                        if let Err(refused) = take_connect_token(&frame, conn) {
+                            self.deny(&refused, out, pool);
+                            break;
+                        }
+                    }
                     self.session.on_frame(frame, &mut self.actions);
                     if connect && !self.session.is_ended() {
                         let (send, expect) = self.session.heart_beats();
@@ -97,9 +103,49 @@ impl StompConn {
         }
     }
 
+    /// Ends the session with an ERROR for an action its identity does not
+    /// allow. STOMP 1.2 "ERROR": the connection closes after it (1008:
+    /// a policy decision, not a broken frame); the frame's other actions
+    /// (its RECEIPT) are not carried out.
+    fn deny(&mut self, why: &str, out: &mut Outbound, pool: &BufferPool) {
+        let error = super::frame::Frame::new(Command::Error)
+            .with_header("content-type", "text/plain")
+            .with_header("message", "access denied")
+            .with_body(why.to_string());
+        let mut encoded = Vec::new();
+        error.encode(&mut encoded);
+        out.push_frame(pool, Opcode::Text, &encoded);
+        self.actions.clear();
+        self.session.end();
+        self.close = Some(CloseCode::POLICY_VIOLATION);
+    }
+
     fn carry_out(&mut self, out: &mut Outbound, pool: &BufferPool, conn: &shard::Session) {
         let mut errored = false;
         let mut encoded = Vec::new();
+        // Grants first: a denied frame has none of its actions carried out.
+        for action in &self.actions {
+            let (what, destination) = match action {
+                Action::Subscribe(s) => (crate::auth::Action::Subscribe, &s.destination),
+                Action::Publish(p) => (crate::auth::Action::Publish, &p.destination),
+                _ => continue,
+            };
+            let name = match destination {
+                Destination::Topic(n) | Destination::Queue(n) => n,
+            };
+            if !conn.allows(what, name.as_bytes()) {
+                let verb = if what == crate::auth::Action::Subscribe {
+                    "subscribe to"
+                } else {
+                    "send to"
+                };
+                return self.deny(
+                    &format!("This session may not {verb} {}.", destination.to_header()),
+                    out,
+                    pool,
+                );
+            }
+        }
         for action in self.actions.drain(..) {
             match action {
                 Action::Reply(frame) => {
@@ -149,6 +195,26 @@ impl StompConn {
     /// The close the session asked for, once.
     pub fn take_close(&mut self) -> Option<CloseCode> {
         self.close.take()
+    }
+}
+
+/// A token in CONNECT (`Authorization: Bearer <token>`, or `passcode`)
+/// is taken as a fresh token for the session (`Session::take_token`); on
+/// a route that takes no tokens it is not looked at. `Err`: why it was
+/// refused, for the ERROR frame.
+fn take_connect_token(frame: &super::frame::Frame, conn: &shard::Session) -> Result<(), String> {
+    let token = match (frame.header("Authorization"), frame.header("passcode")) {
+        (Some(value), _) => crate::auth::token_of(Some(value.as_bytes()), std::iter::empty(), None),
+        (None, Some(passcode)) => Some(passcode.as_bytes()),
+        (None, None) => None,
+    };
+    let Some(token) = token else {
+        return Ok(());
+    };
+    match conn.take_token(token) {
+        Ok(()) | Err(shard::TokenRefused::NotTaken) => Ok(()),
+        Err(shard::TokenRefused::Invalid(failure)) => Err(format!("The token was refused: {}.", failure.reason())),
+        Err(shard::TokenRefused::OtherUser) => Err("The token is another user's.".into()),
     }
 }
 

@@ -215,6 +215,16 @@ impl Session {
         &self.subscriptions
     }
 
+    /// CONNECT was answered and the session is not over.
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Ends the session: every later frame is ignored.
+    pub fn end(&mut self) {
+        self.state = State::Ended;
+    }
+
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
     }
