@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, every unit/property/integration test
 # (integration tests run the real binary under io_uring and epoll; the STOMP
-# ones also drive it with @stomp/stompjs, installed here from npm), the
+# ones also drive it with @stomp/stompjs, installed here from npm, and the
+# wss:// ones with Python's websockets, installed here from PyPI), the
 # Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
 # short run of each fuzz target. Exits non-zero on the first failure.
 #
@@ -27,17 +28,24 @@ npm ci --prefix tests/stomp --no-audit --no-fund --loglevel=error
 # tests/stomp.rs fails rather than skips without it.
 export SLUICE_REQUIRE_STOMPJS=1
 
+step "Python websockets for the wss:// tests"
+python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4
+# Only the tests see it (the Autobahn step runs Python 2).
+PY_TESTS="$PWD/target/python"
+# tests/tls.rs fails rather than skips without it.
+export SLUICE_REQUIRE_PYTHON_WEBSOCKETS=1
+
 step "cargo test (unit, property, integration under both drivers)"
-cargo test --workspace --lib --bins --tests 2>&1 | tee target/test.log
+PYTHONPATH="$PY_TESTS" cargo test --workspace --lib --bins --tests 2>&1 | tee target/test.log
 cargo_passed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 cargo_failed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
 
 step "integration tests under AddressSanitizer (the unsafe socket code runs here)"
 # Stable toolchain: RUSTC_BOOTSTRAP unlocks -Zsanitizer; --target keeps
 # proc-macros unsanitized; mimalloc is off so ASan sees every allocation.
-LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
+PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
-  --test echo --test protocol --test park --test pubsub --test admin --test stomp 2>&1 | tee target/asan.log
+  --test echo --test protocol --test park --test pubsub --test admin --test stomp --test auth --test tls 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
 step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"

@@ -32,6 +32,15 @@ pub struct Options {
     /// Address to serve WebSocket and /healthz on [default: 127.0.0.1:8080].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Address to serve wss:// (TLS) on, besides --listen [default: none].
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for --tls-listen (reloaded on SIGHUP).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (reloaded on SIGHUP).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Worker threads, one per core [default: the CPUs this process may run on].
     #[arg(long)]
     pub workers: Option<usize>,
@@ -229,6 +238,8 @@ const MAX_ROUTES: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The `wss://` listener and its certificate files.
+    pub tls: Option<(SocketAddr, crate::tls::CertFiles)>,
     pub workers: usize,
     pub driver: DriverChoice,
     pub routes: Vec<Route>,
@@ -298,6 +309,9 @@ impl Options {
     pub fn over(self, base: Options) -> Options {
         Options {
             listen: self.listen.or(base.listen),
+            tls_listen: self.tls_listen.or(base.tls_listen),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
             workers: self.workers.or(base.workers),
             driver: self.driver.or(base.driver),
             allowed_origins: self.allowed_origins.or(base.allowed_origins),
@@ -421,8 +435,25 @@ impl Options {
                 });
             }
         }
+        let tls = match (self.tls_listen, self.tls_cert, self.tls_key) {
+            (None, None, None) => None,
+            (Some(addr), Some(cert), Some(key)) => Some((addr, crate::tls::CertFiles { cert, key })),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    option: "tls_listen",
+                    error: "tls_listen, tls_cert and tls_key go together".into(),
+                })
+            }
+        };
+        if let Some((_, files)) = &tls {
+            files.load().map_err(|error| ConfigError::Invalid {
+                option: "tls_cert",
+                error,
+            })?;
+        }
         let config = Config {
             listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            tls,
             workers: self.workers.unwrap_or(available_cpus),
             driver: self.driver.unwrap_or(DriverChoice::Auto),
             routes,

@@ -12,4 +12,5 @@ pub mod conn;
 pub mod proto;
 pub mod pubsub;
 pub mod server;
+pub mod tls;
 pub mod ws;

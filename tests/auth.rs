@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream as StdTcp;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{tokio_rt, upgrade_request, Raw, Server, DRIVERS};
@@ -236,13 +236,18 @@ fn metrics_text(server: &Server) -> String {
 /// HS256 token "signed" with the public key is refused.
 #[test]
 fn rsa_and_ec_public_keys_verify_their_tokens_only() {
-    for (alg, rcgen_alg) in [
-        (Algorithm::RS256, &rcgen::PKCS_RSA_SHA256),
-        (Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256),
-    ] {
-        let pair = rcgen::KeyPair::generate_for(rcgen_alg).unwrap();
-        let public = pair.public_key_pem();
-        let private = pair.serialize_pem();
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let pairs = [
+        // A fixed 2048-bit key: RSA keys take long to make.
+        (
+            Algorithm::RS256,
+            std::fs::read_to_string(keys.join("rsa-public.pem")).unwrap(),
+            std::fs::read_to_string(keys.join("rsa-private.pem")).unwrap(),
+        ),
+        (Algorithm::ES256, ec.public_key_pem(), ec.serialize_pem()),
+    ];
+    for (alg, public, private) in pairs {
         let key_file = write_temp(&format!("{alg:?}.pem"), public.as_bytes());
         let claims = json!({"sub": "carol", "exp": now() + 600});
         let signing = match alg {

@@ -12,6 +12,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -22,19 +23,25 @@ use monoio::net::TcpStream;
 use sluice::conn::socket::Socket;
 use sluice::ws::{handshake, Event, Limits, MessageReader, Role, Step};
 
-/// Where to connect: `ws://host:port/path`.
+/// Where to connect: `ws://host:port/path`, or `wss://` with the TLS
+/// settings to use.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// `wss://`: settings, once `with_ca` gave them.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    secure: bool,
 }
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(format!("{url}: give a ws:// or wss:// URL")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -50,7 +57,45 @@ impl Target {
             addr,
             host: authority.to_string(),
             path: path.to_string(),
+            tls: None,
+            secure,
         })
+    }
+
+    /// The TLS settings of a `wss://` target: the server's chain must lead
+    /// to a certificate of `ca` (PEM), for the URL's host name.
+    pub fn with_ca(mut self, ca: Option<&std::path::Path>) -> Result<Target, String> {
+        if !self.secure {
+            return Ok(self);
+        }
+        use rustls::pki_types::pem::PemObject;
+        let ca = ca.ok_or("a wss:// URL needs --ca FILE (the PEM certificate the server's chain leads to)")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
+        {
+            roots
+                .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        self.tls = Some(Arc::new(config));
+        Ok(self)
+    }
+
+    /// The name the server's certificate must carry: the URL's host.
+    fn server_name(&self) -> Result<rustls::pki_types::ServerName<'static>, String> {
+        let host = match self.host.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => self.host.as_str(),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))
     }
 }
 
@@ -131,6 +176,9 @@ const READ_BYTES: usize = 64 * 1024;
 
 pub struct Client {
     stream: TcpStream,
+    /// A `wss://` connection's TLS state: everything below speaks
+    /// plaintext to it and it speaks ciphertext to the socket.
+    tls: Option<Box<rustls::ClientConnection>>,
     reader: MessageReader,
     /// Received bytes not yet decoded (a partial frame).
     inbox: Vec<u8>,
@@ -214,8 +262,23 @@ impl Client {
         {
             return Err(io_fail(e));
         }
+        let tls = match &target.tls {
+            Some(config) => {
+                let name = target.server_name().map_err(|detail| ConnectError {
+                    failure: Failure::Other,
+                    detail,
+                })?;
+                let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| ConnectError {
+                    failure: Failure::Other,
+                    detail: e.to_string(),
+                })?;
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
         let mut client = Client {
             stream,
+            tls,
             reader: MessageReader::new(
                 Role::Client,
                 Limits {
@@ -293,9 +356,90 @@ impl Client {
         self.outbox.extend_from_slice(bytes);
     }
 
-    /// Whether bytes wait to be sent.
+    /// Whether bytes wait to be sent (TLS: also ciphertext).
     pub fn has_queued(&self) -> bool {
-        self.outbox.len() > self.outbox_sent
+        self.outbox.len() > self.outbox_sent || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// TLS: hands the queued plaintext to rustls as far as its buffer takes
+    /// it, and writes its ciphertext as far as the socket takes it.
+    /// Returns the plaintext bytes taken.
+    fn tls_send(&mut self) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(0);
+        };
+        let mut taken = 0;
+        loop {
+            if self.outbox_sent < self.outbox.len() {
+                let n = std::io::Write::write(&mut tls.writer(), &self.outbox[self.outbox_sent..])?;
+                self.outbox_sent += n;
+                taken += n;
+            }
+            let mut wrote = false;
+            while tls.wants_write() {
+                match tls.write_tls(&mut FdIo(self.stream.as_raw_fd())) {
+                    Ok(_) => wrote = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.outbox_sent == self.outbox.len() || !wrote || tls.wants_write() {
+                break;
+            }
+        }
+        if self.outbox_sent == self.outbox.len() {
+            self.outbox.clear();
+            self.outbox_sent = 0;
+        }
+        Ok(taken)
+    }
+
+    /// TLS: reads what the socket has (at most `READ_BYTES`), lets rustls
+    /// process it, and appends the plaintext to the inbox. `Ok(Some(0))`
+    /// at the end of the stream (close_notify or FIN).
+    fn tls_recv(&mut self) -> io::Result<Option<usize>> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(None);
+        };
+        let before = self.inbox.len();
+        let mut read = 0;
+        let mut eof = false;
+        let mut chunk = [0u8; 16 * 1024];
+        while read < READ_BYTES && !eof {
+            match tls.read_tls(&mut FdIo(self.stream.as_raw_fd())) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    read += n;
+                    tls.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+            // Take the plaintext after every read: rustls holds only so much.
+            loop {
+                match std::io::Read::read(&mut tls.reader(), &mut chunk) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => self.inbox.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        eof = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        // Handshake answers and key updates go out at once.
+        self.tls_send()?;
+        match self.inbox.len() - before {
+            0 if eof => Ok(Some(0)),
+            0 => Ok(None),
+            n => Ok(Some(n)),
+        }
     }
 
     /// The queue itself, for callers that frame in place.
@@ -316,6 +460,15 @@ impl Client {
     /// it (echo wraps it in its thread's deadline, which costs no timer per
     /// write). An owned-buffer write: with io_uring a SEND in the ring.
     pub async fn write_queued(&mut self) -> io::Result<()> {
+        if self.tls.is_some() {
+            loop {
+                self.tls_send()?;
+                if !self.has_queued() {
+                    return Ok(());
+                }
+                self.stream.writable(false).await?;
+            }
+        }
         self.outbox.drain(..std::mem::take(&mut self.outbox_sent));
         if self.outbox.is_empty() {
             return Ok(());
@@ -332,7 +485,10 @@ impl Client {
     /// a bound behind a server that stopped reading.
     pub fn try_send(&mut self) -> io::Result<()> {
         let mut sent = 0;
-        while self.outbox_sent < self.outbox.len() {
+        if self.tls.is_some() {
+            sent = self.tls_send()?;
+        }
+        while self.tls.is_none() && self.outbox_sent < self.outbox.len() {
             match Socket::new(&self.stream).send(&self.outbox[self.outbox_sent..]) {
                 Ok(n) => {
                     sent += n;
@@ -368,6 +524,19 @@ impl Client {
     /// Waits for data and reads what is there; returns bytes read (0 at end
     /// of stream). An owned-buffer read: with io_uring a RECV operation.
     pub async fn recv(&mut self) -> io::Result<usize> {
+        if self.tls.is_some() {
+            loop {
+                if let Some(n) = self.tls_recv()? {
+                    return Ok(n);
+                }
+                if self.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                    self.stream.writable(false).await?;
+                    self.tls_send()?;
+                } else {
+                    self.stream.readable(false).await?;
+                }
+            }
+        }
         let len = self.inbox.len();
         if self.inbox.capacity() - len < READ_BYTES / 4 {
             self.inbox.reserve(READ_BYTES);
@@ -383,6 +552,9 @@ impl Client {
 
     /// Reads what is there without waiting. `Ok(Some(0))` is end of stream.
     pub fn try_recv(&mut self) -> io::Result<Option<usize>> {
+        if self.tls.is_some() {
+            return self.tls_recv();
+        }
         match Socket::new(&self.stream).recv_into(&mut self.inbox, READ_BYTES) {
             Ok(n) => Ok(n),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Some(0)),
@@ -415,6 +587,10 @@ impl Client {
     /// (CLOCK_REALTIME nanoseconds, if stamps are enabled): every message
     /// complete after this read had arrived by then.
     pub fn try_recv_stamped(&mut self) -> io::Result<(Option<usize>, Option<u64>)> {
+        if self.tls.is_some() {
+            // A segment's arrival says nothing of when its record completed.
+            return Ok((self.tls_recv()?, None));
+        }
         self.inbox.reserve(READ_BYTES);
         let spare = self.inbox.spare_capacity_mut();
         let room = spare.len().min(READ_BYTES);
@@ -552,6 +728,45 @@ impl Client {
 
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+}
+
+/// Non-blocking reads and writes on a socket, for rustls's `read_tls` and
+/// `write_tls`.
+struct FdIo(std::os::fd::RawFd);
+
+impl std::io::Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: recv(2) into `buf`, on a socket the client owns.
+        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl std::io::Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: send(2) from `buf`, on a socket the client owns.
+        let n = unsafe {
+            libc::send(
+                self.0,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

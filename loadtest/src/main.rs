@@ -154,9 +154,12 @@ enum Scenario {
 
 #[derive(Args)]
 struct CommonArgs {
-    /// Server to measure: ws://HOST:PORT/path.
+    /// Server to measure: ws://HOST:PORT/path, or wss:// (TLS; give --ca).
     #[arg(long)]
     url: String,
+    /// PEM file of the certificates a wss:// server's chain must lead to.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Load threads, each its own monoio runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -237,7 +240,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     if args.threads == 0 || args.threads > 256 {
         return Err("--threads must be 1..=256".into());
     }
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.url)?.with_ca(args.ca.as_deref())?;
     let sources = args
         .source
         .as_deref()

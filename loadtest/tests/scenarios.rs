@@ -34,6 +34,34 @@ impl Gateway {
         }
     }
 
+    /// With a `wss://` listener too, on a certificate for 127.0.0.1 made
+    /// here; returns its address and the certificate's PEM file.
+    fn start_tls() -> (Gateway, SocketAddr, std::path::PathBuf) {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("sluice-load-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        let opts = sluice::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tls_listen: Some("127.0.0.1:0".parse().unwrap()),
+            tls_cert: Some(cert.clone()),
+            tls_key: Some(key),
+            admin_listen: Some("off".into()),
+            workers: Some(1),
+            ..Default::default()
+        };
+        let server = sluice::server::Server::start(opts.validate(1).unwrap()).expect("sluice starts");
+        let tls = server.tls_addr.unwrap();
+        let gw = Gateway {
+            addr: server.local_addr,
+            stop: server.shutdown_handle(),
+            server: Some(server),
+        };
+        (gw, tls, cert)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
@@ -153,6 +181,31 @@ fn echo_counts_add_up() {
     assert_eq!((r["errors"].as_u64(), r["clean_closes"].as_u64()), (Some(0), Some(10)));
     assert!(!r["latency_histogram"].as_str().unwrap().is_empty());
     assert!(std::fs::read_to_string(report).unwrap().contains("<svg"));
+}
+
+/// The same over wss://: TLS in the harness as in the server.
+#[test]
+fn echo_over_tls_counts_add_up() {
+    let (_gw, tls, cert) = Gateway::start_tls();
+    let json = json_path("echo-tls");
+    let url = format!("wss://{tls}/echo");
+    let out = load(&[
+        "echo", "--url", &url, "--ca", cert.to_str().unwrap(), "-c", "10", "-d", "4", "-s", "3000", "-t", "1",
+        "--warmup", "0.3", "--json", &json,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = read_json(&json);
+    let (sent, received) = (r["sent"].as_u64().unwrap(), r["received"].as_u64().unwrap());
+    assert!(received > 1000, "{received}");
+    assert!(sent >= received && sent - received <= 10 * 4, "sent {sent} received {received}");
+    assert_eq!((r["errors"].as_u64(), r["clean_closes"].as_u64()), (Some(0), Some(10)));
+    // A certificate the --ca does not lead to: every connection fails.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let other_file = std::env::temp_dir().join(format!("sluice-load-tls-other-{}.pem", std::process::id()));
+    std::fs::write(&other_file, other.cert.pem()).unwrap();
+    let out = load(&["connect", "--url", &url, "--ca", other_file.to_str().unwrap(), "-n", "3", "--hold", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("invalid peer certificate"));
 }
 
 #[test]
@@ -564,7 +617,10 @@ fn server_that_stops_reading_cannot_hang_the_run() {
 fn bad_arguments_exit_2() {
     let out = load(&["echo", "--url", "http://127.0.0.1:1/"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only ws:// URLs"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give a ws:// or wss:// URL"));
+    let out = load(&["echo", "--url", "wss://127.0.0.1:1/"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --ca"));
     let out = load(&["latency", "--url", "ws://127.0.0.1:1/", "-s", "4"]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -157,12 +157,13 @@ struct Conn<'a> {
     stream: &'a TcpStream,
     socket: Socket<'a>,
     session: &'a Session,
-    shard: &'a Shard,
     out: Outbound,
     /// Bytes read but not yet used: a partial request head or frame.
     carry: Vec<u8>,
     /// Whole size of the partial frame in `carry`, once its header is in.
-    carry_frame_bytes: Option<usize>,
+    /// (u32: frames are at most 1 GiB plus a header; this keeps the task
+    /// within its budget.)
+    carry_frame_bytes: Option<u32>,
     /// Kicks taken from the sweep and not yet acted on.
     kicks: Kick,
     /// Deliveries may be queued for this session (a pub/sub route, or a
@@ -173,7 +174,20 @@ struct Conn<'a> {
 /// Serves one accepted connection to its end (or until it parks). The
 /// session was registered by the accept loop, so a shutdown that starts
 /// meanwhile still sees it.
-pub fn serve(stream: TcpStream, session: Session) -> impl Future<Output = ()> {
+/// `tls`: the connection came to the `wss://` listener and speaks TLS
+/// first.
+pub fn serve(stream: TcpStream, session: Session, tls: bool) -> impl Future<Output = ()> {
+    if tls {
+        match session.shard().tls.clone().map(crate::tls::TlsSession::new) {
+            Some(Ok(tls)) => session.set_tls(tls),
+            // Without its TLS state (out of memory) the connection is not
+            // served: its task ends at its first wait.
+            _ => {
+                tracing::warn!("cannot start TLS on a connection");
+                session.abort();
+            }
+        }
+    }
     serve_from(stream, session, None)
 }
 
@@ -194,9 +208,8 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
         session.set_fd(stream.as_raw_fd());
         let mut conn = Conn {
             stream: &stream,
-            socket: Socket::new(&stream),
+            socket: Socket::new(&stream).with_tls(session.tls()),
             session: &session,
-            shard,
             out: Outbound::default(),
             carry: Vec::new(),
             carry_frame_bytes: None,
@@ -229,22 +242,31 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
 }
 
 impl<'a> Conn<'a> {
+    fn shard(&self) -> &'a Shard {
+        let session: &'a Session = self.session;
+        session.shard()
+    }
+
     /// Reads and answers the opening handshake. Returns the route on a 101;
     /// `None` when the client was refused, timed out or went away.
     async fn handshake(&mut self) -> Option<RouteId> {
         loop {
+            // TLS: the handshake's own messages the socket did not take.
+            if self.socket.has_pending() && Box::pin(self.flush_when_writable()).await.is_err() {
+                return None;
+            }
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Ready) => {}
                 Ok(Wake::Kick(k)) if k.has(Kick::SHUTDOWN) => {
                     self.out
-                        .push_bytes(&self.shard.pool, &handshake::Reject::ShuttingDown.response());
+                        .push_bytes(&self.shard().pool, &handshake::Reject::ShuttingDown.response());
                     Box::pin(self.refuse()).await;
                     return None;
                 }
                 // Handshake timeout: drop without a word.
                 Ok(Wake::Kick(k)) => {
                     if k.has(Kick::TIMEOUT) {
-                        self.shard.stats.borrow_mut().handshake_timeouts += 1;
+                        self.shard().stats.borrow_mut().handshake_timeouts += 1;
                         return None;
                     }
                     continue;
@@ -263,14 +285,14 @@ impl<'a> Conn<'a> {
                     Some(route)
                 }
                 Answer::Health => {
-                    self.shard.stats.borrow_mut().health_checks += 1;
+                    self.shard().stats.borrow_mut().health_checks += 1;
                     Box::pin(self.refuse()).await;
                     None
                 }
                 Answer::Reject(reject) => {
-                    self.shard.count_rejected(reject.status());
+                    self.shard().count_rejected(reject.status());
                     if let handshake::Reject::Unauthorized(failure) = reject {
-                        self.shard.stats.borrow_mut().auth_failures[failure.index()] += 1;
+                        self.shard().stats.borrow_mut().auth_failures[failure.index()] += 1;
                     }
                     tracing::debug!(status = reject.status(), reason = reject.reason(), "handshake refused");
                     Box::pin(self.refuse()).await;
@@ -285,7 +307,7 @@ impl<'a> Conn<'a> {
     /// core's scratch buffer; only an incomplete head, or frames that came
     /// behind a complete one, are kept in `carry`. `Ok(None)`: read more.
     fn read_head(&mut self) -> io::Result<Option<Answer>> {
-        let shard: &'a Shard = self.shard;
+        let shard: &'a Shard = self.shard();
         let config = &*shard.config;
         if !self.carry.is_empty() {
             // Never read past the head limit: parse() answers 431 at it.
@@ -335,12 +357,13 @@ impl<'a> Conn<'a> {
     /// The upgraded connection, until it ends or parks. A resumed session
     /// starts with a read: its socket is likely what woke it.
     async fn run(&mut self, route: RouteId, resumed: bool) -> End {
-        let mut app = App::for_route(self.shard.config.route_by_id(route));
+        let mut app = App::for_route(self.shard().config.route_by_id(route));
         self.deliveries = app.is_pubsub() || self.session.has_deliveries();
         if !resumed {
-            app.start(&mut self.out, &self.shard.pool, self.session);
+            let pool = &self.shard().pool;
+            app.start(&mut self.out, pool, self.session);
         }
-        let mut reader = MessageReader::new(Role::Server, self.shard.config.limits);
+        let mut reader = MessageReader::new(Role::Server, self.shard().config.limits);
         // Frames that arrived with the request head come first.
         let mut flow = if !self.carry.is_empty() {
             self.process_carry(&mut reader, &mut app)
@@ -373,7 +396,7 @@ impl<'a> Conn<'a> {
                     );
                     self.session.set_phase(Phase::Closing);
                     if self.flush().await.is_ok() {
-                        self.shard.count_close_sent(violation.code);
+                        self.shard().count_close_sent(violation.code);
                         self.linger().await;
                     }
                     return End::Closed(None);
@@ -400,7 +423,7 @@ impl<'a> Conn<'a> {
                 }
             }
             if self.kicks.has(Kick::EXPIRED) {
-                self.shard.stats.borrow_mut().tokens_expired += 1;
+                self.shard().stats.borrow_mut().tokens_expired += 1;
                 let closing = self.close_first(&mut reader, crate::auth::EXPIRED_CLOSE, "token expired");
                 return End::Closed(Box::pin(closing).await);
             }
@@ -410,7 +433,7 @@ impl<'a> Conn<'a> {
             }
             if self.kicks.has(Kick::PING) {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
-                self.out.push_frame(&self.shard.pool, Opcode::Ping, &[]);
+                self.out.push_frame(&self.shard().pool, Opcode::Ping, &[]);
             }
             if self.kicks == Kick::PARK && self.may_park(&reader, &app) && self.park(route) {
                 return End::Parked;
@@ -497,7 +520,7 @@ impl<'a> Conn<'a> {
             self.session.peer_alive();
             return Ok(Some(self.process_carry(reader, app)));
         }
-        let shard = self.shard;
+        let shard = self.shard();
         let mut scratch = shard.scratch.borrow_mut();
         scratch.clear();
         if self.socket.recv_into(&mut scratch, SCRATCH_BYTES)?.is_none() {
@@ -505,7 +528,7 @@ impl<'a> Conn<'a> {
         }
         self.session.peer_alive();
         let (used, flow, frame_bytes) = process(&mut scratch, reader, app, &mut self.out, self.session);
-        self.carry_frame_bytes = frame_bytes;
+        self.carry_frame_bytes = frame_bytes.and_then(|n| u32::try_from(n).ok());
         if used < scratch.len() {
             // Keep the unfinished frame for the next read.
             self.carry = shard.pool.take();
@@ -521,9 +544,9 @@ impl<'a> Conn<'a> {
     fn grow_carry_for_frame(&mut self) -> usize {
         let len = self.carry.len();
         let missing = match self.carry_frame_bytes {
-            Some(total) if total > len => total - len,
+            Some(total) if total as usize > len => total as usize - len,
             // Header still incomplete: a pool buffer's worth.
-            _ => self.shard.pool.buf_bytes(),
+            _ => self.shard().pool.buf_bytes(),
         };
         let want = missing.min(SCRATCH_BYTES);
         if self.carry.capacity() - len < want {
@@ -535,9 +558,9 @@ impl<'a> Conn<'a> {
 
     fn process_carry(&mut self, reader: &mut MessageReader, app: &mut App) -> Flow {
         let (used, flow, frame_bytes) = process(&mut self.carry, reader, app, &mut self.out, self.session);
-        self.carry_frame_bytes = frame_bytes;
+        self.carry_frame_bytes = frame_bytes.and_then(|n| u32::try_from(n).ok());
         self.carry.drain(..used);
-        let pool = &self.shard.pool;
+        let pool = &self.shard().pool;
         if self.carry.capacity() > pool.buf_bytes() && self.carry.len() <= pool.buf_bytes() {
             // A large frame went through: keep its remainder in a pooled
             // buffer rather than holding the large one.
@@ -551,7 +574,7 @@ impl<'a> Conn<'a> {
 
     fn release_carry_if_empty(&mut self) {
         if self.carry.is_empty() {
-            self.shard.pool.give(std::mem::take(&mut self.carry));
+            self.shard().pool.give(std::mem::take(&mut self.carry));
         }
     }
 
@@ -565,9 +588,9 @@ impl<'a> Conn<'a> {
         reason: &str,
     ) -> Option<Option<CloseCode>> {
         self.session.set_phase(Phase::Closing);
-        self.out.push_close(&self.shard.pool, Some(code), reason);
+        self.out.push_close(&self.shard().pool, Some(code), reason);
         self.flush().await.ok()?;
-        self.shard.count_close_sent(code);
+        self.shard().count_close_sent(code);
         // Read until the peer's close. Our close is sent, so nothing more is
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
         let mut closing = App::Closing;
@@ -599,15 +622,15 @@ impl<'a> Conn<'a> {
     /// before our own output, and deliveries go only once that is all out.
     fn try_flush(&mut self) -> io::Result<Flush> {
         if !self.deliveries {
-            let flushed = self.out.flush(&self.socket, &self.shard.pool);
-            self.shard.stats.borrow_mut().bytes_out += self.out.take_written();
+            let flushed = self.out.flush(&self.socket, &self.shard().pool);
+            self.shard().stats.borrow_mut().bytes_out += self.out.take_written();
             return flushed;
         }
         if let Flush::Blocked = self.session.flush_deliveries(&self.socket, true)? {
             return Ok(Flush::Blocked);
         }
-        let flushed = self.out.flush(&self.socket, &self.shard.pool);
-        self.shard.stats.borrow_mut().bytes_out += self.out.take_written();
+        let flushed = self.out.flush(&self.socket, &self.shard().pool);
+        self.shard().stats.borrow_mut().bytes_out += self.out.take_written();
         match flushed? {
             Flush::Done => self.session.flush_deliveries(&self.socket, false),
             Flush::Blocked => Ok(Flush::Blocked),
@@ -662,7 +685,7 @@ impl<'a> Conn<'a> {
 
     /// Gives pooled buffers back.
     fn release(&mut self) {
-        let pool = &self.shard.pool;
+        let pool = &self.shard().pool;
         pool.give(std::mem::take(&mut self.carry));
         self.out.release(pool);
     }
@@ -861,7 +884,7 @@ mod tests {
             accepted.set_nonblocking(true).unwrap();
             let stream = TcpStream::from_std(accepted).unwrap();
             let shard = crate::conn::shard::tests::test_shard(Options::default());
-            let future = serve(stream, shard.open_session());
+            let future = serve(stream, shard.open_session(), false);
             let size = std::mem::size_of_val(&future);
             eprintln!("serve future: {size} bytes");
             assert!(size <= SERVE_FUTURE_BUDGET_BYTES, "serve future is {size} bytes");

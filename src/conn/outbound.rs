@@ -91,6 +91,9 @@ impl Outbound {
             }
         }
         self.release(pool);
+        if !socket.flush_pending()? {
+            return Ok(Flush::Blocked);
+        }
         Ok(Flush::Done)
     }
 

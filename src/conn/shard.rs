@@ -122,6 +122,9 @@ struct Slot {
     /// What only some configurations need (a per-address cap, rate
     /// limits, tokens): allocated on first use, so it weighs on no other slot.
     extra: Option<Box<Extra>>,
+    /// The TLS state of a `wss://` connection (here rather than in `extra`:
+    /// a TLS connection needs nothing else of it).
+    tls: Option<super::socket::Tls>,
     /// STOMP heart-beats (ms, 0: none): we send one when we have sent
     /// nothing for `heart_beat_send_ms`; the peer must send something at
     /// least every `heart_beat_expect_ms`.
@@ -156,6 +159,10 @@ impl Extra {
 impl Slot {
     fn peer_ip(&self) -> Option<std::net::IpAddr> {
         self.extra.as_ref().and_then(|l| l.peer_ip)
+    }
+
+    fn tls(&self) -> Option<super::socket::Tls> {
+        self.tls.clone()
     }
 
     fn identity(&self) -> Option<&Identity> {
@@ -355,6 +362,8 @@ pub struct Shard {
     pub pool: BufferPool,
     pub admission: Arc<super::admission::Admission>,
     pub scratch: RefCell<Vec<u8>>,
+    /// TLS settings of the core's `wss://` listener (shared by all cores).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub stats: RefCell<Stats>,
     sessions: RefCell<SlotMap<SessionKey, Slot>>,
     pub hub: Hub,
@@ -395,6 +404,7 @@ impl Shard {
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             admission,
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
+            tls: None,
             stats: RefCell::new(Stats::default()),
             sessions: RefCell::new(SlotMap::with_key()),
             hub: Hub::new(mesh),
@@ -414,6 +424,12 @@ impl Shard {
             held_since_ms: Cell::new(None),
             budget_waiters: RefCell::new(Vec::new()),
         })
+    }
+
+    /// The shard with TLS settings for its `wss://` listener.
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ServerConfig>>) -> Shard {
+        self.tls = tls;
+        self
     }
 
     /// The coarse clock: milliseconds since the shard started, as of the last tick.
@@ -463,6 +479,7 @@ impl Shard {
             direct: false,
             admitted: false,
             extra: None,
+            tls: None,
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
         });
@@ -987,10 +1004,8 @@ impl Shard {
                     // owns it and is suspended in its wait (`direct` is
                     // cleared before the task can close it).
                     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                    matches!(
-                        write_deliveries(slot, &Socket::from_fd(fd), false, now, self),
-                        Ok(Flush::Done)
-                    )
+                    let socket = Socket::from_fd(fd).with_tls(slot.tls());
+                    matches!(write_deliveries(slot, &socket, false, now, self), Ok(Flush::Done))
                 }
             };
             if !written {
@@ -1105,6 +1120,9 @@ fn write_deliveries(
             ps.mid_message = !last;
             stats.messages_out += u64::from(last && counts);
         }
+    }
+    if !socket.flush_pending()? {
+        return Ok(Flush::Blocked);
     }
     Ok(Flush::Done)
 }
@@ -1439,6 +1457,21 @@ impl Session {
         })?;
         self.shard.stats.borrow_mut().token_refreshes += 1;
         Ok(())
+    }
+
+    /// Makes the session a TLS one (a connection of a TLS listener).
+    pub fn set_tls(&self, tls: crate::tls::TlsSession) {
+        self.with(|s| s.tls = Some(Rc::new(std::cell::RefCell::new(tls))));
+    }
+
+    /// The session's TLS state, if it has one.
+    pub fn tls(&self) -> Option<super::socket::Tls> {
+        self.with(|s| s.tls())
+    }
+
+    /// Ends the session's task at its next wait, without a word.
+    pub fn abort(&self) {
+        self.with(|s| s.kick = s.kick.with(Kick::ABORT));
     }
 
     /// Records the socket of the session's task.

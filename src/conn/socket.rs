@@ -9,16 +9,27 @@
 //! - Readiness comes from monoio (`readable`/`writable` with relaxed=false, so
 //!   the epoll driver re-checks with poll(2) after we drained the socket).
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::rc::Rc;
 
 use monoio::net::TcpStream;
 use socket2::SockRef;
 
+use crate::tls::TlsSession;
+
+/// A connection's TLS state, shared by its task and its shard (which
+/// writes deliveries to an idle connection itself).
+pub type Tls = Rc<RefCell<TlsSession>>;
+
+/// A socket; with TLS, every byte passes through the connection's
+/// `TlsSession` (the callers see plaintext only).
 pub struct Socket<'a> {
     fd: BorrowedFd<'a>,
+    tls: Option<Tls>,
 }
 
 impl<'a> Socket<'a> {
@@ -26,12 +37,33 @@ impl<'a> Socket<'a> {
         // SAFETY: the fd belongs to `stream`, which is borrowed for 'a and so
         // stays open at least that long.
         let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        Socket { fd }
+        Socket { fd, tls: None }
     }
 
     /// A socket the caller keeps open for `'a`.
     pub fn from_fd(fd: BorrowedFd<'a>) -> Socket<'a> {
-        Socket { fd }
+        Socket { fd, tls: None }
+    }
+
+    /// The same socket, speaking TLS when `tls` is given.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Socket<'a> {
+        self.tls = tls;
+        self
+    }
+
+    /// Ciphertext is waiting for the socket to take it (TLS only).
+    pub fn has_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.borrow().has_pending())
+    }
+
+    /// Writes the ciphertext that waited; `Ok(true)` once none is left
+    /// (always, without TLS). Every flush that ends with all its bytes
+    /// taken ends with this, so "done" means on the wire, not in `pending`.
+    pub fn flush_pending(&self) -> io::Result<bool> {
+        match &self.tls {
+            Some(tls) => tls.borrow_mut().flush_pending(self.fd),
+            None => Ok(true),
+        }
     }
 
     fn sock(&self) -> SockRef<'_> {
@@ -43,6 +75,9 @@ impl<'a> Socket<'a> {
     /// readiness. End of stream is an `UnexpectedEof` error: on a WebSocket a
     /// peer that closes without a close frame has vanished.
     pub fn recv_into(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+        if let Some(tls) = &self.tls {
+            return tls.borrow_mut().recv_into(self.fd, buf, max);
+        }
         buf.reserve(max);
         let spare = buf.spare_capacity_mut();
         let room = spare.len().min(max);
@@ -60,17 +95,24 @@ impl<'a> Socket<'a> {
 
     /// Writes what it can of `bytes` without blocking; returns bytes written.
     pub fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.borrow_mut().send(self.fd, bytes);
+        }
         self.sock()
             .send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     }
 
     /// Writes what it can of `frames`, in order, with one vectored send.
     pub fn send_vectored(&self, frames: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return tls.borrow_mut().send_vectored(self.fd, frames);
+        }
         self.sock()
             .send_vectored_with_flags(frames, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     }
 
     pub fn shutdown_write(&self) -> io::Result<()> {
+        self.close_notify();
         self.sock().shutdown(Shutdown::Write)
     }
 
@@ -83,7 +125,15 @@ impl<'a> Socket<'a> {
     /// socket shut for reading answers any later input with a reset, which
     /// can destroy our close frame before the peer reads it.
     pub fn shutdown(&self) {
+        self.close_notify();
         let _ = self.sock().shutdown(Shutdown::Write);
+    }
+
+    /// TLS: our close_notify goes before our FIN (RFC 8446 6.1).
+    fn close_notify(&self) {
+        if let Some(tls) = &self.tls {
+            tls.borrow_mut().close_notify(self.fd);
+        }
     }
 
     /// Reads and discards what is queued, at most `DISCARD_BUDGET_BYTES` per

@@ -88,9 +88,13 @@ pub struct Server {
     pub local_addr: std::net::SocketAddr,
     /// The admin port's address, if it has one.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// The `wss://` listener's address, if there is one.
+    pub tls_addr: Option<std::net::SocketAddr>,
+    /// Its certificate, which `reload_certificate` replaces.
+    cert: Option<Arc<crate::tls::CertResolver>>,
     pub driver: DriverKind,
     shutdown: Arc<AtomicBool>,
-    workers: Vec<std::thread::JoinHandle<Stats>>,
+    workers: std::sync::Mutex<Vec<std::thread::JoinHandle<Stats>>>,
 }
 
 impl Server {
@@ -98,6 +102,21 @@ impl Server {
     pub fn start(config: Config) -> Result<Server, ServerError> {
         let config = Arc::new(config);
         let (listeners, local_addr) = bind_listeners(config.listen, config.workers)?;
+        let (tls_listeners, tls_addr, tls, cert) = match &config.tls {
+            Some((addr, files)) => {
+                let fail = |error: String| ServerError::Worker { core: 0, error };
+                let resolver = Arc::new(crate::tls::CertResolver::new(files.clone()).map_err(fail)?);
+                let tls = crate::tls::server_config(resolver.clone()).map_err(fail)?;
+                let (listeners, bound) = bind_listeners(*addr, config.workers)?;
+                (
+                    listeners.into_iter().map(Some).collect(),
+                    Some(bound),
+                    Some(tls),
+                    Some(resolver),
+                )
+            }
+            None => ((0..config.workers).map(|_| None).collect::<Vec<_>>(), None, None, None),
+        };
         let (admin_listeners, admin_addr) = match config.admin_listen {
             Some(addr) => {
                 let (listeners, bound) = bind_listeners(addr, config.workers)?;
@@ -116,10 +135,15 @@ impl Server {
         let shutdown = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.workers);
-        let per_worker = listeners.into_iter().zip(admin_listeners).zip(meshes);
-        for (index, ((listener, admin), mesh)) in per_worker.enumerate() {
+        let per_worker = listeners
+            .into_iter()
+            .zip(tls_listeners)
+            .zip(admin_listeners)
+            .zip(meshes);
+        for (index, (((listener, tls_listener), admin), mesh)) in per_worker.enumerate() {
             let shared = Shared {
                 config: config.clone(),
+                tls: tls.clone(),
                 metrics: metrics.clone(),
                 admission: admission.clone(),
                 shutdown: shutdown.clone(),
@@ -132,7 +156,11 @@ impl Server {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    let listeners = Listeners { ws: listener, admin };
+                    let listeners = Listeners {
+                        ws: listener,
+                        tls: tls_listener,
+                        admin,
+                    };
                     run_worker(index, listeners, mesh, shared, ready)
                 })
                 .map_err(|e| ServerError::Worker {
@@ -158,10 +186,12 @@ impl Server {
         }
         let server = Server {
             local_addr,
+            tls_addr,
+            cert,
             admin_addr,
             driver: driver.unwrap_or(DriverKind::Epoll),
             shutdown,
-            workers,
+            workers: std::sync::Mutex::new(workers),
         };
         if let Some(e) = failure {
             server.shutdown.store(true, Ordering::SeqCst);
@@ -171,6 +201,15 @@ impl Server {
         Ok(server)
     }
 
+    /// Loads the TLS certificate and key files again: new handshakes get
+    /// them, open connections keep theirs. On an error the old ones stay.
+    pub fn reload_certificate(&self) -> Result<(), String> {
+        match &self.cert {
+            Some(cert) => cert.reload(),
+            None => Ok(()),
+        }
+    }
+
     /// Asks every worker to stop accepting, close its sessions with 1001 and drain.
     pub fn shutdown_handle(&self) -> Arc<AtomicBool> {
         self.shutdown.clone()
@@ -178,33 +217,53 @@ impl Server {
 
     /// Waits for every worker to finish; returns their counters summed.
     pub fn join(self) -> Stats {
-        let mut total = Stats::default();
-        for w in self.workers {
-            if let Ok(stats) = w.join() {
-                total.merge(&stats);
-            }
-        }
-        total
+        join(self.take_workers())
     }
+
+    fn take_workers(&self) -> Vec<std::thread::JoinHandle<Stats>> {
+        std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn join(workers: Vec<std::thread::JoinHandle<Stats>>) -> Stats {
+    let mut total = Stats::default();
+    for w in workers {
+        if let Ok(stats) = w.join() {
+            total.merge(&stats);
+        }
+    }
+    total
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 /// A second signal during the drain exits at once.
 pub fn run(config: Config) -> Result<Stats, ServerError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // Install the handlers before any worker starts, so an early signal drains too.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(ServerError::Signals)?;
     let workers = config.workers;
     let server = Server::start(config)?;
     tracing::info!(addr = %server.local_addr, driver = %server.driver, workers, "listening on {}", server.local_addr);
+    if let Some(tls) = server.tls_addr {
+        tracing::info!(addr = %tls, "wss:// on {tls}");
+    }
     if let Some(admin) = server.admin_addr {
         tracing::info!(addr = %admin, "admin API on {admin}");
     }
     let shutdown = server.shutdown_handle();
     let signal_handle = signals.handle();
+    let server = Arc::new(server);
+    let for_signals = server.clone();
     let watcher = std::thread::spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                match for_signals.reload_certificate() {
+                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: certificate not reloaded, the old one stays: {e}"),
+                }
+                continue;
+            }
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "shutting down: closing sessions with 1001");
@@ -215,7 +274,8 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
             }
         }
     });
-    let stats = server.join();
+    let workers = server.take_workers();
+    let stats = join(workers);
     signal_handle.close();
     let _ = watcher.join();
     Ok(stats)
@@ -226,12 +286,14 @@ type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
 /// A worker's listening sockets.
 struct Listeners {
     ws: std::net::TcpListener,
+    tls: Option<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
 }
 
 /// What every worker shares with the others.
 struct Shared {
     config: Arc<Config>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<crate::admin::Metrics>,
     admission: Arc<crate::conn::admission::Admission>,
     shutdown: Arc<AtomicBool>,
@@ -246,6 +308,7 @@ fn run_worker(
 ) -> Stats {
     let Shared {
         config,
+        tls,
         metrics,
         admission,
         shutdown,
@@ -262,7 +325,7 @@ fn run_worker(
         error: error.to_string(),
     };
     let shard = match Shard::new(config.clone(), mesh, admission) {
-        Ok(shard) => Rc::new(shard),
+        Ok(shard) => Rc::new(shard.with_tls(tls)),
         Err(e) => {
             let _ = ready.send(Err(fail(e)));
             return Stats::default();
@@ -313,7 +376,8 @@ fn worker(
     move |driver| {
         Box::pin(async move {
             let admin = listeners.admin.map(monoio::net::TcpListener::from_std).transpose();
-            let listener = match monoio::net::TcpListener::from_std(listeners.ws).and_then(|l| Ok((l, admin?))) {
+            let tls = listeners.tls.map(monoio::net::TcpListener::from_std).transpose();
+            let listener = match monoio::net::TcpListener::from_std(listeners.ws).and_then(|l| Ok((l, admin?, tls?))) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready.send(Err(ServerError::Worker {
@@ -325,21 +389,30 @@ fn worker(
             };
             let _ = ready.send(Ok(driver));
             drop(ready);
-            let (listener, admin) = listener;
+            let (listener, admin, tls) = listener;
             let shard_for_life = shard.clone();
             let metrics_for_admin = metrics.clone();
             let life = async move {
-                match &admin {
-                    Some(admin) => {
-                        monoio::select! {
-                            _ = accept_until_shutdown(&listener, &shard_for_life) => {}
-                            _ = accept_admin(admin, &shard_for_life, &metrics_for_admin) => {}
-                        }
+                // Each accept loop ends at shutdown; the admin one never ends.
+                let plain = accept_until_shutdown(&listener, &shard_for_life, false);
+                let secure = async {
+                    if let Some(tls) = &tls {
+                        accept_until_shutdown(tls, &shard_for_life, true).await;
                     }
-                    None => accept_until_shutdown(&listener, &shard_for_life).await,
+                };
+                let admin_loop = async {
+                    match &admin {
+                        Some(admin) => accept_admin(admin, &shard_for_life, &metrics_for_admin).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                monoio::select! {
+                    _ = async { monoio::join!(plain, secure) } => {}
+                    _ = admin_loop => {}
                 }
                 // Stop accepting: connections still queued on these listeners are reset.
                 drop(listener);
+                drop(tls);
                 drop(admin);
                 drain(&shard_for_life).await;
             };
@@ -519,7 +592,8 @@ async fn accept_admin(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, me
     }
 }
 
-async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<Shard>) {
+/// Accepts connections until shutdown begins; `tls`: they speak TLS first.
+async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, tls: bool) {
     let mut last_warning_ms = None;
     loop {
         let mut accept = std::pin::pin!(listener.accept());
@@ -541,7 +615,7 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
                 // starts meanwhile waits for (and kicks) this session too.
                 let session = shard.open_session();
                 session.set_peer_ip(peer.ip());
-                monoio::spawn(crate::conn::serve(stream, session));
+                monoio::spawn(crate::conn::serve(stream, session, tls));
             }
             Some(Err(e)) => {
                 // Out of descriptors or memory: say so (once a second at most)

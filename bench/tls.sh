@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# wss:// against ws:// on one sluice, in the same run: echo throughput as a
+# fraction of plain (rounds alternate the two), and idle memory per
+# connection (a fresh server for each measurement). Server on core 0 with
+# one worker, sluice-load on core 1; medians of ROUNDS.
+#
+#   bench/tls.sh                       (ROUNDS=5 SECONDS_PER_RUN=3)
+#   OUT=target/bench-tls bench/tls.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROUNDS="${ROUNDS:-5}"
+SECS="${SECONDS_PER_RUN:-3}"
+OUT="${OUT:-target/bench-tls}"
+SHAPES="${SHAPES:-32:100:64 512:100:64 16384:10:4}"
+MEMORY_CONNECTIONS="${MEMORY_CONNECTIONS:-15000}"
+mkdir -p "$OUT"
+cargo build --release --workspace -q
+SLUICE=target/release/sluice
+LOAD=target/release/sluice-load
+
+# A certificate for 127.0.0.1, made here.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 7 -subj /CN=localhost \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -addext "basicConstraints=critical,CA:FALSE" 2>/dev/null
+
+SERVER=""
+start_server() {
+  local log="$OUT/server.log"
+  taskset -c 0 "$SLUICE" --workers 1 --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 \
+    --tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem" --admin-listen off >"$log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 50); do
+    PLAIN=$(grep -o 'listening on [0-9.:]*' "$log" | head -n 1 | cut -d' ' -f3 || true)
+    SECURE=$(grep -o 'wss:// on [0-9.:]*' "$log" | head -n 1 | cut -d' ' -f3 || true)
+    [[ -n $PLAIN && -n $SECURE ]] && return 0
+    sleep 0.1
+  done
+  echo "sluice did not start" >&2
+  cat "$log" >&2
+  exit 1
+}
+stop_server() {
+  kill -TERM "$SERVER" 2>/dev/null || true
+  wait "$SERVER" 2>/dev/null || true
+}
+trap stop_server EXIT
+
+url() { if [[ $1 == wss ]]; then echo "wss://$SECURE/echo"; else echo "ws://$PLAIN/echo"; fi; }
+
+field() { python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(eval("d" + sys.argv[2]))' "$1" "$2"; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+{
+  echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)')"
+  echo "date $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "rounds $ROUNDS, $SECS s windows"
+} | tee "$OUT/run.txt"
+
+start_server
+for shape in $SHAPES; do
+  IFS=: read -r size conns depth <<<"$shape"
+  for round in $(seq "$ROUNDS"); do
+    for scheme in ws wss; do
+      json="$OUT/echo-$size-${conns}x$depth-$scheme-$round.json"
+      taskset -c 1 "$LOAD" echo --url "$(url $scheme)" --ca "$OUT/cert.pem" -c "$conns" -d "$depth" -s "$size" \
+        --warmup 1 -t "$SECS" --server-pid "$SERVER" --json "$json" >/dev/null
+    done
+  done
+  ws=$(for f in "$OUT"/echo-"$size"-"${conns}x$depth"-ws-*.json; do field "$f" '["messages_per_second"]'; done | median)
+  wss=$(for f in "$OUT"/echo-"$size"-"${conns}x$depth"-wss-*.json; do field "$f" '["messages_per_second"]'; done | median)
+  printf 'echo %s B %sx%s: ws %.0f msg/s, wss %.0f msg/s, wss/ws %.2f\n' "$size" "$conns" "$depth" "$ws" "$wss" \
+    "$(echo "$wss / $ws" | bc -l)" | tee -a "$OUT/run.txt"
+done
+stop_server
+
+i=1
+for scheme in ws wss ws wss; do
+  start_server
+  taskset -c 1 "$LOAD" connect --url "$(url $scheme)" --ca "$OUT/cert.pem" -n "$MEMORY_CONNECTIONS" --rate 5000 \
+    --hold 3 --source 127.0.0.1-127.0.0.40 --server-pid "$SERVER" --json "$OUT/memory-$scheme-$i.json" >/dev/null
+  stop_server
+  printf 'idle memory %s: %.0f bytes per connection\n' "$scheme" \
+    "$(field "$OUT/memory-$scheme-$i.json" '["memory"]["bytes_per_connection"]')" | tee -a "$OUT/run.txt"
+  i=$((i + 1))
+done
