@@ -1,6 +1,7 @@
 //! `sluice-load`: the load-test harness. Measures any RFC 6455 server the
 //! same way: connections, echo throughput, open-loop latency, fan-out.
 
+mod abuse;
 mod client;
 mod report;
 mod run;
@@ -32,6 +33,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Attacks, together, for a bounded time: handshake floods from many
+    /// source addresses, slowloris handshakes, oversized frames, invalid
+    /// tokens, message floods; each counted by how the server answered.
+    Abuse {
+        /// Route to attack: ws://HOST:PORT/path.
+        #[arg(long)]
+        url: String,
+        /// Source addresses to attack from, e.g. 127.0.1.1-127.0.1.250.
+        #[arg(long)]
+        source: Option<String>,
+        /// Seconds to attack.
+        #[arg(short = 't', long, default_value_t = 60.0)]
+        duration: f64,
+        /// Upgrade requests per second, each closed once answered.
+        #[arg(long, default_value_t = 1000.0)]
+        flood_rate: f64,
+        /// Connections that send their request head a byte a second.
+        #[arg(long, default_value_t = 200)]
+        slowloris: usize,
+        /// Upgraded connections per second that announce a 2^40-byte frame.
+        #[arg(long, default_value_t = 50.0)]
+        oversized_rate: f64,
+        /// Upgrade requests per second with a forged, malformed or expired token.
+        #[arg(long, default_value_t = 200.0)]
+        bad_token_rate: f64,
+        /// Connections sending messages as fast as the socket takes them.
+        #[arg(long, default_value_t = 20)]
+        floods: usize,
+        /// Write the outcomes as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Open N connections at a bounded rate and hold them.
     Connect {
         #[command(flatten)]
@@ -236,6 +269,42 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             report::plot_runs(out, title, series, *histogram)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Scenario::Abuse {
+            url,
+            source,
+            duration,
+            flood_rate,
+            slowloris,
+            oversized_rate,
+            bad_token_rate,
+            floods,
+            json,
+        } => {
+            let target = Target::parse(url)?;
+            if target.tls.is_some() || url.starts_with("wss://") {
+                return Err("abuse attacks ws:// routes (the attacks are the same over TLS)".into());
+            }
+            let sources = source.as_deref().map(parse_sources).transpose()?.unwrap_or_default();
+            let plan = abuse::Plan {
+                duration: seconds(*duration, "--duration")?,
+                flood_rate: *flood_rate,
+                slowloris: *slowloris,
+                oversized_rate: *oversized_rate,
+                bad_token_rate: *bad_token_rate,
+                floods: *floods,
+            };
+            let outcomes = abuse::run(target, sources, plan);
+            for (attack, by_outcome) in &outcomes {
+                let total: u64 = by_outcome.values().sum();
+                let detail: Vec<String> = by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
+                println!("{attack:>20}  {total} attempts: {}", detail.join(", "));
+            }
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&outcomes).map_err(|e| e.to_string())?;
+                std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if args.threads == 0 || args.threads > 256 {
         return Err("--threads must be 1..=256".into());
@@ -375,7 +444,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 *concurrency,
             )
         }
-        Scenario::Plot { .. } => unreachable!("plot returns before any run"),
+        Scenario::Plot { .. } | Scenario::Abuse { .. } => unreachable!("plot and abuse return before any run"),
         Scenario::Fanout {
             subscribers,
             topics,

@@ -190,20 +190,48 @@ fn echo_over_tls_counts_add_up() {
     let json = json_path("echo-tls");
     let url = format!("wss://{tls}/echo");
     let out = load(&[
-        "echo", "--url", &url, "--ca", cert.to_str().unwrap(), "-c", "10", "-d", "4", "-s", "3000", "-t", "1",
-        "--warmup", "0.3", "--json", &json,
+        "echo",
+        "--url",
+        &url,
+        "--ca",
+        cert.to_str().unwrap(),
+        "-c",
+        "10",
+        "-d",
+        "4",
+        "-s",
+        "3000",
+        "-t",
+        "1",
+        "--warmup",
+        "0.3",
+        "--json",
+        &json,
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let r = read_json(&json);
     let (sent, received) = (r["sent"].as_u64().unwrap(), r["received"].as_u64().unwrap());
     assert!(received > 1000, "{received}");
-    assert!(sent >= received && sent - received <= 10 * 4, "sent {sent} received {received}");
+    assert!(
+        sent >= received && sent - received <= 10 * 4,
+        "sent {sent} received {received}"
+    );
     assert_eq!((r["errors"].as_u64(), r["clean_closes"].as_u64()), (Some(0), Some(10)));
     // A certificate the --ca does not lead to: every connection fails.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let other_file = std::env::temp_dir().join(format!("sluice-load-tls-other-{}.pem", std::process::id()));
     std::fs::write(&other_file, other.cert.pem()).unwrap();
-    let out = load(&["connect", "--url", &url, "--ca", other_file.to_str().unwrap(), "-n", "3", "--hold", "0"]);
+    let out = load(&[
+        "connect",
+        "--url",
+        &url,
+        "--ca",
+        other_file.to_str().unwrap(),
+        "-n",
+        "3",
+        "--hold",
+        "0",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("invalid peer certificate"));
 }
