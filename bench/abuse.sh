@@ -4,7 +4,8 @@
 # sluice-load abuse runs its attack mix against the same gateway. Reports
 # both runs' percentiles and losses, and how every attack was answered.
 # Server on core 0 with one worker; both harness processes on core 1, the
-# attacker niced so the well-behaved clients' harness comes first.
+# attacker niced, and the well-behaved clients' harness at real-time
+# priority (chrt -f 10), so that it is never queued behind the attacker.
 #
 #   bench/abuse.sh                 (SECONDS_PER_RUN=60)
 #   OUT=target/bench-abuse bench/abuse.sh
@@ -39,7 +40,7 @@ done
 [[ -n $ADDR ]] || { cat "$OUT/server.log"; exit 1; }
 
 good() {
-  taskset -c 1 "$LOAD" latency --url "ws://$ADDR/echo" -c "$CLIENTS" -r "$RATE" -s 32 --warmup "$WARMUP" -t "$SECS" \
+  chrt -f 10 taskset -c 1 "$LOAD" latency --url "ws://$ADDR/echo" -c "$CLIENTS" -r "$RATE" -s 32 --warmup "$WARMUP" -t "$SECS" \
     --source 127.0.0.1-127.0.0.50 --server-pid "$SERVER" --json "$OUT/$1.json" >"$OUT/$1.txt" 2>&1
 }
 
