@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Well-behaved clients under attack: 1,000 clients in an open-loop echo
-# (sluice-load latency) for SECONDS_PER_RUN s, first quiet, then while
-# sluice-load abuse runs its attack mix against the same gateway. Reports
-# both runs' percentiles and losses, and how every attack was answered.
+# (sluice-load latency) for SECONDS_PER_RUN s, quiet and then while
+# sluice-load abuse runs its attack mix against the same gateway, ROUNDS
+# times in turn. Reports each run's percentiles, losses and steal, the
+# medians, and how every attack was answered.
 # Server on core 0 with one worker; both harness processes on core 1, the
 # attacker niced, and the well-behaved clients' harness at real-time
 # priority (chrt -f 10), so that it is never queued behind the attacker.
 #
-#   bench/abuse.sh                 (SECONDS_PER_RUN=60)
+#   bench/abuse.sh                 (SECONDS_PER_RUN=60 ROUNDS=3)
 #   OUT=target/bench-abuse bench/abuse.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECS="${SECONDS_PER_RUN:-60}"
+ROUNDS="${ROUNDS:-3}"
 OUT="${OUT:-target/bench-abuse}"
 CLIENTS="${CLIENTS:-1000}"
 RATE="${RATE:-10000}"
@@ -51,26 +53,29 @@ good() {
   echo "well-behaved: $CLIENTS clients, $RATE msg/s of 32 B in all, $SECS s measured after $WARMUP s"
 } | tee "$OUT/run.txt"
 
-good quiet
-nice -n 10 taskset -c 1 "$LOAD" abuse --url "ws://$ADDR/echo" --source 127.0.1.1-127.0.1.250 \
-  -t "$((SECS + WARMUP + 3))" --flood-rate 10000 --json "$OUT/attacks.json" >"$OUT/attacks.txt" 2>&1 &
-ATTACKER=$!
-good attacked
-wait "$ATTACKER"
-
-for run in quiet attacked; do
-  python3 - "$OUT/$run.json" "$run" <<'EOF' | tee -a "$OUT/run.txt"
-import json, sys
-d = json.load(open(sys.argv[1]))
-l = d["latency_us"]
-print(f"{sys.argv[2]:>9}: sent {d['sent']}, received {d['received']}, lost {d['lost']}, errors {d['errors']}, "
-      f"p50 {l['p50']} us, p99 {l['p99']} us, p99.9 {l['p99_9']} us, max {l['max']} us")
-EOF
+for round in $(seq "$ROUNDS"); do
+  good "quiet-$round"
+  nice -n 10 taskset -c 1 "$LOAD" abuse --url "ws://$ADDR/echo" --source 127.0.1.1-127.0.1.250 \
+    -t "$((SECS + WARMUP + 3))" --flood-rate 10000 --json "$OUT/attacks-$round.json" >"$OUT/attacks-$round.txt" 2>&1 &
+  ATTACKER=$!
+  good "attacked-$round"
+  wait "$ATTACKER"
 done
-python3 - "$OUT/quiet.json" "$OUT/attacked.json" <<'EOF' | tee -a "$OUT/run.txt"
-import json, sys
-q, a = (json.load(open(p))["latency_us"] for p in sys.argv[1:])
-print(f"p99 attacked/quiet {a['p99'] / q['p99']:.2f}, p99.9 attacked/quiet {a['p99_9'] / q['p99_9']:.2f}")
+
+python3 - "$OUT" "$ROUNDS" <<'EOF' | tee -a "$OUT/run.txt"
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+p99 = {"quiet": [], "attacked": []}
+for r in range(1, rounds + 1):
+    for run in ("quiet", "attacked"):
+        d = json.load(open(f"{out}/{run}-{r}.json"))
+        l, steal = d["latency_us"], d["cpu"]["steal_seconds"]
+        p99[run].append(l["p99"])
+        print(f"{run:>8} {r}: sent {d['sent']}, received {d['received']}, lost {d['lost']}, errors {d['errors']}, "
+              f"p50 {l['p50']} us, p99 {l['p99']} us, p99.9 {l['p99_9']} us, max {l['max']} us, "
+              f"server cpu {d['cpu']['server_seconds']:.1f} s, steal {steal[0]:.2f}/{steal[1]:.2f} s")
+q, a = statistics.median(p99["quiet"]), statistics.median(p99["attacked"])
+print(f"median p99: quiet {q} us, attacked {a} us, attacked/quiet {a / q:.2f}")
 EOF
-echo "attacks:" | tee -a "$OUT/run.txt"
-tee -a "$OUT/run.txt" <"$OUT/attacks.txt"
+echo "attacks (round 1):" | tee -a "$OUT/run.txt"
+tee -a "$OUT/run.txt" <"$OUT/attacks-1.txt"
