@@ -173,7 +173,7 @@ pub fn matches(pattern: &str, topic: &[u8]) -> bool {
         match p {
             ">" => {
                 return match topic_segments.next() {
-                    Some(first) => i > 0 || first != USER_SEGMENT.as_bytes(),
+                    Some(first) => !first.is_empty() && (i > 0 || first != USER_SEGMENT.as_bytes()),
                     None => false,
                 };
             }
@@ -579,6 +579,7 @@ mod tests {
         assert!(!matches("news.*", b"news."));
         assert!(matches("news.>", b"news.sport.live"));
         assert!(!matches("news.>", b"news"));
+        assert!(!matches("news.>", b"news."));
         assert!(matches("news", b"news"));
         assert!(!matches("news", b"newsy"));
         assert!(matches("*.x", b"a.x"));

@@ -37,6 +37,11 @@ use socket2::SockRef;
 /// expansion (RFC 5246 6.2.3), plus its 5-byte header.
 pub const MAX_RECORD_BYTES: usize = 16_384 + 2_048 + 5;
 
+/// Incomplete handshake data kept between reads, at most: what rustls's
+/// own buffered connections allow (a handshake message may span records,
+/// and rustls joins them only once it is whole).
+const MAX_HANDSHAKE_LEFTOVER: usize = 64 * 1024;
+
 /// Plaintext encrypted per `WriteTraffic::encrypt` call: one record.
 const PLAIN_CHUNK: usize = 16_384;
 
@@ -197,18 +202,30 @@ impl TlsSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let used = self.process(incoming, plain);
-            // Keep an incomplete record for the next read; give the memory
-            // back when there is none.
-            match used {
-                Ok(0) => self.leftover = Vec::new(),
-                Ok(used) => {
-                    self.leftover.clear();
-                    self.leftover.extend_from_slice(&incoming[..used]);
-                }
-                Err(_) => {}
+            let used = self.process(incoming, plain)?;
+            // What is kept is one incomplete record, or (in the handshake) a
+            // handshake message whose records rustls joins only once it is
+            // whole. A peer that sends more without completing either (tiny
+            // fragment records, say) is refused: it would hold memory, and
+            // every read would copy it again.
+            let most = if self.is_handshaking() {
+                MAX_HANDSHAKE_LEFTOVER
+            } else {
+                MAX_RECORD_BYTES
+            };
+            if used > most {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{used} bytes of TLS records pending, over {most}"),
+                ));
             }
-            used?;
+            // Keep it for the next read; give the memory back when there is none.
+            if used == 0 {
+                self.leftover = Vec::new();
+            } else {
+                self.leftover.clear();
+                self.leftover.extend_from_slice(&incoming[..used]);
+            }
             if eof {
                 self.peer_closed = true;
             }
@@ -329,6 +346,12 @@ impl TlsSession {
                 }
                 Ok(())
             })?;
+            // A message rustls queued first (in `pending`) goes first.
+            if !self.pending.is_empty() {
+                self.pending.extend_from_slice(&out[..written]);
+                self.flush_pending(fd)?;
+                return Ok(taken);
+            }
             let sent = match send(fd, &out[..written]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

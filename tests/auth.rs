@@ -373,12 +373,11 @@ fn an_expiring_token_closes_4001_unless_refreshed() {
             assert_eq!(next_text(&mut refreshed).await, "ERR unauthorized");
             send(&mut refreshed, &format!("AUTH {}", token_for("erin", 600, &[], &[]))).await;
             assert_eq!(next_text(&mut refreshed).await, "ERR denied");
-            send(
-                &mut refreshed,
-                &format!("AUTH {}", token_for("dave", 600, &["t", "u"], &[])),
-            )
-            .await;
-            // The fresh token's grants apply at once.
+            send(&mut refreshed, "SUB t").await;
+            send(&mut refreshed, &format!("AUTH {}", token_for("dave", 600, &["u"], &[]))).await;
+            // The fresh token's grants apply at once, to the subscriptions
+            // made before it too.
+            assert_eq!(next_text(&mut refreshed).await, "ERR denied t");
             send(&mut refreshed, "SUB u").await;
             let started = Instant::now();
             let close = tokio::time::timeout(Duration::from_secs(10), expiring.next()).await;
@@ -391,6 +390,7 @@ fn an_expiring_token_closes_4001_unless_refreshed() {
             }
             assert!(started.elapsed() < Duration::from_secs(4), "{driver}");
             // The refreshed one outlives the first token.
+            admin_publish(&server, "t", "revoked");
             admin_publish(&server, "u", "still-here");
             assert_eq!(next_text(&mut refreshed).await, "MSG u still-here");
         });
@@ -438,6 +438,8 @@ protocol = "stomp"
                 &format!("AUTH {}", token_for("frank", 600, &["private.*"], &[])),
             )
             .await;
+            // Frank's grants replace the route's anonymous ones.
+            assert_eq!(next_text(&mut anon).await, "ERR denied public.a");
             send(&mut anon, "SUB private.a").await;
             send(&mut anon, "SUB user.frank").await;
             silent(&mut anon).await;
@@ -501,5 +503,24 @@ fn stomp_frames_are_authorised_too() {
             let error = next_text(&mut ws).await;
             assert!(error.contains("another user"), "{error}");
         });
+    }
+}
+
+/// A bad token costs its address a handshake like a good one: past the
+/// rate, 429 before any signature is checked.
+#[test]
+fn bad_tokens_count_against_the_handshake_rate() {
+    for driver in DRIVERS {
+        let server = start(driver, &["--max-handshakes-per-sec-per-ip", "3"]);
+        let statuses: Vec<String> = (0..4)
+            .map(|_| {
+                let mut raw = Raw::connect(server.addr);
+                raw.send(upgrade_request("/ws", "Authorization: Bearer junk\r\n").as_bytes());
+                raw.read_to_end().split_whitespace().nth(1).unwrap_or("").to_string()
+            })
+            .collect();
+        assert_eq!(statuses, ["401", "401", "401", "429"], "{driver}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(server.metric("sluice_refused_handshake_rate_total"), 1, "{driver}");
     }
 }

@@ -424,6 +424,11 @@ both_drivers!(
             assert!(messages < count, "{messages}");
         }
         assert!(server.metric("sluice_publish_holds_total") >= 1);
+        // Written by the client is not yet read by the server: the last
+        // publishes may still be in the socket (slow under ASan).
+        wait_for("the server never took every publish", || {
+            server.metric("sluice_publishes_total") == count as u64
+        });
         drop(stalled);
         server.terminate();
         let log = server.log();

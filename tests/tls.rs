@@ -286,6 +286,31 @@ fn python_websockets_over_ssl() {
     }
 }
 
+/// A handshake message cut into tiny records is refused once 64 KiB of it
+/// wait (rustls joins a handshake message only once it is whole): long
+/// before the handshake timeout.
+#[test]
+fn a_handshake_in_tiny_records_is_refused_at_its_bound() {
+    let cert = make_cert("tiny");
+    for driver in DRIVERS {
+        let (_server, tls_addr) = start(driver, &cert, &["--handshake-timeout-ms", "30000"]);
+        let mut raw = Raw::connect(tls_addr);
+        // A ClientHello announcing 65,535 bytes, one byte per record.
+        let mut wire = Vec::new();
+        for byte in [1u8, 0, 0xff, 0xff].into_iter().chain(std::iter::repeat_n(0u8, 20_000)) {
+            wire.extend_from_slice(&[22, 3, 1, 0, 1, byte]);
+        }
+        let started = Instant::now();
+        let _ = raw.stream.write_all(&wire);
+        assert!(raw.is_closed_by_server(), "{driver}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{driver}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// Handshakes that stop halfway hold nothing past the handshake timeout.
 #[test]
 fn a_stalled_tls_handshake_is_dropped_at_the_timeout() {

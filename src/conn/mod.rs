@@ -316,8 +316,7 @@ impl<'a> Conn<'a> {
                 return Ok(None);
             }
             let session = self.session;
-            let admit = |identity| session.admit(identity);
-            let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool, admit) else {
+            let Some((answer, head_len)) = answer_head(&self.carry, config, &mut self.out, &shard.pool, session) else {
                 return Ok(None);
             };
             self.carry.drain(..head_len);
@@ -330,9 +329,7 @@ impl<'a> Conn<'a> {
             return Ok(None);
         }
         let session = self.session;
-        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool, |identity| {
-            session.admit(identity)
-        });
+        let answer = answer_head(&scratch, config, &mut self.out, &shard.pool, session);
         // Keep what must outlive this read: an unfinished head, or the
         // client's first frames behind a complete one.
         let keep_from = answer.as_ref().map_or(0, |(_, head_len)| *head_len);
@@ -705,12 +702,12 @@ fn answer_head(
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
-    admit: impl FnOnce(Option<Identity>) -> Result<(), handshake::Reject>,
+    session: &Session,
 ) -> Option<(Answer, usize)> {
     let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
         Ok(None) => return None,
         Err(reject) => (Err(reject), buf.len()),
-        Ok(Some((head, head_len))) => (decide(&head, config, out, pool, admit), head_len),
+        Ok(Some((head, head_len))) => (decide(&head, config, out, pool, session), head_len),
     };
     Some(match answer {
         Ok(answer) => (answer, head_len),
@@ -722,15 +719,16 @@ fn answer_head(
 }
 
 /// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
-/// queueing the 101 or the health answer. `admit` decides last, so only
-/// a handshake that would succeed counts against the connection caps; it
-/// takes the session's identity when the route takes tokens.
+/// queueing the 101 or the health answer. Admission decides last, so only
+/// a handshake that would succeed counts against the connection caps; the
+/// handshake rate is charged before the token is checked, so that bad
+/// tokens cost a flooding address its rate too.
 fn decide(
     head: &handshake::Head<'_>,
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
-    admit: impl FnOnce(Option<Identity>) -> Result<(), handshake::Reject>,
+    session: &Session,
 ) -> Result<Answer, handshake::Reject> {
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
@@ -741,8 +739,7 @@ fn decide(
     if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
-    let identity = authenticate(head, route, config.verifier.as_deref())?;
-    admit(identity)?;
+    session.admit(|| authenticate(head, route, config.verifier.as_deref()))?;
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))
 }

@@ -1386,37 +1386,39 @@ impl Session {
         self.with(|s| s.extra(config, now).peer_ip = Some(ip));
     }
 
-    /// Counts the session against the handshake rate and the admission
-    /// caps (its handshake is about to succeed), or says which refuses it
-    /// (counted).
-    pub fn admit(&self, identity: Option<Identity>) -> Result<(), crate::ws::handshake::Reject> {
+    /// Charges the handshake to its address's rate, then runs `identify`
+    /// (the token check), then counts the session against the admission
+    /// caps (its handshake is about to succeed); or says which refuses it
+    /// (counted). The rate comes first so that a flood of bad tokens is
+    /// refused with 429 before any signature is checked.
+    pub fn admit(
+        &self,
+        identify: impl FnOnce() -> Result<Option<Identity>, crate::ws::handshake::Reject>,
+    ) -> Result<(), crate::ws::handshake::Reject> {
         use crate::ws::handshake::Reject;
         let ip = self.with(|s| s.peer_ip());
         let admission = &self.shard.admission;
-        let admitted = admission
-            .handshake(ip, std::time::Instant::now())
-            .and_then(|()| admission.admit(ip));
-        match admitted {
-            Ok(()) => {
-                let (config, now) = (&self.shard.config, self.shard.now_ms());
-                self.with(|s| {
-                    s.admitted = true;
-                    if identity.is_some() {
-                        s.extra(config, now).identity = identity;
-                    }
-                });
-                Ok(())
+        let count = |reject: Reject| {
+            let mut stats = self.shard.stats.borrow_mut();
+            match reject {
+                Reject::TooManyHandshakes => stats.refused_handshake_rate += 1,
+                Reject::TooManyFromAddress => stats.refused_max_per_ip += 1,
+                _ => stats.refused_max_connections += 1,
             }
-            Err(reject) => {
-                let mut stats = self.shard.stats.borrow_mut();
-                match reject {
-                    Reject::TooManyHandshakes => stats.refused_handshake_rate += 1,
-                    Reject::TooManyFromAddress => stats.refused_max_per_ip += 1,
-                    _ => stats.refused_max_connections += 1,
-                }
-                Err(reject)
+            reject
+        };
+        admission.handshake(ip, std::time::Instant::now()).map_err(count)?;
+        // A refused token is counted by the caller (a 401 like any other).
+        let identity = identify()?;
+        admission.admit(ip).map_err(count)?;
+        let (config, now) = (&self.shard.config, self.shard.now_ms());
+        self.with(|s| {
+            s.admitted = true;
+            if identity.is_some() {
+                s.extra(config, now).identity = identity;
             }
-        }
+        });
+        Ok(())
     }
 
     /// Whether the session may do `action` on `topic` (docs/PROTOCOL.md,
@@ -1431,6 +1433,21 @@ impl Session {
             }
         }
         allowed
+    }
+
+    /// The native topics the session is subscribed to that its identity
+    /// no longer allows (after a fresh token with fewer grants).
+    pub fn disallowed_topics(&self) -> Vec<Box<[u8]>> {
+        self.with(|s| {
+            let identity = s.identity();
+            s.pubsub.as_ref().map_or_else(Vec::new, |ps| {
+                ps.topics
+                    .iter()
+                    .filter(|t| !crate::auth::allows(identity, Action::Subscribe, t))
+                    .cloned()
+                    .collect()
+            })
+        })
     }
 
     /// Takes a fresh token in the session (native `AUTH`, STOMP CONNECT):

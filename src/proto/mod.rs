@@ -116,7 +116,14 @@ impl App {
                 }
                 Ok(native::Command::Auth(token)) => {
                     let refusal = match session.take_token(token) {
-                        Ok(()) => None,
+                        Ok(()) => {
+                            // The new grants apply to subscriptions made before.
+                            for topic in session.disallowed_topics() {
+                                session.unsubscribe(&topic);
+                                out.push_bytes(pool, &native::error_frame(native::Refusal::Denied, Some(&topic)));
+                            }
+                            None
+                        }
                         Err(TokenRefused::OtherUser) => Some(native::Refusal::Denied),
                         Err(TokenRefused::Invalid(_) | TokenRefused::NotTaken) => Some(native::Refusal::Unauthorized),
                     };

@@ -258,6 +258,10 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
         let mut seen = 0;
         for signal in signals.forever() {
             if signal == SIGHUP {
+                if for_signals.tls_addr.is_none() {
+                    tracing::info!("SIGHUP: no TLS listener, nothing to reload");
+                    continue;
+                }
                 match for_signals.reload_certificate() {
                     Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
                     Err(e) => tracing::error!("SIGHUP: certificate not reloaded, the old one stays: {e}"),
