@@ -20,11 +20,16 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::with(Default::default())
+    }
+
+    /// One worker on 127.0.0.1, no admin port, and `opts` besides.
+    fn with(opts: sluice::config::Options) -> Gateway {
         let opts = sluice::config::Options {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             admin_listen: Some("off".into()),
             workers: Some(1),
-            ..Default::default()
+            ..opts
         };
         let server = sluice::server::Server::start(opts.validate(1).unwrap()).expect("sluice starts");
         Gateway {
@@ -43,22 +48,13 @@ impl Gateway {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, made.cert.pem()).unwrap();
         std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
-        let opts = sluice::config::Options {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
+        let gw = Gateway::with(sluice::config::Options {
             tls_listen: Some("127.0.0.1:0".parse().unwrap()),
             tls_cert: Some(cert.clone()),
             tls_key: Some(key),
-            admin_listen: Some("off".into()),
-            workers: Some(1),
             ..Default::default()
-        };
-        let server = sluice::server::Server::start(opts.validate(1).unwrap()).expect("sluice starts");
-        let tls = server.tls_addr.unwrap();
-        let gw = Gateway {
-            addr: server.local_addr,
-            stop: server.shutdown_handle(),
-            server: Some(server),
-        };
+        });
+        let tls = gw.server.as_ref().unwrap().tls_addr.unwrap();
         (gw, tls, cert)
     }
 
