@@ -224,9 +224,10 @@ impl SessionPubSub {
     }
 
     /// Drops every queued message not yet started; one partly written
-    /// stays, so the stream of frames is never cut mid-frame. Returns the
-    /// bytes and the deliveries dropped.
-    fn drop_unsent(&mut self) -> (usize, u64) {
+    /// stays, so the stream of frames is never cut mid-frame. The bytes
+    /// dropped leave the core's total too (`shard`), so the two cannot
+    /// drift apart. Returns the deliveries dropped.
+    fn drop_unsent(&mut self, shard: &Shard) -> u64 {
         let keep = if self.mid_message() {
             self.queue
                 .iter()
@@ -239,7 +240,8 @@ impl SessionPubSub {
         self.queue.truncate(keep);
         let before = self.queued_bytes;
         self.queued_bytes = self.queue.iter().map(|p| p.bytes.len()).sum::<usize>() - self.head_sent;
-        (before - self.queued_bytes, deliveries)
+        shard.unqueue(before - self.queued_bytes);
+        deliveries
     }
 }
 
@@ -535,11 +537,7 @@ impl Shard {
             sessions.retain(|key, slot| {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
-                    if slot.admitted {
-                        self.admission.release(slot.peer_ip());
-                    }
-                    if let Some(ps) = slot.pubsub.take() {
-                        self.unqueue(ps.queued_bytes);
+                    if let Some(ps) = self.release_slot(slot) {
                         left_topics.push((key, ps));
                     }
                     return false;
@@ -550,6 +548,7 @@ impl Shard {
                 }
                 true
             });
+            self.check_queued(&sessions);
             sessions.is_empty()
         };
         for (key, ps) in left_topics {
@@ -562,6 +561,32 @@ impl Shard {
         *self.stats.borrow_mut().closed.entry(CloseCode::ABNORMAL.0).or_default() += aborted_parked as u64;
         if empty {
             self.wake_watcher();
+        }
+    }
+
+    /// What a slot being removed gives back: its place under the
+    /// admission caps and its queued bytes. Returns its pub/sub state, whose
+    /// topics the caller leaves (outside the table's borrow).
+    fn release_slot(&self, slot: &mut Slot) -> Option<Box<SessionPubSub>> {
+        if std::mem::take(&mut slot.admitted) {
+            self.admission.release(slot.peer_ip());
+        }
+        let ps = slot.pubsub.take()?;
+        self.unqueue(ps.queued_bytes);
+        Some(ps)
+    }
+
+    /// The core's queued total is the sum of its sessions' queues: checked
+    /// whenever a slot is removed (in full while the table is small, and
+    /// by every sweep, which visits each slot anyway), in debug builds.
+    fn check_queued(&self, sessions: &SlotMap<SessionKey, Slot>) {
+        if cfg!(debug_assertions) && sessions.len() <= 4096 {
+            let sum: usize = sessions
+                .values()
+                .filter_map(|s| s.pubsub.as_ref())
+                .map(|ps| ps.queued_bytes)
+                .sum();
+            assert_eq!(sum, self.queued.get(), "core {}: queued total drifted", self.core);
         }
     }
 
@@ -617,7 +642,7 @@ impl Shard {
     /// Returns the kick for its task, if any.
     fn shed(&self, slot: &mut Slot) -> Option<Kick> {
         let ps = slot.pubsub.as_mut()?;
-        let (bytes, deliveries) = ps.drop_unsent();
+        let deliveries = ps.drop_unsent(self);
         let mut stats = self.stats.borrow_mut();
         let kick = match self.config.slow_consumer {
             SlowConsumer::Drop => {
@@ -630,8 +655,6 @@ impl Shard {
                 Some(Kick::SLOW)
             }
         };
-        drop(stats);
-        self.unqueue(bytes);
         kick
     }
 
@@ -655,9 +678,11 @@ impl Shard {
         {
             self.shed_stalled(now);
         }
+        let mut queued_sum = 0;
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
             let mut due = Kick::default();
             if let Some(ps) = slot.pubsub.as_mut() {
+                queued_sum += ps.queued_bytes;
                 // A burst grew the queue, and it has been written since:
                 // give the memory back. Not at once when it empties, as a
                 // busy subscriber would grow it again for every batch.
@@ -736,6 +761,12 @@ impl Shard {
                 }
             }
         }
+        debug_assert_eq!(
+            queued_sum,
+            self.queued.get(),
+            "core {}: queued total drifted",
+            self.core
+        );
         for key in due_parked {
             self.resume(key);
         }
@@ -892,6 +923,12 @@ impl Shard {
     /// applying the outbound limit, and wakes (or resumes) it if its queue
     /// was empty. Sessions that are gone, not open or not pub/sub are
     /// skipped. `count`: the message is a delivery (not a heart-beat).
+    ///
+    /// The limit bounds a backlog: a message is refused only when what is
+    /// already queued has reached `max_outbound_bytes`. So a subscriber
+    /// that keeps up takes one message of any admitted size (up to
+    /// `--max-message-bytes`, larger than the limit by default), and a
+    /// queue never holds more than the limit plus one message.
     fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &mut [Bytes], count: bool) {
         let limit = self.config.max_outbound_bytes;
         let len: usize = parts.iter().map(Bytes::len).sum();
@@ -906,7 +943,7 @@ impl Shard {
                 return;
             }
             let mut stats = self.stats.borrow_mut();
-            if ps.queued_bytes + len > limit {
+            if ps.queued_bytes >= limit {
                 match self.config.slow_consumer {
                     SlowConsumer::Drop => {
                         stats.dropped += 1;
@@ -915,7 +952,7 @@ impl Shard {
                     SlowConsumer::Close => {
                         // Free the queue now; the task closes with 1008.
                         ps.slow = true;
-                        self.unqueue(ps.drop_unsent().0);
+                        ps.drop_unsent(self);
                         stats.slow_consumers += 1;
                         Kick::SLOW
                     }
@@ -1510,7 +1547,7 @@ impl Session {
             if phase == Phase::Closing {
                 // Nothing may follow our close frame (RFC 6455 5.5.1).
                 if let Some(ps) = s.pubsub.as_mut() {
-                    ps.drop_unsent();
+                    ps.drop_unsent(&self.shard);
                 }
             }
         });
@@ -1562,15 +1599,12 @@ impl Drop for Session {
                 // Parked: the slot lives on without a task.
                 return;
             }
-            let slot = sessions.remove(self.key);
-            if let Some(slot) = slot.as_ref().filter(|s| s.admitted) {
-                self.shard.admission.release(slot.peer_ip());
-            }
-            (sessions.is_empty(), slot.and_then(|s| s.pubsub))
+            let pubsub = sessions
+                .remove(self.key)
+                .and_then(|mut slot| self.shard.release_slot(&mut slot));
+            self.shard.check_queued(&sessions);
+            (sessions.is_empty(), pubsub)
         };
-        if let Some(ps) = &pubsub {
-            self.shard.unqueue(ps.queued_bytes);
-        }
         // A closing connection leaves all its topics.
         if let Some(ps) = pubsub {
             for topic in &ps.topics {
@@ -1711,18 +1745,30 @@ pub(crate) mod tests {
         let frame = Bytes::from(vec![0u8; 512]);
         shard.deliver_frame(s.key(), &frame);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        // Exactly at the limit: still queued.
-        shard.deliver_frame(s.key(), &frame);
-        assert_eq!(shard.stats.borrow().deliveries, 2);
+        // A backlog one byte short of the limit takes a message of any
+        // size: the limit bounds what waits, not one message.
+        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 511]));
+        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 4096]));
+        assert_eq!(shard.stats.borrow().deliveries, 3);
+        assert_eq!(shard.queued_bytes(), 1023 + 4096);
         assert_eq!(s.poll_kick(&w), None);
-        // One byte over: the session is a slow consumer, its queue freed.
+        // A backlog at or past the limit takes no more: the session is a
+        // slow consumer, its queue freed.
         shard.deliver_frame(s.key(), &Bytes::from_static(&[0]));
         assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
         assert_eq!(shard.stats.borrow().slow_consumers, 1);
         assert!(!s.has_deliveries());
+        assert_eq!(shard.queued_bytes(), 0);
         // And it takes nothing more.
         shard.deliver_frame(s.key(), &frame);
-        assert_eq!(shard.stats.borrow().deliveries, 2);
+        assert_eq!(shard.stats.borrow().deliveries, 3);
+        // An empty queue takes one message larger than the limit.
+        let t = shard.open_session();
+        t.set_phase(Phase::Open);
+        t.enable_pubsub();
+        shard.deliver_frame(t.key(), &Bytes::from(vec![0u8; 1024 * 64]));
+        assert!(t.has_deliveries());
+        assert_eq!(shard.stats.borrow().slow_consumers, 1);
     }
 
     #[test]
@@ -1741,6 +1787,7 @@ pub(crate) mod tests {
             shard.deliver_frame(s.key(), &frame);
         }
         let stats = shard.stats.borrow();
+        // The third finds a backlog at the limit.
         assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
         drop(stats);
         assert!(s.has_deliveries());
@@ -1761,6 +1808,39 @@ pub(crate) mod tests {
         s.set_phase(Phase::Open);
         s.enable_pubsub();
         s
+    }
+
+    /// Every way a subscriber starts closing (peer close, violation, rate
+    /// limit, idle timeout, admin close, missed heart-beats, token expiry)
+    /// goes through `Phase::Closing`, which drops its unsent deliveries:
+    /// they leave the core's total then, not only when the slot goes.
+    #[test]
+    fn deliveries_dropped_at_closing_leave_the_core_total() {
+        let shard = test_shard(budget_opts(crate::config::SlowConsumer::Close, 1024));
+        let s = open_subscriber(&shard);
+        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 1000]));
+        assert_eq!(shard.queued_bytes(), 1000);
+        s.set_phase(Phase::Closing);
+        assert_eq!(shard.queued_bytes(), 0, "dropped at the close");
+        drop(s);
+        assert_eq!(shard.queued_bytes(), 0);
+        // Over the budget with publishers held: subscribers that close
+        // release the hold, and the core is left with nothing counted.
+        let subs: Vec<Session> = (0..5).map(|_| open_subscriber(&shard)).collect();
+        for s in &subs {
+            shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 1000]));
+        }
+        let (woken, w) = waker();
+        let mut cx = std::task::Context::from_waker(&w);
+        assert!(shard.poll_budget(&mut cx).is_pending());
+        for s in &subs {
+            s.set_phase(Phase::Closing);
+        }
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the hold ended");
+        assert!(shard.poll_budget(&mut cx).is_ready());
+        drop(subs);
+        assert_eq!((shard.session_count(), shard.queued_bytes()), (0, 0));
+        assert!(!shard.over_budget());
     }
 
     #[test]
@@ -1972,7 +2052,7 @@ pub(crate) mod tests {
         assert_eq!(shard.stats.borrow().deliveries, 2);
         // A byte of the first part is out: the rest of that message stays.
         s.with(|slot| slot.pubsub.as_mut().unwrap().head_sent = 1);
-        s.with(|slot| slot.pubsub.as_mut().unwrap().drop_unsent());
+        s.with(|slot| slot.pubsub.as_mut().unwrap().drop_unsent(&shard));
         assert_eq!(queued(&s), (b"AAA".to_vec(), 2));
         // Its first part is out: the last two stay.
         shard.enqueue(s.key(), &mut parts(b"BBB"), true);
@@ -1982,7 +2062,8 @@ pub(crate) mod tests {
             ps.head_sent = 0;
             ps.mid_message = true;
             ps.queued_bytes -= 1;
-            ps.drop_unsent();
+            shard.unqueue(1);
+            ps.drop_unsent(&shard);
         });
         assert_eq!(queued(&s), (b"AA".to_vec(), 2));
         // Only the rest of the message goes before other output.
