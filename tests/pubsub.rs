@@ -504,3 +504,85 @@ both_drivers!(full_ring_back_pressures_the_publisher_and_loses_nothing, |driver|
         pubs.await.unwrap();
     });
 });
+
+/// A raw native client and its core (from its HELLO).
+fn raw_on_core(server: &Server, core: Option<u32>) -> (Raw, u32) {
+    for _ in 0..200 {
+        let mut raw = Raw::open(server.addr, "/ws");
+        let hello = String::from_utf8(raw.read_frame().unwrap().payload).unwrap();
+        let on: u32 = hello["HELLO ".len()..].split('.').next().unwrap().parse().unwrap();
+        if core.is_none_or(|c| c == on) {
+            return (raw, on);
+        }
+    }
+    panic!("no connection landed on core {core:?}");
+}
+
+both_drivers!(interest_changes_past_a_full_ring_all_arrive, |driver| {
+    // Rings of 16 envelopes. Core B is held (subscribers that do not read
+    // have its budget's worth queued), so it drains nothing, while a
+    // subscriber on core A subscribes to 600 topics in one read: 16 of the
+    // interest changes fill A's ring to B, the rest wait in A's outbox.
+    // Once B drains again it must ring A back for the rest; otherwise B
+    // never learns of the later topics, and its publishes to them skip A.
+    const TOPICS: usize = 600;
+    const SIZE: usize = 16 * 1024;
+    let server = Server::start(
+        driver,
+        &[
+            "--mesh-ring-capacity",
+            "16",
+            "--max-outbound-bytes",
+            "4194304",
+            "--max-core-outbound-bytes",
+            "8388608",
+            "--stall-timeout-ms",
+            "600000",
+        ],
+    );
+    let (mut sub, core_a) = raw_on_core(&server, None);
+    let core_b = 1 - core_a;
+    // Three, so that the core's budget (8 MiB) is passed before any one's
+    // own limit (4 MiB).
+    let jams: Vec<Raw> = (0..3)
+        .map(|_| {
+            let (mut jam, _) = raw_on_core(&server, Some(core_b));
+            jam.send(&masked_frame(0x81, b"SUB jam"));
+            jam
+        })
+        .collect();
+    let (mut filler, _) = raw_on_core(&server, Some(core_b));
+    let (mut publisher, _) = raw_on_core(&server, Some(core_b));
+    std::thread::sleep(SETTLE);
+    let body = "z".repeat(SIZE);
+    let count = 800;
+    let fill = std::thread::spawn(move || {
+        for i in 0..count {
+            filler.send(&masked_frame(0x81, format!("PUB jam {i:05} {body}").as_bytes()));
+        }
+    });
+    wait_for("core B was never held", || {
+        server.metric("sluice_publish_holds_total") >= 1
+    });
+    let subs: Vec<u8> = (0..TOPICS)
+        .flat_map(|t| masked_frame(0x81, format!("SUB t{t}").as_bytes()))
+        .collect();
+    sub.send(&subs);
+    std::thread::sleep(SETTLE);
+    // B drains again once those subscribers are gone (their queues with them).
+    drop(jams);
+    fill.join().unwrap();
+    std::thread::sleep(SETTLE);
+    // The latest topics first: B takes them all in one read.
+    let pubs: Vec<u8> = (0..TOPICS)
+        .rev()
+        .flat_map(|t| masked_frame(0x81, format!("PUB t{t} {t}").as_bytes()))
+        .collect();
+    publisher.send(&pubs);
+    for t in (0..TOPICS).rev() {
+        let f = sub
+            .read_frame()
+            .unwrap_or_else(|| panic!("topic {t}: the connection ended"));
+        assert_eq!(String::from_utf8(f.payload).unwrap(), format!("MSG t{t} {t}"));
+    }
+});

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use serde_json::Value;
 /// choice left to auto), stopped when dropped.
 struct Gateway {
     addr: SocketAddr,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<sluice::server::Shutdown>,
     server: Option<sluice::server::Server>,
 }
 
@@ -63,7 +62,7 @@ impl Gateway {
     }
 
     fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.begin();
         if let Some(s) = self.server.take() {
             s.join();
         }

@@ -205,6 +205,14 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
             return Err((413, format!("message {i}: over the {limit}-byte message limit")));
         }
     }
+    if shard.is_shutting_down() {
+        return Err((503, "shutting down".to_string()));
+    }
+    // Counted until every message is in every ring: the shutdown waits for
+    // it before any subscriber is closed, so a 200 means delivered to
+    // every subscriber still connected.
+    shard.admin_publishing(true);
+    let _in_flight = InFlight(shard);
     let hub = &shard.hub;
     let mut cores = 0;
     for (kind, topic, payload) in &messages {
@@ -236,6 +244,16 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
         }
     }
     Ok(serde_json::json!({ "published": messages.len(), "cores": cores }))
+}
+
+/// An admin publish under way (`Shard::admin_publishing`), however its
+/// future ends.
+struct InFlight<'s>(&'s Shard);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.admin_publishing(false);
+    }
 }
 
 /// `POST /sessions/{id}/send` and `DELETE /sessions/{id}?code=&reason=`.

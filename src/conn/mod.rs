@@ -409,6 +409,12 @@ impl<'a> Conn<'a> {
                 );
             }
             if self.kicks.has(Kick::SHUTDOWN) {
+                // Every publish accepted before the shutdown is queued by
+                // now (`server::shutdown`): it goes out before our close.
+                self.deliveries |= self.session.has_deliveries();
+                if self.flush().await.is_err() {
+                    return End::Closed(None);
+                }
                 let reason = "server shutting down";
                 return End::Closed(Box::pin(self.close_first(&mut reader, CloseCode::GOING_AWAY, reason)).await);
             }
@@ -448,6 +454,17 @@ impl<'a> Conn<'a> {
                 match Box::pin(self.wait_for_ring_space()).await {
                     Ok(Wake::Kick(k)) => self.kicks = self.kicks.with(k),
                     Ok(Wake::Ready) => flow = self.process_carry(&mut reader, &mut app),
+                    Err(_) => return End::Closed(None),
+                }
+                continue;
+            }
+            if self.shard().takes_no_input() {
+                // Shutting down: wait for the shutdown kick, not for input,
+                // taking deliveries meanwhile.
+                let kicked = Box::pin(idle_or_kick(std::future::pending(), self.session)).await;
+                match kicked {
+                    Ok(Wake::Kick(k)) => self.kicks = self.kicks.with(k),
+                    Ok(Wake::Ready) => {}
                     Err(_) => return End::Closed(None),
                 }
                 continue;
@@ -784,6 +801,11 @@ fn process(
     let mut partial_frame_bytes = None;
     // Messages dropped over the rate limits (never echoed).
     let mut limited = 0;
+    if shard.takes_no_input() && !matches!(app, App::Closing) {
+        // Shutting down: nothing read from now on is acted on (the close
+        // handshake's own reading, as `App::Closing`, goes on).
+        return (0, Flow::Continue, None);
+    }
     // Input that waited for a publish to get through goes first.
     app.resume(out, pool, session);
     if let Some(code) = app.take_close(session) {

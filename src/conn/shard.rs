@@ -85,6 +85,16 @@ impl Kick {
     }
 }
 
+/// Where the core is in an ordered shutdown (`server::shutdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    No,
+    /// No connection, admin request or session input is taken.
+    Input,
+    /// Sessions are sent their deliveries, then 1001.
+    Close,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Waiting for the request head: bounded by `handshake_timeout_ms`.
@@ -375,7 +385,11 @@ pub struct Shard {
     parked: Cell<usize>,
     start: Instant,
     now_ms: Cell<u64>,
-    shutting_down: Cell<bool>,
+    stopping: Cell<Stopping>,
+    /// Sessions whose publish waits for ring space, and admin publishes
+    /// under way: publishes accepted but not yet in every ring. The
+    /// shutdown waits for them before it says the core is quiet.
+    publishes_in_flight: Cell<usize>,
     /// Woken when shutdown begins (the accept loop) or the table empties (the drain).
     watcher: Cell<Option<Waker>>,
     /// Admin connections open, and the wakers of those waiting to read:
@@ -415,7 +429,8 @@ impl Shard {
             parked: Cell::new(0),
             start: Instant::now(),
             now_ms: Cell::new(0),
-            shutting_down: Cell::new(false),
+            stopping: Cell::new(Stopping::No),
+            publishes_in_flight: Cell::new(0),
             watcher: Cell::new(None),
             admin_open: Cell::new(0),
             admin_waiters: RefCell::new(Vec::new()),
@@ -458,8 +473,28 @@ impl Shard {
         self.parking.set(self.config.park_after_ms > 0);
     }
 
+    /// Shutdown has begun: no more connections or admin requests are taken.
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.get()
+        self.stopping.get() != Stopping::No
+    }
+
+    /// Sessions' input is not acted on any more (shutdown has begun): no
+    /// publish, subscribe or reply comes from a read after this.
+    pub fn takes_no_input(&self) -> bool {
+        self.is_shutting_down()
+    }
+
+    /// Publishes accepted on this core that are not yet in every ring
+    /// they go to: sessions' and admin requests' (see the field), and
+    /// those of ended sessions the hub sends on (counted as one).
+    pub fn publishes_in_flight(&self) -> usize {
+        self.publishes_in_flight.get() + usize::from(self.hub.has_orphans())
+    }
+
+    /// An admin publish starts (`true`) or ends (`false`).
+    pub fn admin_publishing(&self, on: bool) {
+        let n = self.publishes_in_flight.get();
+        self.publishes_in_flight.set(if on { n + 1 } else { n - 1 });
     }
 
     /// Registers a session in the handshake phase.
@@ -504,21 +539,65 @@ impl Shard {
         }
     }
 
-    /// Starts the shutdown: the next sweep kicks every session with
-    /// `SHUTDOWN`, and each later sweep the sessions opened since.
-    pub fn begin_shutdown(&self) {
-        if !self.shutting_down.replace(true) {
-            self.wake_watcher();
-            for w in self.admin_waiters.borrow_mut().drain(..) {
-                w.wake();
+    /// The shutdown's first step (see `server::shutdown`): the accept
+    /// loops and admin connections end, sessions' input is no longer
+    /// acted on, and sessions still in their handshake are refused (503).
+    /// Open sessions keep taking deliveries.
+    pub fn stop_taking_input(self: &Rc<Self>) {
+        if self.stopping.get() != Stopping::No {
+            return;
+        }
+        self.stopping.set(Stopping::Input);
+        self.wake_watcher();
+        for w in self.admin_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+        self.kick_for_shutdown();
+    }
+
+    /// The shutdown's last step, once every publish accepted anywhere is
+    /// queued here: every session gets its deliveries, then 1001. Later
+    /// sweeps kick the sessions that were not reached.
+    pub fn close_all(self: &Rc<Self>) {
+        self.stop_taking_input();
+        if self.stopping.replace(Stopping::Close) != Stopping::Close {
+            self.kick_for_shutdown();
+        }
+    }
+
+    /// Kicks with `SHUTDOWN` the sessions due it now: those in their
+    /// handshake, and (once closing) the open ones. Each is kicked once.
+    fn kick_for_shutdown(self: &Rc<Self>) {
+        let mut due_parked = Vec::new();
+        for (key, slot) in self.sessions.borrow_mut().iter_mut() {
+            if self.shutdown_due(slot) {
+                slot.shutdown_sent = true;
+                slot.kick = slot.kick.with(Kick::SHUTDOWN);
+                if slot.parked.is_some() {
+                    due_parked.push(key);
+                } else if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
             }
         }
+        for key in due_parked {
+            self.resume(key);
+        }
+    }
+
+    fn shutdown_due(&self, slot: &Slot) -> bool {
+        !slot.shutdown_sent
+            && match (self.stopping.get(), slot.phase) {
+                (Stopping::No, _) | (_, Phase::Closing) => false,
+                (Stopping::Input, phase) => phase == Phase::Handshake,
+                (Stopping::Close, _) => true,
+            }
     }
 
     /// For admin connections: `true` once shutdown began; otherwise `waker`
     /// is woken when it does.
     pub fn poll_shutdown(&self, waker: &Waker) -> bool {
-        if self.shutting_down.get() {
+        if self.is_shutting_down() {
             return true;
         }
         let mut waiters = self.admin_waiters.borrow_mut();
@@ -644,7 +723,7 @@ impl Shard {
         let ps = slot.pubsub.as_mut()?;
         let deliveries = ps.drop_unsent(self);
         let mut stats = self.stats.borrow_mut();
-        let kick = match self.config.slow_consumer {
+        match self.config.slow_consumer {
             SlowConsumer::Drop => {
                 stats.dropped += deliveries;
                 None
@@ -654,8 +733,7 @@ impl Shard {
                 stats.slow_consumers += 1;
                 Some(Kick::SLOW)
             }
-        };
-        kick
+        }
     }
 
     /// One tick: advance the clock and kick every session that is due.
@@ -666,7 +744,7 @@ impl Shard {
     fn sweep_at(self: &Rc<Self>, now: u64) {
         self.now_ms.set(now);
         let c = &self.config;
-        let shutting_down = self.shutting_down.get();
+        let shutting_down = self.is_shutting_down();
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
         let mut due_heart_beats = Vec::new();
@@ -748,7 +826,7 @@ impl Shard {
                 }
                 _ => {}
             }
-            if shutting_down && !slot.shutdown_sent && slot.phase != Phase::Closing {
+            if self.shutdown_due(slot) {
                 slot.shutdown_sent = true;
                 due = due.with(Kick::SHUTDOWN);
             }
@@ -861,18 +939,27 @@ impl Shard {
     /// paused, its socket unread, so TCP slows it, and the core spends
     /// its time writing rather than queueing more than it can write.
     pub fn poll_budget(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.held_since_ms.get().is_none() {
-            if !self.over_budget() {
-                return std::task::Poll::Ready(());
-            }
-            self.held_since_ms.set(Some(self.now_ms()));
-            self.stats.borrow_mut().publish_holds += 1;
+        if !self.holds_publishers() {
+            return std::task::Poll::Ready(());
         }
         let mut waiters = self.budget_waiters.borrow_mut();
         if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
             waiters.push(cx.waker().clone());
         }
         std::task::Poll::Pending
+    }
+
+    /// Whether the core's publishers are held (see `poll_budget`); starts
+    /// the hold if the core is over its budget.
+    pub fn holds_publishers(&self) -> bool {
+        if self.held_since_ms.get().is_none() {
+            if !self.over_budget() {
+                return false;
+            }
+            self.held_since_ms.set(Some(self.now_ms()));
+            self.stats.borrow_mut().publish_holds += 1;
+        }
+        true
     }
 
     /// Takes `n` written (or dropped) bytes off the core's queued total,
@@ -1270,17 +1357,13 @@ impl Session {
     /// found a ring full wait in the slot, and the session is not read
     /// until they are through (`poll_unblocked`).
     pub fn publish_message(&self, message: Message) {
-        let mut pending = self.with(|s| {
-            s.pubsub
-                .as_mut()
-                .map(|ps| std::mem::take(&mut ps.pending))
-                .unwrap_or_default()
-        });
+        let mut pending = self.take_pending();
+        let was_empty = pending.is_empty();
         self.shard.hub.publish(&self.shard, message, &mut pending);
+        self.put_pending(pending, was_empty);
         let held = self.shard.over_budget();
         self.with(|s| {
             if let Some(ps) = s.pubsub.as_mut() {
-                ps.pending = pending;
                 ps.held |= held;
             }
         });
@@ -1309,11 +1392,31 @@ impl Session {
         Some(r)
     }
 
-    fn put_pending(&self, pending: Pending) {
+    /// The envelopes waiting for ring space, out of the slot (so the hub
+    /// may be called); `put_pending` puts them back.
+    fn take_pending(&self) -> Pending {
         self.with(|s| {
-            if let Some(ps) = s.pubsub.as_mut() {
-                ps.pending = pending;
-            }
+            s.pubsub
+                .as_mut()
+                .map(|ps| std::mem::take(&mut ps.pending))
+                .unwrap_or_default()
+        })
+    }
+
+    /// Puts back what `take_pending` took (`was_empty`: whether it was
+    /// empty then), counting the session among the core's publishes in
+    /// flight while any envelope waits.
+    fn put_pending(&self, pending: Pending, was_empty: bool) {
+        let in_flight = &self.shard.publishes_in_flight;
+        match (was_empty, pending.is_empty()) {
+            (true, false) => in_flight.set(in_flight.get() + 1),
+            (false, true) => in_flight.set(in_flight.get() - 1),
+            _ => {}
+        }
+        self.with(|s| match s.pubsub.as_mut() {
+            Some(ps) => ps.pending = pending,
+            // Only pub/sub sessions publish.
+            None => debug_assert!(pending.is_empty(), "a publish waits in a session without pub/sub"),
         });
     }
 
@@ -1340,12 +1443,8 @@ impl Session {
     }
 
     fn poll_rings(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let mut pending = self.with(|s| {
-            s.pubsub
-                .as_mut()
-                .map(|ps| std::mem::take(&mut ps.pending))
-                .unwrap_or_default()
-        });
+        let mut pending = self.take_pending();
+        let was_empty = pending.is_empty();
         let hub = &self.shard.hub;
         let ready = loop {
             if hub.retry(&mut pending) {
@@ -1355,7 +1454,7 @@ impl Session {
                 break false;
             }
         };
-        self.put_pending(pending);
+        self.put_pending(pending, was_empty);
         if ready {
             std::task::Poll::Ready(())
         } else {
@@ -1593,7 +1692,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let (empty, pubsub) = {
+        let (empty, mut pubsub) = {
             let mut sessions = self.shard.sessions.borrow_mut();
             if sessions.get(self.key).is_some_and(|s| s.parked.is_some()) {
                 // Parked: the slot lives on without a task.
@@ -1605,6 +1704,13 @@ impl Drop for Session {
             self.shard.check_queued(&sessions);
             (sessions.is_empty(), pubsub)
         };
+        if let Some(ps) = pubsub.as_mut().filter(|ps| !ps.pending.is_empty()) {
+            // Publishes the session made (and may have confirmed: a STOMP
+            // RECEIPT) still go to the other cores, after the session.
+            let in_flight = &self.shard.publishes_in_flight;
+            in_flight.set(in_flight.get() - 1);
+            self.shard.hub.adopt(std::mem::take(&mut ps.pending));
+        }
         // A closing connection leaves all its topics.
         if let Some(ps) = pubsub {
             for topic in &ps.topics {
@@ -2169,12 +2275,22 @@ pub(crate) mod tests {
         let shard = shard();
         let a = shard.open_session();
         a.set_phase(Phase::Open);
+        let h = shard.open_session();
         let (watched, ww) = waker();
         shard.watch(&ww);
-        shard.begin_shutdown();
-        assert_eq!(watched.0.load(Ordering::SeqCst), 1);
-        shard.sweep();
         let (_, w) = waker();
+        // Input stops: handshakes are refused at once, open sessions are
+        // not closed yet (their deliveries may still be on their way).
+        shard.stop_taking_input();
+        assert!(shard.takes_no_input());
+        assert_eq!(watched.0.load(Ordering::SeqCst), 1);
+        assert!(h.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
+        shard.sweep();
+        assert_eq!(a.poll_kick(&w), None);
+        assert_eq!(h.poll_kick(&w), None, "shutdown is sent once");
+        drop(h);
+        // Then every session is closed.
+        shard.close_all();
         assert!(a.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
         shard.sweep();
         assert_eq!(a.poll_kick(&w), None, "shutdown is sent once");

@@ -9,12 +9,24 @@
 //! A full ring never drops: the producer raises the ring's `space_wanted`
 //! flag and waits; the consumer, after popping from a ring with that flag
 //! set, rings the producer's doorbell, and the producer's core wakes the
-//! tasks waiting for space. Why this cannot deadlock is in
-//! docs/ARCHITECTURE.md ("The mesh").
+//! tasks waiting for space and sends what its outboxes hold. Why this
+//! cannot deadlock is in docs/ARCHITECTURE.md ("The mesh").
+//!
+//! Both sleeps are store-then-check handshakes between two threads (the
+//! Dekker pattern): one side stores its flag, then loads the other side's
+//! index; the other stores its index, then loads the flag. A SeqCst store
+//! followed by an Acquire load may be reordered (the load done first) on
+//! hardware where Acquire loads are weaker than SeqCst ones (AArch64 with
+//! `ldapr`), and then both sides can miss each other: a lost wake-up. A
+//! `fence(SeqCst)` between the store and the load on *both* sides forbids
+//! it: of the two fences, one comes first in their single total order, and
+//! the load after the later fence sees the store before the earlier one.
+//! So at least one side sees the other, and either the sleeper does not
+//! sleep or the waker rings.
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -165,6 +177,9 @@ impl CoreMesh {
         let ring = self.outbound[to].as_ref().expect("no ring to our own core");
         match ring.producer.borrow_mut().push(envelope) {
             Ok(()) => {
+                // Handshake with `arm`: our tail store (in `push`) before
+                // the load of `armed` (in `ring`). See the module comment.
+                fence(Ordering::SeqCst);
                 self.doorbells[to].ring();
                 Ok(())
             }
@@ -173,19 +188,30 @@ impl CoreMesh {
     }
 
     /// Ready when ring `to` has room; otherwise asks its consumer to ring
-    /// our doorbell once it has made some.
+    /// our doorbell once it has made some, and wakes this task then.
     pub fn poll_space(&self, to: usize, cx: &mut Context<'_>) -> Poll<()> {
         let ring = self.outbound[to].as_ref().expect("no ring to our own core");
         if !ring.producer.borrow().is_full() {
             return Poll::Ready(());
         }
         self.space_waiters.borrow_mut().push(cx.waker().clone());
-        ring.shared.space_wanted.store(true, Ordering::SeqCst);
-        // The consumer may have made room between the check and the flag.
-        if !ring.producer.borrow().is_full() {
+        if self.want_space(to) {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+
+    /// Asks the consumer of ring `to` (found full) to ring our doorbell
+    /// once it has made room: our mesh loop then sends what the outboxes
+    /// hold and wakes the tasks waiting for space. Returns `true` if room
+    /// was made meanwhile (try again now: no ring will come for it).
+    pub fn want_space(&self, to: usize) -> bool {
+        let ring = self.outbound[to].as_ref().expect("no ring to our own core");
+        ring.shared.space_wanted.store(true, Ordering::SeqCst);
+        // Handshake with `drain`: the flag's store before the load of the
+        // consumer's head (in `is_full`). See the module comment.
+        fence(Ordering::SeqCst);
+        !ring.producer.borrow().is_full()
     }
 
     /// Takes every envelope waiting in our inbound rings, in ring order,
@@ -207,7 +233,13 @@ impl CoreMesh {
                 taken += 1;
                 popped = true;
             }
-            if popped && ring.shared.space_wanted.swap(false, Ordering::SeqCst) {
+            if !popped {
+                continue;
+            }
+            // Handshake with `want_space`: our head store (in `pop`) before
+            // the load of the flag. See the module comment.
+            fence(Ordering::SeqCst);
+            if ring.shared.space_wanted.swap(false, Ordering::SeqCst) {
                 // Force the signal: the producer's core may be busy but is
                 // waiting for exactly this.
                 self.doorbells[ring.from].armed.store(true, Ordering::SeqCst);
@@ -229,6 +261,9 @@ impl CoreMesh {
     /// meanwhile (drain again instead of sleeping).
     pub fn arm(&self) -> bool {
         self.doorbells[self.core].armed.store(true, Ordering::SeqCst);
+        // Handshake with `send`: the flag's store before the loads of the
+        // producers' tails (in `is_empty`). See the module comment.
+        fence(Ordering::SeqCst);
         if self.inbound.iter().any(|r| !r.consumer.borrow().is_empty()) {
             self.doorbells[self.core].armed.store(false, Ordering::SeqCst);
             return false;

@@ -49,6 +49,9 @@ pub struct Hub {
     next_message: Cell<u64>,
     /// Replies to other cores' session requests not yet sent, by target.
     reply_outbox: RefCell<Vec<VecDeque<Envelope>>>,
+    /// Publishes of sessions that ended while they waited for ring space,
+    /// oldest first: sent by the mesh loop as rings make room.
+    orphans: RefCell<Pending>,
     /// Our requests to other cores' sessions, waiting for their reply.
     requests: RefCell<HashMap<u64, Request>>,
     next_request: Cell<u64>,
@@ -83,6 +86,7 @@ impl Hub {
             queue_turns: RefCell::new(HashMap::new()),
             next_message: Cell::new(0),
             reply_outbox: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
+            orphans: RefCell::new(Vec::new()),
             requests: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
             mesh,
@@ -145,17 +149,43 @@ impl Hub {
             }
         }
         drop(outbox);
-        self.flush_interest();
+        self.flush_outboxes();
     }
 
-    /// Sends what the interest and reply outboxes hold, as far as the rings
-    /// have room. Returns `false` if something is left (the mesh loop
-    /// retries when a consumer makes room).
-    pub fn flush_interest(&self) -> bool {
+    /// Takes the envelopes of a session that ended while they waited for
+    /// ring space: they are sent, in order, by `flush_outboxes`.
+    pub fn adopt(&self, pending: Pending) {
+        self.orphans.borrow_mut().extend(pending);
+        self.flush_outboxes();
+    }
+
+    /// Whether publishes of ended sessions still wait for ring space.
+    pub fn has_orphans(&self) -> bool {
+        !self.orphans.borrow().is_empty()
+    }
+
+    /// Sends `envelope` to core `to`; on a full ring, asks its consumer to
+    /// ring this core's doorbell once it makes room (the mesh loop, woken
+    /// by that, flushes the outboxes again) and gives the envelope back.
+    fn send_or_want_space(&self, to: usize, mut envelope: Envelope) -> Result<(), Envelope> {
+        loop {
+            match self.mesh.send(to, envelope) {
+                Ok(()) => return Ok(()),
+                // Room was made meanwhile: no ring will come for it.
+                Err(e) if self.mesh.want_space(to) => envelope = e,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends what the outboxes (replies, interest changes, ended sessions'
+    /// publishes) hold, as far as the rings have room. Returns `false` if
+    /// something is left; see `send_or_want_space` for what sends it then.
+    pub fn flush_outboxes(&self) -> bool {
         let mut all_sent = true;
         for (core, replies) in self.reply_outbox.borrow_mut().iter_mut().enumerate() {
             while let Some(reply) = replies.pop_front() {
-                if let Err(reply) = self.mesh.send(core, reply) {
+                if let Err(reply) = self.send_or_want_space(core, reply) {
                     replies.push_front(reply);
                     all_sent = false;
                     break;
@@ -166,23 +196,32 @@ impl Hub {
         for (core, pending) in self.interest_outbox.borrow_mut().iter_mut().enumerate() {
             while let Some(topic) = pending.keys().next().cloned() {
                 let count = pending[&topic];
-                match self.mesh.send(
-                    core,
-                    Envelope::Interest {
-                        topic: topic.clone(),
-                        core: me,
-                        count,
-                    },
-                ) {
-                    Ok(()) => {
-                        pending.remove(&topic);
-                    }
-                    Err(_) => {
-                        all_sent = false;
-                        break;
-                    }
+                let envelope = Envelope::Interest {
+                    topic: topic.clone(),
+                    core: me,
+                    count,
+                };
+                if self.send_or_want_space(core, envelope).is_err() {
+                    all_sent = false;
+                    break;
+                }
+                pending.remove(&topic);
+            }
+        }
+        let mut orphans = self.orphans.borrow_mut();
+        if !orphans.is_empty() {
+            // In order per target: once one waits, the later ones to the
+            // same core wait behind it.
+            let mut left: Pending = Vec::new();
+            for (core, envelope) in orphans.drain(..) {
+                if left.iter().any(|&(c, _)| c == core) {
+                    left.push((core, envelope));
+                } else if let Err(envelope) = self.send_or_want_space(core, envelope) {
+                    left.push((core, envelope));
                 }
             }
+            all_sent &= left.is_empty();
+            *orphans = left;
         }
         all_sent
     }
@@ -227,7 +266,7 @@ impl Hub {
             } => {
                 let found = shard.act_on_session(SessionKey::from(slotmap::KeyData::from_ffi(key)), action);
                 self.reply_outbox.borrow_mut()[from as usize].push_back(Envelope::Reply { request, found });
-                self.flush_interest();
+                self.flush_outboxes();
             }
             Envelope::Reply { request, found } => {
                 if let Some(r) = self.requests.borrow_mut().get_mut(&request) {

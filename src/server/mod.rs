@@ -12,11 +12,11 @@
 //!   limits, seccomp), which `auto` also treats as "use epoll".
 
 mod listen;
+pub mod shutdown;
 
 use std::fmt;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::task::Poll;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use crate::config::{Config, DriverChoice};
 use crate::conn::eventfd::EventFd;
 use crate::conn::shard::{Shard, Stats};
 pub use listen::bind_listeners;
+pub use shutdown::Shutdown;
 
 /// io_uring submission queue entries per worker.
 const URING_ENTRIES: u32 = 4096;
@@ -93,7 +94,7 @@ pub struct Server {
     /// Its certificate, which `reload_certificate` replaces.
     cert: Option<Arc<crate::tls::CertResolver>>,
     pub driver: DriverKind,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Arc<Shutdown>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<Stats>>>,
 }
 
@@ -132,7 +133,10 @@ impl Server {
                 error: format!("cannot build the mesh: {e}"),
             })?;
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
-        let shutdown = Arc::new(AtomicBool::new(false));
+        let shutdown = Arc::new(Shutdown::new(config.workers).map_err(|e| ServerError::Worker {
+            core: 0,
+            error: format!("cannot make the shutdown bells: {e}"),
+        })?);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.workers);
         let per_worker = listeners
@@ -194,7 +198,7 @@ impl Server {
             workers: std::sync::Mutex::new(workers),
         };
         if let Some(e) = failure {
-            server.shutdown.store(true, Ordering::SeqCst);
+            server.shutdown.begin();
             server.join();
             return Err(e);
         }
@@ -210,8 +214,9 @@ impl Server {
         }
     }
 
-    /// Asks every worker to stop accepting, close its sessions with 1001 and drain.
-    pub fn shutdown_handle(&self) -> Arc<AtomicBool> {
+    /// What stops every worker, in order (`Shutdown::begin`): no more
+    /// input, every accepted publish delivered, 1001 to every session, drain.
+    pub fn shutdown_handle(&self) -> Arc<Shutdown> {
         self.shutdown.clone()
     }
 
@@ -271,7 +276,7 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "shutting down: closing sessions with 1001");
-                shutdown.store(true, Ordering::SeqCst);
+                shutdown.begin();
             } else {
                 tracing::warn!(signal, "second signal: exiting without draining");
                 std::process::exit(1);
@@ -300,7 +305,7 @@ struct Shared {
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<crate::admin::Metrics>,
     admission: Arc<crate::conn::admission::Admission>,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Arc<Shutdown>,
 }
 
 fn run_worker(
@@ -374,7 +379,7 @@ fn worker(
     listeners: Listeners,
     shard: Rc<Shard>,
     metrics: Arc<crate::admin::Metrics>,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Arc<Shutdown>,
     ready: Ready,
 ) -> impl FnOnce(DriverKind) -> std::pin::Pin<Box<dyn Future<Output = ()>>> {
     move |driver| {
@@ -397,12 +402,17 @@ fn worker(
             let shard_for_life = shard.clone();
             let metrics_for_admin = metrics.clone();
             let life = async move {
-                // Each accept loop ends at shutdown; the admin one never ends.
+                // Each accept loop ends once shutdown begins (the signal
+                // makes the shard stop taking input); the admin one never ends.
                 let plain = accept_until_shutdown(&listener, &shard_for_life, false);
                 let secure = async {
                     if let Some(tls) = &tls {
                         accept_until_shutdown(tls, &shard_for_life, true).await;
                     }
+                };
+                let signal = async {
+                    shutdown.begun(shard_for_life.core).await;
+                    shard_for_life.stop_taking_input();
                 };
                 let admin_loop = async {
                     match &admin {
@@ -411,20 +421,21 @@ fn worker(
                     }
                 };
                 monoio::select! {
-                    _ = async { monoio::join!(plain, secure) } => {}
+                    _ = async { monoio::join!(plain, secure, signal) } => {}
                     _ = admin_loop => {}
                 }
                 // Stop accepting: connections still queued on these listeners are reset.
                 drop(listener);
                 drop(tls);
                 drop(admin);
-                drain(&shard_for_life).await;
+                let deadline = shutdown.run(&shard_for_life).await;
+                drain(&shard_for_life, deadline).await;
             };
             // The sweep runs inside this future rather than as its own task:
             // monoio does not drop unfinished tasks with the runtime.
             monoio::select! {
                 _ = life => {}
-                _ = sweep(shard.clone(), shutdown, metrics, driver) => {}
+                _ = sweep(shard.clone(), metrics, driver) => {}
                 _ = resume_parked(shard.clone()) => {}
                 _ = mesh_loop(shard.clone()) => {}
                 _ = flush_loop(shard.clone()) => {}
@@ -447,6 +458,11 @@ async fn resume_parked(shard: Rc<Shard>) {
     let mut tokens = Vec::new();
     loop {
         let ready = waiter.readable(false).await;
+        if shard.takes_no_input() {
+            // Shutting down: input is not acted on, so a parked session
+            // stays parked until its shutdown kick gives it a task.
+            return std::future::pending().await;
+        }
         if let Err(e) = ready.and_then(|()| shard.resume_ready(&mut tokens)) {
             // Not expected from an epoll set; back off rather than spin.
             tracing::warn!(core = shard.core, error = %e, "parking lot wait failed");
@@ -458,6 +474,11 @@ async fn resume_parked(shard: Rc<Shard>) {
 /// Takes what other cores send this one, until all rings are empty, then
 /// sleeps on the core's doorbell. Never waits for ring space itself, which
 /// is what keeps the mesh free of deadlock (docs/ARCHITECTURE.md).
+///
+/// Over its budget, the core takes no more publishes from the rings:
+/// their producers wait for space like any publisher. It still sends what
+/// its outboxes hold and wakes its tasks waiting for ring space whenever
+/// a consumer rings it for that, so a hold delays neither.
 async fn mesh_loop(shard: Rc<Shard>) {
     let hub = &shard.hub;
     if hub.mesh.cores() == 1 {
@@ -469,23 +490,32 @@ async fn mesh_loop(shard: Rc<Shard>) {
             // Without a doorbell, poll the rings on a short timer instead.
             tracing::warn!(core = shard.core, error = %e, "mesh doorbell unavailable: polling every millisecond");
             loop {
-                std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
-                hub.mesh
-                    .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
-                hub.flush_interest();
+                if !shard.holds_publishers() {
+                    hub.mesh
+                        .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
+                }
+                hub.flush_outboxes();
                 hub.mesh.wake_space_waiters();
                 monoio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     };
     loop {
-        // Over its budget, the core takes no more publishes from the rings
-        // either: their producers wait for space like any publisher.
-        std::future::poll_fn(|cx| shard.poll_budget(cx)).await;
+        if shard.holds_publishers() {
+            hub.flush_outboxes();
+            hub.mesh.wake_space_waiters();
+            // Not armed: producers do not ring for their publishes, only a
+            // consumer that made room (a forced ring) does.
+            monoio::select! {
+                _ = std::future::poll_fn(|cx| shard.poll_budget(cx)) => {}
+                _ = doorbell.readable(false) => hub.mesh.clear_doorbell(),
+            }
+            continue;
+        }
         let taken = hub
             .mesh
             .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
-        hub.flush_interest();
+        hub.flush_outboxes();
         hub.mesh.wake_space_waiters();
         if taken > 0 {
             // Let the sessions just fed write before draining more: ring
@@ -557,7 +587,7 @@ impl IoYield {
 }
 
 /// The per-core timer: advances the shard's clock and kicks due sessions.
-async fn sweep(shard: Rc<Shard>, shutdown: Arc<AtomicBool>, metrics: Arc<crate::admin::Metrics>, driver: DriverKind) {
+async fn sweep(shard: Rc<Shard>, metrics: Arc<crate::admin::Metrics>, driver: DriverKind) {
     let tick = Duration::from_millis(shard.tick_ms());
     let driver = match driver {
         DriverKind::IoUring => "io_uring",
@@ -566,9 +596,6 @@ async fn sweep(shard: Rc<Shard>, shutdown: Arc<AtomicBool>, metrics: Arc<crate::
     loop {
         metrics.refresh(&shard, driver);
         monoio::time::sleep(tick).await;
-        if shutdown.load(Ordering::Relaxed) {
-            shard.begin_shutdown();
-        }
         shard.sweep();
     }
 }
@@ -635,10 +662,10 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
     }
 }
 
-/// Waits until every session has closed, or the drain timeout; then ends
-/// the rest, so that no task outlives the runtime (monoio would leak it).
-async fn drain(shard: &Rc<Shard>) {
-    let limit = Duration::from_millis(shard.config.drain_timeout_ms);
+/// Waits until every session has closed, or the deadline; then ends the
+/// rest, so that no task outlives the runtime (monoio would leak it).
+async fn drain(shard: &Rc<Shard>, deadline: std::time::Instant) {
+    let limit = deadline.saturating_duration_since(std::time::Instant::now());
     if monoio::time::timeout(limit, all_sessions_ended(shard)).await.is_err() {
         tracing::warn!(
             core = shard.core,
