@@ -133,6 +133,10 @@ pub struct Options {
     /// Bearer token the admin API requires (all but /healthz and /metrics) [default: none].
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// Admin connections the server holds at once; past it, 503 and close
+    /// [default: 64].
+    #[arg(long)]
+    pub admin_max_connections: Option<usize>,
     /// How routes without their own `auth` treat tokens [default: required
     /// when a JWT key is configured, else none].
     #[arg(long, value_enum)]
@@ -268,6 +272,7 @@ pub struct Config {
     /// `None`: no admin port.
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
+    pub admin_max_connections: usize,
     /// Checks handshake tokens; `None` when no JWT key is configured.
     pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
@@ -342,6 +347,7 @@ impl Options {
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.or(base.stomp_heart_beat_grace_ms),
             admin_listen: self.admin_listen.or(base.admin_listen),
             admin_token: self.admin_token.or(base.admin_token),
+            admin_max_connections: self.admin_max_connections.or(base.admin_max_connections),
             auth: self.auth.or(base.auth),
             jwt_secret_file: self.jwt_secret_file.or(base.jwt_secret_file),
             jwt_public_key: self.jwt_public_key.or(base.jwt_public_key),
@@ -484,6 +490,7 @@ impl Options {
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
             admin_listen,
             admin_token: self.admin_token,
+            admin_max_connections: self.admin_max_connections.unwrap_or(64),
             verifier,
         };
         config.check()?;
@@ -522,20 +529,25 @@ fn verifier(
 }
 
 /// The open-files limit (soft) less 1/16 of it (at least 64), which the
-/// listeners, the admin API, parked sockets' registrations and handshakes
-/// being refused need besides the connections.
+/// listeners, the admin API and handshakes being refused need besides the
+/// connections (see `Admission::take_socket` for what keeps it).
 fn default_max_connections() -> usize {
+    let files = open_files_limit();
+    files.saturating_sub((files / 16).max(64)).max(1)
+}
+
+/// The process's open-files limit (soft).
+pub fn open_files_limit() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into `limit`.
-    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
         usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX).min(100_000_000)
     } else {
         1024
-    };
-    files.saturating_sub((files / 16).max(64)).max(1)
+    }
 }
 
 /// An allow-list: `*` (alone) for any origin, else exact origins and
@@ -604,6 +616,7 @@ impl Config {
         in_range("max_messages_per_sec", self.max_messages_per_sec, 0, 100_000_000)?;
         in_range("max_bytes_per_sec", self.max_bytes_per_sec, 0, 1 << 40)?;
         in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
+        in_range("admin_max_connections", self.admin_max_connections, 1, 100_000)?;
         in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
         in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;
         if self.ping_interval_ms > 0 && self.idle_timeout_ms > 0 && self.idle_timeout_ms <= self.ping_interval_ms {

@@ -63,6 +63,8 @@ fn main() -> ExitCode {
                 refused_max_connections = stats.refused_max_connections,
                 refused_max_per_ip = stats.refused_max_per_ip,
                 refused_handshake_rate = stats.refused_handshake_rate,
+                refused_sockets = stats.refused_sockets,
+                refused_admin = stats.refused_admin,
                 rate_limited = stats.rate_limited,
                 "stopped"
             );

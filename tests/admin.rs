@@ -38,6 +38,12 @@ impl Http {
         self.response()
     }
 
+    /// The server ended the connection (reads end of stream).
+    fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+
     fn response(&mut self) -> (u16, String) {
         let mut head = Vec::new();
         let mut b = [0u8; 1];
@@ -133,24 +139,36 @@ both_drivers!(http_publish_reaches_every_core_in_order, |driver| {
 both_drivers!(http_errors_are_precise, |driver| {
     let server = Server::start(driver, &["--max-message-bytes", "1000"]);
     let mut http = Http::connect(server.admin_addr());
-    for (method, target, body, status) in [
-        ("POST", "/publish?topic=bad!", &b"x"[..], 400),
-        ("POST", "/publish?topic=t", &[0xff, 0xfe][..], 400),
-        ("POST", "/publish", b"{\"messages\":[{\"topic\":\"t\"}]}", 400),
-        ("POST", "/publish", b"not json", 400),
+    // What the head alone decides (endpoint, method, the body's length)
+    // is answered before the body is read, and ends the connection; what
+    // the body decides keeps it.
+    for (method, target, body, status, closes) in [
+        ("POST", "/publish?topic=bad!", &b"x"[..], 400, false),
+        ("POST", "/publish?topic=t", &[0xff, 0xfe][..], 400, false),
+        ("POST", "/publish", b"{\"messages\":[{\"topic\":\"t\"}]}", 400, false),
+        ("POST", "/publish", b"not json", 400, false),
         // A delivery is `MSG t <payload>`: 6 bytes more than the payload.
-        ("POST", "/publish?topic=t", &[b'a'; 995][..], 413),
-        ("POST", "/publish?topic=t", &[b'a'; 994][..], 200),
-        ("GET", "/publish", b"", 405),
-        ("GET", "/nowhere", b"", 404),
-        ("POST", "/sessions/0.1.1/send", b"hi", 404),
-        ("DELETE", "/sessions/9.1.1", b"", 404),
-        ("DELETE", "/sessions/0.1.1?code=1006", b"", 400),
-        ("DELETE", "/sessions/x", b"", 404),
-        ("GET", "/healthz", b"", 200),
+        ("POST", "/publish?topic=t", &[b'a'; 995][..], 413, false),
+        ("POST", "/publish?topic=t", &[b'a'; 994][..], 200, false),
+        ("POST", "/sessions/0.1.1/send", b"hi", 404, false),
+        ("DELETE", "/sessions/9.1.1", b"", 404, false),
+        ("DELETE", "/sessions/0.1.1?code=1006", b"", 400, false),
+        // An even generation names no session.
+        ("DELETE", "/sessions/0.1.2", b"", 404, false),
+        ("GET", "/healthz", b"", 200, false),
+        ("GET", "/publish", b"", 405, true),
+        ("GET", "/nowhere", b"", 404, true),
+        ("DELETE", "/sessions/x/y", b"", 404, true),
+        ("PUT", "/sessions/0.1.1", b"", 405, true),
+        ("POST", "/sessions/0.1.1/send", &[b'a'; 1001][..], 413, true),
+        ("GET", "/stats", b"x", 413, true),
     ] {
         let (got, body) = http.request(method, target, "", body);
         assert_eq!(got, status, "{method} {target}: {body}");
+        if closes {
+            assert!(http.is_closed(), "{method} {target}: the connection stays open");
+            http = Http::connect(server.admin_addr());
+        }
     }
     // A body over twice the message limit is refused from its length alone.
     let (got, _) = http.request("POST", "/publish?topic=t", "", &[b'a'; 70_000]);
@@ -162,17 +180,36 @@ both_drivers!(http_errors_are_precise, |driver| {
     let mut all = String::new();
     raw.read_to_string(&mut all).unwrap();
     assert!(all.starts_with("HTTP/1.1 400 "), "{all}");
+    // So are lengths that differ (RFC 9112 6.3): the rest of the body is
+    // not taken for a second request.
+    let mut raw = TcpStream::connect(server.admin_addr()).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(
+        b"POST /publish?topic=t HTTP/1.1\r\nContent-Length: 60\r\nContent-Length: 2\r\n\r\nhiGET /stats HTTP/1.1\r\n\r\n",
+    )
+    .unwrap();
+    let mut all = String::new();
+    raw.read_to_string(&mut all).unwrap();
+    assert!(all.starts_with("HTTP/1.1 400 "), "{all}");
+    assert_eq!(all.matches("HTTP/1.1").count(), 1, "{all}");
 });
 
 both_drivers!(token_guards_everything_but_health_and_metrics, |driver| {
     let server = Server::start(driver, &["--admin-token", "s3cret-token"]);
-    let mut http = Http::connect(server.admin_addr());
-    assert_eq!(http.request("GET", "/stats", "", b"").0, 401);
-    assert_eq!(http.request("POST", "/publish?topic=t", "", b"x").0, 401);
-    assert_eq!(
-        http.request("GET", "/stats", "Authorization: Bearer wrong\r\n", b"").0,
-        401
-    );
+    let admin = server.admin_addr();
+    // Refused from the head, whatever the path (nothing is told of the
+    // endpoints), and the connection ends.
+    for (method, target, headers) in [
+        ("GET", "/stats", ""),
+        ("POST", "/publish?topic=t", ""),
+        ("GET", "/stats", "Authorization: Bearer wrong\r\n"),
+        ("GET", "/nowhere", ""),
+    ] {
+        let mut http = Http::connect(admin);
+        assert_eq!(http.request(method, target, headers, b"x").0, 401, "{method} {target}");
+        assert!(http.is_closed());
+    }
+    let mut http = Http::connect(admin);
     assert_eq!(
         http.request("GET", "/stats", "Authorization: Bearer s3cret-token\r\n", b"")
             .0,
@@ -257,4 +294,198 @@ both_drivers!(a_backend_answers_one_session_on_any_core, |driver| {
             );
         }
     });
+});
+
+/// Sends a request head (no body) and reads the response within `wait`:
+/// the status, and whether the server then closed the connection.
+fn head_only(admin: SocketAddr, head: &str, wait: Duration) -> (u16, bool) {
+    let mut http = Http::connect(admin);
+    http.stream.set_read_timeout(Some(wait)).unwrap();
+    http.stream.write_all(head.as_bytes()).unwrap();
+    let (status, _) = http.response();
+    (status, http.is_closed())
+}
+
+both_drivers!(refusals_come_from_the_head_before_any_body, |driver| {
+    // A body as large as the admin port takes (twice the 16 MiB message
+    // limit), announced but never sent: each refusal comes at once, and
+    // the server holds nothing of it.
+    let server = Server::start(driver, &["--admin-token", "s3cret-token"]);
+    let admin = server.admin_addr();
+    let before = server.rss_kib();
+    let big = 2 * 16 * 1024 * 1024;
+    let auth = "Authorization: Bearer s3cret-token\r\n";
+    for (head, status) in [
+        (
+            format!("POST /publish?topic=t HTTP/1.1\r\nContent-Length: {big}\r\n\r\n"),
+            401,
+        ),
+        (
+            format!("POST /publish?topic=t HTTP/1.1\r\nAuthorization: Bearer wrong\r\nContent-Length: {big}\r\n\r\n"),
+            401,
+        ),
+        (
+            format!("POST /nowhere HTTP/1.1\r\n{auth}Content-Length: {big}\r\n\r\n"),
+            404,
+        ),
+        (
+            format!("PUT /publish HTTP/1.1\r\n{auth}Content-Length: {big}\r\n\r\n"),
+            405,
+        ),
+        (
+            format!(
+                "POST /publish?topic=t HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n",
+                big + 1
+            ),
+            413,
+        ),
+    ] {
+        for _ in 0..8 {
+            assert_eq!(
+                head_only(admin, &head, Duration::from_secs(5)),
+                (status, true),
+                "{head}"
+            );
+        }
+    }
+    // Eight connections that announce the largest body and send half of it,
+    // with a wrong token: none of it is kept.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(admin).unwrap();
+                let head = format!("POST /publish?topic=t HTTP/1.1\r\nContent-Length: {big}\r\n\r\n");
+                s.write_all(head.as_bytes()).unwrap();
+                let chunk = vec![b'a'; 1 << 20];
+                for _ in 0..16 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let grown_kib = server.rss_kib().saturating_sub(before);
+    assert!(grown_kib < 8 * 1024, "the server grew by {grown_kib} KiB");
+});
+
+both_drivers!(a_request_head_has_a_deadline, |driver| {
+    // One byte every 200 ms keeps the connection busy, but the head must
+    // be whole within --handshake-timeout-ms of its first byte.
+    let server = Server::start(driver, &["--handshake-timeout-ms", "1000"]);
+    let mut s = TcpStream::connect(server.admin_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = std::time::Instant::now();
+    let head = b"GET /stats HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_at = None;
+    for b in head {
+        let mut buf = [0u8; 64];
+        match s.write_all(&[*b]).map(|()| s.read(&mut buf)) {
+            Err(_) | Ok(Ok(0)) => {
+                closed_at = Some(start.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => panic!("an answer to a head that never came whole"),
+            // Nothing yet (the read timed out).
+            Ok(Err(_)) => {}
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let closed_at = closed_at.expect("the head trickled in whole");
+    assert!(
+        closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2500),
+        "closed after {closed_at:?}"
+    );
+});
+
+both_drivers!(admin_connections_are_capped, |driver| {
+    let server = Server::start(driver, &["--admin-max-connections", "4"]);
+    let admin = server.admin_addr();
+    // Four connections that sent one byte hold the four places.
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(admin).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut all = String::new();
+        let _ = s.read_to_string(&mut all);
+        assert!(all.starts_with("HTTP/1.1 503 "), "{all:?}");
+        assert!(all.contains("Retry-After: 1\r\n"), "{all}");
+    }
+    // The WebSocket port does not mind.
+    let ws = common::Raw::open(server.addr, "/echo");
+    drop(ws);
+    // A place given back is taken again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.metric("sluice_refused_admin_connections_total"), 3);
+});
+
+both_drivers!(descriptors_kept_back_stay_free_under_floods, |driver| {
+    // 256 open files in all. 300 admin connections that send one byte, and
+    // 300 WebSocket connections that never send a head: the admin port
+    // keeps to its cap and the WebSocket port to its share, so a health
+    // check still answers on each, and a handshake succeeds once the idle
+    // ones time out.
+    let server = Server::start_limited(driver, &["--handshake-timeout-ms", "1500"], &[], Some(256));
+    let admin = server.admin_addr();
+    let admin_flood: Vec<TcpStream> = (0..300)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(admin).ok()?;
+            let _ = s.write_all(b"G");
+            Some(s)
+        })
+        .collect();
+    let ws_flood: Vec<TcpStream> = (0..300).filter_map(|_| TcpStream::connect(server.addr).ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    drop(admin_flood);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut http = Http::connect(admin);
+    assert_eq!(http.request("GET", "/healthz", "", b"").0, 200);
+    assert!(server.metric("sluice_refused_sockets_total") > 0);
+    // The idle handshakes end at their timeout; then a handshake succeeds.
+    std::thread::sleep(Duration::from_millis(1600));
+    let ws = common::Raw::open(server.addr, "/echo");
+    drop(ws);
+    drop(ws_flood);
+});
+
+both_drivers!(admin_memory_is_flat_over_many_connections, |driver| {
+    // One request per connection, as a health checker does: nothing of a
+    // finished connection is kept.
+    let server = Server::start(driver, &["--workers", "1"]);
+    let admin = server.admin_addr();
+    let one = || {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        assert!(all.starts_with(b"HTTP/1.1 200 "));
+    };
+    for _ in 0..2_000 {
+        one();
+    }
+    let before = server.rss_kib();
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while n < 100_000 && started.elapsed() < Duration::from_secs(40) {
+        one();
+        n += 1;
+    }
+    let grown_kib = server.rss_kib().saturating_sub(before);
+    eprintln!("{n} connections in {:?}: grew {grown_kib} KiB", started.elapsed());
+    assert!(n >= 20_000, "only {n} connections in the time");
+    assert!(grown_kib < 1024, "{n} connections: the server grew by {grown_kib} KiB");
 });

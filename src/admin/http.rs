@@ -39,15 +39,21 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut content_length = 0;
+    let mut content_length: Option<usize> = None;
     let mut authorization = None;
     let mut binary = false;
     let mut close = req.version == Some(0);
     for h in req.headers.iter() {
         let value = h.value;
         if h.name.eq_ignore_ascii_case("content-length") {
-            let text = std::str::from_utf8(value).map_err(|_| Bad(400, "bad content-length"))?;
-            content_length = text.trim().parse().map_err(|_| Bad(400, "bad content-length"))?;
+            // RFC 9112 6.3 (5): a length that is not one value of 1*DIGIT
+            // (RFC 9110 8.6), or lengths that differ, make the framing
+            // unknowable: 400, and the connection is closed.
+            let length = parse_length(value)?;
+            if content_length.is_some_and(|l| l != length) {
+                return Err(Bad(400, "conflicting content-length"));
+            }
+            content_length = Some(length);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // RFC 7230 3.3.3: chunked bodies are not accepted here.
             return Err(Bad(411, "send a content-length"));
@@ -59,6 +65,7 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
             close = value.eq_ignore_ascii_case(b"close");
         }
     }
+    let content_length = content_length.unwrap_or(0);
     if content_length > max_body {
         return Err(Bad(413, "body over the size limit"));
     }
@@ -72,6 +79,19 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
         close,
         head_len,
     }))
+}
+
+/// A `Content-Length` value: 1*DIGIT and nothing else (RFC 9110 8.6), its
+/// surrounding whitespace already taken off by the header parser. A value
+/// too large to hold is as good as over any limit.
+fn parse_length(value: &[u8]) -> Result<usize, Bad> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return Err(Bad(400, "bad content-length"));
+    }
+    Ok(value
+        .iter()
+        .try_fold(0usize, |n, d| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
+        .unwrap_or(usize::MAX))
 }
 
 /// The value of `name` in a query string (no percent-decoding: topic names
@@ -186,6 +206,37 @@ mod tests {
             411
         );
         assert_eq!(parse(b"\x01\x02 garbage\r\n\r\n", 0).unwrap_err().0, 400);
+    }
+
+    #[test]
+    fn content_length_is_one_value_of_digits() {
+        let with = |headers: &str| parse(format!("POST /p HTTP/1.1\r\n{headers}\r\n").as_bytes(), 100);
+        // Differing values: the framing is unknowable (RFC 9112 6.3).
+        assert_eq!(
+            with("Content-Length: 60\r\nContent-Length: 2\r\n"),
+            Err(Bad(400, "conflicting content-length"))
+        );
+        // The same value twice is one length.
+        assert_eq!(
+            with("Content-Length: 2\r\nContent-Length: 2\r\n")
+                .unwrap()
+                .unwrap()
+                .content_length,
+            2
+        );
+        for bad in ["+2", "-2", "2 2", "2, 2", "0x2", "2.0", "", "\u{b2}"] {
+            assert_eq!(
+                with(&format!("Content-Length: {bad}\r\n")),
+                Err(Bad(400, "bad content-length")),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(with("Content-Length:  7 \r\n").unwrap().unwrap().content_length, 7);
+        assert_eq!(with("Content-Length: 007\r\n").unwrap().unwrap().content_length, 7);
+        assert_eq!(
+            with("Content-Length: 99999999999999999999999999\r\n"),
+            Err(Bad(413, "body over the size limit"))
+        );
     }
 
     #[test]

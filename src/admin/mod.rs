@@ -14,10 +14,10 @@ pub mod metrics;
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use serde::Deserialize;
 
@@ -29,40 +29,94 @@ use crate::ws::MessageKind;
 use http::{Bad, Request};
 pub use metrics::Metrics;
 
-/// An admin connection that sends nothing for this long is closed.
+/// An admin connection that sends nothing for this long between requests
+/// is closed; a request's body must arrive within this long of its head.
 const IDLE: Duration = Duration::from_secs(30);
 /// Longest wait for cross-core ring space or another core's answer.
 const MESH_WAIT: Duration = Duration::from_secs(10);
+/// A connection's read buffer keeps at most this much capacity between
+/// requests: a large body's buffer is given back once it is handled.
+const KEEP_BUF_BYTES: usize = 16 * 1024;
+/// After a refusal, input is discarded (so that it does not turn our answer
+/// into a reset) for at most this long and this much.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
 
-/// Serves one admin connection until it closes, errs or idles.
-pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, metrics: Arc<Metrics>) {
-    let max_body = shard.config.limits.max_message_bytes.saturating_mul(2).max(64 * 1024);
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+/// An admin connection's place: one of `--admin-max-connections` for the
+/// server, and one of its core's open admin connections (which the drain
+/// waits for), with its entry in the core's list of whom to wake at
+/// shutdown. Given back however the connection's task ends.
+pub struct Place {
+    shard: Rc<Shard>,
+    id: u64,
+}
+
+impl Place {
+    /// A place for a new connection, or `None` at the cap.
+    pub fn take(shard: &Rc<Shard>) -> Option<Place> {
+        if !shard.admission.open_admin() {
+            return None;
+        }
+        Some(Place {
+            shard: shard.clone(),
+            id: shard.admin_opened(),
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.shard.admin_closed(self.id);
+        self.shard.admission.close_admin();
+    }
+}
+
+/// What a connection past `--admin-max-connections` is told, in one
+/// attempt that never waits, before it is closed.
+pub const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 41\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections\"}\n";
+
+/// Serves one admin connection until it closes, errs, idles or the server
+/// shuts down.
+pub async fn serve(mut stream: TcpStream, place: Place, metrics: Arc<Metrics>) {
+    let shard = &place.shard;
+    let head_time = Duration::from_millis(shard.config.handshake_timeout_ms);
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        // The head.
+        // The head: the first byte within `IDLE`, then the whole of it
+        // within `--handshake-timeout-ms`, however it trickles in.
+        let mut head_deadline = None;
         let request = loop {
-            match http::parse(&buf, max_body) {
-                Ok(Some(r)) => break r,
-                Ok(None) => {}
-                Err(Bad(status, message)) => {
-                    let _ = stream.write_all(http::error(status, message, true)).await;
-                    return;
+            if !buf.is_empty() {
+                match http::parse(&buf, usize::MAX) {
+                    Ok(Some(r)) => break r,
+                    Ok(None) => {}
+                    Err(Bad(status, message)) => return refuse(&mut stream, buf, status, message).await,
                 }
+                head_deadline.get_or_insert_with(|| Instant::now() + head_time);
             }
-            if !read_more(&mut stream, &mut buf, 4096, &shard).await {
+            let deadline = head_deadline.unwrap_or_else(|| Instant::now() + IDLE);
+            if !read_more(&mut stream, &mut buf, 4096, &place, deadline).await {
                 return;
             }
         };
+        // Decided from the head alone, before any byte of the body is read:
+        // the token, the endpoint, the method and the body's length.
+        let endpoint = match admit(&request, shard) {
+            Ok(endpoint) => endpoint,
+            Err((status, message)) => return refuse(&mut stream, buf, status, message).await,
+        };
         // The body.
         let end = request.head_len + request.content_length;
+        let body_deadline = Instant::now() + IDLE;
         while buf.len() < end {
             let want = end - buf.len();
-            if !read_more(&mut stream, &mut buf, want, &shard).await {
+            if !read_more(&mut stream, &mut buf, want, &place, body_deadline).await {
                 return;
             }
         }
-        let response = handle(&request, &buf[request.head_len..end], &shard, &metrics).await;
+        let response = handle(&endpoint, &request, &buf[request.head_len..end], shard, &metrics).await;
         buf.drain(..end);
+        buf.shrink_to(KEEP_BUF_BYTES);
         let (result, _) = stream.write_all(response).await;
         if result.is_err() || request.close {
             return;
@@ -70,9 +124,35 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, metrics: Arc<Metrics
     }
 }
 
+/// Answers with `status` and closes: our side is shut first, and input is
+/// discarded for a moment, so that what the client still sends (the body
+/// we did not read) does not turn the answer into a reset.
+async fn refuse(stream: &mut TcpStream, mut buf: Vec<u8>, status: u16, message: &str) {
+    let (written, _) = stream.write_all(http::error(status, message, true)).await;
+    if written.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    buf.clear();
+    buf.shrink_to(4096);
+    let deadline = Instant::now() + LINGER;
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((Ok(n), slice)) = monoio::time::timeout(left, stream.read(std::mem::take(&mut buf))).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        discarded += n;
+        buf = slice;
+        buf.clear();
+    }
+}
+
 /// Appends up to `want` more bytes; `false` at end of stream, on an
-/// error, after `IDLE` without a byte, or once the server shuts down.
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, shard: &Shard) -> bool {
+/// error, at `deadline` without the bytes, or once the server shuts down.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, place: &Place, deadline: Instant) -> bool {
     use monoio::buf::IoBufMut;
     use std::future::Future;
     use std::task::Poll;
@@ -80,15 +160,15 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, shard
     buf.reserve(want);
     let cap = len + want.min(buf.capacity() - len);
     let mut read = std::pin::pin!(stream.read(std::mem::take(buf).slice_mut(len..cap)));
-    let mut idle = std::pin::pin!(monoio::time::sleep(IDLE));
+    let mut expired = std::pin::pin!(monoio::time::sleep(deadline.saturating_duration_since(Instant::now())));
     let outcome = std::future::poll_fn(|cx| {
-        if shard.poll_shutdown(cx.waker()) {
+        if place.shard.poll_shutdown(place.id, cx.waker()) {
             return Poll::Ready(None);
         }
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        idle.as_mut().poll(cx).map(|()| None)
+        expired.as_mut().poll(cx).map(|()| None)
     })
     .await;
     match outcome {
@@ -98,6 +178,75 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, shard
         }
         Some((Err(_), _)) | None => false,
     }
+}
+
+/// What a request asks for.
+enum Endpoint<'r> {
+    Health,
+    Metrics,
+    Stats,
+    Publish,
+    /// `POST /sessions/{id}/send`
+    Send(&'r str),
+    /// `DELETE /sessions/{id}`
+    Close(&'r str),
+}
+
+impl Endpoint<'_> {
+    /// Whether it answers without the admin token (load balancers, scrapers).
+    fn is_open(&self) -> bool {
+        matches!(self, Endpoint::Health | Endpoint::Metrics)
+    }
+
+    /// The largest body it takes.
+    fn max_body(&self, config: &crate::config::Config) -> usize {
+        let message = config.limits.max_message_bytes;
+        match self {
+            // A JSON batch: the messages, escaped or in base64.
+            Endpoint::Publish => message.saturating_mul(2).max(64 * 1024),
+            Endpoint::Send(_) => message,
+            _ => 0,
+        }
+    }
+}
+
+/// The endpoint of `method` and `path`, or 404/405.
+fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static str)> {
+    const NOT_ALLOWED: (u16, &str) = (405, "method not allowed");
+    let allow = |ok: bool, endpoint| if ok { Ok(endpoint) } else { Err(NOT_ALLOWED) };
+    match path {
+        "/healthz" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Health),
+        "/metrics" => allow(method == "GET", Endpoint::Metrics),
+        "/stats" => allow(method == "GET", Endpoint::Stats),
+        "/publish" => allow(method == "POST", Endpoint::Publish),
+        _ => {
+            let rest = path.strip_prefix("/sessions/").ok_or((404, "no such endpoint"))?;
+            match rest.strip_suffix("/send") {
+                Some(id) if !id.is_empty() && !id.contains('/') => allow(method == "POST", Endpoint::Send(id)),
+                None if !rest.is_empty() && !rest.contains('/') => allow(method == "DELETE", Endpoint::Close(rest)),
+                _ => Err((404, "no such endpoint")),
+            }
+        }
+    }
+}
+
+/// Whether the request may go on to its body: the token (an endpoint that
+/// is not open needs it, whatever the path, so that an unauthenticated
+/// client learns nothing), then the endpoint and method, then the body's
+/// length.
+fn admit<'r>(request: &'r Request, shard: &Shard) -> Result<Endpoint<'r>, (u16, &'static str)> {
+    let endpoint = route(&request.method, &request.path);
+    let open = endpoint.as_ref().is_ok_and(Endpoint::is_open);
+    if let Some(token) = &shard.config.admin_token {
+        if !open && !authorized(request, token) {
+            return Err((401, "a valid bearer token is required"));
+        }
+    }
+    let endpoint = endpoint?;
+    if request.content_length > endpoint.max_body(&shard.config) {
+        return Err((413, "body over the size limit"));
+    }
+    Ok(endpoint)
 }
 
 /// Constant-time comparison of the `Authorization` header with the token.
@@ -110,35 +259,30 @@ fn authorized(request: &Request, token: &str) -> bool {
     given.len() == expected.len() && bool::from(given.ct_eq(expected.as_bytes()))
 }
 
-async fn handle(request: &Request, body: &[u8], shard: &Rc<Shard>, metrics: &Metrics) -> Vec<u8> {
+async fn handle(
+    endpoint: &Endpoint<'_>,
+    request: &Request,
+    body: &[u8],
+    shard: &Rc<Shard>,
+    metrics: &Metrics,
+) -> Vec<u8> {
     let close = request.close;
     let json = |status: u16, value: serde_json::Value| {
         http::response(status, "application/json", value.to_string().as_bytes(), close)
     };
-    let open = matches!(request.path.as_str(), "/healthz" | "/metrics");
-    if let Some(token) = &shard.config.admin_token {
-        if !open && !authorized(request, token) {
-            return http::error(401, "a valid bearer token is required", close);
+    let outcome = match endpoint {
+        Endpoint::Health => Ok(serde_json::json!({ "status": "ok" })),
+        Endpoint::Metrics => {
+            return http::response(200, "text/plain; version=0.0.4", metrics.prometheus().as_bytes(), close)
         }
-    }
-    let method = request.method.as_str();
-    let path = request.path.as_str();
-    match (method, path) {
-        ("GET" | "HEAD", "/healthz") => json(200, serde_json::json!({ "status": "ok" })),
-        ("GET", "/metrics") => http::response(200, "text/plain; version=0.0.4", metrics.prometheus().as_bytes(), close),
-        ("GET", "/stats") => json(200, metrics.json()),
-        ("POST", "/publish") => match publish(request, body, shard).await {
-            Ok(value) => json(200, value),
-            Err((status, message)) => http::error(status, &message, close),
-        },
-        (_, "/healthz" | "/metrics" | "/stats" | "/publish") => http::error(405, "method not allowed", close),
-        _ => match path.strip_prefix("/sessions/") {
-            Some(rest) => match session(method, rest, request, body, shard).await {
-                Ok(value) => json(200, value),
-                Err((status, message)) => http::error(status, &message, close),
-            },
-            None => http::error(404, "no such endpoint", close),
-        },
+        Endpoint::Stats => Ok(metrics.json()),
+        Endpoint::Publish => publish(request, body, shard).await,
+        Endpoint::Send(id) => send(id, request, body, shard).await,
+        Endpoint::Close(id) => close_session(id, request, shard).await,
+    };
+    match outcome {
+        Ok(value) => json(200, value),
+        Err((status, message)) => http::error(status, &message, close),
     }
 }
 
@@ -256,49 +400,41 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// `POST /sessions/{id}/send` and `DELETE /sessions/{id}?code=&reason=`.
-async fn session(
-    method: &str,
-    rest: &str,
-    request: &Request,
-    body: &[u8],
-    shard: &Rc<Shard>,
-) -> Result<serde_json::Value, Failure> {
-    let (id, action) = match (method, rest.strip_suffix("/send")) {
-        ("POST", Some(id)) => {
-            let kind = if request.binary {
-                MessageKind::Binary
-            } else {
-                std::str::from_utf8(body).map_err(|_| (400, "a text message must be UTF-8".to_string()))?;
-                MessageKind::Text
-            };
-            if body.len() > shard.config.limits.max_message_bytes {
-                return Err((413, "over the message size limit".to_string()));
-            }
-            (id, SessionAction::Send(native::frame(kind.opcode(), &[body])))
-        }
-        ("DELETE", None) if !rest.contains('/') => {
-            let code = match http::query_value(&request.query, "code") {
-                Some(c) => c.parse().map_err(|_| (400, "bad code".to_string()))?,
-                None => 1000,
-            };
-            // RFC 6455 7.4: what an endpoint may send; 3000-4999 are for
-            // applications, 1000 is a normal close.
-            if code != 1000 && !(3000..=4999).contains(&code) {
-                return Err((400, "code must be 1000 or 3000..=4999".to_string()));
-            }
-            let reason = http::query_value(&request.query, "reason")
-                .map(|r| http::percent_decode(r).ok_or((400, "bad reason encoding".to_string())))
-                .transpose()?
-                .unwrap_or_default();
-            // RFC 6455 5.5: a close payload is at most 125 bytes, 2 for the code.
-            if reason.len() > 123 {
-                return Err((400, "reason over 123 bytes".to_string()));
-            }
-            (rest, SessionAction::Close(code, Bytes::from(reason)))
-        }
-        _ => return Err((404, "no such endpoint".to_string())),
+/// `POST /sessions/{id}/send`: the body, as one message to the session.
+async fn send(id: &str, request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
+    let kind = if request.binary {
+        MessageKind::Binary
+    } else {
+        std::str::from_utf8(body).map_err(|_| (400, "a text message must be UTF-8".to_string()))?;
+        MessageKind::Text
     };
+    act(id, SessionAction::Send(native::frame(kind.opcode(), &[body])), shard).await
+}
+
+/// `DELETE /sessions/{id}?code=&reason=`: closes the session.
+async fn close_session(id: &str, request: &Request, shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
+    let code = match http::query_value(&request.query, "code") {
+        Some(c) => c.parse().map_err(|_| (400, "bad code".to_string()))?,
+        None => 1000,
+    };
+    // RFC 6455 7.4: what an endpoint may send; 3000-4999 are for
+    // applications, 1000 is a normal close.
+    if code != 1000 && !(3000..=4999).contains(&code) {
+        return Err((400, "code must be 1000 or 3000..=4999".to_string()));
+    }
+    let reason = http::query_value(&request.query, "reason")
+        .map(|r| http::percent_decode(r).ok_or((400, "bad reason encoding".to_string())))
+        .transpose()?
+        .unwrap_or_default();
+    // RFC 6455 5.5: a close payload is at most 125 bytes, 2 for the code.
+    if reason.len() > 123 {
+        return Err((400, "reason over 123 bytes".to_string()));
+    }
+    act(id, SessionAction::Close(code, Bytes::from(reason)), shard).await
+}
+
+/// Carries out `action` on the session `id`, on whatever core it is.
+async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
     let (core, key) = parse_session_id(id).ok_or((404, "no such session".to_string()))?;
     if core >= shard.hub.mesh.cores() {
         return Err((404, "no such session".to_string()));
@@ -311,13 +447,16 @@ async fn session(
     }
 }
 
-/// `<core>.<slot>.<generation>` -> core and slot key.
+/// `<core>.<slot>.<generation>` -> core and slot key. A session's
+/// generation is odd (the session table's versions are odd while a slot is
+/// in use, and it would read an even one as the next odd one), so an even
+/// one names no session.
 fn parse_session_id(id: &str) -> Option<(usize, u64)> {
     let mut parts = id.split('.');
     let core = parts.next()?.parse().ok()?;
     let slot: u32 = parts.next()?.parse().ok()?;
     let generation: u32 = parts.next()?.parse().ok()?;
-    if parts.next().is_some() {
+    if parts.next().is_some() || generation.is_multiple_of(2) {
         return None;
     }
     Some((core, (u64::from(generation) << 32) | u64::from(slot)))
@@ -330,7 +469,17 @@ mod tests {
     #[test]
     fn session_ids() {
         assert_eq!(parse_session_id("1.17.3"), Some((1, (3 << 32) | 17)));
-        for bad in ["", "1", "1.2", "1.2.3.4", "a.1.1", "1.-1.1", "1.4294967296.1"] {
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "a.1.1",
+            "1.-1.1",
+            "1.4294967296.1",
+            "1.17.2",
+            "1.17.0",
+        ] {
             assert_eq!(parse_session_id(bad), None, "{bad}");
         }
     }

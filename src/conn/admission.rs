@@ -15,6 +15,17 @@ use crate::ws::handshake::Reject;
 
 pub struct Admission {
     max: usize,
+    /// Sockets of the WebSocket listeners (every accepted connection, from
+    /// its accept until its slot is removed: handshakes, open, parked,
+    /// closing) the server holds at most, and holds now. What is left of
+    /// the open-files limit is kept back for the admin port and the
+    /// process's own descriptors (`kept_back`), so a flood on the
+    /// WebSocket port cannot take them.
+    socket_max: usize,
+    sockets: AtomicUsize,
+    /// Admin connections the server holds at most, and holds now.
+    admin_max: usize,
+    admin_open: AtomicUsize,
     /// 0: no limit per address.
     max_per_ip: usize,
     open: AtomicUsize,
@@ -35,6 +46,21 @@ struct Rates {
     pruned: Instant,
 }
 
+/// Descriptors a worker holds besides connections: its listeners (up to
+/// three), its io_uring or epoll instance, its parking lot and mesh doorbell
+/// and shutdown bell and flush eventfd, each with the duplicate monoio
+/// waits on, and room to spare.
+const FDS_PER_WORKER: usize = 16;
+/// The process's own: standard streams, the signal pipe, files read at
+/// start, and room to spare.
+const FDS_OF_PROCESS: usize = 32;
+
+/// Descriptors kept back from the WebSocket port: the admin port's
+/// connections and what the process and its workers hold themselves.
+pub fn kept_back(workers: usize, admin_connections: usize) -> usize {
+    FDS_OF_PROCESS + FDS_PER_WORKER * workers + admin_connections
+}
+
 /// Addresses the handshake-rate map holds before it prunes.
 const PRUNE_AT: usize = 65_536;
 
@@ -45,16 +71,60 @@ impl Admission {
 
     /// The caps and the rate `config` sets.
     pub fn from_config(config: &crate::config::Config) -> Admission {
-        Admission::new(
-            config.max_connections,
-            config.max_connections_per_ip,
-            config.max_handshakes_per_sec_per_ip,
-        )
+        let admin = if config.admin_listen.is_some() {
+            config.admin_max_connections
+        } else {
+            0
+        };
+        Admission {
+            admin_max: config.admin_max_connections,
+            socket_max: crate::config::open_files_limit()
+                .saturating_sub(kept_back(config.workers, admin))
+                .max(1),
+            ..Admission::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+                config.max_handshakes_per_sec_per_ip,
+            )
+        }
+    }
+
+    /// Takes a place for a socket the WebSocket port accepted; `false`
+    /// when it holds its share of the open-files limit (the socket is then
+    /// closed at once). Every `true` is matched by one `release_socket`.
+    pub fn take_socket(&self) -> bool {
+        self.sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.socket_max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn release_socket(&self) {
+        self.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes a place for an admin connection; `false` at the cap.
+    pub fn open_admin(&self) -> bool {
+        self.admin_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.admin_max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives an admin connection's place back.
+    pub fn close_admin(&self) {
+        self.admin_open.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn with_prune_at(max: usize, max_per_ip: usize, handshakes_per_sec: u32, prune_at: usize) -> Admission {
         Admission {
             max,
+            socket_max: usize::MAX,
+            sockets: AtomicUsize::new(0),
+            admin_max: usize::MAX,
+            admin_open: AtomicUsize::new(0),
             max_per_ip,
             open: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),

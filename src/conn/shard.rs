@@ -129,6 +129,9 @@ struct Slot {
     /// The session counts against the admission caps (from its 101 until
     /// the slot is removed).
     admitted: bool,
+    /// Its socket counts against the WebSocket port's share of the
+    /// open-files limit (`Admission::take_socket`).
+    socket_taken: bool,
     /// What only some configurations need (a per-address cap, rate
     /// limits, tokens): allocated on first use, so it weighs on no other slot.
     extra: Option<Box<Extra>>,
@@ -306,6 +309,11 @@ pub struct Stats {
     pub refused_max_per_ip: u64,
     /// Handshakes refused with 429 at `--max-handshakes-per-sec-per-ip`.
     pub refused_handshake_rate: u64,
+    /// Connections closed at accept: the WebSocket port's share of the
+    /// open-files limit was taken (see `Admission::take_socket`).
+    pub refused_sockets: u64,
+    /// Admin connections refused (503) at `--admin-max-connections`.
+    pub refused_admin: u64,
     /// Data messages over a connection's rate limits (dropped, or the one
     /// that closed it).
     pub rate_limited: u64,
@@ -349,6 +357,8 @@ impl Stats {
         self.refused_max_connections += other.refused_max_connections;
         self.refused_max_per_ip += other.refused_max_per_ip;
         self.refused_handshake_rate += other.refused_handshake_rate;
+        self.refused_sockets += other.refused_sockets;
+        self.refused_admin += other.refused_admin;
         self.rate_limited += other.rate_limited;
         for (mine, theirs) in self.auth_failures.iter_mut().zip(other.auth_failures) {
             *mine += theirs;
@@ -392,10 +402,11 @@ pub struct Shard {
     publishes_in_flight: Cell<usize>,
     /// Woken when shutdown begins (the accept loop) or the table empties (the drain).
     watcher: Cell<Option<Waker>>,
-    /// Admin connections open, and the wakers of those waiting to read:
-    /// woken when shutdown begins, so they end instead of idling.
-    pub admin_open: Cell<usize>,
-    admin_waiters: RefCell<Vec<Waker>>,
+    /// Admin connections open on this core, by id, with the waker of
+    /// each that waits to read: woken when shutdown begins, so they end
+    /// instead of idling. An entry leaves with its connection.
+    admin_waiters: RefCell<std::collections::HashMap<u64, Option<Waker>>>,
+    next_admin: Cell<u64>,
     /// Sessions whose queue of deliveries became non-empty while the shard
     /// may write to them itself, and the waker of the task that does.
     dirty: RefCell<Vec<SessionKey>>,
@@ -432,8 +443,8 @@ impl Shard {
             stopping: Cell::new(Stopping::No),
             publishes_in_flight: Cell::new(0),
             watcher: Cell::new(None),
-            admin_open: Cell::new(0),
-            admin_waiters: RefCell::new(Vec::new()),
+            admin_waiters: RefCell::new(std::collections::HashMap::new()),
+            next_admin: Cell::new(0),
             dirty: RefCell::new(Vec::new()),
             flusher: Cell::new(None),
             heads: RefCell::new(bytes::BytesMut::new()),
@@ -515,6 +526,7 @@ impl Shard {
             fd: -1,
             direct: false,
             admitted: false,
+            socket_taken: false,
             extra: None,
             tls: None,
             heart_beat_send_ms: 0,
@@ -549,7 +561,7 @@ impl Shard {
         }
         self.stopping.set(Stopping::Input);
         self.wake_watcher();
-        for w in self.admin_waiters.borrow_mut().drain(..) {
+        for w in self.admin_waiters.borrow_mut().values_mut().filter_map(Option::take) {
             w.wake();
         }
         self.kick_for_shutdown();
@@ -594,15 +606,38 @@ impl Shard {
             }
     }
 
-    /// For admin connections: `true` once shutdown began; otherwise `waker`
-    /// is woken when it does.
-    pub fn poll_shutdown(&self, waker: &Waker) -> bool {
+    /// An admin connection opens: its id on this core.
+    pub fn admin_opened(&self) -> u64 {
+        let id = self.next_admin.get();
+        self.next_admin.set(id + 1);
+        self.admin_waiters.borrow_mut().insert(id, None);
+        id
+    }
+
+    /// Admin connection `id` ended: it is forgotten, and the drain, which
+    /// waits for admin connections too, looks again.
+    pub fn admin_closed(&self, id: u64) {
+        self.admin_waiters.borrow_mut().remove(&id);
+        self.wake_watcher();
+    }
+
+    /// Admin connections open on this core.
+    pub fn admin_count(&self) -> usize {
+        self.admin_waiters.borrow().len()
+    }
+
+    /// For admin connection `id`: `true` once shutdown began; otherwise
+    /// `waker` is woken when it does.
+    pub fn poll_shutdown(&self, id: u64, waker: &Waker) -> bool {
         if self.is_shutting_down() {
             return true;
         }
-        let mut waiters = self.admin_waiters.borrow_mut();
-        waiters.retain(|w| !w.will_wake(waker));
-        waiters.push(waker.clone());
+        if let Some(slot) = self.admin_waiters.borrow_mut().get_mut(&id) {
+            match slot {
+                Some(w) if w.will_wake(waker) => {}
+                _ => *slot = Some(waker.clone()),
+            }
+        }
         false
     }
 
@@ -649,6 +684,9 @@ impl Shard {
     fn release_slot(&self, slot: &mut Slot) -> Option<Box<SessionPubSub>> {
         if std::mem::take(&mut slot.admitted) {
             self.admission.release(slot.peer_ip());
+        }
+        if std::mem::take(&mut slot.socket_taken) {
+            self.admission.release_socket();
         }
         let ps = slot.pubsub.take()?;
         self.unqueue(ps.queued_bytes);
@@ -1510,6 +1548,12 @@ impl Session {
             self.shard.stats.borrow_mut().rate_limited += 1;
         }
         taken
+    }
+
+    /// Records that the session's socket holds a place it took with
+    /// `Admission::take_socket`, given back when the slot is removed.
+    pub fn hold_socket_place(&self) {
+        self.with(|s| s.socket_taken = true);
     }
 
     /// Records the client's address (for the per-address cap).

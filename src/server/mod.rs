@@ -16,6 +16,7 @@ pub mod shutdown;
 
 use std::fmt;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::task::Poll;
@@ -600,32 +601,54 @@ async fn sweep(shard: Rc<Shard>, metrics: Arc<crate::admin::Metrics>, driver: Dr
     }
 }
 
-/// Accepts admin connections (until the select it runs in ends at shutdown).
+/// Accepts admin connections (until the select it runs in ends at
+/// shutdown), up to `--admin-max-connections` for the server: one past it
+/// is told 503 in one attempt that never waits, and closed.
 async fn accept_admin(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, metrics: &Arc<crate::admin::Metrics>) {
+    let mut failures = AcceptFailures::default();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Some(place) = crate::admin::Place::take(shard) else {
+                    shard.stats.borrow_mut().refused_admin += 1;
+                    let fd = stream.as_raw_fd();
+                    // SAFETY: `fd` is the stream's open socket, borrowed
+                    // for this one call.
+                    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    let _ = socket2::SockRef::from(&socket).send_with_flags(crate::admin::TOO_MANY, libc::MSG_DONTWAIT);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let shard = shard.clone();
-                let metrics = metrics.clone();
-                shard.admin_open.set(shard.admin_open.get() + 1);
-                monoio::spawn(async move {
-                    crate::admin::serve(stream, shard.clone(), metrics).await;
-                    shard.admin_open.set(shard.admin_open.get() - 1);
-                    shard.wake_watcher();
-                });
+                monoio::spawn(crate::admin::serve(stream, place, metrics.clone()));
             }
-            Err(e) => {
-                tracing::warn!(core = shard.core, error = %e, "admin accept failed");
-                monoio::time::sleep(Duration::from_millis(10)).await;
-            }
+            Err(e) => failures.back_off(shard, "admin accept failed", e).await,
         }
     }
 }
 
+/// Accept errors (out of descriptors or memory): said once a second at
+/// most, each followed by a short back-off instead of a spin on the error.
+#[derive(Default)]
+struct AcceptFailures {
+    last_warning_ms: Option<u64>,
+}
+
+impl AcceptFailures {
+    async fn back_off(&mut self, shard: &Shard, what: &str, error: std::io::Error) {
+        let now = shard.now_ms();
+        if self.last_warning_ms.is_none_or(|t| now.saturating_sub(t) >= 1000) {
+            tracing::warn!(core = shard.core, %error, "{what}");
+            self.last_warning_ms = Some(now);
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Accepts connections until shutdown begins; `tls`: they speak TLS first.
+/// A socket past the WebSocket port's share of the open-files limit
+/// (`Admission::take_socket`) is closed at once.
 async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<Shard>, tls: bool) {
-    let mut last_warning_ms = None;
+    let mut failures = AcceptFailures::default();
     loop {
         let mut accept = std::pin::pin!(listener.accept());
         let accepted = std::future::poll_fn(|cx| {
@@ -639,25 +662,21 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
         match accepted {
             None => return,
             Some(Ok((stream, peer))) => {
+                shard.stats.borrow_mut().accepted += 1;
+                if !shard.admission.take_socket() {
+                    shard.stats.borrow_mut().refused_sockets += 1;
+                    continue;
+                }
                 // Small frames must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
-                shard.stats.borrow_mut().accepted += 1;
                 // Registered before the task first runs, so a shutdown that
                 // starts meanwhile waits for (and kicks) this session too.
                 let session = shard.open_session();
+                session.hold_socket_place();
                 session.set_peer_ip(peer.ip());
                 monoio::spawn(crate::conn::serve(stream, session, tls));
             }
-            Some(Err(e)) => {
-                // Out of descriptors or memory: say so (once a second at most)
-                // and back off briefly instead of spinning on the error.
-                let now = shard.now_ms();
-                if last_warning_ms.is_none_or(|t| now.saturating_sub(t) >= 1000) {
-                    tracing::warn!(core = shard.core, error = %e, "accept failed");
-                    last_warning_ms = Some(now);
-                }
-                monoio::time::sleep(Duration::from_millis(10)).await;
-            }
+            Some(Err(e)) => failures.back_off(shard, "accept failed", e).await,
         }
     }
 }
@@ -680,7 +699,7 @@ async fn drain(shard: &Rc<Shard>, deadline: std::time::Instant) {
 
 fn all_sessions_ended(shard: &Shard) -> impl Future<Output = ()> + '_ {
     std::future::poll_fn(move |cx| {
-        if shard.session_count() == 0 && shard.admin_open.get() == 0 {
+        if shard.session_count() == 0 && shard.admin_count() == 0 {
             return Poll::Ready(());
         }
         shard.watch(cx.waker());

@@ -44,7 +44,30 @@ impl Server {
     }
 
     pub fn start_with_env(driver: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_limited(driver, args, env, None)
+    }
+
+    /// As `start_with_env`, with the server's open-files limit (soft and
+    /// hard) set to `nofile`.
+    pub fn start_limited(driver: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the closure touches
+            // nothing else between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args([
             "--listen",
             "127.0.0.1:0",
@@ -134,6 +157,16 @@ impl Server {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The server's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
     }
 
     pub fn pid(&self) -> i32 {
