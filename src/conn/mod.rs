@@ -652,12 +652,14 @@ impl<'a> Conn<'a> {
     }
 
     /// Kicks that arrive while the socket is full are kept for the main loop,
-    /// except a timeout, which ends the wait. Each accepted write counts as
-    /// the peer being alive, so only a peer that stops reading times out.
+    /// except a timeout, which ends the wait. The socket turning writable
+    /// again (the peer took bytes) counts as the peer being alive, so only
+    /// a peer that stops reading times out; a kick (a ping, a delivery)
+    /// does not.
     async fn flush_when_writable(&mut self) -> io::Result<()> {
         loop {
             match ready_or_kick(self.stream.writable(false), self.session).await? {
-                Wake::Ready => {}
+                Wake::Ready => self.session.peer_alive(),
                 Wake::Kick(k) if k.has(Kick::TIMEOUT) => return Err(io::ErrorKind::TimedOut.into()),
                 Wake::Kick(k) if k.has(Kick::SLOW) || k.has(Kick::CLOSE) || k.has(Kick::EXPIRED) => {
                     // Closing does not wait for this output: the close
@@ -670,9 +672,7 @@ impl<'a> Conn<'a> {
                     self.kicks = self.kicks.with(k);
                 }
             }
-            let flushed = self.try_flush()?;
-            self.session.peer_alive();
-            if let Flush::Done = flushed {
+            if let Flush::Done = self.try_flush()? {
                 return Ok(());
             }
         }
