@@ -492,6 +492,31 @@ fn stomp_frames_are_authorised_too() {
                 Ok(Some(Ok(Message::Close(Some(frame))))) => assert_eq!(u16::from(frame.code), 1008),
                 other => panic!("{driver}: expected a 1008 close, got {other:?}"),
             }
+            // A SEND inside a transaction is checked when it comes, not at
+            // COMMIT: no RECEIPT, an ERROR at once.
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+            ws.send(stomp("CONNECT\naccept-version:1.2\nhost:x\n\n\0"))
+                .await
+                .unwrap();
+            assert!(next_text(&mut ws).await.starts_with("CONNECTED\n"));
+            ws.send(stomp("BEGIN\ntransaction:t\nreceipt:b\n\n\0")).await.unwrap();
+            assert!(next_text(&mut ws).await.starts_with("RECEIPT\nreceipt-id:b\n"));
+            ws.send(stomp("SEND\ndestination:/topic/chat\ntransaction:t\nreceipt:s0\n\nok\0"))
+                .await
+                .unwrap();
+            assert!(next_text(&mut ws).await.starts_with("RECEIPT\nreceipt-id:s0\n"));
+            ws.send(stomp("SEND\ndestination:/topic/news\ntransaction:t\nreceipt:s1\n\nx\0"))
+                .await
+                .unwrap();
+            let error = next_text(&mut ws).await;
+            assert!(
+                error.starts_with("ERROR\n") && error.contains("message:access denied") && !error.contains("receipt-id:s1"),
+                "{error}"
+            );
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Close(Some(frame))))) => assert_eq!(u16::from(frame.code), 1008),
+                other => panic!("{driver}: expected a 1008 close, got {other:?}"),
+            }
             // A CONNECT with another user's token.
             let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
             let other = token_for("hank", 600, &[], &[]);

@@ -128,6 +128,7 @@ impl StompConn {
             let (what, destination) = match action {
                 Action::Subscribe(s) => (crate::auth::Action::Subscribe, &s.destination),
                 Action::Publish(p) => (crate::auth::Action::Publish, &p.destination),
+                Action::Held(destination) => (crate::auth::Action::Publish, destination),
                 _ => continue,
             };
             let name = match destination {
@@ -179,6 +180,8 @@ impl StompConn {
                         native: None,
                     });
                 }
+                // Its grants were checked above; it is published at COMMIT.
+                Action::Held(_) => {}
                 // STOMP 1.2 "ERROR": the server closes after an ERROR;
                 // after DISCONNECT (and its RECEIPT) the session is over.
                 Action::Close => {

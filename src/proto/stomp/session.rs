@@ -142,6 +142,9 @@ pub enum Action {
         destination: Destination,
     },
     Publish(Publish),
+    /// A SEND to this destination is held in a transaction: the session's
+    /// grants must allow it now, before its RECEIPT, not only at COMMIT.
+    Held(Destination),
     /// Close the connection once what came before is sent (after an ERROR,
     /// or DISCONNECT).
     Close,
@@ -324,6 +327,7 @@ impl Session {
                             ));
                         }
                         let held = self.transactions.get_mut(&tx).ok_or_else(|| unknown_transaction(&tx))?;
+                        out.push(Action::Held(publish.destination.clone()));
                         // Its own copy: a slice would keep the whole
                         // message that carried it for as long as it is held.
                         let body = Bytes::copy_from_slice(&publish.body);
@@ -718,8 +722,12 @@ mod tests {
         };
         let mut s = connected();
         assert!(run(&mut s, Frame::new(Command::Begin).with_header("transaction", "tx1")).is_empty());
-        assert!(run(&mut s, send("tx1", b"a")).is_empty());
-        assert!(run(&mut s, send("tx1", b"b")).is_empty());
+        // Held, and to be checked against the grants now (before any RECEIPT).
+        let held = |out: Vec<Action>| {
+            assert_eq!(out, [Action::Held(Destination::Topic("t".into()))]);
+        };
+        held(run(&mut s, send("tx1", b"a")));
+        held(run(&mut s, send("tx1", b"b")));
         let out = run(
             &mut s,
             Frame::new(Command::Commit)
@@ -759,7 +767,7 @@ mod tests {
         // empty SEND counts too.
         let mut s = connected();
         run(&mut s, Frame::new(Command::Begin).with_header("transaction", "t"));
-        assert!(run(&mut s, held(200)).is_empty());
+        assert_eq!(run(&mut s, held(200)).len(), 1, "held");
         assert_eq!(
             error_message(&run(&mut s, held(1))).as_deref(),
             Some("transaction too large")
