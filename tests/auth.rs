@@ -501,16 +501,20 @@ fn stomp_frames_are_authorised_too() {
             assert!(next_text(&mut ws).await.starts_with("CONNECTED\n"));
             ws.send(stomp("BEGIN\ntransaction:t\nreceipt:b\n\n\0")).await.unwrap();
             assert!(next_text(&mut ws).await.starts_with("RECEIPT\nreceipt-id:b\n"));
-            ws.send(stomp("SEND\ndestination:/topic/chat\ntransaction:t\nreceipt:s0\n\nok\0"))
-                .await
-                .unwrap();
+            ws.send(stomp(
+                "SEND\ndestination:/topic/chat\ntransaction:t\nreceipt:s0\n\nok\0",
+            ))
+            .await
+            .unwrap();
             assert!(next_text(&mut ws).await.starts_with("RECEIPT\nreceipt-id:s0\n"));
             ws.send(stomp("SEND\ndestination:/topic/news\ntransaction:t\nreceipt:s1\n\nx\0"))
                 .await
                 .unwrap();
             let error = next_text(&mut ws).await;
             assert!(
-                error.starts_with("ERROR\n") && error.contains("message:access denied") && !error.contains("receipt-id:s1"),
+                error.starts_with("ERROR\n")
+                    && error.contains("message:access denied")
+                    && !error.contains("receipt-id:s1"),
                 "{error}"
             );
             match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {

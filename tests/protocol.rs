@@ -228,6 +228,16 @@ both_drivers!(origin_lists_per_route_take_subdomain_patterns, |driver| {
     assert_eq!(status("/sub", "https://example.com"), "403");
     assert_eq!(status("/sub", "http://a.example.com"), "403");
     assert_eq!(status("/sub", "https://a.example.com.evil.test"), "403");
+    // Only a serialised origin (RFC 6454 6.2) is matched: what merely ends
+    // like one is not.
+    for not_an_origin in [
+        "https://evil.com#.example.com",
+        "https://evil.com/.example.com",
+        "https://evil.com?.example.com",
+        "https://\u{e9}vil.example.com",
+    ] {
+        assert_eq!(status("/sub", not_an_origin), "403", "{not_an_origin}");
+    }
     // A route without a list of its own takes the global one.
     assert_eq!(status("/exact", "https://app.example.com"), "101");
     assert_eq!(status("/exact", "https://other.example.com"), "403");

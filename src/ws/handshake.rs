@@ -393,59 +393,146 @@ impl OriginPolicy {
     }
 }
 
-/// An origin (RFC 6454 6.2, `scheme://host[:port]`) in parts; the scheme
-/// is absent from a pattern that matches any.
-fn origin_parts(s: &str) -> (Option<&str>, &str, Option<&str>) {
-    let (scheme, rest) = match s.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, s),
-    };
-    // A port is the digits after the last colon (an IPv6 host is bracketed).
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-            (scheme, host, Some(port))
+/// An origin as RFC 6454 6.2 serialises it: `scheme "://" host [ ":"
+/// port ]` and nothing after, the host in ASCII (a browser sends a domain
+/// in its IDNA A-label form, `xn--...`), or the opaque `null`.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin<'a> {
+    scheme: &'a str,
+    host: &'a str,
+    port: Option<&'a str>,
+}
+
+impl<'a> Origin<'a> {
+    /// `None` for anything that is not a serialised origin (a path, a
+    /// query, a fragment, user info, non-ASCII, an empty part), and for
+    /// `null`.
+    fn parse(s: &'a str) -> Option<Origin<'a>> {
+        let (scheme, rest) = s.split_once("://")?;
+        // RFC 3986 3.1: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+        let mut chars = scheme.bytes();
+        if !chars.next()?.is_ascii_alphabetic() || !chars.all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
+            return None;
         }
-        _ => (scheme, rest, None),
+        let (host, port) = match rest.strip_prefix('[') {
+            // An IPv6 literal (RFC 3986 3.2.2).
+            Some(v6) => {
+                let (addr, after) = v6.split_once(']')?;
+                if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+                    return None;
+                }
+                let port = match after {
+                    "" => None,
+                    _ => Some(after.strip_prefix(':')?),
+                };
+                (&rest[..addr.len() + 2], port)
+            }
+            None => {
+                let (host, port) = match rest.split_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (rest, None),
+                };
+                // Dot-separated labels of letters, digits, '-' and '_'.
+                let label =
+                    |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !host.split('.').all(label) {
+                    return None;
+                }
+                (host, port)
+            }
+        };
+        if let Some(port) = port {
+            if port.is_empty()
+                || port.len() > 5
+                || !port.bytes().all(|b| b.is_ascii_digit())
+                || port.parse::<u32>().ok()? > 65_535
+            {
+                return None;
+            }
+        }
+        Some(Origin { scheme, host, port })
+    }
+
+    /// The same origin: scheme and host ASCII case-insensitive, the port
+    /// as written (browsers leave the scheme's default out).
+    fn same(&self, other: &Origin<'_>) -> bool {
+        self.scheme.eq_ignore_ascii_case(other.scheme)
+            && self.host.eq_ignore_ascii_case(other.host)
+            && self.port == other.port
     }
 }
 
-/// Whether an allow-list entry is well formed: an exact origin, or a
-/// pattern `[scheme://]*.domain[:port]` with its one `*` leading the host.
-pub fn check_origin_entry(entry: &str) -> Result<(), String> {
-    if entry.is_empty() || entry.bytes().any(|b| !b.is_ascii_graphic()) {
-        return Err(format!("{entry:?} is not an origin"));
+/// A subdomain pattern, `[scheme://]*.domain[:port]`.
+#[derive(Debug)]
+struct Pattern<'a> {
+    scheme: Option<&'a str>,
+    /// With its leading dot: `.example.com`.
+    domain: &'a str,
+    port: Option<&'a str>,
+}
+
+impl<'a> Pattern<'a> {
+    fn parse(entry: &'a str) -> Option<Pattern<'a>> {
+        let (scheme, rest) = match entry.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, entry),
+        };
+        let rest = rest.strip_prefix('*')?;
+        // Checked as an origin with a stand-in first label.
+        let probe = format!("{}://x{rest}", scheme.unwrap_or("any"));
+        let parsed = Origin::parse(&probe)?;
+        if !rest.starts_with('.') || parsed.host.starts_with('[') {
+            return None;
+        }
+        let (domain, port) = match rest.split_once(':') {
+            Some((domain, port)) => (domain, Some(port)),
+            None => (rest, None),
+        };
+        Some(Pattern { scheme, domain, port })
     }
-    if !entry.contains('*') {
+
+    /// A strict subdomain of the domain, with the scheme (when it names
+    /// one) and the port (none: the scheme's default).
+    fn matches(&self, origin: &Origin<'_>) -> bool {
+        let host = origin.host;
+        host.len() > self.domain.len()
+            && host[host.len() - self.domain.len()..].eq_ignore_ascii_case(self.domain)
+            && self.scheme.is_none_or(|s| s.eq_ignore_ascii_case(origin.scheme))
+            && self.port == origin.port
+    }
+}
+
+/// Whether an allow-list entry is well formed: an exact origin (RFC 6454
+/// serialisation, or `null`), or a pattern `[scheme://]*.domain[:port]`
+/// with its one `*` leading the host.
+pub fn check_origin_entry(entry: &str) -> Result<(), String> {
+    if entry.contains('*') {
+        return match Pattern::parse(entry) {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "{entry:?}: a pattern is [scheme://]*.domain[:port], with its one * leading the host"
+            )),
+        };
+    }
+    if entry == "null" || Origin::parse(entry).is_some() {
         return Ok(());
     }
-    let (scheme, host, _) = origin_parts(entry);
-    let domain = host.strip_prefix("*.").unwrap_or("");
-    if domain.is_empty() || domain.contains('*') || scheme.is_some_and(|s| s.is_empty() || s.contains('*')) {
-        return Err(format!(
-            "{entry:?}: a pattern is [scheme://]*.domain[:port], with its one * leading the host"
-        ));
-    }
-    Ok(())
+    Err(format!(
+        "{entry:?} is not an origin (scheme://host[:port], nothing after; a host in ASCII)"
+    ))
 }
 
-/// Whether `origin` is the exact origin `entry`, or (a pattern) on a strict
-/// subdomain of its domain, with its scheme (when it names one) and its
-/// port (none means the scheme's default, which browsers leave out).
+/// Whether `origin` (as the client sent it) is the entry's origin, or on a
+/// strict subdomain of its pattern. What does not parse as a serialised
+/// origin matches nothing but an entry `null` for `null`.
 fn origin_matches(entry: &str, origin: &str) -> bool {
-    if !entry.contains('*') {
-        return entry.eq_ignore_ascii_case(origin);
-    }
-    let (p_scheme, p_host, p_port) = origin_parts(entry);
-    let (o_scheme, o_host, o_port) = origin_parts(origin);
-    let Some(o_scheme) = o_scheme else { return false };
-    let Some(domain) = p_host.strip_prefix('*') else {
-        return false;
+    let Some(parsed) = Origin::parse(origin) else {
+        return entry == "null" && origin == "null";
     };
-    // `domain` keeps its dot: ".example.com".
-    let subdomain = o_host.len() > domain.len()
-        && o_host.is_char_boundary(o_host.len() - domain.len())
-        && o_host[o_host.len() - domain.len()..].eq_ignore_ascii_case(domain);
-    subdomain && p_scheme.is_none_or(|s| s.eq_ignore_ascii_case(o_scheme)) && p_port == o_port
+    if entry.contains('*') {
+        return Pattern::parse(entry).is_some_and(|p| p.matches(&parsed));
+    }
+    Origin::parse(entry).is_some_and(|e| e.same(&parsed))
 }
 
 #[cfg(test)]
@@ -628,6 +715,35 @@ mod tests {
         assert!(!any_scheme.allows(Some("https://example.com.evil.net")));
         assert!(!any_scheme.allows(Some("https://app.example.com:8443")));
         assert!(!any_scheme.allows(Some("null")));
+        // Not an origin at all: refused, whatever its end looks like.
+        let https = OriginPolicy::List(vec!["https://*.example.com".into()]);
+        for not_an_origin in [
+            "https://evil.com#.example.com",
+            "https://evil.com/.example.com",
+            "https://evil.com?.example.com",
+            "https://\u{e9}vil.example.com",
+            "https://user@app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com:",
+            "https://app.example.com:99999",
+            "https://app..example.com",
+            "https://app.example.com.",
+            "https:/app.example.com",
+            "://app.example.com",
+            "https://app.example.com:443/x",
+            "https://app.exa mple.com",
+        ] {
+            assert!(!https.allows(Some(not_an_origin)), "{not_an_origin}");
+        }
+        assert!(https.allows(Some("https://xn--vil-bma.example.com")));
+        let exact = OriginPolicy::List(vec!["https://app.example.com".into(), "null".into()]);
+        assert!(!exact.allows(Some("https://app.example.com/")));
+        assert!(!exact.allows(Some("https://app.example.com#")));
+        assert!(exact.allows(Some("null")));
+        let v6 = OriginPolicy::List(vec!["http://[::1]:8080".into()]);
+        assert!(v6.allows(Some("http://[::1]:8080")));
+        assert!(!v6.allows(Some("http://[::1]:8081")));
+        assert!(!v6.allows(Some("http://[::1]x:8080")));
         let https = OriginPolicy::List(vec![
             "https://*.example.com".into(),
             "https://*.example.com:8443".into(),
@@ -653,6 +769,10 @@ mod tests {
             "",
             "a b",
             "://*.a.com",
+            "https://app.example.com/",
+            "app.example.com",
+            "https://*.example.com/",
+            "https://\u{e9}.example.com",
         ] {
             assert!(check_origin_entry(bad).is_err(), "{bad}");
         }
