@@ -41,9 +41,14 @@ pub struct Options {
     /// PEM private key of --tls-cert (reloaded on SIGHUP).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
-    /// Worker threads, one per core [default: the CPUs this process may run on].
+    /// Worker threads, each pinned to a core: at most the CPUs this process
+    /// may run on, unless --oversubscribe [default: those CPUs].
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Allow more workers than CPUs (up to 256): they then share cores.
+    #[arg(long)]
+    #[serde(default)]
+    pub oversubscribe: bool,
     /// I/O driver [default: auto].
     #[arg(long, value_enum)]
     pub driver: Option<DriverChoice>,
@@ -117,7 +122,10 @@ pub struct Options {
     /// What happens to a message over those limits [default: close].
     #[arg(long, value_enum)]
     pub rate_limit: Option<RateLimit>,
-    /// Messages each cross-core ring holds [default: 4096].
+    /// Envelopes each cross-core ring holds. There is a ring for each
+    /// ordered pair of workers, workers x (workers - 1), of 64 bytes per
+    /// envelope, reserved at start: at most 256 MiB in all [default: 4096,
+    /// or the largest power of two within 256 MiB].
     #[arg(long)]
     pub mesh_ring_capacity: Option<usize>,
     /// STOMP heart-beats (ms) offered to clients, both ways: we send one when
@@ -318,6 +326,7 @@ impl Options {
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
             workers: self.workers.or(base.workers),
+            oversubscribe: self.oversubscribe || base.oversubscribe,
             driver: self.driver.or(base.driver),
             allowed_origins: self.allowed_origins.or(base.allowed_origins),
             handshake_timeout_ms: self.handshake_timeout_ms.or(base.handshake_timeout_ms),
@@ -360,6 +369,23 @@ impl Options {
 
     /// Applies defaults and checks every limit.
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
+        let workers = self.workers.unwrap_or(available_cpus);
+        let most_workers = if self.oversubscribe {
+            MAX_WORKERS
+        } else {
+            available_cpus.clamp(1, MAX_WORKERS)
+        };
+        if workers > most_workers && !self.oversubscribe {
+            return Err(ConfigError::Invalid {
+                option: "workers",
+                error: format!(
+                    "{workers} is more than the {available_cpus} CPUs this process may run on \
+                     (workers would share cores; --oversubscribe allows it)"
+                ),
+            });
+        }
+        in_range("workers", workers, 1, most_workers)?;
+        let mesh_ring_capacity = mesh_ring_capacity(workers, self.mesh_ring_capacity)?;
         let global_origins = origin_policy(self.allowed_origins)?;
         let verifier = verifier(
             self.jwt_secret_file.as_deref(),
@@ -457,10 +483,31 @@ impl Options {
                 error,
             })?;
         }
+        let listen = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        // Each listener on an address of its own: two on one port would
+        // find it taken by the other, and say so as if another process had it.
+        let named: [(&'static str, Option<SocketAddr>); 3] = [
+            ("listen", Some(listen)),
+            ("tls_listen", tls.as_ref().map(|(addr, _)| *addr)),
+            ("admin_listen", admin_listen),
+        ];
+        for (i, (option, addr)) in named.iter().enumerate() {
+            for (other, other_addr) in &named[..i] {
+                if let (Some(a), Some(b)) = (addr, other_addr) {
+                    let same_ip = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                    if a.port() != 0 && a.port() == b.port() && same_ip {
+                        return Err(ConfigError::Invalid {
+                            option,
+                            error: format!("{a} is --{}'s address too", other.replace('_', "-")),
+                        });
+                    }
+                }
+            }
+        }
         let config = Config {
-            listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen,
             tls,
-            workers: self.workers.unwrap_or(available_cpus),
+            workers,
             driver: self.driver.unwrap_or(DriverChoice::Auto),
             routes,
             handshake_timeout_ms: self.handshake_timeout_ms.unwrap_or(5_000),
@@ -485,7 +532,7 @@ impl Options {
             max_messages_per_sec: self.max_messages_per_sec.unwrap_or(0),
             max_bytes_per_sec: self.max_bytes_per_sec.unwrap_or(0),
             rate_limit: self.rate_limit.unwrap_or(RateLimit::Close),
-            mesh_ring_capacity: self.mesh_ring_capacity.unwrap_or(4096),
+            mesh_ring_capacity,
             stomp_heart_beat_ms: self.stomp_heart_beat_ms.unwrap_or(10_000),
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
             admin_listen,
@@ -526,6 +573,46 @@ fn verifier(
             error,
         })?;
     Ok(verifier.map(std::sync::Arc::new))
+}
+
+/// Workers at most, with --oversubscribe.
+pub const MAX_WORKERS: usize = 256;
+/// Bytes one envelope takes in a cross-core ring (`pubsub::mesh` checks
+/// that an envelope fits).
+pub const MESH_SLOT_BYTES: usize = 64;
+/// What all cross-core rings together may reserve.
+pub const MESH_BUDGET_BYTES: usize = 256 * MIB;
+/// Envelopes a ring holds, at least and by default.
+const MIN_RING_CAPACITY: usize = 16;
+const DEFAULT_RING_CAPACITY: usize = 4096;
+
+/// The capacity of each cross-core ring: as asked, or the default, as long
+/// as all `workers x (workers - 1)` rings stay within `MESH_BUDGET_BYTES`;
+/// by default, the largest power of two that does.
+fn mesh_ring_capacity(workers: usize, asked: Option<usize>) -> Result<usize, ConfigError> {
+    let rings = workers * workers.saturating_sub(1);
+    let fits = MESH_BUDGET_BYTES / (rings.max(1) * MESH_SLOT_BYTES);
+    match asked {
+        None => {
+            let capacity = DEFAULT_RING_CAPACITY.min(fits.max(1));
+            // The largest power of two not above it (at least the minimum).
+            Ok((1 << capacity.ilog2()).max(MIN_RING_CAPACITY))
+        }
+        Some(capacity) => {
+            in_range("mesh_ring_capacity", capacity, MIN_RING_CAPACITY, 1 << 20)?;
+            if capacity > fits {
+                return Err(ConfigError::Invalid {
+                    option: "mesh_ring_capacity",
+                    error: format!(
+                        "{capacity} envelopes in each of {rings} rings ({workers} workers) is {} MiB, over {} MiB",
+                        rings * capacity * MESH_SLOT_BYTES / MIB,
+                        MESH_BUDGET_BYTES / MIB
+                    ),
+                });
+            }
+            Ok(capacity)
+        }
+    }
 }
 
 /// The open-files limit (soft) less 1/16 of it (at least 64), which the
@@ -580,7 +667,6 @@ fn in_range<T: PartialOrd + fmt::Display>(option: &'static str, v: T, lo: T, hi:
 
 impl Config {
     fn check(&self) -> Result<(), ConfigError> {
-        in_range("workers", self.workers, 1, 1024)?;
         in_range("handshake_timeout_ms", self.handshake_timeout_ms, 1, 600_000)?;
         in_range("max_head_bytes", self.max_head_bytes, 256, 64 * 1024)?;
         in_range("max_frame_bytes", self.limits.max_frame_bytes, 1, GIB)?;
@@ -615,7 +701,6 @@ impl Config {
         )?;
         in_range("max_messages_per_sec", self.max_messages_per_sec, 0, 100_000_000)?;
         in_range("max_bytes_per_sec", self.max_bytes_per_sec, 0, 1 << 40)?;
-        in_range("mesh_ring_capacity", self.mesh_ring_capacity, 16, 1 << 20)?;
         in_range("admin_max_connections", self.admin_max_connections, 1, 100_000)?;
         in_range("stomp_heart_beat_ms", self.stomp_heart_beat_ms, 0, 3_600_000)?;
         in_range("stomp_heart_beat_grace_ms", self.stomp_heart_beat_grace_ms, 0, 600_000)?;
@@ -688,6 +773,47 @@ mod tests {
     }
 
     #[test]
+    fn workers_stay_within_the_cpus_unless_oversubscribed() {
+        let with = |workers: usize, oversubscribe: bool| Options {
+            workers: Some(workers),
+            oversubscribe,
+            ..Options::default()
+        };
+        assert_eq!(with(2, false).validate(2).unwrap().workers, 2);
+        let e = with(3, false).validate(2).unwrap_err().to_string();
+        assert!(e.starts_with("workers: 3 is more than the 2 CPUs"), "{e}");
+        assert_eq!(with(256, true).validate(2).unwrap().workers, 256);
+        assert_eq!(
+            with(257, true).validate(2).unwrap_err().to_string(),
+            "workers: 257 is outside 1..=256"
+        );
+    }
+
+    #[test]
+    fn the_mesh_stays_within_its_budget() {
+        let capacity = |workers: usize, asked: Option<usize>| mesh_ring_capacity(workers, asked);
+        // Few workers: the default.
+        assert_eq!(capacity(2, None).unwrap(), 4096);
+        assert_eq!(capacity(32, None).unwrap(), 4096);
+        // Many: the largest power of two within the budget, at least 16.
+        for workers in [64, 128, 256] {
+            let c = capacity(workers, None).unwrap();
+            let rings = workers * (workers - 1);
+            assert!(c.is_power_of_two() && c >= MIN_RING_CAPACITY, "{workers}: {c}");
+            assert!(rings * c * MESH_SLOT_BYTES <= MESH_BUDGET_BYTES, "{workers}: {c}");
+            assert!(rings * c * 2 * MESH_SLOT_BYTES > MESH_BUDGET_BYTES, "{workers}: {c}");
+        }
+        // Asked for: as asked, unless over the budget.
+        assert_eq!(capacity(4, Some(100)).unwrap(), 100);
+        let e = capacity(256, Some(4096)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("mesh_ring_capacity: 4096 envelopes in each of 65280 rings"),
+            "{e}"
+        );
+        assert!(capacity(2, Some(15)).is_err());
+    }
+
+    #[test]
     fn defaults() {
         let c = Options::default().validate(2).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
@@ -728,7 +854,7 @@ mod tests {
         }
         .validate(2)
         .unwrap_err();
-        assert_eq!(e.to_string(), "workers: 0 is outside 1..=1024");
+        assert_eq!(e.to_string(), "workers: 0 is outside 1..=2");
         let e = Options {
             ping_interval_ms: Some(5000),
             idle_timeout_ms: Some(5000),

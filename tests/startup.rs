@@ -31,7 +31,37 @@ fn each_driver_is_reported() {
 fn bad_flags_are_clear_errors() {
     let (code, err) = start_error(&["--workers", "0"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("workers: 0 is outside 1..=1024"), "{err}");
+    assert!(err.contains("workers: 0 is outside 1..="), "{err}");
+    // More workers than CPUs only when asked for, and never so many that
+    // the mesh cannot be built: a clear error, not an abort.
+    let (code, err) = start_error(&["--workers", "1024"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("workers: 1024 is more than the") && err.contains("--oversubscribe"),
+        "{err}"
+    );
+    let (code, err) = start_error(&["--workers", "1024", "--oversubscribe"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("workers: 1024 is outside 1..=256"), "{err}");
+    let (code, err) = start_error(&["--workers", "4", "--oversubscribe", "--mesh-ring-capacity", "1048576"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("mesh_ring_capacity: 1048576 envelopes in each of 12 rings"),
+        "{err}"
+    );
+    // Two options naming one address say so.
+    let (code, err) = start_error(&["--listen", "127.0.0.1:47811", "--admin-listen", "127.0.0.1:47811"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("admin_listen: 127.0.0.1:47811 is --listen's address too"),
+        "{err}"
+    );
+    let (code, err) = start_error(&["--listen", "0.0.0.0:47811", "--admin-listen", "127.0.0.1:47811"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("admin_listen: 127.0.0.1:47811 is --listen's address too"),
+        "{err}"
+    );
     let (code, err) = start_error(&["--driver", "kqueue"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("invalid value 'kqueue'"), "{err}");

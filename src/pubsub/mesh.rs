@@ -408,6 +408,12 @@ mod tests {
         );
     }
 
+    /// The configuration sizes the rings by this (`config::MESH_SLOT_BYTES`).
+    #[test]
+    fn an_envelope_fits_its_slot() {
+        assert!(std::mem::size_of::<Envelope>() <= crate::config::MESH_SLOT_BYTES);
+    }
+
     #[test]
     fn full_ring_gives_the_envelope_back() {
         let meshes = build(2, 2).unwrap();

@@ -205,11 +205,24 @@ impl Drop for Server {
 
 /// Runs `sluice` with `args` expecting it to refuse to start; returns (code, stderr).
 pub fn start_error(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run sluice");
+    // It must exit by itself, at once; one that serves instead is stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sluice {args:?} started instead of refusing to");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("sluice's output");
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
