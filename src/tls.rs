@@ -204,7 +204,8 @@ impl TlsSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let used = self.process(incoming, plain)?;
+            let rest = self.process(incoming, plain)?;
+            let left = incoming.len() - rest;
             // What is kept is one incomplete record, or (in the handshake) a
             // handshake message whose records rustls joins only once it is
             // whole. A peer that sends more without completing either (tiny
@@ -215,18 +216,19 @@ impl TlsSession {
             } else {
                 MAX_RECORD_BYTES
             };
-            if used > most {
+            if left > most {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{used} bytes of TLS records pending, over {most}"),
+                    format!("{left} bytes of TLS records pending, over {most}"),
                 ));
             }
-            // Keep it for the next read; give the memory back when there is none.
-            if used == 0 {
+            // Keep it for the next read (the one copy of the read's
+            // leftover); give the memory back when there is none.
+            if left == 0 {
                 self.leftover = Vec::new();
             } else {
                 self.leftover.clear();
-                self.leftover.extend_from_slice(&incoming[..used]);
+                self.leftover.extend_from_slice(&incoming[rest..]);
             }
             if eof {
                 self.peer_closed = true;
@@ -244,12 +246,15 @@ impl TlsSession {
 
     /// Runs the records in `incoming` (`process_tls_records` until it
     /// needs more bytes): handshake messages are answered into `pending`,
-    /// application data goes to `plain`. Returns how many bytes at the
-    /// front of `incoming` are a record still incomplete.
+    /// application data goes to `plain`. Returns where the records still
+    /// incomplete start. What rustls is done with is skipped, not moved:
+    /// rustls yields a state per record, and moving the rest of the buffer
+    /// after each would cost a read of many small records its length
+    /// squared.
     fn process(&mut self, incoming: &mut [u8], plain: &mut Vec<u8>) -> io::Result<usize> {
-        let mut used = incoming.len();
+        let mut start = 0;
         for _ in 0..MAX_ROUNDS {
-            let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(&mut incoming[..used]);
+            let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(&mut incoming[start..]);
             let mut done = false;
             match state {
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -276,12 +281,9 @@ impl TlsSession {
                     return Err(invalid(e));
                 }
             }
-            if discard > 0 {
-                incoming.copy_within(discard..used, 0);
-                used -= discard;
-            }
+            start += discard;
             if done {
-                return Ok(used);
+                return Ok(start);
             }
         }
         Err(io::Error::other("TLS processing did not settle"))
