@@ -254,13 +254,21 @@ pub fn allows(identity: Option<&Identity>, action: Action, topic: &[u8]) -> bool
     }
 }
 
+/// Which key could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    Secret(String),
+    PublicKey(String),
+}
+
 /// The claims read from a token. Times are checked here, not by the
-/// library, so that they are checked against the caller's clock.
+/// library, so that they are checked against the caller's clock. They are
+/// NumericDates (RFC 7519 2): seconds, which may have a fraction.
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
-    exp: Option<u64>,
-    nbf: Option<u64>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
     #[serde(default)]
     sluice: Permissions,
 }
@@ -311,15 +319,15 @@ impl Verifier {
         leeway_secs: u64,
         audience: Option<String>,
         issuer: Option<String>,
-    ) -> Result<Option<Verifier>, String> {
+    ) -> Result<Option<Verifier>, KeyError> {
         let mut list = Vec::new();
         if let Some(secret) = keys.secret {
             // RFC 7518 3.2: a key of at least the hash's size.
             if secret.len() < 32 {
-                return Err(format!(
+                return Err(KeyError::Secret(format!(
                     "the JWT secret has {} bytes; at least 32 are required",
                     secret.len()
-                ));
+                )));
             }
             list.push((
                 DecodingKey::from_secret(&secret),
@@ -340,7 +348,9 @@ impl Verifier {
             } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
                 (key, vec![Algorithm::ES256, Algorithm::ES384])
             } else {
-                return Err("the JWT public key is not an RSA or EC public key in PEM".into());
+                return Err(KeyError::PublicKey(
+                    "the JWT public key is not an RSA or EC public key in PEM".into(),
+                ));
             };
             list.push(key);
         }
@@ -393,12 +403,22 @@ impl Verifier {
                 _ => Failure::BadClaims,
             })?
             .claims;
-        let exp = claims.exp.ok_or(Failure::BadClaims)?;
+        // Against whole seconds, a fraction goes the safe way: `exp` down
+        // (RFC 7519 4.1.4: now must be before it), `nbf` up (4.1.5: now must
+        // be at or after it).
+        let seconds = |date: f64, round: fn(f64) -> f64| {
+            // `as` saturates: a date past u64 is as good as never.
+            (date.is_finite() && date >= 0.0)
+                .then(|| round(date) as u64)
+                .ok_or(Failure::BadClaims)
+        };
+        let exp = seconds(claims.exp.ok_or(Failure::BadClaims)?, f64::floor)?;
         let expires_at = exp.saturating_add(self.leeway_secs);
         if now >= expires_at {
             return Err(Failure::Expired);
         }
-        if claims.nbf.is_some_and(|nbf| now.saturating_add(self.leeway_secs) < nbf) {
+        let nbf = claims.nbf.map(|nbf| seconds(nbf, f64::ceil)).transpose()?;
+        if nbf.is_some_and(|nbf| now.saturating_add(self.leeway_secs) < nbf) {
             return Err(Failure::NotYetValid);
         }
         let user = claims.sub.filter(|s| !s.is_empty()).ok_or(Failure::BadClaims)?;
@@ -509,6 +529,24 @@ mod tests {
         );
         assert_eq!(v.verify(later.as_bytes(), NOW + 69), Err(Failure::NotYetValid));
         assert!(v.verify(later.as_bytes(), NOW + 70).is_ok());
+        // NumericDates may have a fraction (RFC 7519 2): against whole
+        // seconds, exp counts as its second's start, nbf as the next one.
+        let fractional = token(
+            Algorithm::HS256,
+            serde_json::json!({"sub": "a", "exp": NOW as f64 + 600.5, "nbf": NOW as f64 + 100.25}),
+        );
+        assert_eq!(v.verify(fractional.as_bytes(), NOW + 70), Err(Failure::NotYetValid));
+        assert!(v.verify(fractional.as_bytes(), NOW + 71).is_ok());
+        assert!(v.verify(fractional.as_bytes(), NOW + 629).is_ok());
+        assert_eq!(v.verify(fractional.as_bytes(), NOW + 630), Err(Failure::Expired));
+        for bad in [
+            serde_json::json!(-1.5),
+            serde_json::json!("soon"),
+            serde_json::json!(null),
+        ] {
+            let t = token(Algorithm::HS256, serde_json::json!({"sub": "a", "exp": bad}));
+            assert_eq!(v.verify(t.as_bytes(), NOW), Err(Failure::BadClaims), "{bad}");
+        }
         // No exp, no sub, a malformed grant: claims.
         let no_exp = token(Algorithm::HS256, serde_json::json!({"sub": "a"}));
         assert_eq!(v.verify(no_exp.as_bytes(), NOW), Err(Failure::BadClaims));
@@ -538,12 +576,15 @@ mod tests {
             secret: Some(vec![b'x'; 31]),
             public_key_pem: None,
         };
-        assert!(Verifier::new(short, 0, None, None).is_err());
+        assert!(matches!(Verifier::new(short, 0, None, None), Err(KeyError::Secret(_))));
         let junk = KeySource {
             secret: None,
             public_key_pem: Some(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec()),
         };
-        assert!(Verifier::new(junk, 0, None, None).is_err());
+        assert!(matches!(
+            Verifier::new(junk, 0, None, None),
+            Err(KeyError::PublicKey(_))
+        ));
         assert!(Verifier::new(KeySource::default(), 0, None, None).unwrap().is_none());
     }
 

@@ -567,11 +567,16 @@ fn verifier(
         public_key_pem: public_key.map(|p| read("jwt_public_key", p)).transpose()?,
     };
     in_range("jwt_leeway_secs", leeway_secs, 0, 3600)?;
-    let verifier =
-        crate::auth::Verifier::new(keys, leeway_secs, audience, issuer).map_err(|error| ConfigError::Invalid {
+    let verifier = crate::auth::Verifier::new(keys, leeway_secs, audience, issuer).map_err(|e| match e {
+        crate::auth::KeyError::Secret(error) => ConfigError::Invalid {
             option: "jwt_secret_file",
             error,
-        })?;
+        },
+        crate::auth::KeyError::PublicKey(error) => ConfigError::Invalid {
+            option: "jwt_public_key",
+            error,
+        },
+    })?;
     Ok(verifier.map(std::sync::Arc::new))
 }
 

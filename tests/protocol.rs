@@ -471,3 +471,31 @@ both_drivers!(peer_that_stops_reading_is_cut_off, |driver| {
     let stopped = log.lines().find(|l| l.contains("stopped")).expect("stop line");
     assert!(stopped.contains("closed={1006: 1}"), "{stopped}");
 });
+
+both_drivers!(
+    registered_close_codes_are_echoed_and_private_ones_counted_in_buckets,
+    |driver| {
+        let server = Server::start(driver, &[]);
+        // 1012-1014 are in the IANA registry: a peer may send them, and its
+        // close is echoed, not answered with 1002.
+        for code in [1012u16, 1013, 1014, 3001, 3002, 4005] {
+            let mut raw = Raw::open(server.addr, "/echo");
+            raw.send_frame(0x88, &code.to_be_bytes());
+            assert_eq!(raw.expect_close(), Some(code));
+        }
+        // Codes a client picks freely are counted in one series per range.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut s = std::net::TcpStream::connect(server.admin_addr()).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut metrics = String::new();
+        std::io::Read::read_to_string(&mut s, &mut metrics).unwrap();
+        for line in [
+            "sluice_connections_closed_total{code=\"1012\"} 1",
+            "sluice_connections_closed_total{code=\"3xxx\"} 2",
+            "sluice_connections_closed_total{code=\"4xxx\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line}\n{metrics}");
+        }
+        assert!(!metrics.contains("code=\"3001\""), "{metrics}");
+    }
+);

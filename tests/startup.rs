@@ -49,6 +49,13 @@ fn bad_flags_are_clear_errors() {
         err.contains("mesh_ring_capacity: 1048576 envelopes in each of 12 rings"),
         "{err}"
     );
+    // A key that cannot be used is named by its own option.
+    let junk = std::env::temp_dir().join(format!("sluice-junk-key-{}.pem", std::process::id()));
+    std::fs::write(&junk, "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap();
+    let (code, err) = start_error(&["--jwt-public-key", junk.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("jwt_public_key: the JWT public key is not"), "{err}");
+    let _ = std::fs::remove_file(junk);
     // Two options naming one address say so.
     let (code, err) = start_error(&["--listen", "127.0.0.1:47811", "--admin-listen", "127.0.0.1:47811"]);
     assert_eq!(code, Some(2));

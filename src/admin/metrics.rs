@@ -302,6 +302,7 @@ impl Metrics {
         for (core, c) in cores.iter().enumerate() {
             for (code, n) in &c.stats.closed {
                 *codes.entry(*code).or_default() += n;
+                let code = crate::ws::CloseCode(*code).bucket_label();
                 let _ = writeln!(
                     out,
                     "sluice_connections_closed_total{{core=\"{core}\",code=\"{code}\"}} {n}"
@@ -309,6 +310,7 @@ impl Metrics {
             }
         }
         for (code, n) in codes {
+            let code = crate::ws::CloseCode(code).bucket_label();
             let _ = writeln!(out, "sluice_connections_closed_total{{code=\"{code}\"}} {n}");
         }
         header(

@@ -3,7 +3,7 @@
 //! and for the flusher's yield to the core's I/O.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use super::park::readiness_handle;
 
@@ -38,6 +38,6 @@ impl EventFd {
 
     /// A monoio handle whose `readable()` resolves once signalled.
     pub fn waiter(&self) -> io::Result<monoio::net::UnixStream> {
-        readiness_handle(self.0.as_raw_fd())
+        readiness_handle(self.0.as_fd())
     }
 }

@@ -515,7 +515,7 @@ impl<'a> Conn<'a> {
     /// Hands the socket to the shard's parking lot. `false` if it could not
     /// (out of descriptors or memory): the task then simply goes on.
     fn park(&self, route: RouteId) -> bool {
-        let parked = park::duplicate(self.stream.as_raw_fd()).and_then(|fd| self.session.park(fd, route));
+        let parked = park::duplicate(self.socket.fd()).and_then(|fd| self.session.park(fd, route));
         if let Err(e) = &parked {
             tracing::debug!(error = %e, "cannot park a quiet connection");
         }

@@ -21,7 +21,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -69,13 +69,14 @@ impl ParkingLot {
 
     /// A monoio handle whose `readable()` resolves when `ready` has events.
     pub fn waiter(&self) -> io::Result<monoio::net::UnixStream> {
-        readiness_handle(self.poll.borrow().as_raw_fd())
+        // The registry's fd is the set's own.
+        readiness_handle(self.poll.borrow().registry().as_fd())
     }
 }
 
 /// A monoio handle on a duplicate of `fd` (an epoll set, an eventfd), to
 /// await its readiness with `readable()` under either driver.
-pub fn readiness_handle(fd: RawFd) -> io::Result<monoio::net::UnixStream> {
+pub fn readiness_handle(fd: BorrowedFd<'_>) -> io::Result<monoio::net::UnixStream> {
     let fd = duplicate(fd)?;
     monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
@@ -83,8 +84,6 @@ pub fn readiness_handle(fd: RawFd) -> io::Result<monoio::net::UnixStream> {
 /// A new fd (close-on-exec) for the same open file. For a socket, this keeps
 /// it open after the task's stream is gone (monoio closes that fd once its
 /// in-flight operations are done).
-pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` is open for the duration of this call (callers pass an fd
-    // they hold), and it is only borrowed to be duplicated.
-    unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    fd.try_clone_to_owned()
 }

@@ -1222,8 +1222,10 @@ impl Shard {
         true
     }
 
+    /// Counts an ended session by its peer's close code, bucketed
+    /// (`CloseCode::bucket`): a client cannot make the series many.
     pub fn count_close(&self, code: CloseCode) {
-        *self.stats.borrow_mut().closed.entry(code.0).or_default() += 1;
+        *self.stats.borrow_mut().closed.entry(code.bucket().0).or_default() += 1;
     }
 
     pub fn count_close_sent(&self, code: CloseCode) {

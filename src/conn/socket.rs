@@ -8,6 +8,16 @@
 //!   SIGPIPE and killing the process.
 //! - Readiness comes from monoio (`readable`/`writable` with relaxed=false, so
 //!   the epoll driver re-checks with poll(2) after we drained the socket).
+//! - Under io_uring, monoio 0.2.4 unwraps the submission of that readiness
+//!   op (`net/tcp/stream.rs`, `Op::poll_read(..).unwrap()`), as it does for
+//!   every op. Submitting makes a system call only when the submission
+//!   queue is full (4096 entries a worker, `server::URING_ENTRIES`);
+//!   monoio then retries `io_uring_enter` on EAGAIN and EBUSY (the kernel's
+//!   answers to a request it cannot allocate and to a full completion
+//!   queue), so only another failure of `io_uring_enter` itself, a broken
+//!   ring, reaches the unwrap, and with `panic = "abort"` it ends the
+//!   process. monoio offers no readiness wait that returns that error, so
+//!   none is handled here; the epoll driver has no such failure.
 
 use std::cell::RefCell;
 use std::io;
@@ -38,6 +48,11 @@ impl<'a> Socket<'a> {
         // stays open at least that long.
         let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
         Socket { fd, tls: None }
+    }
+
+    /// The socket's fd, borrowed as long as the socket is.
+    pub fn fd(&self) -> BorrowedFd<'a> {
+        self.fd
     }
 
     /// A socket the caller keeps open for `'a`.

@@ -24,11 +24,34 @@ impl CloseCode {
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
 
     /// RFC 6455 7.4.1/7.4.2: may a peer put this code in a close frame?
-    /// 1000-1003 and 1007-1011 are defined for use on the wire; 3000-3999 are
-    /// registered for libraries and 4000-4999 are private. 1004-1006, 1015 and
-    /// everything below 1000 or in 1012-2999 are refused.
+    /// 1000-1003 and 1007-1011 are defined for use on the wire, and 1012
+    /// (service restart), 1013 (try again later) and 1014 (bad gateway) are
+    /// registered since in the IANA WebSocket close code registry
+    /// (RFC 6455 11.7); 3000-3999 are registered for libraries and 4000-4999
+    /// are private. 1004-1006 and 1015 (never sent), and everything else
+    /// below 3000, are refused.
     pub fn is_valid_on_wire(self) -> bool {
-        matches!(self.0, 1000..=1003 | 1007..=1011 | 3000..=4999)
+        matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
+
+    /// The code as counted in metrics: exact for the codes RFC 6455 and the
+    /// registry define, one bucket each for the library (3000-3999) and
+    /// private (4000-4999) ranges, whose codes a client chooses freely.
+    pub fn bucket(self) -> CloseCode {
+        match self.0 {
+            3000..=3999 => CloseCode(3000),
+            4000..=4999 => CloseCode(4000),
+            code => CloseCode(code),
+        }
+    }
+
+    /// The metrics label of a bucket: `3xxx`, `4xxx`, or the code.
+    pub fn bucket_label(self) -> String {
+        match self.0 {
+            3000..=3999 => "3xxx".into(),
+            4000..=4999 => "4xxx".into(),
+            code => code.to_string(),
+        }
     }
 }
 
@@ -110,7 +133,7 @@ mod tests {
     #[test]
     fn accepted_codes() {
         for code in [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999,
         ] {
             let p = CloseCode(code).0.to_be_bytes();
             assert_eq!(parse(&p).unwrap().code, Some(CloseCode(code)), "{code}");
@@ -118,10 +141,16 @@ mod tests {
     }
 
     #[test]
+    fn counted_codes_are_few() {
+        let labels: std::collections::BTreeSet<String> =
+            (3000..=4999).map(|c| CloseCode(c).bucket().bucket_label()).collect();
+        assert_eq!(labels.into_iter().collect::<Vec<_>>(), ["3xxx", "4xxx"]);
+        assert_eq!(CloseCode(1001).bucket().bucket_label(), "1001");
+    }
+
+    #[test]
     fn refused_codes() {
-        for code in [
-            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
-        ] {
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
             assert_eq!(parse(&u16::to_be_bytes(code)), Err(CloseError::BadCode), "{code}");
         }
     }
