@@ -104,7 +104,7 @@ impl Shutdown {
             // No core puts a publish into a ring any more; what other
             // envelopes come (interest, replies) do not hold this up.
             while hub.mesh.drain(|envelope| hub.receive(shard, envelope), || false) > 0 {}
-        } else {
+        } else if shard.config.drain_timeout_ms > 0 {
             tracing::warn!(
                 core = shard.core,
                 in_flight = shard.publishes_in_flight(),
