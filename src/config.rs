@@ -369,13 +369,13 @@ impl Options {
 
     /// Applies defaults and checks every limit.
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
-        let workers = self.workers.unwrap_or(available_cpus);
+        let workers = self.workers.unwrap_or(available_cpus.clamp(1, MAX_WORKERS));
         let most_workers = if self.oversubscribe {
             MAX_WORKERS
         } else {
             available_cpus.clamp(1, MAX_WORKERS)
         };
-        if workers > most_workers && !self.oversubscribe {
+        if workers > available_cpus && !self.oversubscribe {
             return Err(ConfigError::Invalid {
                 option: "workers",
                 error: format!(
@@ -494,8 +494,7 @@ impl Options {
         for (i, (option, addr)) in named.iter().enumerate() {
             for (other, other_addr) in &named[..i] {
                 if let (Some(a), Some(b)) = (addr, other_addr) {
-                    let same_ip = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
-                    if a.port() != 0 && a.port() == b.port() && same_ip {
+                    if a.port() != 0 && a.port() == b.port() && overlap(a.ip(), b.ip()) {
                         return Err(ConfigError::Invalid {
                             option,
                             error: format!("{a} is --{}'s address too", other.replace('_', "-")),
@@ -526,7 +525,14 @@ impl Options {
             slow_consumer: self.slow_consumer.unwrap_or(SlowConsumer::Close),
             max_core_outbound_bytes: self.max_core_outbound_bytes.unwrap_or(64 * MIB),
             stall_timeout_ms: self.stall_timeout_ms.unwrap_or(2_000),
-            max_connections: self.max_connections.unwrap_or_else(default_max_connections),
+            max_connections: self.max_connections.unwrap_or_else(|| {
+                let admin = if admin_listen.is_some() {
+                    self.admin_max_connections.unwrap_or(DEFAULT_ADMIN_CONNECTIONS)
+                } else {
+                    0
+                };
+                default_max_connections(kept_back(workers, admin))
+            }),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
             max_handshakes_per_sec_per_ip: self.max_handshakes_per_sec_per_ip.unwrap_or(0),
             max_messages_per_sec: self.max_messages_per_sec.unwrap_or(0),
@@ -537,7 +543,7 @@ impl Options {
             stomp_heart_beat_grace_ms: self.stomp_heart_beat_grace_ms.unwrap_or(5_000),
             admin_listen,
             admin_token: self.admin_token,
-            admin_max_connections: self.admin_max_connections.unwrap_or(64),
+            admin_max_connections: self.admin_max_connections.unwrap_or(DEFAULT_ADMIN_CONNECTIONS),
             verifier,
         };
         config.check()?;
@@ -580,6 +586,18 @@ fn verifier(
     Ok(verifier.map(std::sync::Arc::new))
 }
 
+/// Whether listeners on one port at these two addresses would take each
+/// other's: the same address, or a wildcard of the other's family, or the
+/// IPv6 wildcard, which on Linux takes IPv4 too unless the host says
+/// otherwise (`net.ipv6.bindv6only`, 0 by default).
+fn overlap(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    let v6_any = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    a == b || v6_any(a) || v6_any(b) || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+}
+
+/// `--admin-max-connections` by default.
+const DEFAULT_ADMIN_CONNECTIONS: usize = 64;
+
 /// Workers at most, with --oversubscribe.
 pub const MAX_WORKERS: usize = 256;
 /// Bytes one envelope takes in a cross-core ring (`pubsub::mesh` checks
@@ -620,12 +638,28 @@ fn mesh_ring_capacity(workers: usize, asked: Option<usize>) -> Result<usize, Con
     }
 }
 
-/// The open-files limit (soft) less 1/16 of it (at least 64), which the
-/// listeners, the admin API and handshakes being refused need besides the
-/// connections (see `Admission::take_socket` for what keeps it).
-fn default_max_connections() -> usize {
+/// The open-files limit (soft) less 1/16 of it, or less what the admin
+/// port and the process keep back (`kept_back`) if that is more: room
+/// for handshakes being refused besides the connections (see
+/// `Admission::take_socket` for what keeps it).
+fn default_max_connections(kept: usize) -> usize {
     let files = open_files_limit();
-    files.saturating_sub((files / 16).max(64)).max(1)
+    files.saturating_sub((files / 16).max(kept)).max(1)
+}
+
+/// Descriptors a worker holds besides connections: its listeners (up to
+/// three), its io_uring or epoll instance, its parking lot and mesh doorbell
+/// and shutdown bell and flush eventfd, each with the duplicate monoio
+/// waits on, and room to spare.
+const FDS_PER_WORKER: usize = 16;
+/// The process's own: standard streams, the signal pipe, files read at
+/// start, and room to spare.
+const FDS_OF_PROCESS: usize = 32;
+
+/// Descriptors kept back from the WebSocket ports: the admin port's
+/// connections and what the process and its workers hold themselves.
+pub fn kept_back(workers: usize, admin_connections: usize) -> usize {
+    FDS_OF_PROCESS + FDS_PER_WORKER * workers + admin_connections
 }
 
 /// The process's open-files limit (soft).
@@ -792,6 +826,31 @@ mod tests {
             with(257, true).validate(2).unwrap_err().to_string(),
             "workers: 257 is outside 1..=256"
         );
+    }
+
+    #[test]
+    fn defaults_start_on_machines_of_any_size() {
+        let c = Options::default().validate(384).unwrap();
+        assert_eq!(c.workers, 256);
+        let e = Options {
+            workers: Some(300),
+            ..Options::default()
+        }
+        .validate(384)
+        .unwrap_err();
+        assert_eq!(e.to_string(), "workers: 300 is outside 1..=256");
+    }
+
+    #[test]
+    fn listeners_collide_only_where_the_kernel_would_say_so() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(overlap(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(overlap(ip("0.0.0.0"), ip("127.0.0.1")));
+        assert!(overlap(ip("::"), ip("127.0.0.1")));
+        assert!(overlap(ip("::1"), ip("::")));
+        assert!(!overlap(ip("0.0.0.0"), ip("::1")));
+        assert!(!overlap(ip("127.0.0.1"), ip("127.0.0.2")));
+        assert!(!overlap(ip("127.0.0.1"), ip("::1")));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use common::{tokio_rt, Server};
 use futures_util::{SinkExt, StreamExt};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -488,4 +488,150 @@ both_drivers!(admin_memory_is_flat_over_many_connections, |driver| {
     eprintln!("{n} connections in {:?}: grew {grown_kib} KiB", started.elapsed());
     assert!(n >= 20_000, "only {n} connections in the time");
     assert!(grown_kib < 1024, "{n} connections: the server grew by {grown_kib} KiB");
+});
+
+/// A response read until the server closes: (head, body).
+fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut all = Vec::new();
+    let _ = stream.read_to_end(&mut all);
+    let blank = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(&all)));
+    (
+        String::from_utf8_lossy(&all[..blank]).into_owned(),
+        all[blank + 4..].to_vec(),
+    )
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length")
+}
+
+/// A connection whose receive buffer is small, so that a server writing
+/// to it and not being read fills it at once.
+fn small_window(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+/// Pipelines `n` `GET /metrics` (open without a token) and never reads.
+fn pipeline_metrics_unread(stream: &mut TcpStream, n: usize) {
+    let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut all = Vec::with_capacity(one.len() * n);
+    for _ in 0..n {
+        all.extend_from_slice(one);
+    }
+    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The server stops reading once its answers fill the windows; what it
+    // did not take waits in the kernel (or the write times out): fine.
+    let _ = stream.write_all(&all);
+}
+
+fn healthz(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+// The 503 at `--admin-max-connections` is whole: its Content-Length is
+// its body's.
+both_drivers!(the_503_at_the_cap_says_its_length, |driver| {
+    let server = Server::start(driver, &["--admin-max-connections", "1", "--workers", "1"]);
+    let admin = server.admin_addr();
+    let _holder = TcpStream::connect(admin).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut refused = TcpStream::connect(admin).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (head, body) = read_response(&mut refused);
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert_eq!(
+        content_length(&head),
+        body.len(),
+        "Content-Length vs body {:?}",
+        String::from_utf8_lossy(&body)
+    );
+});
+
+// A client that sends requests and never reads the answers (`/metrics`
+// needs no token) gives its place back once a response has waited 10 s,
+// so it cannot keep health checks at 503.
+both_drivers!(a_client_that_stops_reading_loses_its_place, |driver| {
+    let server = Server::start(driver, &["--admin-max-connections", "1", "--workers", "1"]);
+    let admin = server.admin_addr();
+    let mut stuck = small_window(admin);
+    pipeline_metrics_unread(&mut stuck, 2000);
+    // Past the 10 s a response may wait.
+    std::thread::sleep(Duration::from_secs(12));
+    let answer = healthz(admin);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 "),
+        "a client that stopped reading 12 s ago still holds the only admin place: {answer:?}"
+    );
+    drop(stuck);
+});
+
+// At SIGTERM, a connection stuck writing to a client that does not read
+// ends at the drain's deadline: the shutdown takes no longer.
+both_drivers!(a_client_that_stops_reading_does_not_hold_up_the_shutdown, |driver| {
+    let mut server = Server::start(
+        driver,
+        &[
+            "--admin-max-connections",
+            "4",
+            "--workers",
+            "1",
+            "--drain-timeout-ms",
+            "500",
+        ],
+    );
+    let admin = server.admin_addr();
+    let mut stuck = small_window(admin);
+    pipeline_metrics_unread(&mut stuck, 2000);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = server.terminate();
+    let took = started.elapsed();
+    eprintln!("exit {status:?} after {took:?}");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took < Duration::from_millis(1000),
+        "SIGTERM with --drain-timeout-ms 500 took {took:?} (an admin connection stuck writing)\n{}",
+        server.log()
+    );
+    drop(stuck);
+});
+
+// RFC 9110 9.3.2: a response to HEAD has no content, so the next
+// response on a kept-alive connection starts right after its head.
+both_drivers!(head_healthz_has_no_body, |driver| {
+    let server = Server::start(driver, &["--workers", "1"]);
+    let mut s = TcpStream::connect(server.admin_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let first_end = text.find("\r\n\r\n").expect("a head") + 4;
+    assert!(
+        text[first_end..].starts_with("HTTP/1.1 200 "),
+        "the HEAD answer carried content before the next response: {text:?}"
+    );
 });

@@ -253,3 +253,85 @@ both_drivers!(a_backlog_at_the_outbound_limit_takes_no_more, |driver| {
         assert!(server.metric("sluice_queued_bytes") <= (1 << 20) + 256 * 1024 + 64);
     }
 });
+
+// Two 2 MB publishes in one write, to a subscriber on a slower link (a
+// 64 KiB window) that reads all the time: both are queued before its
+// socket could take a byte, which is a burst, not the subscriber's
+// backlog; it gets both, not 1008.
+both_drivers!(
+    two_large_publishes_in_one_read_reach_a_subscriber_that_reads,
+    |driver| {
+        let server = Server::start(driver, &["--workers", "1"]);
+        // A subscriber on a link slower than loopback (a 64 KiB window), which
+        // reads all the time.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.connect(&server.addr.into()).unwrap();
+        let mut sub = Raw { stream: socket.into() };
+        sub.send(common::upgrade_request("/ws", "").as_bytes());
+        assert!(sub.read_head().starts_with("HTTP/1.1 101 "));
+        let _hello = sub.read_frame().unwrap();
+        sub.send(&masked_frame(0x81, b"SUB big"));
+        let mut publisher = Raw::open(server.addr, "/ws");
+        let _hello = publisher.read_frame().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let body = "b".repeat(2_000_000);
+        let mut both = masked_frame(0x81, format!("PUB big {body}").as_bytes());
+        both.extend(masked_frame(0x81, format!("PUB big {body}").as_bytes()));
+        let writer = std::thread::spawn(move || {
+            publisher.send(&both);
+            publisher
+        });
+        // It reads 64 KiB every 2 ms (about 30 MB/s): it keeps up with any
+        // reasonable rate, just not with a loopback publisher.
+        sub.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let frames = loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let n = std::io::Read::read(&mut sub.stream, &mut chunk).unwrap_or(0);
+            if n == 0 {
+                break whole_frames(&got);
+            }
+            got.extend_from_slice(&chunk[..n]);
+            let frames = whole_frames(&got);
+            if frames.len() == 2 || frames.iter().any(|f| f.0 == 8) {
+                break frames;
+            }
+        };
+        let summary: Vec<(u8, usize)> = frames.iter().map(|f| (f.0, f.1.len())).collect();
+        assert!(
+            frames.len() == 2 && frames.iter().all(|f| f.0 == 1),
+            "a reading subscriber got {summary:?} (opcode, length) instead of two messages; close: {:?}",
+            frames
+                .iter()
+                .find(|f| f.0 == 8)
+                .map(|f| String::from_utf8_lossy(&f.1).into_owned())
+        );
+        drop(writer.join().unwrap());
+    }
+);
+
+/// Whole server frames at the front of `buf`: (opcode, payload).
+fn whole_frames(buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while buf.len() >= at + 2 {
+        let b1 = buf[at + 1] & 0x7f;
+        let (len, head) = match b1 {
+            126 if buf.len() >= at + 4 => (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4),
+            127 if buf.len() >= at + 10 => (
+                u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if buf.len() < at + head + len {
+            break;
+        }
+        out.push((buf[at] & 0x0f, buf[at + head..at + head + len].to_vec()));
+        at += head + len;
+    }
+    out
+}

@@ -3,6 +3,9 @@
 mod common;
 
 use common::{start_error, Raw, Server};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[test]
 fn auto_falls_back_to_epoll_when_io_uring_is_refused() {
@@ -97,4 +100,74 @@ fn port_held_by_another_process_is_refused() {
     let (code, err) = start_error(&["--listen", &addr]);
     assert_eq!(code, Some(2));
     assert!(err.contains("in use by another process"), "{err}");
+}
+
+/// A worker that cannot start (here: too few open files for the second)
+/// is reported at once: the workers that started do not wait for it in
+/// their shutdown.
+#[test]
+fn a_worker_that_fails_to_start_is_reported_at_once() {
+    for nofile in 12..40u64 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--workers", "2", "--driver", "epoll"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let started = Instant::now();
+        let mut status = None;
+        while started.elapsed() < Duration::from_secs(15) {
+            if let Some(s) = child.try_wait().unwrap() {
+                status = Some(s);
+                break;
+            }
+            if lines.lock().unwrap().iter().any(|l| l.contains("listening on")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = started.elapsed();
+        // Exited already, or still serving: either way, reaped here.
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = lines.lock().unwrap().join("\n");
+        if log.contains("listening on") {
+            // Enough descriptors: nothing more to learn.
+            return;
+        }
+        if log.contains("failed to start") || status.is_some() {
+            assert!(
+                took < Duration::from_secs(3),
+                "with {nofile} open files the start error took {took:?}:\n{log}"
+            );
+        }
+    }
 }

@@ -31,7 +31,10 @@ pub use metrics::Metrics;
 
 /// An admin connection that sends nothing for this long between requests
 /// is closed; a request's body must arrive within this long of its head.
+/// (Its first request's first byte has `--handshake-timeout-ms`.)
 const IDLE: Duration = Duration::from_secs(30);
+/// A response must be taken by the client within this long.
+const WRITE_TIME: Duration = Duration::from_secs(10);
 /// Longest wait for cross-core ring space or another core's answer.
 const MESH_WAIT: Duration = Duration::from_secs(10);
 /// A connection's read buffer keeps at most this much capacity between
@@ -73,7 +76,7 @@ impl Drop for Place {
 
 /// What a connection past `--admin-max-connections` is told, in one
 /// attempt that never waits, before it is closed.
-pub const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 41\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections\"}\n";
+pub const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 39\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections\"}\n";
 
 /// Serves one admin connection until it closes, errs, idles or the server
 /// shuts down.
@@ -81,8 +84,11 @@ pub async fn serve(mut stream: TcpStream, place: Place, metrics: Arc<Metrics>) {
     let shard = &place.shard;
     let head_time = Duration::from_millis(shard.config.handshake_timeout_ms);
     let mut buf: Vec<u8> = Vec::new();
+    // A new connection's first byte has as long as a handshake; a kept-alive
+    // one may idle `IDLE` between requests.
+    let mut idle = head_time;
     loop {
-        // The head: the first byte within `IDLE`, then the whole of it
+        // The head: the first byte within `idle`, then the whole of it
         // within `--handshake-timeout-ms`, however it trickles in.
         let mut head_deadline = None;
         let request = loop {
@@ -90,11 +96,11 @@ pub async fn serve(mut stream: TcpStream, place: Place, metrics: Arc<Metrics>) {
                 match http::parse(&buf, usize::MAX) {
                     Ok(Some(r)) => break r,
                     Ok(None) => {}
-                    Err(Bad(status, message)) => return refuse(&mut stream, buf, status, message).await,
+                    Err(Bad(status, message)) => return refuse(&mut stream, &place, buf, status, message).await,
                 }
                 head_deadline.get_or_insert_with(|| Instant::now() + head_time);
             }
-            let deadline = head_deadline.unwrap_or_else(|| Instant::now() + IDLE);
+            let deadline = head_deadline.unwrap_or_else(|| Instant::now() + idle);
             if !read_more(&mut stream, &mut buf, 4096, &place, deadline).await {
                 return;
             }
@@ -103,7 +109,7 @@ pub async fn serve(mut stream: TcpStream, place: Place, metrics: Arc<Metrics>) {
         // the token, the endpoint, the method and the body's length.
         let endpoint = match admit(&request, shard) {
             Ok(endpoint) => endpoint,
-            Err((status, message)) => return refuse(&mut stream, buf, status, message).await,
+            Err((status, message)) => return refuse(&mut stream, &place, buf, status, message).await,
         };
         // The body.
         let end = request.head_len + request.content_length;
@@ -117,19 +123,39 @@ pub async fn serve(mut stream: TcpStream, place: Place, metrics: Arc<Metrics>) {
         let response = handle(&endpoint, &request, &buf[request.head_len..end], shard, &metrics).await;
         buf.drain(..end);
         buf.shrink_to(KEEP_BUF_BYTES);
-        let (result, _) = stream.write_all(response).await;
-        if result.is_err() || request.close {
+        if !write_response(&mut stream, response, &place).await || request.close {
             return;
         }
+        idle = IDLE;
     }
+}
+
+/// Writes a response; `false` if the client did not take it within
+/// `WRITE_TIME`, on an error, or once the drain's deadline has passed (a
+/// client that stops reading neither keeps its place nor holds up the
+/// shutdown).
+async fn write_response(stream: &mut TcpStream, response: Vec<u8>, place: &Place) -> bool {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut write = std::pin::pin!(stream.write_all(response));
+    let mut expired = std::pin::pin!(monoio::time::sleep(WRITE_TIME));
+    std::future::poll_fn(|cx| {
+        if place.shard.poll_aborted(place.id, cx.waker()) {
+            return Poll::Ready(false);
+        }
+        if let Poll::Ready((written, _)) = write.as_mut().poll(cx) {
+            return Poll::Ready(written.is_ok());
+        }
+        expired.as_mut().poll(cx).map(|()| false)
+    })
+    .await
 }
 
 /// Answers with `status` and closes: our side is shut first, and input is
 /// discarded for a moment, so that what the client still sends (the body
 /// we did not read) does not turn the answer into a reset.
-async fn refuse(stream: &mut TcpStream, mut buf: Vec<u8>, status: u16, message: &str) {
-    let (written, _) = stream.write_all(http::error(status, message, true)).await;
-    if written.is_err() || stream.shutdown().await.is_err() {
+async fn refuse(stream: &mut TcpStream, place: &Place, mut buf: Vec<u8>, status: u16, message: &str) {
+    if !write_response(stream, http::error(status, message, true), place).await || stream.shutdown().await.is_err() {
         return;
     }
     buf.clear();
@@ -271,6 +297,16 @@ async fn handle(
         http::response(status, "application/json", value.to_string().as_bytes(), close)
     };
     let outcome = match endpoint {
+        // RFC 9110 9.3.2: a HEAD response has the GET's head and no content.
+        Endpoint::Health if request.method == "HEAD" => {
+            let mut response = json(200, serde_json::json!({ "status": "ok" }));
+            let head_len = response
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(response.len(), |i| i + 4);
+            response.truncate(head_len);
+            return response;
+        }
         Endpoint::Health => Ok(serde_json::json!({ "status": "ok" })),
         Endpoint::Metrics => {
             return http::response(200, "text/plain; version=0.0.4", metrics.prometheus().as_bytes(), close)
@@ -482,6 +518,16 @@ mod tests {
         ] {
             assert_eq!(parse_session_id(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn too_many_says_its_length() {
+        let text = std::str::from_utf8(TOO_MANY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+            "{text}"
+        );
     }
 
     #[test]

@@ -46,21 +46,6 @@ struct Rates {
     pruned: Instant,
 }
 
-/// Descriptors a worker holds besides connections: its listeners (up to
-/// three), its io_uring or epoll instance, its parking lot and mesh doorbell
-/// and shutdown bell and flush eventfd, each with the duplicate monoio
-/// waits on, and room to spare.
-const FDS_PER_WORKER: usize = 16;
-/// The process's own: standard streams, the signal pipe, files read at
-/// start, and room to spare.
-const FDS_OF_PROCESS: usize = 32;
-
-/// Descriptors kept back from the WebSocket port: the admin port's
-/// connections and what the process and its workers hold themselves.
-pub fn kept_back(workers: usize, admin_connections: usize) -> usize {
-    FDS_OF_PROCESS + FDS_PER_WORKER * workers + admin_connections
-}
-
 /// Addresses the handshake-rate map holds before it prunes.
 const PRUNE_AT: usize = 65_536;
 
@@ -79,7 +64,7 @@ impl Admission {
         Admission {
             admin_max: config.admin_max_connections,
             socket_max: crate::config::open_files_limit()
-                .saturating_sub(kept_back(config.workers, admin))
+                .saturating_sub(crate::config::kept_back(config.workers, admin))
                 .max(1),
             ..Admission::new(
                 config.max_connections,
@@ -98,6 +83,11 @@ impl Admission {
                 (n < self.socket_max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// Sockets the WebSocket ports may hold at once.
+    pub fn socket_max(&self) -> usize {
+        self.socket_max
     }
 
     pub fn release_socket(&self) {

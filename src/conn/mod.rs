@@ -255,6 +255,11 @@ impl<'a> Conn<'a> {
             if self.socket.has_pending() && Box::pin(self.flush_when_writable()).await.is_err() {
                 return None;
             }
+            // Kicks that came while it waited to write.
+            if self.kicks.has(Kick::TIMEOUT) {
+                self.shard().stats.borrow_mut().handshake_timeouts += 1;
+                return None;
+            }
             match ready_or_kick(self.stream.readable(false), self.session).await {
                 Ok(Wake::Ready) => {}
                 Ok(Wake::Kick(k)) if k.has(Kick::SHUTDOWN) => {
@@ -747,6 +752,10 @@ fn decide(
     pool: &BufferPool,
     session: &Session,
 ) -> Result<Answer, handshake::Reject> {
+    // Shutting down: no new session, and no health check that says ready.
+    if session.shard().takes_no_input() {
+        return Err(handshake::Reject::ShuttingDown);
+    }
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
         return Ok(Answer::Health);

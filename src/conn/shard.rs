@@ -212,6 +212,10 @@ struct SessionPubSub {
     mid_message: bool,
     /// Over the limit under the close policy: takes no more deliveries.
     slow: bool,
+    /// The socket refused bytes while deliveries waited, and the queue has
+    /// not been empty since: only then is a backlog the subscriber's own
+    /// (see `Shard::enqueue`).
+    stalled: bool,
     /// Envelopes of this session's publishes that wait for ring space.
     pending: Pending,
     /// A publish of this session found the core's subscribers over their
@@ -407,6 +411,9 @@ pub struct Shard {
     /// instead of idling. An entry leaves with its connection.
     admin_waiters: RefCell<std::collections::HashMap<u64, Option<Waker>>>,
     next_admin: Cell<u64>,
+    /// The drain's deadline passed (`abort_all`): admin connections end
+    /// even in the middle of a write.
+    admin_aborted: Cell<bool>,
     /// Sessions whose queue of deliveries became non-empty while the shard
     /// may write to them itself, and the waker of the task that does.
     dirty: RefCell<Vec<SessionKey>>,
@@ -419,7 +426,7 @@ pub struct Shard {
     /// the waiters are woken.
     queued: Cell<usize>,
     held_since_ms: Cell<Option<u64>>,
-    budget_waiters: RefCell<Vec<Waker>>,
+    budget_waiters: crate::pubsub::mesh::WakerSet,
 }
 
 impl Shard {
@@ -445,12 +452,13 @@ impl Shard {
             watcher: Cell::new(None),
             admin_waiters: RefCell::new(std::collections::HashMap::new()),
             next_admin: Cell::new(0),
+            admin_aborted: Cell::new(false),
             dirty: RefCell::new(Vec::new()),
             flusher: Cell::new(None),
             heads: RefCell::new(bytes::BytesMut::new()),
             queued: Cell::new(0),
             held_since_ms: Cell::new(None),
-            budget_waiters: RefCell::new(Vec::new()),
+            budget_waiters: Default::default(),
         })
     }
 
@@ -561,9 +569,8 @@ impl Shard {
         }
         self.stopping.set(Stopping::Input);
         self.wake_watcher();
-        for w in self.admin_waiters.borrow_mut().values_mut().filter_map(Option::take) {
-            w.wake();
-        }
+        self.wake_admin();
+        self.end_hold();
         self.kick_for_shutdown();
     }
 
@@ -629,21 +636,38 @@ impl Shard {
     /// For admin connection `id`: `true` once shutdown began; otherwise
     /// `waker` is woken when it does.
     pub fn poll_shutdown(&self, id: u64, waker: &Waker) -> bool {
-        if self.is_shutting_down() {
-            return true;
+        self.is_shutting_down() || !self.admin_wait(id, waker)
+    }
+
+    /// For admin connection `id`: `true` once the drain's deadline passed;
+    /// otherwise `waker` is woken when it does.
+    pub fn poll_aborted(&self, id: u64, waker: &Waker) -> bool {
+        self.admin_aborted.get() || !self.admin_wait(id, waker)
+    }
+
+    /// Keeps `waker` as admin connection `id`'s (woken at shutdown and at
+    /// the drain's deadline); `false` if there is no such connection.
+    fn admin_wait(&self, id: u64, waker: &Waker) -> bool {
+        let mut waiters = self.admin_waiters.borrow_mut();
+        let Some(slot) = waiters.get_mut(&id) else { return false };
+        match slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
         }
-        if let Some(slot) = self.admin_waiters.borrow_mut().get_mut(&id) {
-            match slot {
-                Some(w) if w.will_wake(waker) => {}
-                _ => *slot = Some(waker.clone()),
-            }
+        true
+    }
+
+    fn wake_admin(&self) {
+        for w in self.admin_waiters.borrow_mut().values_mut().filter_map(Option::take) {
+            w.wake();
         }
-        false
     }
 
     /// Ends every session at its next poll (after the drain timeout); a
     /// parked one at once, by closing its socket.
     pub fn abort_all(&self) {
+        self.admin_aborted.set(true);
+        self.wake_admin();
         let mut aborted_parked = 0;
         let mut left_topics = Vec::new();
         let empty = {
@@ -980,16 +1004,20 @@ impl Shard {
         if !self.holds_publishers() {
             return std::task::Poll::Ready(());
         }
-        let mut waiters = self.budget_waiters.borrow_mut();
-        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            waiters.push(cx.waker().clone());
-        }
+        self.budget_waiters.insert(cx.waker());
         std::task::Poll::Pending
     }
 
     /// Whether the core's publishers are held (see `poll_budget`); starts
-    /// the hold if the core is over its budget.
+    /// the hold if the core is over its budget. Never once shutdown has
+    /// begun: nothing more is read, and every publish already accepted must
+    /// reach its subscribers, so the rings are drained whatever the budget
+    /// (what they hold bounds what is added).
     pub fn holds_publishers(&self) -> bool {
+        if self.takes_no_input() {
+            self.end_hold();
+            return false;
+        }
         if self.held_since_ms.get().is_none() {
             if !self.over_budget() {
                 return false;
@@ -1005,10 +1033,15 @@ impl Shard {
     fn unqueue(&self, n: usize) {
         let queued = self.queued.get() - n;
         self.queued.set(queued);
-        if queued <= self.config.max_core_outbound_bytes / 2 && self.held_since_ms.take().is_some() {
-            for waker in self.budget_waiters.take() {
-                waker.wake();
-            }
+        if queued <= self.config.max_core_outbound_bytes / 2 {
+            self.end_hold();
+        }
+    }
+
+    /// Ends a hold, if one is in force, and wakes whoever waits on it.
+    fn end_hold(&self) {
+        if self.held_since_ms.take().is_some() {
+            self.budget_waiters.wake_all();
         }
     }
 
@@ -1050,10 +1083,14 @@ impl Shard {
     /// skipped. `count`: the message is a delivery (not a heart-beat).
     ///
     /// The limit bounds a backlog: a message is refused only when what is
-    /// already queued has reached `max_outbound_bytes`. So a subscriber
-    /// that keeps up takes one message of any admitted size (up to
-    /// `--max-message-bytes`, larger than the limit by default), and a
-    /// queue never holds more than the limit plus one message.
+    /// already queued has reached `max_outbound_bytes` and the socket has
+    /// refused bytes since the queue was last empty. So a subscriber that
+    /// keeps up takes a message of any admitted size (up to
+    /// `--max-message-bytes`, larger than the limit by default), and what
+    /// one burst queued before its socket could take any (several large
+    /// publishes in one read) is not held against it. A queue holds at most
+    /// the limit plus one message once its socket is full; before, what
+    /// one round of the core queues, itself bounded by the core's budget.
     fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &mut [Bytes], count: bool) {
         let limit = self.config.max_outbound_bytes;
         let len: usize = parts.iter().map(Bytes::len).sum();
@@ -1068,7 +1105,7 @@ impl Shard {
                 return;
             }
             let mut stats = self.stats.borrow_mut();
-            if ps.queued_bytes >= limit {
+            if ps.stalled && ps.queued_bytes >= limit {
                 match self.config.slow_consumer {
                     SlowConsumer::Drop => {
                         stats.dropped += 1;
@@ -1263,7 +1300,10 @@ fn write_deliveries(
         }
         let mut written = match socket.send_vectored(&iov[..n]) {
             Ok(written) => written,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ps.stalled = true;
+                return Ok(Flush::Blocked);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
@@ -1285,7 +1325,12 @@ fn write_deliveries(
             stats.messages_out += u64::from(last && counts);
         }
     }
+    if ps.queue.is_empty() {
+        ps.stalled = false;
+    }
     if !socket.flush_pending()? {
+        // Ciphertext the socket did not take: it is full.
+        ps.stalled = true;
         return Ok(Flush::Blocked);
     }
     Ok(Flush::Done)
@@ -1897,23 +1942,34 @@ pub(crate) mod tests {
         let frame = Bytes::from(vec![0u8; 512]);
         shard.deliver_frame(s.key(), &frame);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+        // Before its socket has refused anything, a burst is not the
+        // subscriber's backlog: all of it is queued.
+        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 4096]));
+        assert_eq!(shard.queued_bytes(), 512 + 4096);
+        let (_full, _peer) = stall(&s);
         // A backlog one byte short of the limit takes a message of any
         // size: the limit bounds what waits, not one message.
+        let s = shard.open_session();
+        s.set_phase(Phase::Open);
+        s.enable_pubsub();
+        let queued = shard.queued_bytes();
+        shard.deliver_frame(s.key(), &frame);
+        let (_full, _peer) = stall(&s);
         shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 511]));
         shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 4096]));
-        assert_eq!(shard.stats.borrow().deliveries, 3);
-        assert_eq!(shard.queued_bytes(), 1023 + 4096);
-        assert_eq!(s.poll_kick(&w), None);
+        assert_eq!(shard.stats.borrow().deliveries, 5);
+        assert_eq!(shard.queued_bytes() - queued, 1023 + 4096);
+        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         // A backlog at or past the limit takes no more: the session is a
         // slow consumer, its queue freed.
         shard.deliver_frame(s.key(), &Bytes::from_static(&[0]));
         assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
         assert_eq!(shard.stats.borrow().slow_consumers, 1);
         assert!(!s.has_deliveries());
-        assert_eq!(shard.queued_bytes(), 0);
+        assert_eq!(shard.queued_bytes(), queued);
         // And it takes nothing more.
         shard.deliver_frame(s.key(), &frame);
-        assert_eq!(shard.stats.borrow().deliveries, 3);
+        assert_eq!(shard.stats.borrow().deliveries, 5);
         // An empty queue takes one message larger than the limit.
         let t = shard.open_session();
         t.set_phase(Phase::Open);
@@ -1935,7 +1991,9 @@ pub(crate) mod tests {
         s.set_phase(Phase::Open);
         s.enable_pubsub();
         let frame = Bytes::from(vec![0u8; 512]);
-        for _ in 0..3 {
+        shard.deliver_frame(s.key(), &frame);
+        let (_full, _peer) = stall(&s);
+        for _ in 0..2 {
             shard.deliver_frame(s.key(), &frame);
         }
         let stats = shard.stats.borrow();
@@ -1943,6 +2001,19 @@ pub(crate) mod tests {
         assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
         drop(stats);
         assert!(s.has_deliveries());
+    }
+
+    /// Tries to write `s`'s deliveries to a socket that takes nothing (its
+    /// peer never reads): the socket refuses them, as a stalled peer's does.
+    fn stall(s: &Session) -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        while (&ours).write(&[0u8; 4096]).is_ok() {}
+        let flushed = s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
+        assert!(matches!(flushed, Flush::Blocked));
+        (ours, peer)
     }
 
     fn budget_opts(slow_consumer: crate::config::SlowConsumer, max_outbound_bytes: usize) -> Options {
@@ -2019,7 +2090,7 @@ pub(crate) mod tests {
         assert!(publisher.is_blocked());
         assert!(publisher.poll_unblocked(&mut cx).is_pending());
         assert!(shard.poll_budget(&mut cx).is_pending());
-        assert_eq!(shard.budget_waiters.borrow().len(), 1, "one waker per task");
+        assert_eq!(shard.budget_waiters.len(), 1, "one waker per task");
         assert_eq!(shard.stats.borrow().publish_holds, 1);
         // Written down, but still above half: held.
         let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();

@@ -67,6 +67,36 @@ pub enum SessionAction {
     Close(u16, Bytes),
 }
 
+/// Tasks to wake, each once however often it asked: a task is known by
+/// its waker's data and vtable, so a task polled many times while it
+/// waits (a blocked publisher that is kicked for its deliveries, say)
+/// holds one entry, not one per poll.
+#[derive(Default)]
+pub struct WakerSet(RefCell<std::collections::HashMap<(usize, usize), Waker>>);
+
+impl WakerSet {
+    pub fn insert(&self, waker: &Waker) {
+        let key = (waker.data() as usize, waker.vtable() as *const _ as usize);
+        self.0.borrow_mut().entry(key).or_insert_with(|| waker.clone());
+    }
+
+    /// Wakes every task in the set and empties it.
+    pub fn wake_all(&self) {
+        let wakers = std::mem::take(&mut *self.0.borrow_mut());
+        for waker in wakers.into_values() {
+            waker.wake();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().is_empty()
+    }
+}
+
 /// A core's wake-up, shared by every core.
 pub struct Doorbell {
     eventfd: EventFd,
@@ -123,7 +153,7 @@ pub struct CoreMesh {
     outbound: Vec<Option<Outbound>>,
     inbound: Vec<Inbound>,
     /// Tasks waiting for space in one of our outbound rings.
-    space_waiters: RefCell<Vec<Waker>>,
+    space_waiters: WakerSet,
 }
 
 /// Builds the mesh for `cores` cores with rings of `capacity` envelopes.
@@ -138,7 +168,7 @@ pub fn build(cores: usize, capacity: usize) -> io::Result<Vec<CoreMesh>> {
             doorbells: doorbells.clone(),
             outbound: (0..cores).map(|_| None).collect(),
             inbound: Vec::new(),
-            space_waiters: RefCell::new(Vec::new()),
+            space_waiters: WakerSet::default(),
         })
         .collect();
     for from in 0..cores {
@@ -194,7 +224,7 @@ impl CoreMesh {
         if !ring.producer.borrow().is_full() {
             return Poll::Ready(());
         }
-        self.space_waiters.borrow_mut().push(cx.waker().clone());
+        self.space_waiters.insert(cx.waker());
         if self.want_space(to) {
             return Poll::Ready(());
         }
@@ -252,9 +282,7 @@ impl CoreMesh {
     /// Wakes every task that waited for ring space (some may find their
     /// ring still full and wait again).
     pub fn wake_space_waiters(&self) {
-        for waker in self.space_waiters.borrow_mut().drain(..) {
-            waker.wake();
-        }
+        self.space_waiters.wake_all();
     }
 
     /// Says we may go to sleep. Returns `false` if an envelope arrived

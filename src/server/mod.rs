@@ -128,6 +128,14 @@ impl Server {
         };
         let metrics = Arc::new(crate::admin::Metrics::new(config.workers));
         let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
+        if admission.socket_max() < config.max_connections {
+            tracing::warn!(
+                sockets = admission.socket_max(),
+                max_connections = config.max_connections,
+                open_files = crate::config::open_files_limit(),
+                "the open-files limit leaves the WebSocket ports fewer sockets than --max-connections"
+            );
+        }
         let meshes =
             crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
                 core: 0,
@@ -293,6 +301,15 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
 
 type Ready = mpsc::Sender<Result<DriverKind, ServerError>>;
 
+/// Says a worker is quiet (`Shutdown::say_quiet`) when it ends.
+struct QuietAtExit(Arc<Shutdown>, usize);
+
+impl Drop for QuietAtExit {
+    fn drop(&mut self) {
+        self.0.say_quiet(self.1);
+    }
+}
+
 /// A worker's listening sockets.
 struct Listeners {
     ws: std::net::TcpListener,
@@ -323,6 +340,9 @@ fn run_worker(
         admission,
         shutdown,
     } = shared;
+    // However this worker ends, even before it ran, the other cores'
+    // shutdown does not wait for it.
+    let _quiet_at_exit = QuietAtExit(shutdown.clone(), index);
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
             .with_entries(URING_ENTRIES)
@@ -493,7 +513,7 @@ async fn mesh_loop(shard: Rc<Shard>) {
             loop {
                 if !shard.holds_publishers() {
                     hub.mesh
-                        .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
+                        .drain(|envelope| hub.receive(&shard, envelope), || shard.holds_publishers());
                 }
                 hub.flush_outboxes();
                 hub.mesh.wake_space_waiters();
@@ -515,7 +535,7 @@ async fn mesh_loop(shard: Rc<Shard>) {
         }
         let taken = hub
             .mesh
-            .drain(|envelope| hub.receive(&shard, envelope), || shard.over_budget());
+            .drain(|envelope| hub.receive(&shard, envelope), || shard.holds_publishers());
         hub.flush_outboxes();
         hub.mesh.wake_space_waiters();
         if taken > 0 {

@@ -36,8 +36,10 @@ const RECHECK: Duration = Duration::from_millis(1);
 /// What the cores share about the shutdown.
 pub struct Shutdown {
     begun: AtomicBool,
-    /// Cores that finished step 2.
+    /// Cores that finished step 2, or that never ran (a worker that failed
+    /// to start, or ended): `said` keeps each from counting twice.
     quiet: AtomicUsize,
+    said: Vec<AtomicBool>,
     /// One per core.
     bells: Vec<EventFd>,
 }
@@ -47,6 +49,7 @@ impl Shutdown {
         Ok(Shutdown {
             begun: AtomicBool::new(false),
             quiet: AtomicUsize::new(0),
+            said: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             bells: (0..cores).map(|_| EventFd::new()).collect::<std::io::Result<_>>()?,
         })
     }
@@ -55,6 +58,15 @@ impl Shutdown {
     pub fn begin(&self) {
         self.begun.store(true, Ordering::SeqCst);
         self.ring_all();
+    }
+
+    /// Core `core` will put no publish into a ring any more (it is quiet,
+    /// or its worker has ended or never ran). Counted once per core.
+    pub fn say_quiet(&self, core: usize) {
+        if !self.said[core].swap(true, Ordering::SeqCst) {
+            self.quiet.fetch_add(1, Ordering::SeqCst);
+            self.ring_all();
+        }
     }
 
     pub fn is_begun(&self) -> bool {
@@ -95,16 +107,15 @@ impl Shutdown {
         shard.stop_taking_input();
         let quiet = wait_until(deadline, || shard.publishes_in_flight() == 0).await;
         if quiet {
-            self.quiet.fetch_add(1, Ordering::SeqCst);
-            self.ring_all();
+            self.say_quiet(shard.core);
         }
         let all_quiet = quiet && wait_until(deadline, || self.quiet.load(Ordering::SeqCst) == cores).await;
-        if all_quiet {
-            let hub = &shard.hub;
-            // No core puts a publish into a ring any more; what other
-            // envelopes come (interest, replies) do not hold this up.
-            while hub.mesh.drain(|envelope| hub.receive(shard, envelope), || false) > 0 {}
-        } else if shard.config.drain_timeout_ms > 0 {
+        // Once every core is quiet, no publish enters a ring any more: this
+        // takes the last of them. At the deadline it takes what is there.
+        // (Other envelopes that come, interest and replies, are few.)
+        let hub = &shard.hub;
+        while hub.mesh.drain(|envelope| hub.receive(shard, envelope), || false) > 0 {}
+        if !all_quiet && shard.config.drain_timeout_ms > 0 {
             tracing::warn!(
                 core = shard.core,
                 in_flight = shard.publishes_in_flight(),
