@@ -635,3 +635,29 @@ both_drivers!(head_healthz_has_no_body, |driver| {
         "the HEAD answer carried content before the next response: {text:?}"
     );
 });
+
+// Out of descriptors, the admin port says so at most once a second, as
+// the WebSocket port does (it said so for every failed accept: 1,174 lines
+// in 6 s). A cap above what the open-files limit allows makes it happen.
+both_drivers!(accept_failures_are_said_once_a_second, |driver| {
+    let server = Server::start_limited(
+        driver,
+        &["--workers", "1", "--admin-max-connections", "100000"],
+        &[],
+        Some(128),
+    );
+    let admin = server.admin_addr();
+    let started = Instant::now();
+    let mut held = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        if let Ok(mut s) = TcpStream::connect(admin) {
+            let _ = s.write_all(b"G");
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = server.log();
+    let said = log.lines().filter(|l| l.contains("admin accept failed")).count();
+    assert!((1..=5).contains(&said), "{said} lines in 3 s:\n{log}");
+    drop(held);
+});
