@@ -43,7 +43,8 @@ cargo_failed=$(grep -E '^test result:' target/test.log | sed -E 's/.* ([0-9]+) f
 step "integration tests under AddressSanitizer (the unsafe socket code runs here)"
 # Stable toolchain: RUSTC_BOOTSTRAP unlocks -Zsanitizer; --target keeps
 # proc-macros unsanitized; mimalloc is off so ASan sees every allocation.
-PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
+# SLUICE_SANITIZED: the tests that measure the server's RSS skip that part.
+SLUICE_SANITIZED=1 PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
   --test echo --test protocol --test park --test pubsub --test admin --test stomp --test auth --test tls \
   --test queued --test shutdown 2>&1 | tee target/asan.log

@@ -369,7 +369,10 @@ both_drivers!(refusals_come_from_the_head_before_any_body, |driver| {
         c.join().unwrap();
     }
     let grown_kib = server.rss_kib().saturating_sub(before);
-    assert!(grown_kib < 8 * 1024, "the server grew by {grown_kib} KiB");
+    assert!(
+        grown_kib < 8 * 1024 || common::sanitized(),
+        "the server grew by {grown_kib} KiB"
+    );
 });
 
 both_drivers!(a_request_head_has_a_deadline, |driver| {
@@ -480,12 +483,17 @@ both_drivers!(admin_memory_is_flat_over_many_connections, |driver| {
     let before = server.rss_kib();
     let started = std::time::Instant::now();
     let mut n = 0;
-    while n < 100_000 && started.elapsed() < Duration::from_secs(40) {
+    // Under a sanitizer RSS says nothing: the connections still run.
+    let count = if common::sanitized() { 2_000 } else { 100_000 };
+    while n < count && started.elapsed() < Duration::from_secs(40) {
         one();
         n += 1;
     }
     let grown_kib = server.rss_kib().saturating_sub(before);
     eprintln!("{n} connections in {:?}: grew {grown_kib} KiB", started.elapsed());
+    if common::sanitized() {
+        return;
+    }
     assert!(n >= 20_000, "only {n} connections in the time");
     assert!(grown_kib < 1024, "{n} connections: the server grew by {grown_kib} KiB");
 });
