@@ -56,6 +56,14 @@ impl Failure {
         Failure::BadClaims,
     ];
 
+    /// The handshake's 401 for it (RFC 6750 3).
+    pub fn reject(self) -> crate::ws::handshake::Reject {
+        match self {
+            Failure::Missing => crate::ws::handshake::Reject::TokenMissing,
+            other => crate::ws::handshake::Reject::TokenRefused(other.reason()),
+        }
+    }
+
     /// The label of `/metrics` and the text of the 401's body.
     pub fn reason(self) -> &'static str {
         match self {
@@ -144,7 +152,7 @@ impl Grants {
 /// or topic bytes.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
     let bad = || Err(format!("topic pattern {pattern:?} is not well formed"));
-    if pattern.is_empty() || pattern.len() > crate::proto::native::MAX_TOPIC_BYTES {
+    if pattern.is_empty() || pattern.len() > crate::topic::MAX_TOPIC_BYTES {
         return bad();
     }
     let segments: Vec<&str> = pattern.split('.').collect();
@@ -161,10 +169,7 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A segment: topic bytes without a dot.
-fn valid_segment(s: &[u8]) -> bool {
-    !s.is_empty() && s.iter().all(|&b| b != b'.') && crate::proto::native::valid_topic(s)
-}
+use crate::topic::valid_segment;
 
 /// Whether `pattern` matches `topic` (see `Grants`).
 pub fn matches(pattern: &str, topic: &[u8]) -> bool {

@@ -12,5 +12,7 @@ pub mod conn;
 pub mod proto;
 pub mod pubsub;
 pub mod server;
+pub mod sys;
 pub mod tls;
+pub mod topic;
 pub mod ws;

@@ -20,7 +20,7 @@ use base64::Engine;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use sluice::conn::socket::Socket;
+use sluice::sys::socket::Socket;
 use sluice::ws::{handshake, Event, Limits, MessageReader, Role, Step};
 
 /// Where to connect: `ws://host:port/path`, or `wss://` with the TLS

@@ -377,7 +377,7 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
         }
     }
     for (i, (_, topic, payload)) in messages.iter().enumerate() {
-        if !native::valid_topic(topic.as_bytes()) {
+        if !crate::topic::valid_topic(topic.as_bytes()) {
             return Err((400, format!("message {i}: invalid topic {topic:?}")));
         }
         // A delivery is a `MSG <topic> <payload>` message: bounded like any.

@@ -16,12 +16,10 @@
 //!   speaks or a kick is due. See `park`.
 
 pub mod admission;
-pub mod eventfd;
 pub mod outbound;
 pub mod park;
 pub mod pool;
 pub mod shard;
-pub mod socket;
 
 use std::future::Future;
 use std::io;
@@ -34,11 +32,11 @@ use monoio::net::TcpStream;
 use crate::auth::Identity;
 use crate::config::{Config, RateLimit, RouteId, HEALTH_PATH};
 use crate::proto::App;
+use crate::sys::socket::Socket;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
 use outbound::{Flush, Outbound};
 use pool::BufferPool;
 use shard::{Kick, Phase, Session, Shard, SCRATCH_BYTES};
-use socket::Socket;
 
 /// Why the loop woke.
 enum Wake {
@@ -296,9 +294,6 @@ impl<'a> Conn<'a> {
                 }
                 Answer::Reject(reject) => {
                     self.shard().count_rejected(reject.status());
-                    if let handshake::Reject::Unauthorized(failure) = reject {
-                        self.shard().stats.borrow_mut().auth_failures[failure.index()] += 1;
-                    }
                     tracing::debug!(status = reject.status(), reason = reject.reason(), "handshake refused");
                     Box::pin(self.refuse()).await;
                     None
@@ -520,7 +515,7 @@ impl<'a> Conn<'a> {
     /// Hands the socket to the shard's parking lot. `false` if it could not
     /// (out of descriptors or memory): the task then simply goes on.
     fn park(&self, route: RouteId) -> bool {
-        let parked = park::duplicate(self.socket.fd()).and_then(|fd| self.session.park(fd, route));
+        let parked = crate::sys::fd::duplicate(self.socket.fd()).and_then(|fd| self.session.park(fd, route));
         if let Err(e) = &parked {
             tracing::debug!(error = %e, "cannot park a quiet connection");
         }
@@ -765,30 +760,33 @@ fn decide(
     if !head.origin_allowed(&route.origins) {
         return Err(handshake::Reject::ForbiddenOrigin);
     }
-    session.admit(|| authenticate(head, route, config.verifier.as_deref()))?;
+    session.admit(|| authenticate(head, route, config.verifier.as_deref(), session))?;
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))
 }
 
 /// Who the client is, by the token of its handshake, as its route asks
 /// (`auth::Mode`): `None` on a route that takes no tokens.
+/// A refusal is counted by its reason.
 fn authenticate(
     head: &handshake::Head<'_>,
     route: &crate::config::Route,
     verifier: Option<&crate::auth::Verifier>,
+    session: &Session,
 ) -> Result<Option<Identity>, handshake::Reject> {
     use crate::auth::{Failure, Mode};
     let Some(verifier) = verifier.filter(|_| route.auth != Mode::None) else {
         return Ok(None);
     };
-    match crate::auth::token_of(head.authorization, head.offered_protocols(), head.query) {
-        Some(token) => verifier
-            .verify(token, crate::auth::unix_now())
-            .map(Some)
-            .map_err(handshake::Reject::Unauthorized),
-        None if route.auth == Mode::Optional => Ok(Some(Identity::anonymous(route.anonymous.clone()))),
-        None => Err(handshake::Reject::Unauthorized(Failure::Missing)),
-    }
+    let identity = match crate::auth::token_of(head.authorization, head.offered_protocols(), head.query) {
+        Some(token) => verifier.verify(token, crate::auth::unix_now()),
+        None if route.auth == Mode::Optional => Ok(Identity::anonymous(route.anonymous.clone())),
+        None => Err(Failure::Missing),
+    };
+    identity.map(Some).map_err(|failure| {
+        session.shard().stats.borrow_mut().auth_failures[failure.index()] += 1;
+        failure.reject()
+    })
 }
 
 /// Runs every complete frame in `data` through the reader and the app.

@@ -8,7 +8,7 @@
 use std::io;
 
 use super::pool::BufferPool;
-use super::socket::Socket;
+use crate::sys::socket::Socket;
 use crate::ws::close::{self, CloseCode};
 use crate::ws::frame::{self, FrameHeader, Opcode, MAX_HEADER_BYTES};
 use crate::ws::handshake;
@@ -22,12 +22,7 @@ pub struct Outbound {
     written: u64,
 }
 
-pub enum Flush {
-    /// Everything is written.
-    Done,
-    /// The socket is full; wait for it to be writable.
-    Blocked,
-}
+pub use crate::sys::Flush;
 
 impl Outbound {
     pub fn is_empty(&self) -> bool {

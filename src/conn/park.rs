@@ -15,13 +15,12 @@
 //!   while a duplicate keeps the file open, so a session is always removed
 //!   from the set before its fd is handed back to a task.
 //! - monoio has no readiness wait for an arbitrary fd; the set's own fd is
-//!   readable when it has events, so a duplicate of it is wrapped as a monoio
-//!   `UnixStream` only for `readable()` (a PollAdd under io_uring, a
-//!   registration under epoll). No socket call is ever made on it.
+//!   readable when it has events, so it is awaited through
+//!   `sys::fd::readiness_handle`.
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -70,20 +69,6 @@ impl ParkingLot {
     /// A monoio handle whose `readable()` resolves when `ready` has events.
     pub fn waiter(&self) -> io::Result<monoio::net::UnixStream> {
         // The registry's fd is the set's own.
-        readiness_handle(self.poll.borrow().registry().as_fd())
+        crate::sys::fd::readiness_handle(self.poll.borrow().registry().as_fd())
     }
-}
-
-/// A monoio handle on a duplicate of `fd` (an epoll set, an eventfd), to
-/// await its readiness with `readable()` under either driver.
-pub fn readiness_handle(fd: BorrowedFd<'_>) -> io::Result<monoio::net::UnixStream> {
-    let fd = duplicate(fd)?;
-    monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-}
-
-/// A new fd (close-on-exec) for the same open file. For a socket, this keeps
-/// it open after the task's stream is gone (monoio closes that fd once its
-/// in-flight operations are done).
-pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    fd.try_clone_to_owned()
 }

@@ -25,7 +25,6 @@ use slotmap::{new_key_type, Key, KeyData, SlotMap};
 use super::outbound::Flush;
 use super::park::ParkingLot;
 use super::pool::BufferPool;
-use super::socket::Socket;
 use crate::auth::{Action, Identity};
 use crate::config::{Config, RouteId, SlowConsumer};
 use crate::proto::stomp::app::StompConn;
@@ -33,6 +32,7 @@ use crate::pubsub::mesh::CoreMesh;
 use crate::pubsub::message::{Fanout, Message};
 use crate::pubsub::topics::{Change, StompTarget, Via};
 use crate::pubsub::{Hub, Pending};
+use crate::sys::socket::Socket;
 use crate::ws::CloseCode;
 use crate::ws::MessageKind;
 
@@ -137,7 +137,7 @@ struct Slot {
     extra: Option<Box<Extra>>,
     /// The TLS state of a `wss://` connection (here rather than in `extra`:
     /// a TLS connection needs nothing else of it).
-    tls: Option<super::socket::Tls>,
+    tls: Option<crate::sys::socket::Tls>,
     /// STOMP heart-beats (ms, 0: none): we send one when we have sent
     /// nothing for `heart_beat_send_ms`; the peer must send something at
     /// least every `heart_beat_expect_ms`.
@@ -174,7 +174,7 @@ impl Slot {
         self.extra.as_ref().and_then(|l| l.peer_ip)
     }
 
-    fn tls(&self) -> Option<super::socket::Tls> {
+    fn tls(&self) -> Option<crate::sys::socket::Tls> {
         self.tls.clone()
     }
 
@@ -1709,7 +1709,7 @@ impl Session {
     }
 
     /// The session's TLS state, if it has one.
-    pub fn tls(&self) -> Option<super::socket::Tls> {
+    pub fn tls(&self) -> Option<crate::sys::socket::Tls> {
         self.with(|s| s.tls())
     }
 

@@ -3,11 +3,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::topic::valid_topic;
 use crate::ws::frame::{encode_header, FrameHeader, Opcode, MAX_HEADER_BYTES};
 use crate::ws::MessageKind;
-
-/// Longest topic name, in bytes.
-pub const MAX_TOPIC_BYTES: usize = 255;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -43,14 +41,6 @@ impl Refusal {
             Refusal::Unauthorized => "unauthorized",
         }
     }
-}
-
-/// Topic names: 1..=255 bytes of `A-Z a-z 0-9 . _ - : /`.
-pub fn valid_topic(topic: &[u8]) -> bool {
-    (1..=MAX_TOPIC_BYTES).contains(&topic.len())
-        && topic
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
 /// Parses one client message (text or binary: the command is ASCII).
@@ -123,6 +113,7 @@ pub fn hello_frame(session_id: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::MAX_TOPIC_BYTES;
     use crate::ws::frame::{decode_header, Role};
     use proptest::prelude::*;
 

@@ -33,7 +33,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 
 use super::message::Message;
-use crate::conn::eventfd::EventFd;
+use crate::sys::eventfd::EventFd;
 
 /// Envelopes taken from one ring per drain.
 const DRAIN_BUDGET: usize = 1024;

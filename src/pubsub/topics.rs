@@ -14,13 +14,7 @@ use indexmap::IndexMap;
 
 use crate::conn::shard::SessionKey;
 
-/// Table keys that start with this byte are queues; it is not a valid
-/// topic byte, so no topic name can collide with a queue's key.
-pub const QUEUE_PREFIX: u8 = b'#';
-
-pub fn is_queue(key: &[u8]) -> bool {
-    key.first() == Some(&QUEUE_PREFIX)
-}
+pub use crate::topic::is_queue;
 
 /// How a session takes a topic's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

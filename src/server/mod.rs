@@ -25,8 +25,8 @@ use std::time::Duration;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{Config, DriverChoice};
-use crate::conn::eventfd::EventFd;
 use crate::conn::shard::{Shard, Stats};
+use crate::sys::eventfd::EventFd;
 pub use listen::bind_listeners;
 pub use shutdown::Shutdown;
 

@@ -26,8 +26,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::conn::eventfd::EventFd;
 use crate::conn::shard::Shard;
+use crate::sys::eventfd::EventFd;
 
 /// How often a core looks again while it waits in steps 2 and 3 (the bell
 /// also wakes it when another core gets there).

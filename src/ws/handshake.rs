@@ -39,8 +39,11 @@ pub enum Reject {
     TooManyFromAddress,
     /// 429: the client's address passed `--max-handshakes-per-sec-per-ip`.
     TooManyHandshakes,
-    /// 401: the route takes tokens and this one is missing or invalid.
-    Unauthorized(crate::auth::Failure),
+    /// 401: the route takes tokens and none came (RFC 6750 3.1: the answer
+    /// then names no error).
+    TokenMissing,
+    /// 401: the route takes tokens and this one was refused, for this reason.
+    TokenRefused(&'static str),
 }
 
 impl Reject {
@@ -54,7 +57,7 @@ impl Reject {
             Reject::MethodNotAllowed => 405,
             Reject::ShuttingDown | Reject::TooManyConnections | Reject::TooManyFromAddress => 503,
             Reject::TooManyHandshakes => 429,
-            Reject::Unauthorized(_) => 401,
+            Reject::TokenMissing | Reject::TokenRefused(_) => 401,
         }
     }
 
@@ -70,7 +73,8 @@ impl Reject {
             Reject::TooManyConnections => "too many connections",
             Reject::TooManyFromAddress => "too many connections from this address",
             Reject::TooManyHandshakes => "too many handshakes from this address",
-            Reject::Unauthorized(failure) => failure.reason(),
+            Reject::TokenMissing => "missing token",
+            Reject::TokenRefused(why) => why,
         }
     }
 
@@ -88,7 +92,7 @@ impl Reject {
             }
             // RFC 6585 4.
             Reject::TooManyHandshakes => (429, "Too Many Requests"),
-            Reject::Unauthorized(_) => (401, "Unauthorized"),
+            Reject::TokenMissing | Reject::TokenRefused(_) => (401, "Unauthorized"),
         };
         let extra = match self {
             // RFC 6455 4.2.2: a version we do not speak gets 426 naming the one we do.
@@ -99,8 +103,8 @@ impl Reject {
             Reject::TooManyConnections | Reject::TooManyFromAddress => "Retry-After: 5\r\n",
             Reject::TooManyHandshakes => "Retry-After: 1\r\n",
             // RFC 6750 3 and 3.1: no error code when no token was given.
-            Reject::Unauthorized(crate::auth::Failure::Missing) => "WWW-Authenticate: Bearer realm=\"sluice\"\r\n",
-            Reject::Unauthorized(_) => "WWW-Authenticate: Bearer realm=\"sluice\", error=\"invalid_token\"\r\n",
+            Reject::TokenMissing => "WWW-Authenticate: Bearer realm=\"sluice\"\r\n",
+            Reject::TokenRefused(_) => "WWW-Authenticate: Bearer realm=\"sluice\", error=\"invalid_token\"\r\n",
             _ => "",
         };
         plain_response(status, text, extra, self.reason(), true)

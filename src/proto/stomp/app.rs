@@ -12,7 +12,7 @@ use crate::conn::outbound::Outbound;
 use crate::conn::pool::BufferPool;
 use crate::conn::shard;
 use crate::pubsub::message::{encode_stomp_headers, Message};
-use crate::pubsub::topics::{StompTarget, QUEUE_PREFIX};
+use crate::pubsub::topics::StompTarget;
 use crate::ws::{CloseCode, MessageKind, Opcode};
 
 /// Open transactions per connection. The bytes they hold are bounded by
@@ -225,12 +225,7 @@ fn take_connect_token(frame: &super::frame::Frame, conn: &shard::Session) -> Res
 fn table_key(destination: &Destination) -> Bytes {
     match destination {
         Destination::Topic(name) => Bytes::copy_from_slice(name.as_bytes()),
-        Destination::Queue(name) => {
-            let mut key = Vec::with_capacity(name.len() + 1);
-            key.push(QUEUE_PREFIX);
-            key.extend_from_slice(name.as_bytes());
-            Bytes::from(key)
-        }
+        Destination::Queue(name) => Bytes::from(crate::topic::queue_key(name.as_bytes())),
     }
 }
 

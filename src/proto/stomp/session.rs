@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::frame::{Command, Frame, ParseError};
-use crate::proto::native::valid_topic;
+use crate::topic::valid_topic;
 
 /// STOMP versions, oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

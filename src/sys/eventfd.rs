@@ -1,11 +1,11 @@
 //! An eventfd: a counter that one side signals (from any thread) and a
-//! monoio task awaits, under either driver. Used for the mesh's doorbells
-//! and for the flusher's yield to the core's I/O.
+//! monoio task awaits, under either driver. Used for the mesh's doorbells,
+//! the shutdown bells and the flusher's yield to the core's I/O.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use super::park::readiness_handle;
+use super::fd::readiness_handle;
 
 pub struct EventFd(OwnedFd);
 

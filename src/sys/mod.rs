@@ -1,0 +1,16 @@
+//! A thin layer over the OS, shared by the server and the load-test
+//! harness: a socket's non-blocking reads and writes (through TLS when it
+//! has it), eventfds, and readiness waits on any fd. It knows nothing of
+//! WebSocket, sessions or protocols.
+
+pub mod eventfd;
+pub mod fd;
+pub mod socket;
+
+/// How far a write got.
+pub enum Flush {
+    /// Everything is written.
+    Done,
+    /// The socket is full; wait for it to be writable.
+    Blocked,
+}
