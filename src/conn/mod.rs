@@ -16,10 +16,12 @@
 //!   speaks or a kick is due. See `park`.
 
 pub mod admission;
+pub mod app;
 pub mod outbound;
 pub mod park;
 pub mod pool;
 pub mod shard;
+pub mod stomp;
 
 use std::future::Future;
 use std::io;
@@ -31,9 +33,9 @@ use monoio::net::TcpStream;
 
 use crate::auth::Identity;
 use crate::config::{Config, RateLimit, RouteId, HEALTH_PATH};
-use crate::proto::App;
 use crate::sys::socket::Socket;
 use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
+use app::App;
 use outbound::{Flush, Outbound};
 use pool::BufferPool;
 use shard::{Kick, Phase, Session, Shard, SCRATCH_BYTES};

@@ -27,7 +27,7 @@ use super::park::ParkingLot;
 use super::pool::BufferPool;
 use crate::auth::{Action, Identity};
 use crate::config::{Config, RouteId, SlowConsumer};
-use crate::proto::stomp::app::StompConn;
+use crate::proto::stomp::conn::StompConn;
 use crate::pubsub::mesh::CoreMesh;
 use crate::pubsub::message::{Fanout, Message};
 use crate::pubsub::topics::{Change, StompTarget, Via};

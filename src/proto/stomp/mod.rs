@@ -3,8 +3,8 @@
 //! - `frame`: the codec (frames across and within WebSocket messages).
 //! - `session`: what each client frame does and what is answered
 //!   (negotiation, subscriptions, receipts, transactions, errors).
-//! - `app`: the two wired to a connection and the hub.
+//! - `conn`: the two together, one connection's protocol state.
 
-pub mod app;
+pub mod conn;
 pub mod frame;
 pub mod session;
