@@ -12,6 +12,7 @@ pub mod conn;
 pub mod proto;
 pub mod pubsub;
 pub mod server;
+pub mod stats;
 pub mod sys;
 pub mod tls;
 pub mod topic;

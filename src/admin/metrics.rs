@@ -253,7 +253,7 @@ impl Metrics {
             connections: shard.session_count(),
             parked: shard.parked_count(),
             topics: shard.hub.topic_count(),
-            queued_bytes: shard.queued_bytes(),
+            queued_bytes: shard.hub.sessions.queued_bytes(),
             rings: shard.hub.mesh.fullness().collect(),
             doorbell_signals: shard.hub.mesh.doorbell_signals(),
             stats: StatsView::from(&*shard.stats.borrow()),

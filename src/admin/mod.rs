@@ -391,20 +391,20 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
     // Counted until every message is in every ring: the shutdown waits for
     // it before any subscriber is closed, so a 200 means delivered to
     // every subscriber still connected.
-    shard.admin_publishing(true);
+    shard.hub.sessions.admin_publishing(true);
     let _in_flight = InFlight(shard);
     let hub = &shard.hub;
     let mut cores = 0;
     for (kind, topic, payload) in &messages {
         // Subscribers here over their budget: wait (bounded) like a
         // publishing connection, which is not read meanwhile.
-        let within = monoio::time::timeout(MESH_WAIT, std::future::poll_fn(|cx| shard.poll_budget(cx))).await;
+        let within = monoio::time::timeout(MESH_WAIT, std::future::poll_fn(|cx| hub.sessions.poll_budget(cx))).await;
         if within.is_err() {
             return Err((503, "subscribers' queues on this core stayed full".to_string()));
         }
         let mut pending = Vec::new();
         let message = Message::native(*kind, topic.as_bytes(), payload, hub.next_message_id());
-        let reached = hub.publish(shard, message, &mut pending);
+        let reached = hub.publish(message, &mut pending);
         cores = cores.max(reached);
         // Full rings: wait for room (bounded), in order, like a publisher.
         let sent = monoio::time::timeout(
@@ -432,7 +432,7 @@ struct InFlight<'s>(&'s Shard);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.admin_publishing(false);
+        self.0.hub.sessions.admin_publishing(false);
     }
 }
 
@@ -475,8 +475,12 @@ async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde
     if core >= shard.hub.mesh.cores() {
         return Err((404, "no such session".to_string()));
     }
-    let action = shard.hub.session_action(shard, core, key, action);
-    match monoio::time::timeout(MESH_WAIT, action).await {
+    let found = if core == shard.core {
+        Ok(shard.act_on_session(crate::pubsub::SessionKey::from(slotmap::KeyData::from_ffi(key)), action))
+    } else {
+        monoio::time::timeout(MESH_WAIT, shard.hub.remote_session_action(core, key, action)).await
+    };
+    match found {
         Ok(true) => Ok(serde_json::json!({ "session": id })),
         Ok(false) => Err((404, "no such session".to_string())),
         Err(_) => Err((503, "the session's core did not answer".to_string())),

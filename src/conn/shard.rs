@@ -8,11 +8,12 @@
 //! task wakes, reads its kick and acts. A session quiet for `park_after_ms`
 //! is kicked to park: its task ends and the slot keeps its socket, watched by
 //! the core's `ParkingLot`, until input, a due kick or the shutdown starts a
-//! task for it again. Protocol logic is not here.
+//! task for it again. Protocol logic is not here, and neither are the
+//! deliveries queued for a session (`pubsub::sessions`): the shard's
+//! flusher and a session's task write them to its socket.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,26 +21,23 @@ use std::task::Waker;
 use std::time::Instant;
 
 use bytes::Bytes;
-use slotmap::{new_key_type, Key, KeyData, SlotMap};
+use slotmap::{Key, KeyData, SlotMap};
 
 use super::outbound::Flush;
 use super::park::ParkingLot;
 use super::pool::BufferPool;
 use crate::auth::{Action, Identity};
-use crate::config::{Config, RouteId, SlowConsumer};
+use crate::config::{Config, RouteId};
 use crate::proto::stomp::conn::StompConn;
 use crate::pubsub::mesh::CoreMesh;
-use crate::pubsub::message::{Fanout, Message};
-use crate::pubsub::topics::{Change, StompTarget, Via};
-use crate::pubsub::{Hub, Pending};
+use crate::pubsub::message::Message;
+use crate::pubsub::sessions::Ready;
+use crate::pubsub::topics::StompTarget;
+use crate::pubsub::Hub;
+pub use crate::pubsub::SessionKey;
 use crate::sys::socket::Socket;
 use crate::ws::CloseCode;
 use crate::ws::MessageKind;
-
-new_key_type! {
-    /// Slot and generation of a session in its core's table.
-    pub struct SessionKey;
-}
 
 /// Why a session did not take a fresh token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +117,9 @@ struct Slot {
     waker: Option<Waker>,
     /// Set while the session has no task.
     parked: Option<Parked>,
-    /// Subscriptions and queued deliveries: only for pub/sub sessions.
-    pubsub: Option<Box<SessionPubSub>>,
+    /// A STOMP connection's state, and a close asked for from outside the
+    /// task (the admin API, a missed heart-beat): only for some sessions.
+    app: Option<Box<AppState>>,
     /// The socket of the session's task (while it has one).
     fd: RawFd,
     /// The task waits with nothing of its own queued: the shard may write
@@ -187,83 +186,15 @@ impl Slot {
     }
 }
 
-/// One piece of a queued delivery: a message is one or more parts (a
-/// STOMP MESSAGE: its own head, then shared headers and body), and only
-/// whole messages are ever dropped.
-struct Part {
-    bytes: Bytes,
-    /// The message's last part.
-    last: bool,
-    /// The message counts in `messages_out` (a delivery, not a heart-beat).
-    counts: bool,
-}
-
-/// A pub/sub session's state that outlives its task: its topics, and the
-/// shared frames queued for it (written with vectored sends).
+/// What a session's slot keeps for its protocol, outside its task.
 #[derive(Default)]
-struct SessionPubSub {
-    /// Topic table keys the session is in (topics, and STOMP queues).
-    topics: Vec<Box<[u8]>>,
-    queue: VecDeque<Part>,
-    queued_bytes: usize,
-    /// Bytes of the queue's first part already written.
-    head_sent: usize,
-    /// The queue's first part continues a message partly written.
-    mid_message: bool,
-    /// Over the limit under the close policy: takes no more deliveries.
-    slow: bool,
-    /// The socket refused bytes while deliveries waited, and the queue has
-    /// not been empty since: only then is a backlog the subscriber's own
-    /// (see `Shard::enqueue`).
-    stalled: bool,
-    /// Envelopes of this session's publishes that wait for ring space.
-    pending: Pending,
-    /// A publish of this session found the core's subscribers over their
-    /// budget: it is not read until the shard releases its publishers.
-    held: bool,
+struct AppState {
     /// A close the admin API (or a missed heart-beat) asked for: code and
     /// reason.
     close_request: Option<(u16, Bytes)>,
     /// A STOMP connection's codec and session state.
     stomp: Option<Box<StompConn>>,
 }
-
-impl SessionPubSub {
-    /// Whether the session's publishes wait (for ring space, or the core's
-    /// budget): it is not read meanwhile.
-    fn is_blocked(&self) -> bool {
-        self.held || !self.pending.is_empty()
-    }
-
-    /// Whether a message is partly written: only its rest may go next.
-    fn mid_message(&self) -> bool {
-        self.head_sent > 0 || self.mid_message
-    }
-
-    /// Drops every queued message not yet started; one partly written
-    /// stays, so the stream of frames is never cut mid-frame. The bytes
-    /// dropped leave the core's total too (`shard`), so the two cannot
-    /// drift apart. Returns the deliveries dropped.
-    fn drop_unsent(&mut self, shard: &Shard) -> u64 {
-        let keep = if self.mid_message() {
-            self.queue
-                .iter()
-                .position(|p| p.last)
-                .map_or(self.queue.len(), |i| i + 1)
-        } else {
-            0
-        };
-        let deliveries = self.queue.iter().skip(keep).filter(|p| p.last && p.counts).count() as u64;
-        self.queue.truncate(keep);
-        let before = self.queued_bytes;
-        self.queued_bytes = self.queue.iter().map(|p| p.bytes.len()).sum::<usize>() - self.head_sent;
-        shard.unqueue(before - self.queued_bytes);
-        deliveries
-    }
-}
-
-/// Parts per vectored send.
-const IOV_PARTS: usize = 128;
 
 /// A STOMP heart-beat: an EOL, in a text frame of its own.
 const HEART_BEAT_FRAME: &[u8] = &[0x81, 0x01, b'\n'];
@@ -275,104 +206,7 @@ struct Parked {
     route: RouteId,
 }
 
-/// Counters of one core. Summed across cores when reported.
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub accepted: u64,
-    pub upgraded: u64,
-    pub health_checks: u64,
-    pub handshake_timeouts: u64,
-    /// Refused handshakes by HTTP status.
-    pub rejected: BTreeMap<u16, u64>,
-    /// Ended sessions by RFC 6455 7.1.5 close code: the code of the close frame
-    /// the peer sent, 1005 if it had none, 1006 if the peer sent none.
-    pub closed: BTreeMap<u16, u64>,
-    /// Close frames we sent first and got out, by code (violations, shutdown, idle).
-    pub close_sent: BTreeMap<u16, u64>,
-    /// Whole data messages received, and their payload bytes.
-    pub messages_in: u64,
-    pub bytes_in: u64,
-    /// Data messages sent (echoes and deliveries), and bytes written.
-    pub messages_out: u64,
-    pub bytes_out: u64,
-    /// Times a quiet session parked, and times a parked one got a task again.
-    pub parks: u64,
-    pub resumes: u64,
-    /// Publishes made on this core (by its clients), frames queued for its
-    /// subscribers, deliveries dropped (policy drop), slow consumers closed.
-    pub publishes: u64,
-    pub deliveries: u64,
-    pub dropped: u64,
-    pub slow_consumers: u64,
-    /// Times the core's queued deliveries passed their budget, so its
-    /// publishers were held.
-    pub publish_holds: u64,
-    /// Handshakes refused with 503 at `--max-connections`, and at
-    /// `--max-connections-per-ip`.
-    pub refused_max_connections: u64,
-    pub refused_max_per_ip: u64,
-    /// Handshakes refused with 429 at `--max-handshakes-per-sec-per-ip`.
-    pub refused_handshake_rate: u64,
-    /// Connections closed at accept: the WebSocket port's share of the
-    /// open-files limit was taken (see `Admission::take_socket`).
-    pub refused_sockets: u64,
-    /// Admin connections refused (503) at `--admin-max-connections`.
-    pub refused_admin: u64,
-    /// Data messages over a connection's rate limits (dropped, or the one
-    /// that closed it).
-    pub rate_limited: u64,
-    /// Handshakes refused with 401, by `auth::Failure::index`.
-    pub auth_failures: [u64; 7],
-    /// Subscribes and publishes the session's grants refused.
-    pub denied_subscribes: u64,
-    pub denied_publishes: u64,
-    /// Fresh tokens taken in a session (`AUTH`), and sessions closed with
-    /// 4001 when theirs expired.
-    pub token_refreshes: u64,
-    pub tokens_expired: u64,
-}
-
-impl Stats {
-    pub fn merge(&mut self, other: &Stats) {
-        self.accepted += other.accepted;
-        self.upgraded += other.upgraded;
-        self.health_checks += other.health_checks;
-        self.handshake_timeouts += other.handshake_timeouts;
-        for (k, v) in &other.rejected {
-            *self.rejected.entry(*k).or_default() += v;
-        }
-        for (k, v) in &other.closed {
-            *self.closed.entry(*k).or_default() += v;
-        }
-        for (k, v) in &other.close_sent {
-            *self.close_sent.entry(*k).or_default() += v;
-        }
-        self.messages_in += other.messages_in;
-        self.bytes_in += other.bytes_in;
-        self.messages_out += other.messages_out;
-        self.bytes_out += other.bytes_out;
-        self.parks += other.parks;
-        self.resumes += other.resumes;
-        self.publishes += other.publishes;
-        self.deliveries += other.deliveries;
-        self.dropped += other.dropped;
-        self.slow_consumers += other.slow_consumers;
-        self.publish_holds += other.publish_holds;
-        self.refused_max_connections += other.refused_max_connections;
-        self.refused_max_per_ip += other.refused_max_per_ip;
-        self.refused_handshake_rate += other.refused_handshake_rate;
-        self.refused_sockets += other.refused_sockets;
-        self.refused_admin += other.refused_admin;
-        self.rate_limited += other.rate_limited;
-        for (mine, theirs) in self.auth_failures.iter_mut().zip(other.auth_failures) {
-            *mine += theirs;
-        }
-        self.denied_subscribes += other.denied_subscribes;
-        self.denied_publishes += other.denied_publishes;
-        self.token_refreshes += other.token_refreshes;
-        self.tokens_expired += other.tokens_expired;
-    }
-}
+pub use crate::stats::Stats;
 
 /// Read scratch per core: every ready socket is read into it, parsed, and
 /// what must outlive the read is copied out, so no connection owns it.
@@ -390,7 +224,8 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     /// TLS settings of the core's `wss://` listener (shared by all cores).
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub stats: RefCell<Stats>,
+    /// The core's counters, shared with its hub.
+    pub stats: Rc<RefCell<Stats>>,
     sessions: RefCell<SlotMap<SessionKey, Slot>>,
     pub hub: Hub,
     lot: ParkingLot,
@@ -400,10 +235,6 @@ pub struct Shard {
     start: Instant,
     now_ms: Cell<u64>,
     stopping: Cell<Stopping>,
-    /// Sessions whose publish waits for ring space, and admin publishes
-    /// under way: publishes accepted but not yet in every ring. The
-    /// shutdown waits for them before it says the core is quiet.
-    publishes_in_flight: Cell<usize>,
     /// Woken when shutdown begins (the accept loop) or the table empties (the drain).
     watcher: Cell<Option<Waker>>,
     /// Admin connections open on this core, by id, with the waker of
@@ -414,51 +245,32 @@ pub struct Shard {
     /// The drain's deadline passed (`abort_all`): admin connections end
     /// even in the middle of a write.
     admin_aborted: Cell<bool>,
-    /// Sessions whose queue of deliveries became non-empty while the shard
-    /// may write to them itself, and the waker of the task that does.
-    dirty: RefCell<Vec<SessionKey>>,
-    flusher: Cell<Option<Waker>>,
-    /// Where STOMP MESSAGE heads are carved from (see `pubsub::message`).
-    heads: RefCell<bytes::BytesMut>,
-    /// Bytes queued for all of this core's subscribers (the sum of their
-    /// `queued_bytes`). Past `max_core_outbound_bytes`, publishers are held
-    /// (since `held_since_ms`) until it falls to half of that, and then
-    /// the waiters are woken.
-    queued: Cell<usize>,
-    held_since_ms: Cell<Option<u64>>,
-    budget_waiters: crate::pubsub::mesh::WakerSet,
 }
 
 impl Shard {
     /// The shard of the core at `mesh`'s end of the mesh.
     pub fn new(config: Arc<Config>, mesh: CoreMesh, admission: Arc<super::admission::Admission>) -> io::Result<Shard> {
+        let stats = Rc::new(RefCell::new(Stats::default()));
         Ok(Shard {
             core: mesh.core(),
+            hub: Hub::new(mesh, config.clone(), stats.clone()),
             config,
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             admission,
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
             tls: None,
-            stats: RefCell::new(Stats::default()),
+            stats,
             sessions: RefCell::new(SlotMap::with_key()),
-            hub: Hub::new(mesh),
             lot: ParkingLot::new()?,
             parking: Cell::new(false),
             parked: Cell::new(0),
             start: Instant::now(),
             now_ms: Cell::new(0),
             stopping: Cell::new(Stopping::No),
-            publishes_in_flight: Cell::new(0),
             watcher: Cell::new(None),
             admin_waiters: RefCell::new(std::collections::HashMap::new()),
             next_admin: Cell::new(0),
             admin_aborted: Cell::new(false),
-            dirty: RefCell::new(Vec::new()),
-            flusher: Cell::new(None),
-            heads: RefCell::new(bytes::BytesMut::new()),
-            queued: Cell::new(0),
-            held_since_ms: Cell::new(None),
-            budget_waiters: Default::default(),
         })
     }
 
@@ -504,16 +316,9 @@ impl Shard {
     }
 
     /// Publishes accepted on this core that are not yet in every ring
-    /// they go to: sessions' and admin requests' (see the field), and
-    /// those of ended sessions the hub sends on (counted as one).
+    /// they go to (`Hub::publishes_in_flight`).
     pub fn publishes_in_flight(&self) -> usize {
-        self.publishes_in_flight.get() + usize::from(self.hub.has_orphans())
-    }
-
-    /// An admin publish starts (`true`) or ends (`false`).
-    pub fn admin_publishing(&self, on: bool) {
-        let n = self.publishes_in_flight.get();
-        self.publishes_in_flight.set(if on { n + 1 } else { n - 1 });
+        self.hub.publishes_in_flight()
     }
 
     /// Registers a session in the handshake phase.
@@ -530,7 +335,7 @@ impl Shard {
             kick: Kick::default(),
             waker: None,
             parked: None,
-            pubsub: None,
+            app: None,
             fd: -1,
             direct: false,
             admitted: false,
@@ -570,7 +375,7 @@ impl Shard {
         self.stopping.set(Stopping::Input);
         self.wake_watcher();
         self.wake_admin();
-        self.end_hold();
+        self.hub.sessions.never_hold();
         self.kick_for_shutdown();
     }
 
@@ -669,15 +474,14 @@ impl Shard {
         self.admin_aborted.set(true);
         self.wake_admin();
         let mut aborted_parked = 0;
-        let mut left_topics = Vec::new();
+        let mut removed = Vec::new();
         let empty = {
             let mut sessions = self.sessions.borrow_mut();
             sessions.retain(|key, slot| {
                 if slot.parked.is_some() {
                     aborted_parked += 1;
-                    if let Some(ps) = self.release_slot(slot) {
-                        left_topics.push((key, ps));
-                    }
+                    self.release_slot(slot);
+                    removed.push(key);
                     return false;
                 }
                 slot.kick = slot.kick.with(Kick::ABORT);
@@ -686,13 +490,10 @@ impl Shard {
                 }
                 true
             });
-            self.check_queued(&sessions);
             sessions.is_empty()
         };
-        for (key, ps) in left_topics {
-            for topic in &ps.topics {
-                self.hub.unsubscribe(topic, key, None);
-            }
+        for key in removed {
+            self.hub.remove_session(key);
         }
         self.parked.set(self.parked.get() - aborted_parked);
         // As for a task that is aborted: no close frame came from the peer.
@@ -703,98 +504,14 @@ impl Shard {
     }
 
     /// What a slot being removed gives back: its place under the
-    /// admission caps and its queued bytes. Returns its pub/sub state, whose
-    /// topics the caller leaves (outside the table's borrow).
-    fn release_slot(&self, slot: &mut Slot) -> Option<Box<SessionPubSub>> {
+    /// admission caps. (Its pub/sub state the caller removes from the hub,
+    /// outside the table's borrow: `Hub::remove_session`.)
+    fn release_slot(&self, slot: &mut Slot) {
         if std::mem::take(&mut slot.admitted) {
             self.admission.release(slot.peer_ip());
         }
         if std::mem::take(&mut slot.socket_taken) {
             self.admission.release_socket();
-        }
-        let ps = slot.pubsub.take()?;
-        self.unqueue(ps.queued_bytes);
-        Some(ps)
-    }
-
-    /// The core's queued total is the sum of its sessions' queues: checked
-    /// whenever a slot is removed (in full while the table is small, and
-    /// by every sweep, which visits each slot anyway), in debug builds.
-    fn check_queued(&self, sessions: &SlotMap<SessionKey, Slot>) {
-        if cfg!(debug_assertions) && sessions.len() <= 4096 {
-            let sum: usize = sessions
-                .values()
-                .filter_map(|s| s.pubsub.as_ref())
-                .map(|ps| ps.queued_bytes)
-                .sum();
-            assert_eq!(sum, self.queued.get(), "core {}: queued total drifted", self.core);
-        }
-    }
-
-    /// The core's publishers have been held for `stall_timeout_ms`: its
-    /// subscribers' queues are not being written down. Frees the queues of
-    /// those that hold it back: every subscriber that took nothing for as
-    /// long, then the largest queues until the total is down to half the
-    /// budget, which ends the hold.
-    fn shed_stalled(self: &Rc<Self>, now: u64) {
-        let stall = self.config.stall_timeout_ms;
-        let half = self.config.max_core_outbound_bytes / 2;
-        let mut kicks = Vec::new();
-        {
-            let mut sessions = self.sessions.borrow_mut();
-            let mut candidates: Vec<(bool, usize, SessionKey)> = sessions
-                .iter()
-                .filter_map(|(key, slot)| {
-                    let ps = slot.pubsub.as_ref()?;
-                    let stuck = now.saturating_sub(slot.last_tx_ms) >= stall;
-                    (slot.phase == Phase::Open && ps.queued_bytes > 0 && !ps.slow).then_some((
-                        stuck,
-                        ps.queued_bytes,
-                        key,
-                    ))
-                })
-                .collect();
-            // Stuck ones first, then the largest queues.
-            candidates.sort_unstable_by(|a, b| b.cmp(a));
-            let mut shed = 0;
-            for (stuck, _, key) in candidates {
-                if !stuck && self.queued.get() <= half {
-                    break;
-                }
-                shed += 1;
-                if let Some(kick) = self.shed(&mut sessions[key]) {
-                    kicks.push((key, kick));
-                }
-            }
-            tracing::debug!(
-                core = self.core,
-                shed,
-                "publishers held too long: subscribers' queues shed"
-            );
-        }
-        for (key, kick) in kicks {
-            self.kick(key, kick);
-        }
-    }
-
-    /// Frees the queue of a subscriber that holds the core's publishers
-    /// back: under the close policy it is closed (1008, as over its own
-    /// limit), under the drop policy its unsent deliveries are dropped.
-    /// Returns the kick for its task, if any.
-    fn shed(&self, slot: &mut Slot) -> Option<Kick> {
-        let ps = slot.pubsub.as_mut()?;
-        let deliveries = ps.drop_unsent(self);
-        let mut stats = self.stats.borrow_mut();
-        match self.config.slow_consumer {
-            SlowConsumer::Drop => {
-                stats.dropped += deliveries;
-                None
-            }
-            SlowConsumer::Close => {
-                ps.slow = true;
-                stats.slow_consumers += 1;
-                Some(Kick::SLOW)
-            }
         }
     }
 
@@ -811,25 +528,11 @@ impl Shard {
         let mut due_parked = Vec::new();
         let mut due_heart_beats = Vec::new();
         let unix_now = crate::auth::unix_now();
-        if self
-            .held_since_ms
-            .get()
-            .is_some_and(|since| now.saturating_sub(since) >= c.stall_timeout_ms)
-        {
-            self.shed_stalled(now);
-        }
-        let mut queued_sum = 0;
+        // Subscribers shed because the core was held too long are closed.
+        let slow = self.hub.sessions.tick(now);
+        let sessions_hub = &self.hub.sessions;
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
             let mut due = Kick::default();
-            if let Some(ps) = slot.pubsub.as_mut() {
-                queued_sum += ps.queued_bytes;
-                // A burst grew the queue, and it has been written since:
-                // give the memory back. Not at once when it empties, as a
-                // busy subscriber would grow it again for every batch.
-                if ps.queue.is_empty() && ps.queue.capacity() > IOV_PARTS * 2 {
-                    ps.queue = VecDeque::new();
-                }
-            }
             let in_phase = now.saturating_sub(slot.phase_since_ms);
             match slot.phase {
                 Phase::Handshake if in_phase >= c.handshake_timeout_ms => due = due.with(Kick::TIMEOUT),
@@ -841,7 +544,7 @@ impl Shard {
                     // a peer silent past its interval and the grace is dead.
                     if slot.heart_beat_send_ms > 0
                         && now.saturating_sub(slot.last_tx_ms) >= slot.heart_beat_send_ms
-                        && slot.pubsub.as_ref().is_some_and(|ps| ps.queue.is_empty())
+                        && sessions_hub.queue_is_empty(key)
                     {
                         due_heart_beats.push(key);
                     }
@@ -851,13 +554,13 @@ impl Shard {
                     if slot.heart_beat_expect_ms > 0
                         && quiet >= slot.heart_beat_expect_ms.saturating_add(c.stomp_heart_beat_grace_ms)
                         && !slot.kick.has(Kick::CLOSE)
+                        && !sessions_hub.is_blocked(key)
                     {
-                        if let Some(ps) = slot.pubsub.as_mut().filter(|ps| !ps.is_blocked()) {
-                            if ps.close_request.is_none() {
-                                ps.close_request =
-                                    Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
-                                due = due.with(Kick::CLOSE);
-                            }
+                        let app = slot.app.get_or_insert_with(Default::default);
+                        if app.close_request.is_none() {
+                            app.close_request =
+                                Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
+                            due = due.with(Kick::CLOSE);
                         }
                     }
                     if slot
@@ -901,17 +604,16 @@ impl Shard {
                 }
             }
         }
-        debug_assert_eq!(
-            queued_sum,
-            self.queued.get(),
-            "core {}: queued total drifted",
-            self.core
-        );
         for key in due_parked {
             self.resume(key);
         }
         for key in due_heart_beats {
-            self.enqueue(key, &mut [Bytes::from_static(HEART_BEAT_FRAME)], false);
+            self.hub
+                .sessions
+                .deliver_frame(key, &Bytes::from_static(HEART_BEAT_FRAME), false);
+        }
+        for key in slow {
+            self.kick(key, Kick::SLOW);
         }
     }
 
@@ -983,210 +685,35 @@ impl Shard {
         (shortest / 4).clamp(10, 100)
     }
 
-    /// Whether this core's subscribers hold more queued deliveries than
-    /// `--max-core-outbound-bytes`.
-    pub fn over_budget(&self) -> bool {
-        self.queued.get() > self.config.max_core_outbound_bytes
-    }
-
-    /// Bytes queued for all of this core's subscribers.
-    pub fn queued_bytes(&self) -> usize {
-        self.queued.get()
-    }
-
-    /// Ready while this core may take publishes: its subscribers' queues
-    /// are within their budget, and no hold is in force. Past the budget,
-    /// the hold starts (and the caller waits) until the queues are written
-    /// down to half of it: a publisher that made the core go over is
-    /// paused, its socket unread, so TCP slows it, and the core spends
-    /// its time writing rather than queueing more than it can write.
-    pub fn poll_budget(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if !self.holds_publishers() {
-            return std::task::Poll::Ready(());
-        }
-        self.budget_waiters.insert(cx.waker());
-        std::task::Poll::Pending
-    }
-
-    /// Whether the core's publishers are held (see `poll_budget`); starts
-    /// the hold if the core is over its budget. Never once shutdown has
-    /// begun: nothing more is read, and every publish already accepted must
-    /// reach its subscribers, so the rings are drained whatever the budget
-    /// (what they hold bounds what is added).
-    pub fn holds_publishers(&self) -> bool {
-        if self.takes_no_input() {
-            self.end_hold();
-            return false;
-        }
-        if self.held_since_ms.get().is_none() {
-            if !self.over_budget() {
-                return false;
-            }
-            self.held_since_ms.set(Some(self.now_ms()));
-            self.stats.borrow_mut().publish_holds += 1;
-        }
-        true
-    }
-
-    /// Takes `n` written (or dropped) bytes off the core's queued total,
-    /// and ends a hold once half the budget is reached.
-    fn unqueue(&self, n: usize) {
-        let queued = self.queued.get() - n;
-        self.queued.set(queued);
-        if queued <= self.config.max_core_outbound_bytes / 2 {
-            self.end_hold();
-        }
-    }
-
-    /// Ends a hold, if one is in force, and wakes whoever waits on it.
-    fn end_hold(&self) {
-        if self.held_since_ms.take().is_some() {
-            self.budget_waiters.wake_all();
-        }
-    }
-
-    pub fn count_publish(&self) {
-        self.stats.borrow_mut().publishes += 1;
-    }
-
-    /// Queues a message for session `key` in the encoding its subscription
-    /// asks for: one MESSAGE per STOMP subscription to the topic, or (`one`,
-    /// a queue's message, which has one consumer) for its first.
-    pub fn deliver(self: &Rc<Self>, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
-        match via {
-            Via::Native => self.enqueue(key, &mut [fanout.native().clone()], true),
-            Via::Stomp(targets) => {
-                let mut heads = self.heads.borrow_mut();
-                let take = if one { 1 } else { targets.len() };
-                for target in &targets[..take] {
-                    let mut parts = fanout.stomp(target, &mut heads, || self.queue_is_empty(key));
-                    self.enqueue(key, parts.as_mut_slice(), true);
-                }
-            }
-        }
-    }
-
-    fn queue_is_empty(&self, key: SessionKey) -> bool {
-        let sessions = self.sessions.borrow();
-        let queue = sessions.get(key).and_then(|s| s.pubsub.as_ref()).map(|ps| &ps.queue);
-        queue.is_none_or(VecDeque::is_empty)
-    }
-
-    /// Queues one whole frame (from the admin API) for session `key`.
-    pub fn deliver_frame(self: &Rc<Self>, key: SessionKey, frame: &Bytes) {
-        self.enqueue(key, &mut [frame.clone()], true);
-    }
-
-    /// Queues one message (`parts`, written in order) for session `key`,
-    /// applying the outbound limit, and wakes (or resumes) it if its queue
-    /// was empty. Sessions that are gone, not open or not pub/sub are
-    /// skipped. `count`: the message is a delivery (not a heart-beat).
-    ///
-    /// The limit bounds a backlog: a message is refused only when what is
-    /// already queued has reached `max_outbound_bytes` and the socket has
-    /// refused bytes since the queue was last empty. So a subscriber that
-    /// keeps up takes a message of any admitted size (up to
-    /// `--max-message-bytes`, larger than the limit by default), and what
-    /// one burst queued before its socket could take any (several large
-    /// publishes in one read) is not held against it. A queue holds at most
-    /// the limit plus one message once its socket is full; before, what
-    /// one round of the core queues, itself bounded by the core's budget.
-    fn enqueue(self: &Rc<Self>, key: SessionKey, parts: &mut [Bytes], count: bool) {
-        let limit = self.config.max_outbound_bytes;
-        let len: usize = parts.iter().map(Bytes::len).sum();
-        let kick = {
-            let mut sessions = self.sessions.borrow_mut();
-            let Some(slot) = sessions.get_mut(key) else { return };
-            if slot.phase != Phase::Open {
-                return;
-            }
-            let Some(ps) = slot.pubsub.as_mut() else { return };
-            if ps.slow {
-                return;
-            }
-            let mut stats = self.stats.borrow_mut();
-            if ps.stalled && ps.queued_bytes >= limit {
-                match self.config.slow_consumer {
-                    SlowConsumer::Drop => {
-                        stats.dropped += 1;
-                        return;
-                    }
-                    SlowConsumer::Close => {
-                        // Free the queue now; the task closes with 1008.
-                        ps.slow = true;
-                        ps.drop_unsent(self);
-                        stats.slow_consumers += 1;
-                        Kick::SLOW
-                    }
-                }
-            } else {
-                stats.deliveries += u64::from(count);
-                let was_empty = ps.queue.is_empty();
-                ps.queued_bytes += len;
-                self.queued.set(self.queued.get() + len);
-                let n = parts.len();
-                for (i, part) in parts.iter_mut().enumerate() {
-                    ps.queue.push_back(Part {
-                        bytes: std::mem::take(part),
-                        last: i + 1 == n,
-                        counts: count,
-                    });
-                }
-                if !was_empty {
-                    // Its task (or the flusher) was told when the queue
-                    // became non-empty.
-                    return;
-                }
-                if slot.direct || slot.parked.is_some() {
-                    // Written by the flusher once the current task yields,
-                    // together with whatever else arrives until then.
-                    drop(stats);
-                    drop(sessions);
-                    self.mark_dirty(key);
-                    return;
-                }
-                Kick::DELIVER
-            }
-        };
-        self.kick(key, kick);
-    }
-
-    fn mark_dirty(&self, key: SessionKey) {
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            if let Some(w) = self.flusher.take() {
-                w.wake();
-            }
-        }
-        dirty.push(key);
-    }
-
-    /// For the flusher: moves the sessions to write into `batch` (empty),
-    /// or stores `waker` to be woken when there are some.
-    pub fn poll_dirty(&self, cx: &mut std::task::Context<'_>, batch: &mut Vec<SessionKey>) -> std::task::Poll<()> {
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            self.flusher.set(Some(cx.waker().clone()));
-            return std::task::Poll::Pending;
-        }
-        std::mem::swap(&mut *dirty, batch);
-        std::task::Poll::Ready(())
+    /// For the flusher: the sessions the hub listed ready (`Ready`), or
+    /// `cx`'s waker is kept to be woken when there are some.
+    pub fn poll_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        batch: &mut Vec<(SessionKey, Ready)>,
+    ) -> std::task::Poll<()> {
+        self.hub.sessions.poll_ready(cx, batch)
     }
 
     /// Writes the queued deliveries of each session in `batch` straight to
     /// its socket, without waking its task: a subscriber idle in its wait,
     /// or parked, costs one vectored send per batch of deliveries. A socket
     /// that is full (or failing) is left to the session's task, which is
-    /// kicked (or resumed) to wait for it. Writes at most `max` sessions of
+    /// kicked (or resumed) to wait for it, as is a session whose task runs,
+    /// and one made slow (to be closed). Writes at most `max` sessions of
     /// `batch` from `from`; returns where it stopped.
-    pub fn flush_direct(self: &Rc<Self>, batch: &[SessionKey], from: usize, max: usize) -> usize {
+    pub fn flush_direct(self: &Rc<Self>, batch: &[(SessionKey, Ready)], from: usize, max: usize) -> usize {
         let now = self.now_ms();
         let until = batch.len().min(from.saturating_add(max));
-        for &key in &batch[from..until] {
+        for &(key, why) in &batch[from..until] {
+            if why == Ready::Slow {
+                self.kick(key, Kick::SLOW);
+                continue;
+            }
             let written = {
                 let mut sessions = self.sessions.borrow_mut();
                 let Some(slot) = sessions.get_mut(key) else { continue };
-                if slot.pubsub.as_ref().is_none_or(|ps| ps.queue.is_empty()) {
+                if self.hub.sessions.queue_is_empty(key) {
                     // Written meanwhile by its task.
                     continue;
                 }
@@ -1204,7 +731,7 @@ impl Shard {
                     // cleared before the task can close it).
                     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
                     let socket = Socket::from_fd(fd).with_tls(slot.tls());
-                    matches!(write_deliveries(slot, &socket, false, now, self), Ok(Flush::Done))
+                    matches!(write_deliveries(slot, key, &socket, false, now, self), Ok(Flush::Done))
                 }
             };
             if !written {
@@ -1247,13 +774,17 @@ impl Shard {
             if slot.phase != Phase::Open {
                 return false;
             }
-            let ps = slot.pubsub.get_or_insert_with(Default::default);
             if let SessionAction::Close(code, reason) = &action {
-                ps.close_request = Some((*code, reason.clone()));
+                slot.app.get_or_insert_with(Default::default).close_request = Some((*code, reason.clone()));
             }
         }
         match action {
-            SessionAction::Send(frame) => self.deliver_frame(key, &frame),
+            SessionAction::Send(frame) => {
+                // Any open session takes it (an echo one too): its queue
+                // is made now.
+                self.hub.sessions.open(key);
+                self.hub.sessions.deliver_frame(key, &frame, true);
+            }
             SessionAction::Close(..) => self.kick(key, Kick::CLOSE),
         }
         true
@@ -1274,63 +805,28 @@ impl Shard {
     }
 }
 
-/// Writes a slot's queued deliveries, many parts per vectored send, until
-/// the queue is empty or the socket is full. With `partial_only`, only the
-/// rest of a message already partly written.
+/// Writes a session's queued deliveries (`Sessions::write`), many parts
+/// per vectored send, until the queue is empty or the socket is full. With
+/// `partial_only`, only the rest of a message already partly written.
 fn write_deliveries(
-    s: &mut Slot,
+    slot: &mut Slot,
+    key: SessionKey,
     socket: &Socket<'_>,
     partial_only: bool,
     now: u64,
     shard: &Shard,
 ) -> io::Result<Flush> {
-    let Some(ps) = s.pubsub.as_mut() else {
-        return Ok(Flush::Done);
-    };
-    while !ps.queue.is_empty() && (!partial_only || ps.mid_message()) {
-        let mut iov = [IoSlice::new(&[]); IOV_PARTS];
-        let mut n = 0;
-        for (i, part) in ps.queue.iter().take(IOV_PARTS).enumerate() {
-            let from = if i == 0 { ps.head_sent } else { 0 };
-            iov[i] = IoSlice::new(&part.bytes[from..]);
-            n += 1;
-            if partial_only && part.last {
-                break;
-            }
-        }
-        let mut written = match socket.send_vectored(&iov[..n]) {
-            Ok(written) => written,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                ps.stalled = true;
-                return Ok(Flush::Blocked);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        s.last_tx_ms = now;
-        ps.queued_bytes -= written;
-        shard.unqueue(written);
-        let mut stats = shard.stats.borrow_mut();
-        stats.bytes_out += written as u64;
-        while written > 0 {
-            let left = ps.queue[0].bytes.len() - ps.head_sent;
-            if written < left {
-                ps.head_sent += written;
-                break;
-            }
-            written -= left;
-            ps.head_sent = 0;
-            let (last, counts) = ps.queue.pop_front().map_or((true, false), |p| (p.last, p.counts));
-            ps.mid_message = !last;
-            stats.messages_out += u64::from(last && counts);
-        }
+    let sessions = &shard.hub.sessions;
+    let (flushed, written) = sessions.write(key, partial_only, |iov| socket.send_vectored(iov))?;
+    if written > 0 {
+        slot.last_tx_ms = now;
     }
-    if ps.queue.is_empty() {
-        ps.stalled = false;
+    if let Flush::Blocked = flushed {
+        return Ok(Flush::Blocked);
     }
     if !socket.flush_pending()? {
         // Ciphertext the socket did not take: it is full.
-        ps.stalled = true;
+        sessions.stall(key);
         return Ok(Flush::Blocked);
     }
     Ok(Flush::Done)
@@ -1368,68 +864,32 @@ impl Session {
 
     /// Makes this a pub/sub session: it can subscribe and take deliveries.
     pub fn enable_pubsub(&self) {
-        self.with(|s| {
-            s.pubsub.get_or_insert_with(Default::default);
-        });
+        self.shard.hub.sessions.open(self.key);
     }
 
     /// Subscribes the session to `topic` (a valid name); `Ok(false)` if it
     /// already was. Fails at `max_subscriptions`.
     pub fn subscribe(&self, topic: &[u8]) -> Result<bool, crate::proto::native::Refusal> {
         let max = self.shard.config.max_subscriptions;
-        let added = self.with(|s| {
-            let ps = s.pubsub.get_or_insert_with(Default::default);
-            if ps.topics.iter().any(|t| &t[..] == topic) {
-                return Ok(false);
-            }
-            if ps.topics.len() >= max {
-                return Err(crate::proto::native::Refusal::TooManySubscriptions);
-            }
-            ps.topics.push(topic.into());
-            Ok(true)
-        })?;
-        if added {
-            self.shard.hub.subscribe(topic, self.key, None);
-        }
-        Ok(added)
+        self.shard
+            .hub
+            .subscribe_native(self.key, topic, max)
+            .map_err(|_| crate::proto::native::Refusal::TooManySubscriptions)
     }
 
     pub fn unsubscribe(&self, topic: &[u8]) {
-        if self.forget_topic(topic) {
-            self.shard.hub.unsubscribe(topic, self.key, None);
-        }
+        self.shard.hub.unsubscribe_native(self.key, topic);
     }
 
     /// Adds a STOMP subscription to the topic table key `key` (the session
     /// rules bound how many there are).
     pub fn subscribe_stomp(&self, key: &[u8], target: StompTarget) {
-        match self.shard.hub.subscribe(key, self.key, Some(target)) {
-            Change::Joined | Change::FirstJoined => self.with(|s| {
-                s.pubsub.get_or_insert_with(Default::default).topics.push(key.into());
-            }),
-            _ => {}
-        }
+        self.shard.hub.subscribe_stomp(self.key, key, target);
     }
 
     /// Ends the STOMP subscription `id` (escaped) to `key`.
     pub fn unsubscribe_stomp(&self, key: &[u8], id: &str) {
-        match self.shard.hub.unsubscribe(key, self.key, Some(id)) {
-            Change::Left | Change::LastLeft => {
-                self.forget_topic(key);
-            }
-            _ => {}
-        }
-    }
-
-    fn forget_topic(&self, topic: &[u8]) -> bool {
-        self.with(|s| {
-            let Some(ps) = s.pubsub.as_mut() else { return false };
-            let Some(at) = ps.topics.iter().position(|t| &t[..] == topic) else {
-                return false;
-            };
-            ps.topics.swap_remove(at);
-            true
-        })
+        self.shard.hub.unsubscribe_stomp(self.key, key, id);
     }
 
     /// Publishes a native message from this session.
@@ -1438,20 +898,10 @@ impl Session {
         self.publish_message(Message::native(kind, topic, payload, id));
     }
 
-    /// Publishes from this session (see `Hub::publish`); envelopes that
-    /// found a ring full wait in the slot, and the session is not read
-    /// until they are through (`poll_unblocked`).
+    /// Publishes from this session (`Hub::publish_from`): the session is
+    /// not read while its publish waits (`poll_unblocked`).
     pub fn publish_message(&self, message: Message) {
-        let mut pending = self.take_pending();
-        let was_empty = pending.is_empty();
-        self.shard.hub.publish(&self.shard, message, &mut pending);
-        self.put_pending(pending, was_empty);
-        let held = self.shard.over_budget();
-        self.with(|s| {
-            if let Some(ps) = s.pubsub.as_mut() {
-                ps.held |= held;
-            }
-        });
+        self.shard.hub.publish_from(self.key, message);
     }
 
     /// Sets the negotiated STOMP heart-beats (ms, 0: none): the sweep sends
@@ -1465,96 +915,38 @@ impl Session {
 
     /// Makes this a STOMP session with this state.
     pub fn set_stomp(&self, conn: Box<StompConn>) {
-        self.with(|s| s.pubsub.get_or_insert_with(Default::default).stomp = Some(conn));
+        self.with(|s| s.app.get_or_insert_with(Default::default).stomp = Some(conn));
     }
 
     /// Runs `f` on the session's STOMP state (`None` if it has none). The
     /// state is out of the slot meanwhile, so `f` may use the shard.
     pub fn with_stomp<R>(&self, f: impl FnOnce(&mut StompConn) -> R) -> Option<R> {
-        let mut conn = self.with(|s| s.pubsub.as_mut().and_then(|ps| ps.stomp.take()))?;
+        let mut conn = self.with(|s| s.app.as_mut().and_then(|a| a.stomp.take()))?;
         let r = f(&mut conn);
         self.set_stomp(conn);
         Some(r)
     }
 
-    /// The envelopes waiting for ring space, out of the slot (so the hub
-    /// may be called); `put_pending` puts them back.
-    fn take_pending(&self) -> Pending {
-        self.with(|s| {
-            s.pubsub
-                .as_mut()
-                .map(|ps| std::mem::take(&mut ps.pending))
-                .unwrap_or_default()
-        })
-    }
-
-    /// Puts back what `take_pending` took (`was_empty`: whether it was
-    /// empty then), counting the session among the core's publishes in
-    /// flight while any envelope waits.
-    fn put_pending(&self, pending: Pending, was_empty: bool) {
-        let in_flight = &self.shard.publishes_in_flight;
-        match (was_empty, pending.is_empty()) {
-            (true, false) => in_flight.set(in_flight.get() + 1),
-            (false, true) => in_flight.set(in_flight.get() - 1),
-            _ => {}
-        }
-        self.with(|s| match s.pubsub.as_mut() {
-            Some(ps) => ps.pending = pending,
-            // Only pub/sub sessions publish.
-            None => debug_assert!(pending.is_empty(), "a publish waits in a session without pub/sub"),
-        });
-    }
-
     /// Whether a publish waits for ring space, or for the core's queued
-    /// deliveries to be written down (`Shard::poll_budget`).
+    /// deliveries to be written down.
     pub fn is_blocked(&self) -> bool {
-        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| ps.is_blocked()))
+        self.shard.hub.sessions.is_blocked(self.key)
     }
 
     /// Ready once no publish waits for ring space and the core takes
     /// publishes again.
     pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.poll_rings(cx).is_pending() {
-            return std::task::Poll::Pending;
-        }
-        let held = self.with(|s| s.pubsub.as_ref().is_some_and(|ps| ps.held));
-        if held {
-            if self.shard.poll_budget(cx).is_pending() {
-                return std::task::Poll::Pending;
-            }
-            self.with(|s| s.pubsub.as_mut().map(|ps| ps.held = false));
-        }
-        std::task::Poll::Ready(())
-    }
-
-    fn poll_rings(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let mut pending = self.take_pending();
-        let was_empty = pending.is_empty();
-        let hub = &self.shard.hub;
-        let ready = loop {
-            if hub.retry(&mut pending) {
-                break true;
-            }
-            if hub.mesh.poll_space(pending[0].0, cx).is_pending() {
-                break false;
-            }
-        };
-        self.put_pending(pending, was_empty);
-        if ready {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        self.shard.hub.poll_unblocked(self.key, cx)
     }
 
     /// The close the admin API asked for, if any.
     pub fn take_close_request(&self) -> Option<(u16, Bytes)> {
-        self.with(|s| s.pubsub.as_mut().and_then(|ps| ps.close_request.take()))
+        self.with(|s| s.app.as_mut().and_then(|a| a.close_request.take()))
     }
 
     /// Whether deliveries wait to be written.
     pub fn has_deliveries(&self) -> bool {
-        self.with(|s| s.pubsub.as_ref().is_some_and(|ps| !ps.queue.is_empty()))
+        self.shard.hub.sessions.has_deliveries(self.key)
     }
 
     /// Writes queued deliveries, many frames per vectored send, until the
@@ -1563,7 +955,8 @@ impl Session {
     /// only between whole frames.
     pub fn flush_deliveries(&self, socket: &Socket<'_>, partial_only: bool) -> io::Result<Flush> {
         let now = self.shard.now_ms();
-        self.with(|s| write_deliveries(s, socket, partial_only, now, &self.shard))
+        let key = self.key;
+        self.with(|s| write_deliveries(s, key, socket, partial_only, now, &self.shard))
     }
 
     /// Takes one message of `len` payload bytes from the connection's
@@ -1665,16 +1058,9 @@ impl Session {
     /// The native topics the session is subscribed to that its identity
     /// no longer allows (after a fresh token with fewer grants).
     pub fn disallowed_topics(&self) -> Vec<Box<[u8]>> {
-        self.with(|s| {
-            let identity = s.identity();
-            s.pubsub.as_ref().map_or_else(Vec::new, |ps| {
-                ps.topics
-                    .iter()
-                    .filter(|t| !crate::auth::allows(identity, Action::Subscribe, t))
-                    .cloned()
-                    .collect()
-            })
-        })
+        let mut topics = self.shard.hub.sessions.topics_of(self.key);
+        self.with(|s| topics.retain(|t| !crate::auth::allows(s.identity(), Action::Subscribe, t)));
+        topics
     }
 
     /// Takes a fresh token in the session (native `AUTH`, STOMP CONNECT):
@@ -1734,13 +1120,11 @@ impl Session {
         self.with(|s| {
             s.phase = phase;
             s.phase_since_ms = now;
-            if phase == Phase::Closing {
-                // Nothing may follow our close frame (RFC 6455 5.5.1).
-                if let Some(ps) = s.pubsub.as_mut() {
-                    ps.drop_unsent(&self.shard);
-                }
-            }
         });
+        if phase == Phase::Closing {
+            // Nothing may follow our close frame (RFC 6455 5.5.1).
+            self.shard.hub.sessions.close(self.key);
+        }
     }
 
     /// Records that the peer is alive: it sent bytes, or took some of ours
@@ -1783,31 +1167,20 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let (empty, mut pubsub) = {
+        let empty = {
             let mut sessions = self.shard.sessions.borrow_mut();
             if sessions.get(self.key).is_some_and(|s| s.parked.is_some()) {
                 // Parked: the slot lives on without a task.
                 return;
             }
-            let pubsub = sessions
-                .remove(self.key)
-                .and_then(|mut slot| self.shard.release_slot(&mut slot));
-            self.shard.check_queued(&sessions);
-            (sessions.is_empty(), pubsub)
-        };
-        if let Some(ps) = pubsub.as_mut().filter(|ps| !ps.pending.is_empty()) {
-            // Publishes the session made (and may have confirmed: a STOMP
-            // RECEIPT) still go to the other cores, after the session.
-            let in_flight = &self.shard.publishes_in_flight;
-            in_flight.set(in_flight.get() - 1);
-            self.shard.hub.adopt(std::mem::take(&mut ps.pending));
-        }
-        // A closing connection leaves all its topics.
-        if let Some(ps) = pubsub {
-            for topic in &ps.topics {
-                self.shard.hub.unsubscribe(topic, self.key, None);
+            if let Some(mut slot) = sessions.remove(self.key) {
+                self.shard.release_slot(&mut slot);
             }
-        }
+            sessions.is_empty()
+        };
+        // A closing connection leaves all its topics, and its publishes
+        // still waiting for ring space are sent after it.
+        self.shard.hub.remove_session(self.key);
         if empty && self.shard.is_shutting_down() {
             self.shard.wake_watcher();
         }
@@ -1844,6 +1217,22 @@ pub(crate) mod tests {
         let config = Arc::new(opts.validate(1).unwrap());
         let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
         Rc::new(Shard::new(config, mesh, admission).unwrap())
+    }
+
+    /// Queues a whole frame for session `key`, as the admin API does.
+    fn deliver(shard: &Rc<Shard>, key: SessionKey, frame: &Bytes) {
+        shard.hub.sessions.deliver_frame(key, frame, true);
+    }
+
+    /// Runs the flusher once over the sessions the hub listed ready: it
+    /// writes to idle ones, and kicks the others (`Kick::DELIVER`, `SLOW`).
+    fn run_flusher(shard: &Rc<Shard>) {
+        let (_, w) = waker();
+        let mut cx = std::task::Context::from_waker(&w);
+        let mut batch = Vec::new();
+        if shard.poll_ready(&mut cx, &mut batch).is_ready() {
+            shard.flush_direct(&batch, 0, batch.len());
+        }
     }
 
     fn waker() -> (Arc<CountingWaker>, Waker) {
@@ -1940,41 +1329,44 @@ pub(crate) mod tests {
         s.enable_pubsub();
         let (_, w) = waker();
         let frame = Bytes::from(vec![0u8; 512]);
-        shard.deliver_frame(s.key(), &frame);
+        deliver(&shard, s.key(), &frame);
+        run_flusher(&shard);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         // Before its socket has refused anything, a burst is not the
         // subscriber's backlog: all of it is queued.
-        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 4096]));
-        assert_eq!(shard.queued_bytes(), 512 + 4096);
+        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 4096]));
+        assert_eq!(shard.hub.sessions.queued_bytes(), 512 + 4096);
         let (_full, _peer) = stall(&s);
         // A backlog one byte short of the limit takes a message of any
         // size: the limit bounds what waits, not one message.
         let s = shard.open_session();
         s.set_phase(Phase::Open);
         s.enable_pubsub();
-        let queued = shard.queued_bytes();
-        shard.deliver_frame(s.key(), &frame);
+        let queued = shard.hub.sessions.queued_bytes();
+        deliver(&shard, s.key(), &frame);
         let (_full, _peer) = stall(&s);
-        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 511]));
-        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 4096]));
+        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 511]));
+        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 4096]));
         assert_eq!(shard.stats.borrow().deliveries, 5);
-        assert_eq!(shard.queued_bytes() - queued, 1023 + 4096);
+        assert_eq!(shard.hub.sessions.queued_bytes() - queued, 1023 + 4096);
+        run_flusher(&shard);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         // A backlog at or past the limit takes no more: the session is a
         // slow consumer, its queue freed.
-        shard.deliver_frame(s.key(), &Bytes::from_static(&[0]));
+        deliver(&shard, s.key(), &Bytes::from_static(&[0]));
+        run_flusher(&shard);
         assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
         assert_eq!(shard.stats.borrow().slow_consumers, 1);
         assert!(!s.has_deliveries());
-        assert_eq!(shard.queued_bytes(), queued);
+        assert_eq!(shard.hub.sessions.queued_bytes(), queued);
         // And it takes nothing more.
-        shard.deliver_frame(s.key(), &frame);
+        deliver(&shard, s.key(), &frame);
         assert_eq!(shard.stats.borrow().deliveries, 5);
         // An empty queue takes one message larger than the limit.
         let t = shard.open_session();
         t.set_phase(Phase::Open);
         t.enable_pubsub();
-        shard.deliver_frame(t.key(), &Bytes::from(vec![0u8; 1024 * 64]));
+        deliver(&shard, t.key(), &Bytes::from(vec![0u8; 1024 * 64]));
         assert!(t.has_deliveries());
         assert_eq!(shard.stats.borrow().slow_consumers, 1);
     }
@@ -1991,10 +1383,10 @@ pub(crate) mod tests {
         s.set_phase(Phase::Open);
         s.enable_pubsub();
         let frame = Bytes::from(vec![0u8; 512]);
-        shard.deliver_frame(s.key(), &frame);
+        deliver(&shard, s.key(), &frame);
         let (_full, _peer) = stall(&s);
         for _ in 0..2 {
-            shard.deliver_frame(s.key(), &frame);
+            deliver(&shard, s.key(), &frame);
         }
         let stats = shard.stats.borrow();
         // The third finds a backlog at the limit.
@@ -2041,29 +1433,29 @@ pub(crate) mod tests {
     fn deliveries_dropped_at_closing_leave_the_core_total() {
         let shard = test_shard(budget_opts(crate::config::SlowConsumer::Close, 1024));
         let s = open_subscriber(&shard);
-        shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 1000]));
-        assert_eq!(shard.queued_bytes(), 1000);
+        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 1000]));
+        assert_eq!(shard.hub.sessions.queued_bytes(), 1000);
         s.set_phase(Phase::Closing);
-        assert_eq!(shard.queued_bytes(), 0, "dropped at the close");
+        assert_eq!(shard.hub.sessions.queued_bytes(), 0, "dropped at the close");
         drop(s);
-        assert_eq!(shard.queued_bytes(), 0);
+        assert_eq!(shard.hub.sessions.queued_bytes(), 0);
         // Over the budget with publishers held: subscribers that close
         // release the hold, and the core is left with nothing counted.
         let subs: Vec<Session> = (0..5).map(|_| open_subscriber(&shard)).collect();
         for s in &subs {
-            shard.deliver_frame(s.key(), &Bytes::from(vec![0u8; 1000]));
+            deliver(&shard, s.key(), &Bytes::from(vec![0u8; 1000]));
         }
         let (woken, w) = waker();
         let mut cx = std::task::Context::from_waker(&w);
-        assert!(shard.poll_budget(&mut cx).is_pending());
+        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
         for s in &subs {
             s.set_phase(Phase::Closing);
         }
         assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the hold ended");
-        assert!(shard.poll_budget(&mut cx).is_ready());
+        assert!(shard.hub.sessions.poll_budget(&mut cx).is_ready());
         drop(subs);
-        assert_eq!((shard.session_count(), shard.queued_bytes()), (0, 0));
-        assert!(!shard.over_budget());
+        assert_eq!((shard.session_count(), shard.hub.sessions.queued_bytes()), (0, 0));
+        assert!(!shard.hub.sessions.over_budget());
     }
 
     #[test]
@@ -2077,20 +1469,20 @@ pub(crate) mod tests {
         let mut cx = std::task::Context::from_waker(&w);
         let kib = Bytes::from(vec![0u8; 1024]);
         for s in &subs[..4] {
-            shard.deliver_frame(s.key(), &kib);
+            deliver(&shard, s.key(), &kib);
         }
         // Exactly at the budget: publishing goes on.
-        assert_eq!(shard.queued_bytes(), 4096);
-        assert!(!shard.over_budget());
-        assert!(shard.poll_budget(&mut cx).is_ready());
+        assert_eq!(shard.hub.sessions.queued_bytes(), 4096);
+        assert!(!shard.hub.sessions.over_budget());
+        assert!(shard.hub.sessions.poll_budget(&mut cx).is_ready());
         // The publish that takes the core over is made; then its publisher
         // waits, not read until the hold ends.
         publisher.publish(MessageKind::Binary, b"t", &[7; 100]);
-        assert!(shard.over_budget());
+        assert!(shard.hub.sessions.over_budget());
         assert!(publisher.is_blocked());
         assert!(publisher.poll_unblocked(&mut cx).is_pending());
-        assert!(shard.poll_budget(&mut cx).is_pending());
-        assert_eq!(shard.budget_waiters.len(), 1, "one waker per task");
+        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
+        assert_eq!(shard.hub.sessions.budget_waiter_count(), 1, "one waker per task");
         assert_eq!(shard.stats.borrow().publish_holds, 1);
         // Written down, but still above half: held.
         let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -2099,68 +1491,18 @@ pub(crate) mod tests {
         for s in [&subs[4], &subs[0]] {
             s.flush_deliveries(&socket, false).unwrap();
         }
-        assert_eq!(shard.queued_bytes(), 3072);
-        assert!(shard.poll_budget(&mut cx).is_pending());
+        assert_eq!(shard.hub.sessions.queued_bytes(), 3072);
+        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
         assert_eq!(woken.0.load(Ordering::SeqCst), 0);
         // Exactly half: the hold ends and its waiters are woken.
         subs[1].flush_deliveries(&socket, false).unwrap();
-        assert_eq!(shard.queued_bytes(), 2048);
+        assert_eq!(shard.hub.sessions.queued_bytes(), 2048);
         assert_eq!(woken.0.load(Ordering::SeqCst), 1);
         assert!(publisher.poll_unblocked(&mut cx).is_ready());
         assert!(!publisher.is_blocked());
         // A session that ends gives its queue back.
         drop(subs);
-        assert_eq!(shard.queued_bytes(), 0);
-    }
-
-    #[test]
-    fn a_hold_past_the_stall_timeout_sheds_stuck_subscribers_then_the_largest_queues() {
-        use crate::config::SlowConsumer;
-        for policy in [SlowConsumer::Close, SlowConsumer::Drop] {
-            let shard = test_shard(budget_opts(policy, 2048));
-            let (stuck, big, small) = (
-                open_subscriber(&shard),
-                open_subscriber(&shard),
-                open_subscriber(&shard),
-            );
-            let (_, w) = waker();
-            let mut cx = std::task::Context::from_waker(&w);
-            // Queues of 1000, 2000 and 1200 bytes: over the 4096 budget.
-            let frame = |n: usize| Bytes::from(vec![0u8; n]);
-            shard.deliver_frame(stuck.key(), &frame(1000));
-            shard.deliver_frame(big.key(), &frame(2000));
-            shard.deliver_frame(small.key(), &frame(1200));
-            assert!(shard.poll_budget(&mut cx).is_pending());
-            for s in [&stuck, &big, &small] {
-                s.poll_kick(&w);
-            }
-            // The others took something 60 ms into the hold.
-            for s in [&big, &small] {
-                s.with(|slot| slot.last_tx_ms = 60);
-            }
-            shard.sweep_at(99);
-            assert_eq!(shard.queued_bytes(), 4200, "not stalled yet");
-            // Held for the stall timeout: the stuck one goes, then the
-            // largest queue, which takes the core down to half the budget.
-            shard.sweep_at(100);
-            assert_eq!(shard.queued_bytes(), 1200);
-            assert!(shard.poll_budget(&mut cx).is_ready());
-            assert!(small.has_deliveries());
-            let stats = shard.stats.borrow().clone();
-            match policy {
-                SlowConsumer::Close => {
-                    assert_eq!((stats.slow_consumers, stats.dropped), (2, 0));
-                    assert_eq!(stuck.poll_kick(&w), Some(Kick::SLOW));
-                    assert_eq!(big.poll_kick(&w), Some(Kick::SLOW));
-                }
-                SlowConsumer::Drop => {
-                    assert_eq!((stats.slow_consumers, stats.dropped), (0, 2));
-                    assert_eq!(stuck.poll_kick(&w), None);
-                    assert_eq!(big.poll_kick(&w), None);
-                }
-            }
-            assert_eq!(small.poll_kick(&w), None);
-        }
+        assert_eq!(shard.hub.sessions.queued_bytes(), 0);
     }
 
     #[test]
@@ -2210,15 +1552,15 @@ pub(crate) mod tests {
         let (woken, w) = waker();
         let mut cx = std::task::Context::from_waker(&w);
         let mut batch = Vec::new();
-        assert!(shard.poll_dirty(&mut cx, &mut batch).is_pending());
+        assert!(shard.poll_ready(&mut cx, &mut batch).is_pending());
 
         // Waiting in its idle wait: queued, and the flusher (not the task) told.
         s.set_direct(true);
-        shard.deliver_frame(s.key(), &Bytes::from_static(b"one"));
-        shard.deliver_frame(s.key(), &Bytes::from_static(b"two"));
+        deliver(&shard, s.key(), &Bytes::from_static(b"one"));
+        deliver(&shard, s.key(), &Bytes::from_static(b"two"));
         assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the flusher is woken once");
-        assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
-        assert_eq!(batch, vec![s.key()]);
+        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
+        assert_eq!(batch, vec![(s.key(), Ready::Deliver)]);
         assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
         let mut got = [0u8; 6];
         peer.read_exact(&mut got).unwrap();
@@ -2226,11 +1568,15 @@ pub(crate) mod tests {
         assert!(!s.has_deliveries());
         assert_eq!(s.poll_kick(&w), None, "its task was not disturbed");
 
-        // Its task runs: the task is kicked and writes them itself.
+        // Its task runs: the flusher kicks the task, which writes them
+        // itself.
         s.set_direct(false);
-        shard.deliver_frame(s.key(), &Bytes::from_static(b"three"));
+        deliver(&shard, s.key(), &Bytes::from_static(b"three"));
+        batch.clear();
+        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
+        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        assert_eq!(shard.dirty.borrow().len(), 0);
+        assert!(s.has_deliveries(), "left to its task");
         s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
 
         // A full socket is left to the task, kicked to wait for it; the
@@ -2238,67 +1584,12 @@ pub(crate) mod tests {
         let filler = [0u8; 4096];
         while (&ours).write(&filler).is_ok() {}
         s.set_direct(true);
-        shard.deliver_frame(s.key(), &Bytes::from_static(b"four"));
+        deliver(&shard, s.key(), &Bytes::from_static(b"four"));
         batch.clear();
-        assert!(shard.poll_dirty(&mut cx, &mut batch).is_ready());
+        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
         assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         assert!(s.has_deliveries());
-    }
-
-    #[test]
-    fn a_message_in_parts_is_never_cut() {
-        use std::io::Read;
-        use std::os::fd::AsFd;
-        let shard = test_shard(Options::default());
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        let parts = |m: &'static [u8]| {
-            [
-                Bytes::from_static(&m[..1]),
-                Bytes::from_static(&m[1..2]),
-                Bytes::from_static(&m[2..]),
-            ]
-        };
-        let queued = |s: &Session| {
-            s.with(|slot| {
-                let ps = slot.pubsub.as_ref().unwrap();
-                (
-                    ps.queue.iter().flat_map(|p| p.bytes.to_vec()).collect::<Vec<u8>>(),
-                    ps.queued_bytes,
-                )
-            })
-        };
-        shard.enqueue(s.key(), &mut parts(b"AAA"), true);
-        shard.enqueue(s.key(), &mut parts(b"BBB"), true);
-        assert_eq!(shard.stats.borrow().deliveries, 2);
-        // A byte of the first part is out: the rest of that message stays.
-        s.with(|slot| slot.pubsub.as_mut().unwrap().head_sent = 1);
-        s.with(|slot| slot.pubsub.as_mut().unwrap().drop_unsent(&shard));
-        assert_eq!(queued(&s), (b"AAA".to_vec(), 2));
-        // Its first part is out: the last two stay.
-        shard.enqueue(s.key(), &mut parts(b"BBB"), true);
-        s.with(|slot| {
-            let ps = slot.pubsub.as_mut().unwrap();
-            ps.queue.pop_front();
-            ps.head_sent = 0;
-            ps.mid_message = true;
-            ps.queued_bytes -= 1;
-            shard.unqueue(1);
-            ps.drop_unsent(&shard);
-        });
-        assert_eq!(queued(&s), (b"AA".to_vec(), 2));
-        // Only the rest of the message goes before other output.
-        shard.enqueue(s.key(), &mut parts(b"CCC"), true);
-        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), true).unwrap();
-        let mut got = [0u8; 2];
-        peer.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"AA");
-        assert_eq!(queued(&s), (b"CCC".to_vec(), 3));
-        assert_eq!(shard.stats.borrow().messages_out, 1, "messages are counted, not parts");
     }
 
     #[test]
@@ -2319,14 +1610,11 @@ pub(crate) mod tests {
         assert!(!s.has_deliveries());
         shard.sweep_at(100);
         assert!(s.has_deliveries(), "an EOL is queued after 100 ms without output");
+        run_flusher(&shard);
         assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
         assert_eq!(shard.stats.borrow().deliveries, 0, "a heart-beat is not a delivery");
         shard.sweep_at(150);
-        assert_eq!(
-            s.with(|slot| slot.pubsub.as_ref().unwrap().queue.len()),
-            1,
-            "one at a time"
-        );
+        assert_eq!(shard.hub.sessions.queue_len(s.key()), 1, "one at a time");
         // The peer promised one every 200 ms: at 200 + 50 ms of silence
         // (since 150) it is closed.
         s.peer_alive();
@@ -2341,36 +1629,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_grown_queue_is_kept_while_busy_and_freed_by_the_sweep() {
-        use std::os::fd::AsFd;
-        let shard = test_shard(Options::default());
-        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        let capacity = || {
-            shard.sessions.borrow()[s.key()]
-                .pubsub
-                .as_ref()
-                .unwrap()
-                .queue
-                .capacity()
-        };
-        for _ in 0..IOV_PARTS * 5 {
-            shard.deliver_frame(s.key(), &Bytes::from_static(b"x"));
-        }
-        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
-        assert!(!s.has_deliveries());
-        assert!(capacity() > IOV_PARTS * 2, "kept for the next batch");
-        shard.sweep_at(1);
-        assert_eq!(capacity(), 0, "freed once the sweep finds it empty");
-    }
-
-    #[test]
     fn flush_rounds_stop_at_their_slice() {
         let shard = test_shard(Options::default());
         let sessions: Vec<Session> = (0..3).map(|_| shard.open_session()).collect();
-        let keys: Vec<SessionKey> = sessions.iter().map(|s| s.key()).collect();
+        let keys: Vec<(SessionKey, Ready)> = sessions.iter().map(|s| (s.key(), Ready::Deliver)).collect();
         assert_eq!(shard.flush_direct(&keys, 0, 2), 2);
         assert_eq!(shard.flush_direct(&keys, 2, 2), 3);
     }

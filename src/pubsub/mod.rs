@@ -22,6 +22,7 @@
 
 pub mod mesh;
 pub mod message;
+pub mod sessions;
 pub mod topics;
 
 use std::cell::{Cell, RefCell};
@@ -32,12 +33,33 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::conn::shard::{SessionKey, Shard};
+use crate::config::Config;
+use crate::stats::Stats;
 use mesh::{CoreMesh, Envelope, SessionAction};
 use message::{Fanout, Message};
+use sessions::Sessions;
 use topics::{is_queue, Change, StompTarget, Topics};
 
+slotmap::new_key_type! {
+    /// A session: its slot and generation in its core's table (`conn`
+    /// owns the table; pub/sub keys its own state by it).
+    pub struct SessionKey;
+}
+
+/// An admin API action another core asks of one of this core's sessions
+/// (carried out by the caller of `Hub::receive`, then answered with
+/// `Hub::reply`).
+pub struct SessionRequest {
+    pub key: SessionKey,
+    pub action: SessionAction,
+    pub request: u64,
+    pub from: u16,
+}
+
 pub struct Hub {
+    /// Every pub/sub session's state on this core, and the core's budget.
+    pub sessions: Sessions,
+    stats: Rc<RefCell<Stats>>,
     topics: RefCell<Topics>,
     /// Topic -> the other cores that have subscribers of it, in core
     /// order, with how many (counted for queues only; 1 for topics).
@@ -77,9 +99,11 @@ struct Request {
 pub type Pending = Vec<(usize, Envelope)>;
 
 impl Hub {
-    pub fn new(mesh: CoreMesh) -> Hub {
+    pub fn new(mesh: CoreMesh, config: Arc<Config>, stats: Rc<RefCell<Stats>>) -> Hub {
         let cores = mesh.cores();
         Hub {
+            sessions: Sessions::new(config, stats.clone()),
+            stats,
             topics: RefCell::new(Topics::default()),
             interest: RefCell::new(HashMap::new()),
             interest_outbox: RefCell::new(vec![HashMap::new(); cores]),
@@ -226,19 +250,21 @@ impl Hub {
         all_sent
     }
 
-    /// Applies one envelope from another core.
-    pub fn receive(&self, shard: &Rc<Shard>, envelope: Envelope) {
+    /// Applies one envelope from another core. An action on one of this
+    /// core's sessions is handed back to be carried out (and answered with
+    /// `reply`): sessions are the connection layer's.
+    pub fn receive(&self, envelope: Envelope) -> Option<SessionRequest> {
         match envelope {
             Envelope::Publish(message) => {
                 let fanout = Fanout::new(&message);
                 if is_queue(&message.key) {
-                    if !self.deliver_in_turn(shard, &fanout) {
+                    if !self.deliver_in_turn(&fanout) {
                         // Its last subscriber here left while it was on its
                         // way: nobody takes it.
-                        shard.stats.borrow_mut().dropped += 1;
+                        self.stats.borrow_mut().dropped += 1;
                     }
                 } else {
-                    self.deliver_local(shard, &fanout);
+                    self.deliver_local(&fanout);
                 }
             }
             Envelope::Interest { topic, core, count } => {
@@ -264,9 +290,12 @@ impl Hub {
                 request,
                 from,
             } => {
-                let found = shard.act_on_session(SessionKey::from(slotmap::KeyData::from_ffi(key)), action);
-                self.reply_outbox.borrow_mut()[from as usize].push_back(Envelope::Reply { request, found });
-                self.flush_outboxes();
+                return Some(SessionRequest {
+                    key: SessionKey::from(slotmap::KeyData::from_ffi(key)),
+                    action,
+                    request,
+                    from,
+                })
             }
             Envelope::Reply { request, found } => {
                 if let Some(r) = self.requests.borrow_mut().get_mut(&request) {
@@ -277,14 +306,19 @@ impl Hub {
                 }
             }
         }
+        None
     }
 
-    /// Acts on the session `key` of core `core` (this one or another, over
-    /// the mesh). Resolves to whether the session was there.
-    pub async fn session_action(&self, shard: &Rc<Shard>, core: usize, key: u64, action: SessionAction) -> bool {
-        if core == self.mesh.core() {
-            return shard.act_on_session(SessionKey::from(slotmap::KeyData::from_ffi(key)), action);
-        }
+    /// Answers another core's `SessionRequest`: whether the session was there.
+    pub fn reply(&self, to: u16, request: u64, found: bool) {
+        self.reply_outbox.borrow_mut()[to as usize].push_back(Envelope::Reply { request, found });
+        self.flush_outboxes();
+    }
+
+    /// Asks core `core` (another one) to act on its session `key`, over the
+    /// mesh. Resolves to whether the session was there.
+    pub async fn remote_session_action(&self, core: usize, key: u64, action: SessionAction) -> bool {
+        debug_assert_ne!(core, self.mesh.core(), "a session of this core is acted on here");
         let request = self.next_request.get();
         self.next_request.set(request + 1);
         self.requests.borrow_mut().insert(request, Request::default());
@@ -329,7 +363,7 @@ impl Hub {
 
     /// Queues the message for every subscriber of its topic on this core;
     /// returns how many that was.
-    fn deliver_local(&self, shard: &Rc<Shard>, fanout: &Fanout<'_>) -> usize {
+    fn deliver_local(&self, fanout: &Fanout<'_>) -> usize {
         // A delivery never changes the table (a session leaves its topics
         // only when its task ends), so the borrow is held across them.
         let topics = self.topics.borrow();
@@ -337,19 +371,19 @@ impl Hub {
             return 0;
         };
         for (&key, via) in &subscribers.sessions {
-            shard.deliver(key, via, fanout, false);
+            self.sessions.deliver(key, via, fanout, false);
         }
         subscribers.len()
     }
 
     /// Queues a queue's message for the one local subscriber whose turn it
     /// is; `false` if there is none.
-    fn deliver_in_turn(&self, shard: &Rc<Shard>, fanout: &Fanout<'_>) -> bool {
+    fn deliver_in_turn(&self, fanout: &Fanout<'_>) -> bool {
         let topics = self.topics.borrow();
         let Some((key, via)) = topics.subscribers(&fanout.message.key).and_then(|s| s.next_in_turn()) else {
             return false;
         };
-        shard.deliver(key, via, fanout, true);
+        self.sessions.deliver(key, via, fanout, true);
         true
     }
 
@@ -357,12 +391,12 @@ impl Hub {
     /// sends it to every other interested core (a queue's message: to the
     /// one core whose turn it is). Envelopes that found their ring full are
     /// appended to `pending`. Returns how many cores it reached.
-    pub fn publish(&self, shard: &Rc<Shard>, message: Message, pending: &mut Pending) -> usize {
-        shard.count_publish();
+    pub fn publish(&self, message: Message, pending: &mut Pending) -> usize {
+        self.stats.borrow_mut().publishes += 1;
         if is_queue(&message.key) {
-            return self.publish_to_queue(shard, message, pending);
+            return self.publish_to_queue(message, pending);
         }
-        let local = self.deliver_local(shard, &Fanout::new(&message));
+        let local = self.deliver_local(&Fanout::new(&message));
         let interest = self.interest.borrow();
         let Some(cores) = interest.get(&message.key) else {
             return usize::from(local > 0);
@@ -395,7 +429,7 @@ impl Hub {
 
     /// Picks the core whose turn it is, each core weighted by its
     /// subscribers of the queue, and hands the message to it.
-    fn publish_to_queue(&self, shard: &Rc<Shard>, message: Message, pending: &mut Pending) -> usize {
+    fn publish_to_queue(&self, message: Message, pending: &mut Pending) -> usize {
         let me = self.mesh.core() as u16;
         let local = self.topics.borrow().count(&message.key) as u64;
         let interest = self.interest.borrow();
@@ -405,7 +439,7 @@ impl Hub {
         if total == 0 {
             // No subscriber anywhere: the message is not kept.
             turns.remove(&message.key);
-            shard.stats.borrow_mut().dropped += 1;
+            self.stats.borrow_mut().dropped += 1;
             return 0;
         }
         let turn = turns.entry(message.key.clone()).or_insert(0);
@@ -425,11 +459,99 @@ impl Hub {
         }
         if chosen == me {
             drop(interest);
-            self.deliver_in_turn(shard, &Fanout::new(&message));
+            self.deliver_in_turn(&Fanout::new(&message));
         } else {
             self.send_in_order(chosen as usize, Envelope::Publish(Arc::new(message)), pending);
         }
         1
+    }
+
+    /// Subscribes session `key` to `topic` natively; `Ok(false)` if it
+    /// already was. An error past `max` subscriptions.
+    pub fn subscribe_native(&self, key: SessionKey, topic: &[u8], max: usize) -> Result<bool, sessions::TooManyTopics> {
+        let added = self.sessions.join(key, topic, max)?;
+        if added {
+            self.subscribe(topic, key, None);
+        }
+        Ok(added)
+    }
+
+    /// Ends session `key`'s native subscription to `topic`, if it has one.
+    pub fn unsubscribe_native(&self, key: SessionKey, topic: &[u8]) {
+        if self.sessions.leave(key, topic) {
+            self.unsubscribe(topic, key, None);
+        }
+    }
+
+    /// Adds a STOMP subscription of session `key` to the table key
+    /// `topic` (the session rules bound how many there are).
+    pub fn subscribe_stomp(&self, key: SessionKey, topic: &[u8], target: StompTarget) {
+        if let Change::Joined | Change::FirstJoined = self.subscribe(topic, key, Some(target)) {
+            let _ = self.sessions.join(key, topic, usize::MAX);
+        }
+    }
+
+    /// Ends session `key`'s STOMP subscription `id` (escaped) to `topic`.
+    pub fn unsubscribe_stomp(&self, key: SessionKey, topic: &[u8], id: &str) {
+        if let Change::Left | Change::LastLeft = self.unsubscribe(topic, key, Some(id)) {
+            self.sessions.leave(key, topic);
+        }
+    }
+
+    /// Publishes from session `key`: envelopes that find a ring full wait
+    /// in its state, and its connection is not read until they are through
+    /// (`poll_unblocked`); so does a publish that takes the core over its
+    /// budget.
+    pub fn publish_from(&self, key: SessionKey, message: Message) {
+        let mut pending = self.sessions.take_pending(key);
+        let was_empty = pending.is_empty();
+        self.publish(message, &mut pending);
+        self.sessions.put_pending(key, pending, was_empty);
+        if self.sessions.over_budget() {
+            self.sessions.hold(key);
+        }
+    }
+
+    /// Ready once no publish of session `key` waits for ring space and the
+    /// core takes publishes again.
+    pub fn poll_unblocked(&self, key: SessionKey, cx: &mut Context<'_>) -> Poll<()> {
+        let mut pending = self.sessions.take_pending(key);
+        let was_empty = pending.is_empty();
+        let sent = loop {
+            if self.retry(&mut pending) {
+                break true;
+            }
+            if self.mesh.poll_space(pending[0].0, cx).is_pending() {
+                break false;
+            }
+        };
+        self.sessions.put_pending(key, pending, was_empty);
+        if !sent {
+            return Poll::Pending;
+        }
+        self.sessions.poll_hold(key, cx)
+    }
+
+    /// Session `key` is gone: it leaves every topic, and its publishes
+    /// that waited for ring space (it may have confirmed them: a STOMP
+    /// RECEIPT) are still sent, after it (`adopt`).
+    pub fn remove_session(&self, key: SessionKey) {
+        let Some(removed) = self.sessions.remove(key) else {
+            return;
+        };
+        if !removed.pending.is_empty() {
+            self.adopt(removed.pending);
+        }
+        for topic in &removed.topics {
+            self.unsubscribe(topic, key, None);
+        }
+    }
+
+    /// Publishes accepted on this core that are not yet in every ring they
+    /// go to: sessions' and admin requests' (`Sessions::in_flight`), and
+    /// those of ended sessions the hub sends on (counted as one).
+    pub fn publishes_in_flight(&self) -> usize {
+        self.sessions.in_flight() + usize::from(self.has_orphans())
     }
 
     /// Retries pending envelopes in order; returns `true` once all are sent.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use indexmap::IndexMap;
 
-use crate::conn::shard::SessionKey;
+use super::SessionKey;
 
 pub use crate::topic::is_queue;
 

@@ -511,9 +511,11 @@ async fn mesh_loop(shard: Rc<Shard>) {
             // Without a doorbell, poll the rings on a short timer instead.
             tracing::warn!(core = shard.core, error = %e, "mesh doorbell unavailable: polling every millisecond");
             loop {
-                if !shard.holds_publishers() {
-                    hub.mesh
-                        .drain(|envelope| hub.receive(&shard, envelope), || shard.holds_publishers());
+                if !shard.hub.sessions.holds_publishers() {
+                    hub.mesh.drain(
+                        |envelope| take_envelope(&shard, envelope),
+                        || shard.hub.sessions.holds_publishers(),
+                    );
                 }
                 hub.flush_outboxes();
                 hub.mesh.wake_space_waiters();
@@ -522,20 +524,21 @@ async fn mesh_loop(shard: Rc<Shard>) {
         }
     };
     loop {
-        if shard.holds_publishers() {
+        if shard.hub.sessions.holds_publishers() {
             hub.flush_outboxes();
             hub.mesh.wake_space_waiters();
             // Not armed: producers do not ring for their publishes, only a
             // consumer that made room (a forced ring) does.
             monoio::select! {
-                _ = std::future::poll_fn(|cx| shard.poll_budget(cx)) => {}
+                _ = std::future::poll_fn(|cx| shard.hub.sessions.poll_budget(cx)) => {}
                 _ = doorbell.readable(false) => hub.mesh.clear_doorbell(),
             }
             continue;
         }
-        let taken = hub
-            .mesh
-            .drain(|envelope| hub.receive(&shard, envelope), || shard.holds_publishers());
+        let taken = hub.mesh.drain(
+            |envelope| take_envelope(&shard, envelope),
+            || shard.hub.sessions.holds_publishers(),
+        );
         hub.flush_outboxes();
         hub.mesh.wake_space_waiters();
         if taken > 0 {
@@ -552,6 +555,15 @@ async fn mesh_loop(shard: Rc<Shard>) {
     }
 }
 
+/// Applies one envelope from another core; an action on one of this
+/// core's sessions is carried out here and answered.
+pub(crate) fn take_envelope(shard: &Rc<Shard>, envelope: crate::pubsub::mesh::Envelope) {
+    if let Some(request) = shard.hub.receive(envelope) {
+        let found = shard.act_on_session(request.key, request.action);
+        shard.hub.reply(request.from, request.request, found);
+    }
+}
+
 /// Writes deliveries to the sessions that may take them without their
 /// task (`Shard::flush_direct`). It is woken by the first delivery and runs
 /// after the task that delivered has yielded, so what a publisher's whole
@@ -565,7 +577,7 @@ async fn flush_loop(shard: Rc<Shard>) {
         .ok();
     let mut batch = Vec::new();
     loop {
-        std::future::poll_fn(|cx| shard.poll_dirty(cx, &mut batch)).await;
+        std::future::poll_fn(|cx| shard.poll_ready(cx, &mut batch)).await;
         let mut done = 0;
         while done < batch.len() {
             let slice = match io_yield {

@@ -114,7 +114,11 @@ impl Shutdown {
         // takes the last of them. At the deadline it takes what is there.
         // (Other envelopes that come, interest and replies, are few.)
         let hub = &shard.hub;
-        while hub.mesh.drain(|envelope| hub.receive(shard, envelope), || false) > 0 {}
+        while hub
+            .mesh
+            .drain(|envelope| super::take_envelope(shard, envelope), || false)
+            > 0
+        {}
         if !all_quiet && shard.config.drain_timeout_ms > 0 {
             tracing::warn!(
                 core = shard.core,

@@ -1,0 +1,178 @@
+//! The queues and the budget, driven without a socket: a "socket" here is
+//! a closure that takes bytes (or refuses them).
+
+use super::*;
+use crate::config::Options;
+use slotmap::SlotMap;
+
+fn sessions(opts: Options) -> Sessions {
+    let config = Arc::new(opts.validate(1).unwrap());
+    Sessions::new(config, Rc::new(RefCell::new(Stats::default())))
+}
+
+fn budget_opts(slow_consumer: SlowConsumer, max_outbound_bytes: usize) -> Options {
+    Options {
+        max_outbound_bytes: Some(max_outbound_bytes),
+        max_core_outbound_bytes: Some(4096),
+        stall_timeout_ms: Some(100),
+        slow_consumer: Some(slow_consumer),
+        ..Options::default()
+    }
+}
+
+/// Keys of sessions, as the connection layer's table makes them.
+fn keys(n: usize) -> Vec<SessionKey> {
+    let mut table: SlotMap<SessionKey, ()> = SlotMap::with_key();
+    (0..n).map(|_| table.insert(())).collect()
+}
+
+/// Writes into `sink`, taking at most `room` bytes in all, then refusing.
+fn into(sink: &mut Vec<u8>, room: usize) -> impl FnMut(&[IoSlice<'_>]) -> io::Result<usize> + '_ {
+    move |iov| {
+        let left = room.saturating_sub(sink.len());
+        if left == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut taken = 0;
+        for part in iov {
+            let n = part.len().min(left - taken);
+            sink.extend_from_slice(&part[..n]);
+            taken += n;
+            if taken == left {
+                break;
+            }
+        }
+        Ok(taken)
+    }
+}
+
+#[test]
+fn a_message_in_parts_is_never_cut() {
+    let s = sessions(Options::default());
+    let [key, other] = keys(2)[..] else { unreachable!() };
+    s.open(key);
+    let parts = |m: &'static [u8]| {
+        [
+            Bytes::from_static(&m[..1]),
+            Bytes::from_static(&m[1..2]),
+            Bytes::from_static(&m[2..]),
+        ]
+    };
+    let queued = |s: &Sessions, key: SessionKey| {
+        let table = s.table.borrow();
+        let state = &table[key];
+        let bytes: Vec<u8> = state.queue.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        (bytes[state.head_sent..].to_vec(), state.queued_bytes)
+    };
+    s.enqueue(key, &mut parts(b"AAA"), true);
+    s.enqueue(key, &mut parts(b"BBB"), true);
+    assert_eq!(s.stats.borrow().deliveries, 2);
+    // A byte of the first part is out: the rest of that message stays.
+    let mut sink = Vec::new();
+    s.write(key, false, into(&mut sink, 1)).unwrap();
+    assert_eq!(sink, b"A");
+    s.close(key);
+    assert_eq!(queued(&s, key), (b"AA".to_vec(), 2));
+    // Only the rest of the message goes before other output, and
+    // messages, not parts, are counted.
+    let mut sink = Vec::new();
+    s.write(key, true, into(&mut sink, 100)).unwrap();
+    assert_eq!(sink, b"AA");
+    assert_eq!(queued(&s, key), (Vec::new(), 0));
+    assert_eq!(s.stats.borrow().messages_out, 1, "messages are counted, not parts");
+    // Its first part out, the last two stay when the rest is dropped.
+    let key = other;
+    s.open(key);
+    s.enqueue(key, &mut parts(b"CCC"), true);
+    s.enqueue(key, &mut parts(b"DDD"), true);
+    let mut sink = Vec::new();
+    s.write(key, false, into(&mut sink, 1)).unwrap();
+    s.close(key);
+    assert_eq!(queued(&s, key), (b"CC".to_vec(), 2));
+    assert_eq!(s.queued_bytes(), 2);
+}
+
+#[test]
+fn a_grown_queue_is_kept_while_busy_and_freed_by_the_tick() {
+    let s = sessions(Options::default());
+    let [key] = keys(1)[..] else { unreachable!() };
+    s.open(key);
+    let capacity = || s.table.borrow()[key].queue.capacity();
+    for _ in 0..IOV_PARTS * 5 {
+        s.deliver_frame(key, &Bytes::from_static(b"x"), true);
+    }
+    let mut sink = Vec::new();
+    s.write(key, false, into(&mut sink, usize::MAX)).unwrap();
+    assert!(!s.has_deliveries(key));
+    assert!(capacity() > IOV_PARTS * 2, "kept for the next batch");
+    s.tick(1);
+    assert_eq!(capacity(), 0, "freed once the tick finds it empty");
+}
+
+#[test]
+fn a_hold_past_the_stall_timeout_sheds_stuck_subscribers_then_the_largest_queues() {
+    for policy in [SlowConsumer::Close, SlowConsumer::Drop] {
+        let s = sessions(budget_opts(policy, 2048));
+        let [stuck, big, small] = keys(3)[..] else {
+            unreachable!()
+        };
+        for key in [stuck, big, small] {
+            s.open(key);
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        // Queues of 1000, 2000 and 1200 bytes (and a byte before each of
+        // the last two): over the 4096 budget.
+        let frame = |n: usize| Bytes::from(vec![0u8; n]);
+        s.deliver_frame(stuck, &frame(1000), true);
+        s.deliver_frame(big, &frame(1), true);
+        s.deliver_frame(big, &frame(2000), true);
+        s.deliver_frame(small, &frame(1), true);
+        s.deliver_frame(small, &frame(1200), true);
+        assert!(s.poll_budget(&mut cx).is_pending());
+        // The others took something (that byte) 60 ms into the hold.
+        s.tick(60);
+        for key in [big, small] {
+            let mut sink = Vec::new();
+            s.write(key, false, into(&mut sink, 1)).unwrap();
+        }
+        assert_eq!(s.tick(99), Vec::new());
+        assert_eq!(s.queued_bytes(), 4200, "not stalled yet");
+        // Held for the stall timeout: the stuck one goes, then the
+        // largest queue, which takes the core down to half the budget.
+        let slow = s.tick(100);
+        assert_eq!(s.queued_bytes(), 1200);
+        assert!(s.poll_budget(&mut cx).is_ready());
+        assert!(s.has_deliveries(small));
+        let stats = s.stats.borrow().clone();
+        match policy {
+            SlowConsumer::Close => {
+                assert_eq!((stats.slow_consumers, stats.dropped), (2, 0));
+                assert_eq!(slow, vec![stuck, big]);
+            }
+            SlowConsumer::Drop => {
+                assert_eq!((stats.slow_consumers, stats.dropped), (0, 2));
+                assert_eq!(slow, Vec::new());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_removed_session_leaves_its_topics_and_publishes_and_the_total() {
+    let s = sessions(Options::default());
+    let [key] = keys(1)[..] else { unreachable!() };
+    s.open(key);
+    assert_eq!(s.join(key, b"a", 2), Ok(true));
+    assert_eq!(s.join(key, b"a", 2), Ok(false));
+    assert_eq!(s.join(key, b"b", 2), Ok(true));
+    assert_eq!(s.join(key, b"c", 2), Err(TooManyTopics), "at most 2");
+    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true);
+    assert_eq!(s.queued_bytes(), 3);
+    let removed = s.remove(key).unwrap();
+    assert_eq!(removed.topics.len(), 2);
+    assert_eq!(s.queued_bytes(), 0);
+    assert!(s.remove(key).is_none());
+    // Nothing is queued for a session that is not (or no longer) one.
+    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true);
+    assert_eq!(s.queued_bytes(), 0);
+}

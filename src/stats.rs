@@ -1,0 +1,103 @@
+//! A core's counters, kept by every layer that counts something on it
+//! (connections, the hub, the admin port) and summed across cores when
+//! reported (`admin::metrics`, the log line at exit). Plain data.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted: u64,
+    pub upgraded: u64,
+    pub health_checks: u64,
+    pub handshake_timeouts: u64,
+    /// Refused handshakes by HTTP status.
+    pub rejected: BTreeMap<u16, u64>,
+    /// Ended sessions by RFC 6455 7.1.5 close code: the code of the close frame
+    /// the peer sent, 1005 if it had none, 1006 if the peer sent none.
+    pub closed: BTreeMap<u16, u64>,
+    /// Close frames we sent first and got out, by code (violations, shutdown, idle).
+    pub close_sent: BTreeMap<u16, u64>,
+    /// Whole data messages received, and their payload bytes.
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    /// Data messages sent (echoes and deliveries), and bytes written.
+    pub messages_out: u64,
+    pub bytes_out: u64,
+    /// Times a quiet session parked, and times a parked one got a task again.
+    pub parks: u64,
+    pub resumes: u64,
+    /// Publishes made on this core (by its clients), frames queued for its
+    /// subscribers, deliveries dropped (policy drop), slow consumers closed.
+    pub publishes: u64,
+    pub deliveries: u64,
+    pub dropped: u64,
+    pub slow_consumers: u64,
+    /// Times the core's queued deliveries passed their budget, so its
+    /// publishers were held.
+    pub publish_holds: u64,
+    /// Handshakes refused with 503 at `--max-connections`, and at
+    /// `--max-connections-per-ip`.
+    pub refused_max_connections: u64,
+    pub refused_max_per_ip: u64,
+    /// Handshakes refused with 429 at `--max-handshakes-per-sec-per-ip`.
+    pub refused_handshake_rate: u64,
+    /// Connections closed at accept: the WebSocket port's share of the
+    /// open-files limit was taken (see `Admission::take_socket`).
+    pub refused_sockets: u64,
+    /// Admin connections refused (503) at `--admin-max-connections`.
+    pub refused_admin: u64,
+    /// Data messages over a connection's rate limits (dropped, or the one
+    /// that closed it).
+    pub rate_limited: u64,
+    /// Handshakes refused with 401, by `auth::Failure::index`.
+    pub auth_failures: [u64; 7],
+    /// Subscribes and publishes the session's grants refused.
+    pub denied_subscribes: u64,
+    pub denied_publishes: u64,
+    /// Fresh tokens taken in a session (`AUTH`), and sessions closed with
+    /// 4001 when theirs expired.
+    pub token_refreshes: u64,
+    pub tokens_expired: u64,
+}
+
+impl Stats {
+    pub fn merge(&mut self, other: &Stats) {
+        self.accepted += other.accepted;
+        self.upgraded += other.upgraded;
+        self.health_checks += other.health_checks;
+        self.handshake_timeouts += other.handshake_timeouts;
+        for (k, v) in &other.rejected {
+            *self.rejected.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.closed {
+            *self.closed.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.close_sent {
+            *self.close_sent.entry(*k).or_default() += v;
+        }
+        self.messages_in += other.messages_in;
+        self.bytes_in += other.bytes_in;
+        self.messages_out += other.messages_out;
+        self.bytes_out += other.bytes_out;
+        self.parks += other.parks;
+        self.resumes += other.resumes;
+        self.publishes += other.publishes;
+        self.deliveries += other.deliveries;
+        self.dropped += other.dropped;
+        self.slow_consumers += other.slow_consumers;
+        self.publish_holds += other.publish_holds;
+        self.refused_max_connections += other.refused_max_connections;
+        self.refused_max_per_ip += other.refused_max_per_ip;
+        self.refused_handshake_rate += other.refused_handshake_rate;
+        self.refused_sockets += other.refused_sockets;
+        self.refused_admin += other.refused_admin;
+        self.rate_limited += other.rate_limited;
+        for (mine, theirs) in self.auth_failures.iter_mut().zip(other.auth_failures) {
+            *mine += theirs;
+        }
+        self.denied_subscribes += other.denied_subscribes;
+        self.denied_publishes += other.denied_publishes;
+        self.token_refreshes += other.token_refreshes;
+        self.tokens_expired += other.tokens_expired;
+    }
+}
