@@ -17,11 +17,15 @@
 
 pub mod admission;
 pub mod app;
+mod input;
 pub mod outbound;
 pub mod park;
 pub mod pool;
+pub mod session;
 pub mod shard;
+pub mod slot;
 pub mod stomp;
+mod upgrade;
 
 use std::future::Future;
 use std::io;
@@ -31,14 +35,14 @@ use std::task::{Context, Poll};
 
 use monoio::net::TcpStream;
 
-use crate::auth::Identity;
-use crate::config::{Config, RateLimit, RouteId, HEALTH_PATH};
+use crate::config::RouteId;
 use crate::sys::socket::Socket;
-use crate::ws::{handshake, CloseCode, Event, MessageReader, Opcode, Role, Step, Violation};
+use crate::ws::{handshake, CloseCode, MessageReader, Opcode, Role, Violation};
 use app::App;
+use input::process;
 use outbound::{Flush, Outbound};
-use pool::BufferPool;
 use shard::{Kick, Phase, Session, Shard, SCRATCH_BYTES};
+use upgrade::{answer_head, Answer};
 
 /// Why the loop woke.
 enum Wake {
@@ -124,7 +128,7 @@ impl<F: Future<Output = io::Result<()>>, W: Waiter> Future for ReadyOrKick<F, W>
 }
 
 /// What processing a batch of input decided.
-enum Flow {
+pub(super) enum Flow {
     Continue,
     /// The peer sent a close frame (with this code); ours is queued in reply.
     PeerClosed(Option<CloseCode>),
@@ -705,188 +709,6 @@ impl<'a> Conn<'a> {
         pool.give(std::mem::take(&mut self.carry));
         self.out.release(pool);
     }
-}
-
-/// What a complete request head leads to; its response is already queued.
-enum Answer {
-    Upgrade(RouteId),
-    Health,
-    Reject(handshake::Reject),
-}
-
-/// Parses a request head and queues the response once it is complete.
-/// `None` while incomplete; otherwise the answer and the head's length.
-fn answer_head(
-    buf: &[u8],
-    config: &Config,
-    out: &mut Outbound,
-    pool: &BufferPool,
-    session: &Session,
-) -> Option<(Answer, usize)> {
-    let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
-        Ok(None) => return None,
-        Err(reject) => (Err(reject), buf.len()),
-        Ok(Some((head, head_len))) => (decide(&head, config, out, pool, session), head_len),
-    };
-    Some(match answer {
-        Ok(answer) => (answer, head_len),
-        Err(reject) => {
-            out.push_bytes(pool, &reject.response());
-            (Answer::Reject(reject), head_len)
-        }
-    })
-}
-
-/// Routes and validates a complete request head (RFC 6455 4.2.1, 4.2.2),
-/// queueing the 101 or the health answer. Admission decides last, so only
-/// a handshake that would succeed counts against the connection caps; the
-/// handshake rate is charged before the token is checked, so that bad
-/// tokens cost a flooding address its rate too.
-fn decide(
-    head: &handshake::Head<'_>,
-    config: &Config,
-    out: &mut Outbound,
-    pool: &BufferPool,
-    session: &Session,
-) -> Result<Answer, handshake::Reject> {
-    // Shutting down: no new session, and no health check that says ready.
-    if session.shard().takes_no_input() {
-        return Err(handshake::Reject::ShuttingDown);
-    }
-    if head.path == HEALTH_PATH && !head.wants_upgrade() {
-        out.push_bytes(pool, &handshake::health_response(head.method)?);
-        return Ok(Answer::Health);
-    }
-    let (id, route) = config.route(head.path).ok_or(handshake::Reject::NotFound)?;
-    let key = head.validate_upgrade()?;
-    if !head.origin_allowed(&route.origins) {
-        return Err(handshake::Reject::ForbiddenOrigin);
-    }
-    session.admit(|| authenticate(head, route, config.verifier.as_deref(), session))?;
-    out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
-    Ok(Answer::Upgrade(id))
-}
-
-/// Who the client is, by the token of its handshake, as its route asks
-/// (`auth::Mode`): `None` on a route that takes no tokens.
-/// A refusal is counted by its reason.
-fn authenticate(
-    head: &handshake::Head<'_>,
-    route: &crate::config::Route,
-    verifier: Option<&crate::auth::Verifier>,
-    session: &Session,
-) -> Result<Option<Identity>, handshake::Reject> {
-    use crate::auth::{Failure, Mode};
-    let Some(verifier) = verifier.filter(|_| route.auth != Mode::None) else {
-        return Ok(None);
-    };
-    let identity = match crate::auth::token_of(head.authorization, head.offered_protocols(), head.query) {
-        Some(token) => verifier.verify(token, crate::auth::unix_now()),
-        None if route.auth == Mode::Optional => Ok(Identity::anonymous(route.anonymous.clone())),
-        None => Err(Failure::Missing),
-    };
-    identity.map(Some).map_err(|failure| {
-        session.shard().stats.borrow_mut().auth_failures[failure.index()] += 1;
-        failure.reject()
-    })
-}
-
-/// Runs every complete frame in `data` through the reader and the app.
-/// Returns the bytes used (the rest is a partial frame), what to do next, and
-/// the whole size of the partial frame when its header is complete.
-fn process(
-    data: &mut [u8],
-    reader: &mut MessageReader,
-    app: &mut App,
-    out: &mut Outbound,
-    session: &Session,
-) -> (usize, Flow, Option<usize>) {
-    let shard = session.shard();
-    let pool = &shard.pool;
-    let mut pos = 0;
-    let mut messages_in = 0u64;
-    let mut bytes_in = 0u64;
-    let echoes = matches!(app, App::Echo);
-    let mut partial_frame_bytes = None;
-    // Messages dropped over the rate limits (never echoed).
-    let mut limited = 0;
-    if shard.takes_no_input() && !matches!(app, App::Closing) {
-        // Shutting down: nothing read from now on is acted on (the close
-        // handshake's own reading, as `App::Closing`, goes on).
-        return (0, Flow::Continue, None);
-    }
-    // Input that waited for a publish to get through goes first.
-    app.resume(out, pool, session);
-    if let Some(code) = app.take_close(session) {
-        return (0, Flow::AppClosed(code), None);
-    }
-    if app.is_pubsub() && session.is_blocked() {
-        return (0, Flow::Continue, None);
-    }
-    let flow = loop {
-        match reader.read(&mut data[pos..]) {
-            Ok(Step::Need { frame_bytes }) => {
-                partial_frame_bytes = frame_bytes;
-                break Flow::Continue;
-            }
-            Ok(Step::Fragment(n)) => pos += n,
-            Ok(Step::Event(event, n)) => {
-                pos += n;
-                match event {
-                    Event::Message { kind, payload } => {
-                        messages_in += 1;
-                        bytes_in += payload.len() as u64;
-                        if !session.take_tokens(payload.len()) {
-                            if shard.config.rate_limit == RateLimit::Drop {
-                                limited += 1;
-                                continue;
-                            }
-                            let violation = Violation {
-                                code: CloseCode::POLICY_VIOLATION,
-                                reason: "rate limit",
-                            };
-                            if app.replies() {
-                                out.push_close(pool, Some(violation.code), violation.reason);
-                            }
-                            break Flow::Failed(violation);
-                        }
-                        app.on_message(kind, payload, out, pool, session);
-                        if let Some(code) = app.take_close(session) {
-                            break Flow::AppClosed(code);
-                        }
-                        if app.is_pubsub() && session.is_blocked() {
-                            // A cross-core ring is full: stop here; the rest
-                            // waits in `carry` until the publish is through.
-                            break Flow::Continue;
-                        }
-                    }
-                    // RFC 6455 5.5.2: answer a ping with a pong of the same payload.
-                    Event::Ping(payload) if app.replies() => out.push_frame(pool, Opcode::Pong, payload),
-                    Event::Ping(_) | Event::Pong(_) => {}
-                    Event::Close(close) => {
-                        // RFC 6455 5.5.1: reply with a close, echoing the code.
-                        if app.replies() {
-                            out.push_close(pool, close.code, "");
-                        }
-                        break Flow::PeerClosed(close.code);
-                    }
-                }
-            }
-            Err(violation) => {
-                if app.replies() {
-                    out.push_close(pool, Some(violation.code), violation.reason);
-                }
-                break Flow::Failed(violation);
-            }
-        }
-    };
-    let mut stats = shard.stats.borrow_mut();
-    stats.messages_in += messages_in;
-    stats.bytes_in += bytes_in;
-    if echoes {
-        stats.messages_out += messages_in - limited;
-    }
-    (pos, flow, partial_frame_bytes)
 }
 
 #[cfg(test)]

@@ -14,199 +14,29 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use bytes::Bytes;
-use slotmap::{Key, KeyData, SlotMap};
+use slotmap::{KeyData, SlotMap};
 
 use super::outbound::Flush;
 use super::park::ParkingLot;
 use super::pool::BufferPool;
-use crate::auth::{Action, Identity};
-use crate::config::{Config, RouteId};
-use crate::proto::stomp::conn::StompConn;
+pub use super::session::Session;
+pub use super::slot::{Kick, Phase, TokenRefused};
+use super::slot::{Slot, Stopping, HEART_BEAT_FRAME};
+use crate::config::Config;
 use crate::pubsub::mesh::CoreMesh;
-use crate::pubsub::message::Message;
 use crate::pubsub::sessions::Ready;
-use crate::pubsub::topics::StompTarget;
 use crate::pubsub::Hub;
 pub use crate::pubsub::SessionKey;
+pub use crate::stats::Stats;
 use crate::sys::socket::Socket;
 use crate::ws::CloseCode;
-use crate::ws::MessageKind;
-
-/// Why a session did not take a fresh token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenRefused {
-    /// The session's route takes no tokens.
-    NotTaken,
-    Invalid(crate::auth::Failure),
-    /// A valid token of another user.
-    OtherUser,
-}
-
-/// What the sweep asks a session to do. A bit set: several can be due.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Kick(u16);
-
-impl Kick {
-    pub const PING: Kick = Kick(1);
-    pub const TIMEOUT: Kick = Kick(2);
-    pub const SHUTDOWN: Kick = Kick(4);
-    /// End now, without a close handshake (the drain time is over).
-    pub const ABORT: Kick = Kick(8);
-    /// Quiet for `park_after_ms`: park if nothing is in progress.
-    pub const PARK: Kick = Kick(16);
-    /// Deliveries were queued for the session.
-    pub const DELIVER: Kick = Kick(32);
-    /// The session's deliveries passed `max_outbound_bytes` (policy close).
-    pub const SLOW: Kick = Kick(64);
-    /// The admin API asked to close the session (`take_close_request`).
-    pub const CLOSE: Kick = Kick(128);
-    /// The session's token expired: close with 4001.
-    pub const EXPIRED: Kick = Kick(256);
-
-    pub fn has(self, k: Kick) -> bool {
-        self.0 & k.0 != 0
-    }
-
-    pub fn with(self, k: Kick) -> Kick {
-        Kick(self.0 | k.0)
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-}
-
-/// Where the core is in an ordered shutdown (`server::shutdown`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stopping {
-    No,
-    /// No connection, admin request or session input is taken.
-    Input,
-    /// Sessions are sent their deliveries, then 1001.
-    Close,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for the request head: bounded by `handshake_timeout_ms`.
-    Handshake,
-    /// Upgraded: pinged when quiet, closed when silent past `idle_timeout_ms`.
-    Open,
-    /// Our close is sent (or we are answering one): bounded by `close_timeout_ms`.
-    Closing,
-}
-
-struct Slot {
-    phase: Phase,
-    phase_since_ms: u64,
-    last_rx_ms: u64,
-    last_ping_ms: u64,
-    /// Last time deliveries went out (a subscriber that only receives is
-    /// not quiet, and does not park between deliveries).
-    last_tx_ms: u64,
-    last_park_kick_ms: u64,
-    shutdown_sent: bool,
-    kick: Kick,
-    waker: Option<Waker>,
-    /// Set while the session has no task.
-    parked: Option<Parked>,
-    /// A STOMP connection's state, and a close asked for from outside the
-    /// task (the admin API, a missed heart-beat): only for some sessions.
-    app: Option<Box<AppState>>,
-    /// The socket of the session's task (while it has one).
-    fd: RawFd,
-    /// The task waits with nothing of its own queued: the shard may write
-    /// deliveries to `fd` itself (`Shard::flush_direct`).
-    direct: bool,
-    /// The session counts against the admission caps (from its 101 until
-    /// the slot is removed).
-    admitted: bool,
-    /// Its socket counts against the WebSocket port's share of the
-    /// open-files limit (`Admission::take_socket`).
-    socket_taken: bool,
-    /// What only some configurations need (a per-address cap, rate
-    /// limits, tokens): allocated on first use, so it weighs on no other slot.
-    extra: Option<Box<Extra>>,
-    /// The TLS state of a `wss://` connection (here rather than in `extra`:
-    /// a TLS connection needs nothing else of it).
-    tls: Option<crate::sys::socket::Tls>,
-    /// STOMP heart-beats (ms, 0: none): we send one when we have sent
-    /// nothing for `heart_beat_send_ms`; the peer must send something at
-    /// least every `heart_beat_expect_ms`.
-    heart_beat_send_ms: u64,
-    heart_beat_expect_ms: u64,
-}
-
-/// A session's address (kept only under a per-address cap), the token
-/// buckets of its inbound messages and bytes as of `bucket_ms` (see
-/// `Session::take_tokens`), and who it is (routes that take tokens).
-struct Extra {
-    peer_ip: Option<std::net::IpAddr>,
-    identity: Option<Identity>,
-    message_tokens: f64,
-    byte_tokens: f64,
-    bucket_ms: u64,
-}
-
-impl Extra {
-    /// Full buckets as of `now`.
-    fn new(config: &Config, now: u64) -> Extra {
-        Extra {
-            peer_ip: None,
-            identity: None,
-            message_tokens: f64::from(config.max_messages_per_sec),
-            byte_tokens: config.max_bytes_per_sec as f64,
-            bucket_ms: now,
-        }
-    }
-}
-
-impl Slot {
-    fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        self.extra.as_ref().and_then(|l| l.peer_ip)
-    }
-
-    fn tls(&self) -> Option<crate::sys::socket::Tls> {
-        self.tls.clone()
-    }
-
-    fn identity(&self) -> Option<&Identity> {
-        self.extra.as_ref().and_then(|e| e.identity.as_ref())
-    }
-
-    fn extra(&mut self, config: &Config, now: u64) -> &mut Extra {
-        self.extra.get_or_insert_with(|| Box::new(Extra::new(config, now)))
-    }
-}
-
-/// What a session's slot keeps for its protocol, outside its task.
-#[derive(Default)]
-struct AppState {
-    /// A close the admin API (or a missed heart-beat) asked for: code and
-    /// reason.
-    close_request: Option<(u16, Bytes)>,
-    /// A STOMP connection's codec and session state.
-    stomp: Option<Box<StompConn>>,
-}
-
-/// A STOMP heart-beat: an EOL, in a text frame of its own.
-const HEART_BEAT_FRAME: &[u8] = &[0x81, 0x01, b'\n'];
-
-/// What a parked session keeps: its socket (a duplicate fd, registered in
-/// the parking lot) and its route.
-struct Parked {
-    fd: OwnedFd,
-    route: RouteId,
-}
-
-pub use crate::stats::Stats;
 
 /// Read scratch per core: every ready socket is read into it, parsed, and
 /// what must outlive the read is copied out, so no connection owns it.
@@ -226,25 +56,25 @@ pub struct Shard {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The core's counters, shared with its hub.
     pub stats: Rc<RefCell<Stats>>,
-    sessions: RefCell<SlotMap<SessionKey, Slot>>,
+    pub(super) sessions: RefCell<SlotMap<SessionKey, Slot>>,
     pub hub: Hub,
-    lot: ParkingLot,
+    pub(super) lot: ParkingLot,
     /// Parking needs the lot's waiter running (see `enable_parking`).
-    parking: Cell<bool>,
-    parked: Cell<usize>,
-    start: Instant,
-    now_ms: Cell<u64>,
-    stopping: Cell<Stopping>,
+    pub(super) parking: Cell<bool>,
+    pub(super) parked: Cell<usize>,
+    pub(super) start: Instant,
+    pub(super) now_ms: Cell<u64>,
+    pub(super) stopping: Cell<Stopping>,
     /// Woken when shutdown begins (the accept loop) or the table empties (the drain).
-    watcher: Cell<Option<Waker>>,
+    pub(super) watcher: Cell<Option<Waker>>,
     /// Admin connections open on this core, by id, with the waker of
     /// each that waits to read: woken when shutdown begins, so they end
     /// instead of idling. An entry leaves with its connection.
-    admin_waiters: RefCell<std::collections::HashMap<u64, Option<Waker>>>,
-    next_admin: Cell<u64>,
+    pub(super) admin_waiters: RefCell<std::collections::HashMap<u64, Option<Waker>>>,
+    pub(super) next_admin: Cell<u64>,
     /// The drain's deadline passed (`abort_all`): admin connections end
     /// even in the middle of a write.
-    admin_aborted: Cell<bool>,
+    pub(super) admin_aborted: Cell<bool>,
 }
 
 impl Shard {
@@ -391,7 +221,7 @@ impl Shard {
 
     /// Kicks with `SHUTDOWN` the sessions due it now: those in their
     /// handshake, and (once closing) the open ones. Each is kicked once.
-    fn kick_for_shutdown(self: &Rc<Self>) {
+    pub(super) fn kick_for_shutdown(self: &Rc<Self>) {
         let mut due_parked = Vec::new();
         for (key, slot) in self.sessions.borrow_mut().iter_mut() {
             if self.shutdown_due(slot) {
@@ -409,7 +239,7 @@ impl Shard {
         }
     }
 
-    fn shutdown_due(&self, slot: &Slot) -> bool {
+    pub(super) fn shutdown_due(&self, slot: &Slot) -> bool {
         !slot.shutdown_sent
             && match (self.stopping.get(), slot.phase) {
                 (Stopping::No, _) | (_, Phase::Closing) => false,
@@ -452,7 +282,7 @@ impl Shard {
 
     /// Keeps `waker` as admin connection `id`'s (woken at shutdown and at
     /// the drain's deadline); `false` if there is no such connection.
-    fn admin_wait(&self, id: u64, waker: &Waker) -> bool {
+    pub(super) fn admin_wait(&self, id: u64, waker: &Waker) -> bool {
         let mut waiters = self.admin_waiters.borrow_mut();
         let Some(slot) = waiters.get_mut(&id) else { return false };
         match slot {
@@ -462,7 +292,7 @@ impl Shard {
         true
     }
 
-    fn wake_admin(&self) {
+    pub(super) fn wake_admin(&self) {
         for w in self.admin_waiters.borrow_mut().values_mut().filter_map(Option::take) {
             w.wake();
         }
@@ -506,7 +336,7 @@ impl Shard {
     /// What a slot being removed gives back: its place under the
     /// admission caps. (Its pub/sub state the caller removes from the hub,
     /// outside the table's borrow: `Hub::remove_session`.)
-    fn release_slot(&self, slot: &mut Slot) {
+    pub(super) fn release_slot(&self, slot: &mut Slot) {
         if std::mem::take(&mut slot.admitted) {
             self.admission.release(slot.peer_ip());
         }
@@ -520,7 +350,7 @@ impl Shard {
         self.sweep_at(self.start.elapsed().as_millis() as u64);
     }
 
-    fn sweep_at(self: &Rc<Self>, now: u64) {
+    pub(super) fn sweep_at(self: &Rc<Self>, now: u64) {
         self.now_ms.set(now);
         let c = &self.config;
         let shutting_down = self.is_shutting_down();
@@ -636,7 +466,7 @@ impl Shard {
 
     /// Gives a parked session a task again; its pending kicks are waiting
     /// in its slot. Does nothing if the session is not parked.
-    fn resume(self: &Rc<Self>, key: SessionKey) {
+    pub(super) fn resume(self: &Rc<Self>, key: SessionKey) {
         let parked = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(parked) = sessions.get_mut(key).and_then(|s| s.parked.take()) else {
@@ -743,7 +573,7 @@ impl Shard {
 
     /// Adds `kick` to session `key` and wakes its task, or gives it a task
     /// again if it is parked.
-    fn kick(self: &Rc<Self>, key: SessionKey, kick: Kick) {
+    pub(super) fn kick(self: &Rc<Self>, key: SessionKey, kick: Kick) {
         let resume = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(slot) = sessions.get_mut(key) else { return };
@@ -808,7 +638,7 @@ impl Shard {
 /// Writes a session's queued deliveries (`Sessions::write`), many parts
 /// per vectored send, until the queue is empty or the socket is full. With
 /// `partial_only`, only the rest of a message already partly written.
-fn write_deliveries(
+pub(super) fn write_deliveries(
     slot: &mut Slot,
     key: SessionKey,
     socket: &Socket<'_>,
@@ -832,866 +662,5 @@ fn write_deliveries(
     Ok(Flush::Done)
 }
 
-/// A session's entry in its shard; removed when dropped.
-pub struct Session {
-    shard: Rc<Shard>,
-    key: SessionKey,
-}
-
-impl Session {
-    pub fn shard(&self) -> &Shard {
-        &self.shard
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> R {
-        let mut sessions = self.shard.sessions.borrow_mut();
-        // A Session is the only remover of its slot, so the slot exists.
-        f(sessions
-            .get_mut(self.key)
-            .expect("session slot exists while the Session lives"))
-    }
-
-    /// The session's id for the admin API and `HELLO`: core, slot and
-    /// generation, `<core>.<slot>.<generation>`.
-    pub fn id(&self) -> String {
-        let ffi = self.key.data().as_ffi();
-        format!("{}.{}.{}", self.shard.core, ffi & 0xffff_ffff, ffi >> 32)
-    }
-
-    pub fn key(&self) -> SessionKey {
-        self.key
-    }
-
-    /// Makes this a pub/sub session: it can subscribe and take deliveries.
-    pub fn enable_pubsub(&self) {
-        self.shard.hub.sessions.open(self.key);
-    }
-
-    /// Subscribes the session to `topic` (a valid name); `Ok(false)` if it
-    /// already was. Fails at `max_subscriptions`.
-    pub fn subscribe(&self, topic: &[u8]) -> Result<bool, crate::proto::native::Refusal> {
-        let max = self.shard.config.max_subscriptions;
-        self.shard
-            .hub
-            .subscribe_native(self.key, topic, max)
-            .map_err(|_| crate::proto::native::Refusal::TooManySubscriptions)
-    }
-
-    pub fn unsubscribe(&self, topic: &[u8]) {
-        self.shard.hub.unsubscribe_native(self.key, topic);
-    }
-
-    /// Adds a STOMP subscription to the topic table key `key` (the session
-    /// rules bound how many there are).
-    pub fn subscribe_stomp(&self, key: &[u8], target: StompTarget) {
-        self.shard.hub.subscribe_stomp(self.key, key, target);
-    }
-
-    /// Ends the STOMP subscription `id` (escaped) to `key`.
-    pub fn unsubscribe_stomp(&self, key: &[u8], id: &str) {
-        self.shard.hub.unsubscribe_stomp(self.key, key, id);
-    }
-
-    /// Publishes a native message from this session.
-    pub fn publish(&self, kind: MessageKind, topic: &[u8], payload: &[u8]) {
-        let id = self.shard.hub.next_message_id();
-        self.publish_message(Message::native(kind, topic, payload, id));
-    }
-
-    /// Publishes from this session (`Hub::publish_from`): the session is
-    /// not read while its publish waits (`poll_unblocked`).
-    pub fn publish_message(&self, message: Message) {
-        self.shard.hub.publish_from(self.key, message);
-    }
-
-    /// Sets the negotiated STOMP heart-beats (ms, 0: none): the sweep sends
-    /// ours and closes the session when the peer's stop.
-    pub fn set_heart_beats(&self, send_ms: u64, expect_ms: u64) {
-        self.with(|s| {
-            s.heart_beat_send_ms = send_ms;
-            s.heart_beat_expect_ms = expect_ms;
-        });
-    }
-
-    /// Makes this a STOMP session with this state.
-    pub fn set_stomp(&self, conn: Box<StompConn>) {
-        self.with(|s| s.app.get_or_insert_with(Default::default).stomp = Some(conn));
-    }
-
-    /// Runs `f` on the session's STOMP state (`None` if it has none). The
-    /// state is out of the slot meanwhile, so `f` may use the shard.
-    pub fn with_stomp<R>(&self, f: impl FnOnce(&mut StompConn) -> R) -> Option<R> {
-        let mut conn = self.with(|s| s.app.as_mut().and_then(|a| a.stomp.take()))?;
-        let r = f(&mut conn);
-        self.set_stomp(conn);
-        Some(r)
-    }
-
-    /// Whether a publish waits for ring space, or for the core's queued
-    /// deliveries to be written down.
-    pub fn is_blocked(&self) -> bool {
-        self.shard.hub.sessions.is_blocked(self.key)
-    }
-
-    /// Ready once no publish waits for ring space and the core takes
-    /// publishes again.
-    pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.shard.hub.poll_unblocked(self.key, cx)
-    }
-
-    /// The close the admin API asked for, if any.
-    pub fn take_close_request(&self) -> Option<(u16, Bytes)> {
-        self.with(|s| s.app.as_mut().and_then(|a| a.close_request.take()))
-    }
-
-    /// Whether deliveries wait to be written.
-    pub fn has_deliveries(&self) -> bool {
-        self.shard.hub.sessions.has_deliveries(self.key)
-    }
-
-    /// Writes queued deliveries, many frames per vectored send, until the
-    /// queue is empty or the socket is full. With `partial_only`, only the
-    /// rest of a frame already partly written: other output may go out
-    /// only between whole frames.
-    pub fn flush_deliveries(&self, socket: &Socket<'_>, partial_only: bool) -> io::Result<Flush> {
-        let now = self.shard.now_ms();
-        let key = self.key;
-        self.with(|s| write_deliveries(s, key, socket, partial_only, now, &self.shard))
-    }
-
-    /// Takes one message of `len` payload bytes from the connection's
-    /// buckets: `false` (counted) if either limit refuses it. A bucket holds
-    /// one second's worth and refills at its rate; a message needs a whole
-    /// message token, and bytes not overdrawn (a message larger than the
-    /// byte rate passes on a full bucket and overdraws it).
-    pub fn take_tokens(&self, len: usize) -> bool {
-        let c = &self.shard.config;
-        if c.max_messages_per_sec == 0 && c.max_bytes_per_sec == 0 {
-            return true;
-        }
-        let now = self.shard.now_ms();
-        let (messages, bytes) = (f64::from(c.max_messages_per_sec), c.max_bytes_per_sec as f64);
-        let taken = self.with(|s| {
-            let b = s.extra(c, now);
-            let seconds = now.saturating_sub(b.bucket_ms) as f64 / 1000.0;
-            b.bucket_ms = now;
-            b.message_tokens = super::admission::refill(b.message_tokens, seconds, messages);
-            b.byte_tokens = super::admission::refill(b.byte_tokens, seconds, bytes);
-            let fits = (messages == 0.0 || b.message_tokens >= 1.0) && (bytes == 0.0 || b.byte_tokens >= 0.0);
-            if fits {
-                b.message_tokens -= 1.0;
-                b.byte_tokens -= len as f64;
-            }
-            fits
-        });
-        if !taken {
-            self.shard.stats.borrow_mut().rate_limited += 1;
-        }
-        taken
-    }
-
-    /// Records that the session's socket holds a place it took with
-    /// `Admission::take_socket`, given back when the slot is removed.
-    pub fn hold_socket_place(&self) {
-        self.with(|s| s.socket_taken = true);
-    }
-
-    /// Records the client's address (for the per-address cap).
-    pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
-        let config = &self.shard.config;
-        if config.max_connections_per_ip == 0 && config.max_handshakes_per_sec_per_ip == 0 {
-            return;
-        }
-        let now = self.shard.now_ms();
-        self.with(|s| s.extra(config, now).peer_ip = Some(ip));
-    }
-
-    /// Charges the handshake to its address's rate, then runs `identify`
-    /// (the token check), then counts the session against the admission
-    /// caps (its handshake is about to succeed); or says which refuses it
-    /// (counted). The rate comes first so that a flood of bad tokens is
-    /// refused with 429 before any signature is checked.
-    pub fn admit(
-        &self,
-        identify: impl FnOnce() -> Result<Option<Identity>, crate::ws::handshake::Reject>,
-    ) -> Result<(), crate::ws::handshake::Reject> {
-        use crate::ws::handshake::Reject;
-        let ip = self.with(|s| s.peer_ip());
-        let admission = &self.shard.admission;
-        let count = |reject: Reject| {
-            let mut stats = self.shard.stats.borrow_mut();
-            match reject {
-                Reject::TooManyHandshakes => stats.refused_handshake_rate += 1,
-                Reject::TooManyFromAddress => stats.refused_max_per_ip += 1,
-                _ => stats.refused_max_connections += 1,
-            }
-            reject
-        };
-        admission.handshake(ip, std::time::Instant::now()).map_err(count)?;
-        // A refused token is counted by the caller (a 401 like any other).
-        let identity = identify()?;
-        admission.admit(ip).map_err(count)?;
-        let (config, now) = (&self.shard.config, self.shard.now_ms());
-        self.with(|s| {
-            s.admitted = true;
-            if identity.is_some() {
-                s.extra(config, now).identity = identity;
-            }
-        });
-        Ok(())
-    }
-
-    /// Whether the session may do `action` on `topic` (docs/PROTOCOL.md,
-    /// "Authentication and permissions"); a refusal is counted.
-    pub fn allows(&self, action: Action, topic: &[u8]) -> bool {
-        let allowed = self.with(|s| crate::auth::allows(s.identity(), action, topic));
-        if !allowed {
-            let mut stats = self.shard.stats.borrow_mut();
-            match action {
-                Action::Subscribe => stats.denied_subscribes += 1,
-                Action::Publish => stats.denied_publishes += 1,
-            }
-        }
-        allowed
-    }
-
-    /// The native topics the session is subscribed to that its identity
-    /// no longer allows (after a fresh token with fewer grants).
-    pub fn disallowed_topics(&self) -> Vec<Box<[u8]>> {
-        let mut topics = self.shard.hub.sessions.topics_of(self.key);
-        self.with(|s| topics.retain(|t| !crate::auth::allows(s.identity(), Action::Subscribe, t)));
-        topics
-    }
-
-    /// Takes a fresh token in the session (native `AUTH`, STOMP CONNECT):
-    /// its identity replaces the session's, which moves its expiry. Only
-    /// the same user's token, or any valid one for an anonymous session
-    /// (which becomes that user's); nothing changes on a refusal.
-    pub fn take_token(&self, token: &[u8]) -> Result<(), TokenRefused> {
-        let Some(verifier) = self.shard.config.verifier.as_deref() else {
-            return Err(TokenRefused::NotTaken);
-        };
-        if self.with(|s| s.identity().is_none()) {
-            return Err(TokenRefused::NotTaken);
-        }
-        let identity = verifier
-            .verify(token, crate::auth::unix_now())
-            .map_err(TokenRefused::Invalid)?;
-        self.with(|s| match s.extra.as_mut().and_then(|e| e.identity.as_mut()) {
-            None => Err(TokenRefused::NotTaken),
-            Some(current) if current.user.is_some() && current.user != identity.user => Err(TokenRefused::OtherUser),
-            Some(current) => {
-                *current = identity;
-                Ok(())
-            }
-        })?;
-        self.shard.stats.borrow_mut().token_refreshes += 1;
-        Ok(())
-    }
-
-    /// Makes the session a TLS one (a connection of a TLS listener).
-    pub fn set_tls(&self, tls: crate::tls::TlsSession) {
-        self.with(|s| s.tls = Some(Rc::new(std::cell::RefCell::new(tls))));
-    }
-
-    /// The session's TLS state, if it has one.
-    pub fn tls(&self) -> Option<crate::sys::socket::Tls> {
-        self.with(|s| s.tls())
-    }
-
-    /// Ends the session's task at its next wait, without a word.
-    pub fn abort(&self) {
-        self.with(|s| s.kick = s.kick.with(Kick::ABORT));
-    }
-
-    /// Records the socket of the session's task.
-    pub fn set_fd(&self, fd: RawFd) {
-        self.with(|s| s.fd = fd);
-    }
-
-    /// Whether the shard may write deliveries to the task's socket itself:
-    /// only while the task waits with nothing of its own queued.
-    pub fn set_direct(&self, direct: bool) {
-        self.with(|s| s.direct = direct);
-    }
-
-    pub fn set_phase(&self, phase: Phase) {
-        let now = self.shard.now_ms();
-        self.with(|s| {
-            s.phase = phase;
-            s.phase_since_ms = now;
-        });
-        if phase == Phase::Closing {
-            // Nothing may follow our close frame (RFC 6455 5.5.1).
-            self.shard.hub.sessions.close(self.key);
-        }
-    }
-
-    /// Records that the peer is alive: it sent bytes, or took some of ours
-    /// (resets the idle clock, so a stalled write also times out).
-    pub fn peer_alive(&self) {
-        let now = self.shard.now_ms();
-        self.with(|s| s.last_rx_ms = now);
-    }
-
-    /// Parks the session: from now on its slot holds `fd` (a duplicate of
-    /// the task's socket) and the lot watches it; the task must end, and
-    /// dropping this handle then keeps the slot. On error nothing changed.
-    pub fn park(&self, fd: OwnedFd, route: RouteId) -> std::io::Result<()> {
-        let shard = &self.shard;
-        shard.lot.add(fd.as_raw_fd(), self.key.data().as_ffi())?;
-        self.with(|s| {
-            s.parked = Some(Parked { fd, route });
-            // The task is ending: a waker kept here would keep its memory.
-            s.waker = None;
-        });
-        shard.parked.set(shard.parked.get() + 1);
-        shard.stats.borrow_mut().parks += 1;
-        Ok(())
-    }
-
-    /// Takes pending kicks, or stores `waker` to be woken by the next one.
-    pub fn poll_kick(&self, waker: &Waker) -> Option<Kick> {
-        self.with(|s| {
-            if !s.kick.is_empty() {
-                return Some(std::mem::take(&mut s.kick));
-            }
-            match &s.waker {
-                Some(w) if w.will_wake(waker) => {}
-                _ => s.waker = Some(waker.clone()),
-            }
-            None
-        })
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let empty = {
-            let mut sessions = self.shard.sessions.borrow_mut();
-            if sessions.get(self.key).is_some_and(|s| s.parked.is_some()) {
-                // Parked: the slot lives on without a task.
-                return;
-            }
-            if let Some(mut slot) = sessions.remove(self.key) {
-                self.shard.release_slot(&mut slot);
-            }
-            sessions.is_empty()
-        };
-        // A closing connection leaves all its topics, and its publishes
-        // still waiting for ring space are sent after it.
-        self.shard.hub.remove_session(self.key);
-        if empty && self.shard.is_shutting_down() {
-            self.shard.wake_watcher();
-        }
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::config::Options;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct CountingWaker(AtomicUsize);
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn shard() -> Rc<Shard> {
-        let opts = Options {
-            handshake_timeout_ms: Some(100),
-            ping_interval_ms: Some(1000),
-            idle_timeout_ms: Some(3000),
-            close_timeout_ms: Some(500),
-            ..Options::default()
-        };
-        test_shard(opts)
-    }
-
-    pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
-        let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
-        let config = Arc::new(opts.validate(1).unwrap());
-        let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
-        Rc::new(Shard::new(config, mesh, admission).unwrap())
-    }
-
-    /// Queues a whole frame for session `key`, as the admin API does.
-    fn deliver(shard: &Rc<Shard>, key: SessionKey, frame: &Bytes) {
-        shard.hub.sessions.deliver_frame(key, frame, true);
-    }
-
-    /// Runs the flusher once over the sessions the hub listed ready: it
-    /// writes to idle ones, and kicks the others (`Kick::DELIVER`, `SLOW`).
-    fn run_flusher(shard: &Rc<Shard>) {
-        let (_, w) = waker();
-        let mut cx = std::task::Context::from_waker(&w);
-        let mut batch = Vec::new();
-        if shard.poll_ready(&mut cx, &mut batch).is_ready() {
-            shard.flush_direct(&batch, 0, batch.len());
-        }
-    }
-
-    fn waker() -> (Arc<CountingWaker>, Waker) {
-        let w = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        (w.clone(), Waker::from(w))
-    }
-
-    #[test]
-    fn handshake_timeout_at_the_limit() {
-        let shard = shard();
-        let s = shard.open_session();
-        let (count, w) = waker();
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(99);
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        shard.sweep_at(100);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert_eq!(s.poll_kick(&w), Some(Kick::TIMEOUT));
-        assert_eq!(s.poll_kick(&w), None, "a kick is taken once");
-    }
-
-    #[test]
-    fn pings_when_quiet_then_idle_timeout() {
-        let shard = shard();
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        let (_, w) = waker();
-        s.poll_kick(&w);
-        shard.sweep_at(999);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(1000);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PING));
-        // One ping per interval, not one per tick.
-        shard.sweep_at(1500);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(2000);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PING));
-        // Hearing from the peer resets the idle clock.
-        s.peer_alive();
-        shard.sweep_at(4999);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PING));
-        shard.sweep_at(5000);
-        assert_eq!(s.poll_kick(&w), Some(Kick::TIMEOUT));
-    }
-
-    #[test]
-    fn quiet_open_session_is_asked_to_park_once_per_interval() {
-        let opts = Options {
-            ping_interval_ms: Some(1000),
-            idle_timeout_ms: Some(3000),
-            park_after_ms: Some(400),
-            ..Options::default()
-        };
-        let shard = test_shard(opts);
-        let s = shard.open_session();
-        let h = shard.open_session();
-        s.set_phase(Phase::Open);
-        let (_, w) = waker();
-        // Without the lot's waiter running, nothing is asked to park.
-        shard.sweep_at(400);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.enable_parking();
-        shard.sweep_at(399);
-        assert_eq!(s.poll_kick(&w), None, "quiet for less than park_after_ms");
-        shard.sweep_at(400);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
-        // A session that could not park is asked again one interval later.
-        shard.sweep_at(799);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(800);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
-        // A due ping comes first; parking waits for a later tick.
-        shard.sweep_at(1200);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PING));
-        shard.sweep_at(1600);
-        assert_eq!(s.poll_kick(&w), Some(Kick::PARK));
-        // Hearing from the peer restarts the quiet time.
-        s.peer_alive();
-        shard.sweep_at(1999);
-        assert_eq!(s.poll_kick(&w), None);
-        // Sessions in the handshake (or closing) never park.
-        assert_eq!(h.poll_kick(&w), None);
-    }
-
-    #[test]
-    fn outbound_limit_is_exact() {
-        let opts = Options {
-            max_outbound_bytes: Some(1024),
-            ..Options::default()
-        };
-        let shard = test_shard(opts);
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        let (_, w) = waker();
-        let frame = Bytes::from(vec![0u8; 512]);
-        deliver(&shard, s.key(), &frame);
-        run_flusher(&shard);
-        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        // Before its socket has refused anything, a burst is not the
-        // subscriber's backlog: all of it is queued.
-        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 4096]));
-        assert_eq!(shard.hub.sessions.queued_bytes(), 512 + 4096);
-        let (_full, _peer) = stall(&s);
-        // A backlog one byte short of the limit takes a message of any
-        // size: the limit bounds what waits, not one message.
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        let queued = shard.hub.sessions.queued_bytes();
-        deliver(&shard, s.key(), &frame);
-        let (_full, _peer) = stall(&s);
-        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 511]));
-        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 4096]));
-        assert_eq!(shard.stats.borrow().deliveries, 5);
-        assert_eq!(shard.hub.sessions.queued_bytes() - queued, 1023 + 4096);
-        run_flusher(&shard);
-        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        // A backlog at or past the limit takes no more: the session is a
-        // slow consumer, its queue freed.
-        deliver(&shard, s.key(), &Bytes::from_static(&[0]));
-        run_flusher(&shard);
-        assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
-        assert_eq!(shard.stats.borrow().slow_consumers, 1);
-        assert!(!s.has_deliveries());
-        assert_eq!(shard.hub.sessions.queued_bytes(), queued);
-        // And it takes nothing more.
-        deliver(&shard, s.key(), &frame);
-        assert_eq!(shard.stats.borrow().deliveries, 5);
-        // An empty queue takes one message larger than the limit.
-        let t = shard.open_session();
-        t.set_phase(Phase::Open);
-        t.enable_pubsub();
-        deliver(&shard, t.key(), &Bytes::from(vec![0u8; 1024 * 64]));
-        assert!(t.has_deliveries());
-        assert_eq!(shard.stats.borrow().slow_consumers, 1);
-    }
-
-    #[test]
-    fn outbound_limit_under_drop_policy_drops_and_counts() {
-        let opts = Options {
-            max_outbound_bytes: Some(1024),
-            slow_consumer: Some(crate::config::SlowConsumer::Drop),
-            ..Options::default()
-        };
-        let shard = test_shard(opts);
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        let frame = Bytes::from(vec![0u8; 512]);
-        deliver(&shard, s.key(), &frame);
-        let (_full, _peer) = stall(&s);
-        for _ in 0..2 {
-            deliver(&shard, s.key(), &frame);
-        }
-        let stats = shard.stats.borrow();
-        // The third finds a backlog at the limit.
-        assert_eq!((stats.deliveries, stats.dropped, stats.slow_consumers), (2, 1, 0));
-        drop(stats);
-        assert!(s.has_deliveries());
-    }
-
-    /// Tries to write `s`'s deliveries to a socket that takes nothing (its
-    /// peer never reads): the socket refuses them, as a stalled peer's does.
-    fn stall(s: &Session) -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
-        use std::io::Write;
-        use std::os::fd::AsFd;
-        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        while (&ours).write(&[0u8; 4096]).is_ok() {}
-        let flushed = s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
-        assert!(matches!(flushed, Flush::Blocked));
-        (ours, peer)
-    }
-
-    fn budget_opts(slow_consumer: crate::config::SlowConsumer, max_outbound_bytes: usize) -> Options {
-        Options {
-            max_outbound_bytes: Some(max_outbound_bytes),
-            max_core_outbound_bytes: Some(4096),
-            stall_timeout_ms: Some(100),
-            slow_consumer: Some(slow_consumer),
-            ..Options::default()
-        }
-    }
-
-    fn open_subscriber(shard: &Rc<Shard>) -> Session {
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        s
-    }
-
-    /// Every way a subscriber starts closing (peer close, violation, rate
-    /// limit, idle timeout, admin close, missed heart-beats, token expiry)
-    /// goes through `Phase::Closing`, which drops its unsent deliveries:
-    /// they leave the core's total then, not only when the slot goes.
-    #[test]
-    fn deliveries_dropped_at_closing_leave_the_core_total() {
-        let shard = test_shard(budget_opts(crate::config::SlowConsumer::Close, 1024));
-        let s = open_subscriber(&shard);
-        deliver(&shard, s.key(), &Bytes::from(vec![0u8; 1000]));
-        assert_eq!(shard.hub.sessions.queued_bytes(), 1000);
-        s.set_phase(Phase::Closing);
-        assert_eq!(shard.hub.sessions.queued_bytes(), 0, "dropped at the close");
-        drop(s);
-        assert_eq!(shard.hub.sessions.queued_bytes(), 0);
-        // Over the budget with publishers held: subscribers that close
-        // release the hold, and the core is left with nothing counted.
-        let subs: Vec<Session> = (0..5).map(|_| open_subscriber(&shard)).collect();
-        for s in &subs {
-            deliver(&shard, s.key(), &Bytes::from(vec![0u8; 1000]));
-        }
-        let (woken, w) = waker();
-        let mut cx = std::task::Context::from_waker(&w);
-        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
-        for s in &subs {
-            s.set_phase(Phase::Closing);
-        }
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the hold ended");
-        assert!(shard.hub.sessions.poll_budget(&mut cx).is_ready());
-        drop(subs);
-        assert_eq!((shard.session_count(), shard.hub.sessions.queued_bytes()), (0, 0));
-        assert!(!shard.hub.sessions.over_budget());
-    }
-
-    #[test]
-    fn core_budget_holds_publishers_past_the_limit_until_half_is_written() {
-        use std::os::fd::AsFd;
-        let shard = test_shard(budget_opts(crate::config::SlowConsumer::Close, 1024));
-        let subs: Vec<Session> = (0..5).map(|_| open_subscriber(&shard)).collect();
-        subs[4].subscribe(b"t").unwrap();
-        let publisher = open_subscriber(&shard);
-        let (woken, w) = waker();
-        let mut cx = std::task::Context::from_waker(&w);
-        let kib = Bytes::from(vec![0u8; 1024]);
-        for s in &subs[..4] {
-            deliver(&shard, s.key(), &kib);
-        }
-        // Exactly at the budget: publishing goes on.
-        assert_eq!(shard.hub.sessions.queued_bytes(), 4096);
-        assert!(!shard.hub.sessions.over_budget());
-        assert!(shard.hub.sessions.poll_budget(&mut cx).is_ready());
-        // The publish that takes the core over is made; then its publisher
-        // waits, not read until the hold ends.
-        publisher.publish(MessageKind::Binary, b"t", &[7; 100]);
-        assert!(shard.hub.sessions.over_budget());
-        assert!(publisher.is_blocked());
-        assert!(publisher.poll_unblocked(&mut cx).is_pending());
-        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
-        assert_eq!(shard.hub.sessions.budget_waiter_count(), 1, "one waker per task");
-        assert_eq!(shard.stats.borrow().publish_holds, 1);
-        // Written down, but still above half: held.
-        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let socket = Socket::from_fd(ours.as_fd());
-        for s in [&subs[4], &subs[0]] {
-            s.flush_deliveries(&socket, false).unwrap();
-        }
-        assert_eq!(shard.hub.sessions.queued_bytes(), 3072);
-        assert!(shard.hub.sessions.poll_budget(&mut cx).is_pending());
-        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
-        // Exactly half: the hold ends and its waiters are woken.
-        subs[1].flush_deliveries(&socket, false).unwrap();
-        assert_eq!(shard.hub.sessions.queued_bytes(), 2048);
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
-        assert!(publisher.poll_unblocked(&mut cx).is_ready());
-        assert!(!publisher.is_blocked());
-        // A session that ends gives its queue back.
-        drop(subs);
-        assert_eq!(shard.hub.sessions.queued_bytes(), 0);
-    }
-
-    #[test]
-    fn rate_limits_are_exact_and_refill_with_time() {
-        let shard = test_shard(Options {
-            max_messages_per_sec: Some(3),
-            max_bytes_per_sec: Some(1000),
-            ..Options::default()
-        });
-        let s = shard.open_session();
-        // A second's worth at once: three messages, the fourth refused.
-        for _ in 0..3 {
-            assert!(s.take_tokens(10));
-        }
-        assert!(!s.take_tokens(10));
-        assert_eq!(shard.stats.borrow().rate_limited, 1);
-        // 333 ms give back 0.999 of a message: still refused; 334 ms, one.
-        shard.sweep_at(333);
-        assert!(!s.take_tokens(10));
-        shard.sweep_at(334);
-        assert!(s.take_tokens(10));
-        assert!(!s.take_tokens(10));
-        // Bytes: a full bucket (1000) takes a 1500-byte message and is
-        // overdrawn by 500, so nothing passes until 500 ms have refilled it.
-        let b = shard.open_session();
-        assert!(b.take_tokens(1500));
-        shard.sweep_at(334 + 499);
-        assert!(!b.take_tokens(1));
-        shard.sweep_at(334 + 500);
-        assert!(b.take_tokens(1));
-        // No limits: always.
-        let free = test_shard(Options::default()).open_session();
-        assert!((0..10_000).all(|_| free.take_tokens(1 << 20)));
-    }
-
-    #[test]
-    fn idle_sessions_take_deliveries_without_their_task() {
-        use std::io::{Read, Write};
-        use std::os::fd::AsFd;
-        let shard = test_shard(Options::default());
-        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        s.set_fd(ours.as_raw_fd());
-        let (woken, w) = waker();
-        let mut cx = std::task::Context::from_waker(&w);
-        let mut batch = Vec::new();
-        assert!(shard.poll_ready(&mut cx, &mut batch).is_pending());
-
-        // Waiting in its idle wait: queued, and the flusher (not the task) told.
-        s.set_direct(true);
-        deliver(&shard, s.key(), &Bytes::from_static(b"one"));
-        deliver(&shard, s.key(), &Bytes::from_static(b"two"));
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the flusher is woken once");
-        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
-        assert_eq!(batch, vec![(s.key(), Ready::Deliver)]);
-        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
-        let mut got = [0u8; 6];
-        peer.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"onetwo");
-        assert!(!s.has_deliveries());
-        assert_eq!(s.poll_kick(&w), None, "its task was not disturbed");
-
-        // Its task runs: the flusher kicks the task, which writes them
-        // itself.
-        s.set_direct(false);
-        deliver(&shard, s.key(), &Bytes::from_static(b"three"));
-        batch.clear();
-        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
-        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
-        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        assert!(s.has_deliveries(), "left to its task");
-        s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
-
-        // A full socket is left to the task, kicked to wait for it; the
-        // frame stays queued.
-        let filler = [0u8; 4096];
-        while (&ours).write(&filler).is_ok() {}
-        s.set_direct(true);
-        deliver(&shard, s.key(), &Bytes::from_static(b"four"));
-        batch.clear();
-        assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
-        assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
-        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        assert!(s.has_deliveries());
-    }
-
-    #[test]
-    fn stomp_heart_beats_are_sent_and_required() {
-        let shard = test_shard(Options {
-            stomp_heart_beat_grace_ms: Some(50),
-            ping_interval_ms: Some(0),
-            idle_timeout_ms: Some(0),
-            park_after_ms: Some(0),
-            ..Options::default()
-        });
-        let s = shard.open_session();
-        s.set_phase(Phase::Open);
-        s.enable_pubsub();
-        s.set_heart_beats(100, 200);
-        let (_, w) = waker();
-        shard.sweep_at(99);
-        assert!(!s.has_deliveries());
-        shard.sweep_at(100);
-        assert!(s.has_deliveries(), "an EOL is queued after 100 ms without output");
-        run_flusher(&shard);
-        assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
-        assert_eq!(shard.stats.borrow().deliveries, 0, "a heart-beat is not a delivery");
-        shard.sweep_at(150);
-        assert_eq!(shard.hub.sessions.queue_len(s.key()), 1, "one at a time");
-        // The peer promised one every 200 ms: at 200 + 50 ms of silence
-        // (since 150) it is closed.
-        s.peer_alive();
-        shard.sweep_at(399);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(400);
-        assert_eq!(s.poll_kick(&w), Some(Kick::CLOSE));
-        assert_eq!(
-            s.take_close_request(),
-            Some((1001, Bytes::from_static(b"missed heart-beats")))
-        );
-    }
-
-    #[test]
-    fn flush_rounds_stop_at_their_slice() {
-        let shard = test_shard(Options::default());
-        let sessions: Vec<Session> = (0..3).map(|_| shard.open_session()).collect();
-        let keys: Vec<(SessionKey, Ready)> = sessions.iter().map(|s| (s.key(), Ready::Deliver)).collect();
-        assert_eq!(shard.flush_direct(&keys, 0, 2), 2);
-        assert_eq!(shard.flush_direct(&keys, 2, 2), 3);
-    }
-
-    #[test]
-    fn close_timeout() {
-        let shard = shard();
-        let s = shard.open_session();
-        s.set_phase(Phase::Closing);
-        let (_, w) = waker();
-        shard.sweep_at(499);
-        assert_eq!(s.poll_kick(&w), None);
-        shard.sweep_at(500);
-        assert_eq!(s.poll_kick(&w), Some(Kick::TIMEOUT));
-    }
-
-    #[test]
-    fn shutdown_kicks_once_and_empty_table_wakes_watcher() {
-        let shard = shard();
-        let a = shard.open_session();
-        a.set_phase(Phase::Open);
-        let h = shard.open_session();
-        let (watched, ww) = waker();
-        shard.watch(&ww);
-        let (_, w) = waker();
-        // Input stops: handshakes are refused at once, open sessions are
-        // not closed yet (their deliveries may still be on their way).
-        shard.stop_taking_input();
-        assert!(shard.takes_no_input());
-        assert_eq!(watched.0.load(Ordering::SeqCst), 1);
-        assert!(h.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
-        shard.sweep();
-        assert_eq!(a.poll_kick(&w), None);
-        assert_eq!(h.poll_kick(&w), None, "shutdown is sent once");
-        drop(h);
-        // Then every session is closed.
-        shard.close_all();
-        assert!(a.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
-        shard.sweep();
-        assert_eq!(a.poll_kick(&w), None, "shutdown is sent once");
-        assert!(!a.poll_kick(&w).is_some_and(|k| k.has(Kick::ABORT)));
-        shard.abort_all();
-        assert!(a.poll_kick(&w).unwrap().has(Kick::ABORT));
-        // A session opened during the drain is told at the next tick.
-        let b = shard.open_session();
-        shard.sweep();
-        assert!(b.poll_kick(&w).unwrap().has(Kick::SHUTDOWN));
-        shard.watch(&ww);
-        drop(a);
-        assert_eq!(watched.0.load(Ordering::SeqCst), 1);
-        drop(b);
-        assert_eq!(watched.0.load(Ordering::SeqCst), 2);
-        assert_eq!(shard.session_count(), 0);
-    }
-
-    #[test]
-    fn tick_follows_shortest_timeout() {
-        assert_eq!(shard().tick_ms(), 25);
-        let default = test_shard(Options::default());
-        assert_eq!(default.tick_ms(), 100);
-    }
-}
+pub(crate) mod tests;

@@ -1,0 +1,110 @@
+//! What the bytes of one read do: every complete frame goes through the
+//! connection's `MessageReader` (RFC 6455 5, the rules of frames and
+//! messages), each whole message is charged to the connection's rate
+//! limits and handed to its protocol (`App`), pings are answered, a close
+//! or a violation ends the batch. No I/O.
+
+use super::app::App;
+use super::outbound::Outbound;
+use super::shard::Session;
+use super::Flow;
+use crate::config::RateLimit;
+use crate::ws::{CloseCode, Event, MessageReader, Opcode, Step, Violation};
+
+/// Runs every complete frame in `data` through the reader and the app.
+/// Returns the bytes used (the rest is a partial frame), what to do next, and
+/// the whole size of the partial frame when its header is complete.
+pub(super) fn process(
+    data: &mut [u8],
+    reader: &mut MessageReader,
+    app: &mut App,
+    out: &mut Outbound,
+    session: &Session,
+) -> (usize, Flow, Option<usize>) {
+    let shard = session.shard();
+    let pool = &shard.pool;
+    let mut pos = 0;
+    let mut messages_in = 0u64;
+    let mut bytes_in = 0u64;
+    let echoes = matches!(app, App::Echo);
+    let mut partial_frame_bytes = None;
+    // Messages dropped over the rate limits (never echoed).
+    let mut limited = 0;
+    if shard.takes_no_input() && !matches!(app, App::Closing) {
+        // Shutting down: nothing read from now on is acted on (the close
+        // handshake's own reading, as `App::Closing`, goes on).
+        return (0, Flow::Continue, None);
+    }
+    // Input that waited for a publish to get through goes first.
+    app.resume(out, pool, session);
+    if let Some(code) = app.take_close(session) {
+        return (0, Flow::AppClosed(code), None);
+    }
+    if app.is_pubsub() && session.is_blocked() {
+        return (0, Flow::Continue, None);
+    }
+    let flow = loop {
+        match reader.read(&mut data[pos..]) {
+            Ok(Step::Need { frame_bytes }) => {
+                partial_frame_bytes = frame_bytes;
+                break Flow::Continue;
+            }
+            Ok(Step::Fragment(n)) => pos += n,
+            Ok(Step::Event(event, n)) => {
+                pos += n;
+                match event {
+                    Event::Message { kind, payload } => {
+                        messages_in += 1;
+                        bytes_in += payload.len() as u64;
+                        if !session.take_tokens(payload.len()) {
+                            if shard.config.rate_limit == RateLimit::Drop {
+                                limited += 1;
+                                continue;
+                            }
+                            let violation = Violation {
+                                code: CloseCode::POLICY_VIOLATION,
+                                reason: "rate limit",
+                            };
+                            if app.replies() {
+                                out.push_close(pool, Some(violation.code), violation.reason);
+                            }
+                            break Flow::Failed(violation);
+                        }
+                        app.on_message(kind, payload, out, pool, session);
+                        if let Some(code) = app.take_close(session) {
+                            break Flow::AppClosed(code);
+                        }
+                        if app.is_pubsub() && session.is_blocked() {
+                            // A cross-core ring is full: stop here; the rest
+                            // waits in `carry` until the publish is through.
+                            break Flow::Continue;
+                        }
+                    }
+                    // RFC 6455 5.5.2: answer a ping with a pong of the same payload.
+                    Event::Ping(payload) if app.replies() => out.push_frame(pool, Opcode::Pong, payload),
+                    Event::Ping(_) | Event::Pong(_) => {}
+                    Event::Close(close) => {
+                        // RFC 6455 5.5.1: reply with a close, echoing the code.
+                        if app.replies() {
+                            out.push_close(pool, close.code, "");
+                        }
+                        break Flow::PeerClosed(close.code);
+                    }
+                }
+            }
+            Err(violation) => {
+                if app.replies() {
+                    out.push_close(pool, Some(violation.code), violation.reason);
+                }
+                break Flow::Failed(violation);
+            }
+        }
+    };
+    let mut stats = shard.stats.borrow_mut();
+    stats.messages_in += messages_in;
+    stats.bytes_in += bytes_in;
+    if echoes {
+        stats.messages_out += messages_in - limited;
+    }
+    (pos, flow, partial_frame_bytes)
+}
