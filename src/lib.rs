@@ -1,9 +1,12 @@
 //! sluice: a thread-per-core WebSocket gateway on monoio.
 //!
-//! `ws` is RFC 6455 as pure functions over bytes; `conn` runs one
-//! connection's life over a socket; `server` owns the process (workers,
-//! listeners, signals); `proto` holds the application protocols spoken over
-//! a connection; `config` is every option with its default and limit.
+//! The modules, lowest first; each uses only modules before it in this
+//! list (docs/ARCHITECTURE.md has the table, `tests/layers.rs` checks it):
+//! `ws` (RFC 6455 over bytes), `tls`, `topic`, `stats`, `sys` (the OS:
+//! sockets, eventfds), `auth`, `config`, `proto` (the application
+//! protocols, without I/O), `pubsub` (topics, the mesh between cores,
+//! every session's queued deliveries), `conn` (one connection's life over a
+//! socket), `admin` (the admin HTTP port), `server` (the process).
 
 pub mod admin;
 pub mod auth;

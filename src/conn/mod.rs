@@ -1,8 +1,11 @@
 //! One connection's life: handshake, frames in, frames out, close.
 //!
-//! Owns the I/O loop of a single socket and nothing of the protocol: bytes go
-//! to `ws::handshake` and `ws::MessageReader`, whole messages go to `proto`,
-//! replies come back through `Outbound`. The rules of the loop:
+//! Owns the I/O loop of a single socket: bytes go to `ws::handshake` (the
+//! answer decided in `upgrade`) and `ws::MessageReader` (`input`), whole
+//! messages go to the route's protocol (`app`, which carries out what
+//! `proto` decides), replies come back through `Outbound`. The session's
+//! state outside its task lives in the core's `shard` (its `slot`), reached
+//! through its `session` handle. The rules of the loop:
 //! - Wait for readiness, then read into the core's scratch buffer; only bytes
 //!   that must outlive the read (a partial head or frame) are copied to a
 //!   pooled buffer, so an idle connection holds no read buffer.

@@ -19,6 +19,13 @@
 //! latest state per topic) that is flushed whenever its ring has room.
 //! Publishes are what waits when a ring is full: the publishing connection
 //! stops being read until its envelope is in (see `Pending`).
+//!
+//! Every pub/sub session's state on the core (the keys it is in, its queued
+//! deliveries, its publishes waiting for ring space) and the core's budget
+//! are `sessions`'. Nothing here calls into a connection: the connection
+//! layer asks for what is queued (`Sessions::write`, `poll_ready`) and
+//! carries out other cores' actions on its sessions (`receive` hands them
+//! back).
 
 pub mod mesh;
 pub mod message;
