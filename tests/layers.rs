@@ -18,7 +18,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pubsub", &["ws", "topic", "stats", "sys", "config", "proto"]),
     (
         "conn",
-        &["ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub"],
+        &[
+            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub",
+        ],
     ),
     (
         "admin",
@@ -26,7 +28,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "server",
-        &["ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub", "conn", "admin"],
+        &[
+            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub", "conn", "admin",
+        ],
     ),
 ];
 
@@ -97,7 +101,10 @@ fn the_layers_are_ordered_and_every_module_is_placed() {
     rust_files(&src, &mut files);
     for file in &files {
         if let Some(module) = module_of(file.strip_prefix(&src).unwrap()) {
-            assert!(order.contains(&module.as_str()), "{module} is in no layer: add it to LAYERS");
+            assert!(
+                order.contains(&module.as_str()),
+                "{module} is in no layer: add it to LAYERS"
+            );
         }
     }
 }
@@ -125,13 +132,20 @@ fn no_module_uses_one_above_it() {
             }
         }
     }
-    assert!(wrong.is_empty(), "dependencies against the layers:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "dependencies against the layers:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
 fn the_check_sees_what_it_checks() {
     assert_eq!(named("use crate::conn::shard::Shard;"), ["conn"]);
-    assert_eq!(named("    let x = crate::pubsub::Hub::new(crate::ws::X);"), ["pubsub", "ws"]);
+    assert_eq!(
+        named("    let x = crate::pubsub::Hub::new(crate::ws::X);"),
+        ["pubsub", "ws"]
+    );
     assert_eq!(named("// crate::conn in a comment"), Vec::<String>::new());
     assert_eq!(named("let notcrate::x = 1;"), Vec::<String>::new());
     assert_eq!(named("use crate::{conn, ws::Opcode};"), ["conn", "ws"]);

@@ -24,7 +24,7 @@ use std::cell::{OnceCell, RefCell};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::topics::{is_queue, StompTarget};
+use super::topics::{is_queue, StompTarget, Via};
 use crate::proto::native;
 use crate::proto::stomp::frame::push_value;
 use crate::ws::frame::{encode_header, FrameHeader, MAX_HEADER_BYTES};
@@ -157,6 +157,32 @@ struct StompShared {
 const MESSAGE_SUBSCRIPTION: &[u8] = b"MESSAGE\nsubscription:";
 
 impl<'m> Fanout<'m> {
+    /// The one place that decides what a subscriber gets of the message,
+    /// by how it takes it (`via`): each message it is to be sent, as parts
+    /// written in order, goes to `emit`. One native `MSG` frame; one STOMP
+    /// MESSAGE per subscription of the session to the topic, or (`one`, a
+    /// queue's message, which has one consumer) for its first. `idle`:
+    /// whether the subscriber's queue is empty (see `stomp`). A new
+    /// protocol, or a compressed encoding, is a new `Via` and an arm here.
+    pub fn encode(
+        &self,
+        via: &Via,
+        one: bool,
+        arena: &mut BytesMut,
+        idle: impl Fn() -> bool,
+        mut emit: impl FnMut(&mut [Bytes]),
+    ) {
+        match via {
+            Via::Native => emit(&mut [self.native().clone()]),
+            Via::Stomp(targets) => {
+                let take = if one { 1 } else { targets.len() };
+                for target in &targets[..take] {
+                    emit(self.stomp(target, arena, &idle).as_mut_slice());
+                }
+            }
+        }
+    }
+
     pub fn new(message: &'m Message) -> Fanout<'m> {
         Fanout {
             message,

@@ -311,17 +311,14 @@ impl Sessions {
     /// asks for: one MESSAGE per STOMP subscription to the topic, or (`one`,
     /// a queue's message, which has one consumer) for its first.
     pub fn deliver(&self, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
-        match via {
-            Via::Native => self.enqueue(key, &mut [fanout.native().clone()], true),
-            Via::Stomp(targets) => {
-                let mut heads = self.heads.borrow_mut();
-                let take = if one { 1 } else { targets.len() };
-                for target in &targets[..take] {
-                    let mut parts = fanout.stomp(target, &mut heads, || self.queue_is_empty(key));
-                    self.enqueue(key, parts.as_mut_slice(), true);
-                }
-            }
-        }
+        let mut heads = self.heads.borrow_mut();
+        fanout.encode(
+            via,
+            one,
+            &mut heads,
+            || self.queue_is_empty(key),
+            |parts| self.enqueue(key, parts, true),
+        );
     }
 
     /// Queues one whole frame (from the admin API, or a STOMP heart-beat:
