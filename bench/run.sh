@@ -11,6 +11,9 @@
 #   bench/run.sh               every scenario, 5 rounds, 5 s windows
 #   ROUNDS=1 SECONDS_PER_RUN=2 bench/run.sh     a quick check
 #   SCENARIOS="echo-32-100x64 fanout-1000" bench/run.sh
+#   SERVERS="sluice sluice-before" SLUICE_BEFORE=/path/to/old/sluice bench/run.sh
+#                              this build against another sluice binary
+#                              (run alternately, same pinning and flags)
 #
 # Scenarios (names are parsed, so others of the same shapes work too):
 #   echo-SIZE-CxD        closed-loop echo, C connections x D in flight
@@ -30,7 +33,11 @@ ROUNDS="${ROUNDS:-5}"
 SECS="${SECONDS_PER_RUN:-5}"
 SCENARIOS="${SCENARIOS:-echo-32-100x64 echo-512-100x64 echo-32-1000x4 echo-512-1000x4 echo-32-100x1 latency-32-100 memory-15000 fanout-1000 fanout-1000-24000 fanout-10000 fanout-10000-2400 churn-50}"
 OUT="${OUT:-target/bench-run}"
-SERVERS=(sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned)
+read -r -a SERVERS <<<"${SERVERS:-sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned}"
+if [[ " ${SERVERS[*]} " == *" sluice-before "* && ! -x ${SLUICE_BEFORE:-} ]]; then
+  echo "sluice-before needs SLUICE_BEFORE=<path to a sluice binary>" >&2
+  exit 2
+fi
 # Source addresses for the scenarios that use many ports.
 SOURCES=127.0.0.1-127.0.0.40
 
@@ -50,6 +57,7 @@ start_server() {
   local name=$1 mode=$2 port=$3
   case $name in
     sluice) taskset -c 0 target/release/sluice --workers 1 --listen "127.0.0.1:$port" --admin-listen off >"$OUT/server.log" 2>&1 & ;;
+    sluice-before) taskset -c 0 "$SLUICE_BEFORE" --workers 1 --listen "127.0.0.1:$port" --admin-listen off >"$OUT/server.log" 2>&1 & ;;
     *) taskset -c 0 bench/peers/target/release/peer --lib "${name%-*}" --config "${name##*-}" --mode "$mode" \
          --listen "127.0.0.1:$port" >"$OUT/server.log" 2>&1 & ;;
   esac

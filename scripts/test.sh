@@ -2,7 +2,8 @@
 # The test command: formatting, lints, every unit/property/integration test
 # (integration tests run the real binary under io_uring and epoll; the STOMP
 # ones also drive it with @stomp/stompjs, installed here from npm, and the
-# wss:// ones with Python's websockets, installed here from PyPI), the
+# wss:// ones with Python's websockets, installed here from PyPI;
+# tests/layers.rs fails when a module of src/ names one above it), the
 # Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
 # short run of each fuzz target. Exits non-zero on the first failure.
 #
