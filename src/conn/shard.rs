@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
@@ -31,7 +31,7 @@ pub use super::slot::{Kick, Phase, TokenRefused};
 use super::slot::{Slot, Stopping, HEART_BEAT_FRAME};
 use crate::config::Config;
 use crate::pubsub::mesh::CoreMesh;
-use crate::pubsub::sessions::Ready;
+use crate::pubsub::sessions::{Ready, Wake};
 use crate::pubsub::Hub;
 pub use crate::pubsub::SessionKey;
 pub use crate::stats::Stats;
@@ -78,17 +78,24 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// The shard of the core at `mesh`'s end of the mesh.
-    pub fn new(config: Arc<Config>, mesh: CoreMesh, admission: Arc<super::admission::Admission>) -> io::Result<Shard> {
+    /// The shard of the core at `mesh`'s end of the mesh, with the TLS
+    /// settings of its `wss://` listener. It wakes its sessions' tasks for
+    /// their deliveries (`Wake`).
+    pub fn new(
+        config: Arc<Config>,
+        mesh: CoreMesh,
+        admission: Arc<super::admission::Admission>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Rc<Shard>> {
         let stats = Rc::new(RefCell::new(Stats::default()));
-        Ok(Shard {
+        let shard = Rc::new(Shard {
             core: mesh.core(),
             hub: Hub::new(mesh, config.clone(), stats.clone()),
             config,
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             admission,
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
-            tls: None,
+            tls,
             stats,
             sessions: RefCell::new(SlotMap::with_key()),
             lot: ParkingLot::new()?,
@@ -101,13 +108,10 @@ impl Shard {
             admin_waiters: RefCell::new(std::collections::HashMap::new()),
             next_admin: Cell::new(0),
             admin_aborted: Cell::new(false),
-        })
-    }
-
-    /// The shard with TLS settings for its `wss://` listener.
-    pub fn with_tls(mut self, tls: Option<Arc<rustls::ServerConfig>>) -> Shard {
-        self.tls = tls;
-        self
+        });
+        let wake: Weak<dyn Wake> = Rc::downgrade(&shard) as Weak<Shard>;
+        shard.hub.sessions.wake_with(wake);
+        Ok(shard)
     }
 
     /// The coarse clock: milliseconds since the shard started, as of the last tick.
@@ -632,6 +636,24 @@ impl Shard {
 
     pub fn count_rejected(&self, status: u16) {
         *self.stats.borrow_mut().rejected.entry(status).or_default() += 1;
+    }
+}
+
+impl Wake for Shard {
+    /// A session whose task runs is kicked now; one that waits with nothing
+    /// of its own, or is parked, is written by the flusher once the current
+    /// task yields, together with whatever else arrives until then.
+    fn wake(self: Rc<Self>, key: SessionKey, why: Ready) -> bool {
+        let kick = match why {
+            Ready::Slow => Kick::SLOW,
+            Ready::Deliver => match self.sessions.borrow().get(key) {
+                None => return true,
+                Some(slot) if slot.direct || slot.parked.is_some() => return false,
+                Some(_) => Kick::DELIVER,
+            },
+        };
+        self.kick(key, kick);
+        true
     }
 }
 

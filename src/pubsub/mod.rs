@@ -513,7 +513,9 @@ impl Hub {
         let mut pending = self.sessions.take_pending(key);
         let was_empty = pending.is_empty();
         self.publish(message, &mut pending);
-        self.sessions.put_pending(key, pending, was_empty);
+        if let Some(left) = self.sessions.put_pending(key, pending, was_empty) {
+            self.adopt(left);
+        }
         if self.sessions.over_budget() {
             self.sessions.hold(key);
         }
@@ -532,7 +534,9 @@ impl Hub {
                 break false;
             }
         };
-        self.sessions.put_pending(key, pending, was_empty);
+        if let Some(left) = self.sessions.put_pending(key, pending, was_empty) {
+            self.adopt(left);
+        }
         if !sent {
             return Poll::Pending;
         }

@@ -6,9 +6,10 @@
 //! each message ends, and written by the connection layer with vectored
 //! sends (`write`): this module keeps the queue and its accounting, the
 //! caller owns the socket. It never calls into a connection: when a queue
-//! turns non-empty (or its subscriber turns slow) it lists the session as
-//! ready and wakes whoever waits for that (`poll_ready`, the core's
-//! flusher), which writes to the socket itself or wakes the session's task.
+//! turns non-empty (or its subscriber turns slow) it tells the layer above
+//! through `Wake`, which wakes the session's task if one runs; otherwise it
+//! lists the session as ready and wakes whoever waits for that
+//! (`poll_ready`, the core's flusher), which writes to the socket itself.
 //!
 //! **Limits.** `--max-outbound-bytes` bounds a session's backlog: a
 //! delivery finding the queue at or past it, once the socket has refused
@@ -22,7 +23,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -99,6 +100,17 @@ pub enum Ready {
     Slow,
 }
 
+/// How a core's sessions reach their tasks without knowing what a task
+/// is: implemented by the connection layer, set with `Sessions::wake_with`.
+pub trait Wake {
+    /// Session `key`'s queue turned non-empty (`Ready::Deliver`) or it
+    /// turned slow (`Ready::Slow`): wakes its task if one runs and returns
+    /// `true`; `false` if none does (it waits with nothing of its own, or
+    /// is parked), and it is listed ready for the flusher instead. Called
+    /// with no borrow of this module held.
+    fn wake(self: Rc<Self>, key: SessionKey, why: Ready) -> bool;
+}
+
 /// A session would be in more topic table keys than it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyTopics;
@@ -127,6 +139,8 @@ pub struct Sessions {
     never_hold: Cell<bool>,
     /// Sessions listed ready, and the waker of the one who writes them.
     ready: RefCell<Vec<(SessionKey, Ready)>>,
+    /// Wakes a session's running task at once (`Wake`).
+    wake: RefCell<Option<Weak<dyn Wake>>>,
     flusher: Cell<Option<Waker>>,
     /// Where STOMP MESSAGE heads are carved from (see `message`).
     heads: RefCell<BytesMut>,
@@ -147,17 +161,26 @@ impl Sessions {
             budget_waiters: WakerSet::default(),
             never_hold: Cell::new(false),
             ready: RefCell::new(Vec::new()),
+            wake: RefCell::new(None),
             flusher: Cell::new(None),
             heads: RefCell::new(BytesMut::new()),
             in_flight: Cell::new(0),
         }
     }
 
-    /// Makes `key` a pub/sub session (nothing changes if it is one).
+    /// Makes `key` a pub/sub session (nothing changes if it is one). Its
+    /// clock of writes starts now: a new subscriber is not one that took
+    /// nothing for `--stall-timeout-ms` (`shed_stalled`).
     pub fn open(&self, key: SessionKey) {
         let mut table = self.table.borrow_mut();
         if !table.contains_key(key) {
-            table.insert(key, Box::default());
+            table.insert(
+                key,
+                Box::new(State {
+                    written_ms: self.now_ms.get(),
+                    ..State::default()
+                }),
+            );
         }
     }
 
@@ -188,9 +211,11 @@ impl Sessions {
         self.table.borrow().get(key).map_or_else(Vec::new, |s| s.topics.clone())
     }
 
-    /// Records that the session is in `topic` (a table key); an error if
-    /// it would be in more than `max` (`Ok(false)`: it was already).
+    /// Records that the session is in `topic` (a table key), making it a
+    /// pub/sub session if it was not; an error if it would be in more
+    /// than `max` (`Ok(false)`: it was already).
     pub fn join(&self, key: SessionKey, topic: &[u8], max: usize) -> Result<bool, TooManyTopics> {
+        self.open(key);
         let mut table = self.table.borrow_mut();
         let state = table.get_mut(key).ok_or(TooManyTopics)?;
         if state.topics.iter().any(|t| &t[..] == topic) {
@@ -226,20 +251,23 @@ impl Sessions {
 
     /// Puts back what `take_pending` took (`was_empty`: whether it was
     /// empty then), counting the session among the core's publishes in
-    /// flight while any envelope waits. `held`: the publish took the core
-    /// over its budget.
-    pub fn put_pending(&self, key: SessionKey, pending: Pending, was_empty: bool) {
+    /// flight while any envelope waits. A session without pub/sub state
+    /// keeps nothing here: its envelopes come back, for the hub to send
+    /// on by itself.
+    #[must_use]
+    pub fn put_pending(&self, key: SessionKey, pending: Pending, was_empty: bool) -> Option<Pending> {
+        let mut table = self.table.borrow_mut();
+        let Some(state) = table.get_mut(key) else {
+            return (!pending.is_empty()).then_some(pending);
+        };
         let in_flight = &self.in_flight;
         match (was_empty, pending.is_empty()) {
             (true, false) => in_flight.set(in_flight.get() + 1),
             (false, true) => in_flight.set(in_flight.get() - 1),
             _ => {}
         }
-        match self.table.borrow_mut().get_mut(key) {
-            Some(state) => state.pending = pending,
-            // Only pub/sub sessions publish.
-            None => debug_assert!(pending.is_empty(), "a publish waits in a session without pub/sub"),
-        }
+        state.pending = pending;
+        None
     }
 
     /// The session's publish took the core over its budget: it waits for
@@ -389,7 +417,17 @@ impl Sessions {
         self.list_ready(key, ready);
     }
 
+    /// Sets who wakes a session's running task (`Wake`); without one,
+    /// every session is listed ready for the flusher.
+    pub fn wake_with(&self, wake: Weak<dyn Wake>) {
+        *self.wake.borrow_mut() = Some(wake);
+    }
+
     fn list_ready(&self, key: SessionKey, why: Ready) {
+        let wake = self.wake.borrow().as_ref().and_then(Weak::upgrade);
+        if wake.is_some_and(|w| w.wake(key, why)) {
+            return;
+        }
         let mut ready = self.ready.borrow_mut();
         if ready.is_empty() {
             if let Some(w) = self.flusher.take() {

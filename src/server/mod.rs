@@ -354,8 +354,8 @@ fn run_worker(
         core: index,
         error: error.to_string(),
     };
-    let shard = match Shard::new(config.clone(), mesh, admission) {
-        Ok(shard) => Rc::new(shard.with_tls(tls)),
+    let shard = match Shard::new(config.clone(), mesh, admission, tls) {
+        Ok(shard) => shard,
         Err(e) => {
             let _ = ready.send(Err(fail(e)));
             return Stats::default();

@@ -29,23 +29,12 @@ pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
     let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
     let config = Arc::new(opts.validate(1).unwrap());
     let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
-    Rc::new(Shard::new(config, mesh, admission).unwrap())
+    Shard::new(config, mesh, admission, None).unwrap()
 }
 
 /// Queues a whole frame for session `key`, as the admin API does.
 fn deliver(shard: &Rc<Shard>, key: SessionKey, frame: &Bytes) {
     shard.hub.sessions.deliver_frame(key, frame, true);
-}
-
-/// Runs the flusher once over the sessions the hub listed ready: it
-/// writes to idle ones, and kicks the others (`Kick::DELIVER`, `SLOW`).
-fn run_flusher(shard: &Rc<Shard>) {
-    let (_, w) = waker();
-    let mut cx = std::task::Context::from_waker(&w);
-    let mut batch = Vec::new();
-    if shard.poll_ready(&mut cx, &mut batch).is_ready() {
-        shard.flush_direct(&batch, 0, batch.len());
-    }
 }
 
 fn waker() -> (Arc<CountingWaker>, Waker) {
@@ -143,7 +132,6 @@ fn outbound_limit_is_exact() {
     let (_, w) = waker();
     let frame = Bytes::from(vec![0u8; 512]);
     deliver(&shard, s.key(), &frame);
-    run_flusher(&shard);
     assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
     // Before its socket has refused anything, a burst is not the
     // subscriber's backlog: all of it is queued.
@@ -162,12 +150,10 @@ fn outbound_limit_is_exact() {
     deliver(&shard, s.key(), &Bytes::from(vec![0u8; 4096]));
     assert_eq!(shard.stats.borrow().deliveries, 5);
     assert_eq!(shard.hub.sessions.queued_bytes() - queued, 1023 + 4096);
-    run_flusher(&shard);
     assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
     // A backlog at or past the limit takes no more: the session is a
     // slow consumer, its queue freed.
     deliver(&shard, s.key(), &Bytes::from_static(&[0]));
-    run_flusher(&shard);
     assert_eq!(s.poll_kick(&w), Some(Kick::SLOW));
     assert_eq!(shard.stats.borrow().slow_consumers, 1);
     assert!(!s.has_deliveries());
@@ -381,14 +367,13 @@ fn idle_sessions_take_deliveries_without_their_task() {
     assert!(!s.has_deliveries());
     assert_eq!(s.poll_kick(&w), None, "its task was not disturbed");
 
-    // Its task runs: the flusher kicks the task, which writes them
-    // itself.
+    // Its task runs: the task is kicked at the delivery and writes them
+    // itself; the flusher is not involved.
     s.set_direct(false);
     deliver(&shard, s.key(), &Bytes::from_static(b"three"));
-    batch.clear();
-    assert!(shard.poll_ready(&mut cx, &mut batch).is_ready());
-    assert_eq!(shard.flush_direct(&batch, 0, 8), 1);
     assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
+    batch.clear();
+    assert!(shard.poll_ready(&mut cx, &mut batch).is_pending());
     assert!(s.has_deliveries(), "left to its task");
     s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
 
@@ -423,7 +408,6 @@ fn stomp_heart_beats_are_sent_and_required() {
     assert!(!s.has_deliveries());
     shard.sweep_at(100);
     assert!(s.has_deliveries(), "an EOL is queued after 100 ms without output");
-    run_flusher(&shard);
     assert_eq!(s.poll_kick(&w), Some(Kick::DELIVER));
     assert_eq!(shard.stats.borrow().deliveries, 0, "a heart-beat is not a delivery");
     shard.sweep_at(150);

@@ -99,10 +99,20 @@ impl StompConn {
         };
         self.note_close(actions);
         if self.session.is_ended() {
-            // Nothing more is read from this peer: free what it sent.
-            self.decoder = Decoder::new(Limits::default());
+            self.free_input();
         }
         step
+    }
+
+    /// Nothing more is read from this peer: frees what it sent that was
+    /// not yet taken (up to a frame's limit).
+    fn free_input(&mut self) {
+        self.decoder = Decoder::new(Limits::default());
+    }
+
+    /// Bytes of input held for frames not yet whole.
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
     }
 
     /// Refuses the frame whose actions are in `actions`, for an action the
@@ -118,6 +128,7 @@ impl StompConn {
                 .with_body(why.to_string()),
         ));
         self.session.end();
+        self.free_input();
         self.close = Some(CloseCode::POLICY_VIOLATION);
     }
 
@@ -195,6 +206,25 @@ mod tests {
         c.step(&mut actions, |_| Err("no".into()));
         assert!(matches!(&actions[..], [Action::Reply(f)] if f.command == Command::Error));
         assert!(c.is_ended());
+        assert_eq!(c.take_close(), Some(CloseCode::POLICY_VIOLATION));
+    }
+
+    #[test]
+    fn a_denied_frame_frees_what_followed_it() {
+        let mut c = StompConn::new(settings(), 1_000_000);
+        let mut actions = Vec::new();
+        let mut input = b"CONNECT\naccept-version:1.2\nhost:x\n\n\0SEND\ndestination:/topic/b\n\nx\0".to_vec();
+        input.extend_from_slice(b"SEND\ndestination:/topic/a\ncontent-length:900000\n\n");
+        input.extend_from_slice(&[b'y'; 500_000]);
+        c.push(MessageKind::Text, &input);
+        assert!(matches!(c.step(&mut actions, |_| Ok(())), Step::Connected));
+        assert!(matches!(c.step(&mut actions, |_| Ok(())), Step::Acted));
+        assert!(c.buffered() >= 500_000, "the next frame waits for its body");
+        // The connection refuses the SEND (its grants): the session ends
+        // and what the peer sent behind it is not kept until the close.
+        c.deny("no", &mut actions);
+        assert!(c.is_ended());
+        assert_eq!(c.buffered(), 0);
         assert_eq!(c.take_close(), Some(CloseCode::POLICY_VIOLATION));
     }
 

@@ -158,6 +158,31 @@ fn a_hold_past_the_stall_timeout_sheds_stuck_subscribers_then_the_largest_queues
 }
 
 #[test]
+fn a_subscriber_younger_than_the_stall_timeout_is_not_stuck() {
+    let s = sessions(budget_opts(SlowConsumer::Close, 2048));
+    let [big, fresh] = keys(2)[..] else { unreachable!() };
+    let mut cx = Context::from_waker(Waker::noop());
+    let frame = |n: usize| Bytes::from(vec![0u8; n]);
+    s.tick(1000);
+    s.open(big);
+    s.deliver_frame(big, &frame(1), true);
+    s.deliver_frame(big, &frame(4200), true);
+    assert!(s.poll_budget(&mut cx).is_pending(), "held from 1000");
+    s.tick(1060);
+    let mut sink = Vec::new();
+    s.write(big, false, into(&mut sink, 1)).unwrap();
+    // A subscriber that arrives during the hold, 20 ms before it has
+    // lasted the stall timeout, has had no time to take anything.
+    s.tick(1080);
+    s.open(fresh);
+    s.deliver_frame(fresh, &frame(100), true);
+    // Neither is stuck: the largest queue goes, and that is enough.
+    assert_eq!(s.tick(1100), vec![big]);
+    assert!(s.has_deliveries(fresh));
+    assert_eq!(s.stats.borrow().slow_consumers, 1);
+}
+
+#[test]
 fn a_removed_session_leaves_its_topics_and_publishes_and_the_total() {
     let s = sessions(Options::default());
     let [key] = keys(1)[..] else { unreachable!() };
@@ -175,4 +200,23 @@ fn a_removed_session_leaves_its_topics_and_publishes_and_the_total() {
     // Nothing is queued for a session that is not (or no longer) one.
     s.deliver_frame(key, &Bytes::from_static(b"xyz"), true);
     assert_eq!(s.queued_bytes(), 0);
+}
+
+#[test]
+fn a_session_without_pub_sub_state_keeps_no_envelopes_and_joins_as_one() {
+    use crate::pubsub::mesh::Envelope;
+    use crate::pubsub::message::Message;
+    use crate::ws::MessageKind;
+    let s = sessions(Options::default());
+    let [key] = keys(1)[..] else { unreachable!() };
+    let message = Arc::new(Message::native(MessageKind::Text, b"t", b"x", 1));
+    let pending = vec![(1, Envelope::Publish(message))];
+    // Nothing was taken from it, and nothing is kept: the envelope comes
+    // back to be sent on, and it is not counted in flight.
+    assert!(s.take_pending(key).is_empty());
+    assert_eq!(s.put_pending(key, pending, true).map(|p| p.len()), Some(1));
+    assert_eq!(s.in_flight(), 0);
+    // Joining a topic makes it a pub/sub session, so its removal leaves it.
+    assert_eq!(s.join(key, b"t", 1), Ok(true));
+    assert_eq!(s.remove(key).unwrap().topics.len(), 1);
 }
