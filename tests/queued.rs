@@ -242,11 +242,20 @@ both_drivers!(a_backlog_at_the_outbound_limit_takes_no_more, |driver| {
         let mut frame = b"PUB jam ".to_vec();
         frame.resize(8 + 256 * 1024, b'x');
         let frame = masked_frame(0x82, &frame);
+        // One publish at a time, each taken by the server (and so queued,
+        // and written as far as the subscriber's socket takes it) before
+        // the next: the queue grows past what the socket took only once
+        // the socket has refused bytes, which is when the limit applies.
+        // (Several publishes in one read are a burst, queued whole.)
         let started = Instant::now();
+        let mut sent = 0;
         while server.metric(counter) == 0 {
             assert!(started.elapsed() < Duration::from_secs(20), "{policy}: never refused");
-            for _ in 0..8 {
-                publisher.send(&frame);
+            publisher.send(&frame);
+            sent += 1;
+            while server.metric("sluice_publishes_total") < sent {
+                assert!(started.elapsed() < Duration::from_secs(20), "{policy}: publish not taken");
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         // Within the limit plus one message when it was refused.

@@ -6,11 +6,11 @@
 //! Run: `cargo bench -p sluice-bench --bench codec`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sluice::conn::shard::SessionKey;
 use sluice::proto::stomp::frame::{Decoder, Item, Limits};
 use sluice::pubsub::mesh::{self, Envelope};
 use sluice::pubsub::message::{Fanout, Message};
 use sluice::pubsub::topics::{StompTarget, Topics};
+use sluice::pubsub::SessionKey;
 use sluice::ws::frame::{decode_header, encode_frame, Opcode, Role};
 use sluice::ws::handshake;
 use sluice::ws::mask;
