@@ -254,7 +254,10 @@ both_drivers!(a_backlog_at_the_outbound_limit_takes_no_more, |driver| {
             publisher.send(&frame);
             sent += 1;
             while server.metric("sluice_publishes_total") < sent {
-                assert!(started.elapsed() < Duration::from_secs(20), "{policy}: publish not taken");
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{policy}: publish not taken"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
