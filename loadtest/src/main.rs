@@ -161,6 +161,11 @@ enum Scenario {
         /// Milliseconds for subscriptions to settle before publishing.
         #[arg(long, default_value_t = 500)]
         settle_ms: u64,
+        /// Publishers connect here instead of --url: another node of a
+        /// cluster, or another listener or route (ws://, or wss:// with
+        /// --ca).
+        #[arg(long)]
+        pub_url: Option<String>,
         /// Never block: each thread's loop spins instead of waiting for
         /// deliveries, so the server's sends never pay for waking it.
         #[arg(long)]
@@ -457,6 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             pub_prefix,
             topic_prefix,
             settle_ms,
+            pub_url,
             busy_poll,
             window: w,
             ..
@@ -470,6 +476,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             );
             params.insert("publish rate".into(), format!("{rate} msg/s"));
             params.insert("protocol".into(), format!("{protocol:?}").to_lowercase());
+            let publish_target = match pub_url {
+                Some(url) => {
+                    params.insert("publishers' url".into(), url.clone());
+                    Some(Target::parse(url)?.with_ca(args.ca.as_deref())?)
+                }
+                None => None,
+            };
             if args.threads > 1 {
                 params.insert(
                     "publishers".into(),
@@ -491,6 +504,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 speech: protocol.speech(sub_msg, pub_prefix, *distinct_ids),
                 topic_prefix: topic_prefix.clone(),
                 settle: Duration::from_millis(*settle_ms),
+                publish_target,
             });
             let warmup = plan.settle + plan.warmup;
             let duration = plan.duration;

@@ -75,13 +75,35 @@ impl Common {
 
     /// Connects, then waits at the thread's gate for its other connections.
     async fn connect_at(&self, gate: &Gate, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
-        let client = self.connect(conn, rng, result).await;
+        self.connect_to_at(&self.target, gate, conn, rng, result).await
+    }
+
+    /// As `connect_at`, to `target` rather than the run's own.
+    async fn connect_to_at(
+        &self,
+        target: &Target,
+        gate: &Gate,
+        conn: usize,
+        rng: &mut Rng,
+        result: &mut ThreadResult,
+    ) -> Option<Client> {
+        let client = self.connect_to(target, conn, rng, result).await;
         gate.arrive().await;
         client
     }
 
     async fn connect(&self, conn: usize, rng: &mut Rng, result: &mut ThreadResult) -> Option<Client> {
-        match Client::connect(&self.target, self.source(conn), self.connect_timeout, rng).await {
+        self.connect_to(&self.target, conn, rng, result).await
+    }
+
+    async fn connect_to(
+        &self,
+        target: &Target,
+        conn: usize,
+        rng: &mut Rng,
+        result: &mut ThreadResult,
+    ) -> Option<Client> {
+        match Client::connect(target, self.source(conn), self.connect_timeout, rng).await {
             Ok((client, took)) => {
                 record_handshake_us(took.as_micros() as u64);
                 result.established += 1;
@@ -807,6 +829,9 @@ pub struct FanoutPlan {
     pub topic_prefix: String,
     /// Time for subscriptions to settle before publishing starts.
     pub settle: Duration,
+    /// Where publishers connect, if not to the run's target (another node
+    /// of a cluster, another listener or route).
+    pub publish_target: Option<Target>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1010,7 +1035,8 @@ async fn join_as_publisher(
     result: &mut ThreadResult,
 ) -> Option<Member> {
     let mut rng = Rng::new(conn as u64);
-    let mut client = common.connect_at(gate, conn, &mut rng, result).await?;
+    let target = plan.publish_target.as_ref().unwrap_or(&common.target);
+    let mut client = common.connect_to_at(target, gate, conn, &mut rng, result).await?;
     if let Some(hello) = &plan.speech.hello {
         // Sent ahead of its first publish.
         client.queue(&masked(Opcode::Text, hello.as_bytes(), &mut rng).0);
@@ -1217,6 +1243,7 @@ mod tests {
             speech: Speech::default(),
             topic_prefix: String::new(),
             settle: Duration::ZERO,
+            publish_target: None,
         }
     }
 

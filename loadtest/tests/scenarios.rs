@@ -545,6 +545,59 @@ fn fanout_through_sluice_pubsub_loses_nothing() {
     assert!(r["publish_lag_us"]["count"].as_u64().unwrap() > 0);
 }
 
+/// Publishers on another URL than the subscribers (`--pub-url`): here the
+/// same gateway's wss:// listener, subscribers on its ws:// one, so every
+/// publish crosses from one to the other.
+#[test]
+fn fanout_publishers_connect_to_their_own_url() {
+    let (gw, tls, cert) = Gateway::start_tls();
+    let json = json_path("fanout-pub-url");
+    let url = gw.url("/ws");
+    let pub_url = format!("wss://{tls}/ws");
+    let cert = cert.to_str().unwrap();
+    let run = |pub_url: &str, json: &str| {
+        load(&[
+            "fanout",
+            "--url",
+            &url,
+            "--pub-url",
+            pub_url,
+            "--ca",
+            cert,
+            "--subscribers",
+            "20",
+            "--publishers",
+            "2",
+            "-r",
+            "200",
+            "-t",
+            "1",
+            "--warmup",
+            "0.2",
+            "--settle-ms",
+            "300",
+            "--json",
+            json,
+        ])
+    };
+    let out = run(&pub_url, &json);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = read_json(&json);
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent > 100, "{sent}");
+    assert_eq!((r["lost"].as_u64(), r["out_of_order"].as_u64()), (Some(0), Some(0)));
+    assert!(r["received"].as_u64().unwrap() >= sent * 20);
+    assert_eq!(r["parameters"]["publishers' url"].as_str(), Some(pub_url.as_str()));
+    // Publishers on a route that publishes nothing (the echo route): the
+    // subscribers get nothing, and the run says so.
+    let json = json_path("fanout-pub-url-echo");
+    let out = run(&format!("wss://{tls}/echo"), &json);
+    assert!(!out.status.success());
+    let r = read_json(&json);
+    assert_eq!(r["received"].as_u64(), Some(0));
+    assert!(r["lost"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn unreachable_server_is_a_clear_failure() {
     // A port nothing listens on: bind one, then free it.
