@@ -7,9 +7,9 @@
 //! the head of a path (`use crate as x`), a glob of the crate's root, and
 //! a name at the root that is no module (a re-export in `lib.rs`).
 //!
-//! The files are read as Rust tokens: comments and the insides of string
-//! and character literals are not code, a `use` group may span lines, and
-//! inline `mod x { ... }` blocks count as a level for `super`.
+//! The files are read as Rust tokens (proc-macro2's lexer): comments and
+//! literals are not code, a `use` group may span lines, and inline
+//! `mod x { ... }` blocks count as a level for `super`.
 
 use std::path::Path;
 
@@ -75,114 +75,44 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// `text` with comments and the insides of string and character literals
-/// blanked (newlines kept, so lines still count).
-fn code_of(text: &str) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let blank = |c: char| if c == '\n' { '\n' } else { ' ' };
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        if c == '/' && next == Some('/') {
-            while i < chars.len() && chars[i] != '\n' {
-                out.push(' ');
-                i += 1;
-            }
-        } else if c == '/' && next == Some('*') {
-            let mut depth = 0;
-            while i < chars.len() {
-                if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
-                    depth += 1;
-                    out.push_str("  ");
-                    i += 2;
-                } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
-                    depth -= 1;
-                    out.push_str("  ");
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    out.push(blank(chars[i]));
-                    i += 1;
+/// Tokens of `text` with their lines (comments and literals are not
+/// tokens): identifiers, `::`, other punctuation, and each group's
+/// delimiters as tokens of their own.
+fn tokens(text: &str) -> Vec<(usize, String)> {
+    use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
+    fn walk(stream: TokenStream, out: &mut Vec<(usize, String)>) {
+        // The last token was the first `:` of a `::`.
+        let mut half_path = false;
+        for tree in stream {
+            let line = tree.span().start().line;
+            let was_half = std::mem::take(&mut half_path);
+            match tree {
+                TokenTree::Group(group) => {
+                    let (open, close) = match group.delimiter() {
+                        Delimiter::Brace => ("{", "}"),
+                        Delimiter::Parenthesis => ("(", ")"),
+                        Delimiter::Bracket => ("[", "]"),
+                        Delimiter::None => ("", ""),
+                    };
+                    out.push((line, open.to_string()));
+                    walk(group.stream(), out);
+                    out.push((group.span_close().start().line, close.to_string()));
                 }
-            }
-        } else if c == '"' {
-            // A raw string's hashes come before its quote: r#"..."#.
-            let hashes = chars[..i].iter().rev().take_while(|&&h| h == '#').count();
-            let raw = i > hashes && chars[i - hashes - 1] == 'r';
-            out.push('"');
-            i += 1;
-            while i < chars.len() {
-                if !raw && chars[i] == '\\' {
-                    out.push(' ');
-                    out.push(blank(chars.get(i + 1).copied().unwrap_or(' ')));
-                    i += 2;
-                    continue;
+                TokenTree::Ident(ident) => out.push((line, ident.to_string())),
+                TokenTree::Punct(punct) if punct.as_char() == ':' && was_half => {
+                    out.last_mut().unwrap().1 = "::".to_string();
                 }
-                if chars[i] == '"' && (0..hashes).all(|k| chars.get(i + 1 + k) == Some(&'#')) {
-                    out.push('"');
-                    i += 1;
-                    break;
+                TokenTree::Punct(punct) => {
+                    half_path = punct.as_char() == ':' && punct.spacing() == Spacing::Joint;
+                    out.push((line, punct.as_char().to_string()));
                 }
-                out.push(blank(chars[i]));
-                i += 1;
+                TokenTree::Literal(_) => {}
             }
-        } else if c == '\'' && (next == Some('\\') || chars.get(i + 2) == Some(&'\'')) {
-            // A character literal ('x', '\'', '\u{..}'); not a lifetime.
-            out.push(' ');
-            i += 1;
-            while i < chars.len() {
-                if chars[i] == '\\' {
-                    out.push_str("  ");
-                    i += 2;
-                } else if chars[i] == '\'' {
-                    out.push(' ');
-                    i += 1;
-                    break;
-                } else {
-                    out.push(blank(chars[i]));
-                    i += 1;
-                }
-            }
-        } else {
-            out.push(c);
-            i += 1;
         }
     }
-    out
-}
-
-/// Tokens of `code` with their lines: identifiers (`$crate` as one),
-/// `::`, and single punctuation characters.
-fn tokens(code: &str) -> Vec<(usize, String)> {
+    let stream: TokenStream = text.parse().expect("src/ lexes as Rust");
     let mut out = Vec::new();
-    for (n, line) in code.lines().enumerate() {
-        let chars: Vec<char> = line.chars().collect();
-        let mut i = 0;
-        while i < chars.len() {
-            let c = chars[i];
-            let ident = |c: char| c.is_alphanumeric() || c == '_';
-            if ident(c) || (c == '$' && chars.get(i + 1).is_some_and(|&d| ident(d))) {
-                let start = i;
-                i += 1;
-                while i < chars.len() && ident(chars[i]) {
-                    i += 1;
-                }
-                out.push((n + 1, chars[start..i].iter().collect()));
-            } else if c == ':' && chars.get(i + 1) == Some(&':') {
-                out.push((n + 1, "::".to_string()));
-                i += 2;
-            } else {
-                if !c.is_whitespace() {
-                    out.push((n + 1, c.to_string()));
-                }
-                i += 1;
-            }
-        }
-    }
+    walk(stream, &mut out);
     out
 }
 
@@ -234,7 +164,7 @@ fn first_names(tokens: &[(usize, String)], at: usize) -> Vec<(usize, String)> {
 /// plus the inline `mod` blocks around the code). `crate` anywhere else
 /// is `ALIAS`.
 fn named(depth: usize, text: &str) -> Vec<(usize, String)> {
-    let tokens = tokens(&code_of(text));
+    let tokens = tokens(text);
     let is = |i: usize, s: &str| tokens.get(i).is_some_and(|(_, t)| t == s);
     let mut names = Vec::new();
     // Brace depths at which inline modules opened.
@@ -255,7 +185,8 @@ fn named(depth: usize, text: &str) -> Vec<(usize, String)> {
                     inline.pop();
                 }
             }
-            "crate" | "$crate" => {
+            // `$crate` is `$` then `crate`.
+            "crate" => {
                 if is(i + 1, "::") {
                     names.extend(first_names(&tokens, i + 2));
                 } else if !(i >= 2 && is(i - 1, "(") && (is(i - 2, "pub") || is(i - 2, "in"))) {

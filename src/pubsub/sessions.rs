@@ -690,4 +690,4 @@ impl Sessions {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::Options;
+use crate::pubsub::sessions::tests::budget_opts;
 use crate::ws::MessageKind;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Wake;
@@ -205,16 +206,6 @@ fn stall(s: &Session) -> (std::os::unix::net::UnixStream, std::os::unix::net::Un
     let flushed = s.flush_deliveries(&Socket::from_fd(ours.as_fd()), false).unwrap();
     assert!(matches!(flushed, Flush::Blocked));
     (ours, peer)
-}
-
-fn budget_opts(slow_consumer: crate::config::SlowConsumer, max_outbound_bytes: usize) -> Options {
-    Options {
-        max_outbound_bytes: Some(max_outbound_bytes),
-        max_core_outbound_bytes: Some(4096),
-        stall_timeout_ms: Some(100),
-        slow_consumer: Some(slow_consumer),
-        ..Options::default()
-    }
 }
 
 fn open_subscriber(shard: &Rc<Shard>) -> Session {

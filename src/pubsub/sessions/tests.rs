@@ -10,7 +10,9 @@ fn sessions(opts: Options) -> Sessions {
     Sessions::new(config, Rc::new(RefCell::new(Stats::default())))
 }
 
-fn budget_opts(slow_consumer: SlowConsumer, max_outbound_bytes: usize) -> Options {
+/// A small core budget (4096 bytes) and stall timeout (100 ms), with
+/// `slow_consumer` and `max_outbound_bytes`.
+pub(crate) fn budget_opts(slow_consumer: SlowConsumer, max_outbound_bytes: usize) -> Options {
     Options {
         max_outbound_bytes: Some(max_outbound_bytes),
         max_core_outbound_bytes: Some(4096),
