@@ -2,7 +2,9 @@
 # The test command: formatting, lints, every unit/property/integration test
 # (integration tests run the real binary under io_uring and epoll; the STOMP
 # ones also drive it with @stomp/stompjs, installed here from npm, and the
-# wss:// ones with Python's websockets, installed here from PyPI;
+# wss:// ones with Python's websockets, installed here from PyPI; the
+# cluster ones start nats-server (Debian's package, installed here) and
+# publish with nats-py, from PyPI;
 # tests/layers.rs fails when a module of src/ names one above it), the
 # Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
 # short run of each fuzz target. Exits non-zero on the first failure.
@@ -29,8 +31,20 @@ npm ci --prefix tests/stomp --no-audit --no-fund --loglevel=error
 # tests/stomp.rs fails rather than skips without it.
 export SLUICE_REQUIRE_STOMPJS=1
 
-step "Python websockets for the wss:// tests"
-python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4
+step "nats-server for the cluster tests (Debian's package)"
+if ! command -v nats-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+  else
+    echo "nats-server is needed: apt-get install nats-server" >&2
+    exit 1
+  fi
+fi
+nats-server --version
+
+step "Python websockets for the wss:// tests, nats-py for the cluster tests"
+python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4 nats-py==2.16.0
 # Only the tests see it (the Autobahn step runs Python 2).
 PY_TESTS="$PWD/target/python"
 # tests/tls.rs fails rather than skips without it.

@@ -164,9 +164,66 @@ pub struct Options {
     /// Tokens must carry this `iss` [default: any].
     #[arg(long)]
     pub jwt_issuer: Option<String>,
+    /// NATS server URLs, comma-separated (nats://host:port, tls://...): join
+    /// a cluster of sluice nodes over NATS [default: none, one node alone].
+    #[arg(long, value_delimiter = ',')]
+    pub nats: Option<Vec<String>>,
+    /// First tokens of every NATS subject this node uses [default: sluice].
+    #[arg(long)]
+    pub nats_prefix: Option<String>,
+    /// This node's name on the bus and in session ids, 1-64 of
+    /// `A-Z a-z 0-9 _ -` [default: random, logged at start].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long)]
+    pub nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(long)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (a user JWT and its nkey seed).
+    #[arg(long)]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an nkey seed (SU...) to sign the NATS server's nonce.
+    #[arg(long)]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM CA certificate(s) the NATS servers' TLS certificates must chain
+    /// to; TLS is then required.
+    #[arg(long)]
+    pub nats_ca: Option<PathBuf>,
+    /// Publishes held for the bus while it is unreachable, in bytes; past
+    /// them new publishes to the bus are dropped and counted [default: 8 MiB].
+    #[arg(long)]
+    pub nats_buffer_bytes: Option<usize>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
+}
+
+/// How this node authenticates to NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    /// A credentials file: a user JWT and its seed.
+    Creds(PathBuf),
+    /// An nkey seed, read at start.
+    Nkey(String),
+}
+
+/// Joining other sluice nodes over NATS (`--nats`).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub urls: Vec<String>,
+    pub prefix: String,
+    pub node_id: String,
+    pub auth: NatsAuth,
+    pub ca: Option<PathBuf>,
+    pub buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +340,8 @@ pub struct Config {
     pub admin_max_connections: usize,
     /// Checks handshake tokens; `None` when no JWT key is configured.
     pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
+    /// `None`: one node, no bus.
+    pub cluster: Option<Cluster>,
 }
 
 #[derive(Debug)]
@@ -306,6 +365,9 @@ const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;
 /// Path answered with 200 for load balancers on the WebSocket port.
 pub const HEALTH_PATH: &str = "/healthz";
+/// Path answered 200 while the node takes traffic (in a cluster: while its
+/// bus is up), else 503.
+pub const READY_PATH: &str = "/readyz";
 
 impl Options {
     /// Reads a TOML file of options.
@@ -363,6 +425,16 @@ impl Options {
             jwt_leeway_secs: self.jwt_leeway_secs.or(base.jwt_leeway_secs),
             jwt_audience: self.jwt_audience.or(base.jwt_audience),
             jwt_issuer: self.jwt_issuer.or(base.jwt_issuer),
+            nats: self.nats.or(base.nats),
+            nats_prefix: self.nats_prefix.or(base.nats_prefix),
+            node_id: self.node_id.or(base.node_id),
+            nats_user: self.nats_user.or(base.nats_user),
+            nats_password: self.nats_password.or(base.nats_password),
+            nats_token: self.nats_token.or(base.nats_token),
+            nats_creds: self.nats_creds.or(base.nats_creds),
+            nats_nkey: self.nats_nkey.or(base.nats_nkey),
+            nats_ca: self.nats_ca.or(base.nats_ca),
+            nats_buffer_bytes: self.nats_buffer_bytes.or(base.nats_buffer_bytes),
             route: self.route.or(base.route),
         }
     }
@@ -385,7 +457,9 @@ impl Options {
             });
         }
         in_range("workers", workers, 1, most_workers)?;
-        let mesh_ring_capacity = mesh_ring_capacity(workers, self.mesh_ring_capacity)?;
+        let cluster = cluster(&self)?;
+        // The NATS bridge is one more member of the mesh.
+        let mesh_ring_capacity = mesh_ring_capacity(workers + usize::from(cluster.is_some()), self.mesh_ring_capacity)?;
         let global_origins = origin_policy(self.allowed_origins)?;
         let verifier = verifier(
             self.jwt_secret_file.as_deref(),
@@ -545,10 +619,132 @@ impl Options {
             admin_token: self.admin_token,
             admin_max_connections: self.admin_max_connections.unwrap_or(DEFAULT_ADMIN_CONNECTIONS),
             verifier,
+            cluster,
         };
         config.check()?;
         Ok(config)
     }
+}
+
+/// The NATS options, checked; `None` without `--nats`.
+fn cluster(o: &Options) -> Result<Option<Cluster>, ConfigError> {
+    let bad = |option: &'static str, error: String| ConfigError::Invalid { option, error };
+    let Some(urls) = o.nats.clone() else {
+        let given = [
+            ("nats_prefix", o.nats_prefix.is_some()),
+            ("node_id", o.node_id.is_some()),
+            ("nats_user", o.nats_user.is_some()),
+            ("nats_password", o.nats_password.is_some()),
+            ("nats_token", o.nats_token.is_some()),
+            ("nats_creds", o.nats_creds.is_some()),
+            ("nats_nkey", o.nats_nkey.is_some()),
+            ("nats_ca", o.nats_ca.is_some()),
+            ("nats_buffer_bytes", o.nats_buffer_bytes.is_some()),
+        ];
+        if let Some((option, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(bad(option, "takes effect only with nats (--nats URL)".into()));
+        }
+        return Ok(None);
+    };
+    let urls: Vec<String> = urls
+        .into_iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() || urls.len() > 64 {
+        return Err(bad("nats", "between 1 and 64 URLs are required".into()));
+    }
+    for url in &urls {
+        url.parse::<async_nats::ServerAddr>()
+            .map_err(|e| bad("nats", format!("{url:?} is not a NATS URL: {e}")))?;
+    }
+    let prefix = o.nats_prefix.clone().unwrap_or_else(|| "sluice".into());
+    // Tokens of a NATS subject: no wildcard, no whitespace, none empty.
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || !prefix
+            .split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    {
+        return Err(bad(
+            "nats_prefix",
+            format!("{prefix:?} must be 1-64 bytes of dot-separated tokens of A-Z a-z 0-9 _ -"),
+        ));
+    }
+    let node_id = match &o.node_id {
+        Some(id) => {
+            if id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(bad("node_id", format!("{id:?} must be 1-64 bytes of A-Z a-z 0-9 _ -")));
+            }
+            id.clone()
+        }
+        None => random_node_id(),
+    };
+    let auth = match (
+        &o.nats_user,
+        &o.nats_password,
+        &o.nats_token,
+        &o.nats_creds,
+        &o.nats_nkey,
+    ) {
+        (None, None, None, None, None) => NatsAuth::None,
+        (Some(user), Some(password), None, None, None) => NatsAuth::UserPassword(user.clone(), password.clone()),
+        (Some(_), None, None, None, None) | (None, Some(_), None, None, None) => {
+            return Err(bad("nats_user", "nats_user and nats_password go together".into()))
+        }
+        (None, None, Some(token), None, None) => NatsAuth::Token(token.clone()),
+        (None, None, None, Some(creds), None) => {
+            std::fs::metadata(creds).map_err(|e| bad("nats_creds", format!("{}: {e}", creds.display())))?;
+            NatsAuth::Creds(creds.clone())
+        }
+        (None, None, None, None, Some(path)) => {
+            let seed =
+                std::fs::read_to_string(path).map_err(|e| bad("nats_nkey", format!("{}: {e}", path.display())))?;
+            let seed = seed.trim().to_string();
+            if !seed.starts_with("SU") {
+                return Err(bad(
+                    "nats_nkey",
+                    format!("{}: not a user nkey seed (SU...)", path.display()),
+                ));
+            }
+            NatsAuth::Nkey(seed)
+        }
+        _ => {
+            return Err(bad(
+                "nats_token",
+                "give one way to authenticate to NATS: user and password, a token, a creds file or an nkey".into(),
+            ))
+        }
+    };
+    if let Some(ca) = &o.nats_ca {
+        std::fs::metadata(ca).map_err(|e| bad("nats_ca", format!("{}: {e}", ca.display())))?;
+    }
+    let buffer_bytes = o.nats_buffer_bytes.unwrap_or(8 * MIB);
+    in_range("nats_buffer_bytes", buffer_bytes, 0, 4 * GIB)?;
+    Ok(Some(Cluster {
+        urls,
+        prefix,
+        node_id,
+        auth,
+        ca: o.nats_ca.clone(),
+        buffer_bytes,
+    }))
+}
+
+/// A node id nobody chose: 12 hex digits from the process's random hash keys.
+fn random_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
 
 /// The token verifier, from the key files.
@@ -763,8 +959,8 @@ impl Config {
             if !r.path.starts_with('/') || r.path.contains('?') {
                 return bad(format!("path {:?} must start with '/' and have no query", r.path));
             }
-            if r.path == HEALTH_PATH {
-                return bad(format!("path {HEALTH_PATH} is reserved for health checks"));
+            if r.path == HEALTH_PATH || r.path == READY_PATH {
+                return bad(format!("path {} is reserved for health checks", r.path));
             }
             if self.routes[..i].iter().any(|o| o.path == r.path) {
                 return bad(format!("path {:?} is listed twice", r.path));

@@ -5,11 +5,13 @@
 //! `ws` (RFC 6455 over bytes), `tls`, `topic`, `stats`, `sys` (the OS:
 //! sockets, eventfds), `auth`, `config`, `proto` (the application
 //! protocols, without I/O), `pubsub` (topics, the mesh between cores,
-//! every session's queued deliveries), `conn` (one connection's life over a
-//! socket), `admin` (the admin HTTP port), `server` (the process).
+//! every session's queued deliveries), `cluster` (the NATS bridge to other
+//! nodes), `conn` (one connection's life over a socket), `admin` (the admin
+//! HTTP port), `server` (the process).
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod proto;

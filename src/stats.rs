@@ -101,3 +101,87 @@ impl Stats {
         self.tokens_expired += other.tokens_expired;
     }
 }
+
+/// The NATS bridge's state and counters, shared by the bridge thread (which
+/// writes them) and every core (which reads them: the hub whether the bus
+/// is up, the admin port for `/readyz` and `/metrics`). Plain atomics.
+#[derive(Debug)]
+pub struct Bus {
+    pub node_id: String,
+    /// Whether the NATS connection is up now.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// Times it came back after being lost.
+    pub reconnects: AtomicU64,
+    /// Publishes handed to NATS, and taken from it for local subscribers.
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+    /// Publishes to the bus dropped because its buffer was full (the bus
+    /// unreachable or slower than the publishers), and messages NATS
+    /// dropped for this node as a slow consumer.
+    pub dropped_buffer_full: AtomicU64,
+    pub dropped_slow_consumer: AtomicU64,
+    /// Messages from NATS no subscriber could take: a text kind that is
+    /// not UTF-8, or over `--max-message-bytes`.
+    pub dropped_invalid: AtomicU64,
+    /// Subjects subscribed now (topics and queues with local subscribers).
+    pub subjects: AtomicU64,
+    /// Messages waiting in the bridge: publishes for the bus, and
+    /// deliveries for cores whose rings are full; and the publishes' bytes.
+    pub queue_depth: AtomicU64,
+    pub buffered_bytes: AtomicU64,
+    /// Cross-node requests (admin actions on sessions of other nodes) sent
+    /// and answered for other nodes.
+    pub requests_out: AtomicU64,
+    pub requests_in: AtomicU64,
+    /// From the sending node's bridge to this one's, per message
+    /// (`LAG_BOUNDS_US`, plus one bucket past the last), and the sum.
+    pub lag_buckets: [AtomicU64; LAG_BOUNDS_US.len() + 1],
+    pub lag_sum_us: AtomicU64,
+}
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds of the cross-node lag histogram's buckets, in microseconds.
+pub const LAG_BOUNDS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
+
+impl Bus {
+    pub fn new(node_id: String) -> Bus {
+        Bus {
+            node_id,
+            connected: Default::default(),
+            reconnects: Default::default(),
+            published: Default::default(),
+            received: Default::default(),
+            dropped_buffer_full: Default::default(),
+            dropped_slow_consumer: Default::default(),
+            dropped_invalid: Default::default(),
+            subjects: Default::default(),
+            queue_depth: Default::default(),
+            buffered_bytes: Default::default(),
+            requests_out: Default::default(),
+            requests_in: Default::default(),
+            lag_buckets: Default::default(),
+            lag_sum_us: Default::default(),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Counts one message's cross-node lag.
+    pub fn observe_lag(&self, us: u64) {
+        let bucket = LAG_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LAG_BOUNDS_US.len());
+        self.lag_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.lag_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["ws", "tls", "topic", "auth"]),
     ("proto", &["ws", "topic"]),
     ("pubsub", &["ws", "topic", "stats", "sys", "config", "proto"]),
+    ("cluster", &["ws", "topic", "stats", "config", "pubsub"]),
     (
         "conn",
         &[
@@ -37,7 +38,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "server",
         &[
-            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub", "conn", "admin",
+            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub", "cluster", "conn", "admin",
         ],
     ),
 ];

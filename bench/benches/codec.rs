@@ -156,7 +156,7 @@ fn mesh_bench(c: &mut Criterion) {
     let message = Arc::new(Message::native(MessageKind::Text, b"t", &[0u8; 32], 0));
     c.bench_function("mesh/envelope_across_two_threads", |b| {
         b.iter_custom(|iters| {
-            let mut meshes = mesh::build(2, 4096).unwrap();
+            let mut meshes = mesh::build(2, 4096, None).unwrap();
             let consumer = meshes.pop().unwrap();
             let producer = meshes.pop().unwrap();
             let drain = std::thread::spawn(move || {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::conn::shard::{Shard, Stats};
+use crate::stats::Bus;
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct CoreSnapshot {
@@ -237,13 +238,158 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
 
 pub struct Metrics {
     cores: Vec<Mutex<CoreSnapshot>>,
+    bus: Option<std::sync::Arc<Bus>>,
 }
 
 impl Metrics {
-    pub fn new(cores: usize) -> Metrics {
+    /// `bus`: the NATS bridge's state, in a cluster.
+    pub fn new(cores: usize, bus: Option<std::sync::Arc<Bus>>) -> Metrics {
         Metrics {
             cores: (0..cores).map(|_| Mutex::new(CoreSnapshot::default())).collect(),
+            bus,
         }
+    }
+
+    /// Whether the node takes traffic as a load balancer means it: always
+    /// alone; in a cluster, while the bus is up.
+    pub fn bus_ready(&self) -> bool {
+        self.bus.as_ref().is_none_or(|bus| bus.is_connected())
+    }
+
+    /// The bus's state for `/stats` and `/readyz`.
+    pub fn bus_json(&self) -> serde_json::Value {
+        let Some(bus) = &self.bus else {
+            return serde_json::Value::Null;
+        };
+        serde_json::json!({
+            "node": bus.node_id,
+            "connected": bus.is_connected(),
+            "reconnects": Bus::get(&bus.reconnects),
+            "published": Bus::get(&bus.published),
+            "received": Bus::get(&bus.received),
+            "dropped_buffer_full": Bus::get(&bus.dropped_buffer_full),
+            "dropped_slow_consumer": Bus::get(&bus.dropped_slow_consumer),
+            "dropped_invalid": Bus::get(&bus.dropped_invalid),
+            "subjects": Bus::get(&bus.subjects),
+            "queue_depth": Bus::get(&bus.queue_depth),
+            "buffered_bytes": Bus::get(&bus.buffered_bytes),
+            "requests_out": Bus::get(&bus.requests_out),
+            "requests_in": Bus::get(&bus.requests_in),
+        })
+    }
+
+    /// The bus's series (Prometheus text), after the cores'.
+    fn bus_prometheus(&self, out: &mut String) {
+        let Some(bus) = &self.bus else { return };
+        header(out, "node_info", "gauge", "This node's id in the cluster.");
+        let _ = writeln!(out, "sluice_node_info{{node=\"{}\"}} 1", bus.node_id);
+        let series: [(&str, &str, &str, u64); 11] = [
+            (
+                "bus_connected",
+                "gauge",
+                "Whether the NATS connection is up.",
+                u64::from(bus.is_connected()),
+            ),
+            (
+                "bus_reconnects_total",
+                "counter",
+                "Times the NATS connection came back.",
+                Bus::get(&bus.reconnects),
+            ),
+            (
+                "bus_published_total",
+                "counter",
+                "Publishes handed to NATS.",
+                Bus::get(&bus.published),
+            ),
+            (
+                "bus_received_total",
+                "counter",
+                "Messages from NATS for local subscribers.",
+                Bus::get(&bus.received),
+            ),
+            (
+                "bus_subjects",
+                "gauge",
+                "NATS subjects subscribed (topics and queues with local subscribers).",
+                Bus::get(&bus.subjects),
+            ),
+            (
+                "bus_queue_depth",
+                "gauge",
+                "Messages waiting in the bridge: publishes for NATS and deliveries for full rings.",
+                Bus::get(&bus.queue_depth),
+            ),
+            (
+                "bus_buffered_bytes",
+                "gauge",
+                "Bytes of publishes waiting for NATS (bounded by --nats-buffer-bytes).",
+                Bus::get(&bus.buffered_bytes),
+            ),
+            (
+                "bus_requests_out_total",
+                "counter",
+                "Admin actions on other nodes' sessions sent over NATS.",
+                Bus::get(&bus.requests_out),
+            ),
+            (
+                "bus_requests_in_total",
+                "counter",
+                "Admin actions on this node's sessions taken from NATS.",
+                Bus::get(&bus.requests_in),
+            ),
+            (
+                "bus_dropped_invalid_total",
+                "counter",
+                "Messages from NATS refused: text that is not UTF-8, or over the message limit.",
+                Bus::get(&bus.dropped_invalid),
+            ),
+            (
+                "bus_dropped_slow_consumer_total",
+                "counter",
+                "Messages NATS's client dropped because the bridge fell behind (at least).",
+                Bus::get(&bus.dropped_slow_consumer),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "sluice_{name} {value}");
+        }
+        header(
+            out,
+            "bus_dropped_total",
+            "counter",
+            "Publishes to NATS dropped: its buffer was full (the bus unreachable or too slow).",
+        );
+        let _ = writeln!(out, "sluice_bus_dropped_total {}", Bus::get(&bus.dropped_buffer_full));
+        header(
+            out,
+            "bus_lag_seconds",
+            "histogram",
+            "From the sending node's bridge to this node's, per message.",
+        );
+        let mut cumulative = 0;
+        for (i, bucket) in bus.lag_buckets.iter().enumerate() {
+            cumulative += Bus::get(bucket);
+            match crate::stats::LAG_BOUNDS_US.get(i) {
+                Some(us) => {
+                    let _ = writeln!(
+                        out,
+                        "sluice_bus_lag_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                        *us as f64 / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "sluice_bus_lag_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "sluice_bus_lag_seconds_sum {}",
+            Bus::get(&bus.lag_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "sluice_bus_lag_seconds_count {cumulative}");
     }
 
     /// Called by each core at every sweep tick.
@@ -271,7 +417,12 @@ impl Metrics {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({ "cores": self.snapshots() })
+        let mut json = serde_json::json!({ "cores": self.snapshots() });
+        if let Some(bus) = &self.bus {
+            json["node"] = serde_json::Value::from(bus.node_id.clone());
+            json["bus"] = self.bus_json();
+        }
+        json
     }
 
     /// Prometheus text format 0.0.4: every series per core (`core` label)
@@ -354,6 +505,7 @@ impl Metrics {
                 }
             }
         }
+        self.bus_prometheus(&mut out);
         out
     }
 }

@@ -209,6 +209,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, place
 /// What a request asks for.
 enum Endpoint<'r> {
     Health,
+    Ready,
     Metrics,
     Stats,
     Publish,
@@ -221,7 +222,7 @@ enum Endpoint<'r> {
 impl Endpoint<'_> {
     /// Whether it answers without the admin token (load balancers, scrapers).
     fn is_open(&self) -> bool {
-        matches!(self, Endpoint::Health | Endpoint::Metrics)
+        matches!(self, Endpoint::Health | Endpoint::Ready | Endpoint::Metrics)
     }
 
     /// The largest body it takes.
@@ -242,6 +243,7 @@ fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static
     let allow = |ok: bool, endpoint| if ok { Ok(endpoint) } else { Err(NOT_ALLOWED) };
     match path {
         "/healthz" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Health),
+        "/readyz" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Ready),
         "/metrics" => allow(method == "GET", Endpoint::Metrics),
         "/stats" => allow(method == "GET", Endpoint::Stats),
         "/publish" => allow(method == "POST", Endpoint::Publish),
@@ -296,18 +298,29 @@ async fn handle(
     let json = |status: u16, value: serde_json::Value| {
         http::response(status, "application/json", value.to_string().as_bytes(), close)
     };
-    let outcome = match endpoint {
-        // RFC 9110 9.3.2: a HEAD response has the GET's head and no content.
-        Endpoint::Health if request.method == "HEAD" => {
-            let mut response = json(200, serde_json::json!({ "status": "ok" }));
+    // RFC 9110 9.3.2: a HEAD response has the GET's head and no content.
+    let head_only = |mut response: Vec<u8>| {
+        if request.method == "HEAD" {
             let head_len = response
                 .windows(4)
                 .position(|w| w == b"\r\n\r\n")
                 .map_or(response.len(), |i| i + 4);
             response.truncate(head_len);
-            return response;
         }
-        Endpoint::Health => Ok(serde_json::json!({ "status": "ok" })),
+        response
+    };
+    let outcome = match endpoint {
+        Endpoint::Health => return head_only(json(200, serde_json::json!({ "status": "ok" }))),
+        // 503 while a cluster's bus is down (or the node shuts down): a
+        // load balancer sends its clients elsewhere.
+        Endpoint::Ready => {
+            let ready = metrics.bus_ready() && !shard.is_shutting_down();
+            let status = if ready { 200 } else { 503 };
+            return head_only(json(
+                status,
+                serde_json::json!({ "ready": ready, "bus": metrics.bus_json() }),
+            ));
+        }
         Endpoint::Metrics => {
             return http::response(200, "text/plain; version=0.0.4", metrics.prometheus().as_bytes(), close)
         }
@@ -469,11 +482,32 @@ async fn close_session(id: &str, request: &Request, shard: &Rc<Shard>) -> Result
     act(id, SessionAction::Close(code, Bytes::from(reason)), shard).await
 }
 
-/// Carries out `action` on the session `id`, on whatever core it is.
+/// Carries out `action` on the session `id`, on whatever core (and node)
+/// it is.
 async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
-    let (core, key) = parse_session_id(id).ok_or((404, "no such session".to_string()))?;
-    if core >= shard.hub.mesh.cores() {
-        return Err((404, "no such session".to_string()));
+    let gone = || (404, "no such session".to_string());
+    let local = match (id.split_once('.'), &shard.config.cluster) {
+        // `<node>.<core>.<slot>.<generation>`: a cluster's session id.
+        (Some((node, rest)), Some(cluster)) if rest.matches('.').count() == 2 => {
+            if node != cluster.node_id {
+                parse_session_id(rest).ok_or_else(gone)?;
+                // The bridge bounds its wait for the other node
+                // (`cluster::REQUEST_WAIT`): a node that is gone, or a bus
+                // that is down, reads as no such session.
+                let asked = shard.hub.remote_node_action(node, rest, action);
+                return match monoio::time::timeout(MESH_WAIT, asked).await {
+                    Ok(true) => Ok(serde_json::json!({ "session": id })),
+                    Ok(false) => Err(gone()),
+                    Err(_) => Err((503, "the NATS bridge did not answer".to_string())),
+                };
+            }
+            rest
+        }
+        _ => id,
+    };
+    let (core, key) = parse_session_id(local).ok_or_else(gone)?;
+    if core >= shard.hub.mesh.workers() {
+        return Err(gone());
     }
     let found = if core == shard.core {
         Ok(shard.act_on_session(crate::pubsub::SessionKey::from(slotmap::KeyData::from_ffi(key)), action))

@@ -43,10 +43,15 @@ impl Session {
     }
 
     /// The session's id for the admin API and `HELLO`: core, slot and
-    /// generation, `<core>.<slot>.<generation>`.
+    /// generation, `<core>.<slot>.<generation>`; in a cluster, after the
+    /// node's id, `<node>.<core>.<slot>.<generation>`.
     pub fn id(&self) -> String {
         let ffi = self.key.data().as_ffi();
-        format!("{}.{}.{}", self.shard.core, ffi & 0xffff_ffff, ffi >> 32)
+        let (slot, generation) = (ffi & 0xffff_ffff, ffi >> 32);
+        match &self.shard.config.cluster {
+            Some(cluster) => format!("{}.{}.{slot}.{generation}", cluster.node_id, self.shard.core),
+            None => format!("{}.{slot}.{generation}", self.shard.core),
+        }
     }
 
     pub fn key(&self) -> SessionKey {

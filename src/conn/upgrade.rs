@@ -8,7 +8,7 @@ use super::outbound::Outbound;
 use super::pool::BufferPool;
 use super::shard::Session;
 use crate::auth::Identity;
-use crate::config::{Config, RouteId, HEALTH_PATH};
+use crate::config::{Config, RouteId, HEALTH_PATH, READY_PATH};
 use crate::ws::handshake;
 
 /// What a complete request head leads to; its response is already queued.
@@ -59,6 +59,11 @@ fn decide(
     }
     if head.path == HEALTH_PATH && !head.wants_upgrade() {
         out.push_bytes(pool, &handshake::health_response(head.method)?);
+        return Ok(Answer::Health);
+    }
+    if head.path == READY_PATH && !head.wants_upgrade() {
+        let ready = session.shard().hub.mesh.bus().is_none_or(|bus| bus.is_connected());
+        out.push_bytes(pool, &handshake::ready_response(head.method, ready)?);
         return Ok(Answer::Health);
     }
     let (id, route) = config.route(head.path).ok_or(handshake::Reject::NotFound)?;

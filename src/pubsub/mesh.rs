@@ -33,6 +33,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 
 use super::message::Message;
+use crate::stats::Bus;
 use crate::sys::eventfd::EventFd;
 
 /// Envelopes taken from one ring per drain.
@@ -55,8 +56,23 @@ pub enum Envelope {
         request: u64,
         from: u16,
     },
-    /// The answer to a `Session` envelope: whether the session was there.
+    /// The answer to a `Session` (or `Remote`) envelope: whether the
+    /// session was there.
     Reply { request: u64, found: bool },
+    /// To the NATS bridge: an admin API action on a session of another
+    /// node, to be answered with a `Reply` to core `from`.
+    Remote(Box<RemoteRequest>),
+}
+
+/// An action on a session of another node (`Envelope::Remote`).
+#[derive(Debug)]
+pub struct RemoteRequest {
+    pub node: String,
+    /// The session's id on its node: `<core>.<slot>.<generation>`.
+    pub session: String,
+    pub action: SessionAction,
+    pub request: u64,
+    pub from: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -146,8 +162,11 @@ struct Inbound {
 }
 
 /// One core's end of the mesh: its rings to and from every other core.
+/// With a NATS bridge, the bridge is one more member, after the workers.
 pub struct CoreMesh {
     core: usize,
+    workers: usize,
+    bus: Option<Arc<Bus>>,
     doorbells: Arc<[Doorbell]>,
     /// By target core; `None` at our own index.
     outbound: Vec<Option<Outbound>>,
@@ -156,8 +175,10 @@ pub struct CoreMesh {
     space_waiters: WakerSet,
 }
 
-/// Builds the mesh for `cores` cores with rings of `capacity` envelopes.
-pub fn build(cores: usize, capacity: usize) -> io::Result<Vec<CoreMesh>> {
+/// Builds the mesh for `workers` cores with rings of `capacity` envelopes;
+/// with `bus`, one more member for the NATS bridge (the last).
+pub fn build(workers: usize, capacity: usize, bus: Option<Arc<Bus>>) -> io::Result<Vec<CoreMesh>> {
+    let cores = workers + usize::from(bus.is_some());
     let doorbells: Arc<[Doorbell]> = (0..cores)
         .map(|_| Doorbell::new())
         .collect::<io::Result<Vec<_>>>()?
@@ -165,6 +186,8 @@ pub fn build(cores: usize, capacity: usize) -> io::Result<Vec<CoreMesh>> {
     let mut meshes: Vec<CoreMesh> = (0..cores)
         .map(|core| CoreMesh {
             core,
+            workers,
+            bus: bus.clone(),
             doorbells: doorbells.clone(),
             outbound: (0..cores).map(|_| None).collect(),
             inbound: Vec::new(),
@@ -197,8 +220,24 @@ impl CoreMesh {
         self.core
     }
 
+    /// Members of the mesh: the workers, and the bridge if there is one.
     pub fn cores(&self) -> usize {
         self.outbound.len()
+    }
+
+    /// Worker cores (those with sessions).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The NATS bridge's index in the mesh, if there is one.
+    pub fn bridge(&self) -> Option<usize> {
+        self.bus.as_ref().map(|_| self.workers)
+    }
+
+    /// The bridge's state, if there is one.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.as_ref()
     }
 
     /// Pushes `envelope` to core `to` and wakes it if it may be asleep.
@@ -311,6 +350,11 @@ impl CoreMesh {
         self.doorbells[self.core].eventfd.waiter()
     }
 
+    /// Our doorbell's eventfd, for a loop that is not on monoio (the bridge).
+    pub fn doorbell_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.doorbells[self.core].eventfd.fd()
+    }
+
     /// Resets our doorbell's counter after a wake-up.
     pub fn clear_doorbell(&self) {
         self.doorbells[self.core].eventfd.clear();
@@ -355,7 +399,7 @@ mod tests {
     fn rings_lose_and_reorder_nothing_under_contention() {
         const CORES: usize = 3;
         const EACH: u64 = 20_000;
-        let meshes = build(CORES, 8).unwrap();
+        let meshes = build(CORES, 8, None).unwrap();
         let threads: Vec<_> = meshes
             .into_iter()
             .map(|mesh| {
@@ -418,7 +462,7 @@ mod tests {
 
     #[test]
     fn doorbell_signals_only_when_armed() {
-        let meshes = build(2, 4).unwrap();
+        let meshes = build(2, 4, None).unwrap();
         let frame = || publish(Bytes::from_static(b"t"), Bytes::from_static(b"f"));
         // Core 1 is busy (not armed): no signal.
         meshes[0].send(1, frame()).unwrap();
@@ -444,7 +488,7 @@ mod tests {
 
     #[test]
     fn full_ring_gives_the_envelope_back() {
-        let meshes = build(2, 2).unwrap();
+        let meshes = build(2, 2, None).unwrap();
         let env = |n: u8| publish(Bytes::from_static(b"t"), Bytes::from(vec![n]));
         meshes[0].send(1, env(0)).unwrap();
         meshes[0].send(1, env(1)).unwrap();

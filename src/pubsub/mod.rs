@@ -42,7 +42,7 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::stats::Stats;
-use mesh::{CoreMesh, Envelope, SessionAction};
+use mesh::{CoreMesh, Envelope, RemoteRequest, SessionAction};
 use message::{Fanout, Message};
 use sessions::Sessions;
 use topics::{is_queue, Change, StompTarget, Topics};
@@ -312,6 +312,8 @@ impl Hub {
                     }
                 }
             }
+            // Only the bridge takes these.
+            Envelope::Remote(_) => {}
         }
         None
     }
@@ -326,18 +328,46 @@ impl Hub {
     /// mesh. Resolves to whether the session was there.
     pub async fn remote_session_action(&self, core: usize, key: u64, action: SessionAction) -> bool {
         debug_assert_ne!(core, self.mesh.core(), "a session of this core is acted on here");
+        let from = self.mesh.core() as u16;
+        self.ask(core, |request| Envelope::Session {
+            key,
+            action,
+            request,
+            from,
+        })
+        .await
+    }
+
+    /// Asks node `node` (another one), through the NATS bridge, to act on
+    /// its session `session` (`<core>.<slot>.<generation>`). Resolves to
+    /// whether the session was there; `false` at once without a bridge.
+    pub async fn remote_node_action(&self, node: &str, session: &str, action: SessionAction) -> bool {
+        let Some(bridge) = self.mesh.bridge() else {
+            return false;
+        };
+        let from = self.mesh.core() as u16;
+        self.ask(bridge, |request| {
+            Envelope::Remote(Box::new(RemoteRequest {
+                node: node.to_string(),
+                session: session.to_string(),
+                action,
+                request,
+                from,
+            }))
+        })
+        .await
+    }
+
+    /// Sends the envelope `make` builds for a new request to `core`, and
+    /// waits for its `Reply`.
+    async fn ask(&self, core: usize, make: impl FnOnce(u64) -> Envelope) -> bool {
         let request = self.next_request.get();
         self.next_request.set(request + 1);
         self.requests.borrow_mut().insert(request, Request::default());
         // Removed however this future ends (answered, or dropped by a
         // caller's timeout): a late reply then finds nothing.
         let _forget = ForgetRequest(self, request);
-        let mut envelope = Some(Envelope::Session {
-            key,
-            action,
-            request,
-            from: self.mesh.core() as u16,
-        });
+        let mut envelope = Some(make(request));
         let found = std::future::poll_fn(|cx: &mut Context<'_>| {
             if let Some(e) = envelope.take() {
                 if let Err(e) = self.mesh.send(core, e) {
@@ -405,12 +435,19 @@ impl Hub {
         }
         let local = self.deliver_local(&Fanout::new(&message));
         let interest = self.interest.borrow();
-        let Some(cores) = interest.get(&message.key) else {
+        let cores = interest.get(&message.key).map_or(&[][..], Vec::as_slice);
+        let bridge = self.mesh.bridge();
+        if cores.is_empty() && bridge.is_none() {
             return usize::from(local > 0);
-        };
+        }
         let message = Arc::new(message);
         for &(core, _) in cores {
             self.send_in_order(core as usize, Envelope::Publish(message.clone()), pending);
+        }
+        // Other nodes: every publish made here goes to the bus (NATS
+        // knows who wants it); one that came from it never goes back.
+        if let Some(bridge) = bridge {
+            self.send_in_order(bridge, Envelope::Publish(message), pending);
         }
         usize::from(local > 0) + cores.len()
     }
@@ -437,6 +474,16 @@ impl Hub {
     /// Picks the core whose turn it is, each core weighted by its
     /// subscribers of the queue, and hands the message to it.
     fn publish_to_queue(&self, message: Message, pending: &mut Pending) -> usize {
+        // In a cluster, NATS picks the node (a queue group, one member per
+        // node with subscribers) and that node's bridge the core: one
+        // delivery cluster-wide. While the bus is down, the node's own
+        // subscribers share the queue's messages.
+        if let (Some(bridge), Some(bus)) = (self.mesh.bridge(), self.mesh.bus()) {
+            if bus.is_connected() {
+                self.send_in_order(bridge, Envelope::Publish(Arc::new(message)), pending);
+                return 1;
+            }
+        }
         let me = self.mesh.core() as u16;
         let local = self.topics.borrow().count(&message.key) as u64;
         let interest = self.interest.borrow();

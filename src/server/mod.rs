@@ -63,6 +63,8 @@ pub enum ServerError {
         error: String,
     },
     Signals(std::io::Error),
+    /// The NATS bridge could not start (options the client refused).
+    Cluster(String),
 }
 
 impl fmt::Display for ServerError {
@@ -79,6 +81,7 @@ impl fmt::Display for ServerError {
             ),
             ServerError::Worker { core, error } => write!(f, "worker {core} failed to start: {error}"),
             ServerError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            ServerError::Cluster(e) => write!(f, "cluster: {e}"),
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct Server {
     pub driver: DriverKind,
     shutdown: Arc<Shutdown>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<Stats>>>,
+    /// The NATS bridge, stopped once the workers are done.
+    bridge: std::sync::Mutex<Option<crate::cluster::Bridge>>,
 }
 
 impl Server {
@@ -126,7 +131,11 @@ impl Server {
             }
             None => ((0..config.workers).map(|_| None).collect::<Vec<_>>(), None),
         };
-        let metrics = Arc::new(crate::admin::Metrics::new(config.workers));
+        let bus = config
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(crate::stats::Bus::new(c.node_id.clone())));
+        let metrics = Arc::new(crate::admin::Metrics::new(config.workers, bus.clone()));
         let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
         if admission.socket_max() < config.max_connections {
             tracing::warn!(
@@ -136,11 +145,25 @@ impl Server {
                 "the open-files limit leaves the WebSocket ports fewer sockets than --max-connections"
             );
         }
-        let meshes =
-            crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity).map_err(|e| ServerError::Worker {
-                core: 0,
-                error: format!("cannot build the mesh: {e}"),
+        let mut meshes =
+            crate::pubsub::mesh::build(config.workers, config.mesh_ring_capacity, bus.clone()).map_err(|e| {
+                ServerError::Worker {
+                    core: 0,
+                    error: format!("cannot build the mesh: {e}"),
+                }
             })?;
+        // The NATS bridge is the mesh's last member; it connects in the
+        // background, so the node starts while NATS is down.
+        let bridge = match &config.cluster {
+            Some(cluster) => {
+                let mesh = meshes.pop().expect("the mesh has the bridge's member");
+                Some(
+                    crate::cluster::Bridge::start(mesh, cluster.clone(), config.limits.max_message_bytes)
+                        .map_err(ServerError::Cluster)?,
+                )
+            }
+            None => None,
+        };
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         let shutdown = Arc::new(Shutdown::new(config.workers).map_err(|e| ServerError::Worker {
             core: 0,
@@ -205,6 +228,7 @@ impl Server {
             driver: driver.unwrap_or(DriverKind::Epoll),
             shutdown,
             workers: std::sync::Mutex::new(workers),
+            bridge: std::sync::Mutex::new(bridge),
         };
         if let Some(e) = failure {
             server.shutdown.begin();
@@ -231,7 +255,18 @@ impl Server {
 
     /// Waits for every worker to finish; returns their counters summed.
     pub fn join(self) -> Stats {
-        join(self.take_workers())
+        let stats = join(self.take_workers());
+        self.stop_bridge();
+        stats
+    }
+
+    /// Stops the NATS bridge (after the workers: what they published on
+    /// their way out goes to the bus first).
+    fn stop_bridge(&self) {
+        let bridge = self.bridge.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(bridge) = bridge {
+            bridge.stop();
+        }
     }
 
     fn take_workers(&self) -> Vec<std::thread::JoinHandle<Stats>> {
@@ -294,6 +329,7 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
     });
     let workers = server.take_workers();
     let stats = join(workers);
+    server.stop_bridge();
     signal_handle.close();
     let _ = watcher.join();
     Ok(stats)

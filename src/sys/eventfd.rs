@@ -36,6 +36,10 @@ impl EventFd {
         unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
     }
 
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
     /// A monoio handle whose `readable()` resolves once signalled.
     pub fn waiter(&self) -> io::Result<monoio::net::UnixStream> {
         readiness_handle(self.0.as_fd())

@@ -133,6 +133,22 @@ pub fn health_response(method: &str) -> Result<Vec<u8>, Reject> {
     }
 }
 
+/// The readiness check's answer: 200 while the server takes traffic,
+/// 503 while it should not get any (its cluster's bus is down); like the
+/// health check otherwise.
+pub fn ready_response(method: &str, ready: bool) -> Result<Vec<u8>, Reject> {
+    let (status, reason, body) = if ready {
+        (200, "OK", "ready")
+    } else {
+        (503, "Service Unavailable", "not ready")
+    };
+    match method {
+        "GET" => Ok(plain_response(status, reason, "", body, true)),
+        "HEAD" => Ok(plain_response(status, reason, "", body, false)),
+        _ => Err(Reject::MethodNotAllowed),
+    }
+}
+
 /// A parsed request head. Every field borrows the read buffer.
 #[derive(Debug, Clone)]
 pub struct Head<'a> {

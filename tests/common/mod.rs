@@ -180,6 +180,11 @@ impl Server {
         self.child.as_ref().unwrap().id() as i32
     }
 
+    /// Reaps the process after it was killed (SIGKILL).
+    pub fn reap(&mut self) -> Option<ExitStatus> {
+        self.child.take().map(|mut c| c.wait().unwrap())
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");

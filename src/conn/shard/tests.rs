@@ -27,7 +27,7 @@ fn shard() -> Rc<Shard> {
 }
 
 pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
-    let mesh = crate::pubsub::mesh::build(1, 16).unwrap().pop().unwrap();
+    let mesh = crate::pubsub::mesh::build(1, 16, None).unwrap().pop().unwrap();
     let config = Arc::new(opts.validate(1).unwrap());
     let admission = Arc::new(crate::conn::admission::Admission::from_config(&config));
     Shard::new(config, mesh, admission, None).unwrap()

@@ -1,0 +1,798 @@
+//! The NATS bridge: how a node joins other sluice nodes (`--nats`).
+//!
+//! One thread, with its own current-thread tokio runtime (async-nats needs
+//! tokio; the cores stay on monoio), is one more member of the mesh: the
+//! cores talk to it through their SPSC rings, as to each other, and it
+//! talks to NATS over one connection.
+//!
+//! - **Out.** Every publish made on a core is also sent to the bridge
+//!   (`Hub::publish`), which takes it off its rings at once into a bounded
+//!   buffer (`--nats-buffer-bytes`) and hands it to the client, in order,
+//!   while the bus is up. Past the buffer, new publishes to the bus are
+//!   dropped and counted: a slow or absent bus never holds a core. The
+//!   payload crosses as the message's `Bytes`, without a copy; the client
+//!   writes what it has been handed in batches (one write per wake-up of
+//!   its connection task, not one per message).
+//! - **Interest.** The bridge takes every core's interest changes, like a
+//!   core: a topic (or queue) gets a NATS subscription while some core has
+//!   a subscriber of it, and loses it with the last one. A topic nobody
+//!   here wants costs this node no bus traffic.
+//! - **In.** A message from NATS goes to each core with subscribers of its
+//!   topic (a queue's, to one core, weighted by its subscribers), into
+//!   their rings; one that finds a ring full waits in the bridge, in order.
+//!   While too many wait, the bridge reads no more from NATS, whose
+//!   subscription buffers then drop (counted as slow-consumer drops):
+//!   at most once, never a blocked core. Topic messages this node
+//!   published come back only if it subscribes to them too, and are
+//!   dropped by their node header: local subscribers had them already.
+//! - **Requests.** An admin action on a session of another node goes out
+//!   as a NATS request to that node's subject; its bridge hands it to the
+//!   session's core and answers what the core answers. No answer within
+//!   `REQUEST_WAIT` (the node is gone) reads as "no such session".
+//!
+//! The client reconnects by itself (every URL in turn, with the back-off
+//! below) and subscribes again to every current subject.
+
+pub mod subject;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::{Client, ConnectOptions, Event, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use crate::config::{Cluster, NatsAuth};
+use crate::pubsub::mesh::{CoreMesh, Envelope, RemoteRequest, SessionAction};
+use crate::pubsub::message::Message;
+use crate::stats::Bus;
+use crate::topic::is_queue;
+use crate::ws::MessageKind;
+use subject::Subjects;
+
+/// How long a request to another node's session may wait for its answer.
+pub const REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// Envelopes for cores that may wait in the bridge for ring space before
+/// it stops reading from NATS.
+const BACKLOG_MAX: usize = 8192;
+/// Pings to the server this often: a connection that stops answering is
+/// found dead within two of them.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Messages the client keeps per subscription before dropping (slow
+/// consumer).
+const SUBSCRIPTION_CAPACITY: usize = 65_536;
+/// The client's queue of commands (publishes) not yet written.
+const CLIENT_CAPACITY: usize = 8192;
+
+/// The back-off between connection attempts: 25 ms doubling to 1 s, so a
+/// restarted server is found again within a second.
+fn reconnect_delay(attempts: usize) -> Duration {
+    Duration::from_millis((25u64 << attempts.min(6)).min(1000))
+}
+
+/// A running bridge: stop it once the workers are done.
+pub struct Bridge {
+    stop: Arc<Notify>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Bridge {
+    /// Starts the bridge thread on the mesh's last member. Returns once
+    /// the client is made (it connects in the background: a node starts
+    /// while NATS is down); an error for options the client refuses.
+    pub fn start(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize) -> Result<Bridge, String> {
+        let stop = Arc::new(Notify::new());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop_for_thread = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sluice-nats".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start the NATS bridge's runtime: {e}")));
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(
+                    &runtime,
+                    run(mesh, cluster, max_message_bytes, stop_for_thread, ready_tx),
+                );
+            })
+            .map_err(|e| format!("cannot start the NATS bridge: {e}"))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Bridge { stop, thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err("the NATS bridge ended at start".into())
+            }
+        }
+    }
+
+    /// Hands what the bridge still holds for the bus to the client, lets
+    /// it write for at most a second, and ends the thread.
+    pub fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.thread.join();
+    }
+}
+
+type Ready = std::sync::mpsc::Sender<Result<(), String>>;
+
+/// The client's options from the node's configuration.
+async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Result<ConnectOptions, String> {
+    let mut options = match &cluster.auth {
+        NatsAuth::None => ConnectOptions::new(),
+        NatsAuth::UserPassword(user, password) => {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => ConnectOptions::with_token(token.clone()),
+        NatsAuth::Nkey(seed) => ConnectOptions::with_nkey(seed.clone()),
+        NatsAuth::Creds(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("nats_creds {}: {e}", path.display()))?,
+    };
+    if let Some(ca) = &cluster.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let ever_connected = Arc::new(AtomicBool::new(false));
+    let options = options
+        .name(format!("sluice {}", cluster.node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(reconnect_delay)
+        .ping_interval(PING_INTERVAL)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .client_capacity(CLIENT_CAPACITY)
+        .request_timeout(Some(REQUEST_WAIT))
+        .event_callback(move |event| {
+            let bus = bus.clone();
+            let sender = sender.clone();
+            let ever_connected = ever_connected.clone();
+            async move {
+                match event {
+                    Event::Connected => {
+                        bus.connected.store(true, Ordering::Release);
+                        if ever_connected.swap(true, Ordering::Relaxed) {
+                            bus.reconnects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("NATS: reconnected");
+                        } else {
+                            tracing::info!("NATS: connected");
+                        }
+                        sender.notify_one();
+                    }
+                    Event::Disconnected => {
+                        bus.connected.store(false, Ordering::Release);
+                        tracing::warn!("NATS: disconnected; reconnecting, publishes to the bus are buffered");
+                    }
+                    Event::SlowConsumer(_) => {
+                        bus.dropped_slow_consumer.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Event::ServerError(e) => tracing::error!("NATS server error: {e}"),
+                    Event::ClientError(e) => tracing::warn!("NATS client error: {e}"),
+                    Event::LameDuckMode => tracing::warn!("NATS: the server is going away (lame duck mode)"),
+                    Event::Draining | Event::Closed => {}
+                }
+            }
+        });
+    Ok(options)
+}
+
+async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: Arc<Notify>, ready: Ready) {
+    let bus = mesh.bus().expect("the bridge's mesh has the bus").clone();
+    let sender_wake = Arc::new(Notify::new());
+    let connected = async {
+        let options = options(&cluster, bus.clone(), sender_wake.clone()).await?;
+        options
+            .connect(cluster.urls.as_slice())
+            .await
+            .map_err(|e| format!("nats: {e}"))
+    };
+    let client = match connected.await {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // A duplicate of the doorbell's eventfd: tokio owns what it watches.
+    // SAFETY: the duplicate is a valid descriptor the `AsyncFd` owns, and
+    // nothing else closes or replaces it while it is registered.
+    let doorbell = match nix_dup(mesh.doorbell_fd().as_raw_fd())
+        .and_then(|fd| unsafe { AsyncFd::register(fd) }.map_err(io::Error::from))
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot watch the NATS bridge's doorbell: {e}")));
+            return;
+        }
+    };
+    let bridge = Rc::new(State {
+        subjects: Subjects::new(&cluster.prefix),
+        node_id: cluster.node_id.clone(),
+        client,
+        bus,
+        max_message_bytes,
+        buffer_bytes: cluster.buffer_bytes,
+        interest: RefCell::new(HashMap::new()),
+        out: RefCell::new(VecDeque::new()),
+        out_bytes: Cell::new(0),
+        sender_wake,
+        backlog: RefCell::new((0..mesh.cores()).map(|_| VecDeque::new()).collect()),
+        backlog_len: Cell::new(0),
+        space: Notify::new(),
+        kick: Notify::new(),
+        replies: RefCell::new(HashMap::new()),
+        next_request: Cell::new(0),
+        next_message: Cell::new(0),
+        turns: RefCell::new(HashMap::new()),
+        mesh,
+    });
+    tracing::info!(
+        node = %bridge.node_id,
+        urls = ?cluster.urls,
+        prefix = %cluster.prefix,
+        "cluster: node {} on NATS {}",
+        bridge.node_id,
+        cluster.urls.join(",")
+    );
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let requests = tokio::task::spawn_local(serve_requests(bridge.clone()));
+    let sender = tokio::task::spawn_local(send_to_bus(bridge.clone()));
+    let unreachable = tokio::task::spawn_local(warn_while_unreachable(bridge.clone()));
+    bridge_loop(&bridge, &doorbell, &stop).await;
+    // Stopping: what is buffered goes to the client, which gets a second
+    // to write it.
+    let flushed = async {
+        while !bridge.out.borrow().is_empty() && bridge.bus.is_connected() {
+            bridge.sender_wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = bridge.client.flush().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+    requests.abort();
+    sender.abort();
+    unreachable.abort();
+    for (_, interest) in bridge.interest.borrow_mut().drain() {
+        interest.task.abort();
+    }
+}
+
+/// `dup(2)` with close-on-exec.
+fn nix_dup(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall on a descriptor the mesh keeps open; the
+    // result is checked before use.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// The bridge's state; everything runs on its one thread.
+struct State {
+    mesh: CoreMesh,
+    subjects: Subjects,
+    node_id: String,
+    client: Client,
+    bus: Arc<Bus>,
+    max_message_bytes: usize,
+    buffer_bytes: usize,
+    /// Topic table key -> the cores with subscribers (a topic's count is 1
+    /// for any), and the task holding its NATS subscription.
+    interest: RefCell<HashMap<Bytes, Interest>>,
+    /// Publishes for the bus, oldest first, and their payload bytes.
+    out: RefCell<VecDeque<Outgoing>>,
+    out_bytes: Cell<usize>,
+    /// Wakes the task that hands `out` to the client.
+    sender_wake: Arc<Notify>,
+    /// Envelopes for each core that found its ring full, oldest first.
+    backlog: RefCell<Vec<VecDeque<Envelope>>>,
+    backlog_len: Cell<usize>,
+    /// Wakes subscription tasks once the backlog is below `BACKLOG_MAX`.
+    space: Notify,
+    /// Wakes the bridge loop (a backlog to retry).
+    kick: Notify,
+    /// Requests from other nodes handed to a core: our request id -> the
+    /// subject to answer on.
+    replies: RefCell<HashMap<u64, async_nats::Subject>>,
+    next_request: Cell<u64>,
+    next_message: Cell<u64>,
+    /// Queue -> messages handed out here (whose turn is next).
+    turns: RefCell<HashMap<Bytes, u64>>,
+}
+
+struct Interest {
+    cores: Vec<(u16, u32)>,
+    task: tokio::task::AbortHandle,
+}
+
+struct Outgoing {
+    message: Arc<Message>,
+    /// When the bridge took it, in microseconds since the epoch.
+    at_us: u64,
+}
+
+/// What a buffered publish holds: its frame (or body), its key, and the
+/// entry and message themselves.
+fn buffered_size(message: &Message) -> usize {
+    const ENTRY_BYTES: usize = 160;
+    message.native.as_ref().map_or(message.body.len(), Bytes::len) + message.key.len() + ENTRY_BYTES
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Takes what the cores send until stopped: drains the rings, retries the
+/// backlog, then sleeps on the doorbell (the same store-then-check
+/// handshake as a core's mesh loop, `CoreMesh::arm`).
+async fn bridge_loop(bridge: &Rc<State>, doorbell: &AsyncFd<std::os::fd::OwnedFd>, stop: &Notify) {
+    loop {
+        let taken = bridge.mesh.drain(|envelope| bridge.take(envelope), || false);
+        let stuck = bridge.retry_backlog();
+        if !bridge.out.borrow().is_empty() {
+            bridge.sender_wake.notify_one();
+        }
+        if taken > 0 {
+            // Let the sender and the subscriptions run before draining more.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        if !bridge.mesh.arm() {
+            continue;
+        }
+        tokio::select! {
+            ready = doorbell.readable() => {
+                bridge.mesh.clear_doorbell();
+                if let Ok(mut guard) = ready {
+                    guard.clear_ready();
+                }
+            }
+            _ = bridge.kick.notified(), if !stuck => {}
+            _ = stop.notified() => return,
+        }
+    }
+}
+
+impl State {
+    /// One envelope from a core.
+    fn take(self: &Rc<Self>, envelope: Envelope) {
+        match envelope {
+            Envelope::Publish(message) => self.buffer(message),
+            Envelope::Interest { topic, core, count } => self.interest_changed(topic, core, count),
+            Envelope::Reply { request, found } => {
+                if let Some(reply) = self.replies.borrow_mut().remove(&request) {
+                    let client = self.client.clone();
+                    let answer = Bytes::from_static(if found { b"1" } else { b"0" });
+                    tokio::task::spawn_local(async move {
+                        let _ = client.publish(reply, answer).await;
+                    });
+                }
+            }
+            Envelope::Remote(request) => self.ask_node(*request),
+            // Sent only to cores.
+            Envelope::Session { .. } => {}
+        }
+    }
+
+    /// Queues a publish for the bus, or drops it past the buffer.
+    fn buffer(&self, message: Arc<Message>) {
+        let size = buffered_size(&message);
+        if self.out_bytes.get() + size > self.buffer_bytes && !self.out.borrow().is_empty() {
+            self.bus.dropped_buffer_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.out_bytes.set(self.out_bytes.get() + size);
+        self.out.borrow_mut().push_back(Outgoing {
+            message,
+            at_us: now_us(),
+        });
+        self.note_depth();
+    }
+
+    fn note_depth(&self) {
+        let depth = self.out.borrow().len() + self.backlog_len.get();
+        self.bus.queue_depth.store(depth as u64, Ordering::Relaxed);
+        self.bus
+            .buffered_bytes
+            .store(self.out_bytes.get() as u64, Ordering::Relaxed);
+    }
+
+    /// A core's count of subscribers of `topic` changed: subscribe to its
+    /// subject when the node's first appears, unsubscribe with its last.
+    fn interest_changed(self: &Rc<Self>, topic: Bytes, core: u16, count: u32) {
+        let mut interest = self.interest.borrow_mut();
+        if let Some(entry) = interest.get_mut(&topic) {
+            match (count, entry.cores.binary_search_by_key(&core, |&(c, _)| c)) {
+                (0, Ok(at)) => {
+                    entry.cores.remove(at);
+                }
+                (0, Err(_)) => {}
+                (n, Ok(at)) => entry.cores[at].1 = n,
+                (n, Err(at)) => entry.cores.insert(at, (core, n)),
+            }
+            if entry.cores.is_empty() {
+                // Dropping the subscriber (the task) unsubscribes.
+                if let Some(gone) = interest.remove(&topic) {
+                    gone.task.abort();
+                }
+                self.turns.borrow_mut().remove(&topic);
+                self.bus.subjects.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if count == 0 {
+            return;
+        }
+        let task = tokio::task::spawn_local(subscription(self.clone(), topic.clone())).abort_handle();
+        interest.insert(
+            topic,
+            Interest {
+                cores: vec![(core, count)],
+                task,
+            },
+        );
+        self.bus.subjects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hands an envelope to core `core`, behind any of its envelopes
+    /// still waiting for ring space.
+    fn to_core(&self, core: usize, envelope: Envelope) {
+        let mut backlog = self.backlog.borrow_mut();
+        if backlog[core].is_empty() {
+            match self.mesh.send(core, envelope) {
+                Ok(()) => return,
+                Err(envelope) => backlog[core].push_back(envelope),
+            }
+            // The consumer rings our doorbell once it has made room;
+            // room made meanwhile: retry from the loop at once.
+            if self.mesh.want_space(core) {
+                self.kick.notify_one();
+            }
+        } else {
+            backlog[core].push_back(envelope);
+        }
+        self.backlog_len.set(self.backlog_len.get() + 1);
+    }
+
+    /// Sends what waits for ring space, as far as there is room. Returns
+    /// whether something is still waiting (its consumer will ring).
+    fn retry_backlog(&self) -> bool {
+        if self.backlog_len.get() == 0 {
+            return false;
+        }
+        let mut stuck = false;
+        let mut backlog = self.backlog.borrow_mut();
+        for (core, waiting) in backlog.iter_mut().enumerate() {
+            while let Some(envelope) = waiting.pop_front() {
+                match self.mesh.send(core, envelope) {
+                    Ok(()) => self.backlog_len.set(self.backlog_len.get() - 1),
+                    Err(envelope) => {
+                        waiting.push_front(envelope);
+                        if self.mesh.want_space(core) {
+                            // Room already: the loop comes back at once.
+                            self.kick.notify_one();
+                        } else {
+                            stuck = true;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        drop(backlog);
+        if self.backlog_len.get() < BACKLOG_MAX {
+            self.space.notify_waiters();
+        }
+        self.note_depth();
+        stuck
+    }
+
+    /// A message from NATS on `key`'s subject: to the cores with
+    /// subscribers of it (a queue's, to one).
+    fn deliver(&self, key: &Bytes, message: async_nats::Message) {
+        let headers = message.headers.as_ref();
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let queue = is_queue(key);
+        // Our own topic publish, back because we subscribe to it too: our
+        // cores had it already.
+        if !queue && header(subject::NODE) == Some(self.node_id.as_str()) {
+            return;
+        }
+        self.bus.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = header(subject::TIME).and_then(|t| t.parse::<u64>().ok()) {
+            self.bus.observe_lag(now_us().saturating_sub(at));
+        }
+        let payload = message.payload;
+        let kind = match header(subject::KIND) {
+            Some("binary") => MessageKind::Binary,
+            Some("text") => MessageKind::Text,
+            _ if simdutf8::basic::from_utf8(&payload).is_ok() => MessageKind::Text,
+            _ => MessageKind::Binary,
+        };
+        let name_len = key.len() - usize::from(queue);
+        // RFC 6455 8.1: a text message is UTF-8; and a delivery is bounded
+        // like any message (`MSG <topic> <payload>`).
+        if (kind == MessageKind::Text && simdutf8::basic::from_utf8(&payload).is_err())
+            || payload.len() + name_len + 5 > self.max_message_bytes
+        {
+            self.bus.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let stomp_headers = header(subject::STOMP_HEADERS).and_then(|h| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(h)
+                .ok()
+                .map(Bytes::from)
+        });
+        let seq = self.next_message.get();
+        self.next_message.set(seq + 1);
+        let message = Arc::new(Message {
+            key: key.clone(),
+            kind,
+            body: payload,
+            stomp_headers,
+            id: ((self.mesh.core() as u64) << 48) | (seq & ((1 << 48) - 1)),
+            native: None,
+        });
+        let interest = self.interest.borrow();
+        let Some(entry) = interest.get(key) else {
+            // The last subscriber here left while it was on its way.
+            return;
+        };
+        if queue {
+            let total: u64 = entry.cores.iter().map(|&(_, n)| u64::from(n)).sum();
+            let mut turns = self.turns.borrow_mut();
+            let turn = turns.entry(key.clone()).or_insert(0);
+            let mut at = *turn % total.max(1);
+            *turn = turn.wrapping_add(1);
+            drop(turns);
+            for &(core, n) in &entry.cores {
+                if at < u64::from(n) {
+                    self.to_core(core as usize, Envelope::Publish(message));
+                    break;
+                }
+                at -= u64::from(n);
+            }
+        } else {
+            for &(core, _) in &entry.cores {
+                self.to_core(core as usize, Envelope::Publish(message.clone()));
+            }
+        }
+    }
+
+    /// An admin action on another node's session: a NATS request to that
+    /// node, whose answer (or its absence) goes back to the asking core.
+    fn ask_node(self: &Rc<Self>, request: RemoteRequest) {
+        self.bus.requests_out.fetch_add(1, Ordering::Relaxed);
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::SESSION, request.session.as_str());
+        let payload = match request.action {
+            SessionAction::Send(frame) => {
+                headers.insert(subject::ACTION, "send");
+                frame
+            }
+            SessionAction::Close(code, reason) => {
+                headers.insert(subject::ACTION, "close");
+                headers.insert(subject::CODE, code.to_string().as_str());
+                reason
+            }
+        };
+        let subject = self.subjects.node(&request.node);
+        let bridge = self.clone();
+        tokio::task::spawn_local(async move {
+            let asked = bridge.client.request_with_headers(subject, headers, payload);
+            let found = match tokio::time::timeout(REQUEST_WAIT, asked).await {
+                Ok(Ok(answer)) => answer.payload.as_ref() == b"1",
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %request.node, error = %e, "request to another node failed");
+                    false
+                }
+                Err(_) => false,
+            };
+            bridge.to_core(
+                request.from as usize,
+                Envelope::Reply {
+                    request: request.request,
+                    found,
+                },
+            );
+            bridge.kick.notify_one();
+        });
+    }
+
+    /// A request from another node for one of our sessions.
+    fn take_request(&self, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else { return };
+        self.bus.requests_in.fetch_add(1, Ordering::Relaxed);
+        let headers = message.headers.as_ref();
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let target = header(subject::SESSION).and_then(|id| parse_session(id, self.mesh.workers()));
+        let action = match (header(subject::ACTION), header(subject::CODE)) {
+            (Some("send"), _) => Some(SessionAction::Send(message.payload.clone())),
+            (Some("close"), Some(code)) => code
+                .parse()
+                .ok()
+                .map(|code| SessionAction::Close(code, message.payload.clone())),
+            _ => None,
+        };
+        let (Some((core, key)), Some(action)) = (target, action) else {
+            let client = self.client.clone();
+            tokio::task::spawn_local(async move {
+                let _ = client.publish(reply, Bytes::from_static(b"0")).await;
+            });
+            return;
+        };
+        let request = self.next_request.get();
+        self.next_request.set(request + 1);
+        self.replies.borrow_mut().insert(request, reply);
+        self.to_core(
+            core,
+            Envelope::Session {
+                key,
+                action,
+                request,
+                from: self.mesh.core() as u16,
+            },
+        );
+        self.kick.notify_one();
+    }
+}
+
+/// `<core>.<slot>.<generation>` -> core and slot key, for a core of ours
+/// and an odd generation (as the admin port reads it).
+fn parse_session(id: &str, workers: usize) -> Option<(usize, u64)> {
+    let mut parts = id.split('.');
+    let core: usize = parts.next()?.parse().ok()?;
+    let slot: u32 = parts.next()?.parse().ok()?;
+    let generation: u32 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || generation.is_multiple_of(2) || core >= workers {
+        return None;
+    }
+    Some((core, (u64::from(generation) << 32) | u64::from(slot)))
+}
+
+/// Holds the NATS subscription of one topic (or queue) while the node
+/// wants it, and hands its messages on; aborted (which unsubscribes) when
+/// the node's last subscriber leaves.
+async fn subscription(bridge: Rc<State>, key: Bytes) {
+    let subject = bridge.subjects.of_key(&key);
+    let subscribed = if is_queue(&key) {
+        let group = bridge.subjects.queue_group().to_string();
+        bridge.client.queue_subscribe(subject.clone(), group).await
+    } else {
+        bridge.client.subscribe(subject.clone()).await
+    };
+    let mut subscriber = match subscribed {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(subject, error = %e, "NATS: cannot subscribe; this node misses the topic's publishes from other nodes");
+            return std::future::pending().await;
+        }
+    };
+    while let Some(message) = subscriber.next().await {
+        bridge.deliver(&key, message);
+        while bridge.backlog_len.get() >= BACKLOG_MAX {
+            bridge.space.notified().await;
+        }
+    }
+}
+
+/// Answers other nodes' requests for this node's sessions.
+async fn serve_requests(bridge: Rc<State>) {
+    let subject = bridge.subjects.node(&bridge.node_id);
+    let mut requests = match bridge.client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(subject, error = %e, "NATS: cannot take requests for this node's sessions");
+            return;
+        }
+    };
+    while let Some(message) = requests.next().await {
+        bridge.take_request(message);
+    }
+}
+
+/// Hands the buffered publishes to the client, in order, while the bus is
+/// up; while it is down they wait (bounded by `buffer`).
+async fn send_to_bus(bridge: Rc<State>) {
+    let kinds = [(MessageKind::Text, "text"), (MessageKind::Binary, "binary")];
+    loop {
+        let next = if bridge.bus.is_connected() {
+            bridge.out.borrow_mut().pop_front()
+        } else {
+            None
+        };
+        let Some(Outgoing { message, at_us }) = next else {
+            bridge.note_depth();
+            bridge.sender_wake.notified().await;
+            continue;
+        };
+        bridge.out_bytes.set(bridge.out_bytes.get() - buffered_size(&message));
+        let mut headers = HeaderMap::new();
+        let kind = kinds
+            .iter()
+            .find(|(k, _)| *k == message.kind)
+            .map_or("binary", |(_, n)| n);
+        headers.insert(subject::KIND, kind);
+        headers.insert(subject::NODE, bridge.node_id.as_str());
+        headers.insert(subject::TIME, at_us.to_string().as_str());
+        if let Some(stomp) = &message.stomp_headers {
+            use base64::Engine;
+            headers.insert(
+                subject::STOMP_HEADERS,
+                base64::engine::general_purpose::STANDARD.encode(stomp).as_str(),
+            );
+        }
+        let subject = bridge.subjects.of_key(&message.key);
+        match bridge
+            .client
+            .publish_with_headers(subject, headers, message.body.clone())
+            .await
+        {
+            Ok(()) => {
+                bridge.bus.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                bridge.bus.dropped_buffer_full.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "NATS: a publish was refused");
+            }
+        }
+    }
+}
+
+/// Says, every 10 s while it lasts, that the bus is unreachable (first
+/// after half a second: a node that starts before its bus says so).
+async fn warn_while_unreachable(bridge: Rc<State>) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    loop {
+        if !bridge.bus.is_connected() {
+            tracing::warn!(
+                dropped = Bus::get(&bridge.bus.dropped_buffer_full),
+                "NATS unreachable: serving local clients only, retrying"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_name_a_core_of_ours() {
+        assert_eq!(parse_session("1.17.3", 2), Some((1, (3 << 32) | 17)));
+        for bad in ["2.17.3", "1.17.2", "1.17", "1.17.3.1", "x.1.1", ""] {
+            assert_eq!(parse_session(bad, 2), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reconnects_back_off_to_a_second() {
+        assert_eq!(reconnect_delay(0), Duration::from_millis(25));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(100), Duration::from_secs(1));
+    }
+}
