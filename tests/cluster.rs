@@ -713,6 +713,49 @@ fn nats_restarted_mid_traffic_resumes_within_two_seconds() {
     assert_eq!(status, 200);
 }
 
+/// While NATS is down, what a node holds for it stays within
+/// `--nats-buffer-bytes`: 256 MiB published meanwhile leaves its memory
+/// where 16 MiB left it, and the rest is counted as dropped.
+#[test]
+fn memory_stays_within_the_buffer_while_nats_is_down() {
+    let mut nats = Nats::start(&[]);
+    let a = node(
+        "uring",
+        "a",
+        &nats.url(),
+        &["--nats-buffer-bytes", "1048576", "--workers", "1"],
+    );
+    wait_connected(&a);
+    nats.kill();
+    wait_for("the disconnect", Duration::from_secs(10), || {
+        a.metric("sluice_bus_connected") == 0
+    });
+    let payload = "x".repeat(64 * 1024);
+    let mut rss = Vec::new();
+    tokio_rt().block_on(async {
+        let (mut ws, _) = connect(&a.url("/ws")).await;
+        for round in 0..2 {
+            let count = if round == 0 { 256 } else { 4096 };
+            for _ in 0..count {
+                send(&mut ws, format!("PUB gone {payload}")).await;
+            }
+            // A round trip: every publish before it has been taken.
+            send(&mut ws, "SUB probe".into()).await;
+            send(&mut ws, "PUB probe x".into()).await;
+            assert_eq!(next_text(&mut ws).await, "MSG probe x");
+            send(&mut ws, "UNSUB probe".into()).await;
+            std::thread::sleep(Duration::from_millis(200));
+            rss.push(a.rss_kib());
+        }
+    });
+    let dropped = a.metric("sluice_bus_dropped_total");
+    assert!(dropped >= 4096, "{dropped}");
+    assert!(a.metric("sluice_bus_buffered_bytes") <= 1024 * 1024 + 70 * 1024);
+    if !common::sanitized() {
+        assert!(rss[1] < rss[0] + 8 * 1024, "RSS grew from {} to {} KiB", rss[0], rss[1]);
+    }
+}
+
 /// Three NATS servers routed as a cluster; node `a` knows only the first,
 /// which is killed: it moves to another (learnt from the cluster), and
 /// subscribers on both nodes keep getting each other's publishes.
@@ -838,6 +881,49 @@ fn bad_nats_credentials_are_a_clear_error() {
     let token = Nats::start(&["--auth", "t0ken"]);
     let with_token = node("uring", "c", &token.url(), &["--nats-token", "t0ken"]);
     wait_connected(&with_token);
+}
+
+/// TLS to NATS with the node's own CA file; without it the server's
+/// certificate is refused and the node stays unconnected. And an nkey
+/// seed signs the server's nonce.
+#[test]
+fn tls_and_nkeys_to_nats() {
+    let dir = std::env::temp_dir().join(format!("sluice-cluster-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let nats = Nats::start(&[
+        "--tls",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+    ]);
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let trusted = node("uring", "a", &url, &["--nats-ca", cert.to_str().unwrap()]);
+    wait_connected(&trusted);
+    let untrusted = node("epoll", "b", &url, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !untrusted.log().contains("UnknownIssuer") {
+        assert!(Instant::now() < deadline, "no certificate error in {}", untrusted.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(untrusted.metric("sluice_bus_connected"), 0);
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = dir.join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key()),
+    )
+    .unwrap();
+    let guarded = Nats::start(&["-c", conf.to_str().unwrap()]);
+    let signed = node("uring", "c", &guarded.url(), &["--nats-nkey", seed.to_str().unwrap()]);
+    wait_connected(&signed);
 }
 
 /// A node started while NATS is down serves its own clients, is healthy

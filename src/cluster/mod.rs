@@ -60,6 +60,9 @@ use subject::Subjects;
 
 /// How long a request to another node's session may wait for its answer.
 pub const REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// The cross-node lag histogram takes at most one message per this many
+/// microseconds from each node (the others carry no time header).
+const LAG_SAMPLE_US: u64 = 1000;
 /// Envelopes for cores that may wait in the bridge for ring space before
 /// it stops reading from NATS.
 const BACKLOG_MAX: usize = 8192;
@@ -133,7 +136,12 @@ impl Bridge {
 type Ready = std::sync::mpsc::Sender<Result<(), String>>;
 
 /// The client's options from the node's configuration.
-async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Result<ConnectOptions, String> {
+async fn options(
+    cluster: &Cluster,
+    bus: Arc<Bus>,
+    sender: Arc<Notify>,
+    why: Arc<std::sync::Mutex<String>>,
+) -> Result<ConnectOptions, String> {
     let mut options = match &cluster.auth {
         NatsAuth::None => ConnectOptions::new(),
         NatsAuth::UserPassword(user, password) => {
@@ -149,6 +157,7 @@ async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Resul
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
     let ever_connected = Arc::new(AtomicBool::new(false));
+    let said = Arc::new(Said::default());
     let options = options
         .name(format!("sluice {}", cluster.node_id))
         .retry_on_initial_connect()
@@ -158,10 +167,23 @@ async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Resul
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_WAIT))
+        // Called before each attempt with every server's last error: kept
+        // for the warning while the bus is unreachable. The choice of
+        // server stays the client's.
+        .reconnect_to_server_callback(move |servers, _| {
+            let said = servers
+                .iter()
+                .map(|s| format!("{s}: {}", s.last_error.as_deref().unwrap_or("not tried yet")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            *why.lock().unwrap_or_else(|e| e.into_inner()) = said;
+            std::future::ready(None)
+        })
         .event_callback(move |event| {
             let bus = bus.clone();
             let sender = sender.clone();
             let ever_connected = ever_connected.clone();
+            let said = said.clone();
             async move {
                 match event {
                     Event::Connected => {
@@ -181,8 +203,20 @@ async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Resul
                     Event::SlowConsumer(_) => {
                         bus.dropped_slow_consumer.fetch_add(1, Ordering::Relaxed);
                     }
-                    Event::ServerError(e) => tracing::error!("NATS server error: {e}"),
-                    Event::ClientError(e) => tracing::warn!("NATS client error: {e}"),
+                    // Said again at each attempt to connect: logged once
+                    // in ten seconds.
+                    Event::ServerError(e) => {
+                        let e = e.to_string();
+                        if said.first_in_a_while(&e) {
+                            tracing::error!("NATS server error: {e}");
+                        }
+                    }
+                    Event::ClientError(e) => {
+                        let e = e.to_string();
+                        if said.first_in_a_while(&e) {
+                            tracing::warn!("NATS client error: {e}");
+                        }
+                    }
                     Event::LameDuckMode => tracing::warn!("NATS: the server is going away (lame duck mode)"),
                     Event::Draining | Event::Closed => {}
                 }
@@ -191,11 +225,32 @@ async fn options(cluster: &Cluster, bus: Arc<Bus>, sender: Arc<Notify>) -> Resul
     Ok(options)
 }
 
+/// The last error the client reported, and when it was last logged.
+#[derive(Default)]
+struct Said(std::sync::Mutex<Option<(String, std::time::Instant)>>);
+
+impl Said {
+    /// Whether `what` should be logged: it differs from the last one, or
+    /// that was logged ten seconds ago or more.
+    fn first_in_a_while(&self, what: &str) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match &*last {
+            Some((said, at)) if said == what && now.duration_since(*at) < Duration::from_secs(10) => false,
+            _ => {
+                *last = Some((what.to_string(), now));
+                true
+            }
+        }
+    }
+}
+
 async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: Arc<Notify>, ready: Ready) {
     let bus = mesh.bus().expect("the bridge's mesh has the bus").clone();
     let sender_wake = Arc::new(Notify::new());
+    let why = Arc::new(std::sync::Mutex::new(String::new()));
     let connected = async {
-        let options = options(&cluster, bus.clone(), sender_wake.clone()).await?;
+        let options = options(&cluster, bus.clone(), sender_wake.clone(), why.clone()).await?;
         options
             .connect(cluster.urls.as_slice())
             .await
@@ -253,7 +308,7 @@ async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: A
     drop(ready);
     let requests = tokio::task::spawn_local(serve_requests(bridge.clone()));
     let sender = tokio::task::spawn_local(send_to_bus(bridge.clone()));
-    let unreachable = tokio::task::spawn_local(warn_while_unreachable(bridge.clone()));
+    let unreachable = tokio::task::spawn_local(warn_while_unreachable(bridge.clone(), why));
     bridge_loop(&bridge, &doorbell, &stop).await;
     // Stopping: what is buffered goes to the client, which gets a second
     // to write it.
@@ -717,7 +772,8 @@ async fn serve_requests(bridge: Rc<State>) {
 /// Hands the buffered publishes to the client, in order, while the bus is
 /// up; while it is down they wait (bounded by `buffer`).
 async fn send_to_bus(bridge: Rc<State>) {
-    let kinds = [(MessageKind::Text, "text"), (MessageKind::Binary, "binary")];
+    let mut last_stamp_us = 0;
+    let mut last_subject: Option<(Bytes, async_nats::Subject)> = None;
     loop {
         let next = if bridge.bus.is_connected() {
             bridge.out.borrow_mut().pop_front()
@@ -730,14 +786,27 @@ async fn send_to_bus(bridge: Rc<State>) {
             continue;
         };
         bridge.out_bytes.set(bridge.out_bytes.get() - buffered_size(&message));
+        // Headers only where they say something (most messages go without,
+        // which spares both ends a header map per message):
         let mut headers = HeaderMap::new();
-        let kind = kinds
-            .iter()
-            .find(|(k, _)| *k == message.kind)
-            .map_or("binary", |(_, n)| n);
-        headers.insert(subject::KIND, kind);
-        headers.insert(subject::NODE, bridge.node_id.as_str());
-        headers.insert(subject::TIME, at_us.to_string().as_str());
+        // text is what a receiver takes a UTF-8 payload for, and a text
+        // message is UTF-8;
+        if message.kind == MessageKind::Binary {
+            headers.insert(subject::KIND, "binary");
+        }
+        // our node, only if we subscribe to the topic ourselves (else NATS
+        // cannot echo it to us: a subscription made later is behind this
+        // publish on our connection);
+        if bridge.interest.borrow().contains_key(&message.key) {
+            headers.insert(subject::NODE, bridge.node_id.as_str());
+        }
+        // the time, on one message a millisecond at most (the lag
+        // histogram samples them);
+        if at_us >= last_stamp_us + LAG_SAMPLE_US {
+            last_stamp_us = at_us;
+            headers.insert(subject::TIME, at_us.to_string().as_str());
+        }
+        // and a STOMP publisher's own headers.
         if let Some(stomp) = &message.stomp_headers {
             use base64::Engine;
             headers.insert(
@@ -745,12 +814,22 @@ async fn send_to_bus(bridge: Rc<State>) {
                 base64::engine::general_purpose::STANDARD.encode(stomp).as_str(),
             );
         }
-        let subject = bridge.subjects.of_key(&message.key);
-        match bridge
-            .client
-            .publish_with_headers(subject, headers, message.body.clone())
-            .await
-        {
+        // Runs of one topic are the common case: its subject is made once.
+        let subject = match &last_subject {
+            Some((key, subject)) if *key == message.key => subject.clone(),
+            _ => {
+                let subject = async_nats::Subject::from(bridge.subjects.of_key(&message.key));
+                last_subject = Some((message.key.clone(), subject.clone()));
+                subject
+            }
+        };
+        let body = message.body.clone();
+        let sent = if headers.is_empty() {
+            bridge.client.publish(subject, body).await
+        } else {
+            bridge.client.publish_with_headers(subject, headers, body).await
+        };
+        match sent {
             Ok(()) => {
                 bridge.bus.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -764,13 +843,15 @@ async fn send_to_bus(bridge: Rc<State>) {
 
 /// Says, every 10 s while it lasts, that the bus is unreachable (first
 /// after half a second: a node that starts before its bus says so).
-async fn warn_while_unreachable(bridge: Rc<State>) {
+async fn warn_while_unreachable(bridge: Rc<State>, why: Arc<std::sync::Mutex<String>>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     loop {
         if !bridge.bus.is_connected() {
+            // Why, server by server, as the client last found it.
+            let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
             tracing::warn!(
                 dropped = Bus::get(&bridge.bus.dropped_buffer_full),
-                "NATS unreachable: serving local clients only, retrying"
+                "NATS unreachable: serving local clients only, retrying ({why})"
             );
         }
         tokio::time::sleep(Duration::from_secs(10)).await;

@@ -14,13 +14,15 @@ use bytes::Bytes;
 
 use crate::topic::{is_queue, valid_topic};
 
-/// The message kind: `text` or `binary`. Absent (a publisher that is not
-/// sluice), a payload that is valid UTF-8 is text.
+/// The message kind: `text` or `binary`. Absent, a payload that is valid
+/// UTF-8 is text (sluice sends it on binary messages only).
 pub const KIND: &str = "Sluice-Kind";
-/// The node that published it; a node drops its own topic messages.
+/// The node that published it, when that node subscribes to the topic too;
+/// a node drops its own topic messages.
 pub const NODE: &str = "Sluice-Node";
 /// When the sending node's bridge took it, in microseconds since the Unix
-/// epoch (the cross-node lag histogram).
+/// epoch, on at most one message a millisecond (the cross-node lag
+/// histogram samples them).
 pub const TIME: &str = "Sluice-Time";
 /// A STOMP publisher's pass-through headers, as `Message::stomp_headers`
 /// holds them, in standard base64.
