@@ -53,4 +53,4 @@ for i in 1 2 3; do
 done
 echo "ready; Ctrl-C stops the cluster"
 wait -n "${PIDS[@]}" || true
-echo "a process of the cluster ended; stopping the rest"
+echo "stopping the cluster"

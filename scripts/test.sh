@@ -62,7 +62,7 @@ step "integration tests under AddressSanitizer (the unsafe socket code runs here
 SLUICE_SANITIZED=1 PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
   --test echo --test protocol --test park --test pubsub --test admin --test stomp --test auth --test tls \
-  --test queued --test shutdown 2>&1 | tee target/asan.log
+  --test queued --test shutdown --test cluster 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
 step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"
