@@ -420,6 +420,9 @@ fn sessions_and_admin_publishes_cross_nodes() {
     });
     assert!(a.metric("sluice_bus_requests_out_total") >= 3);
     assert!(b.metric("sluice_bus_requests_in_total") >= 2);
+    // A node of a cluster shuts down as one alone does.
+    let mut a = a;
+    assert!(a.terminate().success(), "{}", a.log());
 }
 
 const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes";
@@ -754,6 +757,11 @@ fn memory_stays_within_the_buffer_while_nats_is_down() {
     if !common::sanitized() {
         assert!(rss[1] < rss[0] + 8 * 1024, "RSS grew from {} to {} KiB", rss[0], rss[1]);
     }
+    // And it shuts down with its bus gone and its buffer full.
+    let mut a = a;
+    let asked = Instant::now();
+    assert!(a.terminate().success(), "{}", a.log());
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
 }
 
 /// Three NATS servers routed as a cluster; node `a` knows only the first,
