@@ -704,7 +704,7 @@ fn cluster(o: &Options) -> Result<Option<Cluster>, ConfigError> {
             let seed =
                 std::fs::read_to_string(path).map_err(|e| bad("nats_nkey", format!("{}: {e}", path.display())))?;
             let seed = seed.trim().to_string();
-            if !seed.starts_with("SU") {
+            if !seed.starts_with("SU") || nkeys::KeyPair::from_seed(&seed).is_err() {
                 return Err(bad(
                     "nats_nkey",
                     format!("{}: not a user nkey seed (SU...)", path.display()),
@@ -720,7 +720,14 @@ fn cluster(o: &Options) -> Result<Option<Cluster>, ConfigError> {
         }
     };
     if let Some(ca) = &o.nats_ca {
-        std::fs::metadata(ca).map_err(|e| bad("nats_ca", format!("{}: {e}", ca.display())))?;
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let certificates = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| bad("nats_ca", format!("{}: {e}", ca.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("nats_ca", format!("{}: {e}", ca.display())))?;
+        if certificates.is_empty() {
+            return Err(bad("nats_ca", format!("{}: no PEM certificate in it", ca.display())));
+        }
     }
     let buffer_bytes = o.nats_buffer_bytes.unwrap_or(8 * MIB);
     in_range("nats_buffer_bytes", buffer_bytes, 0, 4 * GIB)?;
@@ -735,7 +742,7 @@ fn cluster(o: &Options) -> Result<Option<Cluster>, ConfigError> {
 }
 
 /// A node id nobody chose: 12 hex digits from the process's random hash keys.
-fn random_node_id() -> String {
+pub fn random_node_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(

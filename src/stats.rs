@@ -123,6 +123,14 @@ pub struct Bus {
     /// Messages from NATS no subscriber could take: a text kind that is
     /// not UTF-8, or over `--max-message-bytes`.
     pub dropped_invalid: AtomicU64,
+    /// Publishes the client refused (over the server's `max_payload`).
+    pub refused: AtomicU64,
+    /// The largest message the NATS server takes (its `max_payload`), 0
+    /// until connected.
+    pub max_payload: AtomicU64,
+    /// Set when the node starts shutting down: the bridge feeds its cores
+    /// no more and leaves its queues to the other nodes.
+    pub closing: std::sync::atomic::AtomicBool,
     /// Subjects subscribed now (topics and queues with local subscribers).
     pub subjects: AtomicU64,
     /// Messages waiting in the bridge: publishes for the bus, and
@@ -157,6 +165,9 @@ impl Bus {
             dropped_buffer_full: Default::default(),
             dropped_slow_consumer: Default::default(),
             dropped_invalid: Default::default(),
+            refused: Default::default(),
+            max_payload: Default::default(),
+            closing: Default::default(),
             subjects: Default::default(),
             queue_depth: Default::default(),
             buffered_bytes: Default::default(),
@@ -171,8 +182,18 @@ impl Bus {
         self.connected.load(Ordering::Acquire)
     }
 
+    /// Whether a message of `bytes` can cross the bus (unknown before the
+    /// first connect: then it may).
+    pub fn carries(&self, bytes: usize) -> bool {
+        let max = self.max_payload.load(Ordering::Relaxed);
+        max == 0 || bytes as u64 <= max
+    }
+
     /// Counts one message's cross-node lag.
+    /// (A lag is taken as at most an hour: a stamp from a stranger's clock
+    /// does not wrap the sum.)
     pub fn observe_lag(&self, us: u64) {
+        let us = us.min(3_600_000_000);
         let bucket = LAG_BOUNDS_US
             .iter()
             .position(|&b| us <= b)

@@ -603,24 +603,131 @@ asyncio.run(main())
     assert_eq!(a.metric("sluice_bus_received_total"), 3);
 }
 
+/// What a stranger on the bus sends is checked, never written as it came:
+/// a request for a session with a close code no endpoint may send, or
+/// text that is not UTF-8, is refused ("0"); a good one is encoded by the
+/// node ("1"); STOMP headers that smuggle a frame drop the message.
+#[test]
+fn hostile_bus_input_is_checked() {
+    let nats = Nats::start(&[]);
+    let a = node("epoll", "a", &nats.url(), &[]);
+    wait_connected(&a);
+    tokio_rt().block_on(async {
+        let (mut ws, id) = connect(&a.url("/ws")).await;
+        let session = id.strip_prefix("a.").unwrap().to_string();
+        let mut stomp_sub = stomp(&a.url("/stomp")).await;
+        send(
+            &mut stomp_sub,
+            "SUBSCRIBE\nid:0\ndestination:/topic/inj\nreceipt:r\n\n\0".into(),
+        )
+        .await;
+        assert!(next_text(&mut stomp_sub).await.starts_with("RECEIPT\n"));
+        wait_for("the subject", Duration::from_secs(10), || {
+            a.metric("sluice_bus_subjects") == 1
+        });
+        let script = r#"
+import asyncio, base64, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    ask = lambda headers, payload: nc.request("sluice.node.a", payload, timeout=2, headers=headers)
+    session = sys.argv[2]
+    answers = []
+    for headers, payload in [
+        ({"Sluice-Action": "close", "Sluice-Session": session, "Sluice-Code": "1006"}, b"x" * 10),
+        ({"Sluice-Action": "close", "Sluice-Session": session, "Sluice-Code": "4000"}, b"x" * 200),
+        ({"Sluice-Action": "send", "Sluice-Session": session, "Sluice-Kind": "text"}, b"\xff\xfe"),
+        ({"Sluice-Action": "send", "Sluice-Session": session}, b"\x88\x02\x03\xed raw"),
+    ]:
+        answers.append((await ask(headers, payload)).data.decode())
+    forged = b"x:1\n\nFORGED\x00RECEIPT\nreceipt-id:evil\n\n\x00"
+    await nc.publish("sluice.t.inj", b"smuggled", headers={"Sluice-Stomp-Headers": base64.b64encode(forged).decode()})
+    await nc.publish("sluice.t.inj", b"clean", headers={"Sluice-Stomp-Headers": base64.b64encode(b"x-a:1\n").decode()})
+    await nc.flush()
+    print(" ".join(answers))
+
+asyncio.run(main())
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &nats.url(), &session])
+            .output()
+            .expect("python3 with nats-py");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 0 0 1");
+        // The one accepted: its bytes as a message, framed by the node.
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => assert_eq!(b, b"\x88\x02\x03\xed raw"),
+            other => panic!("expected the binary message, got {other:?}"),
+        }
+        let frame = next_text(&mut stomp_sub).await;
+        assert!(frame.starts_with("MESSAGE\n"), "{frame}");
+        assert!(frame.contains("\nx-a:1\n") && frame.ends_with("\n\nclean\0"), "{frame}");
+    });
+    assert_eq!(a.metric("sluice_bus_dropped_invalid_total"), 1);
+}
+
+/// The NATS server's max_payload bounds what crosses: a larger message
+/// still reaches the node's own subscribers (a STOMP queue's too), and is
+/// counted as refused by the bus.
+#[test]
+fn messages_over_the_servers_max_payload_stay_on_the_node() {
+    let dir = std::env::temp_dir().join(format!("sluice-cluster-payload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = Nats::start(&["-c", conf.to_str().unwrap()]);
+    let a = node("uring", "a", &nats.url(), &["--workers", "1"]);
+    wait_connected(&a);
+    wait_for("the warning", Duration::from_secs(5), || {
+        a.log().contains("at most 4096 bytes")
+    });
+    tokio_rt().block_on(async {
+        let mut consumer = stomp(&a.url("/stomp")).await;
+        send(
+            &mut consumer,
+            "SUBSCRIBE\nid:q\ndestination:/queue/big\nreceipt:r\n\n\0".into(),
+        )
+        .await;
+        assert!(next_text(&mut consumer).await.starts_with("RECEIPT\n"));
+        let mut producer = stomp(&a.url("/stomp")).await;
+        let body = "y".repeat(10_000);
+        send(
+            &mut producer,
+            format!("SEND\ndestination:/queue/big\nreceipt:s\n\n{body}\0"),
+        )
+        .await;
+        assert!(next_text(&mut producer).await.starts_with("RECEIPT\n"));
+        assert_eq!(stomp_body(&mut consumer).await, body);
+        let (mut ws, _) = connect(&a.url("/ws")).await;
+        send(&mut ws, "SUB t".into()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(&mut ws, format!("PUB t {body}")).await;
+        assert_eq!(next_text(&mut ws).await, format!("MSG t {body}"));
+    });
+    wait_for("the count", Duration::from_secs(5), || {
+        a.metric("sluice_bus_refused_total") == 1
+    });
+}
+
 /// Publishes numbered messages on `topic` from `url` every `every` until
-/// told to stop; returns how many.
+/// told to stop; returns when each was sent.
 fn publish_numbered(
     url: String,
     topic: &'static str,
     every: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
+) -> std::thread::JoinHandle<Vec<Instant>> {
     std::thread::spawn(move || {
         tokio_rt().block_on(async {
             let (mut ws, _) = connect(&url).await;
-            let mut n = 0;
+            let mut sent = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                send(&mut ws, format!("PUB {topic} {n}")).await;
-                n += 1;
+                send(&mut ws, format!("PUB {topic} {}", sent.len())).await;
+                sent.push(Instant::now());
                 tokio::time::sleep(every).await;
             }
-            n
+            sent
         })
     })
 }
@@ -682,7 +789,7 @@ fn nats_restarted_mid_traffic_resumes_within_two_seconds() {
     let restarted = Instant::now();
     std::thread::sleep(Duration::from_millis(2500));
     stop.store(true, Ordering::Relaxed);
-    let sent = publisher.join().unwrap();
+    let sent = publisher.join().unwrap().len();
     let remote = remote.join().unwrap();
     let local = local.join().unwrap();
     // Local subscribers missed nothing.
@@ -710,6 +817,17 @@ fn nats_restarted_mid_traffic_resumes_within_two_seconds() {
         remote.len() as u64 + dropped <= sent as u64 + 1,
         "{} delivered + {dropped} dropped, of {sent}",
         remote.len()
+    );
+    // Every publish was handed to the bus or counted as dropped: the
+    // buffer's went out once it was back, none vanished in the bridge.
+    wait_for("the buffer to empty", Duration::from_secs(5), || {
+        a.metric("sluice_bus_buffered_bytes") == 0
+    });
+    let published = a.metric("sluice_bus_published_total");
+    assert_eq!(
+        published + dropped,
+        sent as u64,
+        "{published} published + {dropped} dropped"
     );
     assert!(a.metric("sluice_bus_reconnects_total") >= 1);
     let (status, _) = http(a.admin_addr(), "GET", "/readyz", b"");
@@ -860,6 +978,51 @@ fn a_node_killed_leaves_the_others_unaffected() {
     });
 }
 
+/// A node that takes requests and never answers (a stand-in on its
+/// subject, with nats-py): the action is a 404 after the bounded wait.
+#[test]
+fn a_node_that_does_not_answer_is_a_404_after_the_wait() {
+    let nats = Nats::start(&[]);
+    let a = node("epoll", "a", &nats.url(), &[]);
+    wait_connected(&a);
+    let script = r#"
+import asyncio, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def ignore(message):
+        pass
+
+    await nc.subscribe("sluice.node.mute", cb=ignore)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.sleep(8)
+
+asyncio.run(main())
+"#;
+    let mut mute = Command::new("python3")
+        .args(["-c", script, &nats.url()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with nats-py");
+    let mut line = String::new();
+    BufReader::new(mute.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let asked = Instant::now();
+    let (status, _) = http(a.admin_addr(), "POST", "/sessions/mute.0.1.1/send", b"x");
+    let waited = asked.elapsed();
+    let _ = mute.kill();
+    let _ = mute.wait();
+    assert_eq!(status, 404);
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
+        "{waited:?}"
+    );
+}
+
 /// Wrong NATS credentials: the node starts, serves its own clients, says
 /// what is wrong in its log, is not ready, and never panics; the right
 /// ones connect.
@@ -1006,6 +1169,14 @@ fn cluster_options_are_checked() {
         (
             &["--nats", "nats://127.0.0.1:4222", "--nats-ca", "/nonexistent"],
             "nats_ca",
+        ),
+        (
+            &["--nats", "nats://127.0.0.1:4222", "--nats-ca", "/etc/hostname"],
+            "nats_ca",
+        ),
+        (
+            &["--nats", "nats://127.0.0.1:4222", "--nats-nkey", "/etc/hostname"],
+            "nats_nkey",
         ),
         (&["--nats", "no such url"], "nats"),
     ] {

@@ -270,6 +270,8 @@ impl Metrics {
             "dropped_buffer_full": Bus::get(&bus.dropped_buffer_full),
             "dropped_slow_consumer": Bus::get(&bus.dropped_slow_consumer),
             "dropped_invalid": Bus::get(&bus.dropped_invalid),
+            "refused": Bus::get(&bus.refused),
+            "max_payload": Bus::get(&bus.max_payload),
             "subjects": Bus::get(&bus.subjects),
             "queue_depth": Bus::get(&bus.queue_depth),
             "buffered_bytes": Bus::get(&bus.buffered_bytes),
@@ -283,7 +285,7 @@ impl Metrics {
         let Some(bus) = &self.bus else { return };
         header(out, "node_info", "gauge", "This node's id in the cluster.");
         let _ = writeln!(out, "sluice_node_info{{node=\"{}\"}} 1", bus.node_id);
-        let series: [(&str, &str, &str, u64); 11] = [
+        let series: [(&str, &str, &str, u64); 12] = [
             (
                 "bus_connected",
                 "gauge",
@@ -343,6 +345,12 @@ impl Metrics {
                 "counter",
                 "Messages from NATS refused: text that is not UTF-8, or over the message limit.",
                 Bus::get(&bus.dropped_invalid),
+            ),
+            (
+                "bus_refused_total",
+                "counter",
+                "Publishes the NATS client refused (over the server's max_payload): they reached this node's subscribers only.",
+                Bus::get(&bus.refused),
             ),
             (
                 "bus_dropped_slow_consumer_total",

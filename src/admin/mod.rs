@@ -22,7 +22,6 @@ use monoio::net::TcpStream;
 use serde::Deserialize;
 
 use crate::conn::shard::Shard;
-use crate::proto::native;
 use crate::pubsub::mesh::SessionAction;
 use crate::pubsub::message::Message;
 use crate::ws::MessageKind;
@@ -457,7 +456,7 @@ async fn send(id: &str, request: &Request, body: &[u8], shard: &Rc<Shard>) -> Re
         std::str::from_utf8(body).map_err(|_| (400, "a text message must be UTF-8".to_string()))?;
         MessageKind::Text
     };
-    act(id, SessionAction::Send(native::frame(kind.opcode(), &[body])), shard).await
+    act(id, SessionAction::Send(kind, Bytes::copy_from_slice(body)), shard).await
 }
 
 /// `DELETE /sessions/{id}?code=&reason=`: closes the session.
@@ -490,6 +489,14 @@ async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde
         // `<node>.<core>.<slot>.<generation>`: a cluster's session id.
         (Some((node, rest)), Some(cluster)) if rest.matches('.').count() == 2 => {
             if node != cluster.node_id {
+                // A node id as `--node-id` takes them (no NATS wildcard).
+                let named = node.len() <= 64
+                    && node
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !named {
+                    return Err(gone());
+                }
                 parse_session_id(rest).ok_or_else(gone)?;
                 // The bridge bounds its wait for the other node
                 // (`cluster::REQUEST_WAIT`): a node that is gone, or a bus

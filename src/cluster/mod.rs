@@ -63,6 +63,9 @@ pub const REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// The cross-node lag histogram takes at most one message per this many
 /// microseconds from each node (the others carry no time header).
 const LAG_SAMPLE_US: u64 = 1000;
+/// Requests from other nodes waiting for a core's answer; past it, more
+/// are answered "no" at once.
+const MAX_PENDING_REQUESTS: usize = 4096;
 /// Envelopes for cores that may wait in the bridge for ring space before
 /// it stops reading from NATS.
 const BACKLOG_MAX: usize = 8192;
@@ -71,9 +74,11 @@ const BACKLOG_MAX: usize = 8192;
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// Messages the client keeps per subscription before dropping (slow
 /// consumer).
-const SUBSCRIPTION_CAPACITY: usize = 65_536;
-/// The client's queue of commands (publishes) not yet written.
-const CLIENT_CAPACITY: usize = 8192;
+const SUBSCRIPTION_CAPACITY: usize = 8192;
+/// The client's queue of commands (publishes) not yet written: what may
+/// wait there, uncounted by `--nats-buffer-bytes`, when the connection
+/// dies before the client notices.
+const CLIENT_CAPACITY: usize = 512;
 
 /// The back-off between connection attempts: 25 ms doubling to 1 s, so a
 /// restarted server is found again within a second.
@@ -84,7 +89,8 @@ fn reconnect_delay(attempts: usize) -> Duration {
 /// A running bridge: stop it once the workers are done.
 pub struct Bridge {
     stop: Arc<Notify>,
-    thread: std::thread::JoinHandle<()>,
+    /// `None` once stopped.
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Bridge {
@@ -110,10 +116,17 @@ impl Bridge {
                     &runtime,
                     run(mesh, cluster, max_message_bytes, stop_for_thread, ready_tx),
                 );
+                drop(local);
+                // A DNS lookup or certificate load still blocking does not
+                // hold the exit.
+                runtime.shutdown_timeout(Duration::from_millis(500));
             })
             .map_err(|e| format!("cannot start the NATS bridge: {e}"))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Bridge { stop, thread }),
+            Ok(Ok(())) => Ok(Bridge {
+                stop,
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -127,9 +140,23 @@ impl Bridge {
 
     /// Hands what the bridge still holds for the bus to the client, lets
     /// it write for at most a second, and ends the thread.
-    pub fn stop(self) {
-        self.stop.notify_one();
-        let _ = self.thread.join();
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.notify_one();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A bridge dropped without `stop` (a server that failed to start) ends
+/// its thread all the same.
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -275,9 +302,12 @@ async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: A
             return;
         }
     };
+    let instance = crate::config::random_node_id();
     let bridge = Rc::new(State {
         subjects: Subjects::new(&cluster.prefix),
         node_id: cluster.node_id.clone(),
+        node_header: format!("{} {instance}", cluster.node_id),
+        instance,
         client,
         bus,
         max_message_bytes,
@@ -309,6 +339,7 @@ async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: A
     let requests = tokio::task::spawn_local(serve_requests(bridge.clone()));
     let sender = tokio::task::spawn_local(send_to_bus(bridge.clone()));
     let unreachable = tokio::task::spawn_local(warn_while_unreachable(bridge.clone(), why));
+    let watcher = tokio::task::spawn_local(watch_connection(bridge.clone()));
     bridge_loop(&bridge, &doorbell, &stop).await;
     // Stopping: what is buffered goes to the client, which gets a second
     // to write it.
@@ -323,6 +354,7 @@ async fn run(mesh: CoreMesh, cluster: Cluster, max_message_bytes: usize, stop: A
     requests.abort();
     sender.abort();
     unreachable.abort();
+    watcher.abort();
     for (_, interest) in bridge.interest.borrow_mut().drain() {
         interest.task.abort();
     }
@@ -346,6 +378,12 @@ struct State {
     mesh: CoreMesh,
     subjects: Subjects,
     node_id: String,
+    /// This process's random id: what `Sluice-Node` says besides the node
+    /// id, so that two processes given one node id do not drop each
+    /// other's messages as their own (and see each other's hello).
+    instance: String,
+    /// `Sluice-Node`'s value: the node id and the instance.
+    node_header: String,
     client: Client,
     bus: Arc<Bus>,
     max_message_bytes: usize,
@@ -404,7 +442,7 @@ fn now_us() -> u64 {
 async fn bridge_loop(bridge: &Rc<State>, doorbell: &AsyncFd<std::os::fd::OwnedFd>, stop: &Notify) {
     loop {
         let taken = bridge.mesh.drain(|envelope| bridge.take(envelope), || false);
-        let stuck = bridge.retry_backlog();
+        bridge.retry_backlog();
         if !bridge.out.borrow().is_empty() {
             bridge.sender_wake.notify_one();
         }
@@ -423,7 +461,7 @@ async fn bridge_loop(bridge: &Rc<State>, doorbell: &AsyncFd<std::os::fd::OwnedFd
                     guard.clear_ready();
                 }
             }
-            _ = bridge.kick.notified(), if !stuck => {}
+            _ = bridge.kick.notified() => {}
             _ = stop.notified() => return,
         }
     }
@@ -492,11 +530,11 @@ impl State {
                     gone.task.abort();
                 }
                 self.turns.borrow_mut().remove(&topic);
-                self.bus.subjects.fetch_sub(1, Ordering::Relaxed);
             }
             return;
         }
-        if count == 0 {
+        // (Once the node shuts down, it takes up no subject.)
+        if count == 0 || self.bus.closing.load(Ordering::Relaxed) {
             return;
         }
         let task = tokio::task::spawn_local(subscription(self.clone(), topic.clone())).abort_handle();
@@ -507,7 +545,6 @@ impl State {
                 task,
             },
         );
-        self.bus.subjects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Hands an envelope to core `core`, behind any of its envelopes
@@ -530,13 +567,13 @@ impl State {
         self.backlog_len.set(self.backlog_len.get() + 1);
     }
 
-    /// Sends what waits for ring space, as far as there is room. Returns
-    /// whether something is still waiting (its consumer will ring).
-    fn retry_backlog(&self) -> bool {
+    /// Sends what waits for ring space, as far as there is room; what is
+    /// left waits for its consumer to ring our doorbell (or, if it made
+    /// room meanwhile, for the kick this stores).
+    fn retry_backlog(&self) {
         if self.backlog_len.get() == 0 {
-            return false;
+            return;
         }
-        let mut stuck = false;
         let mut backlog = self.backlog.borrow_mut();
         for (core, waiting) in backlog.iter_mut().enumerate() {
             while let Some(envelope) = waiting.pop_front() {
@@ -547,8 +584,6 @@ impl State {
                         if self.mesh.want_space(core) {
                             // Room already: the loop comes back at once.
                             self.kick.notify_one();
-                        } else {
-                            stuck = true;
                         }
                         break;
                     }
@@ -560,7 +595,6 @@ impl State {
             self.space.notify_waiters();
         }
         self.note_depth();
-        stuck
     }
 
     /// A message from NATS on `key`'s subject: to the cores with
@@ -569,14 +603,16 @@ impl State {
         let headers = message.headers.as_ref();
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         let queue = is_queue(key);
-        // Our own topic publish, back because we subscribe to it too: our
-        // cores had it already.
-        if !queue && header(subject::NODE) == Some(self.node_id.as_str()) {
+        // Shutting down: the cores take no more (their sessions are
+        // closing; a queue's message would be lost here, and the watcher
+        // hands the queues to the other nodes).
+        if self.bus.closing.load(Ordering::Relaxed) {
             return;
         }
-        self.bus.received.fetch_add(1, Ordering::Relaxed);
-        if let Some(at) = header(subject::TIME).and_then(|t| t.parse::<u64>().ok()) {
-            self.bus.observe_lag(now_us().saturating_sub(at));
+        // Our own topic publish, back because we subscribe to it too: our
+        // cores had it already.
+        if !queue && header(subject::NODE) == Some(self.node_header.as_str()) {
+            return;
         }
         let payload = message.payload;
         let kind = match header(subject::KIND) {
@@ -594,13 +630,29 @@ impl State {
             self.bus.dropped_invalid.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let stomp_headers = header(subject::STOMP_HEADERS).and_then(|h| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(h)
-                .ok()
-                .map(Bytes::from)
-        });
+        // A STOMP publisher's headers, parsed and encoded again: bytes
+        // from the bus never go into a MESSAGE frame as they came.
+        let stomp_headers = match header(subject::STOMP_HEADERS) {
+            None => None,
+            Some(h) => {
+                use base64::Engine;
+                let checked = base64::engine::general_purpose::STANDARD
+                    .decode(h)
+                    .ok()
+                    .and_then(|block| crate::pubsub::message::checked_stomp_headers(&block));
+                match checked {
+                    Some(headers) => Some(headers),
+                    None => {
+                        self.bus.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
+        self.bus.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = header(subject::TIME).and_then(|t| t.parse::<u64>().ok()) {
+            self.bus.observe_lag(now_us().saturating_sub(at));
+        }
         let seq = self.next_message.get();
         self.next_message.set(seq + 1);
         let message = Arc::new(Message {
@@ -639,19 +691,44 @@ impl State {
 
     /// An admin action on another node's session: a NATS request to that
     /// node, whose answer (or its absence) goes back to the asking core.
+    /// While the bus is down it is answered "no" at once: a request the
+    /// client kept until it reconnected would be carried out after its
+    /// asker had been told 404.
     fn ask_node(self: &Rc<Self>, request: RemoteRequest) {
         self.bus.requests_out.fetch_add(1, Ordering::Relaxed);
+        let (asker, asked_for) = (request.from as usize, request.request);
+        let reply = move |bridge: &State, found: bool| {
+            bridge.to_core(
+                asker,
+                Envelope::Reply {
+                    request: asked_for,
+                    found,
+                },
+            );
+            bridge.kick.notify_one();
+        };
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            reply(self, false);
+            return;
+        }
         let mut headers = HeaderMap::new();
         headers.insert(subject::SESSION, request.session.as_str());
-        let payload = match request.action {
-            SessionAction::Send(frame) => {
+        // The other node refuses it past this (its asker has given up).
+        let deadline = now_us() / 1000 + REQUEST_WAIT.as_millis() as u64;
+        headers.insert(subject::DEADLINE, deadline.to_string().as_str());
+        let payload = match &request.action {
+            SessionAction::Send(kind, body) => {
                 headers.insert(subject::ACTION, "send");
-                frame
+                headers.insert(
+                    subject::KIND,
+                    if *kind == MessageKind::Text { "text" } else { "binary" },
+                );
+                body.clone()
             }
             SessionAction::Close(code, reason) => {
                 headers.insert(subject::ACTION, "close");
                 headers.insert(subject::CODE, code.to_string().as_str());
-                reason
+                reason.clone()
             }
         };
         let subject = self.subjects.node(&request.node);
@@ -666,39 +743,57 @@ impl State {
                 }
                 Err(_) => false,
             };
-            bridge.to_core(
-                request.from as usize,
-                Envelope::Reply {
-                    request: request.request,
-                    found,
-                },
-            );
-            bridge.kick.notify_one();
+            reply(&bridge, found);
         });
     }
 
-    /// A request from another node for one of our sessions.
+    /// A message on this node's subject: another node's request for one
+    /// of our sessions, or a node saying hello (one with our id and another
+    /// instance is a configuration mistake worth an error).
     fn take_request(&self, message: async_nats::Message) {
-        let Some(reply) = message.reply.clone() else { return };
-        self.bus.requests_in.fetch_add(1, Ordering::Relaxed);
         let headers = message.headers.as_ref();
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-        let target = header(subject::SESSION).and_then(|id| parse_session(id, self.mesh.workers()));
-        let action = match (header(subject::ACTION), header(subject::CODE)) {
-            (Some("send"), _) => Some(SessionAction::Send(message.payload.clone())),
-            (Some("close"), Some(code)) => code
-                .parse()
-                .ok()
-                .map(|code| SessionAction::Close(code, message.payload.clone())),
-            _ => None,
-        };
-        let (Some((core, key)), Some(action)) = (target, action) else {
-            let client = self.client.clone();
+        if header(subject::ACTION) == Some("hello") {
+            if let Some(other) = header(subject::INSTANCE).filter(|i| *i != self.instance) {
+                tracing::error!(
+                    node = %self.node_id,
+                    other,
+                    "another sluice process uses this node id: give every node its own --node-id, or their messages are lost"
+                );
+            }
+            return;
+        }
+        let Some(reply) = message.reply.clone() else { return };
+        self.bus.requests_in.fetch_add(1, Ordering::Relaxed);
+        let answer_no = |client: &Client, reply: async_nats::Subject| {
+            let client = client.clone();
             tokio::task::spawn_local(async move {
                 let _ = client.publish(reply, Bytes::from_static(b"0")).await;
             });
+        };
+        // The asker has given up: carrying it out now would contradict
+        // the 404 it was given.
+        let late = header(subject::DEADLINE)
+            .and_then(|d| d.parse::<u64>().ok())
+            .is_some_and(|deadline| now_us() / 1000 > deadline);
+        if late {
+            return;
+        }
+        let target = header(subject::SESSION).and_then(|id| parse_session(id, self.mesh.workers()));
+        let action = self.requested_action(
+            header(subject::ACTION),
+            header(subject::KIND),
+            header(subject::CODE),
+            &message.payload,
+        );
+        let (Some((core, key)), Some(action)) = (target, action) else {
+            answer_no(&self.client, reply);
             return;
         };
+        if self.replies.borrow().len() >= MAX_PENDING_REQUESTS || self.backlog_len.get() >= BACKLOG_MAX {
+            answer_no(&self.client, reply);
+            return;
+        }
         let request = self.next_request.get();
         self.next_request.set(request + 1);
         self.replies.borrow_mut().insert(request, reply);
@@ -712,6 +807,39 @@ impl State {
             },
         );
         self.kick.notify_one();
+    }
+
+    /// The action a request asks for, checked as the admin port checks
+    /// its own: a message within `--max-message-bytes` (text: UTF-8), or
+    /// a close with a code an application may send (1000, 3000-4999) and
+    /// a UTF-8 reason of at most 123 bytes (RFC 6455 5.5, 5.5.1, 7.4).
+    fn requested_action(
+        &self,
+        action: Option<&str>,
+        kind: Option<&str>,
+        code: Option<&str>,
+        payload: &Bytes,
+    ) -> Option<SessionAction> {
+        match action? {
+            "send" => {
+                let utf8 = simdutf8::basic::from_utf8(payload).is_ok();
+                let kind = match kind {
+                    Some("binary") => MessageKind::Binary,
+                    Some("text") if utf8 => MessageKind::Text,
+                    None if utf8 => MessageKind::Text,
+                    None => MessageKind::Binary,
+                    _ => return None,
+                };
+                (payload.len() <= self.max_message_bytes).then(|| SessionAction::Send(kind, payload.clone()))
+            }
+            "close" => {
+                let code: u16 = code?.parse().ok()?;
+                let allowed = code == 1000 || (3000..=4999).contains(&code);
+                let reason_ok = payload.len() <= 123 && simdutf8::basic::from_utf8(payload).is_ok();
+                (allowed && reason_ok).then(|| SessionAction::Close(code, payload.clone()))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -746,11 +874,25 @@ async fn subscription(bridge: Rc<State>, key: Bytes) {
             return std::future::pending().await;
         }
     };
+    // Counted once the subscription has been written to the server (while
+    // connected), uncounted however the task ends.
+    let _ = bridge.client.flush().await;
+    bridge.bus.subjects.fetch_add(1, Ordering::Relaxed);
+    let _counted = Subscribed(&bridge.bus);
     while let Some(message) = subscriber.next().await {
         bridge.deliver(&key, message);
         while bridge.backlog_len.get() >= BACKLOG_MAX {
             bridge.space.notified().await;
         }
+    }
+}
+
+/// One subject in `Bus::subjects` while it lives.
+struct Subscribed<'b>(&'b Bus);
+
+impl Drop for Subscribed<'_> {
+    fn drop(&mut self) {
+        self.0.subjects.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -786,6 +928,10 @@ async fn send_to_bus(bridge: Rc<State>) {
             continue;
         };
         bridge.out_bytes.set(bridge.out_bytes.get() - buffered_size(&message));
+        if !bridge.bus.carries(message.body.len()) {
+            bridge.bus.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         // Headers only where they say something (most messages go without,
         // which spares both ends a header map per message):
         let mut headers = HeaderMap::new();
@@ -798,7 +944,7 @@ async fn send_to_bus(bridge: Rc<State>) {
         // cannot echo it to us: a subscription made later is behind this
         // publish on our connection);
         if bridge.interest.borrow().contains_key(&message.key) {
-            headers.insert(subject::NODE, bridge.node_id.as_str());
+            headers.insert(subject::NODE, bridge.node_header.as_str());
         }
         // the time, on one message a millisecond at most (the lag
         // histogram samples them);
@@ -834,10 +980,64 @@ async fn send_to_bus(bridge: Rc<State>) {
                 bridge.bus.published.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                bridge.bus.dropped_buffer_full.fetch_add(1, Ordering::Relaxed);
+                bridge.bus.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "NATS: a publish was refused");
             }
         }
+    }
+}
+
+/// Follows the client's connection state (its events may be lost under
+/// load, its state may not), every 50 ms: at each connect, reads the
+/// server's `max_payload` (warning if messages sluice takes may not cross)
+/// and says hello on the node's subject (another process with this node id
+/// answers with an error in its log, and this one in its own); once the
+/// node shuts down, leaves its queues to the other nodes.
+async fn watch_connection(bridge: Rc<State>) {
+    let mut was_connected = false;
+    let mut left_queues = false;
+    loop {
+        let connected = bridge.client.connection_state() == async_nats::connection::State::Connected;
+        bridge.bus.connected.store(connected, Ordering::Release);
+        if connected && !was_connected {
+            bridge.sender_wake.notify_one();
+            let max_payload = bridge.client.server_info().max_payload;
+            bridge.bus.max_payload.store(max_payload as u64, Ordering::Relaxed);
+            if bridge.max_message_bytes > max_payload {
+                tracing::warn!(
+                    max_payload,
+                    max_message_bytes = bridge.max_message_bytes,
+                    "the NATS server takes messages of at most {max_payload} bytes: larger ones stay on this node (--max-message-bytes is {})",
+                    bridge.max_message_bytes
+                );
+            }
+            let mut hello = HeaderMap::new();
+            hello.insert(subject::ACTION, "hello");
+            hello.insert(subject::INSTANCE, bridge.instance.as_str());
+            let _ = bridge
+                .client
+                .publish_with_headers(bridge.subjects.node(&bridge.node_id), hello, Bytes::new())
+                .await;
+        }
+        was_connected = connected;
+        if !left_queues && bridge.bus.closing.load(Ordering::Relaxed) {
+            left_queues = true;
+            // Dropping a subscription's task unsubscribes: NATS gives the
+            // queues' messages to the other nodes from now on.
+            let queues: Vec<Bytes> = bridge
+                .interest
+                .borrow()
+                .keys()
+                .filter(|k| is_queue(k))
+                .cloned()
+                .collect();
+            for key in queues {
+                if let Some(gone) = bridge.interest.borrow_mut().remove(&key) {
+                    gone.task.abort();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -27,11 +27,17 @@ pub const TIME: &str = "Sluice-Time";
 /// A STOMP publisher's pass-through headers, as `Message::stomp_headers`
 /// holds them, in standard base64.
 pub const STOMP_HEADERS: &str = "Sluice-Stomp-Headers";
-/// Node requests: the action (`send`, `close`), the session
-/// (`<core>.<slot>.<generation>`) and, to close, the code.
+/// Node requests: the action (`send`, `close`; and `hello`), the session
+/// (`<core>.<slot>.<generation>`), to send the kind, to close the code.
 pub const ACTION: &str = "Sluice-Action";
 pub const SESSION: &str = "Sluice-Session";
 pub const CODE: &str = "Sluice-Code";
+/// Until when (Unix milliseconds) the asker waits; a request that arrives
+/// later is not carried out.
+pub const DEADLINE: &str = "Sluice-Deadline";
+/// A node's `hello` on its own subject, at each connect: its process's
+/// random instance id, which tells two processes with one node id apart.
+pub const INSTANCE: &str = "Sluice-Instance";
 
 /// Written for an empty token of a topic.
 const EMPTY_TOKEN: &str = "=";

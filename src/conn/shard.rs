@@ -613,9 +613,10 @@ impl Shard {
             }
         }
         match action {
-            SessionAction::Send(frame) => {
+            SessionAction::Send(kind, body) => {
                 // Any open session takes it (an echo one too): its queue
                 // is made now.
+                let frame = crate::proto::native::frame(kind.opcode(), &[&body]);
                 self.hub.sessions.open(key);
                 self.hub.sessions.deliver_frame(key, &frame, true);
             }

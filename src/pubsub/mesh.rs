@@ -77,8 +77,8 @@ pub struct RemoteRequest {
 
 #[derive(Debug, Clone)]
 pub enum SessionAction {
-    /// Queue this (whole, encoded) frame for the session.
-    Send(Bytes),
+    /// Send this message to the session (encoded on its core).
+    Send(crate::ws::MessageKind, Bytes),
     /// Close the session with this code and reason.
     Close(u16, Bytes),
 }

@@ -98,6 +98,48 @@ pub fn encode_stomp_headers(headers: &[(String, String)]) -> Bytes {
     Bytes::from(out)
 }
 
+/// Most pass-through headers a message from elsewhere (another node) may
+/// carry, and the most bytes they may take encoded: a STOMP frame's own
+/// limits (64 headers; `proto::stomp::frame`).
+const MAX_FOREIGN_HEADERS: usize = 64;
+const MAX_FOREIGN_HEADER_BYTES: usize = 64 * 1024;
+
+/// Pass-through headers that came from elsewhere (another node, through
+/// the bus), encoded as `encode_stomp_headers` encodes them, made safe to
+/// put into MESSAGE frames: parsed back (STOMP 1.2 escapes only, UTF-8,
+/// no NUL or CR, a `:` between name and value), rid of the names a
+/// MESSAGE sets itself (`proto::stomp::session::passed_through`), bounded,
+/// and encoded again. `None` if they are not such headers.
+pub fn checked_stomp_headers(block: &[u8]) -> Option<Bytes> {
+    if block.len() > MAX_FOREIGN_HEADER_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(block).ok()?;
+    let mut headers = Vec::new();
+    for line in text.strip_suffix('\n').unwrap_or(text).split('\n') {
+        if text.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':')?;
+        let (name, value) = (unescape(name)?, unescape(value)?);
+        if name.is_empty() || headers.len() == MAX_FOREIGN_HEADERS {
+            return None;
+        }
+        headers.push((name, value));
+    }
+    let kept = crate::proto::stomp::session::passed_through(headers);
+    Some(encode_stomp_headers(&kept))
+}
+
+/// A STOMP 1.2 header name or value without its escapes; `None` for an
+/// undefined escape, a NUL or a CR.
+fn unescape(s: &str) -> Option<String> {
+    if s.contains(['\0', '\r']) {
+        return None;
+    }
+    crate::proto::stomp::frame::header_text(s.as_bytes(), true).ok()
+}
+
 /// One message's encodings on one core, each made on first use.
 pub struct Fanout<'m> {
     pub message: &'m Message,
@@ -319,6 +361,37 @@ fn put_head(out: &mut BytesMut, ws: &[u8], shared: &StompShared, target: &StompT
 /// waits: at most one per subscriber whose socket filled within a round,
 /// as later heads for a waiting subscriber get buffers of their own.
 pub const ARENA_BYTES: usize = 8 * 1024;
+
+#[cfg(test)]
+mod foreign_header_tests {
+    use super::*;
+
+    #[test]
+    fn foreign_stomp_headers_are_parsed_filtered_and_encoded_again() {
+        let ours = encode_stomp_headers(&[
+            ("x-a".into(), "1:2\\3".into()),
+            ("content-type".into(), "text/plain".into()),
+        ]);
+        assert_eq!(checked_stomp_headers(&ours).as_deref(), Some(&ours[..]));
+        assert_eq!(checked_stomp_headers(b"").as_deref(), Some(&b""[..]));
+        // A frame smuggled in: refused, whatever the bytes.
+        for bad in [
+            &b"x:1\n\nFORGED\0RECEIPT\nreceipt-id:e\n\n\0"[..],
+            b"x:1\r\n",
+            b"x\n",
+            b":v\n",
+            b"x:a\\t\n",
+            b"x:\xff\n",
+        ] {
+            assert_eq!(checked_stomp_headers(bad), None, "{bad:?}");
+        }
+        // Names a MESSAGE sets itself are dropped, not passed on.
+        let filtered = checked_stomp_headers(b"message-id:fake\nsubscription:0\nx:1\n").unwrap();
+        assert_eq!(&filtered[..], b"x:1\n");
+        let many: String = (0..65).map(|i| format!("h{i}:v\n")).collect();
+        assert_eq!(checked_stomp_headers(many.as_bytes()), None);
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -479,7 +479,10 @@ impl Hub {
         // delivery cluster-wide. While the bus is down, the node's own
         // subscribers share the queue's messages.
         if let (Some(bridge), Some(bus)) = (self.mesh.bridge(), self.mesh.bus()) {
-            if bus.is_connected() {
+            // One the bus cannot carry (over the server's max_payload), or
+            // past shutdown's start, stays with the node's subscribers.
+            let closing = bus.closing.load(std::sync::atomic::Ordering::Relaxed);
+            if bus.is_connected() && !closing && bus.carries(message.body.len()) {
                 self.send_in_order(bridge, Envelope::Publish(Arc::new(message)), pending);
                 return 1;
             }

@@ -100,8 +100,9 @@ pub struct Server {
     pub driver: DriverKind,
     shutdown: Arc<Shutdown>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<Stats>>>,
-    /// The NATS bridge, stopped once the workers are done.
+    /// The NATS bridge, stopped once the workers are done, and its state.
     bridge: std::sync::Mutex<Option<crate::cluster::Bridge>>,
+    bus: Option<Arc<crate::stats::Bus>>,
 }
 
 impl Server {
@@ -229,6 +230,7 @@ impl Server {
             shutdown,
             workers: std::sync::Mutex::new(workers),
             bridge: std::sync::Mutex::new(bridge),
+            bus,
         };
         if let Some(e) = failure {
             server.shutdown.begin();
@@ -251,6 +253,15 @@ impl Server {
     /// input, every accepted publish delivered, 1001 to every session, drain.
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
         self.shutdown.clone()
+    }
+
+    /// Starts the ordered shutdown; in a cluster, the NATS bridge first
+    /// stops feeding the cores and leaves the node's queues to the others.
+    pub fn begin_shutdown(&self) {
+        if let Some(bus) = &self.bus {
+            bus.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.shutdown.begin();
     }
 
     /// Waits for every worker to finish; returns their counters summed.
@@ -299,7 +310,6 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
     if let Some(admin) = server.admin_addr {
         tracing::info!(addr = %admin, "admin API on {admin}");
     }
-    let shutdown = server.shutdown_handle();
     let signal_handle = signals.handle();
     let server = Arc::new(server);
     let for_signals = server.clone();
@@ -320,7 +330,7 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
             seen += 1;
             if seen == 1 {
                 tracing::info!(signal, "shutting down: closing sessions with 1001");
-                shutdown.begin();
+                for_signals.begin_shutdown();
             } else {
                 tracing::warn!(signal, "second signal: exiting without draining");
                 std::process::exit(1);

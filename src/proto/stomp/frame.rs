@@ -346,7 +346,7 @@ fn next_line<'b>(buf: &'b [u8], pos: &mut usize, limits: &Limits) -> Result<Opti
 }
 
 /// A header name or value: UTF-8, unescaped where the command escapes.
-fn header_text(raw: &[u8], escaped: bool) -> Result<String, ParseError> {
+pub fn header_text(raw: &[u8], escaped: bool) -> Result<String, ParseError> {
     let text = std::str::from_utf8(raw).map_err(|_| ParseError::NotUtf8)?;
     if !escaped || !text.contains('\\') {
         return Ok(text.to_string());

@@ -488,7 +488,7 @@ fn destination_of(frame: &Frame) -> Result<Destination, (&'static str, String)> 
 
 /// The sender's headers that a MESSAGE carries on: all but those that
 /// belong to the SEND frame itself (first entry of each name only).
-fn passed_through(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+pub fn passed_through(headers: Vec<(String, String)>) -> Vec<(String, String)> {
     let mut kept: Vec<(String, String)> = Vec::new();
     for (name, value) in headers {
         let own = matches!(
