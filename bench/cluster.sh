@@ -17,6 +17,8 @@
 #
 #   bench/cluster.sh                    ROUNDS=3, 5 s windows
 #   ROUNDS=1 SECONDS_PER_RUN=2 bench/cluster.sh      a quick check
+#   NODE_A_CPUS=1 NATS_CPUS=1 bench/cluster.sh       node a and nats-server on
+#                                       core 1 with the harness, node b alone on core 0
 #
 # Installs nothing: needs nats-server (Debian's package). Loopback only;
 # every run ends by itself; only processes it started are stopped, by PID.
@@ -26,6 +28,9 @@ ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-5}"
 PUBLISH_RATE="${PUBLISH_RATE:-50000}"
 CEILING_RATES="${CEILING_RATES:-100000 200000 300000 400000 500000}"
+NODE_A_CPUS="${NODE_A_CPUS:-0}"
+NATS_CPUS="${NATS_CPUS:-0}"
+SCENARIOS="${SCENARIOS:-latency cpu ceiling}"
 OUT="${OUT:-target/bench-cluster}"
 command -v nats-server >/dev/null || { echo "needs nats-server (apt-get install nats-server)" >&2; exit 2; }
 cargo build --release -q -p sluice -p sluice-load
@@ -48,13 +53,15 @@ wait_log() {
   exit 1
 }
 
-taskset -c 0 nats-server -a 127.0.0.1 -p -1 >"$OUT/nats.log" 2>&1 &
+taskset -c "$NATS_CPUS" nats-server -a 127.0.0.1 -p -1 >"$OUT/nats.log" 2>&1 &
 NATS_PID=$!
 PIDS+=("$NATS_PID")
 NATS="nats://$(wait_log "$OUT/nats.log" "Listening for client connections on ")"
 declare -A WS ADMIN PID
 for node in a b; do
-  taskset -c 0 target/release/sluice --workers 1 --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+  cpus=0
+  [ "$node" = a ] && cpus=$NODE_A_CPUS
+  taskset -c "$cpus" target/release/sluice --workers 1 --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --nats "$NATS" --node-id "$node" >"$OUT/node-$node.log" 2>&1 &
   PID[$node]=$!
   PIDS+=("$!")
@@ -71,7 +78,7 @@ done
   echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)')"
   echo "date $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "machine $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -r)"
-  echo "$(nats-server --version); rounds $ROUNDS, $SECS s windows"
+  echo "$(nats-server --version); rounds $ROUNDS, $SECS s windows; node a on CPU $NODE_A_CPUS, nats-server on $NATS_CPUS, node b on 0"
 } | tee "$OUT/run.txt"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -92,60 +99,71 @@ for round in $(seq "$ROUNDS"); do
   for mode in same cross; do
     from=b
     [ "$mode" = cross ] && from=a
-    fanout "latency-$mode-$round" "$from" --subscribers 1000 -r 1000 --threads 2
-    fanout "cpu-$mode-$round" "$from" --subscribers 1 -r "$PUBLISH_RATE" --threads 1
+    if [[ " $SCENARIOS " == *" latency "* ]]; then
+      fanout "latency-$mode-$round" "$from" --subscribers 1000 -r 1000 --threads 2
+    fi
+    if [[ " $SCENARIOS " == *" cpu "* ]]; then
+      fanout "cpu-$mode-$round" "$from" --subscribers 1 -r "$PUBLISH_RATE" --threads 1
+    fi
   done
 done
-for rate in $CEILING_RATES; do
-  fanout "ceiling-$rate" a --subscribers 1 -r "$rate" --threads 1
-done
+if [[ " $SCENARIOS " == *" ceiling "* ]]; then
+  for rate in $CEILING_RATES; do
+    fanout "ceiling-$rate" a --subscribers 1 -r "$rate" --threads 1
+  done
+fi
 
-python3 - "$OUT" "$ROUNDS" "$SECS" "$PUBLISH_RATE" "$CEILING_RATES" <<'PY' | tee "$OUT/table.md"
+python3 - "$OUT" "$ROUNDS" "$SECS" "$PUBLISH_RATE" "$CEILING_RATES" "$SCENARIOS" <<'PY' | tee "$OUT/table.md"
 import json, statistics, sys
 out, rounds, secs, rate, ceilings = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split()
+scenarios = sys.argv[6].split()
 tick = 100  # clock ticks per second (USER_HZ)
+modes = (("same", "node b (same node)"), ("cross", "node a (across NATS)"))
 def load(name):
     return json.load(open(f"{out}/{name}.json")), [int(x) for x in open(f"{out}/{name}.cpu").read().split()]
 def med(xs):
     return statistics.median(xs)
-print("Publish to arrival, 1,000 subscribers on node b, 1,000 publishes/s of 64 B, "
-      f"medians of {rounds} (min-max):\n")
-print("| publisher on | delivered | arrival p50 | p99 | p99.9 |")
-print("| --- | --- | --- | --- | --- |")
-for mode, where in (("same", "node b (same node)"), ("cross", "node a (across NATS)")):
-    runs = [load(f"latency-{mode}-{r}")[0] for r in range(1, rounds + 1)]
-    lost = sum(r["lost"] + r["out_of_order"] for r in runs)
-    cells = []
-    for key in ("p50", "p99", "p99_9"):
-        vals = [r["arrival_us"][key] / 1000 for r in runs]
-        cells.append(f"{med(vals):.2f} ms [{min(vals):.2f}-{max(vals):.2f}]")
-    delivered = "all, in order" if lost == 0 else f"{lost} lost or out of order"
-    print(f"| {where} | {delivered} | " + " | ".join(cells) + " |")
-print(f"\nCPU per publish, one subscriber on node b, {rate} publishes/s, medians of {rounds}:\n")
-print("| publisher on | node a | node b | nats-server | delivered |")
-print("| --- | --- | --- | --- | --- |")
-for mode, where in (("same", "node b (same node)"), ("cross", "node a (across NATS)")):
-    per = [[], [], []]
-    lost = 0
-    for r in range(1, rounds + 1):
-        j, cpu = load(f"cpu-{mode}-{r}")
-        lost += j["lost"]
-        for i in range(3):
-            per[i].append(cpu[i] / tick / j["sent"] * 1e6)
-    cells = [f"{med(p):.2f} µs" for p in per]
-    print(f"| {where} | " + " | ".join(cells) + f" | {'all' if lost == 0 else f'{lost} lost'} |")
-print("\nCeiling, node a to node b, one subscriber, 64 B:\n")
-print("| publishes/s offered | arriving/s | lost | arrival p50 / p99 |")
-print("| --- | --- | --- | --- |")
-best = 0
-for c in ceilings:
-    j, _ = load(f"ceiling-{c}")
-    if j["lost"] == 0 and j["out_of_order"] == 0:
-        best = max(best, int(c))
-    a = j["arrival_us"]
-    lat = f"{a['p50']/1000:.2f} / {a['p99']/1000:.2f} ms" if a else "-"
-    print(f"| {int(c):,} | {j['arrivals_per_second']:,.0f} | {j['lost']:,} | {lat} |")
-print(f"\nceiling: {best:,} publishes/s with nothing lost")
+if "latency" in scenarios:
+    print("Publish to arrival, 1,000 subscribers on node b, 1,000 publishes/s of 64 B, "
+          f"medians of {rounds} (min-max):\n")
+    print("| publisher on | delivered | arrival p50 | p99 | p99.9 |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode, where in modes:
+        runs = [load(f"latency-{mode}-{r}")[0] for r in range(1, rounds + 1)]
+        lost = sum(r["lost"] + r["out_of_order"] for r in runs)
+        cells = []
+        for key in ("p50", "p99", "p99_9"):
+            vals = [r["arrival_us"][key] / 1000 for r in runs]
+            cells.append(f"{med(vals):.2f} ms [{min(vals):.2f}-{max(vals):.2f}]")
+        delivered = "all, in order" if lost == 0 else f"{lost} lost or out of order"
+        print(f"| {where} | {delivered} | " + " | ".join(cells) + " |")
+if "cpu" in scenarios:
+    print(f"\nCPU per publish, one subscriber on node b, {rate} publishes/s, medians of {rounds}:\n")
+    print("| publisher on | node a | node b | nats-server | delivered |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode, where in modes:
+        per = [[], [], []]
+        lost = 0
+        for r in range(1, rounds + 1):
+            j, cpu = load(f"cpu-{mode}-{r}")
+            lost += j["lost"]
+            for i in range(3):
+                per[i].append(cpu[i] / tick / j["sent"] * 1e6)
+        cells = [f"{med(p):.2f} µs" for p in per]
+        print(f"| {where} | " + " | ".join(cells) + f" | {'all' if lost == 0 else f'{lost} lost'} |")
+if "ceiling" in scenarios:
+    print("\nCeiling, node a to node b, one subscriber, 64 B:\n")
+    print("| publishes/s offered | arriving/s | lost | arrival p50 / p99 |")
+    print("| --- | --- | --- | --- |")
+    best = 0
+    for c in ceilings:
+        j, _ = load(f"ceiling-{c}")
+        if j["lost"] == 0 and j["out_of_order"] == 0:
+            best = max(best, int(c))
+        a = j["arrival_us"]
+        lat = f"{a['p50']/1000:.2f} / {a['p99']/1000:.2f} ms" if a else "-"
+        print(f"| {int(c):,} | {j['arrivals_per_second']:,.0f} | {j['lost']:,} | {lat} |")
+    print(f"\nceiling: {best:,} publishes/s with nothing lost")
 PY
 for node in a b; do
   curl -s "http://${ADMIN[$node]}/stats" | python3 -c "import json,sys; print('node $node bus:', json.load(sys.stdin)['bus'])" | tee -a "$OUT/run.txt"
