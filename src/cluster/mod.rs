@@ -616,21 +616,21 @@ impl State {
             return;
         }
         let payload = message.payload;
-        let kind = match header(subject::KIND) {
-            Some("binary") => MessageKind::Binary,
-            Some("text") => MessageKind::Text,
-            _ if simdutf8::basic::from_utf8(&payload).is_ok() => MessageKind::Text,
-            _ => MessageKind::Binary,
-        };
         let name_len = key.len() - usize::from(queue);
-        // RFC 6455 8.1: a text message is UTF-8; and a delivery is bounded
-        // like any message (`MSG <topic> <payload>`).
-        if (kind == MessageKind::Text && simdutf8::basic::from_utf8(&payload).is_err())
-            || payload.len() + name_len + 5 > self.max_message_bytes
-        {
+        // RFC 6455 8.1: a text message is UTF-8 (each payload is scanned
+        // once: a binary one not at all); and a delivery is bounded like
+        // any message (`MSG <topic> <payload>`).
+        let utf8 = || simdutf8::basic::from_utf8(&payload).is_ok();
+        let kind = match header(subject::KIND) {
+            Some("binary") => Some(MessageKind::Binary),
+            Some("text") => utf8().then_some(MessageKind::Text),
+            _ if utf8() => Some(MessageKind::Text),
+            _ => Some(MessageKind::Binary),
+        };
+        let Some(kind) = kind.filter(|_| payload.len() + name_len + 5 <= self.max_message_bytes) else {
             self.bus.dropped_invalid.fetch_add(1, Ordering::Relaxed);
             return;
-        }
+        };
         // A STOMP publisher's headers, parsed and encoded again: bytes
         // from the bus never go into a MESSAGE frame as they came.
         let stomp_headers = match header(subject::STOMP_HEADERS) {
