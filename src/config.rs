@@ -243,6 +243,19 @@ pub struct RouteOptions {
     pub anonymous_subscribe: Vec<String>,
     #[serde(default)]
     pub anonymous_publish: Vec<String>,
+    /// A `backend` route's application: `http://` or `https://` URL.
+    pub upstream: Option<String>,
+    /// A PEM file of the CA certificates an `https` upstream is checked
+    /// against (default: the system's).
+    pub upstream_ca: Option<PathBuf>,
+    /// How long one request to the upstream may take, connecting included.
+    pub upstream_timeout_ms: Option<u64>,
+    /// The most content bytes of client events one request carries; while
+    /// a batch is full the client's socket is not read.
+    pub max_batch_bytes: Option<usize>,
+    /// How often a request that could not connect is tried again before
+    /// the client is closed.
+    pub upstream_retries: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -254,7 +267,24 @@ pub enum RouteProtocol {
     Pubsub,
     /// STOMP 1.2 (also 1.1 and 1.0) over WebSocket, on the same topics.
     Stomp,
+    /// Every event goes to an HTTP application, WebSocket-over-HTTP
+    /// (docs/BACKEND.md).
+    Backend,
 }
+
+/// A `backend` route's upstream and how it is used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub upstream: crate::upstream::Upstream,
+    pub timeout_ms: u64,
+    pub max_batch_bytes: usize,
+    pub retries: u32,
+}
+
+impl Eq for Backend {}
+
+/// Pushpin's limit of content bytes in one request.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 200_000;
 
 /// The subprotocol the default native route answers to: a browser that
 /// carries its token in a `bearer.<token>` subprotocol must also offer one
@@ -294,12 +324,21 @@ pub struct Route {
     pub auth: crate::auth::Mode,
     /// What an anonymous session of an `optional` route may do.
     pub anonymous: std::sync::Arc<crate::auth::Grants>,
+    /// A `backend` route's upstream.
+    pub backend: Option<std::sync::Arc<Backend>>,
 }
 
 /// A route's index in `Config::routes`: what a parked connection keeps of
 /// its route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteId(u32);
+
+impl RouteId {
+    /// The route's position in `Config::routes`.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 const MAX_ROUTES: usize = 1024;
 
@@ -483,6 +522,7 @@ impl Options {
                     origins: global_origins.clone(),
                     auth: global_auth,
                     anonymous: no_grants.clone(),
+                    backend: None,
                 },
                 Route {
                     path: "/ws".into(),
@@ -491,6 +531,7 @@ impl Options {
                     origins: global_origins.clone(),
                     auth: global_auth,
                     anonymous: no_grants.clone(),
+                    backend: None,
                 },
                 Route {
                     path: "/stomp".into(),
@@ -499,11 +540,13 @@ impl Options {
                     origins: global_origins.clone(),
                     auth: global_auth,
                     anonymous: no_grants.clone(),
+                    backend: None,
                 },
             ],
             Some(routes) => routes
                 .into_iter()
                 .map(|r| {
+                    let backend = backend(&r)?;
                     Ok(Route {
                         path: r.path,
                         protocol: r.protocol,
@@ -521,6 +564,7 @@ impl Options {
                             crate::auth::Grants::new(&r.anonymous_subscribe, &r.anonymous_publish, None)
                                 .map_err(|error| ConfigError::Invalid { option: "route", error })?,
                         ),
+                        backend,
                     })
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -999,6 +1043,44 @@ impl Config {
     pub fn route_by_id(&self, id: RouteId) -> &Route {
         &self.routes[id.0 as usize]
     }
+}
+
+/// A route's backend settings: required on a `backend` route, refused on
+/// any other.
+fn backend(r: &RouteOptions) -> Result<Option<std::sync::Arc<Backend>>, ConfigError> {
+    let bad = |option: &'static str, error: String| ConfigError::Invalid { option, error };
+    let given = r.upstream_ca.is_some()
+        || r.upstream_timeout_ms.is_some()
+        || r.max_batch_bytes.is_some()
+        || r.upstream_retries.is_some();
+    let Some(url) = r.upstream.as_deref().filter(|_| r.protocol == RouteProtocol::Backend) else {
+        if r.protocol == RouteProtocol::Backend {
+            return Err(bad(
+                "upstream",
+                format!("route {:?} is a backend route without an upstream", r.path),
+            ));
+        }
+        if r.upstream.is_some() || given {
+            return Err(bad(
+                "upstream",
+                format!("route {:?}: upstream settings are for backend routes", r.path),
+            ));
+        }
+        return Ok(None);
+    };
+    let upstream = crate::upstream::Upstream::parse(url, r.upstream_ca.as_deref()).map_err(|e| bad("upstream", e))?;
+    let timeout_ms = r.upstream_timeout_ms.unwrap_or(10_000);
+    in_range("upstream_timeout_ms", timeout_ms, 1, 3_600_000)?;
+    let max_batch_bytes = r.max_batch_bytes.unwrap_or(DEFAULT_MAX_BATCH_BYTES);
+    in_range("max_batch_bytes", max_batch_bytes, 1, 64 * MIB)?;
+    let retries = r.upstream_retries.unwrap_or(5);
+    in_range("upstream_retries", u64::from(retries), 0, 100)?;
+    Ok(Some(std::sync::Arc::new(Backend {
+        upstream,
+        timeout_ms,
+        max_batch_bytes,
+        retries,
+    })))
 }
 
 /// RFC 7230 3.2.6 tchar.

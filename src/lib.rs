@@ -2,8 +2,8 @@
 //!
 //! The modules, lowest first; each uses only modules before it in this
 //! list (docs/ARCHITECTURE.md has the table, `tests/layers.rs` checks it):
-//! `ws` (RFC 6455 over bytes), `tls`, `topic`, `stats`, `sys` (the OS:
-//! sockets, eventfds), `auth`, `config`, `proto` (the application
+//! `ws` (RFC 6455 over bytes), `tls`, `topic`, `stats`, `upstream` (HTTP
+//! to an application), `sys` (the OS: sockets, eventfds), `auth`, `config`, `proto` (the application
 //! protocols, without I/O), `pubsub` (topics, the mesh between cores,
 //! every session's queued deliveries), `cluster` (the NATS bridge to other
 //! nodes), `conn` (one connection's life over a socket), `admin` (the admin
@@ -21,4 +21,5 @@ pub mod stats;
 pub mod sys;
 pub mod tls;
 pub mod topic;
+pub mod upstream;
 pub mod ws;

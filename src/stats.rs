@@ -58,6 +58,16 @@ pub struct Stats {
     /// 4001 when theirs expired.
     pub token_refreshes: u64,
     pub tokens_expired: u64,
+    /// Backend routes: requests made to upstreams (`OPEN` included), those
+    /// tried again after a failed connect, connections the upstream failed
+    /// (refused handshakes with 502/504, closes with 1011/1014), messages
+    /// it sent to clients, and its messages dropped (GRIP ones without the
+    /// prefix, bad control messages, text that is not UTF-8).
+    pub backend_requests: u64,
+    pub backend_retries: u64,
+    pub backend_failures: u64,
+    pub backend_messages_out: u64,
+    pub backend_dropped: u64,
 }
 
 impl Stats {
@@ -99,6 +109,11 @@ impl Stats {
         self.denied_publishes += other.denied_publishes;
         self.token_refreshes += other.token_refreshes;
         self.tokens_expired += other.tokens_expired;
+        self.backend_requests += other.backend_requests;
+        self.backend_retries += other.backend_retries;
+        self.backend_failures += other.backend_failures;
+        self.backend_messages_out += other.backend_messages_out;
+        self.backend_dropped += other.backend_dropped;
     }
 }
 

@@ -19,16 +19,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("topic", &[]),
     ("stats", &[]),
+    ("upstream", &[]),
     ("sys", &["tls"]),
     ("auth", &["ws", "topic"]),
-    ("config", &["ws", "tls", "topic", "auth"]),
+    ("config", &["ws", "tls", "topic", "upstream", "auth"]),
     ("proto", &["ws", "topic"]),
     ("pubsub", &["ws", "topic", "stats", "sys", "config", "proto"]),
     ("cluster", &["ws", "topic", "stats", "config", "pubsub"]),
     (
         "conn",
         &[
-            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub",
+            "ws", "tls", "topic", "stats", "upstream", "sys", "auth", "config", "proto", "pubsub",
         ],
     ),
     (
@@ -38,7 +39,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "server",
         &[
-            "ws", "tls", "topic", "stats", "sys", "auth", "config", "proto", "pubsub", "cluster", "conn", "admin",
+            "ws", "tls", "topic", "stats", "upstream", "sys", "auth", "config", "proto", "pubsub", "cluster", "conn",
+            "admin",
         ],
     ),
 ];

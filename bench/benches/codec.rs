@@ -142,7 +142,11 @@ fn stomp_bench(c: &mut Criterion) {
 fn topic_lookup_bench(c: &mut Criterion) {
     let mut topics = Topics::default();
     for i in 0..10_000 {
-        topics.subscribe(format!("prices.{i}").as_bytes(), SessionKey::default(), None);
+        topics.subscribe(
+            format!("prices.{i}").as_bytes(),
+            SessionKey::default(),
+            sluice::pubsub::topics::Via::Native,
+        );
     }
     c.bench_function("topics/lookup_among_10000", |b| {
         b.iter(|| topics.subscribers(black_box(b"prices.5000")).map(|s| s.len()))

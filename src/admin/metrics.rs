@@ -53,6 +53,11 @@ pub struct StatsView {
     pub denied_publishes: u64,
     pub token_refreshes: u64,
     pub tokens_expired: u64,
+    pub backend_requests: u64,
+    pub backend_retries: u64,
+    pub backend_failures: u64,
+    pub backend_messages_out: u64,
+    pub backend_dropped: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -85,6 +90,11 @@ impl From<&Stats> for StatsView {
             denied_publishes: s.denied_publishes,
             token_refreshes: s.token_refreshes,
             tokens_expired: s.tokens_expired,
+            backend_requests: s.backend_requests,
+            backend_retries: s.backend_retries,
+            backend_failures: s.backend_failures,
+            backend_messages_out: s.backend_messages_out,
+            backend_dropped: s.backend_dropped,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -224,6 +234,36 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Sessions closed with 4001 when their token expired.",
         |c| c.stats.tokens_expired,
+    ),
+    (
+        "backend_requests_total",
+        "counter",
+        "Requests made to backend routes' upstreams (OPEN included).",
+        |c| c.stats.backend_requests,
+    ),
+    (
+        "backend_retries_total",
+        "counter",
+        "Upstream requests tried again after a failed connect.",
+        |c| c.stats.backend_retries,
+    ),
+    (
+        "backend_failures_total",
+        "counter",
+        "Connections an upstream failed: handshakes answered 502/504, sessions closed with 1011/1014.",
+        |c| c.stats.backend_failures,
+    ),
+    (
+        "backend_messages_out_total",
+        "counter",
+        "Messages upstreams sent to their clients.",
+        |c| c.stats.backend_messages_out,
+    ),
+    (
+        "backend_dropped_total",
+        "counter",
+        "Upstream messages dropped: GRIP ones without the prefix, bad control messages, text that is not UTF-8.",
+        |c| c.stats.backend_dropped,
     ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks

@@ -216,6 +216,8 @@ enum Endpoint<'r> {
     Send(&'r str),
     /// `DELETE /sessions/{id}`
     Close(&'r str),
+    /// `GET /sessions/{id}`
+    Info(&'r str),
 }
 
 impl Endpoint<'_> {
@@ -247,10 +249,18 @@ fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static
         "/stats" => allow(method == "GET", Endpoint::Stats),
         "/publish" => allow(method == "POST", Endpoint::Publish),
         _ => {
-            let rest = path.strip_prefix("/sessions/").ok_or((404, "no such endpoint"))?;
+            // `/connections/{id}`: the same, as API gateways name it.
+            let rest = path
+                .strip_prefix("/sessions/")
+                .or_else(|| path.strip_prefix("/connections/"))
+                .ok_or((404, "no such endpoint"))?;
             match rest.strip_suffix("/send") {
                 Some(id) if !id.is_empty() && !id.contains('/') => allow(method == "POST", Endpoint::Send(id)),
-                None if !rest.is_empty() && !rest.contains('/') => allow(method == "DELETE", Endpoint::Close(rest)),
+                None if !rest.is_empty() && !rest.contains('/') => match method {
+                    "DELETE" => Ok(Endpoint::Close(rest)),
+                    "GET" => Ok(Endpoint::Info(rest)),
+                    _ => Err(NOT_ALLOWED),
+                },
                 _ => Err((404, "no such endpoint")),
             }
         }
@@ -327,6 +337,7 @@ async fn handle(
         Endpoint::Publish => publish(request, body, shard).await,
         Endpoint::Send(id) => send(id, request, body, shard).await,
         Endpoint::Close(id) => close_session(id, request, shard).await,
+        Endpoint::Info(id) => act(id, SessionAction::Info, shard).await,
     };
     match outcome {
         Ok(value) => json(200, value),
@@ -503,8 +514,8 @@ async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde
                 // that is down, reads as no such session.
                 let asked = shard.hub.remote_node_action(node, rest, action);
                 return match monoio::time::timeout(MESH_WAIT, asked).await {
-                    Ok(true) => Ok(serde_json::json!({ "session": id })),
-                    Ok(false) => Err(gone()),
+                    Ok(Some(answer)) => Ok(answered(id, &answer)),
+                    Ok(None) => Err(gone()),
                     Err(_) => Err((503, "the NATS bridge did not answer".to_string())),
                 };
             }
@@ -522,10 +533,21 @@ async fn act(id: &str, action: SessionAction, shard: &Rc<Shard>) -> Result<serde
         monoio::time::timeout(MESH_WAIT, shard.hub.remote_session_action(core, key, action)).await
     };
     match found {
-        Ok(true) => Ok(serde_json::json!({ "session": id })),
-        Ok(false) => Err((404, "no such session".to_string())),
+        Ok(Some(answer)) => Ok(answered(id, &answer)),
+        Ok(None) => Err((404, "no such session".to_string())),
         Err(_) => Err((503, "the session's core did not answer".to_string())),
     }
+}
+
+/// The JSON answer to an action on session `id`: its id, and what the
+/// session's core said of it (`GET`).
+fn answered(id: &str, answer: &[u8]) -> serde_json::Value {
+    let mut value = match serde_json::from_slice::<serde_json::Value>(answer) {
+        Ok(serde_json::Value::Object(info)) => serde_json::Value::Object(info),
+        _ => serde_json::json!({}),
+    };
+    value["session"] = serde_json::Value::from(id);
+    value
 }
 
 /// `<core>.<slot>.<generation>` -> core and slot key. A session's

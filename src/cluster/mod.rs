@@ -474,10 +474,14 @@ impl State {
         match envelope {
             Envelope::Publish(message) => self.buffer(message),
             Envelope::Interest { topic, core, count } => self.interest_changed(topic, core, count),
-            Envelope::Reply { request, found } => {
+            Envelope::Reply { request, answer } => {
                 if let Some(reply) = self.replies.borrow_mut().remove(&request) {
                     let client = self.client.clone();
-                    let answer = Bytes::from_static(if found { b"1" } else { b"0" });
+                    // `0`: no such session; `1` and the action's answer.
+                    let answer = match answer {
+                        None => Bytes::from_static(b"0"),
+                        Some(info) => [&b"1"[..], &info].concat().into(),
+                    };
                     tokio::task::spawn_local(async move {
                         let _ = client.publish(reply, answer).await;
                     });
@@ -698,18 +702,18 @@ impl State {
     fn ask_node(self: &Rc<Self>, request: RemoteRequest) {
         self.bus.requests_out.fetch_add(1, Ordering::Relaxed);
         let (asker, asked_for) = (request.from as usize, request.request);
-        let reply = move |bridge: &State, found: bool| {
+        let reply = move |bridge: &State, answer: Option<Bytes>| {
             bridge.to_core(
                 asker,
                 Envelope::Reply {
                     request: asked_for,
-                    found,
+                    answer,
                 },
             );
             bridge.kick.notify_one();
         };
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            reply(self, false);
+            reply(self, None);
             return;
         }
         let mut headers = HeaderMap::new();
@@ -731,20 +735,24 @@ impl State {
                 headers.insert(subject::CODE, code.to_string().as_str());
                 reason.clone()
             }
+            SessionAction::Info => {
+                headers.insert(subject::ACTION, "info");
+                Bytes::new()
+            }
         };
         let subject = self.subjects.node(&request.node);
         let bridge = self.clone();
         tokio::task::spawn_local(async move {
             let asked = bridge.client.request_with_headers(subject, headers, payload);
-            let found = match tokio::time::timeout(REQUEST_WAIT, asked).await {
-                Ok(Ok(answer)) => answer.payload.as_ref() == b"1",
+            let answer = match tokio::time::timeout(REQUEST_WAIT, asked).await {
+                Ok(Ok(answer)) => answer.payload.strip_prefix(b"1").map(Bytes::copy_from_slice),
                 Ok(Err(e)) => {
                     tracing::debug!(node = %request.node, error = %e, "request to another node failed");
-                    false
+                    None
                 }
-                Err(_) => false,
+                Err(_) => None,
             };
-            reply(&bridge, found);
+            reply(&bridge, answer);
         });
     }
 
@@ -839,6 +847,7 @@ impl State {
                 let reason_ok = payload.len() <= 123 && simdutf8::basic::from_utf8(payload).is_ok();
                 (allowed && reason_ok).then(|| SessionAction::Close(code, payload.clone()))
             }
+            "info" => Some(SessionAction::Info),
             _ => None,
         }
     }

@@ -23,6 +23,9 @@ pub enum App {
     /// STOMP: its codec and session state (`StompConn`) live in the slot
     /// too, so it parks like `Native`.
     Stomp,
+    /// Every event goes to the route's upstream (`conn::backend`); its
+    /// link lives in the slot.
+    Backend,
     /// Our close frame is sent: every message is dropped and nothing is
     /// answered (RFC 6455 5.5.1), so a closing peer cannot make output grow.
     Closing,
@@ -34,6 +37,7 @@ impl App {
             RouteProtocol::Echo => App::Echo,
             RouteProtocol::Pubsub => App::Native,
             RouteProtocol::Stomp => App::Stomp,
+            RouteProtocol::Backend => App::Backend,
         }
     }
 
@@ -49,13 +53,22 @@ impl App {
                 session.enable_pubsub();
                 session.set_stomp(Box::new(super::stomp::new_conn(session)));
             }
-            App::Echo | App::Closing => {}
+            // The link was made, and deliveries opened, at the handshake.
+            App::Echo | App::Backend | App::Closing => {}
         }
     }
 
-    /// Whether the protocol publishes and takes deliveries.
+    /// Whether the protocol takes deliveries, and may have to wait before
+    /// it takes more input (`Session::is_blocked`).
     pub fn is_pubsub(&self) -> bool {
-        matches!(self, App::Native | App::Stomp)
+        matches!(self, App::Native | App::Stomp | App::Backend)
+    }
+
+    /// A ping or pong from the peer (answered already), or its close.
+    pub fn on_control(&mut self, kind: super::backend::ClientControl<'_>, session: &Session) {
+        if let App::Backend = self {
+            session.backend_control(kind);
+        }
     }
 
     /// Goes on with input that waited for a publish to get through (STOMP
@@ -134,6 +147,7 @@ impl App {
             App::Stomp => {
                 session.with_stomp(|stomp| super::stomp::on_message(stomp, kind, payload, out, pool, session));
             }
+            App::Backend => session.backend_event(super::backend::event_of(kind), payload),
             App::Closing => {}
         }
     }

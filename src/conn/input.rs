@@ -5,6 +5,7 @@
 //! or a violation ends the batch. No I/O.
 
 use super::app::App;
+use super::backend::ClientControl as Control;
 use super::outbound::Outbound;
 use super::shard::Session;
 use super::Flow;
@@ -81,13 +82,18 @@ pub(super) fn process(
                         }
                     }
                     // RFC 6455 5.5.2: answer a ping with a pong of the same payload.
-                    Event::Ping(payload) if app.replies() => out.push_frame(pool, Opcode::Pong, payload),
-                    Event::Ping(_) | Event::Pong(_) => {}
+                    Event::Ping(payload) if app.replies() => {
+                        out.push_frame(pool, Opcode::Pong, payload);
+                        app.on_control(Control::Ping(payload), session);
+                    }
+                    Event::Pong(payload) => app.on_control(Control::Pong(payload), session),
+                    Event::Ping(_) => {}
                     Event::Close(close) => {
                         // RFC 6455 5.5.1: reply with a close, echoing the code.
                         if app.replies() {
                             out.push_close(pool, close.code, "");
                         }
+                        app.on_control(Control::Close(close), session);
                         break Flow::PeerClosed(close.code);
                     }
                 }

@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod app;
+mod backend;
 mod input;
 pub mod outbound;
 pub mod park;
@@ -234,6 +235,7 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
             Some(route) => match conn.run(route, resumed.is_some()).await {
                 End::Closed(peer_close) => {
                     shard.count_close(close_code(peer_close));
+                    session.backend_ended(peer_close);
                     true
                 }
                 End::Parked => false,
@@ -296,6 +298,7 @@ impl<'a> Conn<'a> {
                     self.session.peer_alive();
                     Some(route)
                 }
+                Answer::Backend(request) => Box::pin(self.open_backend(*request)).await,
                 Answer::Health => {
                     self.shard().stats.borrow_mut().health_checks += 1;
                     Box::pin(self.refuse()).await;
@@ -309,6 +312,56 @@ impl<'a> Conn<'a> {
                 }
             };
         }
+    }
+
+    /// Waits for a backend route's upstream to answer `OPEN` (bounded by
+    /// the route's `upstream_timeout_ms`), and sends its answer: the 101,
+    /// or the refusal. A shutdown meanwhile is answered with 503.
+    async fn open_backend(&mut self, request: backend::OpenRequest) -> Option<RouteId> {
+        let route = request.route;
+        let session = self.session;
+        let mut out = Outbound::default();
+        let mut opened = None;
+        let shut = {
+            let open = async {
+                opened = Some(backend::open(session, request, &mut out).await);
+                Ok(())
+            };
+            let mut open = std::pin::pin!(open);
+            loop {
+                match ready_or_kick(open.as_mut(), session).await {
+                    Ok(Wake::Ready) => break false,
+                    Ok(Wake::Kick(k)) if k.has(Kick::SHUTDOWN) => break true,
+                    // The handshake's own timeout does not cut the
+                    // upstream's: that one answers 504.
+                    Ok(Wake::Kick(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        };
+        let pool = &self.shard().pool;
+        let status = match opened {
+            _ if shut => {
+                out.release(pool);
+                let reject = handshake::Reject::ShuttingDown;
+                self.out.push_bytes(pool, &reject.response());
+                reject.status()
+            }
+            Some(backend::Opened::Accepted) => {
+                std::mem::swap(&mut self.out, &mut out);
+                self.session.set_phase(Phase::Open);
+                self.session.peer_alive();
+                return Some(route);
+            }
+            Some(backend::Opened::Refused(status)) => {
+                std::mem::swap(&mut self.out, &mut out);
+                status
+            }
+            None => return None,
+        };
+        self.shard().count_rejected(status);
+        Box::pin(self.refuse()).await;
+        None
     }
 
     /// Reads what the socket has of the request head and, once the head is
@@ -364,6 +417,7 @@ impl<'a> Conn<'a> {
     /// starts with a read: its socket is likely what woke it.
     async fn run(&mut self, route: RouteId, resumed: bool) -> End {
         let mut app = App::for_route(self.shard().config.route_by_id(route));
+        self.session.with(|s| s.route = Some(route));
         self.deliveries = app.is_pubsub() || self.session.has_deliveries();
         if !resumed {
             let pool = &self.shard().pool;

@@ -46,6 +46,11 @@ impl Outbound {
         handshake::write_accept(self.room(pool), key, protocol);
     }
 
+    /// Queues the 101 with more header lines (`extra`, each ending in CRLF).
+    pub fn push_accept_with(&mut self, pool: &BufferPool, key: &[u8], protocol: Option<&str>, extra: &[u8]) {
+        handshake::write_accept_with(self.room(pool), key, protocol, extra);
+    }
+
     /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
     pub fn push_frame(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8]) {
         let header = FrameHeader {

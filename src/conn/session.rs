@@ -124,14 +124,15 @@ impl Session {
     }
 
     /// Whether a publish waits for ring space, or for the core's queued
-    /// deliveries to be written down.
+    /// deliveries to be written down, or a backend route's batch is full.
     pub fn is_blocked(&self) -> bool {
-        self.shard.hub.sessions.is_blocked(self.key)
+        self.shard.hub.sessions.is_blocked(self.key) || self.backend_full()
     }
 
-    /// Ready once no publish waits for ring space and the core takes
-    /// publishes again.
+    /// Ready once no publish waits for ring space, the core takes
+    /// publishes again and the backend batch has room.
     pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::task::ready!(self.poll_backend_room(cx));
         self.shard.hub.poll_unblocked(self.key, cx)
     }
 
@@ -192,10 +193,12 @@ impl Session {
         self.with(|s| s.socket_taken = true);
     }
 
-    /// Records the client's address (for the per-address cap).
+    /// Records the client's address (for the per-address cap, and the
+    /// `X-Forwarded-For` of a backend route).
     pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
         let config = &self.shard.config;
-        if config.max_connections_per_ip == 0 && config.max_handshakes_per_sec_per_ip == 0 {
+        let backends = config.routes.iter().any(|r| r.backend.is_some());
+        if config.max_connections_per_ip == 0 && config.max_handshakes_per_sec_per_ip == 0 && !backends {
             return;
         }
         let now = self.shard.now_ms();

@@ -75,6 +75,8 @@ pub struct Shard {
     /// The drain's deadline passed (`abort_all`): admin connections end
     /// even in the middle of a write.
     pub(super) admin_aborted: Cell<bool>,
+    /// Keep-alive connections to the backend routes' upstreams.
+    pub upstream: crate::upstream::Pool,
 }
 
 impl Shard {
@@ -108,6 +110,7 @@ impl Shard {
             admin_waiters: RefCell::new(std::collections::HashMap::new()),
             next_admin: Cell::new(0),
             admin_aborted: Cell::new(false),
+            upstream: crate::upstream::Pool::default(),
         });
         let wake: Weak<dyn Wake> = Rc::downgrade(&shard) as Weak<Shard>;
         shard.hub.sessions.wake_with(wake);
@@ -178,6 +181,7 @@ impl Shard {
             tls: None,
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
+            route: None,
         });
         Session {
             shard: self.clone(),
@@ -361,6 +365,7 @@ impl Shard {
         let park_after = if self.parking.get() { c.park_after_ms } else { 0 };
         let mut due_parked = Vec::new();
         let mut due_heart_beats = Vec::new();
+        let mut due_keep_alives = Vec::new();
         let unix_now = crate::auth::unix_now();
         // Subscribers shed because the core was held too long are closed.
         let slow = self.hub.sessions.tick(now);
@@ -381,6 +386,13 @@ impl Shard {
                         && sessions_hub.queue_is_empty(key)
                     {
                         due_heart_beats.push(key);
+                    }
+                    // A backend route's `Keep-Alive-Interval`: an empty
+                    // request when none went for that long.
+                    if let Some(link) = slot.app.as_ref().and_then(|a| a.backend.as_ref()) {
+                        if link.borrow().keep_alive_due(now) {
+                            due_keep_alives.push((key, link.clone()));
+                        }
                     }
                     // (A client's interval may be anything: the sum saturates.
                     // A session waiting for ring space is not reading, so
@@ -440,6 +452,9 @@ impl Shard {
         }
         for key in due_parked {
             self.resume(key);
+        }
+        for (key, link) in due_keep_alives {
+            super::backend::keep_alive(self, key, link);
         }
         for key in due_heart_beats {
             self.hub
@@ -596,22 +611,30 @@ impl Shard {
         }
     }
 
-    /// Carries out an admin API action on session `key` of this core.
-    /// `false` if there is no such open session.
-    pub fn act_on_session(self: &Rc<Self>, key: SessionKey, action: crate::pubsub::mesh::SessionAction) -> bool {
+    /// Carries out an admin API action on session `key` of this core:
+    /// `None` if there is no such open session, else the action's answer
+    /// (a JSON object for `Info`, empty for the others).
+    pub fn act_on_session(
+        self: &Rc<Self>,
+        key: SessionKey,
+        action: crate::pubsub::mesh::SessionAction,
+    ) -> Option<Bytes> {
         use crate::pubsub::mesh::SessionAction;
-        {
+        let info = {
             let mut sessions = self.sessions.borrow_mut();
-            let Some(slot) = sessions.get_mut(key) else {
-                return false;
-            };
+            let slot = sessions.get_mut(key)?;
             if slot.phase != Phase::Open {
-                return false;
+                return None;
             }
-            if let SessionAction::Close(code, reason) = &action {
-                slot.app.get_or_insert_with(Default::default).close_request = Some((*code, reason.clone()));
+            match &action {
+                SessionAction::Close(code, reason) => {
+                    slot.app.get_or_insert_with(Default::default).close_request = Some((*code, reason.clone()));
+                    None
+                }
+                SessionAction::Info => Some(self.session_info(slot)),
+                SessionAction::Send(..) => None,
             }
-        }
+        };
         match action {
             SessionAction::Send(kind, body) => {
                 // Any open session takes it (an echo one too): its queue
@@ -621,8 +644,33 @@ impl Shard {
                 self.hub.sessions.deliver_frame(key, &frame, true);
             }
             SessionAction::Close(..) => self.kick(key, Kick::CLOSE),
+            SessionAction::Info => {}
         }
-        true
+        Some(info.unwrap_or_default())
+    }
+
+    /// What `GET /sessions/{id}` says of an open session: when it
+    /// connected and was last active (Unix ms, from the core's coarse
+    /// clock), its route, user and node.
+    fn session_info(&self, slot: &Slot) -> Bytes {
+        let now = self.now_ms();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let at = |ms: u64| unix_ms.saturating_sub(now.saturating_sub(ms));
+        let route = slot.route.map(|r| self.config.route_by_id(r));
+        let info = serde_json::json!({
+            "connected_at_ms": at(slot.phase_since_ms),
+            "last_activity_ms": at(slot.last_rx_ms.max(slot.last_tx_ms)),
+            "route": route.map(|r| r.path.as_str()),
+            "protocol": route.map(|r| format!("{:?}", r.protocol).to_lowercase()),
+            "user": slot.identity().and_then(|i| i.user.as_deref()),
+            "node": self.config.cluster.as_ref().map(|c| c.node_id.as_str()),
+            "core": self.core,
+            "parked": slot.parked.is_some(),
+            "tls": slot.tls.is_some(),
+        });
+        Bytes::from(info.to_string())
     }
 
     /// Counts an ended session by its peer's close code, bucketed

@@ -114,6 +114,8 @@ pub(super) struct Slot {
     /// least every `heart_beat_expect_ms`.
     pub(super) heart_beat_send_ms: u64,
     pub(super) heart_beat_expect_ms: u64,
+    /// The route, once upgraded.
+    pub(super) route: Option<RouteId>,
 }
 
 /// A session's address (kept only under a per-address cap), the token
@@ -166,6 +168,8 @@ pub(super) struct AppState {
     pub(super) close_request: Option<(u16, Bytes)>,
     /// A STOMP connection's codec and session state.
     pub(super) stomp: Option<Box<StompConn>>,
+    /// A backend route's link to its upstream.
+    pub(super) backend: Option<super::backend::SharedLink>,
 }
 
 /// A STOMP heart-beat: an EOL, in a text frame of its own.

@@ -2,7 +2,8 @@
 //! (`ws::handshake`), routed, validated (RFC 6455 4.2.1), checked against
 //! the origin list, the token and the admission caps, and answered (101,
 //! the health check, or a refusal). No I/O: the answer is queued in the
-//! connection's `Outbound`.
+//! connection's `Outbound`, or, on a backend route, left to the upstream
+//! (`backend::open`).
 
 use super::outbound::Outbound;
 use super::pool::BufferPool;
@@ -14,6 +15,9 @@ use crate::ws::handshake;
 /// What a complete request head leads to; its response is already queued.
 pub(super) enum Answer {
     Upgrade(RouteId),
+    /// A backend route: nothing is queued yet, the upstream's answer to
+    /// `OPEN` decides (`backend::open`).
+    Backend(Box<super::backend::OpenRequest>),
     Health,
     Reject(handshake::Reject),
 }
@@ -30,7 +34,7 @@ pub(super) fn answer_head(
     let (answer, head_len) = match handshake::parse(buf, config.max_head_bytes) {
         Ok(None) => return None,
         Err(reject) => (Err(reject), buf.len()),
-        Ok(Some((head, head_len))) => (decide(&head, config, out, pool, session), head_len),
+        Ok(Some((head, head_len))) => (decide(&head, &buf[..head_len], config, out, pool, session), head_len),
     };
     Some(match answer {
         Ok(answer) => (answer, head_len),
@@ -48,6 +52,7 @@ pub(super) fn answer_head(
 /// tokens cost a flooding address its rate too.
 fn decide(
     head: &handshake::Head<'_>,
+    raw: &[u8],
     config: &Config,
     out: &mut Outbound,
     pool: &BufferPool,
@@ -72,6 +77,10 @@ fn decide(
         return Err(handshake::Reject::ForbiddenOrigin);
     }
     session.admit(|| authenticate(head, route, config.verifier.as_deref(), session))?;
+    if let Some(backend) = &route.backend {
+        let request = super::backend::OpenRequest::new(id, backend, head, raw);
+        return Ok(Answer::Backend(Box::new(request)));
+    }
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))
 }

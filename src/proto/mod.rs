@@ -7,6 +7,9 @@
 //!
 //! - `native`: the native pub/sub protocol (docs/PROTOCOL.md).
 //! - `stomp`: STOMP 1.2.
+//! - `over_http`: WebSocket-over-HTTP events and GRIP control messages,
+//!   what a backend route exchanges with its upstream.
 
 pub mod native;
+pub mod over_http;
 pub mod stomp;

@@ -56,9 +56,10 @@ pub enum Envelope {
         request: u64,
         from: u16,
     },
-    /// The answer to a `Session` (or `Remote`) envelope: whether the
-    /// session was there.
-    Reply { request: u64, found: bool },
+    /// The answer to a `Session` (or `Remote`) envelope: `None` if the
+    /// session was not there, else the action's answer (empty but for
+    /// `Info`).
+    Reply { request: u64, answer: Option<Bytes> },
     /// To the NATS bridge: an admin API action on a session of another
     /// node, to be answered with a `Reply` to core `from`.
     Remote(Box<RemoteRequest>),
@@ -81,6 +82,9 @@ pub enum SessionAction {
     Send(crate::ws::MessageKind, Bytes),
     /// Close the session with this code and reason.
     Close(u16, Bytes),
+    /// Say what the session is: a JSON object (`admin`'s `GET
+    /// /sessions/{id}`).
+    Info,
 }
 
 /// Tasks to wake, each once however often it asked: a task is known by

@@ -144,6 +144,7 @@ fn unescape(s: &str) -> Option<String> {
 pub struct Fanout<'m> {
     pub message: &'m Message,
     native: OnceCell<Bytes>,
+    raw: OnceCell<Bytes>,
     stomp: OnceCell<StompShared>,
     /// MESSAGE frames made so far, by subscription (the first `SHARED_HEADS`).
     heads: RefCell<Vec<(StompTarget, StompParts)>>,
@@ -216,6 +217,7 @@ impl<'m> Fanout<'m> {
     ) {
         match via {
             Via::Native => emit(&mut [self.native().clone()]),
+            Via::Raw => emit(&mut [self.raw().clone()]),
             Via::Stomp(targets) => {
                 let take = if one { 1 } else { targets.len() };
                 for target in &targets[..take] {
@@ -229,6 +231,7 @@ impl<'m> Fanout<'m> {
         Fanout {
             message,
             native: OnceCell::new(),
+            raw: OnceCell::new(),
             stomp: OnceCell::new(),
             heads: RefCell::new(Vec::new()),
         }
@@ -241,6 +244,12 @@ impl<'m> Fanout<'m> {
             Some(frame) => frame.clone(),
             None => native::message_frame(m.kind, &m.key, &m.body),
         })
+    }
+
+    /// The payload alone, in one frame of the message's kind.
+    pub fn raw(&self) -> &Bytes {
+        let m = self.message;
+        self.raw.get_or_init(|| native::frame(m.kind.opcode(), &[&m.body]))
     }
 
     fn stomp_shared(&self) -> &StompShared {

@@ -97,7 +97,7 @@ impl Drop for ForgetRequest<'_> {
 
 #[derive(Default)]
 struct Request {
-    found: Option<bool>,
+    answer: Option<Option<Bytes>>,
     waker: Option<Waker>,
 }
 
@@ -137,8 +137,8 @@ impl Hub {
 
     /// Subscribes `session` to `topic` (or a queue's key) on this core:
     /// natively, or (`target`) with one more STOMP subscription.
-    pub fn subscribe(&self, topic: &[u8], session: SessionKey, target: Option<StompTarget>) -> Change {
-        let change = self.topics.borrow_mut().subscribe(topic, session, target);
+    pub fn subscribe(&self, topic: &[u8], session: SessionKey, via: topics::Via) -> Change {
+        let change = self.topics.borrow_mut().subscribe(topic, session, via);
         self.announce_change(topic, change);
         change
     }
@@ -304,9 +304,9 @@ impl Hub {
                     from,
                 })
             }
-            Envelope::Reply { request, found } => {
+            Envelope::Reply { request, answer } => {
                 if let Some(r) = self.requests.borrow_mut().get_mut(&request) {
-                    r.found = Some(found);
+                    r.answer = Some(answer);
                     if let Some(w) = r.waker.take() {
                         w.wake();
                     }
@@ -318,15 +318,17 @@ impl Hub {
         None
     }
 
-    /// Answers another core's `SessionRequest`: whether the session was there.
-    pub fn reply(&self, to: u16, request: u64, found: bool) {
-        self.reply_outbox.borrow_mut()[to as usize].push_back(Envelope::Reply { request, found });
+    /// Answers another core's `SessionRequest`: `None` if the session was
+    /// not there, else what the action answers (`SessionAction`).
+    pub fn reply(&self, to: u16, request: u64, answer: Option<Bytes>) {
+        self.reply_outbox.borrow_mut()[to as usize].push_back(Envelope::Reply { request, answer });
         self.flush_outboxes();
     }
 
     /// Asks core `core` (another one) to act on its session `key`, over the
-    /// mesh. Resolves to whether the session was there.
-    pub async fn remote_session_action(&self, core: usize, key: u64, action: SessionAction) -> bool {
+    /// mesh. Resolves to the action's answer, `None` if the session was
+    /// not there.
+    pub async fn remote_session_action(&self, core: usize, key: u64, action: SessionAction) -> Option<Bytes> {
         debug_assert_ne!(core, self.mesh.core(), "a session of this core is acted on here");
         let from = self.mesh.core() as u16;
         self.ask(core, |request| Envelope::Session {
@@ -340,11 +342,10 @@ impl Hub {
 
     /// Asks node `node` (another one), through the NATS bridge, to act on
     /// its session `session` (`<core>.<slot>.<generation>`). Resolves to
-    /// whether the session was there; `false` at once without a bridge.
-    pub async fn remote_node_action(&self, node: &str, session: &str, action: SessionAction) -> bool {
-        let Some(bridge) = self.mesh.bridge() else {
-            return false;
-        };
+    /// the action's answer, `None` if the session was not there (at once
+    /// without a bridge).
+    pub async fn remote_node_action(&self, node: &str, session: &str, action: SessionAction) -> Option<Bytes> {
+        let bridge = self.mesh.bridge()?;
         let from = self.mesh.core() as u16;
         self.ask(bridge, |request| {
             Envelope::Remote(Box::new(RemoteRequest {
@@ -360,7 +361,7 @@ impl Hub {
 
     /// Sends the envelope `make` builds for a new request to `core`, and
     /// waits for its `Reply`.
-    async fn ask(&self, core: usize, make: impl FnOnce(u64) -> Envelope) -> bool {
+    async fn ask(&self, core: usize, make: impl FnOnce(u64) -> Envelope) -> Option<Bytes> {
         let request = self.next_request.get();
         self.next_request.set(request + 1);
         self.requests.borrow_mut().insert(request, Request::default());
@@ -386,8 +387,8 @@ impl Hub {
             let r = requests
                 .get_mut(&request)
                 .expect("request is registered until answered");
-            match r.found {
-                Some(found) => Poll::Ready(found),
+            match r.answer.take() {
+                Some(answer) => Poll::Ready(answer),
                 None => {
                     r.waker = Some(cx.waker().clone());
                     Poll::Pending
@@ -528,7 +529,18 @@ impl Hub {
     pub fn subscribe_native(&self, key: SessionKey, topic: &[u8], max: usize) -> Result<bool, sessions::TooManyTopics> {
         let added = self.sessions.join(key, topic, max)?;
         if added {
-            self.subscribe(topic, key, None);
+            self.subscribe(topic, key, topics::Via::Native);
+        }
+        Ok(added)
+    }
+
+    /// Subscribes session `key` to `topic`, taking each message's payload
+    /// alone (`Via::Raw`): a backend route's connection, subscribed by its
+    /// upstream. `unsubscribe_native` ends it.
+    pub fn subscribe_raw(&self, key: SessionKey, topic: &[u8], max: usize) -> Result<bool, sessions::TooManyTopics> {
+        let added = self.sessions.join(key, topic, max)?;
+        if added {
+            self.subscribe(topic, key, topics::Via::Raw);
         }
         Ok(added)
     }
@@ -543,7 +555,7 @@ impl Hub {
     /// Adds a STOMP subscription of session `key` to the table key
     /// `topic` (the session rules bound how many there are).
     pub fn subscribe_stomp(&self, key: SessionKey, topic: &[u8], target: StompTarget) {
-        if let Change::Joined | Change::FirstJoined = self.subscribe(topic, key, Some(target)) {
+        if let Change::Joined | Change::FirstJoined = self.subscribe(topic, key, topics::Via::Stomp(vec![target])) {
             let _ = self.sessions.join(key, topic, usize::MAX);
         }
     }

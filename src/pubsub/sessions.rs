@@ -310,6 +310,11 @@ impl Sessions {
         self.in_flight.set(if on { n + 1 } else { n - 1 });
     }
 
+    /// Bytes queued for session `key`.
+    pub fn session_queued_bytes(&self, key: SessionKey) -> usize {
+        self.table.borrow().get(key).map_or(0, |s| s.queued_bytes)
+    }
+
     #[cfg(test)]
     pub fn queue_len(&self, key: SessionKey) -> usize {
         self.table.borrow().get(key).map_or(0, |s| s.queue.len())

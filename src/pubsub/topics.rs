@@ -21,6 +21,9 @@ pub use crate::topic::is_queue;
 pub enum Via {
     /// One native `MSG` frame.
     Native,
+    /// The payload alone, in one frame (a backend route's connection
+    /// subscribed by its upstream).
+    Raw,
     /// One STOMP MESSAGE per subscription of the session to the topic.
     Stomp(Vec<StompTarget>),
 }
@@ -83,26 +86,22 @@ pub enum Change {
 }
 
 impl Topics {
-    /// Adds `session` to `topic`: natively (`target` is `None`), or with one
-    /// more STOMP subscription.
-    pub fn subscribe(&mut self, topic: &[u8], session: SessionKey, target: Option<StompTarget>) -> Change {
-        let via = |target: Option<StompTarget>| match target {
-            None => Via::Native,
-            Some(t) => Via::Stomp(vec![t]),
-        };
+    /// Adds `session` to `topic`, taking messages `via` that way; a
+    /// `Via::Stomp` adds its subscriptions to the session's.
+    pub fn subscribe(&mut self, topic: &[u8], session: SessionKey, via: Via) -> Change {
         let Some(subscribers) = self.by_name.get_mut(topic) else {
             let mut subscribers = Subscribers::default();
-            subscribers.sessions.insert(session, via(target));
+            subscribers.sessions.insert(session, via);
             self.by_name.insert(topic.into(), subscribers);
             return Change::FirstJoined;
         };
-        match (subscribers.sessions.get_mut(&session), target) {
-            (None, target) => {
-                subscribers.sessions.insert(session, via(target));
+        match (subscribers.sessions.get_mut(&session), via) {
+            (None, via) => {
+                subscribers.sessions.insert(session, via);
                 Change::Joined
             }
-            (Some(Via::Stomp(targets)), Some(t)) => {
-                targets.push(t);
+            (Some(Via::Stomp(targets)), Via::Stomp(mut more)) => {
+                targets.append(&mut more);
                 Change::None
             }
             (Some(_), _) => Change::None,
@@ -154,19 +153,19 @@ mod tests {
         SessionKey::from(KeyData::from_ffi((1 << 32) | n))
     }
 
-    fn target(id: &str) -> Option<StompTarget> {
-        Some(StompTarget {
+    fn target(id: &str) -> Via {
+        Via::Stomp(vec![StompTarget {
             id: id.into(),
             ack: false,
-        })
+        }])
     }
 
     #[test]
     fn first_and_last_subscriber_are_reported() {
         let mut t = Topics::default();
-        assert_eq!(t.subscribe(b"a", key(1), None), Change::FirstJoined);
-        assert_eq!(t.subscribe(b"a", key(1), None), Change::None);
-        assert_eq!(t.subscribe(b"a", key(2), None), Change::Joined);
+        assert_eq!(t.subscribe(b"a", key(1), Via::Native), Change::FirstJoined);
+        assert_eq!(t.subscribe(b"a", key(1), Via::Native), Change::None);
+        assert_eq!(t.subscribe(b"a", key(2), Via::Native), Change::Joined);
         assert_eq!(t.count(b"a"), 2);
         assert_eq!(t.unsubscribe(b"a", key(3), None), Change::None);
         assert_eq!(t.unsubscribe(b"b", key(1), None), Change::None);

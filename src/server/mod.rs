@@ -605,8 +605,8 @@ async fn mesh_loop(shard: Rc<Shard>) {
 /// core's sessions is carried out here and answered.
 pub(crate) fn take_envelope(shard: &Rc<Shard>, envelope: crate::pubsub::mesh::Envelope) {
     if let Some(request) = shard.hub.receive(envelope) {
-        let found = shard.act_on_session(request.key, request.action);
-        shard.hub.reply(request.from, request.request, found);
+        let answer = shard.act_on_session(request.key, request.action);
+        shard.hub.reply(request.from, request.request, answer);
     }
 }
 

@@ -366,6 +366,12 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
 
 /// Appends the 101 response to `out`.
 pub fn write_accept(out: &mut Vec<u8>, key: &[u8], protocol: Option<&str>) {
+    write_accept_with(out, key, protocol, b"");
+}
+
+/// Appends the 101 response to `out`, with `extra`: more header lines,
+/// each ending in CRLF.
+pub fn write_accept_with(out: &mut Vec<u8>, key: &[u8], protocol: Option<&str>, extra: &[u8]) {
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
@@ -374,7 +380,9 @@ pub fn write_accept(out: &mut Vec<u8>, key: &[u8], protocol: Option<&str>) {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(p.as_bytes());
     }
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// True when the comma-separated `list` holds `token` (ASCII case-insensitive).
