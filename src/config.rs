@@ -256,6 +256,13 @@ pub struct RouteOptions {
     /// How often a request that could not connect is tried again before
     /// the client is closed.
     pub upstream_retries: Option<u32>,
+    /// Pub/sub routes: URLs asked (JSON `POST`) at the handshake, before a
+    /// subscribe and before a publish (docs/BACKEND.md, "Hooks").
+    pub connect_hook: Option<String>,
+    pub subscribe_hook: Option<String>,
+    pub publish_hook: Option<String>,
+    /// How long a hook may take, connecting included.
+    pub hook_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -282,6 +289,17 @@ pub struct Backend {
 }
 
 impl Eq for Backend {}
+
+/// A pub/sub route's hooks: each optional.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hooks {
+    pub connect: Option<crate::upstream::Upstream>,
+    pub subscribe: Option<crate::upstream::Upstream>,
+    pub publish: Option<crate::upstream::Upstream>,
+    pub timeout_ms: u64,
+}
+
+impl Eq for Hooks {}
 
 /// Pushpin's limit of content bytes in one request.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 200_000;
@@ -326,6 +344,8 @@ pub struct Route {
     pub anonymous: std::sync::Arc<crate::auth::Grants>,
     /// A `backend` route's upstream.
     pub backend: Option<std::sync::Arc<Backend>>,
+    /// A pub/sub route's hooks.
+    pub hooks: Option<std::sync::Arc<Hooks>>,
 }
 
 /// A route's index in `Config::routes`: what a parked connection keeps of
@@ -523,6 +543,7 @@ impl Options {
                     auth: global_auth,
                     anonymous: no_grants.clone(),
                     backend: None,
+                    hooks: None,
                 },
                 Route {
                     path: "/ws".into(),
@@ -532,6 +553,7 @@ impl Options {
                     auth: global_auth,
                     anonymous: no_grants.clone(),
                     backend: None,
+                    hooks: None,
                 },
                 Route {
                     path: "/stomp".into(),
@@ -541,12 +563,14 @@ impl Options {
                     auth: global_auth,
                     anonymous: no_grants.clone(),
                     backend: None,
+                    hooks: None,
                 },
             ],
             Some(routes) => routes
                 .into_iter()
                 .map(|r| {
                     let backend = backend(&r)?;
+                    let hooks = hooks(&r)?;
                     Ok(Route {
                         path: r.path,
                         protocol: r.protocol,
@@ -565,6 +589,7 @@ impl Options {
                                 .map_err(|error| ConfigError::Invalid { option: "route", error })?,
                         ),
                         backend,
+                        hooks,
                     })
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -1049,7 +1074,7 @@ impl Config {
 /// any other.
 fn backend(r: &RouteOptions) -> Result<Option<std::sync::Arc<Backend>>, ConfigError> {
     let bad = |option: &'static str, error: String| ConfigError::Invalid { option, error };
-    let given = r.upstream_ca.is_some()
+    let given = (r.upstream_ca.is_some() && !has_hooks(r))
         || r.upstream_timeout_ms.is_some()
         || r.max_batch_bytes.is_some()
         || r.upstream_retries.is_some();
@@ -1080,6 +1105,41 @@ fn backend(r: &RouteOptions) -> Result<Option<std::sync::Arc<Backend>>, ConfigEr
         timeout_ms,
         max_batch_bytes,
         retries,
+    })))
+}
+
+fn has_hooks(r: &RouteOptions) -> bool {
+    r.connect_hook.is_some() || r.subscribe_hook.is_some() || r.publish_hook.is_some()
+}
+
+/// A pub/sub route's hooks: refused on other routes.
+fn hooks(r: &RouteOptions) -> Result<Option<std::sync::Arc<Hooks>>, ConfigError> {
+    let bad = |option: &'static str, error: String| ConfigError::Invalid { option, error };
+    if !has_hooks(r) {
+        if r.hook_timeout_ms.is_some() {
+            return Err(bad("hook_timeout_ms", format!("route {:?} has no hooks", r.path)));
+        }
+        return Ok(None);
+    }
+    if !matches!(r.protocol, RouteProtocol::Pubsub | RouteProtocol::Stomp) {
+        return Err(bad(
+            "connect_hook",
+            format!("route {:?}: hooks are for pubsub and stomp routes", r.path),
+        ));
+    }
+    let ca = r.upstream_ca.as_deref();
+    let parse = |option: &'static str, url: &Option<String>| {
+        url.as_deref()
+            .map(|u| crate::upstream::Upstream::parse(u, ca).map_err(|e| bad(option, e)))
+            .transpose()
+    };
+    let timeout_ms = r.hook_timeout_ms.unwrap_or(5_000);
+    in_range("hook_timeout_ms", timeout_ms, 1, 600_000)?;
+    Ok(Some(std::sync::Arc::new(Hooks {
+        connect: parse("connect_hook", &r.connect_hook)?,
+        subscribe: parse("subscribe_hook", &r.subscribe_hook)?,
+        publish: parse("publish_hook", &r.publish_hook)?,
+        timeout_ms,
     })))
 }
 
@@ -1342,5 +1402,43 @@ mod tests {
         let err = short.validate(1).unwrap_err().to_string();
         assert!(err.contains("at least 32"), "{err}");
         std::fs::remove_file(&secret).unwrap();
+    }
+
+    #[test]
+    fn backend_routes_and_hooks() {
+        let route = |body: &str| {
+            parse_toml(&format!("[[route]]\npath = \"/a\"\n{body}\n"))
+                .unwrap()
+                .validate(1)
+        };
+        let c = route("protocol = \"backend\"\nupstream = \"http://127.0.0.1:3000/ws\"").unwrap();
+        let backend = c.routes[0].backend.as_ref().unwrap();
+        assert_eq!(backend.upstream.path, "/ws");
+        assert_eq!(
+            (backend.timeout_ms, backend.max_batch_bytes, backend.retries),
+            (10_000, DEFAULT_MAX_BATCH_BYTES, 5)
+        );
+        for bad in [
+            "protocol = \"backend\"",
+            "protocol = \"backend\"\nupstream = \"ftp://127.0.0.1/\"",
+            "protocol = \"backend\"\nupstream = \"http://127.0.0.1/\"\nupstream_timeout_ms = 0",
+            "protocol = \"backend\"\nupstream = \"http://127.0.0.1/\"\nmax_batch_bytes = 0",
+            "protocol = \"backend\"\nupstream = \"http://127.0.0.1/\"\nupstream_retries = 101",
+            "protocol = \"echo\"\nupstream = \"http://127.0.0.1/\"",
+            "protocol = \"pubsub\"\nmax_batch_bytes = 10",
+            "protocol = \"echo\"\nconnect_hook = \"http://127.0.0.1/\"",
+            "protocol = \"backend\"\nupstream = \"http://127.0.0.1/\"\npublish_hook = \"http://127.0.0.1/\"",
+            "protocol = \"pubsub\"\nhook_timeout_ms = 10",
+            "protocol = \"pubsub\"\nsubscribe_hook = \"127.0.0.1:80\"",
+        ] {
+            assert!(route(bad).is_err(), "{bad}");
+        }
+        let c = route("protocol = \"stomp\"\npublish_hook = \"http://127.0.0.1:9/p\"").unwrap();
+        let hooks = c.routes[0].hooks.as_ref().unwrap();
+        assert!(hooks.connect.is_none() && hooks.subscribe.is_none());
+        assert_eq!(
+            (hooks.publish.as_ref().unwrap().path.as_str(), hooks.timeout_ms),
+            ("/p", 5_000)
+        );
     }
 }

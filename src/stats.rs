@@ -68,6 +68,12 @@ pub struct Stats {
     pub backend_failures: u64,
     pub backend_messages_out: u64,
     pub backend_dropped: u64,
+    /// Hooks of pub/sub routes: calls made, calls that failed (no answer,
+    /// or not a hook's), and subscribes and publishes denied (by a hook's
+    /// answer or its failure).
+    pub hook_calls: u64,
+    pub hook_failures: u64,
+    pub hook_denials: u64,
 }
 
 impl Stats {
@@ -114,6 +120,9 @@ impl Stats {
         self.backend_failures += other.backend_failures;
         self.backend_messages_out += other.backend_messages_out;
         self.backend_dropped += other.backend_dropped;
+        self.hook_calls += other.hook_calls;
+        self.hook_failures += other.hook_failures;
+        self.hook_denials += other.hook_denials;
     }
 }
 

@@ -17,6 +17,8 @@ use common::*;
 struct Req {
     headers: Vec<(String, String)>,
     events: Vec<(String, Vec<u8>)>,
+    /// A hook's JSON request.
+    json: serde_json::Value,
 }
 
 impl Req {
@@ -142,9 +144,17 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<Req>>>, script: Script) {
             .map_or(0, |(_, v)| v.parse().unwrap());
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body).unwrap();
+        let json = headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("content-type") && v == "application/json");
         let req = Req {
+            events: if json { Vec::new() } else { parse_events(&body) },
+            json: if json {
+                serde_json::from_slice(&body).unwrap()
+            } else {
+                serde_json::Value::Null
+            },
             headers,
-            events: parse_events(&body),
         };
         let index = {
             let mut seen = seen.lock().unwrap();
@@ -619,4 +629,219 @@ both_drivers!(unreachable_upstream_is_retried_then_closes, |driver| {
         "{took:?}"
     );
     wait_metric(&server, "sluice_backend_retries_total", 2);
+});
+
+fn hook_answer(value: serde_json::Value) -> Reply {
+    Reply::Status(
+        200,
+        vec![("Content-Type", "application/json".into())],
+        value.to_string().into_bytes(),
+    )
+}
+
+fn hooked_server(driver: &str, hooks: &Upstream, name: &str) -> Server {
+    let path = std::env::temp_dir().join(format!("sluice-hooks-{}-{name}-{driver}.toml", std::process::id()));
+    let url = |hook: &str| format!("http://{}/{hook}", hooks.addr);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[route]]
+path = "/ws"
+protocol = "pubsub"
+connect_hook = "{}"
+subscribe_hook = "{}"
+publish_hook = "{}"
+hook_timeout_ms = 500
+
+[[route]]
+path = "/stomp"
+protocol = "stomp"
+subscribe_hook = "{}"
+publish_hook = "{}"
+hook_timeout_ms = 500
+"#,
+            url("connect"),
+            url("subscribe"),
+            url("publish"),
+            url("subscribe"),
+            url("publish"),
+        ),
+    )
+    .unwrap();
+    Server::start(driver, &["--config", path.to_str().unwrap()])
+}
+
+/// The hooks' application: decides by the request's fields.
+fn hook_app() -> Upstream {
+    Upstream::start(|req, _| {
+        let j = &req.json;
+        if j.get("headers").is_some() {
+            // Connect.
+            return match j["headers"]["x-token"].as_str() {
+                Some("ann") => hook_answer(serde_json::json!({"result": {
+                    "user": "ann",
+                    "sluice": {"subscribe": ["news.*", "slow", "secret", "edit"], "publish": ["news.*", "edit", "shh"]},
+                    "subscriptions": ["news.welcome"],
+                }})),
+                Some("stall") => Reply::Stall(Duration::from_secs(3)),
+                Some("junk") => Reply::Status(200, vec![], b"not json".to_vec()),
+                _ => hook_answer(serde_json::json!({"error": {"status": 401, "message": "who are you"}})),
+            };
+        }
+        let topic = j["topic"].as_str().unwrap();
+        match (topic, j.get("payload").is_some()) {
+            ("secret", false) => hook_answer(serde_json::json!({"error": {"message": "no"}})),
+            ("slow", false) => Reply::Stall(Duration::from_secs(3)),
+            ("edit", true) => hook_answer(serde_json::json!({"result": {"payload": "edited"}})),
+            ("shh", true) => hook_answer(serde_json::json!({"error": {"message": "hush"}})),
+            _ => hook_answer(serde_json::json!({"result": {}})),
+        }
+    })
+}
+
+fn connect_with(server: &Server, path: &str, token: &str) -> (Raw, String) {
+    let mut raw = Raw::connect(server.addr);
+    raw.send(upgrade_request(path, &format!("X-Token: {token}\r\n")).as_bytes());
+    let head = raw.read_head();
+    (raw, head)
+}
+
+// The connect hook decides the handshake, the user, the grants and the
+// first subscriptions; its failures are 502 and 504.
+both_drivers!(connect_hook, |driver| {
+    let hooks = hook_app();
+    let server = hooked_server(driver, &hooks, "connect");
+    let (mut raw, head) = connect_with(&server, "/ws", "ann");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let hello = text(&mut raw);
+    let id = hello.strip_prefix("HELLO ").unwrap();
+    let connect = hooks
+        .requests()
+        .into_iter()
+        .find(|r| r.json.get("headers").is_some())
+        .unwrap();
+    assert_eq!(connect.json["route"], "/ws");
+    assert_eq!(connect.json["protocol"], "pubsub");
+    assert_eq!(connect.json["remote_addr"], "127.0.0.1");
+    assert_eq!(connect.json["headers"]["x-token"], "ann");
+    assert!(connect.json["session"].is_string());
+    // Subscribed by the hook: a publish reaches it.
+    assert!(post(&server, "/publish?topic=news.welcome", "hi").starts_with("HTTP/1.1 200"));
+    assert_eq!(text(&mut raw), "MSG news.welcome hi");
+    // The hook's grants: other topics are denied before any hook is asked.
+    raw.send_frame(0x81, b"SUB other");
+    assert_eq!(text(&mut raw), "ERR denied other");
+    let info = admin(
+        &server,
+        &format!("GET /sessions/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(info.contains("\"user\":\"ann\""), "{info}");
+    let (mut raw, head) = connect_with(&server, "/ws", "bob");
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(raw.read_to_end().contains("who are you"));
+    let (_, head) = connect_with(&server, "/ws", "stall");
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    let (_, head) = connect_with(&server, "/ws", "junk");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+});
+
+// Subscribe and publish hooks allow, deny, replace, and time out; the
+// connection waits for each verdict, so its frames keep their order.
+both_drivers!(subscribe_and_publish_hooks, |driver| {
+    let hooks = hook_app();
+    let server = hooked_server(driver, &hooks, "subpub");
+    let (mut raw, head) = connect_with(&server, "/ws", "ann");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    text(&mut raw);
+    raw.send_frame(0x81, b"SUB secret");
+    assert_eq!(text(&mut raw), "ERR denied secret");
+    // A stalled hook: the SUB waits its timeout, the PUB behind it waits
+    // for the SUB.
+    let started = Instant::now();
+    raw.send_frame(0x81, b"SUB slow");
+    raw.send_frame(0x81, b"SUB edit");
+    raw.send_frame(0x81, b"PUB edit original");
+    raw.send_frame(0x81, b"PUB shh quiet");
+    assert_eq!(text(&mut raw), "ERR unavailable slow");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(text(&mut raw), "MSG edit edited");
+    assert_eq!(text(&mut raw), "ERR denied shh");
+    let publish = hooks
+        .requests()
+        .into_iter()
+        .find(|r| r.json["topic"] == "edit" && r.json.get("payload").is_some())
+        .unwrap();
+    assert_eq!(publish.json["payload"], "original");
+    assert_eq!(publish.json["user"], "ann");
+    wait_metric(&server, "sluice_hook_failures_total", 1);
+    // STOMP: a denied SUBSCRIBE is an ERROR; a SEND's payload replaced.
+    let mut stomp = Raw::connect(server.addr);
+    stomp.send(upgrade_request("/stomp", "Sec-WebSocket-Protocol: v12.stomp\r\n").as_bytes());
+    assert!(stomp.read_head().starts_with("HTTP/1.1 101"));
+    stomp.send_frame(0x81, b"CONNECT\naccept-version:1.2\nhost:x\n\n\0");
+    assert!(text(&mut stomp).starts_with("CONNECTED"));
+    stomp.send_frame(0x81, b"SUBSCRIBE\nid:1\ndestination:/topic/edit\n\n\0");
+    stomp.send_frame(0x81, b"SEND\ndestination:/topic/edit\n\noriginal\0");
+    let message = text(&mut stomp);
+    assert!(
+        message.starts_with("MESSAGE") && message.ends_with("\n\nedited\0"),
+        "{message}"
+    );
+    stomp.send_frame(0x81, b"SUBSCRIBE\nid:2\ndestination:/topic/secret\n\n\0");
+    let error = text(&mut stomp);
+    assert!(error.starts_with("ERROR") && error.contains("no"), "{error}");
+});
+
+// `Keep-Alive-Interval` (raised to its 20 s floor): an empty request when
+// none went for that long. `c:set-meta` sets what later requests carry.
+both_drivers!(keep_alive_interval_and_set_meta, |driver| {
+    let upstream = Upstream::start(|req, _| {
+        if req.has("OPEN") {
+            let mut body = b"OPEN\r\n".to_vec();
+            body.extend(event("TEXT", br#"c:{"type":"set-meta","name":"Room","value":"7"}"#));
+            return Reply::Events(
+                vec![
+                    ("Keep-Alive-Interval", "1".into()),
+                    ("Sec-WebSocket-Extensions", "grip".into()),
+                    ("Set-Meta-User", "ann".into()),
+                ],
+                body,
+            );
+        }
+        Reply::Events(vec![("Set-Meta-User", String::new())], Vec::new())
+    });
+    let server = start(driver, &upstream.url(), "", "keepalive");
+    let mut raw = Raw::open(server.addr, "/app");
+    raw.send_frame(0x81, b"one");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.requests().len() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = &upstream.requests()[1];
+    assert_eq!(second.header("Meta-Room"), Some("7"));
+    assert_eq!(second.header("Meta-User"), Some("ann"));
+    let sent = Instant::now();
+    // Nothing for 20 s: a request with no events.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while upstream.requests().len() < 3 {
+        assert!(Instant::now() < deadline, "no keep-alive request");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_secs(19) && waited < Duration::from_secs(22),
+        "{waited:?}"
+    );
+    let third = &upstream.requests()[2];
+    assert!(third.events.is_empty(), "{third:?}");
+    // The empty Set-Meta-User cleared it.
+    assert_eq!(third.header("Meta-User"), None);
+    assert_eq!(third.header("Meta-Room"), Some("7"));
+    drop(raw);
 });

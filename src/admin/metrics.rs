@@ -58,6 +58,9 @@ pub struct StatsView {
     pub backend_failures: u64,
     pub backend_messages_out: u64,
     pub backend_dropped: u64,
+    pub hook_calls: u64,
+    pub hook_failures: u64,
+    pub hook_denials: u64,
     pub parks: u64,
     pub resumes: u64,
 }
@@ -95,6 +98,9 @@ impl From<&Stats> for StatsView {
             backend_failures: s.backend_failures,
             backend_messages_out: s.backend_messages_out,
             backend_dropped: s.backend_dropped,
+            hook_calls: s.hook_calls,
+            hook_failures: s.hook_failures,
+            hook_denials: s.hook_denials,
             parks: s.parks,
             resumes: s.resumes,
         }
@@ -264,6 +270,24 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Upstream messages dropped: GRIP ones without the prefix, bad control messages, text that is not UTF-8.",
         |c| c.stats.backend_dropped,
+    ),
+    (
+        "hook_calls_total",
+        "counter",
+        "Calls to pub/sub routes' connect, subscribe and publish hooks.",
+        |c| c.stats.hook_calls,
+    ),
+    (
+        "hook_failures_total",
+        "counter",
+        "Hook calls with no answer in time, or an answer that is not a hook's.",
+        |c| c.stats.hook_failures,
+    ),
+    (
+        "hook_denials_total",
+        "counter",
+        "Subscribes and publishes a hook denied (or failed, which denies).",
+        |c| c.stats.hook_denials,
     ),
     ("parks_total", "counter", "Times a quiet connection parked.", |c| {
         c.stats.parks

@@ -13,6 +13,9 @@ use crate::config::{Route, RouteProtocol};
 use crate::proto::native;
 use crate::proto::stomp::conn::StompConn;
 use crate::ws::{CloseCode, MessageKind};
+use bytes::Bytes;
+
+use super::hooks::{has_hook, Ask, Verdict, Waiting};
 
 pub enum App {
     Echo,
@@ -48,6 +51,17 @@ impl App {
             App::Native => {
                 session.enable_pubsub();
                 out.push_bytes(pool, &native::hello_frame(&session.id()));
+                // What the connect hook subscribed it to.
+                for topic in session.take_initial_subscriptions() {
+                    let subscribed = if crate::topic::valid_topic(&topic) {
+                        session.subscribe(&topic)
+                    } else {
+                        Err(native::Refusal::BadTopic)
+                    };
+                    if let Err(refusal) = subscribed {
+                        out.push_bytes(pool, &native::error_frame(refusal, Some(&topic)));
+                    }
+                }
             }
             App::Stomp => {
                 session.enable_pubsub();
@@ -74,8 +88,16 @@ impl App {
     /// Goes on with input that waited for a publish to get through (STOMP
     /// frames still in the decoder).
     pub fn resume(&mut self, out: &mut Outbound, pool: &BufferPool, session: &Session) {
-        if let App::Stomp = self {
-            session.with_stomp(|stomp| super::stomp::drain(stomp, out, pool, session));
+        match self {
+            App::Stomp => {
+                session.with_stomp(|stomp| super::stomp::drain(stomp, out, pool, session));
+            }
+            App::Native => {
+                if let Some((waiting, verdicts)) = session.take_verdicts() {
+                    native_verdict(waiting, &verdicts, out, pool, session);
+                }
+            }
+            App::Echo | App::Backend | App::Closing => {}
         }
     }
 
@@ -107,6 +129,24 @@ impl App {
         match self {
             App::Echo => out.push_frame(pool, kind.opcode(), payload),
             App::Native => match native::parse(payload) {
+                Ok(native::Command::Sub(topic))
+                    if session.allows(Action::Subscribe, topic) && has_hook(session, false) =>
+                {
+                    let topic = Bytes::copy_from_slice(topic);
+                    let ask = Ask::Subscribe { topic: topic.clone() };
+                    session.ask_hooks(Waiting::Sub(topic), vec![ask]);
+                }
+                Ok(native::Command::Pub { topic, payload })
+                    if session.allows(Action::Publish, topic) && has_hook(session, true) =>
+                {
+                    let (topic, payload) = (Bytes::copy_from_slice(topic), Bytes::copy_from_slice(payload));
+                    let ask = Ask::Publish {
+                        topic: topic.clone(),
+                        payload: payload.clone(),
+                        binary: kind == MessageKind::Binary,
+                    };
+                    session.ask_hooks(Waiting::Pub { kind, topic, payload }, vec![ask]);
+                }
                 Ok(native::Command::Sub(topic)) => {
                     let subscribed = if session.allows(Action::Subscribe, topic) {
                         session.subscribe(topic)
@@ -161,5 +201,35 @@ impl App {
     /// Whether pings and closes still get answers.
     pub fn replies(&self) -> bool {
         !matches!(self, App::Closing)
+    }
+}
+
+/// Carries out a native SUB or PUB as its hook decided.
+fn native_verdict(waiting: Waiting, verdicts: &[Verdict], out: &mut Outbound, pool: &BufferPool, session: &Session) {
+    let verdict = verdicts.first().cloned().unwrap_or(Verdict::Unavailable);
+    let refused = |out: &mut Outbound, topic: &[u8], verdict: &Verdict| {
+        let refusal = match verdict {
+            Verdict::Unavailable => native::Refusal::Unavailable,
+            _ => native::Refusal::Denied,
+        };
+        out.push_bytes(pool, &native::error_frame(refusal, Some(topic)));
+    };
+    match (waiting, &verdict) {
+        (Waiting::Sub(topic), Verdict::Allow(_)) => {
+            if let Err(refusal) = session.subscribe(&topic) {
+                out.push_bytes(pool, &native::error_frame(refusal, Some(&topic)));
+            }
+        }
+        (Waiting::Pub { kind, topic, payload }, Verdict::Allow(replacement)) => {
+            let payload = replacement.clone().unwrap_or(payload);
+            // A new payload that is not UTF-8 goes out as binary.
+            let kind = match kind {
+                MessageKind::Text if std::str::from_utf8(&payload).is_err() => MessageKind::Binary,
+                kind => kind,
+            };
+            session.publish(kind, &topic, &payload);
+        }
+        (Waiting::Sub(topic) | Waiting::Pub { topic, .. }, verdict) => refused(out, &topic, verdict),
+        (Waiting::Stomp(_), _) => {}
     }
 }

@@ -21,6 +21,7 @@
 pub mod admission;
 pub mod app;
 mod backend;
+mod hooks;
 mod input;
 pub mod outbound;
 pub mod park;
@@ -298,7 +299,27 @@ impl<'a> Conn<'a> {
                     self.session.peer_alive();
                     Some(route)
                 }
-                Answer::Backend(request) => Box::pin(self.open_backend(*request)).await,
+                Answer::Backend(request) => {
+                    let route = request.route;
+                    Box::pin(self.ask_upstream(route, |session| async move {
+                        let mut out = Outbound::default();
+                        let decided = match backend::open(session, *request, &mut out).await {
+                            backend::Opened::Accepted => Ok(()),
+                            backend::Opened::Refused(status) => Err(status),
+                        };
+                        (out, decided)
+                    }))
+                    .await
+                }
+                Answer::Hooked(request) => {
+                    let route = request.route;
+                    Box::pin(self.ask_upstream(route, |session| async move {
+                        let mut out = Outbound::default();
+                        let decided = hooks::connect(session, *request, &mut out).await;
+                        (out, decided)
+                    }))
+                    .await
+                }
                 Answer::Health => {
                     self.shard().stats.borrow_mut().health_checks += 1;
                     Box::pin(self.refuse()).await;
@@ -314,22 +335,26 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Waits for a backend route's upstream to answer `OPEN` (bounded by
-    /// the route's `upstream_timeout_ms`), and sends its answer: the 101,
-    /// or the refusal. A shutdown meanwhile is answered with 503.
-    async fn open_backend(&mut self, request: backend::OpenRequest) -> Option<RouteId> {
-        let route = request.route;
-        let session = self.session;
-        let mut out = Outbound::default();
-        let mut opened = None;
+    /// Waits for an upstream to decide a handshake (a backend route's
+    /// `OPEN`, a connect hook), bounded by the route's timeout, and sends
+    /// what `ask` queued: the 101 (`Ok`), or a refusal with its status. A
+    /// shutdown meanwhile is answered with 503.
+    async fn ask_upstream<'s, F, Fut>(&'s mut self, route: RouteId, ask: F) -> Option<RouteId>
+    where
+        F: FnOnce(&'s Session) -> Fut,
+        Fut: Future<Output = (Outbound, Result<(), u16>)> + 's,
+    {
+        let session: &'s Session = self.session;
+        let mut decided = None;
         let shut = {
-            let open = async {
-                opened = Some(backend::open(session, request, &mut out).await);
+            let asked = ask(session);
+            let waiting = async {
+                decided = Some(asked.await);
                 Ok(())
             };
-            let mut open = std::pin::pin!(open);
+            let mut waiting = std::pin::pin!(waiting);
             loop {
-                match ready_or_kick(open.as_mut(), session).await {
+                match ready_or_kick(waiting.as_mut(), session).await {
                     Ok(Wake::Ready) => break false,
                     Ok(Wake::Kick(k)) if k.has(Kick::SHUTDOWN) => break true,
                     // The handshake's own timeout does not cut the
@@ -340,21 +365,25 @@ impl<'a> Conn<'a> {
             }
         };
         let pool = &self.shard().pool;
-        let status = match opened {
+        let status = match decided {
             _ if shut => {
-                out.release(pool);
+                if let Some((mut out, _)) = decided {
+                    out.release(pool);
+                }
                 let reject = handshake::Reject::ShuttingDown;
                 self.out.push_bytes(pool, &reject.response());
                 reject.status()
             }
-            Some(backend::Opened::Accepted) => {
+            Some((mut out, Ok(()))) => {
                 std::mem::swap(&mut self.out, &mut out);
+                out.release(pool);
                 self.session.set_phase(Phase::Open);
                 self.session.peer_alive();
                 return Some(route);
             }
-            Some(backend::Opened::Refused(status)) => {
+            Some((mut out, Err(status))) => {
                 std::mem::swap(&mut self.out, &mut out);
+                out.release(pool);
                 status
             }
             None => return None,
@@ -573,6 +602,7 @@ impl<'a> Conn<'a> {
             && app.may_park()
             && !self.session.has_deliveries()
             && !self.session.is_blocked()
+            && !self.session.hook_pending()
     }
 
     /// Hands the socket to the shard's parking lot. `false` if it could not

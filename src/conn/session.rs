@@ -124,15 +124,17 @@ impl Session {
     }
 
     /// Whether a publish waits for ring space, or for the core's queued
-    /// deliveries to be written down, or a backend route's batch is full.
+    /// deliveries to be written down, or a backend route's batch is full,
+    /// or a hook's verdict.
     pub fn is_blocked(&self) -> bool {
-        self.shard.hub.sessions.is_blocked(self.key) || self.backend_full()
+        self.shard.hub.sessions.is_blocked(self.key) || self.backend_full() || self.hook_blocked()
     }
 
     /// Ready once no publish waits for ring space, the core takes
     /// publishes again and the backend batch has room.
     pub fn poll_unblocked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         std::task::ready!(self.poll_backend_room(cx));
+        std::task::ready!(self.poll_hook(cx));
         self.shard.hub.poll_unblocked(self.key, cx)
     }
 
@@ -194,10 +196,10 @@ impl Session {
     }
 
     /// Records the client's address (for the per-address cap, and the
-    /// `X-Forwarded-For` of a backend route).
+    /// `X-Forwarded-For` of a backend route, and the connect hook).
     pub fn set_peer_ip(&self, ip: std::net::IpAddr) {
         let config = &self.shard.config;
-        let backends = config.routes.iter().any(|r| r.backend.is_some());
+        let backends = config.routes.iter().any(|r| r.backend.is_some() || r.hooks.is_some());
         if config.max_connections_per_ip == 0 && config.max_handshakes_per_sec_per_ip == 0 && !backends {
             return;
         }
@@ -286,6 +288,12 @@ impl Session {
         })?;
         self.shard.stats.borrow_mut().token_refreshes += 1;
         Ok(())
+    }
+
+    /// Sets who the session is (a connect hook's answer).
+    pub fn set_identity(&self, identity: Identity) {
+        let (config, now) = (&self.shard.config, self.shard.now_ms());
+        self.with(|s| s.extra(config, now).identity = Some(identity));
     }
 
     /// Makes the session a TLS one (a connection of a TLS listener).

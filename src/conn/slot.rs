@@ -170,6 +170,10 @@ pub(super) struct AppState {
     pub(super) stomp: Option<Box<StompConn>>,
     /// A backend route's link to its upstream.
     pub(super) backend: Option<super::backend::SharedLink>,
+    /// A wait for the route's hooks.
+    pub(super) hook: Option<super::hooks::SharedWait>,
+    /// Topics the connect hook subscribed the session to, until it starts.
+    pub(super) initial: Vec<Box<[u8]>>,
 }
 
 /// A STOMP heart-beat: an EOL, in a text frame of its own.

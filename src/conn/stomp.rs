@@ -17,6 +17,8 @@ use crate::pubsub::message::{encode_stomp_headers, Message};
 use crate::pubsub::topics::StompTarget;
 use crate::ws::{MessageKind, Opcode};
 
+use super::hooks::{has_hook, Ask, Verdict, Waiting};
+
 /// Open transactions per connection. The bytes they hold are bounded by
 /// `max_outbound_bytes`, like deliveries queued for the connection.
 const MAX_TRANSACTIONS: usize = 16;
@@ -52,6 +54,36 @@ pub fn on_message(
 /// ring space (`conn.is_blocked()`: the rest waits in the decoder), or the
 /// session ends.
 pub fn drain(stomp: &mut StompConn, out: &mut Outbound, pool: &BufferPool, conn: &Session) {
+    // A frame that waited for its hooks goes first.
+    if let Some((Waiting::Stomp(mut actions), verdicts)) = conn.take_verdicts() {
+        let mut verdicts = verdicts.into_iter();
+        let (sub_hook, pub_hook) = (has_hook(conn, false), has_hook(conn, true));
+        let mut refusal = None;
+        for action in actions.iter_mut() {
+            let hooked = match action {
+                Action::Subscribe(_) => sub_hook,
+                Action::Publish(_) => pub_hook,
+                _ => false,
+            };
+            if !hooked {
+                continue;
+            }
+            match verdicts.next().unwrap_or(Verdict::Unavailable) {
+                Verdict::Allow(Some(body)) => {
+                    if let Action::Publish(p) = action {
+                        p.body = body;
+                    }
+                }
+                Verdict::Allow(None) => {}
+                Verdict::Deny(why) => refusal = refusal.or(Some(why)),
+                Verdict::Unavailable => refusal = refusal.or(Some("The hook did not answer.".to_string())),
+            }
+        }
+        if let Some(why) = refusal {
+            stomp.deny(&why, &mut actions);
+        }
+        execute(stomp, &mut actions, out, pool, conn);
+    }
     let mut actions = stomp.take_spare();
     while !stomp.is_ended() && !conn.is_blocked() {
         match stomp.step(&mut actions, |frame| take_connect_token(frame, conn)) {
@@ -89,9 +121,46 @@ fn carry_out(stomp: &mut StompConn, actions: &mut Vec<Action>, out: &mut Outboun
             };
             let why = format!("This session may not {verb} {}.", destination.to_header());
             stomp.deny(&why, actions);
-            break;
+            return execute(stomp, actions, out, pool, conn);
         }
     }
+    // Then the route's hooks: the frame waits for their verdicts, and the
+    // connection reads nothing more meanwhile.
+    let (sub_hook, pub_hook) = (has_hook(conn, false), has_hook(conn, true));
+    if sub_hook || pub_hook {
+        let asks: Vec<Ask> = actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Subscribe(s) if sub_hook => Some(Ask::Subscribe {
+                    topic: Bytes::from(hook_topic(&s.destination)),
+                }),
+                Action::Publish(p) if pub_hook => Some(Ask::Publish {
+                    topic: Bytes::from(hook_topic(&p.destination)),
+                    payload: p.body.clone(),
+                    binary: std::str::from_utf8(&p.body).is_err(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if !asks.is_empty() {
+            conn.ask_hooks(Waiting::Stomp(std::mem::take(actions)), asks);
+            return;
+        }
+    }
+    execute(stomp, actions, out, pool, conn);
+}
+
+/// A destination as a hook is told of it: a topic by its name, a queue
+/// by its header (`/queue/<name>`).
+fn hook_topic(destination: &Destination) -> String {
+    match destination {
+        Destination::Topic(name) => name.clone(),
+        Destination::Queue(_) => destination.to_header(),
+    }
+}
+
+/// Carries out a frame's actions (their grants and hooks passed).
+fn execute(stomp: &mut StompConn, actions: &mut Vec<Action>, out: &mut Outbound, pool: &BufferPool, conn: &Session) {
     let mut encoded = Vec::new();
     for action in actions.drain(..) {
         match action {

@@ -18,6 +18,8 @@ pub(super) enum Answer {
     /// A backend route: nothing is queued yet, the upstream's answer to
     /// `OPEN` decides (`backend::open`).
     Backend(Box<super::backend::OpenRequest>),
+    /// A route with a connect hook: its answer decides (`hooks::connect`).
+    Hooked(Box<super::hooks::ConnectRequest>),
     Health,
     Reject(handshake::Reject),
 }
@@ -80,6 +82,10 @@ fn decide(
     if let Some(backend) = &route.backend {
         let request = super::backend::OpenRequest::new(id, backend, head, raw);
         return Ok(Answer::Backend(Box::new(request)));
+    }
+    if route.hooks.as_ref().is_some_and(|h| h.connect.is_some()) {
+        let request = super::hooks::ConnectRequest::new(id, route, head, raw, session);
+        return Ok(Answer::Hooked(Box::new(request)));
     }
     out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
     Ok(Answer::Upgrade(id))

@@ -29,6 +29,8 @@ pub enum Refusal {
     Denied,
     /// `AUTH` with a token that is not valid (or on a route that takes none).
     Unauthorized,
+    /// The route's hook gave no verdict (no answer in time, or not one).
+    Unavailable,
 }
 
 impl Refusal {
@@ -39,6 +41,7 @@ impl Refusal {
             Refusal::TooManySubscriptions => "too-many-subscriptions",
             Refusal::Denied => "denied",
             Refusal::Unauthorized => "unauthorized",
+            Refusal::Unavailable => "unavailable",
         }
     }
 }
