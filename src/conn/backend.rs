@@ -689,13 +689,13 @@ fn control(json: &[u8], link: &SharedLink, to_client: &mut ToClient<'_>, shard: 
     let _ = to_client;
     match control {
         Control::Subscribe(channel) => {
+            let max = shard.config.max_subscriptions;
             if !crate::topic::valid_topic(channel.as_bytes()) {
                 tracing::debug!(channel, "subscribe to a channel that is no topic, ignored");
-                return;
-            }
-            let max = shard.config.max_subscriptions;
-            if shard.hub.subscribe_raw(key, channel.as_bytes(), max).is_err() {
+                shard.stats.borrow_mut().backend_dropped += 1;
+            } else if shard.hub.subscribe_raw(key, channel.as_bytes(), max).is_err() {
                 tracing::debug!(channel, "subscribe over max_subscriptions, ignored");
+                shard.stats.borrow_mut().backend_dropped += 1;
             }
         }
         Control::Unsubscribe(channel) => shard.hub.unsubscribe_native(key, channel.as_bytes()),

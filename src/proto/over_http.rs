@@ -115,14 +115,14 @@ pub fn push_close(out: &mut BytesMut, code: Option<u16>, reason: &[u8]) {
 pub enum Malformed {
     /// A line without its CRLF, or content cut short.
     Truncated,
-    UnknownType,
     BadLength,
     /// Content not followed by CRLF.
     MissingCrlf,
 }
 
 /// The events of a body, in order. Lengths are bounded by the body itself,
-/// so a hostile length costs nothing.
+/// so a hostile length costs nothing. An event of a type not known here is
+/// skipped (with its content), as Pushpin skips it.
 pub fn parse(body: &[u8]) -> Result<Vec<Event<'_>>, Malformed> {
     let mut events = Vec::new();
     let mut rest = body;
@@ -134,7 +134,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Event<'_>>, Malformed> {
             Some(space) => (&line[..space], Some(&line[space + 1..])),
             None => (line, None),
         };
-        let kind = EventType::from_name(name).ok_or(Malformed::UnknownType)?;
+        let kind = EventType::from_name(name);
         let content = match length {
             None => &rest[..0],
             Some(hex) => {
@@ -151,7 +151,9 @@ pub fn parse(body: &[u8]) -> Result<Vec<Event<'_>>, Malformed> {
                 content
             }
         };
-        events.push(Event { kind, content });
+        if let Some(kind) = kind {
+            events.push(Event { kind, content });
+        }
     }
     Ok(events)
 }
@@ -285,6 +287,16 @@ mod tests {
         assert_eq!(events[2].content, b"0123456789");
         assert_eq!(events[3].close(), (Some(1000), &b""[..]));
         assert_eq!(parse(b"").unwrap(), vec![]);
+        // Unknown types (names are case-sensitive) are skipped, content
+        // and all; an empty line is one.
+        let events = parse(b"text 5\r\nhello\r\nHELLO\r\n\r\nTEXT 2\r\nok\r\n").unwrap();
+        assert_eq!(
+            events,
+            vec![Event {
+                kind: EventType::Text,
+                content: b"ok"
+            }]
+        );
         // A content of its own CRLFs is content.
         assert_eq!(parse(b"TEXT 2\r\n\r\n\r\n").unwrap()[0].content, b"\r\n");
     }
@@ -297,8 +309,6 @@ mod tests {
             (b"TEXT 5\r\nhello", Malformed::Truncated),
             (b"TEXT 5\r\nhelloXY", Malformed::MissingCrlf),
             (b"TEXT 5\r\nhello!\r\n", Malformed::MissingCrlf),
-            (b"text 5\r\nhello\r\n", Malformed::UnknownType),
-            (b"HELLO\r\n", Malformed::UnknownType),
             (b"TEXT \r\n\r\n", Malformed::BadLength),
             (b"TEXT -1\r\n\r\n", Malformed::BadLength),
             (b"TEXT 5g\r\nhello\r\n", Malformed::BadLength),
