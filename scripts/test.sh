@@ -4,7 +4,8 @@
 # ones also drive it with @stomp/stompjs, installed here from npm, and the
 # wss:// ones with Python's websockets, installed here from PyPI; the
 # cluster ones start nats-server (Debian's package, installed here) and
-# publish with nats-py, from PyPI;
+# publish with nats-py, from PyPI; the browser one drives examples/backend
+# in headless Chromium (Debian's package, installed here);
 # tests/layers.rs fails when a module of src/ names one above it), the
 # Autobahn|Testsuite cases 1.*-10.* against /echo under both drivers, and a
 # short run of each fuzz target. Exits non-zero on the first failure.
@@ -31,17 +32,21 @@ npm ci --prefix tests/stomp --no-audit --no-fund --loglevel=error
 # tests/stomp.rs fails rather than skips without it.
 export SLUICE_REQUIRE_STOMPJS=1
 
-step "nats-server for the cluster tests (Debian's package)"
-if ! command -v nats-server >/dev/null; then
+step "nats-server for the cluster tests, chromium for the browser test (Debian's packages)"
+packages=()
+command -v nats-server >/dev/null || packages+=(nats-server)
+command -v chromium >/dev/null || packages+=(chromium)
+if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
   else
-    echo "nats-server is needed: apt-get install nats-server" >&2
+    echo "needed: apt-get install ${packages[*]}" >&2
     exit 1
   fi
 fi
 nats-server --version
+chromium --version
 
 step "Python websockets for the wss:// tests, nats-py for the cluster tests"
 python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4 nats-py==2.16.0
@@ -62,7 +67,7 @@ step "integration tests under AddressSanitizer (the unsafe socket code runs here
 SLUICE_SANITIZED=1 PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" RUSTFLAGS="-Zsanitizer=address" RUSTC_BOOTSTRAP=1 \
   cargo test -p sluice --no-default-features --target "$(rustc -vV | sed -n 's/^host: //p')" \
   --test echo --test protocol --test park --test pubsub --test admin --test stomp --test auth --test tls \
-  --test queued --test shutdown --test cluster 2>&1 | tee target/asan.log
+  --test queued --test shutdown --test cluster --test backend 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
 step "Autobahn|Testsuite 1.*-10.* against /echo, io_uring and epoll"
