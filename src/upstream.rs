@@ -285,9 +285,10 @@ impl Pool {
         }
     }
 
-    /// Idle connections kept, for every upstream.
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+    /// Closes every idle connection (each one's task is woken to end it:
+    /// call on the runtime).
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
     }
 
     /// Opens a connection and starts its driving task on this core.

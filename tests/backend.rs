@@ -845,3 +845,53 @@ both_drivers!(keep_alive_interval_and_set_meta, |driver| {
     assert_eq!(third.header("Meta-Room"), Some("7"));
     drop(raw);
 });
+
+// A shutdown with kept-alive upstream connections (and then with a request
+// in flight too) and clients open: 1001 to every client, and a clean exit.
+both_drivers!(shutdown_with_upstream_connections_is_clean, |driver| {
+    let upstream = Upstream::start(|req, _| {
+        if req.has("OPEN") {
+            return open_reply();
+        }
+        if req.events.iter().any(|(_, c)| c == b"slow") {
+            return Reply::After(Duration::from_secs(2), Box::new(Reply::Events(vec![], Vec::new())));
+        }
+        Reply::Events(vec![], event("TEXT", b"ok"))
+    });
+    let config = write_config(&format!("shutdown-{driver}"), &upstream.url(), "");
+    for in_flight in [false, true] {
+        // One worker: its shard is dropped when it ends (the case that once
+        // woke a pooled connection's task after its runtime was gone).
+        let mut server = Server::start(driver, &["--config", config.to_str().unwrap(), "--workers", "1"]);
+        let mut clients: Vec<Raw> = (0..4).map(|_| Raw::open(server.addr, "/app")).collect();
+        for raw in &mut clients {
+            raw.send_frame(0x81, b"hi");
+            assert_eq!(text(raw), "ok");
+        }
+        if in_flight {
+            clients[0].send_frame(0x81, b"slow");
+            std::thread::sleep(Duration::from_millis(200));
+        } else {
+            // Every client gone and its CLOSE delivered: only idle pooled
+            // connections are left.
+            let closes = upstream.events().iter().filter(|(k, _)| k == "CLOSE").count();
+            for raw in &mut clients {
+                raw.send(&masked_frame(0x88, &[0x03, 0xe8]));
+                assert_eq!(raw.expect_close(), Some(1000));
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while upstream.events().iter().filter(|(k, _)| k == "CLOSE").count() < closes + 4 {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            clients.clear();
+        }
+        let status = server.terminate();
+        assert!(status.success(), "{in_flight}: {status:?}\n{}", server.log());
+        assert!(!server.log().contains("panicked"), "{}", server.log());
+        for raw in &mut clients {
+            assert_eq!(raw.expect_close(), Some(1001));
+        }
+    }
+});

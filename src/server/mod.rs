@@ -497,6 +497,10 @@ fn worker(
                 drop(admin);
                 let deadline = shutdown.run(&shard_for_life).await;
                 drain(&shard_for_life, deadline).await;
+                // Idle upstream connections close here, on the runtime: a
+                // connection's task is woken when its handle drops, and
+                // the runtime must still be there for that.
+                shard_for_life.upstream.clear();
             };
             // The sweep runs inside this future rather than as its own task:
             // monoio does not drop unfinished tasks with the runtime.
