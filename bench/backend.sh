@@ -22,6 +22,9 @@
 #                     (default: half of Pushpin's median echo-SIZE-Cx1)
 #   memory-N          N idle connections to sluice's backend route, then N to
 #                     its echo route: RSS per connection of each (sluice only)
+#   check-echo-C      the independent client (bench/backend_check.py: asyncio,
+#                     one frame per send), closed loop over C connections
+#   check-latency-C   the same client, open loop at the latency scenario's rate
 #
 # Needs Debian's pushpin (apt-get install pushpin; installed here when run
 # as root). Loopback only; every run ends by itself; only processes it
@@ -30,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-5}"
-SCENARIOS="${SCENARIOS:-echo-32-100x1 echo-32-100x16 latency-32-100 memory-10000}"
+SCENARIOS="${SCENARIOS:-echo-32-100x1 echo-32-100x16 latency-32-100 check-echo-100 check-latency-100 memory-10000}"
 OUT="${OUT:-target/bench-backend}"
 read -r -a SERVERS <<<"${SERVERS:-sluice pushpin}"
 SOURCES=127.0.0.1-127.0.0.40
@@ -42,6 +45,8 @@ if ! command -v pushpin >/dev/null; then
 fi
 cargo build --release -q --bin sluice -p sluice -p sluice-load
 cargo build --release -q --manifest-path bench/peers/Cargo.toml --bin over-http-echo
+python3 -c "import sys; sys.path.insert(0, 'target/python'); import websockets" 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4
 mkdir -p "$OUT"
 ulimit -n 20000
 {
@@ -144,6 +149,36 @@ for scenario in $SCENARIOS; do
       IFS=- read -r _ size shape <<<"$scenario"
       ARGS=(echo -c "${shape%x*}" -d "${shape#*x}" -s "$size" --warmup 1 -t "$SECS")
       ;;
+    check-*)
+      IFS=- read -r _ shape conns <<<"$scenario"
+      CHECK=(--connections "$conns" --seconds "$SECS" --warmup 1)
+      if [[ $shape == latency ]]; then
+        rate=$(grep -o "^latency-32-$conns: [0-9]*" "$OUT/run.txt" | tail -n1 | cut -d' ' -f2 || true)
+        rate="${LATENCY_RATE:-$rate}"
+        [[ -n $rate ]] || { echo "check-latency: run latency-32-$conns first or set LATENCY_RATE" >&2; exit 2; }
+        CHECK+=(--rate "$rate")
+      fi
+      for round in $(seq "$ROUNDS"); do
+        for server in "${SERVERS[@]}"; do
+          port=$((9300 + RANDOM % 500))
+          start_gateway "$server" "$port"
+          json="$OUT/$scenario-$server-$round.json"
+          read -r busy0 total0 < <(core0_ticks)
+          taskset -c 1 env PYTHONPATH=target/python python3 bench/backend_check.py --url "ws://127.0.0.1:$port/app" \
+            "${CHECK[@]}" >"$json" 2>"${json%.json}.out" || rm -f "$json"
+          read -r busy1 total1 < <(core0_ticks)
+          stop_gateway
+          [[ -f $json ]] && python3 - "$json" "$((busy1 - busy0))" "$((total1 - total0))" <<'PY'
+import json, sys
+path, busy, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+j = json.load(open(path))
+j["gateway_cpu"] = busy / total if total else None
+json.dump(j, open(path, "w"))
+PY
+        done
+      done
+      continue
+      ;;
     latency-*)
       IFS=- read -r _ size conns <<<"$scenario"
       rate="${LATENCY_RATE:-}"
@@ -153,6 +188,8 @@ for scenario in $SCENARIOS; do
         rate=$(median_of messages_per_second $files | cut -d. -f1)
         rate=$((rate / 2))
         echo "$scenario: $rate msg/s (half of Pushpin's echo-$size-${conns}x1 median)" >>"$OUT/run.txt"
+      else
+        echo "$scenario: $rate msg/s (LATENCY_RATE)" >>"$OUT/run.txt"
       fi
       ARGS=(latency -c "$conns" -r "$rate" -s "$size" --warmup 1 -t "$SECS")
       ;;
@@ -236,7 +273,7 @@ for sc in scenarios:
             for r in range(1, rounds + 1):
                 try:
                     j = json.load(open(f"{out}/{sc}-sluice-{path}-{r}.json"))
-                    vals.append(j["memory"]["rss_bytes_per_connection"])
+                    vals.append(j["memory"]["bytes_per_connection"])
                 except (FileNotFoundError, KeyError, TypeError):
                     pass
             print(f"| /{path} ({'backend' if path == 'app' else 'echo'}) | {fmt(med(vals))} |")
@@ -250,7 +287,10 @@ for sc in scenarios:
         js = [json.load(open(f)) for f in files if os.path.exists(f)]
         outs = [f[:-5] + ".out" for f in files]
         rate = med([j["messages_per_second"] for j in js])
-        p = {n: med([percentile_from_out(o, n) for o in outs]) for n in ("p50", "p99", "p99.9")}
+        if sc.startswith("check-"):
+            p = {n: med([j.get(k) for j in js]) for n, k in (("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p99_9_us"))}
+        else:
+            p = {n: med([percentile_from_out(o, n) for o in outs]) for n in ("p50", "p99", "p99.9")}
         cpu = med([j.get("gateway_cpu") for j in js])
         rows[sv] = (rate, p)
         print(f"| {sv} | {fmt(rate)} | {fmt(p['p50'])} | {fmt(p['p99'])} | {fmt(p['p99.9'])} | {fmt(cpu, '%', 100)} |")

@@ -7,7 +7,9 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -148,8 +150,10 @@ pub enum Failure {
     Connect(std::io::Error),
     /// No whole answer within the timeout.
     Timeout,
-    /// The connection failed after the request was (perhaps) sent, or the
-    /// answer was not HTTP.
+    /// The connection ended before a whole answer head came (the request
+    /// may have reached the upstream).
+    Dropped(String),
+    /// The answer was not HTTP, or its body was cut short.
     Broken(String),
     /// The body is over the limit (by its `Content-Length`, or as it came).
     TooLarge,
@@ -160,6 +164,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Connect(e) => write!(f, "cannot connect: {e}"),
             Failure::Timeout => f.write_str("timed out"),
+            Failure::Dropped(e) => write!(f, "no answer: {e}"),
             Failure::Broken(e) => write!(f, "broken answer: {e}"),
             Failure::TooLarge => f.write_str("answer over the size limit"),
         }
@@ -176,22 +181,129 @@ struct Idle {
 /// theirs after 5 to 75 s; one closed meanwhile is found at its next use).
 const IDLE_FOR: Duration = Duration::from_secs(4);
 
-/// The most idle connections a core keeps to one upstream.
-const MAX_IDLE: usize = 128;
+/// The most connections a core opens to one upstream (idle or busy):
+/// requests past it wait for one, within their timeout.
+pub const MAX_CONNECTIONS: usize = 64;
 
-/// One core's connections to its upstreams, by the upstream's index (a
-/// route's id).
+/// What upstream sockets count against: the process's share of its open
+/// files, with the client sockets.
+pub trait SocketBudget {
+    /// Takes a place; `false` when there is none.
+    fn take(&self) -> bool;
+    fn release(&self);
+}
+
+/// One upstream's connections on one core.
 #[derive(Default)]
+struct Slots {
+    idle: Vec<Idle>,
+    /// Connections open or being opened.
+    open: usize,
+    /// Requests waiting for a connection.
+    waiters: Vec<Waker>,
+}
+
+struct Inner {
+    upstreams: RefCell<HashMap<usize, Slots>>,
+    budget: Option<Arc<dyn SocketBudget + Send + Sync>>,
+}
+
+impl Inner {
+    /// Wakes every request waiting for a connection to `index` (each looks
+    /// again: a waiter that gave up meanwhile takes no wake from another).
+    fn wake(&self, index: usize) {
+        let waiters = match self.upstreams.borrow_mut().get_mut(&index) {
+            Some(slots) => std::mem::take(&mut slots.waiters),
+            None => return,
+        };
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+/// A connection's place under `MAX_CONNECTIONS` and the socket budget,
+/// given back when dropped: with the connection's stream, or at once if
+/// it could not be opened.
+struct Place {
+    inner: std::rc::Weak<Inner>,
+    index: usize,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else { return };
+        if let Some(slots) = inner.upstreams.borrow_mut().get_mut(&self.index) {
+            slots.open -= 1;
+        }
+        if let Some(budget) = &inner.budget {
+            budget.release();
+        }
+        inner.wake(self.index);
+    }
+}
+
+/// A stream that holds its connection's place.
+struct Placed<T> {
+    stream: T,
+    _place: Place,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Placed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Placed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// One core's connections to its upstreams, by the upstream's index.
 pub struct Pool {
-    idle: RefCell<HashMap<usize, Vec<Idle>>>,
-    /// Connections opened (for the metrics).
-    pub opened: std::cell::Cell<u64>,
+    inner: Rc<Inner>,
+}
+
+/// What a request got: a pooled connection, or a place to open one.
+enum Got {
+    Pooled(SendRequest<Full<Bytes>>),
+    Place(Place),
 }
 
 impl Pool {
+    /// A pool whose sockets count against `budget`, if given.
+    pub fn new(budget: Option<Arc<dyn SocketBudget + Send + Sync>>) -> Pool {
+        Pool {
+            inner: Rc::new(Inner {
+                upstreams: RefCell::new(HashMap::new()),
+                budget,
+            }),
+        }
+    }
+
     /// Sends `post` to `upstream` (known as `index`), and reads the whole
-    /// answer within its timeout. A pooled connection that turns out
-    /// closed before it answers is replaced by a fresh one, once.
+    /// answer within its timeout (waiting for a connection included). A
+    /// pooled connection that the upstream closed before it took the
+    /// request (hyper gives the request back unsent) is replaced, once; a
+    /// request that may have been sent is never sent again.
     pub async fn post(&self, index: usize, upstream: &Upstream, post: Post<'_>) -> Result<Response, Failure> {
         let Post {
             path,
@@ -201,30 +313,39 @@ impl Pool {
             timeout,
         } = post;
         let exchange = async {
-            let (mut sender, reused) = match self.take(index) {
-                Some(sender) => (sender, true),
-                None => (self.connect(upstream).await?, false),
+            let mut request = http::Request::post(path)
+                .body(Full::new(body))
+                .expect("a path that parsed as a URI is a request target");
+            *request.headers_mut() = headers;
+            request
+                .headers_mut()
+                .insert(http::header::HOST, upstream.authority.clone());
+            let (mut sender, reused) = match self.acquire(index).await? {
+                Got::Pooled(sender) => (sender, true),
+                Got::Place(place) => (self.connect(upstream, place).await?, false),
             };
-            let request = || {
-                let mut request = http::Request::post(path)
-                    .body(Full::new(body.clone()))
-                    .expect("a path that parsed as a URI is a request target");
-                *request.headers_mut() = headers.clone();
-                request
-                    .headers_mut()
-                    .insert(http::header::HOST, upstream.authority.clone());
-                request
+            let answer = match sender.try_send_request(request).await {
+                Err(mut e) if reused => match e.take_message() {
+                    // Never sent: the pooled connection had closed.
+                    Some(request) => {
+                        let Got::Place(place) = self.acquire_new(index).await? else {
+                            unreachable!("acquire_new opens a connection")
+                        };
+                        sender = self.connect(upstream, place).await?;
+                        sender.send_request(request).await
+                    }
+                    None => Err(e.into_error()),
+                },
+                Err(e) => Err(e.into_error()),
+                Ok(response) => Ok(response),
             };
-            let answer = match sender.send_request(request()).await {
-                // The server closed the pooled connection before it saw the
-                // request: nothing was processed.
-                Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => {
-                    sender = self.connect(upstream).await?;
-                    sender.send_request(request()).await
+            let response = answer.map_err(|e| {
+                if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+                    Failure::Dropped(e.to_string())
+                } else {
+                    Failure::Broken(e.to_string())
                 }
-                answer => answer,
-            };
-            let response = answer.map_err(|e| Failure::Broken(e.to_string()))?;
+            })?;
             let (parts, mut incoming) = response.into_parts();
             let declared = parts
                 .headers
@@ -258,56 +379,95 @@ impl Pool {
         }
     }
 
-    fn take(&self, index: usize) -> Option<SendRequest<Full<Bytes>>> {
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&index)?;
-        while let Some(Idle { sender, since }) = list.pop() {
-            if since.elapsed() < IDLE_FOR && sender.is_ready() {
-                return Some(sender);
+    /// A pooled connection, or a place for a new one; waits while
+    /// `MAX_CONNECTIONS` are open and none is idle.
+    async fn acquire(&self, index: usize) -> Result<Got, Failure> {
+        self.wait_for(index, true).await
+    }
+
+    /// A place for a new connection (waiting as `acquire` does).
+    async fn acquire_new(&self, index: usize) -> Result<Got, Failure> {
+        self.wait_for(index, false).await
+    }
+
+    async fn wait_for(&self, index: usize, pooled: bool) -> Result<Got, Failure> {
+        std::future::poll_fn(|cx| {
+            let mut upstreams = self.inner.upstreams.borrow_mut();
+            let slots = upstreams.entry(index).or_default();
+            if pooled {
+                while let Some(Idle { sender, since }) = slots.idle.pop() {
+                    if since.elapsed() < IDLE_FOR && sender.is_ready() {
+                        return Poll::Ready(Ok(Got::Pooled(sender)));
+                    }
+                }
+            } else {
+                // Room is made by closing an idle connection, if any.
+                slots.idle.pop();
             }
-        }
-        None
+            if slots.open < MAX_CONNECTIONS {
+                if let Some(budget) = &self.inner.budget {
+                    if !budget.take() {
+                        return Poll::Ready(Err(Failure::Connect(std::io::Error::other(
+                            "no file descriptor left for an upstream connection",
+                        ))));
+                    }
+                }
+                slots.open += 1;
+                return Poll::Ready(Ok(Got::Place(Place {
+                    inner: Rc::downgrade(&self.inner),
+                    index,
+                })));
+            }
+            slots.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     fn give(&self, index: usize, sender: SendRequest<Full<Bytes>>) {
-        if !sender.is_ready() {
-            return;
-        }
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(index).or_default();
-        // Oldest first: expired ones are dropped from the front.
-        list.retain(|i| i.since.elapsed() < IDLE_FOR);
-        if list.len() < MAX_IDLE {
-            list.push(Idle {
+        if sender.is_ready() {
+            let mut upstreams = self.inner.upstreams.borrow_mut();
+            let slots = upstreams.entry(index).or_default();
+            // Oldest first: expired ones are dropped from the front.
+            slots.idle.retain(|i| i.since.elapsed() < IDLE_FOR);
+            slots.idle.push(Idle {
                 sender,
                 since: Instant::now(),
             });
         }
+        self.inner.wake(index);
     }
 
     /// Closes every idle connection (each one's task is woken to end it:
     /// call on the runtime).
     pub fn clear(&self) {
-        self.idle.borrow_mut().clear();
+        let idle: Vec<Vec<Idle>> = self
+            .inner
+            .upstreams
+            .borrow_mut()
+            .values_mut()
+            .map(|s| std::mem::take(&mut s.idle))
+            .collect();
+        drop(idle);
     }
 
-    /// Opens a connection and starts its driving task on this core.
-    async fn connect(&self, upstream: &Upstream) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    /// Opens a connection in `place` and starts its driving task on this
+    /// core.
+    async fn connect(&self, upstream: &Upstream, place: Place) -> Result<SendRequest<Full<Bytes>>, Failure> {
         let stream = monoio::net::TcpStream::connect(upstream.addr)
             .await
             .map_err(Failure::Connect)?;
         let _ = stream.set_nodelay(true);
         let stream = stream.into_poll_io().map_err(Failure::Connect)?;
-        self.opened.set(self.opened.get() + 1);
         match &upstream.tls {
-            None => handshake(stream).await,
+            None => handshake(Placed { stream, _place: place }).await,
             Some((config, name)) => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 let stream = connector
                     .connect(name.clone(), stream)
                     .await
                     .map_err(|e| Failure::Broken(format!("TLS: {e}")))?;
-                handshake(stream).await
+                handshake(Placed { stream, _place: place }).await
             }
         }
     }

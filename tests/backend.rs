@@ -15,6 +15,7 @@ use common::*;
 /// One request the upstream took.
 #[derive(Debug, Clone)]
 struct Req {
+    body_len: usize,
     headers: Vec<(String, String)>,
     events: Vec<(String, Vec<u8>)>,
     /// A hook's JSON request.
@@ -58,6 +59,8 @@ struct Upstream {
     addr: SocketAddr,
     requests: Arc<Mutex<Vec<Req>>>,
     stop: Arc<AtomicBool>,
+    /// Its accepted connections, shut down when it is dropped.
+    conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Upstream {
@@ -70,11 +73,15 @@ impl Upstream {
         let stop = Arc::new(AtomicBool::new(false));
         let script: Script = Arc::new(script);
         let (seen, stopping) = (requests.clone(), stop.clone());
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let open = conns.clone();
         listener.set_nonblocking(true).unwrap();
         std::thread::spawn(move || {
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        open.lock().unwrap().push(stream.try_clone().unwrap());
                         let (seen, script) = (seen.clone(), script.clone());
                         std::thread::spawn(move || serve(stream, seen, script));
                     }
@@ -82,7 +89,12 @@ impl Upstream {
                 }
             }
         });
-        Upstream { addr, requests, stop }
+        Upstream {
+            addr,
+            requests,
+            stop,
+            conns,
+        }
     }
 
     fn url(&self) -> String {
@@ -114,6 +126,9 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -148,6 +163,7 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<Req>>>, script: Script) {
             .iter()
             .any(|(n, v)| n.eq_ignore_ascii_case("content-type") && v == "application/json");
         let req = Req {
+            body_len: body.len(),
             events: if json { Vec::new() } else { parse_events(&body) },
             json: if json {
                 serde_json::from_slice(&body).unwrap()
@@ -178,12 +194,16 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<Req>>>, script: Script) {
                     respond(&mut stream, status, &headers, &body);
                     break;
                 }
+                // The stream's clones (the reader's, the list of open
+                // connections) keep it open: shut it down to close it.
                 Reply::Raw(bytes) => {
                     let _ = stream.write_all(&bytes);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
                     return;
                 }
                 Reply::Stall(wait) => {
                     std::thread::sleep(wait);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
                     return;
                 }
             }
@@ -312,7 +332,9 @@ both_drivers!(events_go_both_ways, |driver| {
     raw.send(
         upgrade_request(
             "/app?room=7",
-            "X-Custom: yes\r\nCookie: c=1\r\nSec-WebSocket-Protocol: chat\r\n",
+            "X-Custom: yes\r\nCookie: c=1\r\nSec-WebSocket-Protocol: chat\r\nX-Forwarded-For: 6.6.6.6\r\n\
+             Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nProxy-Foo: x\r\nMeta-User: forged\r\nGrip-Sig: x\r\n\
+             Connection: X-Hop\r\nX-Hop: h\r\n",
         )
         .as_bytes(),
     );
@@ -341,6 +363,9 @@ both_drivers!(events_go_both_ways, |driver| {
     assert_eq!(open.header("Sec-WebSocket-Protocol"), Some("chat"));
     assert_eq!(open.header("X-Forwarded-For"), Some("127.0.0.1"));
     assert_eq!(open.header("Upgrade"), None);
+    for forged in ["Forwarded", "X-Real-IP", "Proxy-Foo", "Grip-Sig", "X-Hop"] {
+        assert_eq!(open.header(forged), None, "{forged}");
+    }
     assert_eq!(open.header("Connection"), None);
     assert_eq!(open.header("Meta-User"), None);
     for r in &requests[1..] {
@@ -469,8 +494,18 @@ both_drivers!(grip_control_and_the_admin_api, |driver| {
 both_drivers!(disconnects_closes_and_detach, |driver| {
     let upstream = Upstream::start(|req, _| {
         if req.has("OPEN") {
+            let mut at_open = b"OPEN\r\n".to_vec();
+            at_open.extend(event("TEXT", b"hi"));
             return match req.header("X-Mode") {
                 Some("detach") => grip_open(&[br#"c:{"type":"subscribe","channel":"d"}"#]),
+                Some("close-at-open") => {
+                    at_open.extend(event("CLOSE", &[0x0f, 0xa2]));
+                    Reply::Events(vec![], at_open)
+                }
+                Some("drop-at-open") => {
+                    at_open.extend_from_slice(b"DISCONNECT\r\n");
+                    Reply::Events(vec![], at_open)
+                }
                 _ => grip_open(&[]),
             };
         }
@@ -496,6 +531,23 @@ both_drivers!(disconnects_closes_and_detach, |driver| {
     let mut raw = Raw::open(server.addr, "/app");
     raw.send_frame(0x81, b"drop me");
     assert_eq!(raw.read_frame(), None, "no close frame");
+    // A CLOSE or DISCONNECT in the OPEN answer comes after the 101 and the
+    // messages before it; after our close, nothing more is sent.
+    for (mode, close) in [("close-at-open", Some(4002)), ("drop-at-open", None)] {
+        let mut raw = Raw::connect(server.addr);
+        raw.send(upgrade_request("/app", &format!("X-Mode: {mode}\r\n")).as_bytes());
+        assert!(raw.read_head().starts_with("HTTP/1.1 101"), "{mode}");
+        assert_eq!(text(&mut raw), "hi", "{mode}");
+        match close {
+            Some(code) => {
+                let frame = raw.read_frame().unwrap();
+                assert_eq!(frame.close_code(), Some(code));
+                raw.send(&masked_frame(0x88, &code.to_be_bytes()));
+                assert_eq!(raw.read_frame(), None, "{mode}: nothing after the close");
+            }
+            None => assert_eq!(raw.read_frame(), None, "{mode}"),
+        }
+    }
     // Detached: events stop, deliveries go on.
     let mut raw = Raw::connect(server.addr);
     raw.send(upgrade_request("/app", "X-Mode: detach\r\n").as_bytes());
@@ -559,6 +611,27 @@ both_drivers!(back_pressure_keeps_order_and_bounds, |driver| {
     }
     // Several requests carried batches of several messages.
     assert!(requests.len() > 3 && requests.len() < count, "{}", requests.len());
+    // Empty messages fill a batch too: its events, framing and all, are
+    // what is bounded.
+    let empties = 3000;
+    raw.send(&masked_frame(0x81, b"").repeat(empties));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = upstream
+            .events()
+            .iter()
+            .filter(|(k, c)| k == "TEXT" && c.is_empty())
+            .count();
+        if seen == empties {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{seen} of {empties}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in upstream.requests() {
+        // `TEXT 0\r\n\r\n` is 10 bytes: one more than the limit at most.
+        assert!(r.body_len <= 1000 + 10 + 99, "{}", r.body_len);
+    }
 });
 
 // Every way an upstream can fail a connection mid-session: the client is
@@ -579,6 +652,7 @@ both_drivers!(upstream_failures_mid_session, |driver| {
                     .to_vec(),
             ),
             "mid-head" => Reply::Raw(b"HTTP/1.1 200 OK\r\nContent-Ty".to_vec()),
+            "silent" => Reply::Raw(Vec::new()),
             "malformed" => Reply::Events(vec![], b"TEXT 5\r\nhello!!".to_vec()),
             "not-events" => Reply::Status(200, vec![("Content-Type", "text/html".into())], b"<html>".to_vec()),
             "stall" => Reply::Stall(Duration::from_secs(3)),
@@ -590,7 +664,8 @@ both_drivers!(upstream_failures_mid_session, |driver| {
         ("500", 1014),
         ("cut", 1014),
         ("huge", 1014),
-        ("mid-head", 1014),
+        ("mid-head", 1011),
+        ("silent", 1011),
         ("malformed", 1014),
         ("not-events", 1014),
         ("stall", 1011),
@@ -601,7 +676,14 @@ both_drivers!(upstream_failures_mid_session, |driver| {
         raw.send_frame(0x81, b"hello");
         assert_eq!(raw.expect_close(), Some(code), "{mode}");
     }
-    wait_metric(&server, "sluice_backend_failures_total", 7);
+    wait_metric(&server, "sluice_backend_failures_total", 8);
+    // A request that may have reached the upstream is never sent again.
+    let silent = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.header("X-Mode") == Some("silent") && r.has("TEXT"))
+        .count();
+    assert_eq!(silent, 1);
 });
 
 // An upstream that stops taking connections mid-session: each request is
@@ -611,8 +693,7 @@ both_drivers!(unreachable_upstream_is_retried_then_closes, |driver| {
         if req.has("OPEN") {
             return open_reply();
         }
-        // Close the kept-alive connection without an answer.
-        Reply::Raw(Vec::new())
+        Reply::Events(vec![], Vec::new())
     });
     let server = start(driver, &upstream.url(), "upstream_retries = 2", "retries");
     let mut raw = Raw::open(server.addr, "/app");

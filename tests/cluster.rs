@@ -372,6 +372,13 @@ fn sessions_and_admin_publishes_cross_nodes() {
         let (status, body) = http(a.admin_addr(), "POST", &format!("/sessions/{id}/send"), b"from a");
         assert_eq!(status, 200, "{body}");
         assert_eq!(next_text(&mut on_b).await, "from a");
+        // GET on one node says what the session on the other is.
+        let (status, body) = http(a.admin_addr(), "GET", &format!("/connections/{id}"), b"");
+        assert_eq!(status, 200, "{body}");
+        let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(info["session"], id.as_str());
+        assert_eq!(info["node"], "b");
+        assert_eq!(info["route"], "/ws");
         // Admin publishes, on either node, reach subscribers on both.
         let (mut on_a, _) = connect(&a.url("/ws")).await;
         send(&mut on_a, "SUB t".into()).await;
@@ -410,9 +417,14 @@ fn sessions_and_admin_publishes_cross_nodes() {
         }
         // Gone now; and a node that does not exist.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        for target in [format!("/sessions/{id}/send"), "/sessions/zz.0.1.1/send".to_string()] {
+        for (method, target) in [
+            ("POST", format!("/sessions/{id}/send")),
+            ("GET", format!("/sessions/{id}")),
+            ("POST", "/sessions/zz.0.1.1/send".to_string()),
+        ] {
             let asked = Instant::now();
-            let (status, _) = http(a.admin_addr(), "POST", &target, b"x");
+            let body: &[u8] = if method == "GET" { b"" } else { b"x" };
+            let (status, _) = http(a.admin_addr(), method, &target, body);
             assert_eq!(status, 404, "{target}");
             assert!(asked.elapsed() < Duration::from_secs(3), "404 after a bounded wait");
         }

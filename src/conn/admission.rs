@@ -206,6 +206,18 @@ pub fn refill(tokens: f64, seconds: f64, rate: f64) -> f64 {
     (tokens + seconds * rate).min(rate)
 }
 
+/// Upstream connections (backend routes, hooks) take their sockets from
+/// the WebSocket ports' share of the open files, as client sockets do.
+impl crate::upstream::SocketBudget for Admission {
+    fn take(&self) -> bool {
+        self.take_socket()
+    }
+
+    fn release(&self) {
+        self.release_socket();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

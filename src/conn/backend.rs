@@ -39,17 +39,19 @@ const MAX_RELAYED_BODY: usize = 100_000;
 /// The most bytes of meta values a connection keeps (names and values).
 const MAX_META_BYTES: usize = 8 * 1024;
 
-/// The shortest `Keep-Alive-Interval` taken (Pushpin's floor), seconds.
+/// The shortest `Keep-Alive-Interval` taken (Pushpin's floor), and the
+/// longest (a day), seconds.
 const MIN_KEEP_ALIVE_SECS: u64 = 20;
+const MAX_KEEP_ALIVE_SECS: u64 = 86_400;
 
 /// Request headers of the client that are not forwarded: hop-by-hop ones
-/// (RFC 9110 7.6.1), those the request sets itself, and the extension
-/// offer (sluice answers extensions itself).
+/// (RFC 9110 7.6.1, and those its `Connection` names), those the request
+/// sets itself, the extension offer (sluice answers extensions itself),
+/// and what a client could forge: where it comes from (sluice sets
+/// `X-Forwarded-For` and `-Proto`), `Meta-*`, `Grip-*`, `Proxy-*`.
 const NOT_FORWARDED: &[&str] = &[
     "connection",
     "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
@@ -62,8 +64,9 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
     "connection-id",
     "sec-websocket-extensions",
-    "x-forwarded-for",
-    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+    "host",
 ];
 
 /// Answer headers to the `OPEN` that are not relayed into the 101.
@@ -91,27 +94,39 @@ pub(super) struct OpenRequest {
     pub key: Box<[u8]>,
     /// The client's headers, as forwarded: `name: value\r\n` lines.
     pub headers: Bytes,
-    /// The request target at the upstream: its path, with the client's
-    /// query after the upstream's own.
-    pub path: Box<str>,
+    /// The client's query string.
+    pub query: Option<Box<str>>,
     /// Subprotocols the client offered.
     pub offered: Vec<Box<str>>,
 }
 
 impl OpenRequest {
     /// What the handshake `head` (the request head `raw`) forwards.
-    pub fn new(route: RouteId, backend: &Backend, head: &crate::ws::handshake::Head<'_>, raw: &[u8]) -> OpenRequest {
+    pub fn new(route: RouteId, head: &crate::ws::handshake::Head<'_>, raw: &[u8]) -> OpenRequest {
         let key = head.validate_upgrade().map(<[u8]>::to_vec).unwrap_or_default();
         let mut headers = Vec::new();
         let mut parsed = [httparse::EMPTY_HEADER; crate::ws::handshake::MAX_HEADERS];
         let mut request = httparse::Request::new(&mut parsed);
         if request.parse(raw).is_ok() {
+            // RFC 9110 7.6.1: the headers `Connection` names are hop-by-hop.
+            let hop_by_hop: Vec<String> = request
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|h| {
+                    String::from_utf8_lossy(h.value)
+                        .split(',')
+                        .map(|t| t.trim().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
             for h in request.headers.iter() {
                 let lower = h.name.to_ascii_lowercase();
                 if NOT_FORWARDED.contains(&lower.as_str())
-                    || lower.starts_with("meta-")
-                    || lower.starts_with("grip-")
-                    || lower == "host"
+                    || ["meta-", "grip-", "proxy-", "x-forwarded-"]
+                        .iter()
+                        .any(|p| lower.starts_with(p))
+                    || hop_by_hop.iter().any(|h| h.eq_ignore_ascii_case(&lower))
                 {
                     continue;
                 }
@@ -121,12 +136,6 @@ impl OpenRequest {
                 headers.extend_from_slice(b"\r\n");
             }
         }
-        let base = &backend.upstream.path;
-        let path = match head.query {
-            None => base.clone(),
-            Some(q) if base.contains('?') => format!("{base}&{q}"),
-            Some(q) => format!("{base}?{q}"),
-        };
         let offered = head
             .offered_protocols()
             .filter_map(|p| std::str::from_utf8(p).ok())
@@ -136,7 +145,7 @@ impl OpenRequest {
             route,
             key: key.into_boxed_slice(),
             headers: Bytes::from(headers),
-            path: path.into_boxed_str(),
+            query: head.query.map(Box::from),
             offered,
         }
     }
@@ -146,15 +155,13 @@ impl OpenRequest {
 /// request task.
 pub struct Link {
     route: RouteId,
-    /// `Connection-Id`: the session's id.
-    id: Box<str>,
     headers: Bytes,
-    path: Box<str>,
+    /// The client's query string, for the upstream's URL.
+    query: Option<Box<str>>,
     /// `Meta-*` values the backend set.
     meta: Vec<(Box<str>, Box<str>)>,
-    /// Encoded events not yet sent, and their content bytes.
+    /// Encoded events not yet sent.
     batch: BytesMut,
-    content: usize,
     in_flight: bool,
     /// GRIP mode: the prefix of the backend's messages to the client.
     grip: Option<Box<str>>,
@@ -175,9 +182,11 @@ pub struct Link {
 pub type SharedLink = Rc<RefCell<Link>>;
 
 impl Link {
-    /// The batch is full: the client is not read until it is sent.
+    /// The batch is full: the client is not read until it is sent. What
+    /// counts is the encoded events, framing included, so that empty
+    /// messages fill it too.
     pub fn is_full(&self, max_batch_bytes: usize) -> bool {
-        self.content >= max_batch_bytes && !self.ended
+        self.batch.len() >= max_batch_bytes && !self.ended
     }
 
     /// Whether a keep-alive request is due at `now`.
@@ -190,11 +199,21 @@ impl Link {
 
     fn push(&mut self, kind: EventType, content: &[u8]) {
         over_http::push(&mut self.batch, kind, content);
-        self.content += content.len();
     }
 
-    /// The headers of the next request.
-    fn request_headers(&self) -> HeaderMap {
+    /// The request target: the upstream's path, and the client's query
+    /// after its own.
+    fn target(&self, upstream: &crate::upstream::Upstream) -> String {
+        let base = &upstream.path;
+        match &self.query {
+            None => base.clone(),
+            Some(q) if base.contains('?') => format!("{base}&{q}"),
+            Some(q) => format!("{base}?{q}"),
+        }
+    }
+
+    /// The headers of the next request; `id` is the session's.
+    fn request_headers(&self, id: &str) -> HeaderMap {
         let mut headers = HeaderMap::with_capacity(16);
         for line in self.headers.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -206,7 +225,7 @@ impl Link {
         }
         headers.insert(http::header::ACCEPT, HeaderValue::from_static(EVENTS));
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(EVENTS));
-        if let Ok(id) = HeaderValue::from_str(&self.id) {
+        if let Ok(id) = HeaderValue::from_str(id) {
             headers.insert("connection-id", id);
         }
         headers.insert("sec-websocket-extensions", HeaderValue::from_static("grip"));
@@ -238,7 +257,7 @@ impl Link {
                 .unwrap_or(0);
             self.keep_alive_ms = match secs {
                 s if s <= 0 => 0,
-                s => (s as u64).max(MIN_KEEP_ALIVE_SECS) * 1000,
+                s => (s as u64).clamp(MIN_KEEP_ALIVE_SECS, MAX_KEEP_ALIVE_SECS) * 1000,
             };
         }
     }
@@ -408,29 +427,33 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
             None => return,
         }
     };
-    let index = route_index(route, &shard);
+    let index = route_index(route);
     let mut first = true;
     loop {
-        // The client's queue is long: the backend's next answer waits
-        // until it is written (bounded by the session's life).
-        while alive(&shard, key) && shard.hub.sessions.session_queued_bytes(key) >= backend.max_batch_bytes {
-            monoio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let (body, headers, path, last) = {
+        {
             let mut l = link.borrow_mut();
             let keep_alive = first && l.batch.is_empty() && l.keep_alive_ms > 0;
             if l.batch.is_empty() && !keep_alive {
                 l.in_flight = false;
                 return;
             }
+        }
+        // The client's queue is long: the backend's next answer waits
+        // until it is written, looked at every 10 ms (bounded by the
+        // session's life; only while events wait to go).
+        while alive(&shard, key) && shard.hub.sessions.session_queued_bytes(key) >= backend.max_batch_bytes {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (body, headers, path, last) = {
+            let mut l = link.borrow_mut();
             first = false;
             let body = std::mem::take(&mut l.batch).freeze();
-            l.content = 0;
             l.last_request_ms = shard.now_ms();
             if let Some(w) = l.waker.take() {
                 w.wake();
             }
-            (body, l.request_headers(), l.path.clone(), l.ended)
+            let headers = l.request_headers(&shard.session_id(key));
+            (body, headers, l.target(&backend.upstream), l.ended)
         };
         shard.stats.borrow_mut().backend_requests += 1;
         let max_body = max_answer_bytes(&shard);
@@ -477,7 +500,9 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
             }
             Err(failure) => {
                 let failure = match failure {
-                    Failure::Connect(_) | Failure::Timeout => BadAnswer::NoAnswer(failure.to_string()),
+                    Failure::Connect(_) | Failure::Timeout | Failure::Dropped(_) => {
+                        BadAnswer::NoAnswer(failure.to_string())
+                    }
                     Failure::Broken(_) | Failure::TooLarge => BadAnswer::Invalid(failure.to_string()),
                 };
                 fail(&shard, key, &link, failure);
@@ -487,14 +512,10 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
     }
 }
 
-/// The upstream pool's key of a route.
-fn route_index(route: RouteId, shard: &Shard) -> usize {
-    shard
-        .config
-        .routes
-        .iter()
-        .position(|r| std::ptr::eq(r, shard.config.route_by_id(route)))
-        .unwrap_or(0)
+/// The upstream pool's key of a route (hooks' keys come after every
+/// route's: `hooks::pool_index`).
+fn route_index(route: RouteId) -> usize {
+    route.index()
 }
 
 /// The largest answer body taken: Pushpin's 1,000,000 bytes, or one
@@ -533,7 +554,6 @@ fn fail(shard: &Rc<Shard>, key: SessionKey, link: &SharedLink, failure: BadAnswe
         // The backend is not told of an end it caused.
         l.ended = true;
         l.batch = BytesMut::new();
-        l.content = 0;
         l.in_flight = false;
         if let Some(w) = l.waker.take() {
             w.wake();
@@ -588,6 +608,8 @@ impl ToClient<'_> {
             ToClient::Out(out) => out.push_frame(&shard.pool, opcode, payload),
             ToClient::Deliver { shard, key } => {
                 let frame = crate::proto::native::frame(opcode, &[payload]);
+                // Its queue is made on first use: an idle connection has none.
+                shard.hub.sessions.open(*key);
                 shard.hub.sessions.deliver_frame(*key, &frame, true);
             }
         }
@@ -655,13 +677,14 @@ fn apply(
                 reason = &reason[..reason.len() - 1];
             }
             link.borrow_mut().ended = true;
+            let reason = Bytes::copy_from_slice(reason);
             match to_client {
-                ToClient::Out(out) => {
-                    let reason = std::str::from_utf8(reason).unwrap_or("");
-                    out.push_close(&shard.pool, Some(CloseCode(code)), reason);
-                }
+                // In the `OPEN` answer: the session is not open yet; its
+                // close is asked for as the admin API asks, and carried out
+                // once the 101 and the messages before it are out.
+                ToClient::Out(_) => shard.request_close(key, code, reason),
                 ToClient::Deliver { .. } => {
-                    shard.act_on_session(key, SessionAction::Close(code, Bytes::copy_from_slice(reason)));
+                    shard.act_on_session(key, SessionAction::Close(code, reason));
                 }
             }
             false
@@ -693,7 +716,11 @@ fn control(json: &[u8], link: &SharedLink, to_client: &mut ToClient<'_>, shard: 
             if !crate::topic::valid_topic(channel.as_bytes()) {
                 tracing::debug!(channel, "subscribe to a channel that is no topic, ignored");
                 shard.stats.borrow_mut().backend_dropped += 1;
-            } else if shard.hub.subscribe_raw(key, channel.as_bytes(), max).is_err() {
+                return;
+            }
+            // Its pub/sub state is made on first use.
+            shard.hub.sessions.open(key);
+            if shard.hub.subscribe_raw(key, channel.as_bytes(), max).is_err() {
                 tracing::debug!(channel, "subscribe over max_subscriptions, ignored");
                 shard.stats.borrow_mut().backend_dropped += 1;
             }
@@ -734,12 +761,10 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
     };
     let link = Rc::new(RefCell::new(Link {
         route: request.route,
-        id: session.id().into_boxed_str(),
         headers: request.headers,
-        path: request.path,
+        query: request.query,
         meta: Vec::new(),
         batch: BytesMut::new(),
-        content: 0,
         in_flight: true,
         grip: None,
         detached: false,
@@ -752,12 +777,12 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
     }));
     let (headers, path) = {
         let l = link.borrow();
-        (l.request_headers(), l.path.clone())
+        (l.request_headers(&session.id()), l.target(&backend.upstream))
     };
     let mut body = BytesMut::new();
     over_http::push(&mut body, EventType::Open, b"");
     shard.stats.borrow_mut().backend_requests += 1;
-    let index = route_index(request.route, shard);
+    let index = route_index(request.route);
     let answer = shard
         .upstream
         .post(
@@ -868,7 +893,6 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
         extra.extend_from_slice(b"\r\n");
     }
     out.push_accept_with(&shard.pool, &request.key, protocol, &extra);
-    session.enable_pubsub();
     session.with(|s| s.app.get_or_insert_with(Default::default).backend = Some(link.clone()));
     let mut to_client = ToClient::Out(out);
     for event in events.into_iter().skip(1) {
@@ -893,16 +917,16 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
 fn grip_prefix(headers: &HeaderMap) -> Option<Box<str>> {
     for value in headers.get_all(http::header::SEC_WEBSOCKET_EXTENSIONS) {
         let Ok(value) = value.to_str() else { continue };
-        for extension in value.split(',') {
-            let mut params = extension.split(';').map(str::trim);
+        for extension in split_unquoted(value, ',') {
+            let mut params = split_unquoted(extension, ';').into_iter().map(str::trim);
             if params.next() != Some("grip") {
                 continue;
             }
-            let mut prefix = "m:";
+            let mut prefix = "m:".to_string();
             for param in params {
                 if let Some((name, v)) = param.split_once('=') {
                     if name.trim() == "message-prefix" {
-                        prefix = v.trim().trim_matches('"');
+                        prefix = unquote(v.trim());
                     }
                 }
             }
@@ -910,6 +934,41 @@ fn grip_prefix(headers: &HeaderMap) -> Option<Box<str>> {
         }
     }
     None
+}
+
+/// `text` split at `sep` outside quoted strings (RFC 9110 5.6.4).
+fn split_unquoted(text: &str, sep: char) -> Vec<&str> {
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// A parameter value, its quotes and escapes taken off.
+fn unquote(value: &str) -> String {
+    let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) else {
+        return value.to_string();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Queues our own refusal of a handshake.
@@ -982,6 +1041,12 @@ mod tests {
         assert_eq!(grip_prefix(&h).as_deref(), Some("msg>"));
         h.insert("sec-websocket-extensions", HeaderValue::from_static("gripper"));
         assert_eq!(grip_prefix(&h), None);
+        // Separators and escapes inside a quoted prefix are the prefix's.
+        h.insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("grip; message-prefix=\"a,b;\\\"c\", other"),
+        );
+        assert_eq!(grip_prefix(&h).as_deref(), Some("a,b;\"c"));
     }
 
     #[test]

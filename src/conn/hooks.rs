@@ -28,6 +28,10 @@ use crate::upstream::{Failure, Post, Upstream};
 /// The largest hook answer taken.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
+/// The most calls one wait makes (a STOMP COMMIT asks once per SEND it
+/// holds); a frame that needs more is denied without a call.
+const MAX_ASKS: usize = 64;
+
 #[derive(Clone, Copy)]
 enum Kind {
     Connect = 0,
@@ -43,9 +47,9 @@ fn pool_index(shard: &Shard, route: RouteId, kind: Kind) -> usize {
 /// Why a hook gave no verdict.
 #[derive(Debug)]
 enum Failed {
-    /// Unreachable, or out of time.
-    NoAnswer,
-    /// An answer that is not a hook's.
+    /// Out of time.
+    Timeout,
+    /// Unreachable, or an answer that is not a hook's.
     Invalid,
 }
 
@@ -81,7 +85,7 @@ async fn call(
     };
     let response = match answer {
         Ok(r) => r,
-        Err(Failure::Connect(_) | Failure::Timeout) => return failed(Failed::NoAnswer),
+        Err(Failure::Timeout) => return failed(Failed::Timeout),
         Err(_) => return failed(Failed::Invalid),
     };
     if response.status != 200 {
@@ -187,8 +191,15 @@ pub(super) async fn connect(session: &Session, request: ConnectRequest, out: &mu
                 .unwrap_or(403) as u16;
             return Err(refuse(out, shard, status, &message_of(&error)));
         }
-        Err(Failed::NoAnswer) => return Err(refuse(out, shard, 504, "the connect hook did not answer")),
-        Err(Failed::Invalid) => return Err(refuse(out, shard, 502, "the connect hook's answer is not one")),
+        Err(Failed::Timeout) => return Err(refuse(out, shard, 504, "the connect hook did not answer in time")),
+        Err(Failed::Invalid) => {
+            return Err(refuse(
+                out,
+                shard,
+                502,
+                "the connect hook could not be reached, or its answer is not one",
+            ))
+        }
     };
     // The answer's user and grants are the session's identity, as a
     // token's would be.
@@ -208,9 +219,11 @@ pub(super) async fn connect(session: &Session, request: ConnectRequest, out: &mu
                 return Err(refuse(out, shard, 502, "the connect hook's grants are not well formed"));
             }
         };
+        // A token's expiry stays: the hook cannot lengthen its life.
+        let expires_at = session.with(|s| s.identity().and_then(|i| i.expires_at));
         let identity = Identity {
             user: user.map(Box::from),
-            expires_at: None,
+            expires_at,
             grants: Arc::new(grants),
         };
         session.set_identity(identity);
@@ -287,6 +300,13 @@ pub enum Waiting {
 }
 
 pub type SharedWait = Rc<RefCell<HookWait>>;
+
+impl HookWait {
+    /// The verdicts are not in yet.
+    pub fn waiting(&self) -> bool {
+        self.verdicts.is_none()
+    }
+}
 
 /// Whether the route has a hook for subscribes (publishes).
 pub(super) fn has_hook(session: &Session, publish: bool) -> bool {
@@ -365,21 +385,44 @@ impl Session {
             waker: None,
         }));
         self.with(|s| s.app.get_or_insert_with(Default::default).hook = Some(wait.clone()));
-        let Some(route) = self.with(|s| s.route) else { return };
-        let Some(hooks) = self.shard.config.route_by_id(route).hooks.clone() else {
-            return;
-        };
+        let route = self.with(|s| s.route);
+        let hooks = route.and_then(|r| self.shard.config.route_by_id(r).hooks.clone());
         let user = self.with(|s| s.identity().and_then(|i| i.user.as_deref()).map(str::to_string));
         let mut base = json!({ "session": self.id(), "user": user });
-        base["route"] = Value::from(self.shard.config.route_by_id(route).path.as_str());
-        monoio::spawn(ask(self.shard.clone(), route, hooks, base, asks, wait));
+        if let Some(route) = route {
+            base["route"] = Value::from(self.shard.config.route_by_id(route).path.as_str());
+        }
+        // Verdicts always come from the task, never at once: the caller
+        // must see the session blocked, so that later input waits.
+        let (route, hooks, asks) = match (route, hooks) {
+            (Some(route), Some(hooks)) if asks.len() <= MAX_ASKS => (route, hooks, asks),
+            (_, _) => {
+                let why = format!("More than {MAX_ASKS} subscribes and publishes for the hooks in one frame.");
+                let verdicts = vec![Verdict::Deny(why); asks.len()];
+                let wait = Rc::downgrade(&wait);
+                monoio::spawn(async move { deliver(&wait, verdicts) });
+                return;
+            }
+        };
+        monoio::spawn(ask(self.shard.clone(), route, hooks, base, asks, Rc::downgrade(&wait)));
     }
 }
 
 /// The hook calls of one wait, one after the other.
-async fn ask(shard: Rc<Shard>, route: RouteId, hooks: Arc<Hooks>, base: Value, asks: Vec<Ask>, wait: SharedWait) {
+/// The task ends when the session does: it holds its wait weakly.
+async fn ask(
+    shard: Rc<Shard>,
+    route: RouteId,
+    hooks: Arc<Hooks>,
+    base: Value,
+    asks: Vec<Ask>,
+    wait: std::rc::Weak<RefCell<HookWait>>,
+) {
     let mut verdicts = Vec::with_capacity(asks.len());
     for ask in asks {
+        if wait.strong_count() == 0 {
+            return;
+        }
         let (upstream, kind, mut request) = match &ask {
             Ask::Subscribe { topic } => (&hooks.subscribe, Kind::Subscribe, json!({ "topic": lossy(topic) })),
             Ask::Publish { topic, payload, binary } => {
@@ -404,7 +447,12 @@ async fn ask(shard: Rc<Shard>, route: RouteId, hooks: Arc<Hooks>, base: Value, a
         }
         let index = pool_index(&shard, route, kind);
         let verdict = match call(&shard, index, upstream, hooks.timeout_ms, request).await {
-            Ok(Ok(result)) => Verdict::Allow(replacement(&result, &ask)),
+            Ok(Ok(result)) => match replacement(&result, &ask) {
+                Some(payload) if payload.len() > shard.config.limits.max_message_bytes => {
+                    Verdict::Deny("The hook's payload is over the message size limit.".into())
+                }
+                payload => Verdict::Allow(payload),
+            },
             Ok(Err(error)) => Verdict::Deny(message_of(&error)),
             Err(_) => Verdict::Unavailable,
         };
@@ -413,6 +461,12 @@ async fn ask(shard: Rc<Shard>, route: RouteId, hooks: Arc<Hooks>, base: Value, a
         }
         verdicts.push(verdict);
     }
+    deliver(&wait, verdicts);
+}
+
+/// Hands the verdicts to the waiting session, if it is still there.
+fn deliver(wait: &std::rc::Weak<RefCell<HookWait>>, verdicts: Vec<Verdict>) {
+    let Some(wait) = wait.upgrade() else { return };
     let mut wait = wait.borrow_mut();
     wait.verdicts = Some(verdicts);
     if let Some(w) = wait.waker.take() {

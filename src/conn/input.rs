@@ -85,8 +85,16 @@ pub(super) fn process(
                     Event::Ping(payload) if app.replies() => {
                         out.push_frame(pool, Opcode::Pong, payload);
                         app.on_control(Control::Ping(payload), session);
+                        if app.is_pubsub() && session.is_blocked() {
+                            break Flow::Continue;
+                        }
                     }
-                    Event::Pong(payload) => app.on_control(Control::Pong(payload), session),
+                    Event::Pong(payload) => {
+                        app.on_control(Control::Pong(payload), session);
+                        if app.is_pubsub() && session.is_blocked() {
+                            break Flow::Continue;
+                        }
+                    }
                     Event::Ping(_) => {}
                     Event::Close(close) => {
                         // RFC 6455 5.5.1: reply with a close, echoing the code.

@@ -379,6 +379,10 @@ impl<'a> Conn<'a> {
                 out.release(pool);
                 self.session.set_phase(Phase::Open);
                 self.session.peer_alive();
+                // The 101 and what the upstream sent with it go out before
+                // anything it asked for (a close, a disconnect) is done. A
+                // failed write is found again by the session's next one.
+                let _ = self.flush().await;
                 return Some(route);
             }
             Some((mut out, Err(status))) => {

@@ -46,12 +46,7 @@ impl Session {
     /// generation, `<core>.<slot>.<generation>`; in a cluster, after the
     /// node's id, `<node>.<core>.<slot>.<generation>`.
     pub fn id(&self) -> String {
-        let ffi = self.key.data().as_ffi();
-        let (slot, generation) = (ffi & 0xffff_ffff, ffi >> 32);
-        match &self.shard.config.cluster {
-            Some(cluster) => format!("{}.{}.{slot}.{generation}", cluster.node_id, self.shard.core),
-            None => format!("{}.{slot}.{generation}", self.shard.core),
-        }
+        self.shard.session_id(self.key)
     }
 
     pub fn key(&self) -> SessionKey {

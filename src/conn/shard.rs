@@ -90,6 +90,7 @@ impl Shard {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> io::Result<Rc<Shard>> {
         let stats = Rc::new(RefCell::new(Stats::default()));
+        let admission_budget: Arc<dyn crate::upstream::SocketBudget + Send + Sync> = admission.clone();
         let shard = Rc::new(Shard {
             core: mesh.core(),
             hub: Hub::new(mesh, config.clone(), stats.clone()),
@@ -110,7 +111,8 @@ impl Shard {
             admin_waiters: RefCell::new(std::collections::HashMap::new()),
             next_admin: Cell::new(0),
             admin_aborted: Cell::new(false),
-            upstream: crate::upstream::Pool::default(),
+            // Upstream sockets share the client sockets' descriptors.
+            upstream: crate::upstream::Pool::new(Some(admission_budget)),
         });
         let wake: Weak<dyn Wake> = Rc::downgrade(&shard) as Weak<Shard>;
         shard.hub.sessions.wake_with(wake);
@@ -156,6 +158,16 @@ impl Shard {
     /// they go to (`Hub::publishes_in_flight`).
     pub fn publishes_in_flight(&self) -> usize {
         self.hub.publishes_in_flight()
+    }
+
+    /// Session `key`'s id (`Session::id`).
+    pub fn session_id(&self, key: SessionKey) -> String {
+        let ffi = slotmap::Key::data(&key).as_ffi();
+        let (slot, generation) = (ffi & 0xffff_ffff, ffi >> 32);
+        match &self.config.cluster {
+            Some(cluster) => format!("{}.{}.{slot}.{generation}", cluster.node_id, self.core),
+            None => format!("{}.{slot}.{generation}", self.core),
+        }
     }
 
     /// Registers a session in the handshake phase.
@@ -377,6 +389,12 @@ impl Shard {
                 Phase::Handshake if in_phase >= c.handshake_timeout_ms => due = due.with(Kick::TIMEOUT),
                 Phase::Closing if in_phase >= c.close_timeout_ms => due = due.with(Kick::TIMEOUT),
                 Phase::Open => {
+                    // Not reading because it waits for its upstream (a full
+                    // batch, a hook's verdict): its peer is not the one
+                    // that is quiet.
+                    if slot.waits_on_upstream(&self.config) {
+                        slot.last_rx_ms = now;
+                    }
                     let quiet = now.saturating_sub(slot.last_rx_ms);
                     // STOMP 1.2 "Heart-beating": an EOL when we have been
                     // quiet for our interval (unless something is queued);
@@ -592,6 +610,17 @@ impl Shard {
 
     /// Adds `kick` to session `key` and wakes its task, or gives it a task
     /// again if it is parked.
+    /// Asks session `key` (in any phase) to close with this code and reason
+    /// at its next wait.
+    pub(super) fn request_close(self: &Rc<Self>, key: SessionKey, code: u16, reason: Bytes) {
+        {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(slot) = sessions.get_mut(key) else { return };
+            slot.app.get_or_insert_with(Default::default).close_request = Some((code, reason));
+        }
+        self.kick(key, Kick::CLOSE);
+    }
+
     pub(super) fn kick(self: &Rc<Self>, key: SessionKey, kick: Kick) {
         let resume = {
             let mut sessions = self.sessions.borrow_mut();

@@ -155,6 +155,21 @@ impl Slot {
         self.extra.as_ref().and_then(|e| e.identity.as_ref())
     }
 
+    /// Whether the session is not read because it waits for its upstream:
+    /// a full backend batch, or a hook's verdict.
+    pub(super) fn waits_on_upstream(&self, config: &Config) -> bool {
+        let Some(app) = self.app.as_ref() else { return false };
+        let hook = app.hook.as_ref().is_some_and(|w| w.borrow().waiting());
+        let full = match (
+            &app.backend,
+            self.route.and_then(|r| config.route_by_id(r).backend.as_ref()),
+        ) {
+            (Some(link), Some(backend)) => link.borrow().is_full(backend.max_batch_bytes),
+            _ => false,
+        };
+        hook || full
+    }
+
     pub(super) fn extra(&mut self, config: &Config, now: u64) -> &mut Extra {
         self.extra.get_or_insert_with(|| Box::new(Extra::new(config, now)))
     }

@@ -79,8 +79,8 @@ fn decide(
         return Err(handshake::Reject::ForbiddenOrigin);
     }
     session.admit(|| authenticate(head, route, config.verifier.as_deref(), session))?;
-    if let Some(backend) = &route.backend {
-        let request = super::backend::OpenRequest::new(id, backend, head, raw);
+    if route.backend.is_some() {
+        let request = super::backend::OpenRequest::new(id, head, raw);
         return Ok(Answer::Backend(Box::new(request)));
     }
     if route.hooks.as_ref().is_some_and(|h| h.connect.is_some()) {
