@@ -20,8 +20,11 @@
 #   echo-SIZE-CxD     closed-loop echo, C connections x D messages in flight
 #   latency-SIZE-C    open-loop echo at LATENCY_RATE msg/s over C connections
 #                     (default: half of Pushpin's median echo-SIZE-Cx1)
-#   memory-N          N idle connections to sluice's backend route, then N to
-#                     its echo route: RSS per connection of each (sluice only)
+#   memory-N[-RATE]   N idle connections to sluice's backend route, then N to
+#                     its echo route, opened at RATE a second (default 1,000):
+#                     RSS per connection of each (sluice only). At 10,000 a
+#                     second the upstream's OPENs overlap, and the memory
+#                     their requests took stays with the allocator.
 #   check-echo-C      the independent client (bench/backend_check.py: asyncio,
 #                     one frame per send), closed loop over C connections
 #   check-latency-C   the same client, open loop at the latency scenario's rate
@@ -33,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-5}"
-SCENARIOS="${SCENARIOS:-echo-32-100x1 echo-32-100x16 latency-32-100 check-echo-100 check-latency-100 memory-10000}"
+SCENARIOS="${SCENARIOS:-echo-32-100x1 echo-32-100x16 latency-32-100 check-echo-100 check-latency-100 memory-12000}"
 OUT="${OUT:-target/bench-backend}"
 read -r -a SERVERS <<<"${SERVERS:-sluice pushpin}"
 SOURCES=127.0.0.1-127.0.0.40
@@ -194,13 +197,14 @@ PY
       ARGS=(latency -c "$conns" -r "$rate" -s "$size" --warmup 1 -t "$SECS")
       ;;
     memory-*)
-      n=${scenario#memory-}
+      IFS=- read -r _ n rate <<<"$scenario"
+      rate="${rate:-1000}"
       for round in $(seq "$ROUNDS"); do
         for path in /app /echo; do
           port=$((9300 + RANDOM % 500))
           start_gateway sluice "$port"
           json="$OUT/$scenario-sluice${path//\//-}-$round.json"
-          taskset -c 1 target/release/sluice-load connect --url "ws://127.0.0.1:$port$path" -n "$n" --rate 10000 \
+          taskset -c 1 target/release/sluice-load connect --url "ws://127.0.0.1:$port$path" -n "$n" --rate "$rate" \
             --hold 3 --source "$SOURCES" --server-pid "${GATEWAY_PIDS[0]}" --json "$json" \
             >"${json%.json}.out" 2>&1 || true
           stop_gateway

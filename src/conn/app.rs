@@ -129,29 +129,18 @@ impl App {
         match self {
             App::Echo => out.push_frame(pool, kind.opcode(), payload),
             App::Native => match native::parse(payload) {
-                Ok(native::Command::Sub(topic))
-                    if session.allows(Action::Subscribe, topic) && has_hook(session, false) =>
-                {
-                    let topic = Bytes::copy_from_slice(topic);
-                    let ask = Ask::Subscribe { topic: topic.clone() };
-                    session.ask_hooks(Waiting::Sub(topic), vec![ask]);
-                }
-                Ok(native::Command::Pub { topic, payload })
-                    if session.allows(Action::Publish, topic) && has_hook(session, true) =>
-                {
-                    let (topic, payload) = (Bytes::copy_from_slice(topic), Bytes::copy_from_slice(payload));
-                    let ask = Ask::Publish {
-                        topic: topic.clone(),
-                        payload: payload.clone(),
-                        binary: kind == MessageKind::Binary,
-                    };
-                    session.ask_hooks(Waiting::Pub { kind, topic, payload }, vec![ask]);
-                }
+                // Grants first (a refusal is counted once), then the
+                // route's hook, if it has one.
                 Ok(native::Command::Sub(topic)) => {
-                    let subscribed = if session.allows(Action::Subscribe, topic) {
-                        session.subscribe(topic)
-                    } else {
+                    let subscribed = if !session.allows(Action::Subscribe, topic) {
                         Err(native::Refusal::Denied)
+                    } else if has_hook(session, false) {
+                        let topic = Bytes::copy_from_slice(topic);
+                        let ask = Ask::Subscribe { topic: topic.clone() };
+                        session.ask_hooks(Waiting::Sub(topic), vec![ask]);
+                        Ok(true)
+                    } else {
+                        session.subscribe(topic)
                     };
                     if let Err(refusal) = subscribed {
                         out.push_bytes(pool, &native::error_frame(refusal, Some(topic)));
@@ -159,10 +148,18 @@ impl App {
                 }
                 Ok(native::Command::Unsub(topic)) => session.unsubscribe(topic),
                 Ok(native::Command::Pub { topic, payload }) => {
-                    if session.allows(Action::Publish, topic) {
-                        session.publish(kind, topic, payload);
-                    } else {
+                    if !session.allows(Action::Publish, topic) {
                         out.push_bytes(pool, &native::error_frame(native::Refusal::Denied, Some(topic)));
+                    } else if has_hook(session, true) {
+                        let (topic, payload) = (Bytes::copy_from_slice(topic), Bytes::copy_from_slice(payload));
+                        let ask = Ask::Publish {
+                            topic: topic.clone(),
+                            payload: payload.clone(),
+                            binary: kind == MessageKind::Binary,
+                        };
+                        session.ask_hooks(Waiting::Pub { kind, topic, payload }, vec![ask]);
+                    } else {
+                        session.publish(kind, topic, payload);
                     }
                 }
                 Ok(native::Command::Auth(token)) => {

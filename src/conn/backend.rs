@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
 use super::outbound::Outbound;
@@ -93,7 +93,7 @@ pub(super) struct OpenRequest {
     /// The `Sec-WebSocket-Key` to answer.
     pub key: Box<[u8]>,
     /// The client's headers, as forwarded: `name: value\r\n` lines.
-    pub headers: Bytes,
+    pub headers: Box<[u8]>,
     /// The client's query string.
     pub query: Option<Box<str>>,
     /// Subprotocols the client offered.
@@ -144,7 +144,7 @@ impl OpenRequest {
         OpenRequest {
             route,
             key: key.into_boxed_slice(),
-            headers: Bytes::from(headers),
+            headers: headers.into_boxed_slice(),
             query: head.query.map(Box::from),
             offered,
         }
@@ -155,13 +155,13 @@ impl OpenRequest {
 /// request task.
 pub struct Link {
     route: RouteId,
-    headers: Bytes,
+    headers: Box<[u8]>,
     /// The client's query string, for the upstream's URL.
     query: Option<Box<str>>,
-    /// `Meta-*` values the backend set.
-    meta: Vec<(Box<str>, Box<str>)>,
+    /// `Meta-*` values the backend set (most connections have none).
+    meta: Option<Box<Meta>>,
     /// Encoded events not yet sent.
-    batch: BytesMut,
+    batch: Vec<u8>,
     in_flight: bool,
     /// GRIP mode: the prefix of the backend's messages to the client.
     grip: Option<Box<str>>,
@@ -169,8 +169,9 @@ pub struct Link {
     detached: bool,
     /// `CLOSE` or `DISCONNECT` is queued: the client's side is over.
     ended: bool,
-    /// `Keep-Alive-Interval` (ms; 0: none) and when the last request went.
-    keep_alive_ms: u64,
+    /// `Keep-Alive-Interval` (s; 0: none) and when the last request went
+    /// (ms, the core's clock).
+    keep_alive_secs: u32,
     last_request_ms: u64,
     /// The connection's task, waiting for room in the batch.
     waker: Option<Waker>,
@@ -180,6 +181,9 @@ pub struct Link {
 }
 
 pub type SharedLink = Rc<RefCell<Link>>;
+
+/// Meta values: name (lower case) and value.
+type Meta = Vec<(Box<str>, Box<str>)>;
 
 impl Link {
     /// The batch is full: the client is not read until it is sent. What
@@ -191,10 +195,10 @@ impl Link {
 
     /// Whether a keep-alive request is due at `now`.
     pub fn keep_alive_due(&self, now: u64) -> bool {
-        self.keep_alive_ms > 0
+        self.keep_alive_secs > 0
             && !self.in_flight
             && !self.ended
-            && now.saturating_sub(self.last_request_ms) >= self.keep_alive_ms
+            && now.saturating_sub(self.last_request_ms) >= u64::from(self.keep_alive_secs) * 1000
     }
 
     fn push(&mut self, kind: EventType, content: &[u8]) {
@@ -234,7 +238,7 @@ impl Link {
         }
         let proto = if self.tls { "wss" } else { "ws" };
         headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-        for (name, value) in &self.meta {
+        for (name, value) in self.meta.iter().flat_map(|m| m.iter()) {
             add_header(&mut headers, format!("meta-{name}").as_bytes(), value.as_bytes());
         }
         headers
@@ -255,9 +259,9 @@ impl Link {
                 .ok()
                 .and_then(|v| v.trim().parse::<i64>().ok())
                 .unwrap_or(0);
-            self.keep_alive_ms = match secs {
+            self.keep_alive_secs = match secs {
                 s if s <= 0 => 0,
-                s => (s as u64).clamp(MIN_KEEP_ALIVE_SECS, MAX_KEEP_ALIVE_SECS) * 1000,
+                s => (s as u64).clamp(MIN_KEEP_ALIVE_SECS, MAX_KEEP_ALIVE_SECS) as u32,
             };
         }
     }
@@ -266,9 +270,16 @@ impl Link {
     /// past `MAX_META_BYTES` in all are refused.
     fn set_meta(&mut self, name: &str, value: Option<&str>) {
         let name = name.to_ascii_lowercase();
-        self.meta.retain(|(n, _)| **n != *name);
+        if let Some(meta) = &mut self.meta {
+            meta.retain(|(n, _)| **n != *name);
+        }
         let Some(value) = value else { return };
-        let used: usize = self.meta.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let used: usize = self
+            .meta
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
         if used + name.len() + value.len() > MAX_META_BYTES {
             tracing::debug!(name, "meta value over the limit, dropped");
             return;
@@ -276,7 +287,9 @@ impl Link {
         if HeaderValue::from_str(value).is_ok()
             && http::HeaderName::from_bytes(format!("meta-{name}").as_bytes()).is_ok()
         {
-            self.meta.push((name.into(), value.into()));
+            self.meta
+                .get_or_insert_with(Default::default)
+                .push((name.into(), value.into()));
         }
     }
 }
@@ -432,7 +445,7 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
     loop {
         {
             let mut l = link.borrow_mut();
-            let keep_alive = first && l.batch.is_empty() && l.keep_alive_ms > 0;
+            let keep_alive = first && l.batch.is_empty() && l.keep_alive_secs > 0;
             if l.batch.is_empty() && !keep_alive {
                 l.in_flight = false;
                 return;
@@ -447,7 +460,7 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
         let (body, headers, path, last) = {
             let mut l = link.borrow_mut();
             first = false;
-            let body = std::mem::take(&mut l.batch).freeze();
+            let body = Bytes::from(std::mem::take(&mut l.batch));
             l.last_request_ms = shard.now_ms();
             if let Some(w) = l.waker.take() {
                 w.wake();
@@ -553,7 +566,7 @@ fn fail(shard: &Rc<Shard>, key: SessionKey, link: &SharedLink, failure: BadAnswe
         let mut l = link.borrow_mut();
         // The backend is not told of an end it caused.
         l.ended = true;
-        l.batch = BytesMut::new();
+        l.batch = Vec::new();
         l.in_flight = false;
         if let Some(w) = l.waker.take() {
             w.wake();
@@ -763,13 +776,13 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
         route: request.route,
         headers: request.headers,
         query: request.query,
-        meta: Vec::new(),
-        batch: BytesMut::new(),
+        meta: None,
+        batch: Vec::new(),
         in_flight: true,
         grip: None,
         detached: false,
         ended: false,
-        keep_alive_ms: 0,
+        keep_alive_secs: 0,
         last_request_ms: shard.now_ms(),
         waker: None,
         forwarded_for: session.with(|s| s.peer_ip()),
@@ -779,7 +792,7 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
         let l = link.borrow();
         (l.request_headers(&session.id()), l.target(&backend.upstream))
     };
-    let mut body = BytesMut::new();
+    let mut body = Vec::new();
     over_http::push(&mut body, EventType::Open, b"");
     shard.stats.borrow_mut().backend_requests += 1;
     let index = route_index(request.route);
@@ -791,7 +804,7 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
             Post {
                 path: &path,
                 headers,
-                body: body.freeze(),
+                body: Bytes::from(body),
                 max_body: max_answer_bytes(shard),
                 timeout: Duration::from_millis(backend.timeout_ms),
             },
@@ -893,6 +906,16 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
         extra.extend_from_slice(b"\r\n");
     }
     out.push_accept_with(&shard.pool, &request.key, protocol, &extra);
+    // The client's address was kept for the link (which has it now):
+    // without per-address caps and a token, the slot needs it no more.
+    let c = &shard.config;
+    if c.max_connections_per_ip == 0 && c.max_handshakes_per_sec_per_ip == 0 {
+        session.with(|s| {
+            if s.identity().is_none() {
+                s.extra = None;
+            }
+        });
+    }
     session.with(|s| s.app.get_or_insert_with(Default::default).backend = Some(link.clone()));
     let mut to_client = ToClient::Out(out);
     for event in events.into_iter().skip(1) {
@@ -1056,5 +1079,19 @@ mod tests {
             let base = (500u64 << attempt.min(4)).min(8_000);
             assert!((base..=base + base / 2).contains(&d), "{attempt}: {d}");
         }
+    }
+}
+#[cfg(test)]
+mod size_budget {
+    /// What an idle backend connection keeps beyond an echo one: its
+    /// link (behind an `Rc`), its `AppState` and its headers. Keep the link
+    /// small.
+    const LINK_BUDGET_BYTES: usize = 136;
+
+    #[test]
+    fn link_fits_its_budget() {
+        let size = std::mem::size_of::<super::Link>();
+        eprintln!("Link: {size} bytes");
+        assert!(size <= LINK_BUDGET_BYTES, "Link is {size} bytes");
     }
 }

@@ -239,7 +239,7 @@ pub(super) async fn connect(session: &Session, request: ConnectRequest, out: &mu
         })
         .unwrap_or_default();
     if !subscriptions.is_empty() {
-        session.with(|s| s.app.get_or_insert_with(Default::default).initial = subscriptions);
+        session.with(|s| s.app.get_or_insert_with(Default::default).initial = subscriptions.into_boxed_slice());
     }
     out.push_accept(&shard.pool, &request.key, request.protocol.as_deref());
     Ok(())
@@ -352,7 +352,7 @@ impl Session {
     }
 
     /// The topics the connect hook subscribed the session to (once).
-    pub(super) fn take_initial_subscriptions(&self) -> Vec<Box<[u8]>> {
+    pub(super) fn take_initial_subscriptions(&self) -> Box<[Box<[u8]>]> {
         self.with(|s| {
             s.app
                 .as_mut()

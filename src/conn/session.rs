@@ -135,7 +135,7 @@ impl Session {
 
     /// The close the admin API asked for, if any.
     pub fn take_close_request(&self) -> Option<(u16, Bytes)> {
-        self.with(|s| s.app.as_mut().and_then(|a| a.close_request.take()))
+        self.with(|s| s.app.as_mut().and_then(|a| a.close_request.take()).map(|b| *b))
     }
 
     /// Whether deliveries wait to be written.

@@ -422,8 +422,10 @@ impl Shard {
                     {
                         let app = slot.app.get_or_insert_with(Default::default);
                         if app.close_request.is_none() {
-                            app.close_request =
-                                Some((CloseCode::GOING_AWAY.0, Bytes::from_static(b"missed heart-beats")));
+                            app.close_request = Some(Box::new((
+                                CloseCode::GOING_AWAY.0,
+                                Bytes::from_static(b"missed heart-beats"),
+                            )));
                             due = due.with(Kick::CLOSE);
                         }
                     }
@@ -616,7 +618,7 @@ impl Shard {
         {
             let mut sessions = self.sessions.borrow_mut();
             let Some(slot) = sessions.get_mut(key) else { return };
-            slot.app.get_or_insert_with(Default::default).close_request = Some((code, reason));
+            slot.app.get_or_insert_with(Default::default).close_request = Some(Box::new((code, reason)));
         }
         self.kick(key, Kick::CLOSE);
     }
@@ -657,7 +659,8 @@ impl Shard {
             }
             match &action {
                 SessionAction::Close(code, reason) => {
-                    slot.app.get_or_insert_with(Default::default).close_request = Some((*code, reason.clone()));
+                    slot.app.get_or_insert_with(Default::default).close_request =
+                        Some(Box::new((*code, reason.clone())));
                     None
                 }
                 SessionAction::Info => Some(self.session_info(slot)),

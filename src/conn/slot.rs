@@ -180,7 +180,7 @@ impl Slot {
 pub(super) struct AppState {
     /// A close the admin API (or a missed heart-beat) asked for: code and
     /// reason.
-    pub(super) close_request: Option<(u16, Bytes)>,
+    pub(super) close_request: Option<Box<(u16, Bytes)>>,
     /// A STOMP connection's codec and session state.
     pub(super) stomp: Option<Box<StompConn>>,
     /// A backend route's link to its upstream.
@@ -188,7 +188,7 @@ pub(super) struct AppState {
     /// A wait for the route's hooks.
     pub(super) hook: Option<super::hooks::SharedWait>,
     /// Topics the connect hook subscribed the session to, until it starts.
-    pub(super) initial: Vec<Box<[u8]>>,
+    pub(super) initial: Box<[Box<[u8]>]>,
 }
 
 /// A STOMP heart-beat: an EOL, in a text frame of its own.

@@ -6,8 +6,6 @@
 //! An event is `TYPE[ <hex length>]\r\n[<content>\r\n]`: the length (hex,
 //! either case) and the content are there only for an event with content.
 
-use bytes::{BufMut, BytesMut};
-
 /// What an event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
@@ -88,20 +86,20 @@ fn hex_digits(n: usize) -> usize {
 }
 
 /// Appends one event.
-pub fn push(out: &mut BytesMut, kind: EventType, content: &[u8]) {
+pub fn push(out: &mut Vec<u8>, kind: EventType, content: &[u8]) {
     out.reserve(encoded_len(kind, content.len()));
-    out.put_slice(kind.name());
+    out.extend_from_slice(kind.name());
     if content.is_empty() && !has_content(kind) {
-        out.put_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n");
         return;
     }
-    out.put_slice(format!(" {:X}\r\n", content.len()).as_bytes());
-    out.put_slice(content);
-    out.put_slice(b"\r\n");
+    out.extend_from_slice(format!(" {:x}\r\n", content.len()).as_bytes());
+    out.extend_from_slice(content);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends a `CLOSE` event: the code, if any, and the reason.
-pub fn push_close(out: &mut BytesMut, code: Option<u16>, reason: &[u8]) {
+pub fn push_close(out: &mut Vec<u8>, code: Option<u16>, reason: &[u8]) {
     let mut content = Vec::with_capacity(2 + reason.len());
     if let Some(code) = code {
         content.extend_from_slice(&code.to_be_bytes());
@@ -251,8 +249,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn encode(events: &[(EventType, &[u8])]) -> BytesMut {
-        let mut out = BytesMut::new();
+    fn encode(events: &[(EventType, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
         for (kind, content) in events {
             push(&mut out, *kind, content);
         }
@@ -268,10 +266,10 @@ mod tests {
             (EventType::Binary, &[0u8; 26]),
             (EventType::Disconnect, b""),
         ]);
-        let expected: &[u8] = b"OPEN\r\nTEXT 5\r\nhello\r\nTEXT 0\r\n\r\nBINARY 1A\r\n\
+        let expected: &[u8] = b"OPEN\r\nTEXT 5\r\nhello\r\nTEXT 0\r\n\r\nBINARY 1a\r\n\
             \0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\r\nDISCONNECT\r\n";
         assert_eq!(&out[..], expected);
-        let mut close = BytesMut::new();
+        let mut close = Vec::new();
         push_close(&mut close, Some(1000), b"bye");
         assert_eq!(&close[..], b"CLOSE 5\r\n\x03\xe8bye\r\n");
         let parsed = parse(&close).unwrap();
@@ -379,7 +377,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, c)| if has_content(k) { (k, c) } else { (k, Vec::new()) })
                 .collect();
-            let mut out = BytesMut::new();
+            let mut out = Vec::new();
             let mut expected_len = 0;
             for (kind, content) in &events {
                 push(&mut out, *kind, content);
@@ -401,7 +399,7 @@ mod tests {
 
         #[test]
         fn cut_lists_are_refused(events in proptest::collection::vec((event_type(), proptest::collection::vec(any::<u8>(), 1..50)), 1..5), cut in 1usize..1000) {
-            let mut out = BytesMut::new();
+            let mut out = Vec::new();
             for (kind, content) in &events {
                 push(&mut out, *kind, content);
             }
