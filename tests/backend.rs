@@ -976,3 +976,115 @@ both_drivers!(shutdown_with_upstream_connections_is_clean, |driver| {
         }
     }
 });
+
+// The bounds of a backend route, at the bound: a refusal's body relayed
+// up to 100,000 bytes; an answer of 1,000,000 bytes taken, one more
+// refused (1014).
+both_drivers!(relayed_bodies_and_answers_at_their_limits, |driver| {
+    fn events_of_length(total: usize) -> Vec<u8> {
+        // 988 events of 1,012 bytes, then one that makes up the rest.
+        let mut body = Vec::new();
+        for _ in 0..988 {
+            body.extend(event("TEXT", &[b'a'; 1000]));
+        }
+        let rest = total - body.len();
+        // `TEXT <2 hex digits>\r\n<content>\r\n`: 11 bytes of framing.
+        body.extend(event("TEXT", &vec![b'b'; rest - 11]));
+        assert_eq!(body.len(), total);
+        body
+    }
+    let upstream = Upstream::start(|req, _| {
+        if req.has("OPEN") {
+            return match req.header("X-Mode") {
+                Some("deny") => Reply::Status(403, vec![], vec![b'x'; 100_001]),
+                _ => open_reply(),
+            };
+        }
+        match req.header("X-Mode") {
+            Some("exact") => Reply::Events(vec![], events_of_length(1_000_000)),
+            _ => Reply::Events(vec![], events_of_length(1_000_001)),
+        }
+    });
+    // With messages of at most 64 KiB, an answer's bound is 1,000,000.
+    let config = write_config(&format!("limits-{driver}"), &upstream.url(), "");
+    let server = Server::start(
+        driver,
+        &["--config", config.to_str().unwrap(), "--max-message-bytes", "65536"],
+    );
+    let mut raw = Raw::connect(server.addr);
+    raw.send(upgrade_request("/app", "X-Mode: deny\r\n").as_bytes());
+    let answer = raw.read_to_end();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{}", &answer[..40]);
+    assert!(answer.contains("\r\nContent-Length: 100000\r\n"));
+    assert_eq!(answer.split("\r\n\r\n").nth(1).unwrap().len(), 100_000);
+    let mut raw = Raw::connect(server.addr);
+    raw.send(upgrade_request("/app", "X-Mode: exact\r\n").as_bytes());
+    assert!(raw.read_head().starts_with("HTTP/1.1 101"));
+    raw.send_frame(0x81, b"go");
+    for i in 0..989 {
+        let frame = raw.read_frame().unwrap();
+        assert_eq!(frame.opcode, 1, "message {i}");
+    }
+    let mut raw = Raw::connect(server.addr);
+    raw.send(upgrade_request("/app", "X-Mode: over\r\n").as_bytes());
+    assert!(raw.read_head().starts_with("HTTP/1.1 101"));
+    raw.send_frame(0x81, b"go");
+    assert_eq!(raw.expect_close(), Some(1014));
+});
+
+// A core opens at most 64 connections to one upstream: 150 handshakes
+// at once, with the upstream slow to answer, all get their 101 over at
+// most 128 connections (two workers).
+both_drivers!(upstream_connections_are_capped_per_core, |driver| {
+    let upstream = Upstream::start(|req, _| {
+        if req.has("OPEN") {
+            return Reply::After(Duration::from_millis(300), Box::new(open_reply()));
+        }
+        Reply::Events(vec![], Vec::new())
+    });
+    let server = start(driver, &upstream.url(), "", "cap");
+    let mut clients: Vec<Raw> = (0..150)
+        .map(|_| {
+            let mut raw = Raw::connect(server.addr);
+            raw.send(upgrade_request("/app", "").as_bytes());
+            raw
+        })
+        .collect();
+    for raw in &mut clients {
+        let head = raw.read_head();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    let opened = upstream.conns.lock().unwrap().len();
+    assert!((2..=128).contains(&opened), "{opened} upstream connections");
+});
+
+// A frame that would need more than 64 hook calls (a STOMP COMMIT of 65
+// SENDs) is denied without one; 64 are asked about, each.
+both_drivers!(hook_calls_per_frame_are_bounded, |driver| {
+    let hooks = hook_app();
+    let server = hooked_server(driver, &hooks, "asks");
+    for (sends, allowed) in [(64, true), (65, false)] {
+        let before = hooks.requests().len();
+        let mut stomp = Raw::connect(server.addr);
+        stomp.send(upgrade_request("/stomp", "Sec-WebSocket-Protocol: v12.stomp\r\n").as_bytes());
+        assert!(stomp.read_head().starts_with("HTTP/1.1 101"));
+        stomp.send_frame(0x81, b"CONNECT\naccept-version:1.2\nhost:x\n\n\0");
+        assert!(text(&mut stomp).starts_with("CONNECTED"));
+        stomp.send_frame(0x81, b"BEGIN\ntransaction:t\n\n\0");
+        for _ in 0..sends {
+            stomp.send_frame(0x81, b"SEND\ndestination:/topic/news.x\ntransaction:t\n\nm\0");
+        }
+        stomp.send_frame(0x81, b"COMMIT\ntransaction:t\nreceipt:done\n\n\0");
+        let answer = text(&mut stomp);
+        if allowed {
+            assert!(answer.starts_with("RECEIPT"), "{answer}");
+            assert_eq!(hooks.requests().len() - before, sends);
+        } else {
+            assert!(
+                answer.starts_with("ERROR") && answer.contains("More than 64"),
+                "{answer}"
+            );
+            assert_eq!(hooks.requests().len(), before);
+        }
+    }
+});

@@ -1046,6 +1046,74 @@ pub(super) fn event_of(kind: MessageKind) -> EventType {
 mod tests {
     use super::*;
 
+    fn link() -> Link {
+        Link {
+            route: crate::config::Options::default()
+                .validate(1)
+                .unwrap()
+                .route("/echo")
+                .unwrap()
+                .0,
+            headers: Box::default(),
+            query: None,
+            meta: None,
+            batch: Vec::new(),
+            in_flight: false,
+            grip: None,
+            detached: false,
+            ended: false,
+            keep_alive_secs: 0,
+            last_request_ms: 0,
+            waker: None,
+            forwarded_for: None,
+            tls: false,
+        }
+    }
+
+    #[test]
+    fn meta_values_are_bounded_at_8_kib() {
+        let mut l = link();
+        // Names and values, 8,192 bytes in all: taken.
+        l.set_meta("a", Some(&"x".repeat(4095)));
+        l.set_meta("b", Some(&"y".repeat(4095)));
+        assert_eq!(l.meta.as_ref().unwrap().len(), 2);
+        // One byte more: dropped.
+        l.set_meta("c", Some(""));
+        l.set_meta("c", Some("z"));
+        assert_eq!(l.meta.as_ref().unwrap().len(), 2);
+        // Replacing a value frees its bytes first; an empty one removes it.
+        l.set_meta("A", Some("small"));
+        l.set_meta("c", Some("z"));
+        assert_eq!(l.meta.as_ref().unwrap().len(), 3);
+        l.set_meta("b", None);
+        assert_eq!(l.meta.as_ref().unwrap().len(), 2);
+        let headers = l.request_headers("0.1.1");
+        assert_eq!(headers.get("meta-a").unwrap(), "small");
+        assert_eq!(headers.get("connection-id").unwrap(), "0.1.1");
+    }
+
+    #[test]
+    fn keep_alive_interval_is_clamped() {
+        for (given, secs) in [
+            ("1", 20),
+            ("19", 20),
+            ("20", 20),
+            ("86400", 86_400),
+            ("86401", 86_400),
+            ("18446744073709552", 86_400),
+            ("99999999999999999999", 0),
+            ("0", 0),
+            ("-5", 0),
+            ("soon", 0),
+        ] {
+            let mut l = link();
+            let mut h = HeaderMap::new();
+            h.insert("keep-alive-interval", HeaderValue::from_str(given).unwrap());
+            l.take_settings(&h);
+            assert_eq!(l.keep_alive_secs, secs, "{given}");
+        }
+    }
+
     #[test]
     fn grip_mode_and_its_prefix() {
         let mut h = HeaderMap::new();
