@@ -157,6 +157,8 @@ pub enum Failure {
     Broken(String),
     /// The body is over the limit (by its `Content-Length`, or as it came).
     TooLarge,
+    /// The worker is ending.
+    Stopped,
 }
 
 impl std::fmt::Display for Failure {
@@ -167,6 +169,7 @@ impl std::fmt::Display for Failure {
             Failure::Dropped(e) => write!(f, "no answer: {e}"),
             Failure::Broken(e) => write!(f, "broken answer: {e}"),
             Failure::TooLarge => f.write_str("answer over the size limit"),
+            Failure::Stopped => f.write_str("the server is stopping"),
         }
     }
 }
@@ -206,6 +209,11 @@ struct Slots {
 struct Inner {
     upstreams: RefCell<HashMap<usize, Slots>>,
     budget: Option<Arc<dyn SocketBudget + Send + Sync>>,
+    /// The worker is ending: requests under way end at once.
+    stopped: std::cell::Cell<bool>,
+    /// Requests under way, and the wakers of those waiting on one.
+    active: std::cell::Cell<usize>,
+    stop_wakers: RefCell<Vec<Waker>>,
 }
 
 impl Inner {
@@ -277,6 +285,15 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Placed<T> {
     }
 }
 
+/// A request under way, counted until it ends however it ends.
+struct Active<'a>(&'a Inner);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
+}
+
 /// One core's connections to its upstreams, by the upstream's index.
 pub struct Pool {
     inner: Rc<Inner>,
@@ -295,6 +312,9 @@ impl Pool {
             inner: Rc::new(Inner {
                 upstreams: RefCell::new(HashMap::new()),
                 budget,
+                stopped: std::cell::Cell::new(false),
+                active: std::cell::Cell::new(0),
+                stop_wakers: RefCell::new(Vec::new()),
             }),
         }
     }
@@ -373,10 +393,44 @@ impl Pool {
                 body: collected.freeze(),
             })
         };
-        match monoio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure::Timeout),
+        let inner = &self.inner;
+        if inner.stopped.get() {
+            return Err(Failure::Stopped);
         }
+        inner.active.set(inner.active.get() + 1);
+        let _active = Active(inner);
+        let stopped = std::future::poll_fn(|cx| {
+            if inner.stopped.get() {
+                return Poll::Ready(());
+            }
+            inner.stop_wakers.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        });
+        monoio::select! {
+            result = monoio::time::timeout(timeout, exchange) => match result {
+                Ok(result) => result,
+                Err(_) => Err(Failure::Timeout),
+            },
+            () = stopped => Err(Failure::Stopped),
+        }
+    }
+
+    /// Ends every request under way (each returns `Failure::Stopped` when
+    /// next polled) and closes the idle connections; the worker then waits
+    /// for `active` to reach 0, so that no task is left holding what the
+    /// runtime's end would leak. Call on the runtime.
+    pub fn stop(&self) {
+        self.inner.stopped.set(true);
+        let wakers = std::mem::take(&mut *self.inner.stop_wakers.borrow_mut());
+        for w in wakers {
+            w.wake();
+        }
+        self.clear();
+    }
+
+    /// Requests under way.
+    pub fn active(&self) -> usize {
+        self.inner.active.get()
     }
 
     /// A pooled connection, or a place for a new one; waits while

@@ -513,7 +513,7 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
             }
             Err(failure) => {
                 let failure = match failure {
-                    Failure::Connect(_) | Failure::Timeout | Failure::Dropped(_) => {
+                    Failure::Connect(_) | Failure::Timeout | Failure::Dropped(_) | Failure::Stopped => {
                         BadAnswer::NoAnswer(failure.to_string())
                     }
                     Failure::Broken(_) | Failure::TooLarge => BadAnswer::Invalid(failure.to_string()),

@@ -497,10 +497,21 @@ fn worker(
                 drop(admin);
                 let deadline = shutdown.run(&shard_for_life).await;
                 drain(&shard_for_life, deadline).await;
-                // Idle upstream connections close here, on the runtime: a
-                // connection's task is woken when its handle drops, and
-                // the runtime must still be there for that.
-                shard_for_life.upstream.clear();
+                // Upstream requests still under way (a session's last
+                // events, hook calls) end now, and idle upstream
+                // connections close, on the runtime: their tasks must run
+                // to their end, or what they hold (the shard among it)
+                // would outlive the runtime, never dropped. Bounded.
+                shard_for_life.upstream.stop();
+                for _ in 0..200 {
+                    if shard_for_life.upstream.active() == 0 {
+                        break;
+                    }
+                    monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                // One more turn: connections' tasks woken by their closed
+                // handles end.
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
             };
             // The sweep runs inside this future rather than as its own task:
             // monoio does not drop unfinished tasks with the runtime.
