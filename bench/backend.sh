@@ -137,6 +137,22 @@ core0_ticks() {
   awk '$1 == "cpu0" { busy = $2 + $3 + $4 + $7 + $8; total = busy + $5 + $6; print busy, total }' /proc/stat
 }
 
+# add_gateway_cpu JSON BUSY TOTAL: core 0's busy share over the run, into
+# the run's JSON (over the harness's whole run, warm-up and handshakes
+# included: an upper bound); nothing if the run wrote none
+add_gateway_cpu() {
+  python3 - "$@" <<'PY'
+import json, sys
+path, busy, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    j = json.load(open(path))
+except FileNotFoundError:
+    sys.exit(0)
+j["gateway_cpu"] = busy / total if total else None
+json.dump(j, open(path, "w"))
+PY
+}
+
 median_of() {
   python3 - "$@" <<'PY'
 import json, statistics, sys
@@ -171,13 +187,7 @@ for scenario in $SCENARIOS; do
             "${CHECK[@]}" >"$json" 2>"${json%.json}.out" || rm -f "$json"
           read -r busy1 total1 < <(core0_ticks)
           stop_gateway
-          [[ -f $json ]] && python3 - "$json" "$((busy1 - busy0))" "$((total1 - total0))" <<'PY'
-import json, sys
-path, busy, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-j = json.load(open(path))
-j["gateway_cpu"] = busy / total if total else None
-json.dump(j, open(path, "w"))
-PY
+          add_gateway_cpu "$json" "$((busy1 - busy0))" "$((total1 - total0))"
         done
       done
       continue
@@ -224,17 +234,7 @@ PY
         --json "$json" --max-errors 1000000000 >"${json%.json}.out" 2>&1 || true
       read -r busy1 total1 < <(core0_ticks)
       stop_gateway
-      python3 - "$json" "$((busy1 - busy0))" "$((total1 - total0))" <<'PY'
-import json, sys
-path, busy, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-try:
-    j = json.load(open(path))
-except FileNotFoundError:
-    sys.exit(0)
-# Over the harness's whole run (warm-up and handshakes included): an upper bound.
-j["gateway_cpu"] = busy / total if total else None
-json.dump(j, open(path, "w"))
-PY
+      add_gateway_cpu "$json" "$((busy1 - busy0))" "$((total1 - total0))"
     done
   done
 done

@@ -395,8 +395,9 @@ impl Session {
     }
 }
 
-/// Starts the connection's request task unless one runs.
-fn start(shard: &Rc<Shard>, key: SessionKey, link: SharedLink) {
+/// Starts the connection's request task unless one runs (with nothing
+/// batched, it sends a keep-alive request).
+pub(super) fn start(shard: &Rc<Shard>, key: SessionKey, link: SharedLink) {
     {
         let mut l = link.borrow_mut();
         if l.in_flight {
@@ -405,11 +406,6 @@ fn start(shard: &Rc<Shard>, key: SessionKey, link: SharedLink) {
         l.in_flight = true;
     }
     monoio::spawn(drive(shard.clone(), key, link));
-}
-
-/// Sends a keep-alive request for the session if none is in flight.
-pub(super) fn keep_alive(shard: &Rc<Shard>, key: SessionKey, link: SharedLink) {
-    start(shard, key, link);
 }
 
 /// The delay before retry `attempt` (0-based) of a request that could not
@@ -440,7 +436,6 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
             None => return,
         }
     };
-    let index = route_index(route);
     let mut first = true;
     loop {
         {
@@ -468,28 +463,12 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
             let headers = l.request_headers(&shard.session_id(key));
             (body, headers, l.target(&backend.upstream), l.ended)
         };
-        shard.stats.borrow_mut().backend_requests += 1;
-        let max_body = max_answer_bytes(&shard);
-        let timeout = Duration::from_millis(backend.timeout_ms);
         // A request that could not connect is tried again; the last one,
         // for a session that is over, only once.
         let retries = if last { 0 } else { backend.retries };
         let mut attempt = 0;
         let answer = loop {
-            let sent = shard
-                .upstream
-                .post(
-                    index,
-                    &backend.upstream,
-                    Post {
-                        path: &path,
-                        headers: headers.clone(),
-                        body: body.clone(),
-                        max_body,
-                        timeout,
-                    },
-                )
-                .await;
+            let sent = post_events(&shard, route, &backend, &path, headers.clone(), body.clone()).await;
             match sent {
                 Err(Failure::Connect(e)) if attempt < retries && alive(&shard, key) => {
                     tracing::debug!(error = %e, attempt, "backend unreachable, retrying");
@@ -525,10 +504,25 @@ async fn drive(shard: Rc<Shard>, key: SessionKey, link: SharedLink) {
     }
 }
 
-/// The upstream pool's key of a route (hooks' keys come after every
-/// route's: `hooks::pool_index`).
-fn route_index(route: RouteId) -> usize {
-    route.index()
+/// Sends one event list to a route's upstream (the pool's key is the
+/// route's index; hooks' keys come after every route's), counted.
+async fn post_events(
+    shard: &Shard,
+    route: RouteId,
+    backend: &Backend,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    shard.stats.borrow_mut().backend_requests += 1;
+    let post = Post {
+        path,
+        headers,
+        body,
+        max_body: max_answer_bytes(shard),
+        timeout: Duration::from_millis(backend.timeout_ms),
+    };
+    shard.upstream.post(route.index(), &backend.upstream, post).await
 }
 
 /// The largest answer body taken: Pushpin's 1,000,000 bytes, or one
@@ -649,7 +643,7 @@ fn apply(
                     // anything else needs the message prefix.
                     if !binary {
                         if let Some(json) = event.content.strip_prefix(b"c:") {
-                            control(json, link, to_client, shard, key);
+                            control(json, link, shard, key);
                             return true;
                         }
                     }
@@ -713,7 +707,7 @@ fn apply(
 }
 
 /// Carries out a GRIP control message; one that does not parse is ignored.
-fn control(json: &[u8], link: &SharedLink, to_client: &mut ToClient<'_>, shard: &Rc<Shard>, key: SessionKey) {
+fn control(json: &[u8], link: &SharedLink, shard: &Rc<Shard>, key: SessionKey) {
     let control = match over_http::parse_control(json) {
         Ok(c) => c,
         Err(e) => {
@@ -722,7 +716,6 @@ fn control(json: &[u8], link: &SharedLink, to_client: &mut ToClient<'_>, shard: 
             return;
         }
     };
-    let _ = to_client;
     match control {
         Control::Subscribe(channel) => {
             let max = shard.config.max_subscriptions;
@@ -794,22 +787,7 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
     };
     let mut body = Vec::new();
     over_http::push(&mut body, EventType::Open, b"");
-    shard.stats.borrow_mut().backend_requests += 1;
-    let index = route_index(request.route);
-    let answer = shard
-        .upstream
-        .post(
-            index,
-            &backend.upstream,
-            Post {
-                path: &path,
-                headers,
-                body: Bytes::from(body),
-                max_body: max_answer_bytes(shard),
-                timeout: Duration::from_millis(backend.timeout_ms),
-            },
-        )
-        .await;
+    let answer = post_events(shard, request.route, &backend, &path, headers, Bytes::from(body)).await;
     let response = match answer {
         Ok(r) => r,
         Err(Failure::Timeout) => {

@@ -474,7 +474,7 @@ impl Shard {
             self.resume(key);
         }
         for (key, link) in due_keep_alives {
-            super::backend::keep_alive(self, key, link);
+            super::backend::start(self, key, link);
         }
         for key in due_heart_beats {
             self.hub
