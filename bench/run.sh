@@ -14,9 +14,19 @@
 #   SERVERS="sluice sluice-before" SLUICE_BEFORE=/path/to/old/sluice bench/run.sh
 #                              this build against another sluice binary
 #                              (run alternately, same pinning and flags)
+#   UWS=/path/to/BenchServer bench/run.sh
+#                              uWebSockets' bench server as one more peer
+#                              (`uws`) in every scenario (fan-out on its
+#                              /broadcast path, which subscribes on the text
+#                              `sub`); it is built outside the repository
+#   SLUICE_ARGS="--driver epoll" bench/run.sh
+#                              flags for sluice (and sluice-before)
 #
 # Scenarios (names are parsed, so others of the same shapes work too):
-#   echo-SIZE-CxD        closed-loop echo, C connections x D in flight
+#   echo-SIZE-CxD        closed-loop echo, C connections x D in flight; a
+#                        connection writes the echoes of one read in one send
+#   echo-SIZE-CxD-each   the same, each message with its own send (one
+#                        frame per write, as independent clients write)
 #   latency-SIZE-C       open-loop echo at LATENCY_RATE msg/s (default: half
 #                        the lowest median of echo-SIZE-Cx1 in this run),
 #                        the harness busy-polling
@@ -31,9 +41,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-5}"
 SECS="${SECONDS_PER_RUN:-5}"
-SCENARIOS="${SCENARIOS:-echo-32-100x64 echo-512-100x64 echo-32-1000x4 echo-512-1000x4 echo-32-100x1 latency-32-100 memory-15000 fanout-1000 fanout-1000-24000 fanout-10000 fanout-10000-2400 churn-50}"
+SCENARIOS="${SCENARIOS:-echo-32-100x64 echo-32-100x64-each echo-512-100x16 echo-512-100x16-each echo-512-100x64 echo-32-1000x4 echo-32-1000x4-each echo-512-1000x4 echo-32-100x1 latency-32-100 memory-15000 fanout-1000 fanout-1000-24000 fanout-10000 fanout-10000-2400 churn-50}"
 OUT="${OUT:-target/bench-run}"
-read -r -a SERVERS <<<"${SERVERS:-sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned}"
+read -r -a SERVERS <<<"${SERVERS:-sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned${UWS:+ uws}}"
+read -r -a SLUICE_FLAGS <<<"${SLUICE_ARGS:-}"
+if [[ " ${SERVERS[*]} " == *" uws "* && ! -x ${UWS:-} ]]; then
+  echo "uws needs UWS=<path to uWebSockets' BenchServer> (../shared/yardstick/uws/README.md)" >&2
+  exit 2
+fi
 if [[ " ${SERVERS[*]} " == *" sluice-before "* && ! -x ${SLUICE_BEFORE:-} ]]; then
   echo "sluice-before needs SLUICE_BEFORE=<path to a sluice binary>" >&2
   exit 2
@@ -56,8 +71,9 @@ ulimit -n 20000
 start_server() {
   local name=$1 mode=$2 port=$3
   case $name in
-    sluice) taskset -c 0 target/release/sluice --workers 1 --listen "127.0.0.1:$port" --admin-listen off >"$OUT/server.log" 2>&1 & ;;
-    sluice-before) taskset -c 0 "$SLUICE_BEFORE" --workers 1 --listen "127.0.0.1:$port" --admin-listen off >"$OUT/server.log" 2>&1 & ;;
+    sluice) taskset -c 0 target/release/sluice --workers 1 --listen "127.0.0.1:$port" --admin-listen off "${SLUICE_FLAGS[@]}" >"$OUT/server.log" 2>&1 & ;;
+    sluice-before) taskset -c 0 "$SLUICE_BEFORE" --workers 1 --listen "127.0.0.1:$port" --admin-listen off "${SLUICE_FLAGS[@]}" >"$OUT/server.log" 2>&1 & ;;
+    uws) taskset -c 0 "$UWS" "$port" >"$OUT/server.log" 2>&1 & ;;
     *) taskset -c 0 bench/peers/target/release/peer --lib "${name%-*}" --config "${name##*-}" --mode "$mode" \
          --listen "127.0.0.1:$port" >"$OUT/server.log" 2>&1 & ;;
   esac
@@ -100,8 +116,9 @@ args_for() {
   case $scenario in
     echo-*)
       MODE=echo URL_PATH=/echo
-      IFS=- read -r _ size shape <<<"$scenario"
-      ARGS=(echo -c "${shape%x*}" -d "${shape#*x}" -s "$size" --warmup 1 -t "$SECS")
+      local each
+      IFS=- read -r _ size shape each <<<"$scenario"
+      ARGS=(echo -c "${shape%x*}" -d "${shape#*x}" -s "$size" --warmup 1 -t "$SECS" ${each:+--write-each})
       ;;
     latency-*)
       MODE=echo URL_PATH=/echo
@@ -155,7 +172,13 @@ run() {
     port=$((9300 + RANDOM % 500))
     start_server "$server" "$MODE" "$port"
     sleep 0.3
-    taskset -c 1 target/release/sluice-load "${ARGS[0]}" --url "ws://127.0.0.1:$port$URL_PATH" "${ARGS[@]:1}" \
+    local path=$URL_PATH extra=()
+    if [[ $server == uws && $MODE == broadcast ]]; then
+      # uWebSockets' bench server: one topic on /broadcast, `sub` subscribes,
+      # any other message is published as it is
+      path=/broadcast extra=(--sub-msg sub --pub-prefix '')
+    fi
+    taskset -c 1 target/release/sluice-load "${ARGS[0]}" --url "ws://127.0.0.1:$port$path" "${ARGS[@]:1}" "${extra[@]}" \
       --server-pid "$SERVER_PID" --json "$json" >"$OUT/$scenario-$server-$round.out" 2>&1 || true
     stop_server
     if [[ -f $json ]] && stolen "$json"; then

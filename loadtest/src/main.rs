@@ -83,12 +83,20 @@ enum Scenario {
     Echo {
         #[command(flatten)]
         common: CommonArgs,
+        /// Connections, each its own closed loop.
         #[arg(short = 'c', long, default_value_t = 100)]
         connections: usize,
+        /// Messages each connection keeps in flight.
         #[arg(short = 'd', long, default_value_t = 16)]
         in_flight: usize,
+        /// Payload bytes of each message.
         #[arg(short = 's', long, default_value_t = 32)]
         size: usize,
+        /// Write each message with its own `send`, as independent clients
+        /// do. By default a connection writes every message it owes (the
+        /// echoes of one read) in one `send`, as a pipelining client does.
+        #[arg(long)]
+        write_each: bool,
         #[command(flatten)]
         window: Window,
     },
@@ -367,6 +375,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             connections,
             in_flight,
             size,
+            write_each,
             window: w,
             ..
         } => {
@@ -374,10 +383,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 "connections x in flight x bytes".into(),
                 format!("{connections} x {in_flight} x {size}"),
             );
+            let writes = if *write_each {
+                "one message per send"
+            } else {
+                "a read's echoes per send"
+            };
+            params.insert("writes".into(), writes.into());
             let plan = Arc::new(scenario::EchoPlan {
                 connections: *connections,
                 in_flight: (*in_flight).max(1),
                 size: *size,
+                write_each: *write_each,
                 warmup: seconds(w.warmup, "--warmup")?,
                 duration: seconds(w.duration, "--duration")?,
             });

@@ -306,6 +306,10 @@ pub struct EchoPlan {
     pub connections: usize,
     pub in_flight: usize,
     pub size: usize,
+    /// Each message goes out with its own `send`, as a population of
+    /// independent clients writes, rather than every message a connection
+    /// owes in one.
+    pub write_each: bool,
     pub warmup: Duration,
     pub duration: Duration,
 }
@@ -388,6 +392,7 @@ struct Echoer {
     sent_at: VecDeque<(Instant, usize)>,
     /// Messages to send: the replies just taken.
     owed: usize,
+    write_each: bool,
     done: bool,
 }
 
@@ -401,6 +406,7 @@ impl Echoer {
             frame_len: frame.len(),
             sent_at: VecDeque::with_capacity(plan.in_flight),
             owed: plan.in_flight,
+            write_each: plan.write_each,
             done: false,
         }
     }
@@ -413,8 +419,17 @@ impl Echoer {
         live: &Live,
         result: &mut ThreadResult,
     ) -> io::Result<()> {
-        if self.owed > 0 {
+        if self.owed > 0 && self.write_each {
+            // One frame per write; what the socket refuses waits in the
+            // outbox and goes with the next write.
+            for _ in 0..self.owed {
+                self.client.queue(&self.batch[..self.frame_len]);
+                self.client.try_send()?;
+            }
+        } else if self.owed > 0 {
             self.client.queue(&self.batch[..self.owed * self.frame_len]);
+        }
+        if self.owed > 0 {
             self.sent_at.push_back((now, self.owed));
             if now >= measure_from {
                 result.sent += self.owed as u64;

@@ -1,0 +1,296 @@
+/* echo_check: an ordinary WebSocket echo client, independent of sluice's
+ * code, to check what sluice-load reports. One thread, one epoll loop,
+ * every message written with its own send(2), as a population of
+ * independent clients writes.
+ *
+ *   echo_check HOST PORT PATH echo CONNS DEPTH SIZE SECONDS [SERVER_PID]
+ *       closed loop: each connection keeps DEPTH messages in flight and
+ *       sends one more for each echo it reads, each with its own send(2)
+ *   echo_check HOST PORT PATH burst CONNS DEPTH SIZE SECONDS [SERVER_PID]
+ *       the same, but the messages that answer one read go out together,
+ *       in one send(2) (the shape of a pipelining client)
+ *   echo_check HOST PORT PATH rate CONNS RATE SIZE SECONDS [SERVER_PID]
+ *       open loop: RATE messages a second over CONNS connections, in
+ *       turn, on a fixed schedule; the loop busy-polls (epoll_wait with a
+ *       zero timeout); each message carries its send time, and its echo's
+ *       latency is taken against the schedule (no coordinated omission)
+ *
+ * One second of warm-up, then SECONDS measured. Prints one JSON object:
+ * messages per second, latency percentiles (rate mode) and, with
+ * SERVER_PID, the server's CPU seconds per second of the window.
+ * Build: cc -O2 -o echo_check bench/echo_check.c */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CAP (256 * 1024)
+
+struct conn {
+    int fd;
+    size_t have;
+    unsigned char *buf;
+};
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(1);
+}
+
+/* The server's user+system CPU seconds, from /proc/PID/stat. */
+static double cpu_seconds(int pid) {
+    char path[64], line[4096];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(line, 1, sizeof line - 1, f);
+    fclose(f);
+    line[n] = 0;
+    char *p = strrchr(line, ')');
+    if (!p) return 0;
+    unsigned long utime = 0, stime = 0;
+    /* fields after ')': state(3) ... utime(14) stime(15) */
+    int field = 2;
+    for (char *t = strtok(p + 1, " "); t; t = strtok(NULL, " ")) {
+        field++;
+        if (field == 14) utime = strtoul(t, NULL, 10);
+        if (field == 15) { stime = strtoul(t, NULL, 10); break; }
+    }
+    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static void write_all(int fd, const unsigned char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue;
+            die("send");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Appends one masked binary frame of `size` bytes whose first 8 bytes are
+ * `stamp` to `frame`; returns its length. The mask is fixed, so the frame
+ * is masked once and copied after, with only the stamp masked anew. */
+static size_t encode_frame(unsigned char *frame, size_t size, uint64_t stamp) {
+    static const unsigned char mask[4] = {0x37, 0xfa, 0x21, 0x3d};
+    static unsigned char template[16 + 65536];
+    static size_t template_size = (size_t)-1, template_len;
+    if (template_size != size) {
+        size_t h = 0;
+        template[h++] = 0x82;
+        if (size < 126) {
+            template[h++] = 0x80 | (unsigned char)size;
+        } else {
+            template[h++] = 0x80 | 126;
+            template[h++] = (unsigned char)(size >> 8);
+            template[h++] = (unsigned char)size;
+        }
+        memcpy(template + h, mask, 4);
+        h += 4;
+        for (size_t i = 0; i < size; i++) template[h + i] = 'x' ^ mask[i & 3];
+        template_size = size;
+        template_len = h + size;
+    }
+    memcpy(frame, template, template_len);
+    if (size >= 8) {
+        unsigned char *payload = frame + template_len - size;
+        for (size_t i = 0; i < 8; i++) payload[i] = ((unsigned char *)&stamp)[i] ^ mask[i & 3];
+    }
+    return template_len;
+}
+
+/* One frame, written with one send(2). */
+static void send_frame(int fd, size_t size, uint64_t stamp) {
+    static unsigned char frame[16 + 65536];
+    write_all(fd, frame, encode_frame(frame, size, stamp));
+}
+
+static int open_conn(const char *host, int port, const char *path) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) die("socket");
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, host, &a.sin_addr);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     path, host, port);
+    write_all(fd, (unsigned char *)req, (size_t)n);
+    /* read the 101 head byte by byte, so no frame is taken with it */
+    char head[4096];
+    size_t got = 0;
+    while (got < sizeof head - 1) {
+        ssize_t r = recv(fd, head + got, 1, 0);
+        if (r <= 0) die("handshake");
+        got++;
+        if (got >= 4 && memcmp(head + got - 4, "\r\n\r\n", 4) == 0) break;
+    }
+    head[got] = 0;
+    if (strncmp(head, "HTTP/1.1 101", 12) != 0) {
+        fprintf(stderr, "handshake refused: %s\n", head);
+        exit(1);
+    }
+    return fd;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 9) {
+        fprintf(stderr, "usage: %s HOST PORT PATH echo|rate CONNS DEPTH|RATE SIZE SECONDS [SERVER_PID]\n", argv[0]);
+        return 2;
+    }
+    const char *host = argv[1], *path = argv[3];
+    int port = atoi(argv[2]);
+    int rate_mode = strcmp(argv[4], "rate") == 0;
+    int burst_mode = strcmp(argv[4], "burst") == 0;
+    int conns = atoi(argv[5]);
+    double knob = atof(argv[6]);
+    size_t size = (size_t)atol(argv[7]);
+    double seconds = atof(argv[8]);
+    int server_pid = argc > 9 ? atoi(argv[9]) : 0;
+    if (!rate_mode && !burst_mode && strcmp(argv[4], "echo") != 0) {
+        fprintf(stderr, "mode must be echo, burst or rate\n");
+        return 2;
+    }
+    if (size > 65535 || (rate_mode && size < 8)) {
+        fprintf(stderr, "SIZE must be 8..65535 in rate mode, at most 65535 in echo mode\n");
+        return 2;
+    }
+
+    int ep = epoll_create1(0);
+    struct conn *cs = calloc((size_t)conns, sizeof *cs);
+    for (int i = 0; i < conns; i++) {
+        cs[i].fd = open_conn(host, port, path);
+        cs[i].buf = malloc(READ_CAP);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0) die("epoll_ctl");
+    }
+
+    uint64_t start = now_ns();
+    uint64_t warm_end = start + 1000000000ull;
+    uint64_t end = warm_end + (uint64_t)(seconds * 1e9);
+    uint64_t interval = rate_mode ? (uint64_t)(1e9 / knob) : 0;
+    uint64_t next_send = start;
+    size_t lat_cap = rate_mode ? (size_t)(knob * seconds * 1.1) + 16 : 0;
+    uint64_t *lat = rate_mode ? malloc(lat_cap * sizeof *lat) : NULL;
+    size_t lat_n = 0;
+    uint64_t received = 0;
+    int turn = 0;
+    double cpu_start = 0;
+    int warm = 1;
+
+    if (!rate_mode)
+        for (int i = 0; i < conns; i++)
+            for (int d = 0; d < (int)knob; d++) send_frame(cs[i].fd, size, 0);
+
+    struct epoll_event evs[256];
+    for (;;) {
+        uint64_t now = now_ns();
+        if (warm && now >= warm_end) {
+            warm = 0;
+            received = 0;
+            lat_n = 0;
+            if (server_pid) cpu_start = cpu_seconds(server_pid);
+        }
+        if (now >= end) break;
+        if (rate_mode) {
+            while (next_send <= now) {
+                send_frame(cs[turn].fd, size, next_send);
+                turn = (turn + 1) % conns;
+                next_send += interval;
+            }
+        }
+        int n = epoll_wait(ep, evs, 256, rate_mode ? 0 : 100);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int e = 0; e < n; e++) {
+            struct conn *c = &cs[evs[e].data.u32];
+            ssize_t r = recv(c->fd, c->buf + c->have, READ_CAP - c->have, MSG_DONTWAIT);
+            if (r == 0) {
+                fprintf(stderr, "server closed a connection\n");
+                return 1;
+            }
+            if (r < 0) {
+                if (errno == EAGAIN) continue;
+                die("recv");
+            }
+            c->have += (size_t)r;
+            size_t off = 0, answers = 0;
+            uint64_t t = rate_mode ? now_ns() : 0;
+            for (;;) {
+                if (c->have - off < 2) break;
+                unsigned char *f = c->buf + off;
+                size_t len = f[1] & 0x7f, h = 2;
+                if (len == 126) {
+                    if (c->have - off < 4) break;
+                    len = ((size_t)f[2] << 8) | f[3];
+                    h = 4;
+                } else if (len == 127) {
+                    fprintf(stderr, "unexpected 64-bit length\n");
+                    return 1;
+                }
+                if (c->have - off < h + len) break;
+                received++;
+                if (rate_mode) {
+                    uint64_t stamp;
+                    memcpy(&stamp, f + h, 8);
+                    if (lat_n < lat_cap && t > stamp) lat[lat_n++] = t - stamp;
+                } else if (burst_mode) {
+                    answers++;
+                } else {
+                    send_frame(c->fd, size, 0);
+                }
+                off += h + len;
+            }
+            if (answers > 0) {
+                static unsigned char out[READ_CAP];
+                size_t len = 0;
+                while (answers > 0 && len + 16 + size <= sizeof out) {
+                    len += encode_frame(out + len, size, 0);
+                    answers--;
+                }
+                write_all(c->fd, out, len);
+                for (; answers > 0; answers--) send_frame(c->fd, size, 0);
+            }
+            memmove(c->buf, c->buf + off, c->have - off);
+            c->have -= off;
+        }
+    }
+    double cpu = server_pid ? cpu_seconds(server_pid) - cpu_start : 0;
+    printf("{\"messages_per_second\": %.0f, \"server_cpu\": %.3f", (double)received / seconds, cpu / seconds);
+    if (rate_mode && lat_n > 0) {
+        qsort(lat, lat_n, sizeof *lat, cmp_u64);
+        printf(", \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f",
+               lat[lat_n / 2] / 1e3, lat[lat_n * 99 / 100] / 1e3, lat[lat_n * 999 / 1000] / 1e3,
+               lat[lat_n - 1] / 1e3);
+    }
+    printf("}\n");
+    return 0;
+}
