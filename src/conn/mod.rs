@@ -41,6 +41,7 @@ use std::task::{Context, Poll};
 use monoio::net::TcpStream;
 
 use crate::config::RouteId;
+use crate::sys::ring::{RecvRing, Token};
 use crate::sys::socket::Socket;
 use crate::ws::{handshake, CloseCode, MessageReader, Opcode, Role, Violation};
 use app::App;
@@ -48,6 +49,50 @@ use input::process;
 use outbound::{Flush, Outbound};
 use shard::{Kick, Phase, Session, Shard, SCRATCH_BYTES};
 use upgrade::{answer_head, Answer};
+
+/// Waits until input is there to take: the socket's inbox on the core's
+/// receive ring when it is armed there, else the socket's readiness.
+fn input<'a>(
+    stream: &'a TcpStream,
+    ring: Option<(&'a RecvRing, Token)>,
+) -> Input<'a, impl Future<Output = io::Result<()>> + 'a> {
+    match ring {
+        Some((ring, token)) => Input::Ring { ring, token },
+        None => Input::Ready {
+            ready: stream.readable(false),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `input`'s future: a plain enum rather than an async fn, which would
+    /// keep its arguments beside either wait (every idle task holds one).
+    #[project = InputProj]
+    enum Input<'a, F> {
+        Ring { ring: &'a RecvRing, token: Token },
+        Ready { #[pin] ready: F },
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Future for Input<'_, F> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            InputProj::Ring { ring, token } => ring.poll_input(*token, cx).map(Ok),
+            InputProj::Ready { ready } => ready.poll(cx),
+        }
+    }
+}
+
+/// Appends at most `max` received bytes to `buf`, as `Socket::recv_into`
+/// does, from the socket's inbox when it is armed on the receive ring.
+fn recv(socket: &Socket, ring: Option<(&RecvRing, Token)>, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+    match ring {
+        Some((ring, token)) => ring.take(token, socket.fd(), buf, max),
+        None => socket.recv_into(buf, max),
+    }
+}
 
 /// Why the loop woke.
 enum Wake {
@@ -175,6 +220,9 @@ struct Conn<'a> {
     carry_frame_bytes: Option<u32>,
     /// Kicks taken from the sweep and not yet acted on.
     kicks: Kick,
+    /// The socket's receive on the core's ring (io_uring, plain sockets,
+    /// open sessions): while it is armed every byte is read through it.
+    ring: Option<Token>,
     /// Deliveries may be queued for this session (a pub/sub route, or a
     /// message the admin API pushed): flushes look at the queue only then.
     deliveries: bool,
@@ -223,6 +271,7 @@ fn serve_from(stream: TcpStream, session: Session, resumed: Option<RouteId>) -> 
             carry: Vec::new(),
             carry_frame_bytes: None,
             kicks: Kick::default(),
+            ring: None,
             deliveries: false,
         };
         let route = match resumed {
@@ -534,7 +583,11 @@ impl<'a> Conn<'a> {
                 // RFC 6455 5.5.2: a ping may be sent at any time after the upgrade.
                 self.out.push_frame(&self.shard().pool, Opcode::Ping, &[]);
             }
-            if self.kicks == Kick::PARK && self.may_park(&reader, &app) && self.park(route) {
+            if self.kicks == Kick::PARK
+                && self.may_park(&reader, &app)
+                && Box::pin(self.stop_ring()).await
+                && self.park(route)
+            {
                 return End::Parked;
             }
             self.deliveries |= self.kicks.has(Kick::DELIVER);
@@ -565,7 +618,8 @@ impl<'a> Conn<'a> {
                 }
                 continue;
             }
-            match idle_or_kick(self.stream.readable(false), self.session).await {
+            self.arm_ring();
+            match idle_or_kick(input(self.stream, self.armed_ring()), self.session).await {
                 Ok(Wake::Kick(k)) => {
                     self.kicks = self.kicks.with(k);
                     continue;
@@ -609,6 +663,50 @@ impl<'a> Conn<'a> {
             && !self.session.hook_pending()
     }
 
+    /// Under io_uring, arms the socket's receive on the core's ring, once
+    /// (a plain socket: TLS reads ciphertext its own way). Where it cannot,
+    /// the connection reads on readiness, as under epoll.
+    fn arm_ring(&mut self) {
+        if self.ring.is_some() || self.socket.has_tls() {
+            return;
+        }
+        if let Some(ring) = self.shard().recv_ring.get() {
+            match ring.arm(self.socket.fd()) {
+                Ok(token) => self.ring = Some(token),
+                Err(e) => tracing::debug!(error = %e, "cannot arm a receive; reading on readiness"),
+            }
+        }
+    }
+
+    /// The socket's receive on the ring, if armed.
+    fn armed_ring(&self) -> Option<(&'a RecvRing, Token)> {
+        let shard: &'a Shard = self.shard();
+        Some((shard.recv_ring.get()?, self.ring?))
+    }
+
+    /// Before parking: ends the socket's receive on the ring and gives its
+    /// inbox up. `false` if bytes came before it ended: the session then
+    /// reads them instead of parking.
+    async fn stop_ring(&mut self) -> bool {
+        let Some((ring, token)) = self.armed_ring() else {
+            return true;
+        };
+        std::future::poll_fn(|cx| ring.poll_stopped(token, cx)).await;
+        if ring.has_input(token) {
+            return false;
+        }
+        self.release_ring();
+        true
+    }
+
+    /// Gives the socket's inbox on the ring up (its receive is cancelled if
+    /// still armed); reads go to the socket again.
+    fn release_ring(&mut self) {
+        if let (Some(ring), Some(token)) = (self.shard().recv_ring.get(), self.ring.take()) {
+            ring.release(token);
+        }
+    }
+
     /// Hands the socket to the shard's parking lot. `false` if it could not
     /// (out of descriptors or memory): the task then simply goes on.
     fn park(&self, route: RouteId) -> bool {
@@ -625,7 +723,7 @@ impl<'a> Conn<'a> {
         if !self.carry.is_empty() {
             // A partial frame is waiting: read straight behind it.
             let want = self.grow_carry_for_frame();
-            if self.socket.recv_into(&mut self.carry, want)?.is_none() {
+            if recv(&self.socket, self.armed_ring(), &mut self.carry, want)?.is_none() {
                 return Ok(None);
             }
             self.session.peer_alive();
@@ -634,7 +732,7 @@ impl<'a> Conn<'a> {
         let shard = self.shard();
         let mut scratch = shard.scratch.borrow_mut();
         scratch.clear();
-        if self.socket.recv_into(&mut scratch, SCRATCH_BYTES)?.is_none() {
+        if recv(&self.socket, self.armed_ring(), &mut scratch, SCRATCH_BYTES)?.is_none() {
             return Ok(None);
         }
         self.session.peer_alive();
@@ -706,7 +804,7 @@ impl<'a> Conn<'a> {
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
         let mut closing = App::Closing;
         loop {
-            match ready_or_kick(self.stream.readable(false), self.session).await {
+            match ready_or_kick(input(self.stream, self.armed_ring()), self.session).await {
                 Ok(Wake::Ready) => {}
                 Ok(Wake::Kick(k)) if !k.has(Kick::TIMEOUT) => continue,
                 _ => return None,
@@ -778,6 +876,8 @@ impl<'a> Conn<'a> {
     /// After our last bytes: close our side and discard input until the peer
     /// closes its side or the close timeout passes.
     async fn linger(&mut self) {
+        // Input is discarded straight from the socket from now on.
+        self.release_ring();
         if self.socket.shutdown_write().is_err() {
             return;
         }
@@ -794,8 +894,9 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Gives pooled buffers back.
+    /// Gives pooled buffers and the socket's inbox back.
     fn release(&mut self) {
+        self.release_ring();
         let pool = &self.shard().pool;
         pool.give(std::mem::take(&mut self.carry));
         self.out.release(pool);

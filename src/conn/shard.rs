@@ -77,6 +77,9 @@ pub struct Shard {
     pub(super) admin_aborted: Cell<bool>,
     /// Keep-alive connections to the backend routes' upstreams.
     pub upstream: crate::upstream::Pool,
+    /// Under io_uring, the core's ring of socket receives, which open
+    /// sessions read through (`sys::ring`); set by the worker.
+    pub recv_ring: std::cell::OnceCell<Rc<crate::sys::ring::RecvRing>>,
 }
 
 impl Shard {
@@ -113,6 +116,7 @@ impl Shard {
             admin_aborted: Cell::new(false),
             // Upstream sockets share the client sockets' descriptors.
             upstream: crate::upstream::Pool::new(Some(admission_budget)),
+            recv_ring: std::cell::OnceCell::new(),
         });
         let wake: Weak<dyn Wake> = Rc::downgrade(&shard) as Weak<Shard>;
         shard.hub.sessions.wake_with(wake);

@@ -1,10 +1,12 @@
 //! A thin layer over the OS, shared by the server and the load-test
 //! harness: a socket's non-blocking reads and writes (through TLS when it
-//! has it), eventfds, and readiness waits on any fd. It knows nothing of
+//! has it), eventfds, readiness waits on any fd, and a core's ring of
+//! multishot socket receives under io_uring. It knows nothing of
 //! WebSocket, sessions or protocols.
 
 pub mod eventfd;
 pub mod fd;
+pub mod ring;
 pub mod socket;
 
 /// How far a write got.

@@ -66,6 +66,11 @@ impl<'a> Socket<'a> {
         self
     }
 
+    /// The socket speaks TLS.
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Ciphertext is waiting for the socket to take it (TLS only).
     pub fn has_pending(&self) -> bool {
         self.tls.as_ref().is_some_and(|t| t.borrow().has_pending())
