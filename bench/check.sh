@@ -83,15 +83,16 @@ done
 python3 - "$OUT/runs.txt" "${SERVERS[@]}" <<'PY' | tee "$OUT/table.md"
 import json, statistics, sys
 runs, servers = sys.argv[1], sys.argv[2:]
-data = {}
+data, failed = {}, {}
 for line in open(runs):
     shape, server, _, rest = line.split(" ", 3)
     try:
         data.setdefault(shape, {}).setdefault(server, []).append(json.loads(rest))
     except ValueError:
-        pass
-print("| shape | server | msg/s median (min-max) | server CPU µs/msg median | p99 / p99.9 µs median |")
-print("| --- | --- | --- | --- | --- |")
+        # the client failed (refused, closed by the server, bad port): counted
+        failed[(shape, server)] = failed.get((shape, server), 0) + 1
+print("| shape | server | msg/s median (min-max) | server CPU µs/msg median | p99 / p99.9 µs median | failed runs |")
+print("| --- | --- | --- | --- | --- | --- |")
 for shape, by_server in data.items():
     for sv in servers:
         rs = by_server.get(sv, [])
@@ -103,5 +104,8 @@ for shape, by_server in data.items():
         if "p99_us" in rs[0]:
             lat = f'{statistics.median(r["p99_us"] for r in rs):.0f} / {statistics.median(r["p999_us"] for r in rs):.0f}'
         print(f"| {shape} | {sv} | {statistics.median(rate) / 1e6:.3f} M ({min(rate) / 1e6:.3f}-{max(rate) / 1e6:.3f}) "
-              f"| {statistics.median(cpu):.2f} | {lat} |")
+              f"| {statistics.median(cpu):.2f} | {lat} | {failed.get((shape, sv), 0)} |")
+for (shape, sv), n in failed.items():
+    if sv not in data.get(shape, {}):
+        print(f"| {shape} | {sv} | - | - | - | {n} |")
 PY

@@ -177,6 +177,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mode must be echo, burst or rate\n");
         return 2;
     }
+    /* Writes block: what one connection has in flight must fit the two
+     * sockets' buffers, or client and server could both wait to write. */
+    if (!rate_mode && knob * (double)(size + 14) > 128 * 1024) {
+        fprintf(stderr, "DEPTH x SIZE must stay within 128 KiB\n");
+        return 2;
+    }
     if (size > 65535 || (rate_mode && size < 8)) {
         fprintf(stderr, "SIZE must be 8..65535 in rate mode, at most 65535 in echo mode\n");
         return 2;

@@ -685,14 +685,14 @@ impl<'a> Conn<'a> {
     }
 
     /// Before parking: ends the socket's receive on the ring and gives its
-    /// inbox up. `false` if bytes came before it ended: the session then
-    /// reads them instead of parking.
+    /// inbox up. `false` if bytes (or the end of the stream) came before it
+    /// ended: the session then reads them instead of parking.
     async fn stop_ring(&mut self) -> bool {
         let Some((ring, token)) = self.armed_ring() else {
             return true;
         };
         std::future::poll_fn(|cx| ring.poll_stopped(token, cx)).await;
-        if ring.has_input(token) {
+        if ring.has_input_or_end(token) {
             return false;
         }
         self.release_ring();

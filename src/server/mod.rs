@@ -372,17 +372,18 @@ struct Shared {
     shutdown: Arc<Shutdown>,
 }
 
-/// The ring of a worker: made for one thread per ring (Linux 6.1+).
-/// `SINGLE_ISSUER`: only this worker submits. `DEFER_TASKRUN`: the kernel
-/// finishes completions (a socket turned readable, say) when the worker
-/// waits for them in `io_uring_enter`, not by interrupting the thread with
-/// task work on its next return to user space. At 50,000 msg/s over 100
-/// connections this took the server's CPU from 0.673 to 0.647 of a core
-/// (medians of 8; `bench/check.sh`, see docs/ARCHITECTURE.md). A kernel
-/// that refuses the flags (before 6.1) gets a ring without them.
+/// The ring of a worker: made for one thread per ring (Linux 6.0+).
+/// `SINGLE_ISSUER`: only this worker submits. `COOP_TASKRUN`: the kernel
+/// finishes completions when the worker next enters it rather than
+/// interrupting the thread. (`DEFER_TASKRUN` took 4% off the CPU at a
+/// fixed rate, within the run's noise, but it defers completions to
+/// `io_uring_enter` calls that ask for events, and monoio's submission
+/// between two batches of tasks does not: the flusher's yield to the
+/// core's I/O would let none in. See docs/ARCHITECTURE.md.) A kernel that
+/// refuses the flags gets a ring without them.
 fn uring_runtime() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>> {
     let mut tuned = io_uring::IoUring::builder();
-    tuned.setup_single_issuer().setup_defer_taskrun();
+    tuned.setup_single_issuer().setup_coop_taskrun();
     let build = |setup: io_uring::Builder| {
         RuntimeBuilder::<IoUringDriver>::new()
             .uring_builder(setup)
@@ -391,7 +392,7 @@ fn uring_runtime() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<I
             .build()
     };
     build(tuned).or_else(|e| {
-        tracing::debug!(error = %e, "io_uring refused SINGLE_ISSUER and DEFER_TASKRUN; a ring without them");
+        tracing::debug!(error = %e, "io_uring refused SINGLE_ISSUER and COOP_TASKRUN; a ring without them");
         build(io_uring::IoUring::builder())
     })
 }

@@ -1,7 +1,7 @@
 //! A thin layer over the OS, shared by the server and the load-test
 //! harness: a socket's non-blocking reads and writes (through TLS when it
-//! has it), eventfds, readiness waits on any fd, and a core's ring of
-//! multishot socket receives under io_uring. It knows nothing of
+//! has it), eventfds, readiness waits on any fd, and a core's socket
+//! receives on its io_uring. It knows nothing of
 //! WebSocket, sessions or protocols.
 
 pub mod eventfd;

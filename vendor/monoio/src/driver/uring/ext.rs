@@ -1,7 +1,7 @@
 //! sluice's addition to monoio 0.2.4: raw submissions on the current
 //! thread's io_uring, and one handler for their completions, so that ops
-//! monoio does not define (a multishot receive into a registered buffer
-//! ring) run on the ring the runtime already waits on.
+//! monoio does not define (a receive into a registered buffer ring) run on
+//! the ring the runtime already waits on.
 //!
 //! - `push` queues an entry; it goes to the kernel with the runtime's next
 //!   submission (at the latest when the thread waits), like monoio's ops.
@@ -37,8 +37,14 @@ impl Queue<'_> {
         // stored) at once: monoio's own ops push through views of their
         // own meanwhile (a close, when a completion drops the last handle
         // on a file), and a view kept across them would store a stale
-        // tail over theirs.
-        self.0.submission().push(entry).is_ok()
+        // tail over theirs. A quarter of the queue is left to monoio's
+        // ops, whose submission into a full queue enters the kernel from
+        // inside the driver.
+        let mut sq = self.0.submission();
+        if sq.len() >= sq.capacity() / 4 * 3 {
+            return false;
+        }
+        sq.push(entry).is_ok()
     }
 }
 
@@ -46,6 +52,11 @@ type Handler = Box<dyn FnMut(&cqueue::Entry, &mut Queue<'_>)>;
 
 thread_local! {
     static HANDLER: RefCell<Option<Handler>> = const { RefCell::new(None) };
+    /// The handler is running: `push` would reach the driver's state
+    /// while the driver holds it.
+    static IN_HANDLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// `set_handler` was called while the handler ran.
+    static REPLACED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Completions of ours taken from the queue, handed over once the
     /// driver has gone through it.
     static STASH: RefCell<Vec<cqueue::Entry>> = const { RefCell::new(Vec::new()) };
@@ -54,6 +65,7 @@ thread_local! {
 /// Sets (or, with `None`, clears) the thread's handler of completions.
 pub fn set_handler(handler: Option<Handler>) {
     HANDLER.with(|h| *h.borrow_mut() = handler);
+    REPLACED.with(|r| r.set(true));
 }
 
 pub(crate) fn stash(cqe: cqueue::Entry) {
@@ -67,14 +79,21 @@ pub(crate) fn complete_stashed(uring: &mut io_uring::IoUring) {
     if stashed.is_empty() {
         return;
     }
-    HANDLER.with(|h| {
-        if let Some(handler) = h.borrow_mut().as_mut() {
-            let mut queue = Queue(uring);
-            for cqe in &stashed {
-                handler(cqe, &mut queue);
-            }
+    // Out of its cell while it runs, so that setting or clearing the
+    // handler meanwhile (a ring dropped by a woken task's end) is no
+    // second borrow; put back unless replaced.
+    if let Some(mut handler) = HANDLER.with(|h| h.borrow_mut().take()) {
+        REPLACED.with(|r| r.set(false));
+        IN_HANDLER.with(|f| f.set(true));
+        let mut queue = Queue(uring);
+        for cqe in &stashed {
+            handler(cqe, &mut queue);
         }
-    });
+        IN_HANDLER.with(|f| f.set(false));
+        if !REPLACED.with(|r| r.get()) {
+            HANDLER.with(|h| *h.borrow_mut() = Some(handler));
+        }
+    }
     // Keep the allocation for the next turn.
     let mut stashed = stashed;
     stashed.clear();
@@ -112,6 +131,9 @@ pub fn is_uring() -> bool {
 /// stays valid until its completion.
 pub unsafe fn push(entry: &squeue::Entry) -> io::Result<()> {
     debug_assert!(entry.get_user_data() & USER_DATA_BIT != 0);
+    if IN_HANDLER.with(|f| f.get()) {
+        return Err(io::Error::other("push from a handler: use its Queue"));
+    }
     with_uring(|inner| {
         if inner.uring.submission().is_full() {
             inner.submit()?;
