@@ -47,15 +47,8 @@ start_server() {
   SERVER_PID=$!
 }
 
-stop_server() {
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 100); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-}
+# stop_server (SIGTERM, a bounded wait, SIGKILL)
+source bench/lib.sh
 
 for shape in $SHAPES; do
   case $shape in

@@ -80,16 +80,8 @@ start_server() {
   SERVER_PID=$!
 }
 
-# stop_server: SIGTERM, then wait (bounded) for it to exit
-stop_server() {
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 100); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-}
+# stop_server (SIGTERM, a bounded wait, SIGKILL)
+source bench/lib.sh
 
 # lowest_median SCENARIO KEY: the lowest per-server median of KEY over this run's JSONs
 lowest_median() {

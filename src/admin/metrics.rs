@@ -21,6 +21,8 @@ pub struct CoreSnapshot {
     /// Per target core: envelopes waiting in our ring to it, and its capacity.
     pub rings: Vec<(usize, usize, usize)>,
     pub doorbell_signals: u64,
+    /// Receives under io_uring that found no buffer of the core free.
+    pub recv_buffer_waits: u64,
     #[serde(flatten)]
     pub stats: StatsView,
 }
@@ -298,6 +300,12 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "Times another core woke this one.",
         |c| c.doorbell_signals,
     ),
+    (
+        "recv_buffer_waits_total",
+        "counter",
+        "Receives under io_uring that found every buffer of the core's ring taken (each is queued again when its connection next reads).",
+        |c| c.recv_buffer_waits,
+    ),
 ];
 
 pub struct Metrics {
@@ -474,6 +482,7 @@ impl Metrics {
             queued_bytes: shard.hub.sessions.queued_bytes(),
             rings: shard.hub.mesh.fullness().collect(),
             doorbell_signals: shard.hub.mesh.doorbell_signals(),
+            recv_buffer_waits: shard.recv_ring.get().map_or(0, |r| r.starved()),
             stats: StatsView::from(&*shard.stats.borrow()),
         };
         if let Ok(mut slot) = self.cores[shard.core].lock() {

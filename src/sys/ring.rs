@@ -215,6 +215,9 @@ pub struct RecvRing {
     cancels: RefCell<Vec<u32>>,
     /// Sockets with a receive in flight.
     armed: Cell<usize>,
+    /// Receives that found every buffer taken (ENOBUFS): queued again by
+    /// `take`.
+    starved: Cell<u64>,
 }
 
 impl RecvRing {
@@ -235,6 +238,7 @@ impl RecvRing {
             free: RefCell::new(Vec::new()),
             cancels: RefCell::new(Vec::new()),
             armed: Cell::new(0),
+            starved: Cell::new(0),
         });
         let weak: Weak<RecvRing> = Rc::downgrade(&ring);
         uring_ext::set_handler(Some(Box::new(move |cqe, queue| {
@@ -400,6 +404,7 @@ impl RecvRing {
         inbox.more = result as usize >= BUFFER_BYTES || cqueue::sock_nonempty(flags);
         match result {
             0 => inbox.end = Some(End::Eof),
+            r if r == -libc::ENOBUFS => self.starved.set(self.starved.get() + 1),
             r if r < 0 && r != -libc::ENOBUFS && r != -libc::ECANCELED => inbox.end = Some(End::Failed(-r)),
             _ => {}
         }
@@ -520,7 +525,14 @@ impl RecvRing {
         if !inbox.armed {
             return Poll::Ready(());
         }
-        inbox.waker = Some(cx.waker().clone());
+        if inbox.cancelling {
+            inbox.waker = Some(cx.waker().clone());
+        } else {
+            // The cancel could not be queued (the submission queue full and
+            // the kernel refusing more): no completion is coming to wake
+            // us, so the next turn tries again.
+            cx.waker().wake_by_ref();
+        }
         Poll::Pending
     }
 
@@ -556,6 +568,11 @@ impl RecvRing {
     /// Sockets with a receive in flight.
     pub fn armed(&self) -> usize {
         self.armed.get()
+    }
+
+    /// Receives so far that found no buffer free.
+    pub fn starved(&self) -> u64 {
+        self.starved.get()
     }
 }
 
@@ -686,6 +703,40 @@ mod tests {
             assert_eq!(take_all(&ring, second, server2.as_fd()).unwrap(), b"fresh");
             ring.release(second);
             drop((server, server2));
+        });
+    }
+
+    /// More sockets with bytes waiting than the ring has buffers: the
+    /// receives that found none end with ENOBUFS and are queued again by
+    /// `take`; every socket gets all its bytes, in order.
+    #[test]
+    fn more_sockets_than_buffers_all_get_their_bytes() {
+        on_uring(async {
+            let ring = RecvRing::new().unwrap();
+            let sockets = usize::from(BUFFERS) + 476;
+            let message = |i: usize| -> Vec<u8> { (0..3000).map(|j| (i * 7 + j) as u8).collect() };
+            let mut armed = Vec::new();
+            for i in 0..sockets {
+                let (server, mut client) = pair();
+                let token = ring.arm(server.as_fd()).unwrap();
+                client.write_all(&message(i)).unwrap();
+                armed.push((server, client, token, Vec::new()));
+            }
+            assert_eq!(ring.armed(), sockets);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while armed.iter().any(|(_, _, _, got)| got.len() < 3000) {
+                assert!(std::time::Instant::now() < deadline, "bytes missing");
+                turn().await;
+                for (server, _, token, got) in &mut armed {
+                    got.extend(take_all(&ring, *token, server.as_fd()).unwrap_or_else(|e| panic!("{e}")));
+                }
+            }
+            assert!(ring.starved() > 0, "no receive ran out of buffers");
+            for (i, (server, _client, token, got)) in armed.into_iter().enumerate() {
+                assert_eq!(got, message(i), "socket {i}");
+                ring.release(token);
+                drop(server);
+            }
         });
     }
 }
