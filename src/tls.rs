@@ -350,14 +350,19 @@ impl TlsSession {
                         Err(e) => Err(io::Error::other(e.to_string())),
                     };
                     stage.clear();
-                    'frames: for frame in frames {
+                    'frames: for (i, frame) in frames.iter().enumerate() {
+                        let last = i + 1 == frames.len();
                         let mut rest: &[u8] = frame;
                         while !rest.is_empty() {
-                            if stage.is_empty() && rest.len() >= PLAIN_CHUNK {
-                                if !seal(&rest[..PLAIN_CHUNK])? {
+                            // A whole record's worth, or the last part with
+                            // nothing staged before it, is sealed where it
+                            // lies: staging it would copy it once more.
+                            if stage.is_empty() && (rest.len() >= PLAIN_CHUNK || last) {
+                                let n = rest.len().min(PLAIN_CHUNK);
+                                if !seal(&rest[..n])? {
                                     break 'frames;
                                 }
-                                rest = &rest[PLAIN_CHUNK..];
+                                rest = &rest[n..];
                                 continue;
                             }
                             let n = rest.len().min(PLAIN_CHUNK - stage.len());
