@@ -586,6 +586,12 @@ impl<'a> Conn<'a> {
             if self.kicks == Kick::PARK
                 && self.may_park(&reader, &app)
                 && Box::pin(self.stop_ring()).await
+                // Waiting for the receive to end let the core run: what
+                // came meanwhile (deliveries, a kick) is acted on, not
+                // parked over (a parked queue is listed only when it turns
+                // non-empty, and a kick to a task is not seen by a park).
+                && self.may_park(&reader, &app)
+                && !self.session.has_kick()
                 && self.park(route)
             {
                 return End::Parked;

@@ -352,6 +352,11 @@ impl Session {
         Ok(())
     }
 
+    /// Kicks wait to be taken (`poll_kick`).
+    pub fn has_kick(&self) -> bool {
+        self.with(|s| !s.kick.is_empty())
+    }
+
     /// Takes pending kicks, or stores `waker` to be woken by the next one.
     pub fn poll_kick(&self, waker: &Waker) -> Option<Kick> {
         self.with(|s| {
