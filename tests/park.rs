@@ -133,7 +133,8 @@ both_drivers!(many_parked_connections_resume_independently, |driver| {
 });
 
 // Deliveries that come while a subscriber is on its way to parking (under
-// io_uring its receive is being cancelled, and the core runs meanwhile)
+// io_uring its receive is being cancelled, and the core runs meanwhile;
+// under epoll a park does not wait, and the test checks the plain path)
 // are written, not parked over. Publishes come about once per park delay,
 // at moments spread over the sweep's tick, so many of them meet a park in
 // progress among the 1,000 subscribers (without the check after the

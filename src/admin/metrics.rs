@@ -303,7 +303,7 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
     (
         "recv_buffer_waits_total",
         "counter",
-        "Receives under io_uring that found every buffer of the core's ring taken (each is queued again when its connection next reads).",
+        "Receives under io_uring that found every buffer of the core's ring taken (the connection then reads from its socket directly).",
         |c| c.recv_buffer_waits,
     ),
 ];

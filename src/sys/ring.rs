@@ -40,9 +40,11 @@
 //! - A receive that cannot be queued (`io_uring_enter` failing) ends the
 //!   session once the bytes before it are read; a cancel that cannot be
 //!   queued is tried again at the next call.
-//! - A receive that found no buffer (all in completions not yet taken) is
-//!   queued again by `take`; one that ends on end of stream or an error
-//!   reports it after the bytes before it.
+//! - A receive that found no buffer free (more sockets had bytes in one
+//!   turn than the ring has buffers) is read on straight from the socket
+//!   by the next `take`, as a burst is, and then queued again; one that
+//!   ends on end of stream or an error reports it after the bytes before
+//!   it.
 //!
 //! Memory: the buffers (`BUFFERS` x `BUFFER_BYTES`, 4 MiB a core, touched
 //! as they are used) and the ring of their descriptors are never freed:
@@ -65,6 +67,8 @@ const BUFFERS: u16 = 1024;
 const BUFFER_BYTES: usize = 4096;
 /// The buffer group of the core's one buffer ring.
 const GROUP: u16 = 0x5c;
+// `Buffers::push` writes the kernel's 16-byte `struct io_uring_buf`.
+const _: () = assert!(std::mem::size_of::<types::BufRingEntry>() == 16);
 /// The most `take` reads straight from the socket after a burst.
 const DIRECT_READ_BYTES: usize = 64 * 1024;
 /// Unread bytes an inbox holds before no more receives are queued.
@@ -177,13 +181,21 @@ impl Buffers {
     fn push(&self, bid: u16) {
         let tail = self.tail.get();
         let slot = usize::from(tail & (BUFFERS - 1));
-        // SAFETY: `slot` < BUFFERS, inside the descriptor ring. The kernel
-        // reads descriptors only between its head and the published tail,
-        // and this one is past the published tail until `publish`.
-        let entry = unsafe { &mut *self.entries.add(slot) };
-        entry.set_addr(self.buffer(bid) as u64);
-        entry.set_len(BUFFER_BYTES as u32);
-        entry.set_bid(bid);
+        // The descriptor is the kernel's `struct io_uring_buf`: addr (u64)
+        // at 0, len (u32) at 8, bid (u16) at 12; the ring's tail sits in the
+        // first one's last two bytes, which the kernel reads at any time, so
+        // the three fields are written through raw pointers, never through
+        // a reference to the whole descriptor.
+        // SAFETY: `slot` < BUFFERS, inside the descriptor ring (16-byte
+        // aligned descriptors, page-aligned ring). The kernel reads these
+        // fields only between its head and the published tail, and this
+        // descriptor is past the published tail until `publish`.
+        unsafe {
+            let entry = self.entries.add(slot).cast::<u8>();
+            entry.cast::<u64>().write(self.buffer(bid) as u64);
+            entry.add(8).cast::<u32>().write(BUFFER_BYTES as u32);
+            entry.add(12).cast::<u16>().write(bid);
+        }
         self.tail.set(tail.wrapping_add(1));
     }
 
@@ -324,7 +336,10 @@ impl RecvRing {
         if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(token.index(), generation)) } {
             // The receive goes on; the next call tries again.
             self.inboxes.borrow_mut()[token.index()].cancelling = false;
-            self.cancels.borrow_mut().push(token.index() as u32);
+            let mut cancels = self.cancels.borrow_mut();
+            if !cancels.contains(&(token.index() as u32)) {
+                cancels.push(token.index() as u32);
+            }
             tracing::debug!(error = %e, "cannot cancel a receive");
         }
     }
@@ -401,16 +416,26 @@ impl RecvRing {
             self.buffers.push(bid);
             self.buffers.publish();
         }
-        inbox.more = result as usize >= BUFFER_BYTES || cqueue::sock_nonempty(flags);
+        // A burst (a full buffer, or bytes left in the socket), or no buffer
+        // free: `take` reads on straight from the socket. (Queueing again
+        // after no buffer would mostly meet none again while the burst that
+        // took them all is being taken.)
+        inbox.more = result == -libc::ENOBUFS
+            || (result > 0 && (result as usize >= BUFFER_BYTES || cqueue::sock_nonempty(flags)));
         match result {
             0 => inbox.end = Some(End::Eof),
             r if r == -libc::ENOBUFS => self.starved.set(self.starved.get() + 1),
-            r if r < 0 && r != -libc::ENOBUFS && r != -libc::ECANCELED => inbox.end = Some(End::Failed(-r)),
+            // Cancelled (a park), or interrupted in the kernel's workers
+            // while it was being cancelled: the socket is as it was.
+            r if r == -libc::ECANCELED || r == -libc::EINTR || r == -libc::EAGAIN => {}
+            r if r < 0 => inbox.end = Some(End::Failed(-r)),
             _ => {}
         }
-        // Each receive takes one buffer and ends.
+        // Each receive takes one buffer and ends; a cancel still waiting to
+        // be queued would now reach the next one.
         inbox.armed = false;
         self.armed.set(self.armed.get() - 1);
+        self.cancels.borrow_mut().retain(|&i| i as usize != index);
         if inbox.orphan {
             drop(inboxes);
             self.free_inbox(index);
@@ -546,8 +571,13 @@ impl RecvRing {
 
     /// Gives `token`'s inbox up: now if its receive has ended, else at the
     /// receive's last completion (it is cancelled; what it still gets is
-    /// dropped). The socket may be closed right after: the kernel keeps
-    /// its file until the receive ends.
+    /// dropped). The socket may be closed right after through the runtime
+    /// (monoio's close is an entry on the same ring, queued behind the
+    /// receive and its cancel, and the kernel takes entries in order, so
+    /// the receive holds the old socket's file until it ends). A `close(2)`
+    /// of its own would not be safe: a receive queued this turn looks its
+    /// descriptor up only at the next submission, and might find another
+    /// socket under the same number.
     pub fn release(&self, token: Token) {
         self.retry_cancels();
         let armed = {
@@ -684,13 +714,16 @@ mod tests {
     }
 
     /// A receive given up while armed ends, and its inbox is used again
-    /// by the next socket; a late completion of the old one finds nothing.
+    /// by the next socket; a late completion for the old one (a no-op
+    /// entry with its user_data, which would otherwise read as an end of
+    /// stream) does not reach the new one.
     #[test]
     fn a_released_inbox_is_freed_and_used_again() {
         on_uring(async {
             let ring = RecvRing::new().unwrap();
             let (server, mut client) = pair();
             let first = ring.arm(server.as_fd()).unwrap();
+            let old_generation = ring.inboxes.borrow()[first.index()].generation;
             ring.release(first);
             client.write_all(b"late").unwrap();
             turn().await;
@@ -698,6 +731,14 @@ mod tests {
             let (server2, mut client2) = pair();
             let second = ring.arm(server2.as_fd()).unwrap();
             assert_eq!(second.index(), first.index(), "the freed inbox is used again");
+            let late = opcode::Nop::new()
+                .build()
+                .user_data(user_data(first.index(), old_generation));
+            // SAFETY: a no-op points to no memory.
+            unsafe { uring_ext::push(&late).unwrap() };
+            turn().await;
+            assert_eq!(ring.armed(), 1, "the new receive is still in flight");
+            assert!(!ring.has_input_or_end(second), "nothing reached the new inbox");
             client2.write_all(b"fresh").unwrap();
             turn().await;
             assert_eq!(take_all(&ring, second, server2.as_fd()).unwrap(), b"fresh");
@@ -707,8 +748,9 @@ mod tests {
     }
 
     /// More sockets with bytes waiting than the ring has buffers: the
-    /// receives that found none end with ENOBUFS and are queued again by
-    /// `take`; every socket gets all its bytes, in order.
+    /// receives that found none end with ENOBUFS, `take` reads those
+    /// sockets directly and queues their receives again; every socket gets
+    /// all its bytes, in order.
     #[test]
     fn more_sockets_than_buffers_all_get_their_bytes() {
         on_uring(async {

@@ -34,10 +34,10 @@ impl Queue<'_> {
     /// stays valid until its completion.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> bool {
         // A fresh view of the queue for each entry, dropped (its tail
-        // stored) at once: monoio's own ops push through views of their
-        // own meanwhile (a close, when a completion drops the last handle
-        // on a file), and a view kept across them would store a stale
-        // tail over theirs. A quarter of the queue is left to monoio's
+        // stored) at once: a handler wakes tasks but runs none, so nothing
+        // else pushes while it runs today; a view kept across a push of
+        // monoio's own (a close, when the last handle on a file is
+        // dropped) would store a stale tail over it. A quarter of the queue is left to monoio's
         // ops, whose submission into a full queue enters the kernel from
         // inside the driver.
         let mut sq = self.0.submission();
@@ -109,10 +109,13 @@ fn with_uring<R>(f: impl FnOnce(&mut super::UringInner) -> io::Result<R>) -> io:
     if !CURRENT.is_set() {
         return Err(io::Error::other("not in a monoio runtime"));
     }
+    if IN_HANDLER.with(|f| f.get()) {
+        return Err(io::Error::other("the driver is busy: from a handler, use its Queue"));
+    }
     CURRENT.with(|inner| match inner {
         // SAFETY: the driver's state is used from its own thread only, and
-        // not while the driver processes completions (a handler queues
-        // through its `Queue`, never here).
+        // not while the driver processes completions (refused just above
+        // while a handler runs; a handler queues through its `Queue`).
         Inner::Uring(this) => f(unsafe { &mut *this.get() }),
         #[allow(unreachable_patterns)]
         _ => Err(io::Error::other("not an io_uring runtime")),
@@ -131,9 +134,6 @@ pub fn is_uring() -> bool {
 /// stays valid until its completion.
 pub unsafe fn push(entry: &squeue::Entry) -> io::Result<()> {
     debug_assert!(entry.get_user_data() & USER_DATA_BIT != 0);
-    if IN_HANDLER.with(|f| f.get()) {
-        return Err(io::Error::other("push from a handler: use its Queue"));
-    }
     with_uring(|inner| {
         if inner.uring.submission().is_full() {
             inner.submit()?;
