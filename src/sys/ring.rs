@@ -227,8 +227,8 @@ pub struct RecvRing {
     cancels: RefCell<Vec<u32>>,
     /// Sockets with a receive in flight.
     armed: Cell<usize>,
-    /// Receives that found every buffer taken (ENOBUFS): queued again by
-    /// `take`.
+    /// Receives that found every buffer taken (ENOBUFS): `take` reads on
+    /// from the socket, then queues them again.
     starved: Cell<u64>,
 }
 

@@ -37,9 +37,9 @@ impl Queue<'_> {
         // stored) at once: a handler wakes tasks but runs none, so nothing
         // else pushes while it runs today; a view kept across a push of
         // monoio's own (a close, when the last handle on a file is
-        // dropped) would store a stale tail over it. A quarter of the queue is left to monoio's
-        // ops, whose submission into a full queue enters the kernel from
-        // inside the driver.
+        // dropped) would store a stale tail over it. A quarter of the
+        // queue is left to monoio's ops, whose submission into a full
+        // queue enters the kernel from inside the driver.
         let mut sq = self.0.submission();
         if sq.len() >= sq.capacity() / 4 * 3 {
             return false;
