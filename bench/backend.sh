@@ -117,17 +117,9 @@ start_gateway() {
   return 0
 }
 
+source bench/lib.sh
 stop_gateway() {
-  local pid
-  for pid in "${GATEWAY_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${GATEWAY_PIDS[@]}"; do
-    for _ in $(seq 100); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_pids "${GATEWAY_PIDS[@]}"
   # Pushpin's fixed ports (its handler's) must be free for the next start.
   sleep 1
 }

@@ -1,13 +1,21 @@
 # Shell functions the bench scripts share (sourced, not run).
 
-# stop_server: SIGTERM to $SERVER_PID, a bounded wait for it to exit, then
-# SIGKILL if it has not.
-stop_server() {
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 100); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
+# stop_pids PID...: SIGTERM to each, a bounded wait (10 s) for each to exit,
+# then SIGKILL to any that has not.
+stop_pids() {
+  local pid
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "$@"; do
+    for _ in $(seq 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
   done
-  kill -KILL "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+}
+
+# stop_server: stop_pids for $SERVER_PID.
+stop_server() {
+  stop_pids "$SERVER_PID"
 }
