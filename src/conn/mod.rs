@@ -826,11 +826,91 @@ impl<'a> Conn<'a> {
     /// Writes all queued output (the session's own replies, then queued
     /// deliveries), waiting for writability as needed.
     async fn flush(&mut self) -> io::Result<()> {
+        if let Some((ring, token)) = self.ring_for_output() {
+            if !self.send_on_ring(ring, token).await? {
+                return Ok(());
+            }
+        }
         match self.try_flush()? {
             Flush::Done => Ok(()),
             // A full socket is the rare case: its wait is boxed.
             Flush::Blocked => Box::pin(self.flush_when_writable()).await,
         }
+    }
+
+    /// The ring, when the session's own output goes through it: under
+    /// io_uring, once its receive is armed there (plain sockets only), and
+    /// while no delivery waits (deliveries go by vectored writes of shared
+    /// frames, after our own output).
+    fn ring_for_output(&self) -> Option<(&'a RecvRing, Token)> {
+        if self.deliveries || self.out.is_empty() {
+            return None;
+        }
+        self.armed_ring()
+    }
+
+    /// Sends our queued output as sends on the core's ring, which go to
+    /// the kernel with the loop's next submission, every session's sends
+    /// of a turn in one system call; then waits for each to end, so a
+    /// session has one in flight at most and nothing else writes to its
+    /// socket meanwhile. `Ok(false)`: a kick that ends the wait for output
+    /// (a slow consumer, a close, an expiry) came first; what is unsent
+    /// stays queued. The send is ended and waited for before any return,
+    /// so none is in flight outside this call.
+    async fn send_on_ring(&mut self, ring: &'a RecvRing, token: Token) -> io::Result<bool> {
+        // The last send ended short: the socket was full.
+        let mut full = false;
+        while !self.out.is_empty() {
+            let len = self.out.unsent();
+            ring.send(token, self.socket.fd(), self.out.take_unsent())?;
+            let mut stop = None;
+            loop {
+                let sent = std::future::poll_fn(|cx| ring.poll_sent(token, cx).map(Ok));
+                match ready_or_kick(sent, self.session).await {
+                    Ok(Wake::Ready) => break,
+                    // As on a full socket (`flush_when_writable`).
+                    Ok(Wake::Kick(k)) if k.has(Kick::TIMEOUT) => stop = Some(Err(io::ErrorKind::TimedOut.into())),
+                    Ok(Wake::Kick(k)) if k.has(Kick::SLOW) || k.has(Kick::CLOSE) || k.has(Kick::EXPIRED) => {
+                        self.kicks = self.kicks.with(k);
+                        stop = Some(Ok(false));
+                    }
+                    Ok(Wake::Kick(k)) => {
+                        self.deliveries |= k.has(Kick::DELIVER);
+                        self.kicks = self.kicks.with(k);
+                        continue;
+                    }
+                    Err(e) => stop = Some(Err(e)),
+                }
+                // Ended now: the cancel's completion says what went out.
+                std::future::poll_fn(|cx| ring.poll_send_stopped(token, cx)).await;
+                break;
+            }
+            let (bytes, result) = ring.take_sent(token);
+            let pool = &self.shard().pool;
+            match result {
+                Ok(n) => {
+                    if full && n > 0 {
+                        // Bytes went into a socket that was full: the peer
+                        // takes them, so it is alive, as when a full socket
+                        // turns writable. (A send that goes at once says
+                        // nothing of the peer: a silent one still times
+                        // out.)
+                        self.session.peer_alive();
+                    }
+                    full = n < len;
+                    self.out.sent_back(pool, bytes, n);
+                    self.shard().stats.borrow_mut().bytes_out += self.out.take_written();
+                }
+                Err(e) => {
+                    pool.give(bytes);
+                    return Err(e);
+                }
+            }
+            if let Some(stop) = stop {
+                return stop;
+            }
+        }
+        Ok(true)
     }
 
     /// Frames never interleave: a delivery partly written is finished

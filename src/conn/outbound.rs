@@ -97,6 +97,36 @@ impl Outbound {
         Ok(Flush::Done)
     }
 
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Hands the bytes not yet written over to a send that owns them until
+    /// it ends (`sent_back`); nothing is queued after.
+    pub fn take_unsent(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.buf);
+        // Only after a send that ended short.
+        buf.drain(..self.sent);
+        self.sent = 0;
+        buf
+    }
+
+    /// Takes back the bytes of a send that ended after writing `n` of
+    /// them: all written, the buffer goes back to the pool; else the rest
+    /// is queued again. Nothing was queued meanwhile: the send's owner
+    /// waited for it.
+    pub fn sent_back(&mut self, pool: &BufferPool, buf: Vec<u8>, n: usize) {
+        debug_assert!(self.buf.capacity() == 0, "output queued during a send");
+        self.written += n as u64;
+        if n >= buf.len() {
+            pool.give(buf);
+        } else {
+            self.buf = buf;
+            self.sent = n;
+        }
+    }
+
     /// Bytes written since the last call.
     pub fn take_written(&mut self) -> u64 {
         std::mem::take(&mut self.written)

@@ -12,14 +12,19 @@
 //! How it runs:
 //! - A socket's receive takes one buffer (at most `BUFFER_BYTES`) and
 //!   ends. monoio's driver hands its completion to `complete`, while it
-//!   processes completions after its wait: the bytes are copied into the
-//!   socket's inbox (a plain `Vec`, unallocated between arrivals), the
-//!   buffer goes back to the kernel at once (so the ring's buffers never
-//!   wait on a connection), the next receive is queued while the inbox
-//!   holds less than a buffer (`INBOX_LIMIT_BYTES`), and the socket's task
-//!   is woken. Entries go
-//!   to the kernel with the runtime's next submission: no system call of
-//!   their own.
+//!   processes completions after its wait: the inbox keeps the buffer
+//!   until its task takes the bytes (`take` copies them out once and gives
+//!   the buffer back), the next receive is queued while the inbox holds
+//!   less than a buffer (`INBOX_LIMIT_BYTES`), and the socket's task is
+//!   woken. Bytes that arrive while the inbox already holds some, or while
+//!   the core's inboxes hold half the ring (`HELD_LIMIT`), are copied into
+//!   the inbox's `Vec` (unallocated between arrivals) and their buffer
+//!   goes back at once: sessions that stop reading never hold more than
+//!   half the buffers. Entries go to the kernel with the runtime's next
+//!   submission: no system call of their own.
+//! - A receive queued after the socket was read dry asks the kernel to
+//!   wait for bytes before it reads (`IORING_RECVSEND_POLL_FIRST`), rather
+//!   than try a read that finds nothing first.
 //! - At the limit no receive is queued: the socket is not read, so TCP's
 //!   flow control holds the peer back, as for a connection that stops
 //!   reading. `take` queues one again once the task has taken what
@@ -73,9 +78,44 @@ const _: () = assert!(std::mem::size_of::<types::BufRingEntry>() == 16);
 const DIRECT_READ_BYTES: usize = 64 * 1024;
 /// Unread bytes an inbox holds before no more receives are queued.
 pub const INBOX_LIMIT_BYTES: usize = BUFFER_BYTES;
+/// Buffers the core's inboxes may hold at once; past it, a receive's
+/// bytes are copied out and its buffer given back at once, so sessions
+/// that do not read never take more than half the ring.
+const HELD_LIMIT: u16 = BUFFERS / 2;
 /// user_data of the cancel requests, whose completions are ignored (no
 /// inbox has this index).
 const CANCEL_USER_DATA: u64 = USER_DATA_BIT | u32::MAX as u64;
+
+/// What a receive about to be queued knows of its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Empty {
+    /// The socket was just read dry: the bytes the receive waits for are
+    /// still to come.
+    Likely,
+    /// Bytes may be there already (a first receive, or one after a read
+    /// that stopped at its size).
+    Unknown,
+}
+
+/// `IORING_RECVSEND_POLL_FIRST` on a receive (kernel 5.19+, as buffer
+/// rings): the kernel waits for the socket to turn readable before it
+/// tries to read, instead of a read that finds nothing and then the
+/// wait. For a socket just read dry that first read is wasted work: with
+/// it skipped, server CPU per message at a fixed 50,000 msg/s fell by
+/// 4% (docs/ARCHITECTURE.md, "Reads and writes under io_uring").
+fn poll_first(mut entry: squeue::Entry) -> squeue::Entry {
+    // SAFETY: `squeue::Entry` is `repr(C)` around the kernel's 64-byte
+    // `struct io_uring_sqe`, whose `ioprio` (u16) sits at byte 2 (checked
+    // by `poll_first_sets_ioprio`); io-uring 0.6 has no setter for it on
+    // a receive.
+    let sqe = unsafe { &mut *(&mut entry as *mut squeue::Entry).cast::<[u8; 64]>() };
+    sqe[2..4].copy_from_slice(&IORING_RECVSEND_POLL_FIRST.to_ne_bytes());
+    entry
+}
+
+/// The kernel's flag (include/uapi/linux/io_uring.h).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
 
 /// One armed socket's handle: its inbox's index, plus one (so an
 /// `Option<Token>` is 4 bytes: it sits in every connection's task).
@@ -92,11 +132,22 @@ impl Token {
     }
 }
 
-/// The user_data of an entry for inbox `index` in its `generation` (31
-/// bits) under our mark (the top bit). A completion for an inbox since
-/// freed and used again does not match its generation.
+/// Generations count in 30 bits: the two above them in a user_data are
+/// our mark and `SEND_BIT`.
+const GENERATION_MASK: u32 = 0x3fff_ffff;
+/// Set in the user_data of a send (and its cancel's target).
+const SEND_BIT: u64 = 1 << 62;
+
+/// The user_data of a receive for inbox `index` in its `generation` under
+/// our mark (the top bit). A completion for an inbox since freed and used
+/// again does not match its generation.
 fn user_data(index: usize, generation: u32) -> u64 {
-    USER_DATA_BIT | (u64::from(generation & 0x7fff_ffff) << 32) | index as u64
+    USER_DATA_BIT | (u64::from(generation & GENERATION_MASK) << 32) | index as u64
+}
+
+/// The user_data of a send on inbox `index`'s socket.
+fn send_user_data(index: usize, generation: u32) -> u64 {
+    user_data(index, generation) | SEND_BIT
 }
 
 /// How a socket's receive ended.
@@ -108,7 +159,6 @@ enum End {
     Failed(i32),
 }
 
-#[derive(Default)]
 struct Inbox {
     /// The socket received from.
     fd: RawFd,
@@ -118,10 +168,23 @@ struct Inbox {
     armed: bool,
     /// A cancel of the receive is on its way.
     cancelling: bool,
-    /// Its owner is gone: the inbox is freed at the receive's last
-    /// completion.
+    /// Its owner is gone: the inbox is freed at the last completion of its
+    /// receive and its send.
     orphan: bool,
-    /// Bytes received and not yet taken.
+    /// A send is in flight (until its completion).
+    sending: bool,
+    /// A cancel of the send is on its way.
+    send_cancelling: bool,
+    /// How the last send ended: bytes sent (>= 0) or an errno (< 0);
+    /// `i32::MIN` while none has ended since the last `take_sent`.
+    sent: i32,
+    /// The bytes of the send in flight, or of the last one until
+    /// `take_sent`: the kernel reads them until the send's completion.
+    out: Vec<u8>,
+    /// The first bytes received and not yet taken, still in the ring's
+    /// buffer they came in (no copy until `take`).
+    held: Option<Held>,
+    /// Bytes received and not yet taken, after `held`'s.
     data: Vec<u8>,
     /// The last receive left bytes in the socket (or filled its buffer):
     /// `take` reads them straight from the socket, no receive being in
@@ -129,6 +192,44 @@ struct Inbox {
     more: bool,
     end: Option<End>,
     waker: Option<Waker>,
+}
+
+impl Default for Inbox {
+    fn default() -> Inbox {
+        Inbox {
+            fd: -1,
+            generation: 0,
+            in_use: false,
+            armed: false,
+            cancelling: false,
+            orphan: false,
+            sending: false,
+            send_cancelling: false,
+            sent: i32::MIN,
+            out: Vec::new(),
+            held: None,
+            data: Vec::new(),
+            more: false,
+            end: None,
+            waker: None,
+        }
+    }
+}
+
+/// A buffer of the ring kept by an inbox: bytes `start..end` are not yet
+/// taken.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    bid: u16,
+    start: u16,
+    end: u16,
+}
+
+impl Inbox {
+    /// Bytes received and not yet taken.
+    fn pending(&self) -> usize {
+        self.held.map_or(0, |h| usize::from(h.end - h.start)) + self.data.len()
+    }
 }
 
 /// Every core's buffer memory, which is never freed.
@@ -222,14 +323,18 @@ pub struct RecvRing {
     buffers: Buffers,
     inboxes: RefCell<Vec<Inbox>>,
     free: RefCell<Vec<u32>>,
-    /// Inboxes whose cancel could not be queued, tried again by the next
-    /// call.
-    cancels: RefCell<Vec<u32>>,
+    /// Inboxes whose cancel (of their receive, or with `true` of their
+    /// send) could not be queued, tried again by the next call.
+    cancels: RefCell<Vec<(u32, bool)>>,
     /// Sockets with a receive in flight.
     armed: Cell<usize>,
+    /// Sockets with a send in flight.
+    sending: Cell<usize>,
     /// Receives that found every buffer taken (ENOBUFS): `take` reads on
     /// from the socket, then queues them again.
     starved: Cell<u64>,
+    /// Buffers held by inboxes (at most `HELD_LIMIT`).
+    held: Cell<u16>,
 }
 
 impl RecvRing {
@@ -250,7 +355,9 @@ impl RecvRing {
             free: RefCell::new(Vec::new()),
             cancels: RefCell::new(Vec::new()),
             armed: Cell::new(0),
+            sending: Cell::new(0),
             starved: Cell::new(0),
+            held: Cell::new(0),
         });
         let weak: Weak<RecvRing> = Rc::downgrade(&ring);
         uring_ext::set_handler(Some(Box::new(move |cqe, queue| {
@@ -277,11 +384,11 @@ impl RecvRing {
                 None => return Err(io::ErrorKind::OutOfMemory.into()),
             };
             let inbox = &mut inboxes[index as usize];
-            inbox.generation = inbox.generation.wrapping_add(1) & 0x7fff_ffff;
+            inbox.generation = inbox.generation.wrapping_add(1) & GENERATION_MASK;
             inbox.in_use = true;
             Token::new(index as usize)
         };
-        if let Err(e) = self.submit_receive(token, fd.as_raw_fd()) {
+        if let Err(e) = self.submit_receive(token, fd.as_raw_fd(), Empty::Unknown) {
             self.free_inbox(token.index());
             return Err(e);
         }
@@ -289,20 +396,24 @@ impl RecvRing {
     }
 
     /// A receive of at most one buffer into inbox `index`.
-    fn receive_entry(index: usize, inbox: &Inbox) -> squeue::Entry {
-        opcode::Recv::new(types::Fd(inbox.fd), std::ptr::null_mut(), BUFFER_BYTES as u32)
+    fn receive_entry(index: usize, inbox: &Inbox, empty: Empty) -> squeue::Entry {
+        let entry = opcode::Recv::new(types::Fd(inbox.fd), std::ptr::null_mut(), BUFFER_BYTES as u32)
             .buf_group(GROUP)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
-            .user_data(user_data(index, inbox.generation))
+            .user_data(user_data(index, inbox.generation));
+        match empty {
+            Empty::Likely => poll_first(entry),
+            Empty::Unknown => entry,
+        }
     }
 
-    fn submit_receive(&self, token: Token, fd: RawFd) -> io::Result<()> {
+    fn submit_receive(&self, token: Token, fd: RawFd, empty: Empty) -> io::Result<()> {
         let entry = {
             let mut inboxes = self.inboxes.borrow_mut();
             let inbox = &mut inboxes[token.index()];
             inbox.fd = fd;
-            Self::receive_entry(token.index(), inbox)
+            Self::receive_entry(token.index(), inbox, empty)
         };
         // SAFETY: the entry points to no memory but the registered buffers,
         // which are never freed.
@@ -315,10 +426,17 @@ impl RecvRing {
         Ok(())
     }
 
-    fn cancel_entry(index: usize, generation: u32) -> squeue::Entry {
-        opcode::AsyncCancel::new(user_data(index, generation))
-            .build()
-            .user_data(CANCEL_USER_DATA)
+    fn cancel_entry(target: u64) -> squeue::Entry {
+        opcode::AsyncCancel::new(target).build().user_data(CANCEL_USER_DATA)
+    }
+
+    /// Lists inbox `index`'s cancel (of its send, with `send`) to be
+    /// tried again by the next call.
+    fn cancel_later(&self, index: usize, send: bool) {
+        let mut cancels = self.cancels.borrow_mut();
+        if !cancels.contains(&(index as u32, send)) {
+            cancels.push((index as u32, send));
+        }
     }
 
     /// Asks the kernel to end `token`'s receive, once.
@@ -333,14 +451,31 @@ impl RecvRing {
             inbox.generation
         };
         // SAFETY: a cancel points to no memory.
-        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(token.index(), generation)) } {
+        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(user_data(token.index(), generation))) } {
             // The receive goes on; the next call tries again.
             self.inboxes.borrow_mut()[token.index()].cancelling = false;
-            let mut cancels = self.cancels.borrow_mut();
-            if !cancels.contains(&(token.index() as u32)) {
-                cancels.push(token.index() as u32);
-            }
+            self.cancel_later(token.index(), false);
             tracing::debug!(error = %e, "cannot cancel a receive");
+        }
+    }
+
+    /// Asks the kernel to end `token`'s send, once. Its completion then
+    /// says how much of it went out.
+    pub fn cancel_send(&self, token: Token) {
+        let generation = {
+            let mut inboxes = self.inboxes.borrow_mut();
+            let inbox = &mut inboxes[token.index()];
+            if !inbox.sending || inbox.send_cancelling {
+                return;
+            }
+            inbox.send_cancelling = true;
+            inbox.generation
+        };
+        // SAFETY: a cancel points to no memory.
+        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(send_user_data(token.index(), generation))) } {
+            self.inboxes.borrow_mut()[token.index()].send_cancelling = false;
+            self.cancel_later(token.index(), true);
+            tracing::debug!(error = %e, "cannot cancel a send");
         }
     }
 
@@ -350,21 +485,37 @@ impl RecvRing {
             return;
         }
         let waiting = std::mem::take(&mut *self.cancels.borrow_mut());
-        for index in waiting {
-            let in_flight = self
-                .inboxes
-                .borrow()
-                .get(index as usize)
-                .is_some_and(|i| i.in_use && i.armed && !i.cancelling);
-            if in_flight {
-                self.cancel(Token::new(index as usize));
+        for (index, send) in waiting {
+            let inboxes = self.inboxes.borrow();
+            let Some(inbox) = inboxes.get(index as usize).filter(|i| i.in_use) else {
+                continue;
+            };
+            let (receive, sending) = (
+                inbox.armed && !inbox.cancelling,
+                inbox.sending && !inbox.send_cancelling,
+            );
+            drop(inboxes);
+            match send {
+                false if receive => self.cancel(Token::new(index as usize)),
+                true if sending => self.cancel_send(Token::new(index as usize)),
+                _ => {}
             }
+        }
+    }
+
+    /// Gives the buffer `inbox` holds, if any, back to the kernel.
+    fn give_back(&self, inbox: &mut Inbox) {
+        if let Some(held) = inbox.held.take() {
+            self.buffers.push(held.bid);
+            self.buffers.publish();
+            self.held.set(self.held.get() - 1);
         }
     }
 
     fn free_inbox(&self, index: usize) {
         let mut inboxes = self.inboxes.borrow_mut();
         let inbox = &mut inboxes[index];
+        self.give_back(inbox);
         let generation = inbox.generation;
         *inbox = Inbox {
             generation,
@@ -374,14 +525,19 @@ impl RecvRing {
     }
 
     /// One completion of ours, from inside the driver's completion
-    /// processing: bytes to their inbox (or, for an inbox whose owner is
-    /// gone, nowhere), the buffer back to the kernel, the owner woken.
+    /// processing: the bytes kept in their buffer for the inbox (or copied
+    /// into it, the buffer going back to the kernel; or, for an inbox
+    /// whose owner is gone, dropped), the owner woken.
     fn complete(&self, cqe: &cqueue::Entry, queue: &mut Queue<'_>) {
         if cqe.user_data() == CANCEL_USER_DATA {
             return;
         }
         let index = cqe.user_data() as u32 as usize;
-        let generation = ((cqe.user_data() & !USER_DATA_BIT) >> 32) as u32;
+        let generation = ((cqe.user_data() >> 32) as u32) & GENERATION_MASK;
+        if cqe.user_data() & SEND_BIT != 0 {
+            self.complete_send(index, generation, cqe.result());
+            return;
+        }
         let (result, flags) = (cqe.result(), cqe.flags());
         let buffer = cqueue::buffer_select(flags).filter(|&bid| bid < BUFFERS);
         let mut inboxes = self.inboxes.borrow_mut();
@@ -404,17 +560,34 @@ impl RecvRing {
             inbox.end = Some(End::Failed(libc::EIO));
         }
         if let Some(bid) = buffer {
-            if result > 0 && !inbox.orphan {
-                let len = (result as usize).min(BUFFER_BYTES);
-                // SAFETY: the kernel wrote `len` <= BUFFER_BYTES bytes into
-                // buffer `bid`, which is ours until pushed back below.
-                let bytes = unsafe { std::slice::from_raw_parts(self.buffers.buffer(bid), len) };
-                // Exactly what waits: at most the limit plus one buffer.
-                inbox.data.reserve_exact(len);
-                inbox.data.extend_from_slice(bytes);
+            let len = if result > 0 && !inbox.orphan {
+                (result as usize).min(BUFFER_BYTES)
+            } else {
+                0
+            };
+            if len > 0 && inbox.pending() == 0 && self.held.get() < HELD_LIMIT {
+                // The usual case, a session that takes its bytes this turn:
+                // they stay where the kernel put them until `take` copies
+                // them to the caller, once.
+                inbox.held = Some(Held {
+                    bid,
+                    start: 0,
+                    end: len as u16,
+                });
+                self.held.set(self.held.get() + 1);
+            } else {
+                if len > 0 {
+                    // SAFETY: the kernel wrote `len` <= BUFFER_BYTES bytes
+                    // into buffer `bid`, which is ours until pushed back
+                    // below.
+                    let bytes = unsafe { std::slice::from_raw_parts(self.buffers.buffer(bid), len) };
+                    // Exactly what waits: at most the limit plus one buffer.
+                    inbox.data.reserve_exact(len);
+                    inbox.data.extend_from_slice(bytes);
+                }
+                self.buffers.push(bid);
+                self.buffers.publish();
             }
-            self.buffers.push(bid);
-            self.buffers.publish();
         }
         // A burst (a full buffer, or bytes left in the socket), or no buffer
         // free: `take` reads on straight from the socket. (Queueing again
@@ -435,20 +608,26 @@ impl RecvRing {
         // be queued would now reach the next one.
         inbox.armed = false;
         self.armed.set(self.armed.get() - 1);
-        self.cancels.borrow_mut().retain(|&i| i as usize != index);
+        self.cancels
+            .borrow_mut()
+            .retain(|&(i, send)| send || i as usize != index);
         if inbox.orphan {
-            drop(inboxes);
-            self.free_inbox(index);
+            if !inbox.sending {
+                drop(inboxes);
+                self.free_inbox(index);
+            }
             return;
         }
         let cancelled = std::mem::take(&mut inbox.cancelling);
-        if result > 0 && inbox.end.is_none() && !cancelled && !inbox.more && inbox.data.len() < INBOX_LIMIT_BYTES {
+        if result > 0 && inbox.end.is_none() && !cancelled && !inbox.more && inbox.pending() < INBOX_LIMIT_BYTES {
             // Room left: the next receive, with the runtime's next
             // submission. (Out of buffers, or the queue full: `take` arms
             // it again.)
             // SAFETY: the entry points to no memory but the registered
             // buffers, which are never freed.
-            if unsafe { queue.push(&Self::receive_entry(index, inbox)) } {
+            // The receive just ended without `IORING_CQE_F_SOCK_NONEMPTY`
+            // (not `more`): the socket was read dry.
+            if unsafe { queue.push(&Self::receive_entry(index, inbox, Empty::Likely)) } {
                 inbox.armed = true;
                 self.armed.set(self.armed.get() + 1);
             }
@@ -458,12 +637,120 @@ impl RecvRing {
         }
     }
 
+    /// A send's completion: how it ended is kept for `take_sent`, its task
+    /// woken; an orphan's bytes are dropped and the inbox freed once its
+    /// receive has ended too.
+    fn complete_send(&self, index: usize, generation: u32, result: i32) {
+        let mut inboxes = self.inboxes.borrow_mut();
+        let Some(inbox) = inboxes
+            .get_mut(index)
+            .filter(|i| i.in_use && i.generation == generation && i.sending)
+        else {
+            return;
+        };
+        inbox.sending = false;
+        inbox.send_cancelling = false;
+        self.sending.set(self.sending.get() - 1);
+        self.cancels
+            .borrow_mut()
+            .retain(|&(i, send)| !send || i as usize != index);
+        if inbox.orphan {
+            inbox.out = Vec::new();
+            if !inbox.armed {
+                drop(inboxes);
+                self.free_inbox(index);
+            }
+            return;
+        }
+        inbox.sent = result;
+        if let Some(waker) = inbox.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Sends `bytes` on `token`'s socket (`fd`, the one it was armed
+    /// with), with the runtime's next submission: one system call carries
+    /// every send a turn of the loop queued. At most one send is in flight
+    /// per socket; wait for it (`poll_sent`) and take its end
+    /// (`take_sent`) before the next. The bytes stay here, where the
+    /// kernel reads them, until then.
+    pub fn send(&self, token: Token, fd: BorrowedFd<'_>, bytes: Vec<u8>) -> io::Result<()> {
+        self.retry_cancels();
+        let entry = {
+            let mut inboxes = self.inboxes.borrow_mut();
+            let inbox = &mut inboxes[token.index()];
+            if inbox.sending || inbox.sent != i32::MIN || !inbox.out.is_empty() {
+                return Err(io::Error::other("a send is already in flight"));
+            }
+            inbox.out = bytes;
+            // A send of more than u32::MAX bytes ends short, as a socket's
+            // write may: the caller sends the rest.
+            let len = inbox.out.len().min(u32::MAX as usize) as u32;
+            opcode::Send::new(types::Fd(fd.as_raw_fd()), inbox.out.as_ptr(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(send_user_data(token.index(), inbox.generation))
+        };
+        // SAFETY: the entry points into `out`'s heap buffer, which does not
+        // move when the table of inboxes grows, and is neither changed nor
+        // freed until the send's completion: `take_sent` refuses while it
+        // is in flight, and an inbox is freed only after it.
+        if let Err(e) = unsafe { uring_ext::push(&entry) } {
+            self.inboxes.borrow_mut()[token.index()].out = Vec::new();
+            return Err(e);
+        }
+        let mut inboxes = self.inboxes.borrow_mut();
+        inboxes[token.index()].sending = true;
+        self.sending.set(self.sending.get() + 1);
+        Ok(())
+    }
+
+    /// Ready once `token`'s send, if any, has ended.
+    pub fn poll_sent(&self, token: Token, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inboxes = self.inboxes.borrow_mut();
+        let inbox = &mut inboxes[token.index()];
+        if !inbox.sending {
+            return Poll::Ready(());
+        }
+        match &inbox.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inbox.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Ends `token`'s send. `Poll::Ready` once it has ended (by itself or
+    /// cancelled); `take_sent` then says how much went out.
+    pub fn poll_send_stopped(&self, token: Token, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_ended(token, true, cx)
+    }
+
+    /// The end of `token`'s last send: its bytes back, and how many went
+    /// out (a cancelled send may end short, or with none) or its error.
+    /// Refused while the send is in flight.
+    pub fn take_sent(&self, token: Token) -> (Vec<u8>, io::Result<usize>) {
+        let mut inboxes = self.inboxes.borrow_mut();
+        let inbox = &mut inboxes[token.index()];
+        if inbox.sending {
+            return (Vec::new(), Err(io::Error::other("the send is in flight")));
+        }
+        let bytes = std::mem::take(&mut inbox.out);
+        let result = match std::mem::replace(&mut inbox.sent, i32::MIN) {
+            i32::MIN => Ok(0),
+            n if n >= 0 => Ok(n as usize),
+            // Cancelled before any byte went, or interrupted: nothing sent.
+            e if e == -libc::ECANCELED || e == -libc::EINTR || e == -libc::EAGAIN => Ok(0),
+            e => Err(io::Error::from_raw_os_error(-e)),
+        };
+        (bytes, result)
+    }
+
     /// Ready when bytes wait in `token`'s inbox, or its receive has ended
     /// (by itself, cancelled or not) and `take` has something to do.
     pub fn poll_input(&self, token: Token, cx: &mut Context<'_>) -> Poll<()> {
         let mut inboxes = self.inboxes.borrow_mut();
         let inbox = &mut inboxes[token.index()];
-        if !inbox.data.is_empty() || inbox.end.is_some() || !inbox.armed {
+        if inbox.pending() > 0 || inbox.end.is_some() || !inbox.armed {
             return Poll::Ready(());
         }
         match &inbox.waker {
@@ -483,30 +770,55 @@ impl RecvRing {
         let (n, end, rearm) = {
             let mut inboxes = self.inboxes.borrow_mut();
             let inbox = &mut inboxes[token.index()];
-            let n = inbox.data.len().min(max);
-            if n == inbox.data.len() && buf.is_empty() && buf.capacity() < n {
+            let mut n = 0;
+            if let Some(held) = &mut inbox.held {
+                n = usize::from(held.end - held.start).min(max);
+                // SAFETY: buffer `bid` is ours while the inbox holds it (the
+                // kernel has it back only after `give_back`); the kernel
+                // wrote its bytes up to `end` <= BUFFER_BYTES.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(self.buffers.buffer(held.bid).add(usize::from(held.start)), n)
+                };
+                buf.extend_from_slice(bytes);
+                held.start += n as u16;
+                if held.start == held.end {
+                    self.give_back(inbox);
+                }
+            }
+            let more = inbox.data.len().min(max - n);
+            if n == 0 && more == inbox.data.len() && buf.is_empty() && buf.capacity() < more {
                 // The whole inbox, into an empty buffer too small for it:
                 // hand it over rather than copy it.
                 std::mem::swap(buf, &mut inbox.data);
             } else {
-                buf.extend_from_slice(&inbox.data[..n]);
-                inbox.data.drain(..n);
+                buf.extend_from_slice(&inbox.data[..more]);
+                inbox.data.drain(..more);
             }
+            n += more;
             if inbox.data.is_empty() {
                 inbox.data = Vec::new();
             }
-            let rearm = !inbox.armed && inbox.end.is_none() && inbox.data.len() < INBOX_LIMIT_BYTES;
+            let rearm = !inbox.armed && inbox.end.is_none() && inbox.pending() < INBOX_LIMIT_BYTES;
             (n, inbox.end, rearm)
         };
         let mut end = end;
         let mut n = n;
+        // A receive that ended at the inbox's limit or was cancelled may
+        // have left bytes in the socket.
+        let mut empty = Empty::Unknown;
         if rearm && n < max && std::mem::take(&mut self.inboxes.borrow_mut()[token.index()].more) {
             // A burst (a large message): the rest is read from the socket
             // at once, as much as the caller takes, rather than a buffer a
             // turn. No receive is in flight, so nothing overtakes it.
-            match super::socket::Socket::from_fd(fd).recv_into(buf, (max - n).min(DIRECT_READ_BYTES)) {
-                Ok(Some(more)) => n += more,
-                Ok(None) => {}
+            let asked = (max - n).min(DIRECT_READ_BYTES);
+            match super::socket::Socket::from_fd(fd).recv_into(buf, asked) {
+                Ok(Some(more)) => {
+                    n += more;
+                    if more < asked {
+                        empty = Empty::Likely;
+                    }
+                }
+                Ok(None) => empty = Empty::Likely,
                 Err(e) => {
                     let ended = match e.kind() {
                         io::ErrorKind::UnexpectedEof => End::Eof,
@@ -519,7 +831,7 @@ impl RecvRing {
         }
         let rearm = rearm && end.is_none();
         if rearm {
-            if let Err(e) = self.submit_receive(token, fd.as_raw_fd()) {
+            if let Err(e) = self.submit_receive(token, fd.as_raw_fd(), empty) {
                 // Reported after the bytes taken now.
                 let errno = e.raw_os_error().unwrap_or(libc::EIO);
                 self.inboxes.borrow_mut()[token.index()].end = Some(End::Failed(errno));
@@ -539,18 +851,29 @@ impl RecvRing {
     /// Ends `token`'s receive. `Poll::Ready` once it has ended: the inbox
     /// then holds everything it will get.
     pub fn poll_stopped(&self, token: Token, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.inboxes.borrow()[token.index()].armed {
+        self.poll_ended(token, false, cx)
+    }
+
+    /// Cancels `token`'s receive (or, with `send`, its send) and is ready
+    /// once it has ended.
+    fn poll_ended(&self, token: Token, send: bool, cx: &mut Context<'_>) -> Poll<()> {
+        let in_flight = |i: &Inbox| if send { i.sending } else { i.armed };
+        if !in_flight(&self.inboxes.borrow()[token.index()]) {
             return Poll::Ready(());
         }
-        self.cancel(token);
+        if send {
+            self.cancel_send(token);
+        } else {
+            self.cancel(token);
+        }
         // Looked at again with the waker stored: queueing the cancel may
-        // have run the driver, and the receive's end with it.
+        // have run the driver, and the end with it.
         let mut inboxes = self.inboxes.borrow_mut();
         let inbox = &mut inboxes[token.index()];
-        if !inbox.armed {
+        if !in_flight(inbox) {
             return Poll::Ready(());
         }
-        if inbox.cancelling {
+        if (send && inbox.send_cancelling) || (!send && inbox.cancelling) {
             inbox.waker = Some(cx.waker().clone());
         } else {
             // The cancel could not be queued (the submission queue full and
@@ -566,7 +889,7 @@ impl RecvRing {
     pub fn has_input_or_end(&self, token: Token) -> bool {
         let inboxes = self.inboxes.borrow();
         let inbox = &inboxes[token.index()];
-        !inbox.data.is_empty() || inbox.end.is_some()
+        inbox.pending() > 0 || inbox.end.is_some()
     }
 
     /// Gives `token`'s inbox up: now if its receive has ended, else at the
@@ -580,24 +903,42 @@ impl RecvRing {
     /// socket under the same number.
     pub fn release(&self, token: Token) {
         self.retry_cancels();
-        let armed = {
+        let (armed, sending) = {
             let mut inboxes = self.inboxes.borrow_mut();
             let inbox = &mut inboxes[token.index()];
+            self.give_back(inbox);
             inbox.data = Vec::new();
             inbox.waker = None;
             inbox.orphan = true;
-            inbox.armed
+            if !inbox.sending {
+                inbox.out = Vec::new();
+            }
+            (inbox.armed, inbox.sending)
         };
         if armed {
             self.cancel(token);
-        } else {
+        }
+        if sending {
+            self.cancel_send(token);
+        }
+        if !armed && !sending {
             self.free_inbox(token.index());
         }
+    }
+
+    /// Sockets with a send in flight.
+    pub fn sending(&self) -> usize {
+        self.sending.get()
     }
 
     /// Sockets with a receive in flight.
     pub fn armed(&self) -> usize {
         self.armed.get()
+    }
+
+    /// Buffers held by inboxes now.
+    pub fn held(&self) -> u16 {
+        self.held.get()
     }
 
     /// Receives so far that found no buffer free.
@@ -645,6 +986,27 @@ mod tests {
         Ok(got)
     }
 
+    /// `poll_first` writes the kernel's `ioprio` field, where the kernel
+    /// reads it: byte 0 is the opcode, bytes 2-3 ioprio, 4-7 the fd.
+    #[test]
+    fn poll_first_sets_ioprio() {
+        let plain = opcode::Recv::new(types::Fd(0x0102_0304), std::ptr::null_mut(), 64).build();
+        let mut entry = poll_first(plain.clone());
+        // SAFETY: as in `poll_first`.
+        let (before, after) = unsafe {
+            (
+                *(&plain as *const squeue::Entry).cast::<[u8; 64]>(),
+                *(&mut entry as *mut squeue::Entry).cast::<[u8; 64]>(),
+            )
+        };
+        assert_eq!(after[0], opcode::Recv::CODE);
+        assert_eq!(after[4..8], 0x0102_0304i32.to_ne_bytes());
+        assert_eq!(after[2..4], IORING_RECVSEND_POLL_FIRST.to_ne_bytes());
+        assert_eq!(before[2..4], [0, 0]);
+        assert_eq!(before[..2], after[..2]);
+        assert_eq!(before[4..], after[4..]);
+    }
+
     #[test]
     fn bytes_arrive_in_order_then_end_of_stream() {
         on_uring(async {
@@ -690,7 +1052,7 @@ mod tests {
             for _ in 0..50 {
                 turn().await;
             }
-            let held = ring.inboxes.borrow()[token.index()].data.len();
+            let held = ring.inboxes.borrow()[token.index()].pending();
             assert!(held >= INBOX_LIMIT_BYTES, "held {held}");
             assert!(held < INBOX_LIMIT_BYTES + BUFFER_BYTES, "held {held}");
             let capacity = ring.inboxes.borrow()[token.index()].data.capacity();
@@ -747,6 +1109,96 @@ mod tests {
         });
     }
 
+    /// Sends until every byte is out, as `Conn::send_on_ring` does: one
+    /// send in flight, the rest sent again after a send that ended short.
+    async fn send_all(ring: &RecvRing, token: Token, fd: BorrowedFd<'_>, mut bytes: Vec<u8>) {
+        while !bytes.is_empty() {
+            ring.send(token, fd, bytes).unwrap();
+            assert!(ring.send(token, fd, vec![1]).is_err(), "one send in flight at most");
+            std::future::poll_fn(|cx| ring.poll_sent(token, cx)).await;
+            let (mut back, sent) = ring.take_sent(token);
+            back.drain(..sent.unwrap());
+            bytes = back;
+        }
+    }
+
+    /// 8 MiB to a peer that reads slowly arrive whole and in order, over
+    /// sends that end short on the full socket.
+    #[test]
+    fn sends_arrive_whole_and_in_order() {
+        on_uring(async {
+            let ring = RecvRing::new().unwrap();
+            let (server, client) = pair();
+            let token = ring.arm(server.as_fd()).unwrap();
+            let sent: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+            let total = sent.len();
+            let reader = std::thread::spawn(move || {
+                let mut client = client;
+                let mut got = Vec::new();
+                let mut chunk = vec![0u8; 100_000];
+                while got.len() < total {
+                    let n = std::io::Read::read(&mut client, &mut chunk).unwrap();
+                    assert!(n > 0);
+                    got.extend_from_slice(&chunk[..n]);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                got
+            });
+            send_all(&ring, token, server.as_fd(), sent.clone()).await;
+            assert_eq!(ring.sending(), 0);
+            assert!(reader.join().unwrap() == sent, "bytes differ");
+            ring.release(token);
+        });
+    }
+
+    /// A send to a peer that never reads stays in flight; cancelling it
+    /// ends it with what went out (the socket's buffers' worth), and the
+    /// rest is the caller's again. A socket given up with a send in
+    /// flight has it cancelled, and its inbox is used again once both its
+    /// receive and its send have ended.
+    #[test]
+    fn a_stuck_send_is_cancelled_with_what_went_out() {
+        on_uring(async {
+            let ring = RecvRing::new().unwrap();
+            let (server, _client) = pair();
+            let token = ring.arm(server.as_fd()).unwrap();
+            let total = 32 * 1024 * 1024;
+            // The first send takes what the socket has room for and ends
+            // short; the rest waits for room.
+            ring.send(token, server.as_fd(), vec![3u8; total]).unwrap();
+            turn().await;
+            let (mut rest, first) = ring.take_sent(token);
+            let first = first.unwrap();
+            assert!(first > 0 && first < total, "sent {first}");
+            rest.drain(..first);
+            ring.send(token, server.as_fd(), rest).unwrap();
+            for _ in 0..5 {
+                turn().await;
+            }
+            assert_eq!(ring.sending(), 1, "the send waits for room");
+            assert!(ring.take_sent(token).1.is_err(), "refused while in flight");
+            std::future::poll_fn(|cx| ring.poll_send_stopped(token, cx)).await;
+            let (back, sent) = ring.take_sent(token);
+            assert_eq!(back.len(), total - first);
+            assert_eq!(sent.unwrap(), 0, "nothing went out of the cancelled send");
+            assert_eq!(ring.sending(), 0);
+
+            // Given up mid-send: cancelled, then freed and used again.
+            ring.send(token, server.as_fd(), vec![4u8; total]).unwrap();
+            turn().await;
+            ring.release(token);
+            turn().await;
+            assert_eq!((ring.sending(), ring.armed()), (0, 0));
+            let (server2, mut client2) = pair();
+            let again = ring.arm(server2.as_fd()).unwrap();
+            assert_eq!(again.index(), token.index(), "the freed inbox is used again");
+            client2.write_all(b"next").unwrap();
+            turn().await;
+            assert_eq!(take_all(&ring, again, server2.as_fd()).unwrap(), b"next");
+            ring.release(again);
+        });
+    }
+
     /// More sockets with bytes waiting than the ring has buffers: the
     /// receives that found none end with ENOBUFS, `take` reads those
     /// sockets directly and queues their receives again; every socket gets
@@ -765,6 +1217,12 @@ mod tests {
                 armed.push((server, client, token, Vec::new()));
             }
             assert_eq!(ring.armed(), sockets);
+            turn().await;
+            assert_eq!(
+                ring.held(),
+                HELD_LIMIT,
+                "bytes past the limit are copied, their buffers given back"
+            );
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while armed.iter().any(|(_, _, _, got)| got.len() < 3000) {
                 assert!(std::time::Instant::now() < deadline, "bytes missing");
@@ -774,6 +1232,7 @@ mod tests {
                 }
             }
             assert!(ring.starved() > 0, "no receive ran out of buffers");
+            assert_eq!(ring.held(), 0, "every buffer taken from went back");
             for (i, (server, _client, token, got)) in armed.into_iter().enumerate() {
                 assert_eq!(got, message(i), "socket {i}");
                 ring.release(token);
