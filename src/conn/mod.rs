@@ -94,6 +94,13 @@ fn recv(socket: &Socket, ring: Option<(&RecvRing, Token)>, buf: &mut Vec<u8>, ma
     }
 }
 
+/// The least output sent on the ring. Waiting for a send's completion
+/// costs the task one more wake-up: for the replies to a read of many
+/// frames, or a large one, one system call for the turn's sends pays for
+/// it; for one small frame (one message per read, a ping) a `send` costs
+/// less (docs/ARCHITECTURE.md, "Reads and writes under io_uring").
+const RING_SEND_MIN_BYTES: usize = 1024;
+
 /// Why the loop woke.
 enum Wake {
     Ready,
@@ -839,11 +846,12 @@ impl<'a> Conn<'a> {
     }
 
     /// The ring, when the session's own output goes through it: under
-    /// io_uring, once its receive is armed there (plain sockets only), and
+    /// io_uring, once its receive is armed there (plain sockets only),
     /// while no delivery waits (deliveries go by vectored writes of shared
-    /// frames, after our own output).
+    /// frames, after our own output), and for output of at least
+    /// `RING_SEND_MIN_BYTES`.
     fn ring_for_output(&self) -> Option<(&'a RecvRing, Token)> {
-        if self.deliveries || self.out.is_empty() {
+        if self.deliveries || self.out.unsent() < RING_SEND_MIN_BYTES {
             return None;
         }
         self.armed_ring()
@@ -862,7 +870,13 @@ impl<'a> Conn<'a> {
         let mut full = false;
         while !self.out.is_empty() {
             let len = self.out.unsent();
-            ring.send(token, self.socket.fd(), self.out.take_unsent())?;
+            let since = self.shard().now_ms();
+            if let Err((e, bytes)) = ring.send(token, self.socket.fd(), self.out.take_unsent()) {
+                // The ring cannot take it: the bytes go by `send` instead.
+                tracing::debug!(error = %e, "cannot queue a send");
+                self.out.sent_back(&self.shard().pool, bytes, 0);
+                return Ok(true);
+            }
             let mut stop = None;
             loop {
                 let sent = std::future::poll_fn(|cx| ring.poll_sent(token, cx).map(Ok));
@@ -889,17 +903,25 @@ impl<'a> Conn<'a> {
             let pool = &self.shard().pool;
             match result {
                 Ok(n) => {
-                    if full && n > 0 {
-                        // Bytes went into a socket that was full: the peer
-                        // takes them, so it is alive, as when a full socket
-                        // turns writable. (A send that goes at once says
-                        // nothing of the peer: a silent one still times
-                        // out.)
+                    if n > 0 && (full || self.shard().now_ms() != since) {
+                        // Bytes went into a socket that was full (the last
+                        // send ended short, or this one waited past a tick
+                        // of the clock): the peer takes them, so it is
+                        // alive, as when a full socket turns writable. A
+                        // send that goes at once says nothing of the peer:
+                        // a silent one still times out.
                         self.session.peer_alive();
                     }
                     full = n < len;
                     self.out.sent_back(pool, bytes, n);
                     self.shard().stats.borrow_mut().bytes_out += self.out.take_written();
+                    if n == 0 && stop.is_none() {
+                        // Nothing went, uncancelled (not expected: the
+                        // kernel waits for room): the rest goes by `send`
+                        // and a wait for writability rather than a
+                        // resend at once.
+                        return Ok(true);
+                    }
                 }
                 Err(e) => {
                     pool.give(bytes);

@@ -673,14 +673,15 @@ impl RecvRing {
     /// every send a turn of the loop queued. At most one send is in flight
     /// per socket; wait for it (`poll_sent`) and take its end
     /// (`take_sent`) before the next. The bytes stay here, where the
-    /// kernel reads them, until then.
-    pub fn send(&self, token: Token, fd: BorrowedFd<'_>, bytes: Vec<u8>) -> io::Result<()> {
+    /// kernel reads them, until then (and for ever if the ring is dropped
+    /// first). On an error the bytes are handed back, unsent.
+    pub fn send(&self, token: Token, fd: BorrowedFd<'_>, bytes: Vec<u8>) -> Result<(), (io::Error, Vec<u8>)> {
         self.retry_cancels();
         let entry = {
             let mut inboxes = self.inboxes.borrow_mut();
             let inbox = &mut inboxes[token.index()];
             if inbox.sending || inbox.sent != i32::MIN || !inbox.out.is_empty() {
-                return Err(io::Error::other("a send is already in flight"));
+                return Err((io::Error::other("a send is already in flight"), bytes));
             }
             inbox.out = bytes;
             // A send of more than u32::MAX bytes ends short, as a socket's
@@ -696,8 +697,8 @@ impl RecvRing {
         // freed until the send's completion: `take_sent` refuses while it
         // is in flight, and an inbox is freed only after it.
         if let Err(e) = unsafe { uring_ext::push(&entry) } {
-            self.inboxes.borrow_mut()[token.index()].out = Vec::new();
-            return Err(e);
+            let bytes = std::mem::take(&mut self.inboxes.borrow_mut()[token.index()].out);
+            return Err((e, bytes));
         }
         let mut inboxes = self.inboxes.borrow_mut();
         inboxes[token.index()].sending = true;
@@ -950,6 +951,14 @@ impl RecvRing {
 impl Drop for RecvRing {
     fn drop(&mut self) {
         uring_ext::set_handler(None);
+        // A send still in flight (none is, as sessions wait for theirs,
+        // but `release` allows it) may be read by the kernel until the
+        // runtime's ring is torn down: its bytes are never freed, as the
+        // receive buffers are not.
+        debug_assert_eq!(self.sending.get(), 0, "a send in flight as the ring goes");
+        for inbox in self.inboxes.get_mut().iter_mut().filter(|i| i.sending) {
+            std::mem::forget(std::mem::take(&mut inbox.out));
+        }
     }
 }
 
@@ -968,11 +977,13 @@ mod tests {
         rt.block_on(test);
     }
 
-    /// A connected pair: the server side (non-blocking) and the client.
+    /// A connected pair: the server side (non-blocking, as the epoll
+    /// driver's sockets are; io_uring works on either) and the client.
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
         (server, client)
     }
 
@@ -984,6 +995,15 @@ mod tests {
         let mut got = Vec::new();
         while ring.take(token, fd, &mut got, usize::MAX)?.is_some() {}
         Ok(got)
+    }
+
+    /// An inbox's entry stays in the core's table for reuse once its
+    /// session parks or ends: one entry per session reading at once, so
+    /// its size is part of what a connection costs.
+    #[test]
+    fn an_inbox_entry_fits_its_budget() {
+        let size = std::mem::size_of::<Inbox>();
+        assert!(size <= 104, "an inbox entry is {size} bytes");
     }
 
     /// `poll_first` writes the kernel's `ioprio` field, where the kernel
@@ -1113,8 +1133,9 @@ mod tests {
     /// send in flight, the rest sent again after a send that ended short.
     async fn send_all(ring: &RecvRing, token: Token, fd: BorrowedFd<'_>, mut bytes: Vec<u8>) {
         while !bytes.is_empty() {
-            ring.send(token, fd, bytes).unwrap();
-            assert!(ring.send(token, fd, vec![1]).is_err(), "one send in flight at most");
+            ring.send(token, fd, bytes).map_err(|(e, _)| e).unwrap();
+            let (_, back) = ring.send(token, fd, vec![1]).expect_err("one send in flight at most");
+            assert_eq!(back, [1], "the refused bytes come back");
             std::future::poll_fn(|cx| ring.poll_sent(token, cx)).await;
             let (mut back, sent) = ring.take_sent(token);
             back.drain(..sent.unwrap());
@@ -1165,13 +1186,15 @@ mod tests {
             let total = 32 * 1024 * 1024;
             // The first send takes what the socket has room for and ends
             // short; the rest waits for room.
-            ring.send(token, server.as_fd(), vec![3u8; total]).unwrap();
+            ring.send(token, server.as_fd(), vec![3u8; total])
+                .map_err(|(e, _)| e)
+                .unwrap();
             turn().await;
             let (mut rest, first) = ring.take_sent(token);
             let first = first.unwrap();
             assert!(first > 0 && first < total, "sent {first}");
             rest.drain(..first);
-            ring.send(token, server.as_fd(), rest).unwrap();
+            ring.send(token, server.as_fd(), rest).map_err(|(e, _)| e).unwrap();
             for _ in 0..5 {
                 turn().await;
             }
@@ -1184,7 +1207,9 @@ mod tests {
             assert_eq!(ring.sending(), 0);
 
             // Given up mid-send: cancelled, then freed and used again.
-            ring.send(token, server.as_fd(), vec![4u8; total]).unwrap();
+            ring.send(token, server.as_fd(), vec![4u8; total])
+                .map_err(|(e, _)| e)
+                .unwrap();
             turn().await;
             ring.release(token);
             turn().await;
