@@ -321,8 +321,16 @@ impl Buffers {
 /// A core's receives. Used only from its worker's thread.
 pub struct RecvRing {
     buffers: Buffers,
+    /// One entry per socket armed, from index 0 up: a new socket takes the
+    /// lowest free index, and free entries at the end are dropped, so the
+    /// table is as long as the highest index in use (quiet sessions park
+    /// and give theirs up).
     inboxes: RefCell<Vec<Inbox>>,
-    free: RefCell<Vec<u32>>,
+    free: RefCell<std::collections::BTreeSet<u32>>,
+    /// The generation of the last inbox armed: each arm takes the next, so
+    /// no index, even one dropped from the table and made again, sees a
+    /// generation again before 2^30 arms.
+    generation: Cell<u32>,
     /// Inboxes whose cancel (of their receive, or with `true` of their
     /// send) could not be queued, tried again by the next call.
     cancels: RefCell<Vec<(u32, bool)>>,
@@ -352,7 +360,8 @@ impl RecvRing {
         let ring = Rc::new(RecvRing {
             buffers,
             inboxes: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
+            free: RefCell::new(std::collections::BTreeSet::new()),
+            generation: Cell::new(0),
             cancels: RefCell::new(Vec::new()),
             armed: Cell::new(0),
             sending: Cell::new(0),
@@ -374,7 +383,7 @@ impl RecvRing {
         self.retry_cancels();
         let token = {
             let mut inboxes = self.inboxes.borrow_mut();
-            let index = match self.free.borrow_mut().pop() {
+            let index = match self.free.borrow_mut().pop_first() {
                 Some(index) => index,
                 // u32::MAX is the cancels' mark.
                 None if inboxes.len() < u32::MAX as usize - 2 => {
@@ -384,7 +393,9 @@ impl RecvRing {
                 None => return Err(io::ErrorKind::OutOfMemory.into()),
             };
             let inbox = &mut inboxes[index as usize];
-            inbox.generation = inbox.generation.wrapping_add(1) & GENERATION_MASK;
+            self.generation
+                .set(self.generation.get().wrapping_add(1) & GENERATION_MASK);
+            inbox.generation = self.generation.get();
             inbox.in_use = true;
             Token::new(index as usize)
         };
@@ -516,12 +527,25 @@ impl RecvRing {
         let mut inboxes = self.inboxes.borrow_mut();
         let inbox = &mut inboxes[index];
         self.give_back(inbox);
-        let generation = inbox.generation;
-        *inbox = Inbox {
-            generation,
-            ..Inbox::default()
-        };
-        self.free.borrow_mut().push(index as u32);
+        *inbox = Inbox::default();
+        let mut free = self.free.borrow_mut();
+        free.insert(index as u32);
+        // Free entries at the end go, and with them the memory of a table
+        // that was long (its entries have no completion to come: an inbox
+        // is freed after its last one).
+        while free.last().is_some_and(|&last| last as usize + 1 == inboxes.len()) {
+            free.pop_last();
+            inboxes.pop();
+        }
+        if inboxes.capacity() > 64 && inboxes.len() < inboxes.capacity() / 4 {
+            let keep = (inboxes.len() * 2).max(64);
+            inboxes.shrink_to(keep);
+        }
+    }
+
+    /// Entries in the table of inboxes (in use or free).
+    pub fn inbox_entries(&self) -> usize {
+        self.inboxes.borrow().len()
     }
 
     /// One completion of ours, from inside the driver's completion
@@ -1258,11 +1282,15 @@ mod tests {
             }
             assert!(ring.starved() > 0, "no receive ran out of buffers");
             assert_eq!(ring.held(), 0, "every buffer taken from went back");
+            assert_eq!(ring.inbox_entries(), sockets, "one entry per socket armed");
             for (i, (server, _client, token, got)) in armed.into_iter().enumerate() {
                 assert_eq!(got, message(i), "socket {i}");
                 ring.release(token);
                 drop(server);
             }
+            turn().await;
+            assert_eq!(ring.inbox_entries(), 0, "the table shrinks as its sockets go");
+            assert!(ring.inboxes.borrow().capacity() <= 64, "and gives its memory back");
         });
     }
 }
