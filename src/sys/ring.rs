@@ -1021,9 +1021,9 @@ mod tests {
         Ok(got)
     }
 
-    /// An inbox's entry stays in the core's table for reuse once its
-    /// session parks or ends: one entry per session reading at once, so
-    /// its size is part of what a connection costs.
+    /// Every session reading holds an entry in the core's table of
+    /// inboxes (the table shrinks as sessions park or end): its size is
+    /// part of what a connection costs.
     #[test]
     fn an_inbox_entry_fits_its_budget() {
         let size = std::mem::size_of::<Inbox>();
