@@ -870,11 +870,11 @@ impl<'a> Conn<'a> {
         let mut full = false;
         while !self.out.is_empty() {
             let len = self.out.unsent();
-            let since = self.shard().now_ms();
-            if let Err((e, bytes)) = ring.send(token, self.socket.fd(), self.out.take_unsent()) {
+            let (bytes, from) = self.out.take_unsent();
+            if let Err((e, bytes)) = ring.send(token, self.socket.fd(), bytes, from) {
                 // The ring cannot take it: the bytes go by `send` instead.
                 tracing::debug!(error = %e, "cannot queue a send");
-                self.out.sent_back(&self.shard().pool, bytes, 0);
+                self.out.sent_back(&self.shard().pool, bytes, from, 0);
                 return Ok(true);
             }
             let mut stop = None;
@@ -903,17 +903,16 @@ impl<'a> Conn<'a> {
             let pool = &self.shard().pool;
             match result {
                 Ok(n) => {
-                    if n > 0 && (full || self.shard().now_ms() != since) {
+                    if n > 0 && full {
                         // Bytes went into a socket that was full (the last
-                        // send ended short, or this one waited past a tick
-                        // of the clock): the peer takes them, so it is
+                        // send ended short): the peer takes them, so it is
                         // alive, as when a full socket turns writable. A
                         // send that goes at once says nothing of the peer:
                         // a silent one still times out.
                         self.session.peer_alive();
                     }
                     full = n < len;
-                    self.out.sent_back(pool, bytes, n);
+                    self.out.sent_back(pool, bytes, from, n);
                     self.shard().stats.borrow_mut().bytes_out += self.out.take_written();
                     if n == 0 && stop.is_none() {
                         // Nothing went, uncancelled (not expected: the

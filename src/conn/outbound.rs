@@ -102,28 +102,26 @@ impl Outbound {
         self.buf.len() - self.sent
     }
 
-    /// Hands the bytes not yet written over to a send that owns them until
-    /// it ends (`sent_back`); nothing is queued after.
-    pub fn take_unsent(&mut self) -> Vec<u8> {
-        let mut buf = std::mem::take(&mut self.buf);
-        // Only after a send that ended short.
-        buf.drain(..self.sent);
-        self.sent = 0;
-        buf
+    /// Hands the buffer over to a send that owns it until it ends
+    /// (`sent_back`), with where its unwritten bytes start; nothing is
+    /// queued after.
+    pub fn take_unsent(&mut self) -> (Vec<u8>, usize) {
+        (std::mem::take(&mut self.buf), std::mem::take(&mut self.sent))
     }
 
-    /// Takes back the bytes of a send that ended after writing `n` of
-    /// them: all written, the buffer goes back to the pool; else the rest
-    /// is queued again. Nothing was queued meanwhile: the send's owner
+    /// Takes back the buffer of a send that wrote `n` more bytes from
+    /// `from`: all written, it goes back to the pool; else the rest is
+    /// queued again, where it was (no bytes move, however many sends a
+    /// slow peer takes). Nothing was queued meanwhile: the send's owner
     /// waited for it.
-    pub fn sent_back(&mut self, pool: &BufferPool, buf: Vec<u8>, n: usize) {
+    pub fn sent_back(&mut self, pool: &BufferPool, buf: Vec<u8>, from: usize, n: usize) {
         debug_assert!(self.buf.capacity() == 0, "output queued during a send");
         self.written += n as u64;
-        if n >= buf.len() {
+        if from + n >= buf.len() {
             pool.give(buf);
         } else {
             self.buf = buf;
-            self.sent = n;
+            self.sent = from + n;
         }
     }
 

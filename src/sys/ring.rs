@@ -452,41 +452,60 @@ impl RecvRing {
 
     /// Asks the kernel to end `token`'s receive, once.
     fn cancel(&self, token: Token) {
-        let generation = {
-            let mut inboxes = self.inboxes.borrow_mut();
-            let inbox = &mut inboxes[token.index()];
-            if !inbox.armed || inbox.cancelling {
-                return;
-            }
-            inbox.cancelling = true;
-            inbox.generation
-        };
-        // SAFETY: a cancel points to no memory.
-        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(user_data(token.index(), generation))) } {
-            // The receive goes on; the next call tries again.
-            self.inboxes.borrow_mut()[token.index()].cancelling = false;
-            self.cancel_later(token.index(), false);
-            tracing::debug!(error = %e, "cannot cancel a receive");
-        }
+        self.cancel_one(token.index(), false);
     }
 
     /// Asks the kernel to end `token`'s send, once. Its completion then
     /// says how much of it went out.
     pub fn cancel_send(&self, token: Token) {
+        self.cancel_one(token.index(), true);
+    }
+
+    /// Cancels inbox `index`'s receive (or, with `send`, its send) if it
+    /// is in flight. The entry is looked up, never indexed: queueing an
+    /// entry may run completions (a full queue is submitted, and a busy
+    /// kernel's completions taken), which may free an orphan's entry and
+    /// drop it from the table.
+    fn cancel_one(&self, index: usize, send: bool) {
         let generation = {
             let mut inboxes = self.inboxes.borrow_mut();
-            let inbox = &mut inboxes[token.index()];
-            if !inbox.sending || inbox.send_cancelling {
+            let Some(inbox) = inboxes.get_mut(index).filter(|i| i.in_use) else {
+                return;
+            };
+            let (in_flight, cancelling) = if send {
+                (inbox.sending, &mut inbox.send_cancelling)
+            } else {
+                (inbox.armed, &mut inbox.cancelling)
+            };
+            if !in_flight || *cancelling {
                 return;
             }
-            inbox.send_cancelling = true;
+            *cancelling = true;
             inbox.generation
         };
+        let target = if send {
+            send_user_data(index, generation)
+        } else {
+            user_data(index, generation)
+        };
         // SAFETY: a cancel points to no memory.
-        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(send_user_data(token.index(), generation))) } {
-            self.inboxes.borrow_mut()[token.index()].send_cancelling = false;
-            self.cancel_later(token.index(), true);
-            tracing::debug!(error = %e, "cannot cancel a send");
+        if let Err(e) = unsafe { uring_ext::push(&Self::cancel_entry(target)) } {
+            // It goes on; the next call tries again, if it still does.
+            let mut inboxes = self.inboxes.borrow_mut();
+            let Some(inbox) = inboxes
+                .get_mut(index)
+                .filter(|i| i.in_use && i.generation == generation)
+            else {
+                return;
+            };
+            if send {
+                inbox.send_cancelling = false;
+            } else {
+                inbox.cancelling = false;
+            }
+            drop(inboxes);
+            self.cancel_later(index, send);
+            tracing::debug!(error = %e, send, "cannot queue a cancel");
         }
     }
 
@@ -692,26 +711,33 @@ impl RecvRing {
         }
     }
 
-    /// Sends `bytes` on `token`'s socket (`fd`, the one it was armed
+    /// Sends `bytes[from..]` on `token`'s socket (`fd`, the one it was armed
     /// with), with the runtime's next submission: one system call carries
     /// every send a turn of the loop queued. At most one send is in flight
     /// per socket; wait for it (`poll_sent`) and take its end
     /// (`take_sent`) before the next. The bytes stay here, where the
     /// kernel reads them, until then (and for ever if the ring is dropped
     /// first). On an error the bytes are handed back, unsent.
-    pub fn send(&self, token: Token, fd: BorrowedFd<'_>, bytes: Vec<u8>) -> Result<(), (io::Error, Vec<u8>)> {
+    pub fn send(
+        &self,
+        token: Token,
+        fd: BorrowedFd<'_>,
+        bytes: Vec<u8>,
+        from: usize,
+    ) -> Result<(), (io::Error, Vec<u8>)> {
         self.retry_cancels();
         let entry = {
             let mut inboxes = self.inboxes.borrow_mut();
             let inbox = &mut inboxes[token.index()];
-            if inbox.sending || inbox.sent != i32::MIN || !inbox.out.is_empty() {
-                return Err((io::Error::other("a send is already in flight"), bytes));
+            if inbox.sending || inbox.sent != i32::MIN || !inbox.out.is_empty() || from >= bytes.len() {
+                return Err((io::Error::other("a send already in flight, or nothing to send"), bytes));
             }
             inbox.out = bytes;
             // A send of more than u32::MAX bytes ends short, as a socket's
             // write may: the caller sends the rest.
-            let len = inbox.out.len().min(u32::MAX as usize) as u32;
-            opcode::Send::new(types::Fd(fd.as_raw_fd()), inbox.out.as_ptr(), len)
+            let len = (inbox.out.len() - from).min(u32::MAX as usize) as u32;
+            let start = inbox.out[from..].as_ptr();
+            opcode::Send::new(types::Fd(fd.as_raw_fd()), start, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
                 .user_data(send_user_data(token.index(), inbox.generation))
@@ -940,6 +966,8 @@ impl RecvRing {
             }
             (inbox.armed, inbox.sending)
         };
+        // Each cancel looks the entry up again: queueing the first may
+        // have run completions that freed it.
         if armed {
             self.cancel(token);
         }
@@ -979,10 +1007,10 @@ impl Drop for RecvRing {
         // but `release` allows it) may be read by the kernel until the
         // runtime's ring is torn down: its bytes are never freed, as the
         // receive buffers are not.
-        debug_assert_eq!(self.sending.get(), 0, "a send in flight as the ring goes");
         for inbox in self.inboxes.get_mut().iter_mut().filter(|i| i.sending) {
             std::mem::forget(std::mem::take(&mut inbox.out));
         }
+        debug_assert_eq!(self.sending.get(), 0, "a send in flight as the ring goes");
     }
 }
 
@@ -1156,13 +1184,16 @@ mod tests {
     /// Sends until every byte is out, as `Conn::send_on_ring` does: one
     /// send in flight, the rest sent again after a send that ended short.
     async fn send_all(ring: &RecvRing, token: Token, fd: BorrowedFd<'_>, mut bytes: Vec<u8>) {
-        while !bytes.is_empty() {
-            ring.send(token, fd, bytes).map_err(|(e, _)| e).unwrap();
-            let (_, back) = ring.send(token, fd, vec![1]).expect_err("one send in flight at most");
+        let mut from = 0;
+        while from < bytes.len() {
+            ring.send(token, fd, bytes, from).map_err(|(e, _)| e).unwrap();
+            let (_, back) = ring
+                .send(token, fd, vec![1], 0)
+                .expect_err("one send in flight at most");
             assert_eq!(back, [1], "the refused bytes come back");
             std::future::poll_fn(|cx| ring.poll_sent(token, cx)).await;
-            let (mut back, sent) = ring.take_sent(token);
-            back.drain(..sent.unwrap());
+            let (back, sent) = ring.take_sent(token);
+            from += sent.unwrap();
             bytes = back;
         }
     }
@@ -1210,15 +1241,16 @@ mod tests {
             let total = 32 * 1024 * 1024;
             // The first send takes what the socket has room for and ends
             // short; the rest waits for room.
-            ring.send(token, server.as_fd(), vec![3u8; total])
+            ring.send(token, server.as_fd(), vec![3u8; total], 0)
                 .map_err(|(e, _)| e)
                 .unwrap();
             turn().await;
-            let (mut rest, first) = ring.take_sent(token);
+            let (rest, first) = ring.take_sent(token);
             let first = first.unwrap();
             assert!(first > 0 && first < total, "sent {first}");
-            rest.drain(..first);
-            ring.send(token, server.as_fd(), rest).map_err(|(e, _)| e).unwrap();
+            ring.send(token, server.as_fd(), rest, first)
+                .map_err(|(e, _)| e)
+                .unwrap();
             for _ in 0..5 {
                 turn().await;
             }
@@ -1226,12 +1258,12 @@ mod tests {
             assert!(ring.take_sent(token).1.is_err(), "refused while in flight");
             std::future::poll_fn(|cx| ring.poll_send_stopped(token, cx)).await;
             let (back, sent) = ring.take_sent(token);
-            assert_eq!(back.len(), total - first);
+            assert_eq!(back.len(), total, "the bytes come back whole, unmoved");
             assert_eq!(sent.unwrap(), 0, "nothing went out of the cancelled send");
             assert_eq!(ring.sending(), 0);
 
             // Given up mid-send: cancelled, then freed and used again.
-            ring.send(token, server.as_fd(), vec![4u8; total])
+            ring.send(token, server.as_fd(), vec![4u8; total], 0)
                 .map_err(|(e, _)| e)
                 .unwrap();
             turn().await;
