@@ -6,7 +6,7 @@ mod common;
 
 use common::{masked_frame, stopped_count, tokio_rt, Raw, Server};
 use futures_util::{SinkExt, StreamExt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Long enough for a 50 ms park delay, swept every 12 ms, to have parked.
@@ -211,4 +211,61 @@ both_drivers!(deliveries_during_a_park_are_not_parked_over, |driver| {
     let log = server.log();
     // Parks happened between the publishes (so some met one).
     assert!(stopped_count(&log, "parks") >= SUBSCRIBERS as u64, "{log}");
+});
+
+both_drivers!(memory_of_parked_tasks_goes_back_to_the_os, |driver| {
+    // Connections opened faster than they park: every one has a task at the
+    // peak, and parking ends them all. The memory those tasks held goes back
+    // to the OS (`sys::alloc`), so what stays is about a slot per session,
+    // not the peak. Measured on the heap (RssAnon): the code the first
+    // connections run is paged in once and is not theirs.
+    const CONNECTIONS: usize = 4_000;
+    let server = Server::start(
+        driver,
+        &[
+            "--workers",
+            "1",
+            "--park-after-ms",
+            "500",
+            "--ping-interval-ms",
+            "0",
+            "--idle-timeout-ms",
+            "0",
+        ],
+    );
+    let parked_all = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.metric("sluice_parked_connections") < n {
+            assert!(Instant::now() < deadline, "not all connections parked");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let open = |n: usize| {
+        let mut conns: Vec<Raw> = (0..n)
+            .map(|_| {
+                let mut raw = Raw::connect(server.addr);
+                raw.send(common::upgrade_request("/echo", "").as_bytes());
+                raw
+            })
+            .collect();
+        for raw in &mut conns {
+            let head = raw.read_head();
+            assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        }
+        conns
+    };
+    // A first few connections page in what every connection touches once.
+    let warm = open(64);
+    parked_all(64);
+    let before = server.rss_anon_kib();
+    let conns = open(CONNECTIONS);
+    parked_all((64 + CONNECTIONS) as u64);
+    // A core gives memory back at most once a second.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let per_connection = server.rss_anon_kib().saturating_sub(before) * 1024 / CONNECTIONS as u64;
+    assert!(
+        per_connection < 512 || common::sanitized(),
+        "{per_connection} bytes of heap per parked connection"
+    );
+    drop((warm, conns));
 });

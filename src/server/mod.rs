@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
@@ -722,10 +722,21 @@ async fn sweep(shard: Rc<Shard>, metrics: Arc<crate::admin::Metrics>, driver: Dr
         DriverKind::IoUring => "io_uring",
         DriverKind::Epoll => "epoll",
     };
+    let mut reclaim = crate::sys::alloc::Reclaim::default();
     loop {
         metrics.refresh(&shard, driver);
         monoio::time::sleep(tick).await;
         shard.sweep();
+        let live = shard.session_count().saturating_sub(shard.parked_count());
+        let started = Instant::now();
+        if reclaim.after_tick(live, shard.now_ms()) {
+            tracing::debug!(
+                core = shard.core,
+                live,
+                took_us = started.elapsed().as_micros() as u64,
+                "freed memory given back"
+            );
+        }
     }
 }
 
@@ -811,7 +822,7 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
 
 /// Waits until every session has closed, or the deadline; then ends the
 /// rest, so that no task outlives the runtime (monoio would leak it).
-async fn drain(shard: &Rc<Shard>, deadline: std::time::Instant) {
+async fn drain(shard: &Rc<Shard>, deadline: Instant) {
     let limit = deadline.saturating_duration_since(std::time::Instant::now());
     if monoio::time::timeout(limit, all_sessions_ended(shard)).await.is_err() {
         tracing::warn!(
