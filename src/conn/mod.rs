@@ -544,7 +544,9 @@ impl<'a> Conn<'a> {
                         "closing on violation"
                     );
                     self.session.set_phase(Phase::Closing);
-                    if self.flush().await.is_ok() {
+                    // (A kick may end a send on the ring with our close
+                    // still queued: then it was not sent.)
+                    if self.flush().await.is_ok() && self.out.is_empty() {
                         self.shard().count_close_sent(violation.code);
                         self.linger().await;
                     }
@@ -812,6 +814,11 @@ impl<'a> Conn<'a> {
         self.session.set_phase(Phase::Closing);
         self.out.push_close(&self.shard().pool, Some(code), reason);
         self.flush().await.ok()?;
+        if !self.out.is_empty() {
+            // A kick ended a send on the ring before our close went out:
+            // no close handshake to wait for.
+            return None;
+        }
         self.shard().count_close_sent(code);
         // Read until the peer's close. Our close is sent, so nothing more is
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
