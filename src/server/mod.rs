@@ -823,7 +823,7 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
 /// Waits until every session has closed, or the deadline; then ends the
 /// rest, so that no task outlives the runtime (monoio would leak it).
 async fn drain(shard: &Rc<Shard>, deadline: Instant) {
-    let limit = deadline.saturating_duration_since(std::time::Instant::now());
+    let limit = deadline.saturating_duration_since(Instant::now());
     if monoio::time::timeout(limit, all_sessions_ended(shard)).await.is_err() {
         tracing::warn!(
             core = shard.core,

@@ -230,6 +230,15 @@ impl Inbox {
     fn pending(&self) -> usize {
         self.held.map_or(0, |h| usize::from(h.end - h.start)) + self.data.len()
     }
+
+    /// Keeps `cx`'s waker, to be woken by the next completion (kept as it
+    /// is when it would wake the same task).
+    fn wake_later(&mut self, cx: &Context<'_>) {
+        match &self.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.waker = Some(cx.waker().clone()),
+        }
+    }
 }
 
 /// Every core's buffer memory, which is never freed.
@@ -763,10 +772,7 @@ impl RecvRing {
         if !inbox.sending {
             return Poll::Ready(());
         }
-        match &inbox.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => inbox.waker = Some(cx.waker().clone()),
-        }
+        inbox.wake_later(cx);
         Poll::Pending
     }
 
@@ -804,10 +810,7 @@ impl RecvRing {
         if inbox.pending() > 0 || inbox.end.is_some() || !inbox.armed {
             return Poll::Ready(());
         }
-        match &inbox.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => inbox.waker = Some(cx.waker().clone()),
-        }
+        inbox.wake_later(cx);
         Poll::Pending
     }
 
@@ -925,7 +928,7 @@ impl RecvRing {
             return Poll::Ready(());
         }
         if (send && inbox.send_cancelling) || (!send && inbox.cancelling) {
-            inbox.waker = Some(cx.waker().clone());
+            inbox.wake_later(cx);
         } else {
             // The cancel could not be queued (the submission queue full and
             // the kernel refusing more): no completion is coming to wake
