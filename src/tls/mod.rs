@@ -1,18 +1,21 @@
 //! TLS for `wss://` (RFC 8446, RFC 5246 with rustls), built so that an idle
 //! TLS connection costs little more than a plain one.
 //!
-//! rustls's unbuffered API leaves every buffer to us:
-//! - Ciphertext is read into the core's input buffer (a thread-local: one
-//!   per core), decrypted in place, and the plaintext is appended to the
-//!   caller's buffer (the core's scratch), where the WebSocket code takes it
-//!   as it takes plain bytes. Only a partial record at the end of a read is
+//! rustls's unbuffered API runs the handshake, and leaves every buffer to
+//! us; once it is done, rustls hands the keys over and `records` seals and
+//! opens the records itself:
+//! - Ciphertext is read into the caller's buffer (the core's scratch) and
+//!   opened there: the cipher's pass moves each record's plaintext down
+//!   over the headers, so the WebSocket code takes it as it takes plain
+//!   bytes, with no copy. Only a partial record at the end of a read is
 //!   kept by the connection (`leftover`), and only until it completes.
-//! - Plaintext is encrypted into the core's output buffer and written at
-//!   once; only what the socket did not take is kept (`pending`), and no
-//!   more plaintext is taken until it is written.
+//! - Plaintext is gathered into records in the core's output buffer,
+//!   sealed there and written at once; only what the socket did not take
+//!   is kept (`pending`), and no more plaintext is taken until it is
+//!   written.
 //!
-//! So an idle connection holds the rustls state alone (keys, about 3.5 KiB),
-//! where a buffered TLS stream holds two 16 KiB buffers.
+//! So an idle connection holds its keys alone, where a buffered TLS stream
+//! holds two 16 KiB buffers.
 //!
 //! The certificate is behind `CertResolver`, which `reload` replaces (on
 //! SIGHUP): new handshakes take the new one, open connections are untouched.
@@ -28,10 +31,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
-use rustls::unbuffered::{
-    AppDataRecord, ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
-};
+use rustls::unbuffered::{AppDataRecord, ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use socket2::SockRef;
+
+mod records;
+
+use records::{Fatal, Records, APPLICATION_DATA, CLOSE_NOTIFY, MAX_PLAIN};
 
 /// Largest TLS record the peer may send: 2^14 plaintext plus 2048 of
 /// expansion (RFC 5246 6.2.3), plus its 5-byte header.
@@ -42,11 +47,12 @@ pub const MAX_RECORD_BYTES: usize = 16_384 + 2_048 + 5;
 /// and rustls joins them only once it is whole).
 const MAX_HANDSHAKE_LEFTOVER: usize = 64 * 1024;
 
-/// Plaintext encrypted per `WriteTraffic::encrypt` call: one record.
-const PLAIN_CHUNK: usize = 16_384;
+/// Plaintext one `send_vectored` takes, at most: four whole records.
+const PLAIN_PER_SEND: usize = 4 * MAX_PLAIN;
 
-/// The core's output buffer: enough for 64 KiB of plaintext in records.
-const OUT_BYTES: usize = 64 * 1024 + 4 * 256;
+/// The core's output buffer: 64 KiB of plaintext in records, and a key
+/// update before them.
+const OUT_BYTES: usize = PLAIN_PER_SEND + 1024;
 
 /// Ciphertext one read takes at least, whatever plaintext the caller asked
 /// for: a smaller read would cut records short, and each partial record is
@@ -59,12 +65,10 @@ const READ_FLOOR: usize = 64 * 1024;
 const MAX_ROUNDS: usize = 100_000;
 
 thread_local! {
-    /// The core's ciphertext input: a leftover plus one read.
+    /// The core's ciphertext input in the handshake: a leftover plus one read.
     static TLS_IN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// The core's ciphertext output.
     static TLS_OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Small frames gathered into one record's plaintext.
-    static TLS_STAGE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The PEM files of the certificate chain and its key.
@@ -139,27 +143,41 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, S
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
     config.max_early_data_size = 0;
+    // The keys go to `records` once the handshake is done.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
 /// One connection's TLS state.
 pub struct TlsSession {
-    conn: UnbufferedServerConnection,
+    stage: Stage,
     /// The start of a record not yet complete (empty, unallocated, when idle).
     leftover: Vec<u8>,
     /// Ciphertext the socket did not take yet.
     pending: Vec<u8>,
-    /// We sent close_notify: nothing more may be encrypted.
+    /// We sent close_notify (or a fatal alert): nothing more may be encrypted.
     closed: bool,
     /// The peer sent close_notify.
     peer_closed: bool,
+}
+
+// The traffic stage is the one that lasts, and the session is one heap
+// allocation already (`sys::socket::Tls`): boxing it would add another.
+#[allow(clippy::large_enum_variant)]
+enum Stage {
+    /// rustls runs the handshake (and its records).
+    Handshake(UnbufferedServerConnection),
+    /// The handshake is done: our record layer, on the keys rustls handed over.
+    Traffic(Records),
+    /// The keys could not be handed over; nothing more is read or written.
+    Failed,
 }
 
 impl TlsSession {
     pub fn new(config: Arc<ServerConfig>) -> io::Result<TlsSession> {
         let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
         Ok(TlsSession {
-            conn,
+            stage: Stage::Handshake(conn),
             leftover: Vec::new(),
             pending: Vec::new(),
             closed: false,
@@ -168,7 +186,10 @@ impl TlsSession {
     }
 
     pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        match &self.stage {
+            Stage::Handshake(conn) => conn.is_handshaking(),
+            Stage::Traffic(_) | Stage::Failed => false,
+        }
     }
 
     /// Ciphertext is waiting for the socket.
@@ -187,7 +208,108 @@ impl TlsSession {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         let before = plain.len();
-        let read = TLS_IN.with_borrow_mut(|incoming| -> io::Result<()> {
+        let read = match self.stage {
+            Stage::Handshake(_) => self.recv_handshake(fd, plain, max),
+            // An empty buffer (the core's scratch) takes the ciphertext and
+            // keeps the plaintext where it was opened. One that holds bytes
+            // already (a connection's partial frame) is not grown by a
+            // whole read: the records are opened in the core's input
+            // buffer and only their plaintext is appended.
+            Stage::Traffic(_) if plain.is_empty() => self.recv_records(fd, plain, max),
+            Stage::Traffic(_) => TLS_IN.with_borrow_mut(|incoming| {
+                incoming.clear();
+                let read = self.recv_records(fd, incoming, max);
+                plain.extend_from_slice(incoming);
+                read
+            }),
+            Stage::Failed => Err(io::ErrorKind::BrokenPipe.into()),
+        };
+        self.flush_pending(fd)?;
+        read?;
+        match plain.len() - before {
+            0 if self.peer_closed => Err(io::ErrorKind::UnexpectedEof.into()),
+            0 => Ok(None),
+            n => Ok(Some(n)),
+        }
+    }
+
+    /// Reads ciphertext straight into `plain`, behind the leftover, and
+    /// opens the whole records there.
+    fn recv_records(&mut self, fd: BorrowedFd<'_>, plain: &mut Vec<u8>, max: usize) -> io::Result<()> {
+        let from = plain.len();
+        let max = max.max(READ_FLOOR);
+        plain.reserve(self.leftover.len() + max);
+        plain.extend_from_slice(&self.leftover);
+        let spare = plain.spare_capacity_mut();
+        let room = spare.len().min(max);
+        match SockRef::from(&fd).recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
+            Ok(0) => self.peer_closed = true,
+            Ok(n) => {
+                // SAFETY: recv(2) initialised the first `n <= room` spare bytes.
+                unsafe { plain.set_len(plain.len() + n) };
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                plain.truncate(from);
+                return Ok(());
+            }
+            Err(e) => {
+                plain.truncate(from);
+                return Err(e);
+            }
+        }
+        self.open_records(plain, from)
+    }
+
+    /// Opens the records in `plain[from..]`: their plaintext stays there,
+    /// an incomplete record at the end goes to `leftover`.
+    fn open_records(&mut self, plain: &mut Vec<u8>, from: usize) -> io::Result<()> {
+        let Stage::Traffic(records) = &mut self.stage else {
+            plain.truncate(from);
+            return Err(io::ErrorKind::BrokenPipe.into());
+        };
+        let opened = match records.open(plain, from) {
+            Ok(opened) => opened,
+            Err(fatal) => {
+                plain.truncate(from);
+                return Err(self.fail(fatal));
+            }
+        };
+        // What is kept is one incomplete record: `open` refuses a longer
+        // one as soon as its header is in.
+        let left = plain.len() - opened.rest;
+        if left == 0 {
+            self.leftover = Vec::new();
+        } else {
+            self.leftover.clear();
+            self.leftover.extend_from_slice(&plain[opened.rest..]);
+        }
+        plain.truncate(opened.plain_end);
+        if opened.peer_closed {
+            self.peer_closed = true;
+        }
+        if !self.closed {
+            if let Err(fatal) = records.answer_key_update(&mut self.pending) {
+                return Err(self.fail(fatal));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection on a TLS error: its alert (if it has one) is
+    /// queued, and nothing is encrypted after it.
+    fn fail(&mut self, fatal: Fatal) -> io::Error {
+        if let (Stage::Traffic(records), Some(alert), false) = (&mut self.stage, fatal.alert, self.closed) {
+            let _ = records.seal_alert(&mut self.pending, alert);
+        }
+        self.closed = true;
+        io::Error::new(io::ErrorKind::InvalidData, fatal.reason)
+    }
+
+    /// The handshake's reads: ciphertext goes to the core's input buffer,
+    /// and rustls runs it. Once the handshake is done the keys go to
+    /// `records`, which opens whatever came behind it.
+    fn recv_handshake(&mut self, fd: BorrowedFd<'_>, plain: &mut Vec<u8>, max: usize) -> io::Result<()> {
+        TLS_IN.with_borrow_mut(|incoming| -> io::Result<()> {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
             let max = max.max(READ_FLOOR);
@@ -205,21 +327,26 @@ impl TlsSession {
                 Err(e) => return Err(e),
             };
             let rest = self.process(incoming, plain)?;
+            if eof {
+                self.peer_closed = true;
+            }
+            if !self.is_handshaking() && !self.peer_closed {
+                self.hand_over()?;
+                // Records behind the handshake's last one are ours now.
+                let from = plain.len();
+                plain.extend_from_slice(&incoming[rest..]);
+                return self.open_records(plain, from);
+            }
             let left = incoming.len() - rest;
             // What is kept is one incomplete record, or (in the handshake) a
             // handshake message whose records rustls joins only once it is
             // whole. A peer that sends more without completing either (tiny
             // fragment records, say) is refused: it would hold memory, and
             // every read would copy it again.
-            let most = if self.is_handshaking() {
-                MAX_HANDSHAKE_LEFTOVER
-            } else {
-                MAX_RECORD_BYTES
-            };
-            if left > most {
+            if left > MAX_HANDSHAKE_LEFTOVER {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{left} bytes of TLS records pending, over {most}"),
+                    format!("{left} bytes of TLS records pending, over {MAX_HANDSHAKE_LEFTOVER}"),
                 ));
             }
             // Keep it for the next read (the one copy of the read's
@@ -230,18 +357,20 @@ impl TlsSession {
                 self.leftover.clear();
                 self.leftover.extend_from_slice(&incoming[rest..]);
             }
-            if eof {
-                self.peer_closed = true;
-            }
             Ok(())
-        });
-        self.flush_pending(fd)?;
-        read?;
-        match plain.len() - before {
-            0 if self.peer_closed => Err(io::ErrorKind::UnexpectedEof.into()),
-            0 => Ok(None),
-            n => Ok(Some(n)),
-        }
+        })
+    }
+
+    /// Takes the keys from rustls, whose handshake is done and whose
+    /// answers are all in `pending`.
+    fn hand_over(&mut self) -> io::Result<()> {
+        let Stage::Handshake(conn) = std::mem::replace(&mut self.stage, Stage::Failed) else {
+            return Ok(());
+        };
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(io::Error::other)?;
+        let records = Records::new(secrets, kernel).map_err(|fatal| io::Error::other(fatal.reason))?;
+        self.stage = Stage::Traffic(records);
+        Ok(())
     }
 
     /// Runs the records in `incoming` (`process_tls_records` until it
@@ -252,9 +381,12 @@ impl TlsSession {
     /// after each would cost a read of many small records its length
     /// squared.
     fn process(&mut self, incoming: &mut [u8], plain: &mut Vec<u8>) -> io::Result<usize> {
+        let Stage::Handshake(conn) = &mut self.stage else {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        };
         let mut start = 0;
         for _ in 0..MAX_ROUNDS {
-            let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(&mut incoming[start..]);
+            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[start..]);
             let mut done = false;
             match state {
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -277,7 +409,7 @@ impl TlsSession {
                 Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => done = true,
                 Ok(_) => done = true,
                 Err(e) => {
-                    self.queue_alert();
+                    queue_alert(conn, &mut self.pending);
                     return Err(invalid(e));
                 }
             }
@@ -287,21 +419,6 @@ impl TlsSession {
             }
         }
         Err(io::Error::other("TLS processing did not settle"))
-    }
-
-    /// After an error rustls has a fatal alert to send: queue it.
-    fn queue_alert(&mut self) {
-        for _ in 0..8 {
-            match self.conn.process_tls_records(&mut []).state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    if encode_into(&mut self.pending, |out| encode.encode(out)).is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
-        }
     }
 
     /// Writes ciphertext that waited. `Ok(true)` once none is left.
@@ -320,80 +437,45 @@ impl TlsSession {
         Ok(true)
     }
 
-    /// Encrypts as much of `frames` (in order) as fits the core's output
-    /// buffer and writes it. Returns the plaintext bytes taken; what the
-    /// socket did not take waits in `pending`, and until it is written no
-    /// more plaintext is taken (`WouldBlock`).
+    /// Seals as much of `frames` (in order) as one call takes (64 KiB)
+    /// into records and writes them. Returns the plaintext bytes taken;
+    /// what the socket did not take waits in `pending`, and until it is
+    /// written no more plaintext is taken (`WouldBlock`).
     pub fn send_vectored(&mut self, fd: BorrowedFd<'_>, frames: &[IoSlice<'_>]) -> io::Result<usize> {
         if !self.flush_pending(fd)? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        if self.closed || self.is_handshaking() {
+        if self.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         TLS_OUT.with_borrow_mut(|out| {
-            out.resize(OUT_BYTES, 0);
-            let mut written = 0;
+            out.clear();
+            out.reserve(OUT_BYTES);
+            let Stage::Traffic(records) = &mut self.stage else {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            };
             let mut taken = 0;
-            self.write_traffic(|w| {
-                TLS_STAGE.with_borrow_mut(|stage| {
-                    // Frames smaller than a record (deliveries are many small
-                    // parts) are gathered into one record: one seal and 22
-                    // bytes of overhead per 16 KiB, not per part.
-                    let mut seal = |plain: &[u8]| match w.encrypt(plain, &mut out[written..]) {
-                        Ok(n) => {
-                            written += n;
-                            taken += plain.len();
-                            Ok(true)
-                        }
-                        Err(EncryptError::InsufficientSize(_)) => Ok(false),
-                        Err(e) => Err(io::Error::other(e.to_string())),
-                    };
-                    stage.clear();
-                    'frames: for (i, frame) in frames.iter().enumerate() {
-                        let last = i + 1 == frames.len();
-                        let mut rest: &[u8] = frame;
-                        while !rest.is_empty() {
-                            // A whole record's worth, or the last part with
-                            // nothing staged before it, is sealed where it
-                            // lies: staging it would copy it once more.
-                            if stage.is_empty() && (rest.len() >= PLAIN_CHUNK || last) {
-                                let n = rest.len().min(PLAIN_CHUNK);
-                                if !seal(&rest[..n])? {
-                                    break 'frames;
-                                }
-                                rest = &rest[n..];
-                                continue;
-                            }
-                            let n = rest.len().min(PLAIN_CHUNK - stage.len());
-                            stage.extend_from_slice(&rest[..n]);
-                            rest = &rest[n..];
-                            if stage.len() == PLAIN_CHUNK {
-                                if !seal(stage)? {
-                                    break 'frames;
-                                }
-                                stage.clear();
-                            }
-                        }
-                    }
-                    if !stage.is_empty() && seal(stage)? {
-                        stage.clear();
-                    }
-                    Ok(())
-                })
-            })?;
-            // A message rustls queued first (in `pending`) goes first.
+            let sealed = seal_frames(records, frames, out, &mut taken);
+            if let Err(fatal) = sealed {
+                // The records sealed before it took sequence numbers: they
+                // go out, then the alert.
+                self.pending.extend_from_slice(out);
+                let error = self.fail(fatal);
+                let _ = self.flush_pending(fd);
+                return Err(error);
+            }
+            // A message queued first (in `pending`) goes first.
             if !self.pending.is_empty() {
-                self.pending.extend_from_slice(&out[..written]);
+                self.pending.extend_from_slice(out);
                 self.flush_pending(fd)?;
                 return Ok(taken);
             }
-            let sent = match send(fd, &out[..written]) {
+            let sent = match send(fd, out) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err(e),
             };
-            self.pending.extend_from_slice(&out[sent..written]);
+            self.pending.extend_from_slice(&out[sent..]);
             Ok(taken)
         })
     }
@@ -405,61 +487,92 @@ impl TlsSession {
     /// Sends close_notify (RFC 8446 6.1) with whatever waits before it,
     /// as far as the socket takes it; nothing is encrypted after it.
     pub fn close_notify(&mut self, fd: BorrowedFd<'_>) {
-        if self.closed || self.is_handshaking() {
+        if self.closed {
             return;
         }
+        let Stage::Traffic(records) = &mut self.stage else {
+            return;
+        };
         self.closed = true;
-        let mut alert = [0u8; 64];
-        let mut n = 0;
-        let queued = self.write_traffic(|w| {
-            n = w
-                .queue_close_notify(&mut alert)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            Ok(())
-        });
-        if queued.is_ok() {
-            self.pending.extend_from_slice(&alert[..n]);
+        if records.seal_alert(&mut self.pending, CLOSE_NOTIFY).is_ok() {
             let _ = self.flush_pending(fd);
         }
     }
+}
 
-    /// Runs `f` in the connection's write state. The leftover (a partial
-    /// record at most) is passed as the input, as rustls requires.
-    fn write_traffic(
-        &mut self,
-        f: impl FnOnce(&mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut f = Some(f);
-        for _ in 0..8 {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.leftover);
-            let result = match state {
-                Ok(ConnectionState::WriteTraffic(mut w)) => {
-                    let f = f.take().ok_or_else(|| io::Error::other("TLS write state twice"))?;
-                    Some(f(&mut w))
-                }
-                // A message rustls must send first (a key update).
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    encode_into(&mut self.pending, |out| encode.encode(out))?;
-                    None
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => {
-                    transmit.done();
-                    None
-                }
-                Ok(ConnectionState::Closed | ConnectionState::PeerClosed) => {
-                    Some(Err(io::ErrorKind::BrokenPipe.into()))
-                }
-                Ok(_) => Some(Err(io::Error::other("TLS connection not ready to write"))),
-                Err(e) => Some(Err(invalid(e))),
-            };
-            if discard > 0 {
-                self.leftover.drain(..discard);
+/// Gathers `frames` (in order) into records in `out`, at most
+/// `PLAIN_PER_SEND` of them, counting what it took in `taken`. Frames
+/// smaller than a record (deliveries are many small parts) share one: one
+/// seal and 22 bytes of overhead per 16 KiB, not per part. On an error
+/// `out` holds the records sealed before it, whole.
+fn seal_frames(
+    records: &mut Records,
+    frames: &[IoSlice<'_>],
+    out: &mut Vec<u8>,
+    taken: &mut usize,
+) -> Result<(), Fatal> {
+    let mut whole = out.len();
+    let sealed = gather(records, frames, out, taken, &mut whole);
+    if sealed.is_err() {
+        out.truncate(whole);
+    }
+    sealed
+}
+
+fn gather(
+    records: &mut Records,
+    frames: &[IoSlice<'_>],
+    out: &mut Vec<u8>,
+    taken: &mut usize,
+    whole: &mut usize,
+) -> Result<(), Fatal> {
+    let mut record: Option<(usize, usize)> = None;
+    'frames: for frame in frames {
+        let mut rest: &[u8] = frame;
+        while !rest.is_empty() {
+            if *taken == PLAIN_PER_SEND {
+                break 'frames;
             }
-            if let Some(result) = result {
-                return result;
+            let (at, filled) = match record {
+                Some(open) => open,
+                None => {
+                    records.update_key_if_due(out)?;
+                    *whole = out.len();
+                    (records.start(out), 0)
+                }
+            };
+            let n = rest.len().min(MAX_PLAIN - filled).min(PLAIN_PER_SEND - *taken);
+            out.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            *taken += n;
+            if filled + n == MAX_PLAIN {
+                records.seal(out, at, APPLICATION_DATA)?;
+                *whole = out.len();
+                record = None;
+            } else {
+                record = Some((at, filled + n));
             }
         }
-        Err(io::Error::other("TLS write state not reached"))
+    }
+    if let Some((at, _)) = record {
+        records.seal(out, at, APPLICATION_DATA)?;
+    }
+    Ok(())
+}
+
+/// After an error in the handshake rustls has a fatal alert to send:
+/// queue it.
+fn queue_alert(conn: &mut UnbufferedServerConnection, pending: &mut Vec<u8>) {
+    for _ in 0..8 {
+        match conn.process_tls_records(&mut []).state {
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                if encode_into(pending, |out| encode.encode(out)).is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            _ => return,
+        }
     }
 }
 
@@ -495,3 +608,6 @@ fn send(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
 fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
+
+#[cfg(test)]
+mod tests;
