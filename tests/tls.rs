@@ -295,7 +295,8 @@ fn a_handshake_in_tiny_records_is_refused_at_its_bound() {
     for driver in DRIVERS {
         let (_server, tls_addr) = start(driver, &cert, &["--handshake-timeout-ms", "30000"]);
         let mut raw = Raw::connect(tls_addr);
-        // A ClientHello announcing 65,535 bytes, one byte per record.
+        // A ClientHello announcing 65,535 bytes, one byte per record:
+        // more than one read, so rustls's joining spans reads.
         let mut wire = Vec::new();
         for byte in [1u8, 0, 0xff, 0xff].into_iter().chain(std::iter::repeat_n(0u8, 20_000)) {
             wire.extend_from_slice(&[22, 3, 1, 0, 1, byte]);
@@ -308,6 +309,17 @@ fn a_handshake_in_tiny_records_is_refused_at_its_bound() {
             "{driver}: {:?}",
             started.elapsed()
         );
+        // Refused, not crashed: the next client is served.
+        tokio_rt().block_on(async {
+            let config = client_config(&[&cert.der], &[&rustls::version::TLS13]);
+            let mut ws = connect(tls_addr, "/echo", config).await.unwrap();
+            ws.send(Message::Text("still here".into())).await.unwrap();
+            assert_eq!(
+                next_message(&mut ws).await,
+                Message::Text("still here".into()),
+                "{driver}"
+            );
+        });
     }
 }
 

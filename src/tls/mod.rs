@@ -312,6 +312,7 @@ impl TlsSession {
         TLS_IN.with_borrow_mut(|incoming| -> io::Result<()> {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
+            let seen = incoming.len();
             let max = max.max(READ_FLOOR);
             incoming.reserve(max);
             let spare = incoming.spare_capacity_mut();
@@ -326,7 +327,7 @@ impl TlsSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let rest = self.process(incoming, plain)?;
+            let rest = self.process(incoming, seen, plain)?;
             if eof {
                 self.peer_closed = true;
             }
@@ -375,19 +376,36 @@ impl TlsSession {
 
     /// Runs the records in `incoming` (`process_tls_records` until it
     /// needs more bytes): handshake messages are answered into `pending`,
-    /// application data goes to `plain`. Returns where the records still
-    /// incomplete start. What rustls is done with is skipped, not moved:
+    /// application data goes to `plain`. Returns where the records rustls
+    /// did not take start. What rustls is done with is skipped, not moved:
     /// rustls yields a state per record, and moving the rest of the buffer
     /// after each would cost a read of many small records its length
     /// squared.
-    fn process(&mut self, incoming: &mut [u8], plain: &mut Vec<u8>) -> io::Result<usize> {
+    ///
+    /// rustls is given one record more at a time, and none once the
+    /// handshake is done: it would otherwise go on past the client's
+    /// Finished, and what it did with the records behind it (answer a key
+    /// update, hold part of a message) would be lost when the keys are
+    /// handed over. Those records are `Records`'s.
+    ///
+    /// rustls keeps offsets into what it was given (the parts of a
+    /// handshake message it joins): each call gives it at least that
+    /// again. `seen` is the leftover it saw in the last read, which
+    /// `incoming` starts with.
+    fn process(&mut self, incoming: &mut [u8], seen: usize, plain: &mut Vec<u8>) -> io::Result<usize> {
         let Stage::Handshake(conn) = &mut self.stage else {
             return Err(io::ErrorKind::BrokenPipe.into());
         };
         let mut start = 0;
+        // The first record boundary at or past `seen` (`incoming` starts
+        // with one: rustls discards whole records).
+        let mut end = next_record_end(incoming, 0);
+        while end < seen {
+            end = next_record_end(incoming, end);
+        }
         for _ in 0..MAX_ROUNDS {
-            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[start..]);
-            let mut done = false;
+            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[start..end]);
+            let mut wants_more = false;
             match state {
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
                     while let Some(record) = traffic.next_record() {
@@ -403,20 +421,35 @@ impl TlsSession {
                 Ok(ConnectionState::PeerClosed) => self.peer_closed = true,
                 Ok(ConnectionState::Closed) => {
                     self.peer_closed = true;
-                    done = true;
+                    return Ok(start + discard);
                 }
-                // Every whole record is taken: the rest (if any) is partial.
-                Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => done = true,
-                Ok(_) => done = true,
+                // Every record given is taken.
+                Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => wants_more = true,
+                Ok(_) => return Ok(start + discard),
                 Err(e) => {
                     queue_alert(conn, &mut self.pending);
                     return Err(invalid(e));
                 }
             }
             start += discard;
-            if done {
+            if !wants_more {
+                continue;
+            }
+            if !conn.is_handshaking() {
+                // rustls holds nothing of what it was given (the last
+                // handshake message ends its record, RFC 8446 5.1).
+                if start != end {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "TLS handshake done with part of a record held",
+                    ));
+                }
                 return Ok(start);
             }
+            if end == incoming.len() {
+                return Ok(start);
+            }
+            end = next_record_end(incoming, end);
         }
         Err(io::Error::other("TLS processing did not settle"))
     }
@@ -573,6 +606,15 @@ fn queue_alert(conn: &mut UnbufferedServerConnection, pending: &mut Vec<u8>) {
             Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
             _ => return,
         }
+    }
+}
+
+/// Where the record at `at` ends, or the buffer's end if it is not whole
+/// (rustls then waits for the rest, or refuses a header it cannot take).
+fn next_record_end(buf: &[u8], at: usize) -> usize {
+    match buf.get(at..at + 5) {
+        Some(&[_, _, _, hi, lo]) => (at + 5 + usize::from(u16::from_be_bytes([hi, lo]))).min(buf.len()),
+        _ => buf.len(),
     }
 }
 

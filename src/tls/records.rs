@@ -41,6 +41,13 @@ const DECODE_ERROR: u8 = 50;
 const INTERNAL_ERROR: u8 = 80;
 const USER_CANCELED: u8 = 90;
 
+/// What a peer may send that costs work and carries no data, as rustls
+/// allows it (its `TemperCounters`, after BoringSSL): key updates between
+/// two records of data, warning alerts in all, empty records in a row.
+const MAX_KEY_UPDATES: u8 = 32;
+const MAX_WARNINGS: u8 = 4;
+const MAX_EMPTY_RECORDS: u8 = 32;
+
 /// The one handshake message a client may send after the handshake here
 /// (no post-handshake authentication is asked for): KeyUpdate.
 const KEY_UPDATE: u8 = 24;
@@ -146,6 +153,11 @@ pub struct Records {
     /// A post-handshake message split over records, so far.
     handshake: [u8; KEY_UPDATE_LEN],
     handshake_len: u8,
+    /// Key updates since the last record of data, warnings in all, empty
+    /// records in a row (see `MAX_KEY_UPDATES`).
+    key_updates: u8,
+    warnings: u8,
+    empty_records: u8,
 }
 
 impl Records {
@@ -166,6 +178,9 @@ impl Records {
             update_tx: false,
             handshake: [0; KEY_UPDATE_LEN],
             handshake_len: 0,
+            key_updates: 0,
+            warnings: 0,
+            empty_records: 0,
         })
     }
 
@@ -262,6 +277,14 @@ impl Records {
             };
             self.rx.advance()?;
             at = end;
+            if n == 0 {
+                if self.empty_records == MAX_EMPTY_RECORDS {
+                    return Err(Fatal::send(UNEXPECTED_MESSAGE, "too many empty records in a row"));
+                }
+                self.empty_records += 1;
+            } else {
+                self.empty_records = 0;
+            }
             // Handshake messages are not interleaved with other records
             // (RFC 8446 5.1).
             if typ != HANDSHAKE && self.handshake_len > 0 {
@@ -271,7 +294,12 @@ impl Records {
                 ));
             }
             match typ {
-                APPLICATION_DATA => out += n,
+                APPLICATION_DATA => {
+                    if n > 0 {
+                        self.key_updates = 0;
+                    }
+                    out += n;
+                }
                 ALERT => {
                     let &[level, description] = &buf[out..out + n] else {
                         return Err(Fatal::send(DECODE_ERROR, format!("an alert of {n} bytes")));
@@ -297,6 +325,10 @@ impl Records {
                             reason: format!("the peer sent alert {description}"),
                         });
                     }
+                    if self.warnings == MAX_WARNINGS {
+                        return Err(Fatal::send(UNEXPECTED_MESSAGE, "too many warning alerts"));
+                    }
+                    self.warnings += 1;
                 }
                 HANDSHAKE if self.tls13 && n > 0 => self.handshake_message(&buf[out..out + n])?,
                 // TLS 1.2: a ClientHello after the handshake asks to
@@ -358,6 +390,10 @@ impl Records {
                 ));
             }
             self.handshake_len = 0;
+            if self.key_updates == MAX_KEY_UPDATES {
+                return Err(Fatal::send(UNEXPECTED_MESSAGE, "too many key updates without data"));
+            }
+            self.key_updates += 1;
             let (seq, secrets) = self
                 .kernel
                 .update_rx_secret()

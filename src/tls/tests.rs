@@ -271,3 +271,145 @@ fn close_notify_ends_the_stream_after_what_came_before() {
     assert_eq!(&back, b"last words");
     assert_eq!(server.join().unwrap().kind(), io::ErrorKind::UnexpectedEof);
 }
+
+/// A client whose Finished is written but not sent (in `wants_write`).
+fn client_up_to_finished(
+    version: rustls::ProtocolVersion,
+    extract: bool,
+) -> (StreamOwned<ClientConnection, UnixStream>, JoinHandle<io::Error>) {
+    let (config, root) = server_config_for_test();
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_nonblocking(true).unwrap();
+    let server = echo_server(config, b, None);
+    let suite = suites(version)[0];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[suite.version()])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.enable_secret_extraction = extract;
+    let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut stream = StreamOwned::new(conn, a);
+    stream.conn.write_tls(&mut stream.sock).unwrap();
+    while stream.conn.is_handshaking() {
+        stream.conn.read_tls(&mut stream.sock).unwrap();
+        stream.conn.process_new_packets().unwrap();
+    }
+    (stream, server)
+}
+
+/// A TLS 1.3 record of `typ` content sealed with the client's key.
+fn seal13(secrets: &rustls::ConnectionTrafficSecrets, seq: u64, typ: u8, payload: &[u8]) -> Vec<u8> {
+    let (algorithm, key, iv) = match secrets {
+        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
+        rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
+        rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
+        _ => panic!("a suite the test does not have"),
+    };
+    let key = ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(algorithm, key.as_ref()).unwrap());
+    let mut nonce: [u8; 12] = iv.as_ref().try_into().unwrap();
+    for (b, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+        *b ^= s;
+    }
+    let mut body = payload.to_vec();
+    body.push(typ);
+    let [hi, lo] = ((body.len() + 16) as u16).to_be_bytes();
+    let header = [23, 3, 3, hi, lo];
+    key.seal_in_place_append_tag(
+        ring::aead::Nonce::assume_unique_for_key(nonce),
+        ring::aead::Aad::from(header),
+        &mut body,
+    )
+    .unwrap();
+    let mut record = header.to_vec();
+    record.extend_from_slice(&body);
+    record
+}
+
+/// Reads what the server sends until it closes.
+fn drain_and_close(mut sock: UnixStream) {
+    sock.set_nonblocking(true).unwrap();
+    let mut sink = [0; 65536];
+    while let Ok(n) = sock.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// The client's Finished, a KeyUpdate that asks for ours and data, in one
+/// read: rustls must not see the records behind the Finished (it would
+/// answer the key update itself, and its answer would be lost with it).
+#[test]
+fn a_key_update_in_the_read_of_the_finished_is_answered_once() {
+    let (mut stream, server) = client_up_to_finished(rustls::ProtocolVersion::TLSv1_3, false);
+    stream.conn.refresh_traffic_keys().unwrap();
+    stream.conn.writer().write_all(b"hello").unwrap();
+    let mut flight = Vec::new();
+    while stream.conn.wants_write() {
+        stream.conn.write_tls(&mut flight).unwrap();
+    }
+    stream.sock.write_all(&flight).unwrap();
+    let mut back = [0; 5];
+    let read = stream.read_exact(&mut back);
+    drop(stream);
+    let end = server.join().unwrap();
+    assert!(read.is_ok(), "client: {read:?}; server ended with {end}");
+    assert_eq!(&back, b"hello");
+}
+
+/// A KeyUpdate split over two records (RFC 8446 5.1), the first in the
+/// read of the Finished, the second after: joined once, not decrypted
+/// twice. And the same records sent after the hand-over.
+#[test]
+fn a_split_key_update_is_joined_before_and_after_the_hand_over() {
+    for with_finished in [true, false] {
+        let (mut stream, server) = client_up_to_finished(rustls::ProtocolVersion::TLSv1_3, true);
+        let mut finished = Vec::new();
+        while stream.conn.wants_write() {
+            stream.conn.write_tls(&mut finished).unwrap();
+        }
+        let StreamOwned { conn, mut sock } = stream;
+        let (seq, tx) = conn.dangerous_extract_secrets().unwrap().tx;
+        let first = seal13(&tx, seq, 22, &[24, 0]);
+        if with_finished {
+            sock.write_all(&[finished, first].concat()).unwrap();
+        } else {
+            sock.write_all(&finished).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            sock.write_all(&first).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = sock.write_all(&seal13(&tx, seq + 1, 22, &[0, 1, 0]));
+        std::thread::sleep(Duration::from_millis(200));
+        drain_and_close(sock);
+        let end = server.join().unwrap();
+        assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof, "{with_finished}: {end}");
+    }
+}
+
+/// Key updates cost a key derivation each and carry nothing: 32 between
+/// two records of data are taken, the 33rd ends the connection (as rustls
+/// and BoringSSL count them).
+#[test]
+fn key_updates_without_data_are_bounded() {
+    let (mut stream, server) = connected(rustls::ProtocolVersion::TLSv1_3);
+    for _ in 0..32 {
+        stream.conn.refresh_traffic_keys().unwrap();
+    }
+    echo(&mut stream, b"data");
+    for _ in 0..33 {
+        stream.conn.refresh_traffic_keys().unwrap();
+    }
+    stream.flush().unwrap();
+    let end = server.join().unwrap();
+    assert!(end.to_string().contains("too many key updates"), "{end}");
+    assert!(alert_received(&mut stream).contains("UnexpectedMessage"));
+}
