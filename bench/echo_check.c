@@ -15,15 +15,22 @@
  *       zero timeout); each message carries its send time, and its echo's
  *       latency is taken against the schedule (no coordinated omission)
  *
+ * HOST given as tls:HOST speaks wss:// (OpenSSL, the server's certificate
+ * not checked): each write is one SSL_write, so one frame per write is
+ * one record per frame, as a browser sends them.
+ *
  * One second of warm-up, then SECONDS measured. Prints one JSON object:
  * messages per second, latency percentiles (rate mode) and, with
  * SERVER_PID, the server's CPU seconds per second of the window.
- * Build: cc -O2 -o echo_check bench/echo_check.c */
+ * Build: cc -O2 -o echo_check bench/echo_check.c -lssl -lcrypto */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,9 +44,12 @@
 
 struct conn {
     int fd;
+    SSL *ssl; /* NULL over ws:// */
     size_t have;
     unsigned char *buf;
 };
+
+static SSL_CTX *tls_ctx; /* set for tls:HOST */
 
 static uint64_t now_ns(void) {
     struct timespec t;
@@ -74,16 +84,53 @@ static double cpu_seconds(int pid) {
     return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
 }
 
-static void write_all(int fd, const unsigned char *p, size_t n) {
+static void write_all(struct conn *c, const unsigned char *p, size_t n) {
     while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR) continue;
-            die("send");
+        ssize_t w;
+        if (c->ssl) {
+            int r = SSL_write(c->ssl, p, (int)n);
+            if (r <= 0) {
+                int e = SSL_get_error(c->ssl, r);
+                if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) continue;
+                ERR_print_errors_fp(stderr);
+                die("SSL_write");
+            }
+            w = r;
+        } else {
+            w = send(c->fd, p, n, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EAGAIN || errno == EINTR) continue;
+                die("send");
+            }
         }
         p += w;
         n -= (size_t)w;
     }
+}
+
+/* Reads what the connection has (MSG_DONTWAIT, or every decrypted byte
+ * OpenSSL can give without blocking): > 0 bytes read, 0 the server
+ * closed, -1 nothing yet. */
+static ssize_t read_some(struct conn *c, unsigned char *p, size_t cap) {
+    if (!c->ssl) {
+        ssize_t r = recv(c->fd, p, cap, MSG_DONTWAIT);
+        if (r < 0 && errno != EAGAIN) die("recv");
+        return r;
+    }
+    size_t got = 0;
+    while (got < cap) {
+        int r = SSL_read(c->ssl, p + got, (int)(cap - got));
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, r);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) break;
+        if (e == SSL_ERROR_ZERO_RETURN) return got > 0 ? (ssize_t)got : 0;
+        ERR_print_errors_fp(stderr);
+        die("SSL_read");
+    }
+    return got > 0 ? (ssize_t)got : -1;
 }
 
 /* Appends one masked binary frame of `size` bytes whose first 8 bytes are
@@ -117,13 +164,13 @@ static size_t encode_frame(unsigned char *frame, size_t size, uint64_t stamp) {
     return template_len;
 }
 
-/* One frame, written with one send(2). */
-static void send_frame(int fd, size_t size, uint64_t stamp) {
+/* One frame, written with one send(2) (one SSL_write). */
+static void send_frame(struct conn *c, size_t size, uint64_t stamp) {
     static unsigned char frame[16 + 65536];
-    write_all(fd, frame, encode_frame(frame, size, stamp));
+    write_all(c, frame, encode_frame(frame, size, stamp));
 }
 
-static int open_conn(const char *host, int port, const char *path) {
+static void open_conn(struct conn *c, const char *host, int port, const char *path) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) die("socket");
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -131,17 +178,28 @@ static int open_conn(const char *host, int port, const char *path) {
     if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->ssl = NULL;
+    if (tls_ctx) {
+        c->ssl = SSL_new(tls_ctx);
+        SSL_set_fd(c->ssl, fd);
+        SSL_set_tlsext_host_name(c->ssl, "localhost");
+        if (SSL_connect(c->ssl) != 1) {
+            ERR_print_errors_fp(stderr);
+            die("SSL_connect");
+        }
+    }
     char req[512];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
                      path, host, port);
-    write_all(fd, (unsigned char *)req, (size_t)n);
+    write_all(c, (unsigned char *)req, (size_t)n);
     /* read the 101 head byte by byte, so no frame is taken with it */
     char head[4096];
     size_t got = 0;
     while (got < sizeof head - 1) {
-        ssize_t r = recv(fd, head + got, 1, 0);
+        ssize_t r = c->ssl ? SSL_read(c->ssl, head + got, 1) : recv(fd, head + got, 1, 0);
         if (r <= 0) die("handshake");
         got++;
         if (got >= 4 && memcmp(head + got - 4, "\r\n\r\n", 4) == 0) break;
@@ -151,7 +209,8 @@ static int open_conn(const char *host, int port, const char *path) {
         fprintf(stderr, "handshake refused: %s\n", head);
         exit(1);
     }
-    return fd;
+    /* From here reads never block (OpenSSL then answers WANT_READ). */
+    if (c->ssl) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
 static int cmp_u64(const void *a, const void *b) {
@@ -165,6 +224,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *host = argv[1], *path = argv[3];
+    if (strncmp(host, "tls:", 4) == 0) {
+        host += 4;
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+    }
     int port = atoi(argv[2]);
     int rate_mode = strcmp(argv[4], "rate") == 0;
     int burst_mode = strcmp(argv[4], "burst") == 0;
@@ -191,7 +255,7 @@ int main(int argc, char **argv) {
     int ep = epoll_create1(0);
     struct conn *cs = calloc((size_t)conns, sizeof *cs);
     for (int i = 0; i < conns; i++) {
-        cs[i].fd = open_conn(host, port, path);
+        open_conn(&cs[i], host, port, path);
         cs[i].buf = malloc(READ_CAP);
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0) die("epoll_ctl");
@@ -212,7 +276,7 @@ int main(int argc, char **argv) {
 
     if (!rate_mode)
         for (int i = 0; i < conns; i++)
-            for (int d = 0; d < (int)knob; d++) send_frame(cs[i].fd, size, 0);
+            for (int d = 0; d < (int)knob; d++) send_frame(&cs[i], size, 0);
 
     struct epoll_event evs[256];
     for (;;) {
@@ -226,7 +290,7 @@ int main(int argc, char **argv) {
         if (now >= end) break;
         if (rate_mode) {
             while (next_send <= now) {
-                send_frame(cs[turn].fd, size, next_send);
+                send_frame(&cs[turn], size, next_send);
                 turn = (turn + 1) % conns;
                 next_send += interval;
             }
@@ -238,15 +302,13 @@ int main(int argc, char **argv) {
         }
         for (int e = 0; e < n; e++) {
             struct conn *c = &cs[evs[e].data.u32];
-            ssize_t r = recv(c->fd, c->buf + c->have, READ_CAP - c->have, MSG_DONTWAIT);
+        again:;
+            ssize_t r = read_some(c, c->buf + c->have, READ_CAP - c->have);
             if (r == 0) {
                 fprintf(stderr, "server closed a connection\n");
                 return 1;
             }
-            if (r < 0) {
-                if (errno == EAGAIN) continue;
-                die("recv");
-            }
+            if (r < 0) continue;
             c->have += (size_t)r;
             size_t off = 0, answers = 0;
             uint64_t t = rate_mode ? now_ns() : 0;
@@ -271,7 +333,7 @@ int main(int argc, char **argv) {
                 } else if (burst_mode) {
                     answers++;
                 } else {
-                    send_frame(c->fd, size, 0);
+                    send_frame(c, size, 0);
                 }
                 off += h + len;
             }
@@ -282,11 +344,14 @@ int main(int argc, char **argv) {
                     len += encode_frame(out + len, size, 0);
                     answers--;
                 }
-                write_all(c->fd, out, len);
-                for (; answers > 0; answers--) send_frame(c->fd, size, 0);
+                write_all(c, out, len);
+                for (; answers > 0; answers--) send_frame(c, size, 0);
             }
             memmove(c->buf, c->buf + off, c->have - off);
             c->have -= off;
+            /* OpenSSL may hold decrypted bytes the socket no longer
+             * signals: take them before waiting again. */
+            if (c->ssl && SSL_pending(c->ssl) > 0) goto again;
         }
     }
     double cpu = server_pid ? cpu_seconds(server_pid) - cpu_start : 0;

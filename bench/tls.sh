@@ -71,6 +71,12 @@ for shape in $SHAPES; do
   wss=$(for f in "$OUT"/echo-"$size"-"${conns}x$depth"-wss-*.json; do field "$f" '["messages_per_second"]'; done | median)
   printf 'echo %s B %sx%s: ws %.0f msg/s, wss %.0f msg/s, wss/ws %.2f\n' "$size" "$conns" "$depth" "$ws" "$wss" \
     "$(echo "$wss / $ws" | bc -l)" | tee -a "$OUT/run.txt"
+  # The harness does the same crypto as the server and saturates its core
+  # first over wss://: the server's CPU per message is then the figure.
+  ws=$(for f in "$OUT"/echo-"$size"-"${conns}x$depth"-ws-*.json; do field "$f" '["cpu"]["server_ns_per_message"]'; done | median)
+  wss=$(for f in "$OUT"/echo-"$size"-"${conns}x$depth"-wss-*.json; do field "$f" '["cpu"]["server_ns_per_message"]'; done | median)
+  printf '  server CPU per message: ws %.0f ns, wss %.0f ns, ws/wss %.2f\n' "$ws" "$wss" \
+    "$(echo "$ws / $wss" | bc -l)" | tee -a "$OUT/run.txt"
 done
 stop_server
 
