@@ -29,26 +29,39 @@ impl Outbound {
         self.sent == self.buf.len()
     }
 
-    fn room(&mut self, pool: &BufferPool) -> &mut Vec<u8> {
+    /// The buffer, with room for `more` bytes where it can have it: past
+    /// a pool buffer the output moves once into a large one (its unsent
+    /// part only), rather than grow by doubling.
+    fn room(&mut self, pool: &BufferPool, more: usize) -> &mut Vec<u8> {
         if self.buf.capacity() == 0 {
             self.buf = pool.take();
+        }
+        let unsent = self.buf.len() - self.sent;
+        if self.buf.len() + more > self.buf.capacity()
+            && self.buf.capacity() == pool.buf_bytes()
+            && unsent + more <= pool.large_bytes()
+        {
+            let mut large = pool.take_large();
+            large.extend_from_slice(&self.buf[self.sent..]);
+            self.sent = 0;
+            pool.give(std::mem::replace(&mut self.buf, large));
         }
         &mut self.buf
     }
 
     /// Queues raw bytes (an HTTP response).
     pub fn push_bytes(&mut self, pool: &BufferPool, bytes: &[u8]) {
-        self.room(pool).extend_from_slice(bytes);
+        self.room(pool, bytes.len()).extend_from_slice(bytes);
     }
 
     /// Queues the 101 response (RFC 6455 4.2.2).
     pub fn push_accept(&mut self, pool: &BufferPool, key: &[u8], protocol: Option<&str>) {
-        handshake::write_accept(self.room(pool), key, protocol);
+        handshake::write_accept(self.room(pool, 0), key, protocol);
     }
 
     /// Queues the 101 with more header lines (`extra`, each ending in CRLF).
     pub fn push_accept_with(&mut self, pool: &BufferPool, key: &[u8], protocol: Option<&str>, extra: &[u8]) {
-        handshake::write_accept_with(self.room(pool), key, protocol, extra);
+        handshake::write_accept_with(self.room(pool, extra.len()), key, protocol, extra);
     }
 
     /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
@@ -61,7 +74,7 @@ impl Outbound {
         };
         let mut head = [0u8; MAX_HEADER_BYTES];
         let n = frame::encode_header(&header, &mut head);
-        let buf = self.room(pool);
+        let buf = self.room(pool, n + payload.len());
         buf.extend_from_slice(&head[..n]);
         buf.extend_from_slice(payload);
     }
@@ -134,5 +147,49 @@ impl Outbound {
     pub fn release(&mut self, pool: &BufferPool) {
         self.sent = 0;
         pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_at(out: &Outbound, i: usize) -> &[u8] {
+        &out.buf[out.sent + i * 102..out.sent + (i + 1) * 102]
+    }
+
+    /// Output past a pool buffer moves once, its unsent part only, into a
+    /// large buffer, which goes back to the pool's large list after.
+    #[test]
+    fn output_past_a_buffer_moves_once_into_a_large_one() {
+        let pool = BufferPool::new(1024, 4);
+        let mut out = Outbound::default();
+        let payload = [7u8; 100];
+        for _ in 0..5 {
+            out.push_frame(&pool, Opcode::Binary, &payload);
+        }
+        // A send on the ring wrote the first frame.
+        let (buf, from) = out.take_unsent();
+        out.sent_back(&pool, buf, from, 102);
+        assert_eq!(out.unsent(), 4 * 102);
+        for _ in 0..10 {
+            out.push_frame(&pool, Opcode::Binary, &payload);
+        }
+        assert_eq!(out.buf.capacity(), pool.large_bytes());
+        assert_eq!(out.unsent(), 14 * 102);
+        for i in 0..14 {
+            assert_eq!(&frame_at(&out, i)[..2], &[0x82, 100], "frame {i}");
+            assert!(frame_at(&out, i)[2..].iter().all(|&b| b == 7), "frame {i}");
+        }
+        assert_eq!(pool.idle_buffers(), 1, "the small buffer went back");
+        out.release(&pool);
+        assert_eq!(pool.idle_large_buffers(), 1);
+        // Output past a large buffer grows as a Vec does, and is freed.
+        for _ in 0..50 {
+            out.push_frame(&pool, Opcode::Binary, &payload);
+        }
+        assert_eq!(out.unsent(), 50 * 102);
+        out.release(&pool);
+        assert_eq!(pool.idle_large_buffers(), 0);
     }
 }
