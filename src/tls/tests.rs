@@ -413,3 +413,39 @@ fn key_updates_without_data_are_bounded() {
     assert!(end.to_string().contains("too many key updates"), "{end}");
     assert!(alert_received(&mut stream).contains("UnexpectedMessage"));
 }
+
+/// Records that carry nothing are bounded as rustls bounds them: 32 empty
+/// records in a row, 4 warning alerts in all (user_canceled, RFC 8446 6).
+/// At the bound the connection goes on to the peer's close_notify; one
+/// past it ends the connection.
+#[test]
+fn empty_records_and_warning_alerts_are_bounded() {
+    let cases: [(u8, &[u8], u64, &str); 2] = [
+        (23, &[], 32, "too many empty records"),
+        (21, &[1, 90], 4, "too many warning alerts"),
+    ];
+    for (typ, payload, allowed, reason) in cases {
+        for extra in [0, 1] {
+            let (mut stream, server) = client_up_to_finished(rustls::ProtocolVersion::TLSv1_3, true);
+            let mut wire = Vec::new();
+            while stream.conn.wants_write() {
+                stream.conn.write_tls(&mut wire).unwrap();
+            }
+            let StreamOwned { conn, mut sock } = stream;
+            let (seq, tx) = conn.dangerous_extract_secrets().unwrap().tx;
+            let sent = allowed + extra;
+            for i in 0..sent {
+                wire.extend_from_slice(&seal13(&tx, seq + i, typ, payload));
+            }
+            wire.extend_from_slice(&seal13(&tx, seq + sent, 21, &[1, 0]));
+            sock.write_all(&wire).unwrap();
+            drain_and_close(sock);
+            let end = server.join().unwrap();
+            if extra == 0 {
+                assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof, "{typ} x {sent}: {end}");
+            } else {
+                assert!(end.to_string().contains(reason), "{typ} x {sent}: {end}");
+            }
+        }
+    }
+}
