@@ -6,6 +6,7 @@
 #
 #   bench/tls.sh                       (ROUNDS=5 SECONDS_PER_RUN=3)
 #   OUT=target/bench-tls bench/tls.sh
+#   UWS=.../BenchServer UWS_TLS=.../TlsBenchServer bench/tls.sh   (uWebSockets too)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-5}"
@@ -79,6 +80,72 @@ for shape in $SHAPES; do
     "$(echo "$ws / $wss" | bc -l)" | tee -a "$OUT/run.txt"
 done
 stop_server
+
+# The same shapes with the independent client (bench/echo_check.c, over
+# OpenSSL for wss://) in both its write shapes: "each" writes every
+# message with its own SSL_write (one record per frame, as browsers send
+# them), "burst" the echoes of one read in one. With UWS and UWS_TLS,
+# uWebSockets runs beside sluice: UWS_TLS is its BenchServer with
+# `uWS::SSLApp app({.key_file_name = argv[2], .cert_file_name = argv[3]})`
+# in place of `uWS::App app`, on uSockets built with WITH_OPENSSL=1, and
+# takes PORT KEY CERT.
+[[ -f /usr/include/openssl/ssl.h ]] || { echo "echo_check needs OpenSSL's headers: apt-get install libssl-dev" >&2; exit 2; }
+cc -O2 -Wall -o "$OUT/echo_check" bench/echo_check.c -lssl -lcrypto
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PEERS=()
+start_uws() {
+  local plain_port secure_port
+  plain_port=$(free_port)
+  secure_port=$(free_port)
+  taskset -c 0 "$UWS" "$plain_port" >"$OUT/uws.log" 2>&1 &
+  PEERS=($!)
+  taskset -c 0 "$UWS_TLS" "$secure_port" "$OUT/key.pem" "$OUT/cert.pem" >"$OUT/uws-tls.log" 2>&1 &
+  PEERS+=($!)
+  PLAIN=127.0.0.1:$plain_port
+  SECURE=127.0.0.1:$secure_port
+  sleep 0.5
+}
+stop_uws() {
+  kill -TERM "${PEERS[@]}" 2>/dev/null || true
+  wait "${PEERS[@]}" 2>/dev/null || true
+  PEERS=()
+}
+: >"$OUT/check.txt"
+for shape in $SHAPES; do
+  IFS=: read -r size conns depth <<<"$shape"
+  for round in $(seq "$ROUNDS"); do
+    for server in sluice ${UWS_TLS:+uws}; do
+      if [[ $server == sluice ]]; then start_server; else start_uws; fi
+      for mode in each burst; do
+        for scheme in ws wss; do
+          if [[ $scheme == wss ]]; then host=tls:127.0.0.1 addr=$SECURE pid=${PEERS[1]:-$SERVER}; else host=127.0.0.1 addr=$PLAIN pid=${PEERS[0]:-$SERVER}; fi
+          cmode=$([[ $mode == each ]] && echo echo || echo burst)
+          result=$(taskset -c 1 "$OUT/echo_check" "$host" "${addr##*:}" /echo "$cmode" "$conns" "$depth" "$size" "$SECS" "$pid")
+          echo "$server $mode $scheme $size ${conns}x$depth $round $result" >>"$OUT/check.txt"
+        done
+      done
+      if [[ $server == sluice ]]; then stop_server; else stop_uws; fi
+    done
+  done
+done
+python3 - "$OUT/check.txt" <<'PY' | tee -a "$OUT/run.txt"
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    server, mode, scheme, size, shape, _round, result = line.split(" ", 6)
+    r = json.loads(result)
+    runs.setdefault((server, mode, size, shape, scheme), []).append(
+        (r["messages_per_second"], r["server_cpu"] / r["messages_per_second"] * 1e9))
+print("independent client (echo_check), medians:")
+for (server, mode, size, shape, scheme), rows in sorted(runs.items()):
+    if scheme != "ws":
+        continue
+    ws, wss = rows, runs[(server, mode, size, shape, "wss")]
+    med = lambda rs, i: statistics.median(r[i] for r in rs)
+    print(f"  {server} {mode} {size} B {shape}: ws {med(ws, 0):.0f} msg/s {med(ws, 1):.0f} ns/msg, "
+          f"wss {med(wss, 0):.0f} msg/s {med(wss, 1):.0f} ns/msg; wss/ws {med(wss, 0) / med(ws, 0):.2f} in msg/s, "
+          f"{med(ws, 1) / med(wss, 1):.2f} in server CPU per message")
+PY
 
 i=1
 for scheme in ws wss ws wss; do
