@@ -153,6 +153,11 @@ pub struct TlsSession {
     stage: Stage,
     /// The start of a record not yet complete (empty, unallocated, when idle).
     leftover: Vec<u8>,
+    /// In the handshake: where in `leftover` the first record rustls was
+    /// not given whole starts. The records before it are not walked again:
+    /// rustls moves the fragments of a message it joins down over their
+    /// headers, and a partial record it leaves as it is.
+    given: usize,
     /// Ciphertext the socket did not take yet.
     pending: Vec<u8>,
     /// We sent close_notify (or a fatal alert): nothing more may be encrypted.
@@ -179,6 +184,7 @@ impl TlsSession {
         Ok(TlsSession {
             stage: Stage::Handshake(conn),
             leftover: Vec::new(),
+            given: 0,
             pending: Vec::new(),
             closed: false,
             peer_closed: false,
@@ -312,7 +318,7 @@ impl TlsSession {
         TLS_IN.with_borrow_mut(|incoming| -> io::Result<()> {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
-            let seen = incoming.len();
+            let seen = self.given;
             let max = max.max(READ_FLOOR);
             incoming.reserve(max);
             let spare = incoming.spare_capacity_mut();
@@ -327,7 +333,7 @@ impl TlsSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let rest = self.process(incoming, seen, plain)?;
+            let (rest, given) = self.process(incoming, seen, plain)?;
             if eof {
                 self.peer_closed = true;
             }
@@ -354,9 +360,11 @@ impl TlsSession {
             // leftover); give the memory back when there is none.
             if left == 0 {
                 self.leftover = Vec::new();
+                self.given = 0;
             } else {
                 self.leftover.clear();
                 self.leftover.extend_from_slice(&incoming[rest..]);
+                self.given = given - rest;
             }
             Ok(())
         })
@@ -392,17 +400,15 @@ impl TlsSession {
     /// handshake message it joins): each call gives it at least that
     /// again. `seen` is the leftover it saw in the last read, which
     /// `incoming` starts with.
-    fn process(&mut self, incoming: &mut [u8], seen: usize, plain: &mut Vec<u8>) -> io::Result<usize> {
+    fn process(&mut self, incoming: &mut [u8], seen: usize, plain: &mut Vec<u8>) -> io::Result<(usize, usize)> {
         let Stage::Handshake(conn) = &mut self.stage else {
             return Err(io::ErrorKind::BrokenPipe.into());
         };
         let mut start = 0;
-        // The first record boundary at or past `seen` (`incoming` starts
-        // with one: rustls discards whole records).
-        let mut end = next_record_end(incoming, 0);
-        while end < seen {
-            end = next_record_end(incoming, end);
-        }
+        // `seen` is where the first record not given whole starts.
+        let mut at = seen;
+        let mut end = next_record_end(incoming, at);
+        refuse_unsealable(incoming, at)?;
         for _ in 0..MAX_ROUNDS {
             let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[start..end]);
             let mut wants_more = false;
@@ -421,13 +427,15 @@ impl TlsSession {
                 Ok(ConnectionState::PeerClosed) => self.peer_closed = true,
                 Ok(ConnectionState::Closed) => {
                     self.peer_closed = true;
-                    return Ok(start + discard);
+                    return Ok((start + discard, given_to(incoming, at, end)));
                 }
                 // Every record given is taken.
                 Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => wants_more = true,
-                Ok(_) => return Ok(start + discard),
+                Ok(_) => return Ok((start + discard, given_to(incoming, at, end))),
                 Err(e) => {
-                    queue_alert(conn, &mut self.pending);
+                    // rustls keeps offsets into what it was given: the
+                    // alert is taken from the same records, less its discard.
+                    queue_alert(conn, &mut incoming[start + discard..end], &e, &mut self.pending);
                     return Err(invalid(e));
                 }
             }
@@ -444,11 +452,13 @@ impl TlsSession {
                         "TLS handshake done with part of a record held",
                     ));
                 }
-                return Ok(start);
+                return Ok((start, end));
             }
             if end == incoming.len() {
-                return Ok(start);
+                return Ok((start, given_to(incoming, at, end)));
             }
+            refuse_unsealable(incoming, end)?;
+            at = end;
             end = next_record_end(incoming, end);
         }
         Err(io::Error::other("TLS processing did not settle"))
@@ -593,19 +603,65 @@ fn gather(
     Ok(())
 }
 
-/// After an error in the handshake rustls has a fatal alert to send:
-/// queue it.
-fn queue_alert(conn: &mut UnbufferedServerConnection, pending: &mut Vec<u8>) {
-    for _ in 0..8 {
-        match conn.process_tls_records(&mut []).state {
+/// After an error in the handshake rustls has a fatal alert to send (after
+/// what it queued before the error, a ServerHello say): queue them.
+/// rustls is given the records it was last given, less its discard: its
+/// deframer keeps offsets into them (an empty buffer panics it). An error
+/// the deframer raised (a record it refused, which it would read and refuse
+/// again, with a second alert) queued one alert and nothing else: one
+/// chunk is taken then.
+fn queue_alert(
+    conn: &mut UnbufferedServerConnection,
+    incoming: &mut [u8],
+    error: &rustls::Error,
+    pending: &mut Vec<u8>,
+) {
+    let deframer = matches!(
+        error,
+        rustls::Error::InvalidMessage(_) | rustls::Error::DecryptError | rustls::Error::PeerSentOversizedRecord
+    );
+    for _ in 0..16 {
+        match conn.process_tls_records(incoming).state {
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                if encode_into(pending, |out| encode.encode(out)).is_err() {
+                if encode_into(pending, |out| encode.encode(out)).is_err() || deframer {
                     return;
                 }
             }
             Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
             _ => return,
         }
+    }
+}
+
+/// An application_data record too short to hold an AEAD tag and a
+/// content type (RFC 8446 5.2) cannot be part of a handshake; rustls's
+/// trial decryption (rejected early data) would skip it at no cost to its
+/// budget, again on every call, as it skips every record it could not open.
+fn refuse_unsealable(buf: &[u8], at: usize) -> io::Result<()> {
+    match buf.get(at..at + 5) {
+        Some(&[23, _, _, hi, lo]) if u16::from_be_bytes([hi, lo]) < 17 => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "an application_data record too short to be sealed, in the handshake",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Where the first record not given whole starts, the last one given
+/// being at `at` and ending at `end`.
+fn given_to(buf: &[u8], at: usize, end: usize) -> usize {
+    if record_whole(buf, at) {
+        end
+    } else {
+        at
+    }
+}
+
+/// The record at `at` is all in `buf`.
+fn record_whole(buf: &[u8], at: usize) -> bool {
+    match buf.get(at..at + 5) {
+        Some(&[_, _, _, hi, lo]) => at + 5 + usize::from(u16::from_be_bytes([hi, lo])) <= buf.len(),
+        _ => false,
     }
 }
 
