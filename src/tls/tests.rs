@@ -31,23 +31,42 @@ fn server_config_for_test() -> (Arc<ServerConfig>, CertificateDer<'static>) {
     (config, made.cert.der().clone())
 }
 
+/// rustls's client settings for `suite` alone, trusting `root`.
+fn client_config(root: &CertificateDer<'static>, suite: SupportedCipherSuite) -> ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[suite.version()])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 fn client(
     root: &CertificateDer<'static>,
     suite: SupportedCipherSuite,
     sock: UnixStream,
 ) -> StreamOwned<ClientConnection, UnixStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![suite];
-    let config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[suite.version()])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    client_with(client_config(root, suite), sock)
+}
+
+fn client_with(config: ClientConfig, sock: UnixStream) -> StreamOwned<ClientConnection, UnixStream> {
     let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     StreamOwned::new(conn, sock)
+}
+
+/// Runs the client's handshake until its Finished is written but not
+/// sent (it waits in `wants_write`).
+fn up_to_finished(mut stream: StreamOwned<ClientConnection, UnixStream>) -> StreamOwned<ClientConnection, UnixStream> {
+    stream.conn.write_tls(&mut stream.sock).unwrap();
+    while stream.conn.is_handshaking() {
+        stream.conn.read_tls(&mut stream.sock).unwrap();
+        stream.conn.process_new_packets().unwrap();
+    }
+    stream
 }
 
 /// An echo server on `TlsSession`: what it reads it writes back. Once the
@@ -87,6 +106,20 @@ fn echo_server(config: Arc<ServerConfig>, sock: UnixStream, tx_limit: Option<u64
     })
 }
 
+/// A socket pair with `echo_server` on one end; the other is the client's.
+fn serve_pair(config: &Arc<ServerConfig>, tx_limit: Option<u64>) -> (UnixStream, JoinHandle<io::Error>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_nonblocking(true).unwrap();
+    (a, echo_server(config.clone(), b, tx_limit))
+}
+
+/// The client's close_notify; how the server ended.
+fn close(mut stream: StreamOwned<ClientConnection, UnixStream>, server: JoinHandle<io::Error>) -> io::Error {
+    stream.conn.send_close_notify();
+    stream.flush().unwrap();
+    server.join().unwrap()
+}
+
 fn suites(version: rustls::ProtocolVersion) -> Vec<SupportedCipherSuite> {
     rustls::crypto::ring::default_provider()
         .cipher_suites
@@ -117,9 +150,7 @@ fn tls13_every_suite_echoes_across_key_updates_both_ways() {
     let tls13 = suites(rustls::ProtocolVersion::TLSv1_3);
     assert_eq!(tls13.len(), 3);
     for suite in tls13 {
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_nonblocking(true).unwrap();
-        let server = echo_server(config.clone(), b, Some(5));
+        let (a, server) = serve_pair(&config, Some(5));
         let mut stream = client(&root, suite, a);
         for round in 0..40 {
             for size in [1usize, 125, 16_384, 16_385, 70_000] {
@@ -129,9 +160,7 @@ fn tls13_every_suite_echoes_across_key_updates_both_ways() {
                 stream.conn.refresh_traffic_keys().unwrap();
             }
         }
-        stream.conn.send_close_notify();
-        stream.flush().unwrap();
-        let end = server.join().unwrap();
+        let end = close(stream, server);
         assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof, "{suite:?}: {end}");
     }
 }
@@ -145,23 +174,17 @@ fn tls12_every_suite_echoes_and_closes_at_the_key_limit() {
     let tls12 = suites(rustls::ProtocolVersion::TLSv1_2);
     assert_eq!(tls12.len(), 3);
     for suite in tls12 {
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_nonblocking(true).unwrap();
-        let server = echo_server(config.clone(), b, None);
+        let (a, server) = serve_pair(&config, None);
         let mut stream = client(&root, suite, a);
         for round in 0..20 {
             for size in [1usize, 125, 16_384, 16_385, 70_000] {
                 echo(&mut stream, &payload(size, round));
             }
         }
-        stream.conn.send_close_notify();
-        stream.flush().unwrap();
-        let end = server.join().unwrap();
+        let end = close(stream, server);
         assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof, "{suite:?}: {end}");
 
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_nonblocking(true).unwrap();
-        let server = echo_server(config.clone(), b, Some(3));
+        let (a, server) = serve_pair(&config, Some(3));
         let mut stream = client(&root, suite, a);
         echo(&mut stream, b"one");
         // The key sealed the handshake's Finished and "one": one record
@@ -182,9 +205,7 @@ fn tls12_every_suite_echoes_and_closes_at_the_key_limit() {
 /// A client connection whose handshake is done.
 fn connected(version: rustls::ProtocolVersion) -> (StreamOwned<ClientConnection, UnixStream>, JoinHandle<io::Error>) {
     let (config, root) = server_config_for_test();
-    let (a, b) = UnixStream::pair().unwrap();
-    b.set_nonblocking(true).unwrap();
-    let server = echo_server(config, b, None);
+    let (a, server) = serve_pair(&config, None);
     let mut stream = client(&root, suites(version)[0], a);
     echo(&mut stream, b"ready");
     (stream, server)
@@ -278,29 +299,10 @@ fn client_up_to_finished(
     extract: bool,
 ) -> (StreamOwned<ClientConnection, UnixStream>, JoinHandle<io::Error>) {
     let (config, root) = server_config_for_test();
-    let (a, b) = UnixStream::pair().unwrap();
-    b.set_nonblocking(true).unwrap();
-    let server = echo_server(config, b, None);
-    let suite = suites(version)[0];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![suite];
-    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[suite.version()])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let (a, server) = serve_pair(&config, None);
+    let mut config = client_config(&root, suites(version)[0]);
     config.enable_secret_extraction = extract;
-    let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
-    a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut stream = StreamOwned::new(conn, a);
-    stream.conn.write_tls(&mut stream.sock).unwrap();
-    while stream.conn.is_handshaking() {
-        stream.conn.read_tls(&mut stream.sock).unwrap();
-        stream.conn.process_new_packets().unwrap();
-    }
-    (stream, server)
+    (up_to_finished(client_with(config, a)), server)
 }
 
 /// A TLS 1.3 record of `typ` content sealed with the client's key.
@@ -453,9 +455,7 @@ fn empty_records_and_warning_alerts_are_bounded() {
 /// Raw bytes to a fresh `echo_server`: how its thread ended (a panic is `Err`).
 fn raw_to_server(bytes: &[u8]) -> std::thread::Result<io::Error> {
     let (config, _root) = server_config_for_test();
-    let (mut a, b) = UnixStream::pair().unwrap();
-    b.set_nonblocking(true).unwrap();
-    let server = echo_server(config, b, None);
+    let (mut a, server) = serve_pair(&config, None);
     a.write_all(bytes).unwrap();
     let end = server.join();
     drop(a);
@@ -676,9 +676,7 @@ fn hello_retry_resumption_and_split_hellos_complete() {
         );
         for round in 0..3 {
             for split in [false, true] {
-                let (a, b) = UnixStream::pair().unwrap();
-                b.set_nonblocking(true).unwrap();
-                let server = echo_server(config.clone(), b, None);
+                let (a, server) = serve_pair(&config, None);
                 let mut conn = ClientConnection::new(cc.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
                 a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 let mut sock = a;
@@ -726,29 +724,11 @@ fn hello_retry_resumption_and_split_hellos_complete() {
 #[test]
 fn a_finished_in_fragments_across_reads_then_a_key_update() {
     let (config, root) = server_config_for_test();
-    let (a, b) = UnixStream::pair().unwrap();
-    b.set_nonblocking(true).unwrap();
-    let server = echo_server(config, b, None);
-    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![suite];
+    let (a, server) = serve_pair(&config, None);
     let log = Arc::new(HandshakeSecret::default());
-    let mut cc = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cc = client_config(&root, rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
     cc.key_log = log.clone();
-    let conn = ClientConnection::new(Arc::new(cc), ServerName::try_from("localhost").unwrap()).unwrap();
-    a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut stream = StreamOwned::new(conn, a);
-    stream.conn.write_tls(&mut stream.sock).unwrap();
-    while stream.conn.is_handshaking() {
-        stream.conn.read_tls(&mut stream.sock).unwrap();
-        stream.conn.process_new_packets().unwrap();
-    }
+    let mut stream = up_to_finished(client_with(cc, a));
     let mut flight = Vec::new();
     while stream.conn.wants_write() {
         stream.conn.write_tls(&mut flight).unwrap();
