@@ -243,18 +243,12 @@ impl TlsSession {
     /// opens the whole records there.
     fn recv_records(&mut self, fd: BorrowedFd<'_>, plain: &mut Vec<u8>, max: usize) -> io::Result<()> {
         let from = plain.len();
-        let max = max.max(READ_FLOOR);
-        plain.reserve(self.leftover.len() + max);
+        plain.reserve(self.leftover.len() + max.max(READ_FLOOR));
         plain.extend_from_slice(&self.leftover);
-        let spare = plain.spare_capacity_mut();
-        let room = spare.len().min(max);
-        match SockRef::from(&fd).recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
-            Ok(0) => self.peer_closed = true,
-            Ok(n) => {
-                // SAFETY: recv(2) initialised the first `n <= room` spare bytes.
-                unsafe { plain.set_len(plain.len() + n) };
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        match recv_behind(fd, plain, max) {
+            Ok(Some(0)) => self.peer_closed = true,
+            Ok(Some(_)) => {}
+            Ok(None) => {
                 plain.truncate(from);
                 return Ok(());
             }
@@ -282,13 +276,7 @@ impl TlsSession {
         };
         // What is kept is one incomplete record: `open` refuses a longer
         // one as soon as its header is in.
-        let left = plain.len() - opened.rest;
-        if left == 0 {
-            self.leftover = Vec::new();
-        } else {
-            self.leftover.clear();
-            self.leftover.extend_from_slice(&plain[opened.rest..]);
-        }
+        keep(&mut self.leftover, &plain[opened.rest..]);
         plain.truncate(opened.plain_end);
         if opened.peer_closed {
             self.peer_closed = true;
@@ -319,19 +307,9 @@ impl TlsSession {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
             let seen = self.given;
-            let max = max.max(READ_FLOOR);
-            incoming.reserve(max);
-            let spare = incoming.spare_capacity_mut();
-            let room = spare.len().min(max);
-            let eof = match SockRef::from(&fd).recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
-                Ok(0) => true,
-                Ok(n) => {
-                    // SAFETY: recv(2) initialised the first `n <= room` spare bytes.
-                    unsafe { incoming.set_len(incoming.len() + n) };
-                    false
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
+            let eof = match recv_behind(fd, incoming, max)? {
+                Some(n) => n == 0,
+                None => return Ok(()),
             };
             let (rest, given) = self.process(incoming, seen, plain)?;
             if eof {
@@ -356,16 +334,9 @@ impl TlsSession {
                     format!("{left} bytes of TLS records pending, over {MAX_HANDSHAKE_LEFTOVER}"),
                 ));
             }
-            // Keep it for the next read (the one copy of the read's
-            // leftover); give the memory back when there is none.
-            if left == 0 {
-                self.leftover = Vec::new();
-                self.given = 0;
-            } else {
-                self.leftover.clear();
-                self.leftover.extend_from_slice(&incoming[rest..]);
-                self.given = given - rest;
-            }
+            // Kept for the next read: the one copy of the read's leftover.
+            keep(&mut self.leftover, &incoming[rest..]);
+            self.given = given.saturating_sub(rest);
             Ok(())
         })
     }
@@ -507,12 +478,9 @@ impl TlsSession {
                 let _ = self.flush_pending(fd);
                 return Err(error);
             }
-            // A message queued first (in `pending`) goes first.
-            if !self.pending.is_empty() {
-                self.pending.extend_from_slice(out);
-                self.flush_pending(fd)?;
-                return Ok(taken);
-            }
+            // `flush_pending` emptied `pending`, and sealing writes only to
+            // `out`: nothing queued can be overtaken.
+            debug_assert!(self.pending.is_empty());
             let sent = match send(fd, out) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -696,6 +664,36 @@ fn encode_into(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Reads what the socket holds, without waiting, behind `buf`'s bytes:
+/// at most `max` (at least `READ_FLOOR`). `Ok(None)` when it holds
+/// nothing, `Ok(Some(0))` at its end.
+fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+    let max = max.max(READ_FLOOR);
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(max);
+    match SockRef::from(&fd).recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
+        Ok(n) => {
+            // SAFETY: recv(2) initialised the first `n <= room` spare bytes.
+            unsafe { buf.set_len(buf.len() + n) };
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Keeps an incomplete record (or handshake message) for the next read,
+/// and gives the memory back when there is none.
+fn keep(leftover: &mut Vec<u8>, rest: &[u8]) {
+    if rest.is_empty() {
+        *leftover = Vec::new();
+    } else {
+        leftover.clear();
+        leftover.extend_from_slice(rest);
     }
 }
 

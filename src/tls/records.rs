@@ -26,9 +26,9 @@ const TAG: usize = 16;
 const EXPLICIT_NONCE: usize = 8;
 
 /// Content types (RFC 8446 B.1).
-pub const CHANGE_CIPHER_SPEC: u8 = 20;
+const CHANGE_CIPHER_SPEC: u8 = 20;
 pub const ALERT: u8 = 21;
-pub const HANDSHAKE: u8 = 22;
+const HANDSHAKE: u8 = 22;
 pub const APPLICATION_DATA: u8 = 23;
 
 /// Alert descriptions (RFC 8446 6).
@@ -406,7 +406,7 @@ impl Records {
 
     /// Our key update is due: the peer asked for it, or the key sealed as
     /// many records as its cipher allows.
-    pub fn wants_key_update(&self) -> bool {
+    fn wants_key_update(&self) -> bool {
         self.update_tx || self.tx.seq >= self.tx_limit
     }
 
