@@ -5,6 +5,7 @@
 mod common;
 
 use common::{masked_frame, upgrade_request, Raw, Server};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Opens a connection, sends `wire` after the handshake, expects a close with `code`.
@@ -115,6 +116,68 @@ both_drivers!(handshake_in_small_reads_with_frames_behind_it, |driver| {
     assert!(raw.read_head().starts_with("HTTP/1.1 101 "));
     assert_eq!(raw.read_frame().unwrap().payload, b"first");
     assert_eq!(raw.read_frame().unwrap().payload, b"second");
+});
+
+/// Sends `bytes` with `MSG_OOB`: TCP's urgent data.
+fn send_urgent(raw: &Raw, bytes: &[u8]) {
+    // SAFETY: a connected socket and a readable buffer of `bytes.len()`.
+    let n = unsafe {
+        libc::send(
+            raw.stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_OOB,
+        )
+    };
+    assert_eq!(n, bytes.len() as isize);
+}
+
+fn set_cork(raw: &Raw, on: bool) {
+    let on = libc::c_int::from(on);
+    // SAFETY: a valid socket and an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            raw.stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+// A peer's urgent byte (`MSG_OOB`) stops the server's read at its mark
+// with bytes still queued behind it: a read that ends short is no proof
+// that the socket is empty, and a wait that took it for one would sleep
+// on those bytes until the peer sent more. Parking off, so that only the
+// read path can deliver them.
+both_drivers!(urgent_data_does_not_strand_the_bytes_behind_it, |driver| {
+    let server = Server::start(driver, &["--park-after-ms", "0"]);
+    for round in 0..40 {
+        let mut raw = Raw::open(server.addr, "/echo");
+        raw.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let payload = format!("urgent-{round}-").repeat(6);
+        let first = masked_frame(0x81, b"before");
+        let frame = masked_frame(0x81, payload.as_bytes());
+        // Half a frame, the urgent byte, the rest: one segment, corked.
+        let (a, b) = frame.split_at(frame.len() / 2);
+        set_cork(&raw, true);
+        raw.send(&first);
+        raw.send(a);
+        send_urgent(&raw, b"Z");
+        raw.send(b);
+        set_cork(&raw, false);
+        assert_eq!(
+            raw.read_frame().expect("first echo").payload,
+            b"before",
+            "round {round}"
+        );
+        let echo = raw
+            .read_frame()
+            .unwrap_or_else(|| panic!("round {round}: no echo of the frame behind the urgent byte"));
+        assert_eq!(echo.payload, payload.as_bytes(), "round {round}");
+    }
 });
 
 /// Sends `request` and returns the whole response.

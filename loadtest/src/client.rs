@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use base64::Engine;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use sluice::sys::socket::Socket;
+use sluice::sys::socket::{set_int_option, Socket};
 use sluice::ws::{handshake, Event, Limits, MessageReader, Role, Step};
 
 /// Where to connect: `ws://host:port/path`, or `wss://` with the TLS
@@ -565,22 +565,9 @@ impl Client {
     /// Asks the kernel to stamp each received segment with its arrival time
     /// (SO_TIMESTAMPNS), read back by `try_recv_stamped`.
     pub fn enable_arrival_stamps(&self) -> io::Result<()> {
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt reads an int option from `on`.
-        let r = unsafe {
-            libc::setsockopt(
-                self.stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        // SAFETY: the stream's open socket, borrowed for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
     }
 
     /// As `try_recv`, and also when the last segment read reached the socket

@@ -52,6 +52,12 @@ use upgrade::{answer_head, Answer};
 
 /// Waits until input is there to take: the socket's inbox on the core's
 /// receive ring when it is armed there, else the socket's readiness.
+///
+/// On readiness, the wait trusts the epoll driver's record (`relaxed`),
+/// which `recv` clears whenever a read finds the socket empty: the next
+/// wait then lasts until new bytes come, with no system call to check. A
+/// strict wait would check with `poll(2)` both when bytes came and when
+/// the socket was read dry, two system calls a read.
 fn input<'a>(
     stream: &'a TcpStream,
     ring: Option<(&'a RecvRing, Token)>,
@@ -59,7 +65,7 @@ fn input<'a>(
     match ring {
         Some((ring, token)) => Input::Ring { ring, token },
         None => Input::Ready {
-            ready: stream.readable(false),
+            ready: stream.readable(true),
         },
     }
 }
@@ -87,11 +93,27 @@ impl<F: Future<Output = io::Result<()>>> Future for Input<'_, F> {
 
 /// Appends at most `max` received bytes to `buf`, as `Socket::recv_into`
 /// does, from the socket's inbox when it is armed on the receive ring.
-fn recv(socket: &Socket, ring: Option<(&RecvRing, Token)>, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
-    match ring {
-        Some((ring, token)) => ring.take(token, socket.fd(), buf, max),
-        None => socket.recv_into(buf, max),
+///
+/// A read that left the socket empty (nothing to read, or the kernel's
+/// count of bytes left behind it is 0: `sys::socket::recv_unread`) tells
+/// the epoll driver to forget its readiness, and its edge-triggered
+/// registration reports the next bytes (`input`). A peer's close stays
+/// reported.
+fn recv(
+    stream: &TcpStream,
+    socket: &Socket,
+    ring: Option<(&RecvRing, Token)>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Option<usize>> {
+    if let Some((ring, token)) = ring {
+        return ring.take(token, socket.fd(), buf, max);
     }
+    let got = socket.recv_into(buf, max);
+    if got.is_ok() && socket.drained() {
+        stream.clear_readable();
+    }
+    got
 }
 
 /// The least output sent on the ring. Waiting for a send's completion
@@ -746,7 +768,7 @@ impl<'a> Conn<'a> {
         if !self.carry.is_empty() {
             // A partial frame is waiting: read straight behind it.
             let want = self.grow_carry_for_frame();
-            if recv(&self.socket, self.armed_ring(), &mut self.carry, want)?.is_none() {
+            if recv(self.stream, &self.socket, self.armed_ring(), &mut self.carry, want)?.is_none() {
                 return Ok(None);
             }
             self.session.peer_alive();
@@ -755,7 +777,15 @@ impl<'a> Conn<'a> {
         let shard = self.shard();
         let mut scratch = shard.scratch.borrow_mut();
         scratch.clear();
-        if recv(&self.socket, self.armed_ring(), &mut scratch, SCRATCH_BYTES)?.is_none() {
+        if recv(
+            self.stream,
+            &self.socket,
+            self.armed_ring(),
+            &mut scratch,
+            SCRATCH_BYTES,
+        )?
+        .is_none()
+        {
             return Ok(None);
         }
         self.session.peer_alive();

@@ -808,6 +808,14 @@ async fn accept_until_shutdown(listener: &monoio::net::TcpListener, shard: &Rc<S
                 }
                 // Small frames must not wait for Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
+                // Each read says what it left: an epoll wait after a read
+                // that left nothing waits for new bytes (`conn::recv`).
+                // Without it (a kernel before 4.18) reads never say so,
+                // and only one that finds nothing lets the wait forget.
+                // SAFETY: the stream's open socket, borrowed for this call.
+                let _ = crate::sys::socket::report_unread(unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd())
+                });
                 // Registered before the task first runs, so a shutdown that
                 // starts meanwhile waits for (and kicks) this session too.
                 let session = shard.open_session();

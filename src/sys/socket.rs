@@ -19,7 +19,7 @@
 //!   process. monoio offers no readiness wait that returns that error, so
 //!   none is handled here; the epoll driver has no such failure.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::Shutdown;
@@ -29,7 +29,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 use socket2::SockRef;
 
-use crate::tls::TlsSession;
+use crate::tls::{recv_unread, TlsSession};
 
 /// A connection's TLS state, shared by its task and its shard (which
 /// writes deliveries to an idle connection itself).
@@ -40,6 +40,8 @@ pub type Tls = Rc<RefCell<TlsSession>>;
 pub struct Socket<'a> {
     fd: BorrowedFd<'a>,
     tls: Option<Tls>,
+    /// The last plain `recv_into` left the socket empty (`recv_unread`).
+    drained: Cell<bool>,
 }
 
 impl<'a> Socket<'a> {
@@ -47,7 +49,11 @@ impl<'a> Socket<'a> {
         // SAFETY: the fd belongs to `stream`, which is borrowed for 'a and so
         // stays open at least that long.
         let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        Socket { fd, tls: None }
+        Socket {
+            fd,
+            tls: None,
+            drained: Cell::new(false),
+        }
     }
 
     /// The socket's fd, borrowed as long as the socket is.
@@ -57,7 +63,11 @@ impl<'a> Socket<'a> {
 
     /// A socket the caller keeps open for `'a`.
     pub fn from_fd(fd: BorrowedFd<'a>) -> Socket<'a> {
-        Socket { fd, tls: None }
+        Socket {
+            fd,
+            tls: None,
+            drained: Cell::new(false),
+        }
     }
 
     /// The same socket, speaking TLS when `tls` is given.
@@ -98,18 +108,33 @@ impl<'a> Socket<'a> {
         if let Some(tls) = &self.tls {
             return tls.borrow_mut().recv_into(self.fd, buf, max);
         }
+        self.drained.set(false);
         buf.reserve(max);
         let spare = buf.spare_capacity_mut();
         let room = spare.len().min(max);
-        match self.sock().recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
-            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                // SAFETY: recv(2) initialised the first `n <= room` bytes of the spare capacity.
+        match recv_unread(self.fd, &mut spare[..room]) {
+            Ok((0, _)) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok((n, unread)) => {
+                // SAFETY: recvmsg(2) initialised the first `n <= room` bytes of the spare capacity.
                 unsafe { buf.set_len(buf.len() + n) };
+                self.drained.set(unread == Some(0));
                 Ok(Some(n))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.drained.set(true);
+                Ok(None)
+            }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The last `recv_into` found the socket empty: nothing to read, or
+    /// the kernel said nothing was left behind what it read (`recv_unread`).
+    /// Where the kernel says nothing, not drained.
+    pub fn drained(&self) -> bool {
+        match &self.tls {
+            Some(tls) => tls.borrow().drained(),
+            None => self.drained.get(),
         }
     }
 
@@ -176,3 +201,28 @@ impl<'a> Socket<'a> {
 
 /// Bytes `discard` drops before yielding to other connections.
 const DISCARD_BUDGET_BYTES: usize = 256 * 1024;
+
+/// Asks the kernel to say, with each read, how many bytes it left in the
+/// socket (`TCP_INQ`, Linux 4.18+), which `tls::recv_unread` passes on.
+pub fn report_unread(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_TCP, libc::TCP_INQ, 1)
+}
+
+/// Sets a socket option whose value is an int.
+pub fn set_int_option(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid socket fd and an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -23,7 +23,8 @@
 use std::cell::RefCell;
 use std::io;
 use std::io::IoSlice;
-use std::os::fd::BorrowedFd;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -164,6 +165,9 @@ pub struct TlsSession {
     closed: bool,
     /// The peer sent close_notify.
     peer_closed: bool,
+    /// The last `recv_into` read the socket and found it empty: it took
+    /// less ciphertext than it asked for, or none.
+    drained: bool,
 }
 
 // The traffic stage is the one that lasts, and the session is one heap
@@ -188,6 +192,7 @@ impl TlsSession {
             pending: Vec::new(),
             closed: false,
             peer_closed: false,
+            drained: false,
         })
     }
 
@@ -196,6 +201,12 @@ impl TlsSession {
             Stage::Handshake(conn) => conn.is_handshaking(),
             Stage::Traffic(_) | Stage::Failed => false,
         }
+    }
+
+    /// The last `recv_into` found the socket empty (the driver may forget
+    /// its readiness).
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Ciphertext is waiting for the socket.
@@ -210,6 +221,7 @@ impl TlsSession {
     /// of stream is `UnexpectedEof`; a TLS error is `InvalidData`, after
     /// its alert was sent if the socket took it.
     pub fn recv_into(&mut self, fd: BorrowedFd<'_>, plain: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+        self.drained = false;
         if self.peer_closed {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -245,7 +257,7 @@ impl TlsSession {
         let from = plain.len();
         plain.reserve(self.leftover.len() + max.max(READ_FLOOR));
         plain.extend_from_slice(&self.leftover);
-        match recv_behind(fd, plain, max) {
+        match recv_behind(fd, plain, max, &mut self.drained) {
             Ok(Some(0)) => self.peer_closed = true,
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -307,7 +319,7 @@ impl TlsSession {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
             let seen = self.given;
-            let eof = match recv_behind(fd, incoming, max)? {
+            let eof = match recv_behind(fd, incoming, max, &mut self.drained)? {
                 Some(n) => n == 0,
                 None => return Ok(()),
             };
@@ -669,19 +681,24 @@ fn encode_into(
 
 /// Reads what the socket holds, without waiting, behind `buf`'s bytes:
 /// at most `max` (at least `READ_FLOOR`). `Ok(None)` when it holds
-/// nothing, `Ok(Some(0))` at its end.
-fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+/// nothing, `Ok(Some(0))` at its end. `drained`: nothing was left behind
+/// the bytes read, as the kernel says (`recv_unread`).
+fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize, drained: &mut bool) -> io::Result<Option<usize>> {
     let max = max.max(READ_FLOOR);
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let room = spare.len().min(max);
-    match SockRef::from(&fd).recv_with_flags(&mut spare[..room], libc::MSG_DONTWAIT) {
-        Ok(n) => {
-            // SAFETY: recv(2) initialised the first `n <= room` spare bytes.
+    match recv_unread(fd, &mut spare[..room]) {
+        Ok((n, unread)) => {
+            // SAFETY: recvmsg(2) initialised the first `n <= room` spare bytes.
             unsafe { buf.set_len(buf.len() + n) };
+            *drained = n > 0 && unread == Some(0);
             Ok(Some(n))
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            *drained = true;
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -695,6 +712,50 @@ fn keep(leftover: &mut Vec<u8>, rest: &[u8]) {
         leftover.clear();
         leftover.extend_from_slice(rest);
     }
+}
+
+/// Reads what the socket holds into `buf`, without waiting. Returns the
+/// bytes read and, on a socket with `TCP_INQ` (`sys::socket::report_unread`), the bytes the kernel
+/// left in it (`TCP_CM_INQ`; a received FIN counts as one).
+///
+/// A read that returns less than it was given room for does not prove the
+/// socket empty: TCP stops a read at the urgent mark of a peer's
+/// `MSG_OOB`, with the bytes behind it still queued. Only this count does.
+/// Plain sockets read through it too (`sys::socket`).
+pub fn recv_unread(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, Option<usize>)> {
+    // Room for one control message of an int, aligned for `cmsghdr`.
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed is a valid `msghdr` (null name, no iovecs yet).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (the caller's writable `buf`) and at
+    // `control`, both alive for the call.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut unread = None;
+    // SAFETY: the kernel wrote `msg_controllen` bytes of control messages
+    // into `control`; the CMSG_* walk stays inside them, and an int's data
+    // is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_TCP && (*cmsg).cmsg_type == libc::TCP_CM_INQ {
+                let left = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                unread = usize::try_from(left).ok();
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, unread))
 }
 
 fn send(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {

@@ -196,6 +196,21 @@ impl Inner {
         }
     }
 
+    /// sluice: the epoll driver forgets that the fd at `index` is
+    /// readable; nothing under io_uring, whose waits are ops.
+    #[allow(unused)]
+    pub(crate) fn clear_readable(index: usize) {
+        if !CURRENT.is_set() {
+            return;
+        }
+        CURRENT.with(|inner| {
+            #[cfg(feature = "legacy")]
+            if let Inner::Legacy(this) = inner {
+                LegacyInner::clear_readable(this, index);
+            }
+        });
+    }
+
     #[cfg(all(target_os = "linux", feature = "iouring", feature = "legacy"))]
     fn is_legacy(&self) -> bool {
         matches!(self, Inner::Legacy(..))

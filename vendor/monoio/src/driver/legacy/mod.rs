@@ -314,6 +314,16 @@ impl LegacyInner {
         }
     }
 
+    /// sluice: forgets that the fd at `index` is readable (not that its
+    /// peer closed), as a read that found it empty would. Edge-triggered
+    /// registration reports bytes that come after this again.
+    pub(crate) fn clear_readable(this: &Rc<UnsafeCell<LegacyInner>>, index: usize) {
+        let inner = unsafe { &mut *this.get() };
+        if let Some(mut sio) = inner.io_dispatch.get(index) {
+            sio.as_mut().clear_readiness(Ready::READABLE);
+        }
+    }
+
     pub(crate) fn cancel_op(
         this: &Rc<UnsafeCell<LegacyInner>>,
         index: usize,

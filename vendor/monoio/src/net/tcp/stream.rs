@@ -245,6 +245,19 @@ impl TcpStream {
         op.wait().await
     }
 
+    /// sluice: tells the epoll driver that a read left the socket empty
+    /// (the caller knows it: a short read is no proof, as TCP stops a read
+    /// at urgent data), so the next `readable(true)` waits for new bytes
+    /// instead of returning at once on the readiness of the bytes just
+    /// read. Edge-triggered registration reports anything that arrives
+    /// after that read. A peer's close stays reported. Nothing under
+    /// io_uring.
+    pub fn clear_readable(&self) {
+        if let Some(index) = self.fd.registered_index() {
+            crate::driver::Inner::clear_readable(index);
+        }
+    }
+
     /// Wait for write readiness.
     /// Note: Do not use it before every io. It is different from other runtimes!
     ///
