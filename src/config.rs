@@ -17,7 +17,7 @@ use crate::ws::Limits;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverChoice {
-    /// io_uring, or epoll when the kernel refuses io_uring.
+    /// The faster driver as measured: epoll (docs/ARCHITECTURE.md, "Process").
     Auto,
     /// io_uring only; refusing to start without it.
     Uring,

@@ -8,9 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
-fn auto_falls_back_to_epoll_when_io_uring_is_refused() {
-    // monoio's probe honours this variable as "io_uring unavailable".
-    let server = Server::start_with_env("auto", &[], &[("MONOIO_FORCE_LEGACY_DRIVER", "1")]);
+fn auto_takes_epoll() {
+    let server = Server::start("auto", &[]);
     assert!(server.log().contains("driver=epoll"), "{}", server.log());
     let mut raw = Raw::open(server.addr, "/echo");
     raw.send_frame(0x81, b"ok");
