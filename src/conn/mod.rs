@@ -43,6 +43,7 @@ use monoio::net::TcpStream;
 use crate::config::RouteId;
 use crate::sys::ring::{RecvRing, Token};
 use crate::sys::socket::Socket;
+use crate::tls::Left;
 use crate::ws::{handshake, CloseCode, MessageReader, Opcode, Role, Violation};
 use app::App;
 use input::process;
@@ -54,18 +55,22 @@ use upgrade::{answer_head, Answer};
 /// receive ring when it is armed there, else the socket's readiness.
 ///
 /// On readiness, the wait trusts the epoll driver's record (`relaxed`),
-/// which `recv` clears whenever a read finds the socket empty: the next
+/// which `recv` clears when the kernel said a read left nothing: the next
 /// wait then lasts until new bytes come, with no system call to check. A
-/// strict wait would check with `poll(2)` both when bytes came and when
-/// the socket was read dry, two system calls a read.
+/// strict wait checks with `poll(2)` both when bytes came and when the
+/// socket was read dry, two system calls a read; it is kept after a read
+/// that found nothing (`Left::NothingRead`), which is no proof of an empty
+/// socket, and where the record was not cleared the relaxed wait would
+/// return at once to another read that finds nothing.
 fn input<'a>(
     stream: &'a TcpStream,
+    socket: &Socket,
     ring: Option<(&'a RecvRing, Token)>,
 ) -> Input<'a, impl Future<Output = io::Result<()>> + 'a> {
     match ring {
         Some((ring, token)) => Input::Ring { ring, token },
         None => Input::Ready {
-            ready: stream.readable(true),
+            ready: stream.readable(socket.left() != Left::NothingRead),
         },
     }
 }
@@ -94,11 +99,10 @@ impl<F: Future<Output = io::Result<()>>> Future for Input<'_, F> {
 /// Appends at most `max` received bytes to `buf`, as `Socket::recv_into`
 /// does, from the socket's inbox when it is armed on the receive ring.
 ///
-/// A read that left the socket empty (nothing to read, or the kernel's
-/// count of bytes left behind it is 0: `sys::socket::recv_unread`) tells
-/// the epoll driver to forget its readiness, and its edge-triggered
-/// registration reports the next bytes (`input`). A peer's close stays
-/// reported.
+/// A read of bytes that the kernel said left nothing behind
+/// (`tls::recv_unread`) tells the epoll driver to forget its readiness,
+/// and its edge-triggered registration reports the next bytes (`input`).
+/// A peer's close stays reported.
 fn recv(
     stream: &TcpStream,
     socket: &Socket,
@@ -110,7 +114,7 @@ fn recv(
         return ring.take(token, socket.fd(), buf, max);
     }
     let got = socket.recv_into(buf, max);
-    if got.is_ok() && socket.drained() {
+    if got.is_ok() && socket.left() == Left::Empty {
         stream.clear_readable();
     }
     got
@@ -664,7 +668,7 @@ impl<'a> Conn<'a> {
                 continue;
             }
             self.arm_ring();
-            match idle_or_kick(input(self.stream, self.armed_ring()), self.session).await {
+            match idle_or_kick(input(self.stream, &self.socket, self.armed_ring()), self.session).await {
                 Ok(Wake::Kick(k)) => {
                     self.kicks = self.kicks.with(k);
                     continue;
@@ -862,7 +866,7 @@ impl<'a> Conn<'a> {
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
         let mut closing = App::Closing;
         loop {
-            match ready_or_kick(input(self.stream, self.armed_ring()), self.session).await {
+            match ready_or_kick(input(self.stream, &self.socket, self.armed_ring()), self.session).await {
                 Ok(Wake::Ready) => {}
                 Ok(Wake::Kick(k)) if !k.has(Kick::TIMEOUT) => continue,
                 _ => return None,

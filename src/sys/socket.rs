@@ -6,8 +6,9 @@
 //!   non-blocking whatever the file's mode, so one code path serves both.
 //! - `MSG_NOSIGNAL`: a write to a reset peer returns EPIPE instead of raising
 //!   SIGPIPE and killing the process.
-//! - Readiness comes from monoio (`readable`/`writable` with relaxed=false, so
-//!   the epoll driver re-checks with poll(2) after we drained the socket).
+//! - Readiness comes from monoio. A strict wait (`relaxed=false`) makes the
+//!   epoll driver re-check with poll(2); an open session's wait is relaxed
+//!   after a read the kernel said left nothing (`Left`, `conn::input`).
 //! - Under io_uring, monoio 0.2.4 unwraps the submission of that readiness
 //!   op (`net/tcp/stream.rs`, `Op::poll_read(..).unwrap()`), as it does for
 //!   every op. Submitting makes a system call only when the submission
@@ -29,7 +30,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 use socket2::SockRef;
 
-use crate::tls::{recv_unread, TlsSession};
+use crate::tls::{recv_unread, Left, TlsSession};
 
 /// A connection's TLS state, shared by its task and its shard (which
 /// writes deliveries to an idle connection itself).
@@ -40,8 +41,8 @@ pub type Tls = Rc<RefCell<TlsSession>>;
 pub struct Socket<'a> {
     fd: BorrowedFd<'a>,
     tls: Option<Tls>,
-    /// The last plain `recv_into` left the socket empty (`recv_unread`).
-    drained: Cell<bool>,
+    /// What the last plain `recv_into` found of the socket's bytes.
+    left: Cell<Left>,
 }
 
 impl<'a> Socket<'a> {
@@ -52,7 +53,7 @@ impl<'a> Socket<'a> {
         Socket {
             fd,
             tls: None,
-            drained: Cell::new(false),
+            left: Cell::new(Left::Unknown),
         }
     }
 
@@ -66,7 +67,7 @@ impl<'a> Socket<'a> {
         Socket {
             fd,
             tls: None,
-            drained: Cell::new(false),
+            left: Cell::new(Left::Unknown),
         }
     }
 
@@ -108,7 +109,7 @@ impl<'a> Socket<'a> {
         if let Some(tls) = &self.tls {
             return tls.borrow_mut().recv_into(self.fd, buf, max);
         }
-        self.drained.set(false);
+        self.left.set(Left::Unknown);
         buf.reserve(max);
         let spare = buf.spare_capacity_mut();
         let room = spare.len().min(max);
@@ -117,24 +118,22 @@ impl<'a> Socket<'a> {
             Ok((n, unread)) => {
                 // SAFETY: recvmsg(2) initialised the first `n <= room` bytes of the spare capacity.
                 unsafe { buf.set_len(buf.len() + n) };
-                self.drained.set(unread == Some(0));
+                self.left.set(Left::after(n, unread));
                 Ok(Some(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.drained.set(true);
+                self.left.set(Left::NothingRead);
                 Ok(None)
             }
             Err(e) => Err(e),
         }
     }
 
-    /// The last `recv_into` found the socket empty: nothing to read, or
-    /// the kernel said nothing was left behind what it read (`recv_unread`).
-    /// Where the kernel says nothing, not drained.
-    pub fn drained(&self) -> bool {
+    /// What the last `recv_into` found of the socket's bytes (`Left`).
+    pub fn left(&self) -> Left {
         match &self.tls {
-            Some(tls) => tls.borrow().drained(),
-            None => self.drained.get(),
+            Some(tls) => tls.borrow().left(),
+            None => self.left.get(),
         }
     }
 

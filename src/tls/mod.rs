@@ -165,9 +165,8 @@ pub struct TlsSession {
     closed: bool,
     /// The peer sent close_notify.
     peer_closed: bool,
-    /// The last `recv_into` read the socket and found it empty: it took
-    /// less ciphertext than it asked for, or none.
-    drained: bool,
+    /// What the last `recv_into` found of the socket's bytes.
+    left: Left,
 }
 
 // The traffic stage is the one that lasts, and the session is one heap
@@ -192,7 +191,7 @@ impl TlsSession {
             pending: Vec::new(),
             closed: false,
             peer_closed: false,
-            drained: false,
+            left: Left::Unknown,
         })
     }
 
@@ -203,10 +202,9 @@ impl TlsSession {
         }
     }
 
-    /// The last `recv_into` found the socket empty (the driver may forget
-    /// its readiness).
-    pub fn drained(&self) -> bool {
-        self.drained
+    /// What the last `recv_into` found of the socket's bytes.
+    pub fn left(&self) -> Left {
+        self.left
     }
 
     /// Ciphertext is waiting for the socket.
@@ -221,7 +219,7 @@ impl TlsSession {
     /// of stream is `UnexpectedEof`; a TLS error is `InvalidData`, after
     /// its alert was sent if the socket took it.
     pub fn recv_into(&mut self, fd: BorrowedFd<'_>, plain: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
-        self.drained = false;
+        self.left = Left::Unknown;
         if self.peer_closed {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -257,7 +255,7 @@ impl TlsSession {
         let from = plain.len();
         plain.reserve(self.leftover.len() + max.max(READ_FLOOR));
         plain.extend_from_slice(&self.leftover);
-        match recv_behind(fd, plain, max, &mut self.drained) {
+        match recv_behind(fd, plain, max, &mut self.left) {
             Ok(Some(0)) => self.peer_closed = true,
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -319,7 +317,7 @@ impl TlsSession {
             incoming.clear();
             incoming.extend_from_slice(&self.leftover);
             let seen = self.given;
-            let eof = match recv_behind(fd, incoming, max, &mut self.drained)? {
+            let eof = match recv_behind(fd, incoming, max, &mut self.left)? {
                 Some(n) => n == 0,
                 None => return Ok(()),
             };
@@ -681,9 +679,9 @@ fn encode_into(
 
 /// Reads what the socket holds, without waiting, behind `buf`'s bytes:
 /// at most `max` (at least `READ_FLOOR`). `Ok(None)` when it holds
-/// nothing, `Ok(Some(0))` at its end. `drained`: nothing was left behind
-/// the bytes read, as the kernel says (`recv_unread`).
-fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize, drained: &mut bool) -> io::Result<Option<usize>> {
+/// nothing, `Ok(Some(0))` at its end. `left`: what the read found of the
+/// socket's bytes (`recv_unread`).
+fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize, left: &mut Left) -> io::Result<Option<usize>> {
     let max = max.max(READ_FLOOR);
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
@@ -692,11 +690,11 @@ fn recv_behind(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize, drained: &mut 
         Ok((n, unread)) => {
             // SAFETY: recvmsg(2) initialised the first `n <= room` spare bytes.
             unsafe { buf.set_len(buf.len() + n) };
-            *drained = n > 0 && unread == Some(0);
+            *left = Left::after(n, unread);
             Ok(Some(n))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            *drained = true;
+            *left = Left::NothingRead;
             Ok(None)
         }
         Err(e) => Err(e),
@@ -714,9 +712,39 @@ fn keep(leftover: &mut Vec<u8>, rest: &[u8]) {
     }
 }
 
+/// What a read found of the socket's bytes, for the epoll driver's next
+/// wait (`conn::recv`, `conn::input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// The kernel did not say (no read yet, or no `TCP_INQ`): bytes may be
+    /// left, and the next wait may return at once to a read that finds
+    /// nothing.
+    Unknown,
+    /// The kernel said nothing was left behind the bytes read: the next
+    /// wait can sleep until new bytes come.
+    Empty,
+    /// The read found nothing (`EAGAIN`). That is no proof that the socket
+    /// is empty: at a peer's urgent mark with a signal pending, TCP
+    /// returns `EAGAIN` with bytes still queued behind the mark. The next
+    /// wait asks the socket (`poll(2)` sees past the mark).
+    NothingRead,
+}
+
+impl Left {
+    /// After a read of `n > 0` bytes that left `unread` (the kernel's count).
+    pub fn after(n: usize, unread: Option<usize>) -> Left {
+        if n > 0 && unread == Some(0) {
+            Left::Empty
+        } else {
+            Left::Unknown
+        }
+    }
+}
+
 /// Reads what the socket holds into `buf`, without waiting. Returns the
-/// bytes read and, on a socket with `TCP_INQ` (`sys::socket::report_unread`), the bytes the kernel
-/// left in it (`TCP_CM_INQ`; a received FIN counts as one).
+/// bytes read and, on a socket with `TCP_INQ` (`sys::socket::report_unread`),
+/// the bytes the kernel left in it (`TCP_CM_INQ`; a received FIN counts as
+/// one).
 ///
 /// A read that returns less than it was given room for does not prove the
 /// socket empty: TCP stops a read at the urgent mark of a peer's
@@ -734,21 +762,27 @@ pub fn recv_unread(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Resul
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: `msg` points at `iov` (the caller's writable `buf`) and at
     // `control`, both alive for the call.
     let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // A control message did not fit: the count may be missing or cut.
+        return Ok((n as usize, None));
+    }
     let mut unread = None;
-    // SAFETY: the kernel wrote `msg_controllen` bytes of control messages
-    // into `control`; the CMSG_* walk stays inside them, and an int's data
-    // is read unaligned.
+    // SAFETY: the kernel wrote `msg_controllen` bytes of whole control
+    // messages into `control` (none was cut: no MSG_CTRUNC); the CMSG_*
+    // walk stays inside them, and an int's data is read unaligned only
+    // from a message long enough to hold it.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_TCP && (*cmsg).cmsg_type == libc::TCP_CM_INQ {
+            let whole = (*cmsg).cmsg_len as usize >= libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+            if whole && (*cmsg).cmsg_level == libc::SOL_TCP && (*cmsg).cmsg_type == libc::TCP_CM_INQ {
                 let left = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
                 unread = usize::try_from(left).ok();
             }
