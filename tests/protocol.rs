@@ -180,6 +180,66 @@ both_drivers!(urgent_data_does_not_strand_the_bytes_behind_it, |driver| {
     }
 });
 
+// A signal to the process may reach any thread that does not block it, a
+// worker among them. Under epoll a strict readiness wait is a poll(2),
+// which a signal interrupts (EINTR): that must not end the session
+// waiting on it. SIGHUP (a certificate reload; nothing to reload here)
+// sent to the worker thread itself, about 5,000 a second, while sessions
+// echo.
+both_drivers!(signals_to_a_worker_end_no_session, |driver| {
+    let server = Server::start(driver, &["--park-after-ms", "0", "--workers", "1"]);
+    let mut conns: Vec<Raw> = (0..20).map(|_| Raw::open(server.addr, "/echo")).collect();
+    let pid = server.pid();
+    let worker: i32 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            (comm.trim() == "sluice-w0").then(|| task.file_name().to_str()?.parse().ok())?
+        })
+        .next()
+        .expect("the worker thread");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signaller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 50_000 {
+                // SAFETY: a signal to a thread of the server this test started.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, worker, libc::SIGHUP) };
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    let started = Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        for (i, raw) in conns.iter_mut().enumerate() {
+            let payload = format!("{rounds}-{i}");
+            // Half a frame, a pause, the rest: the read between finds the
+            // socket empty, and the wait after it may be a strict one.
+            let frame = masked_frame(0x81, payload.as_bytes());
+            let (a, b) = frame.split_at(3);
+            raw.send(a);
+            if i % 4 == 0 {
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            raw.send(b);
+            let echo = raw
+                .read_frame()
+                .unwrap_or_else(|| panic!("connection {i} ended in round {rounds}"));
+            assert_eq!(echo.payload, payload.as_bytes());
+        }
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = signaller.join().unwrap();
+    assert!(sent > 1_000, "{sent} signals");
+    assert!(rounds > 10, "{rounds} rounds");
+});
+
 /// Sends `request` and returns the whole response.
 fn respond(server: &Server, request: &str) -> String {
     let mut raw = Raw::connect(server.addr);

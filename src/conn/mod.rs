@@ -211,7 +211,13 @@ impl<F: Future<Output = io::Result<()>>, W: Waiter> Future for ReadyOrKick<F, W>
         let woke = match session.poll_kick(cx.waker()) {
             Some(kick) if kick.has(Kick::ABORT) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Some(kick) => Poll::Ready(Ok(Wake::Kick(kick))),
-            None => this.io.poll(cx).map_ok(|()| Wake::Ready),
+            None => match this.io.poll(cx) {
+                // A strict readiness wait asks poll(2), which a signal to
+                // this thread interrupts (EINTR): that says nothing of the
+                // socket, and the read or write that follows finds out.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Poll::Ready(Ok(Wake::Ready)),
+                other => other.map_ok(|()| Wake::Ready),
+            },
         };
         this.waiter.waiting(woke.is_pending());
         woke

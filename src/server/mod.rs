@@ -569,6 +569,12 @@ async fn resume_parked(shard: Rc<Shard>) {
             // stays parked until its shutdown kick gives it a task.
             return std::future::pending().await;
         }
+        // poll(2) under the epoll driver: a signal to this thread ends it
+        // early (EINTR), which is no failure.
+        let ready = match ready {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            other => other,
+        };
         if let Err(e) = ready.and_then(|()| shard.resume_ready(&mut tokens)) {
             // Not expected from an epoll set; back off rather than spin.
             tracing::warn!(core = shard.core, error = %e, "parking lot wait failed");
