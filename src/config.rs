@@ -198,6 +198,18 @@ pub struct Options {
     /// them new publishes to the bus are dropped and counted [default: 8 MiB].
     #[arg(long)]
     pub nats_buffer_bytes: Option<usize>,
+    /// permessage-deflate (RFC 7692) for routes without their own `deflate`:
+    /// off, shared (no context takeover; one compressor per core, a publish
+    /// compressed once), or dedicated (context takeover) [default: shared].
+    #[arg(long, value_enum)]
+    pub deflate: Option<DeflateMode>,
+    /// Messages shorter than this go out uncompressed, even where
+    /// permessage-deflate was agreed [default: 256].
+    #[arg(long)]
+    pub compress_min_bytes: Option<usize>,
+    /// zlib's compression level, 1 (fastest) to 9 (smallest) [default: 6].
+    #[arg(long)]
+    pub compress_level: Option<u32>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -263,6 +275,33 @@ pub struct RouteOptions {
     pub publish_hook: Option<String>,
     /// How long a hook may take, connecting included.
     pub hook_timeout_ms: Option<u64>,
+    /// Overrides the global `deflate` for this route.
+    pub deflate: Option<DeflateMode>,
+}
+
+/// Whether and how a route agrees to permessage-deflate (RFC 7692).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeflateMode {
+    /// Decline it: every message goes as it is.
+    Off,
+    /// No context takeover either way: no compression state per
+    /// connection, and a publish is compressed once per core.
+    Shared,
+    /// Context takeover, with a compressor and a decompressor per
+    /// connection.
+    Dedicated,
+}
+
+impl DeflateMode {
+    /// The negotiation's mode, or `None` when off.
+    pub fn mode(self) -> Option<crate::ws::deflate::Mode> {
+        match self {
+            DeflateMode::Off => None,
+            DeflateMode::Shared => Some(crate::ws::deflate::Mode::Shared),
+            DeflateMode::Dedicated => Some(crate::ws::deflate::Mode::Dedicated),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -346,6 +385,8 @@ pub struct Route {
     pub backend: Option<std::sync::Arc<Backend>>,
     /// A pub/sub route's hooks.
     pub hooks: Option<std::sync::Arc<Hooks>>,
+    /// permessage-deflate as the route agrees to it; `None`: declined.
+    pub deflate: Option<crate::ws::deflate::Mode>,
 }
 
 /// A route's index in `Config::routes`: what a parked connection keeps of
@@ -401,6 +442,9 @@ pub struct Config {
     pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
     /// `None`: one node, no bus.
     pub cluster: Option<Cluster>,
+    /// Messages shorter than this are sent uncompressed.
+    pub compress_min_bytes: usize,
+    pub compress_level: u32,
 }
 
 #[derive(Debug)]
@@ -494,6 +538,9 @@ impl Options {
             nats_nkey: self.nats_nkey.or(base.nats_nkey),
             nats_ca: self.nats_ca.or(base.nats_ca),
             nats_buffer_bytes: self.nats_buffer_bytes.or(base.nats_buffer_bytes),
+            deflate: self.deflate.or(base.deflate),
+            compress_min_bytes: self.compress_min_bytes.or(base.compress_min_bytes),
+            compress_level: self.compress_level.or(base.compress_level),
             route: self.route.or(base.route),
         }
     }
@@ -533,6 +580,7 @@ impl Options {
             crate::auth::Mode::None
         });
         let no_grants = std::sync::Arc::new(crate::auth::Grants::default());
+        let global_deflate = self.deflate.unwrap_or(DeflateMode::Shared).mode();
         let routes = match self.route {
             None => vec![
                 Route {
@@ -544,6 +592,7 @@ impl Options {
                     anonymous: no_grants.clone(),
                     backend: None,
                     hooks: None,
+                    deflate: global_deflate,
                 },
                 Route {
                     path: "/ws".into(),
@@ -554,6 +603,7 @@ impl Options {
                     anonymous: no_grants.clone(),
                     backend: None,
                     hooks: None,
+                    deflate: global_deflate,
                 },
                 Route {
                     path: "/stomp".into(),
@@ -564,6 +614,7 @@ impl Options {
                     anonymous: no_grants.clone(),
                     backend: None,
                     hooks: None,
+                    deflate: global_deflate,
                 },
             ],
             Some(routes) => routes
@@ -590,6 +641,7 @@ impl Options {
                         ),
                         backend,
                         hooks,
+                        deflate: r.deflate.map_or(global_deflate, DeflateMode::mode),
                     })
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -689,6 +741,8 @@ impl Options {
             admin_max_connections: self.admin_max_connections.unwrap_or(DEFAULT_ADMIN_CONNECTIONS),
             verifier,
             cluster,
+            compress_min_bytes: self.compress_min_bytes.unwrap_or(256),
+            compress_level: self.compress_level.unwrap_or(6),
         };
         config.check()?;
         Ok(config)
@@ -988,6 +1042,8 @@ impl Config {
         in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
         in_range("park_after_ms", self.park_after_ms, 0, 3_600_000)?;
         in_range("max_subscriptions", self.max_subscriptions, 1, 1_000_000)?;
+        in_range("compress_min_bytes", self.compress_min_bytes, 0, GIB)?;
+        in_range("compress_level", self.compress_level, 1, 9)?;
         in_range("max_outbound_bytes", self.max_outbound_bytes, 1024, GIB)?;
         // One subscriber at its own limit must not hold a core's publishers.
         in_range(

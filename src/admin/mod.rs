@@ -355,6 +355,13 @@ struct BatchMessage {
     /// Text payload; or `payload_base64` for a binary one.
     payload: Option<String>,
     payload_base64: Option<String>,
+    /// `false`: never sent compressed (see `Message::compress`).
+    #[serde(default = "yes")]
+    compress: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -366,10 +373,19 @@ struct Batch {
 /// `POST /publish?topic=T` (the body is the payload; binary with
 /// `Content-Type: application/octet-stream`, else UTF-8 text), or
 /// `POST /publish` with a JSON batch `{"messages": [{"topic", "payload" |
-/// "payload_base64"}]}`. All messages are checked before any is published.
+/// "payload_base64", "compress"}]}`. All messages are checked before any
+/// is published. `compress=false` (in the query, or per message) keeps a
+/// message from ever going out compressed: one that holds a secret beside
+/// text an attacker chooses would give the secret away through its
+/// compressed size (CRIME, BREACH).
 async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
     let limit = shard.config.limits.max_message_bytes;
-    let mut messages: Vec<(MessageKind, String, Vec<u8>)> = Vec::new();
+    let mut messages: Vec<(MessageKind, String, Vec<u8>, bool)> = Vec::new();
+    let compress = match http::query_value(&request.query, "compress") {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err((400, "compress is true or false".to_string())),
+    };
     match http::query_value(&request.query, "topic") {
         Some(topic) => {
             let topic = http::percent_decode(topic).ok_or((400, "bad topic encoding".to_string()))?;
@@ -379,7 +395,7 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
                 std::str::from_utf8(body).map_err(|_| (400, "a text payload must be UTF-8".to_string()))?;
                 MessageKind::Text
             };
-            messages.push((kind, topic, body.to_vec()));
+            messages.push((kind, topic, body.to_vec(), compress));
         }
         None => {
             let batch: Batch = serde_json::from_slice(body).map_err(|e| (400, format!("bad batch: {e}")))?;
@@ -395,11 +411,11 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
                     }
                     _ => return Err((400, format!("message {i}: give payload or payload_base64"))),
                 };
-                messages.push((kind, m.topic, payload));
+                messages.push((kind, m.topic, payload, compress && m.compress));
             }
         }
     }
-    for (i, (_, topic, payload)) in messages.iter().enumerate() {
+    for (i, (_, topic, payload, _)) in messages.iter().enumerate() {
         if !crate::topic::valid_topic(topic.as_bytes()) {
             return Err((400, format!("message {i}: invalid topic {topic:?}")));
         }
@@ -418,7 +434,7 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
     let _in_flight = InFlight(shard);
     let hub = &shard.hub;
     let mut cores = 0;
-    for (kind, topic, payload) in &messages {
+    for (kind, topic, payload, compress) in &messages {
         // Subscribers here over their budget: wait (bounded) like a
         // publishing connection, which is not read meanwhile.
         let within = monoio::time::timeout(MESH_WAIT, std::future::poll_fn(|cx| hub.sessions.poll_budget(cx))).await;
@@ -426,7 +442,8 @@ async fn publish(request: &Request, body: &[u8], shard: &Rc<Shard>) -> Result<se
             return Err((503, "subscribers' queues on this core stayed full".to_string()));
         }
         let mut pending = Vec::new();
-        let message = Message::native(*kind, topic.as_bytes(), payload, hub.next_message_id());
+        let mut message = Message::native(*kind, topic.as_bytes(), payload, hub.next_message_id());
+        message.compress = *compress;
         let reached = hub.publish(message, &mut pending);
         cores = cores.max(reached);
         // Full rings: wait for room (bounded), in order, like a publisher.

@@ -667,6 +667,7 @@ impl State {
             stomp_headers,
             id: ((self.mesh.core() as u64) << 48) | (seq & ((1 << 48) - 1)),
             native: None,
+            compress: header(subject::COMPRESS) != Some("no"),
         });
         let interest = self.interest.borrow();
         let Some(entry) = interest.get(key) else {
@@ -961,6 +962,10 @@ async fn send_to_bus(bridge: Rc<State>) {
         if at_us >= last_stamp_us + LAG_SAMPLE_US {
             last_stamp_us = at_us;
             headers.insert(subject::TIME, at_us.to_string().as_str());
+        }
+        // that it must not be compressed;
+        if !message.compress {
+            headers.insert(subject::COMPRESS, "no");
         }
         // and a STOMP publisher's own headers.
         if let Some(stomp) = &message.stomp_headers {

@@ -27,6 +27,8 @@ pub const TIME: &str = "Sluice-Time";
 /// A STOMP publisher's pass-through headers, as `Message::stomp_headers`
 /// holds them, in standard base64.
 pub const STOMP_HEADERS: &str = "Sluice-Stomp-Headers";
+/// `no`: the message must not be compressed (`Message::compress`).
+pub const COMPRESS: &str = "Sluice-Compress";
 /// Node requests: the action (`send`, `close`; and `hello`), the session
 /// (`<core>.<slot>.<generation>`), to send the kind, to close the code.
 pub const ACTION: &str = "Sluice-Action";

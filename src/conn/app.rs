@@ -127,7 +127,10 @@ impl App {
         session: &Session,
     ) {
         match self {
-            App::Echo => out.push_frame(pool, kind.opcode(), payload),
+            App::Echo => {
+                let compressor = &session.shard().hub.sessions.compressor;
+                out.push_message(pool, kind.opcode(), payload, compressor);
+            }
             App::Native => match native::parse(payload) {
                 // Grants first (a refusal is counted once), then the
                 // route's hook, if it has one.

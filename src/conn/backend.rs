@@ -98,6 +98,8 @@ pub(super) struct OpenRequest {
     pub query: Option<Box<str>>,
     /// Subprotocols the client offered.
     pub offered: Vec<Box<str>>,
+    /// permessage-deflate, as the route agrees to the client's offer.
+    pub deflate: Option<crate::ws::deflate::Agreement>,
 }
 
 impl OpenRequest {
@@ -147,6 +149,7 @@ impl OpenRequest {
             headers: headers.into_boxed_slice(),
             query: head.query.map(Box::from),
             offered,
+            deflate: None,
         }
     }
 }
@@ -616,7 +619,7 @@ impl ToClient<'_> {
             ToClient::Deliver { shard, key } => {
                 let frame = crate::proto::native::frame(opcode, &[payload]);
                 // Its queue is made on first use: an idle connection has none.
-                shard.hub.sessions.open(*key);
+                shard.open_pubsub(*key);
                 shard.hub.sessions.deliver_frame(*key, &frame, true);
             }
         }
@@ -725,7 +728,7 @@ fn control(json: &[u8], link: &SharedLink, shard: &Rc<Shard>, key: SessionKey) {
                 return;
             }
             // Its pub/sub state is made on first use.
-            shard.hub.sessions.open(key);
+            shard.open_pubsub(key);
             if shard.hub.subscribe_raw(key, channel.as_bytes(), max).is_err() {
                 tracing::debug!(channel, "subscribe over max_subscriptions, ignored");
                 shard.stats.borrow_mut().backend_dropped += 1;
@@ -883,7 +886,15 @@ pub(super) async fn open(session: &Session, request: OpenRequest, out: &mut Outb
         extra.extend_from_slice(value.as_bytes());
         extra.extend_from_slice(b"\r\n");
     }
-    out.push_accept_with(&shard.pool, &request.key, protocol, &extra);
+    super::upgrade::accept(
+        out,
+        &shard.pool,
+        session,
+        &request.key,
+        protocol,
+        &extra,
+        request.deflate,
+    );
     // The client's address was kept for the link (which has it now):
     // without per-address caps and a token, the slot needs it no more.
     let c = &shard.config;

@@ -118,6 +118,8 @@ pub(super) struct ConnectRequest {
     pub key: Box<[u8]>,
     pub protocol: Option<Box<str>>,
     pub json: Value,
+    /// permessage-deflate, as the route agrees to the client's offer.
+    pub deflate: Option<crate::ws::deflate::Agreement>,
 }
 
 impl ConnectRequest {
@@ -167,6 +169,7 @@ impl ConnectRequest {
             key: key.into_boxed_slice(),
             protocol: head.choose_protocol(&config.subprotocols).map(Box::from),
             json,
+            deflate: None,
         }
     }
 }
@@ -241,7 +244,8 @@ pub(super) async fn connect(session: &Session, request: ConnectRequest, out: &mu
     if !subscriptions.is_empty() {
         session.with(|s| s.app.get_or_insert_with(Default::default).initial = subscriptions.into_boxed_slice());
     }
-    out.push_accept(&shard.pool, &request.key, request.protocol.as_deref());
+    let protocol = request.protocol.as_deref();
+    super::upgrade::accept(out, &shard.pool, session, &request.key, protocol, b"", request.deflate);
     Ok(())
 }
 

@@ -45,7 +45,13 @@ pub(super) fn process(
         return (0, Flow::Continue, None);
     }
     let flow = loop {
-        match reader.read(&mut data[pos..]) {
+        let step = if reader.inflates() {
+            let mut inflater = shard.inflater.borrow_mut();
+            reader.read_inflating(&mut data[pos..], inflater.get_or_insert_with(Default::default))
+        } else {
+            reader.read(&mut data[pos..])
+        };
+        match step {
             Ok(Step::Need { frame_bytes }) => {
                 partial_frame_bytes = frame_bytes;
                 break Flow::Continue;

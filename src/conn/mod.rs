@@ -553,6 +553,13 @@ impl<'a> Conn<'a> {
             app.start(&mut self.out, pool, self.session);
         }
         let mut reader = MessageReader::new(Role::Server, self.shard().config.limits);
+        // permessage-deflate (RFC 7692), agreed with no context takeover:
+        // the core's inflater and compressor serve the session.
+        let deflate_bits = self.session.deflate_bits();
+        self.out.set_deflate(deflate_bits);
+        if deflate_bits != 0 {
+            reader = reader.with_deflate(false);
+        }
         // Frames that arrived with the request head come first.
         let mut flow = if !self.carry.is_empty() {
             self.process_carry(&mut reader, &mut app)

@@ -8,6 +8,7 @@
 use std::io;
 
 use super::pool::BufferPool;
+use crate::pubsub::message::Compressor;
 use crate::sys::socket::Socket;
 use crate::ws::close::{self, CloseCode};
 use crate::ws::frame::{self, FrameHeader, Opcode, MAX_HEADER_BYTES};
@@ -18,8 +19,13 @@ pub struct Outbound {
     buf: Vec<u8>,
     /// Bytes at the front of `buf` already written.
     sent: usize,
-    /// Bytes written since the last `take_written`.
-    written: u64,
+    /// Bytes written since the last `take_written` (taken after every
+    /// flush, which writes at most the buffer: one read's replies or one
+    /// message, within 4 GiB).
+    written: u32,
+    /// The peer agreed to permessage-deflate with this window for our
+    /// messages (0: it did not).
+    deflate_bits: u8,
 }
 
 pub use crate::sys::Flush;
@@ -66,8 +72,14 @@ impl Outbound {
 
     /// Queues an unmasked server frame (RFC 6455 5.1: servers do not mask).
     pub fn push_frame(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8]) {
+        self.push_frame_with(pool, opcode, false, payload);
+    }
+
+    /// Queues an unmasked frame, with RSV1 (a compressed message) or not.
+    fn push_frame_with(&mut self, pool: &BufferPool, opcode: Opcode, rsv1: bool, payload: &[u8]) {
         let header = FrameHeader {
             fin: true,
+            rsv1,
             opcode,
             mask: None,
             payload_len: payload.len() as u64,
@@ -77,6 +89,27 @@ impl Outbound {
         let buf = self.room(pool, n + payload.len());
         buf.extend_from_slice(&head[..n]);
         buf.extend_from_slice(payload);
+    }
+
+    /// The peer agreed to permessage-deflate, with a window of `bits` for
+    /// our messages (0: it did not).
+    pub fn set_deflate(&mut self, bits: u8) {
+        self.deflate_bits = bits;
+    }
+
+    /// Queues a data message: compressed (RSV1 set) where the peer agreed
+    /// to permessage-deflate and `compressor` finds it worth it, as it is
+    /// otherwise (RFC 7692 6: compression is per message).
+    pub fn push_message(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8], compressor: &Compressor) {
+        if self.deflate_bits != 0 && compressor.worth(payload.len(), self.deflate_bits) {
+            let pushed = compressor.compressed(&[payload], |packed| {
+                packed.map(|packed| self.push_frame_with(pool, opcode, true, packed))
+            });
+            if pushed.is_some() {
+                return;
+            }
+        }
+        self.push_frame(pool, opcode, payload);
     }
 
     /// Queues a close frame with `code` and `reason` (RFC 6455 5.5.1).
@@ -96,7 +129,7 @@ impl Outbound {
             match socket.send(&self.buf[self.sent..]) {
                 Ok(n) => {
                     self.sent += n;
-                    self.written += n as u64;
+                    self.written = self.written.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -129,7 +162,7 @@ impl Outbound {
     /// waited for it.
     pub fn sent_back(&mut self, pool: &BufferPool, buf: Vec<u8>, from: usize, n: usize) {
         debug_assert!(self.buf.capacity() == 0, "output queued during a send");
-        self.written += n as u64;
+        self.written = self.written.wrapping_add(n as u32);
         if from + n >= buf.len() {
             pool.give(buf);
         } else {
@@ -140,7 +173,7 @@ impl Outbound {
 
     /// Bytes written since the last call.
     pub fn take_written(&mut self) -> u64 {
-        std::mem::take(&mut self.written)
+        u64::from(std::mem::take(&mut self.written))
     }
 
     /// Gives the buffer back to the pool, dropping anything unsent.

@@ -55,7 +55,21 @@ impl Session {
 
     /// Makes this a pub/sub session: it can subscribe and take deliveries.
     pub fn enable_pubsub(&self) {
-        self.shard.hub.sessions.open(self.key);
+        self.shard.open_pubsub(self.key);
+    }
+
+    /// The client agreed to permessage-deflate: compressed messages are
+    /// read from now on, and ours are compressed where worth it.
+    pub fn agree_deflate(&self, agreement: crate::ws::deflate::Agreement) {
+        // Only no context takeover either way is agreed to (`Mode::Shared`).
+        debug_assert!(agreement.server_no_context_takeover && agreement.client_no_context_takeover);
+        self.with(|s| s.deflate_bits = agreement.server_window_bits);
+    }
+
+    /// The window of our compressed messages, if the client agreed to
+    /// permessage-deflate (0: it did not).
+    pub fn deflate_bits(&self) -> u8 {
+        self.with(|s| s.deflate_bits)
     }
 
     /// Subscribes the session to `topic` (a valid name); `Ok(false)` if it

@@ -52,6 +52,9 @@ pub struct Shard {
     pub pool: BufferPool,
     pub admission: Arc<super::admission::Admission>,
     pub scratch: RefCell<Vec<u8>>,
+    /// permessage-deflate's decompressor for every session that agreed to
+    /// no context takeover (RFC 7692 7.1.1.2): made on first use.
+    pub inflater: RefCell<Option<crate::ws::deflate::Inflater>>,
     /// TLS settings of the core's `wss://` listener (shared by all cores).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The core's counters, shared with its hub.
@@ -101,6 +104,7 @@ impl Shard {
             pool: BufferPool::new(POOL_BUF_BYTES, POOL_MAX_FREE),
             admission,
             scratch: RefCell::new(Vec::with_capacity(SCRATCH_BYTES)),
+            inflater: RefCell::new(None),
             tls,
             stats,
             sessions: RefCell::new(SlotMap::with_key()),
@@ -174,6 +178,16 @@ impl Shard {
         }
     }
 
+    /// Makes `key` a pub/sub session (nothing changes if it is one): it
+    /// takes deliveries, compressed if it agreed to permessage-deflate.
+    pub fn open_pubsub(&self, key: SessionKey) {
+        self.hub.sessions.open(key);
+        let bits = self.sessions.borrow().get(key).map_or(0, |s| s.deflate_bits);
+        if bits != 0 {
+            self.hub.sessions.set_deflate(key, bits);
+        }
+    }
+
     /// Registers a session in the handshake phase.
     pub fn open_session(self: &Rc<Self>) -> Session {
         let now = self.now_ms();
@@ -198,6 +212,7 @@ impl Shard {
             heart_beat_send_ms: 0,
             heart_beat_expect_ms: 0,
             route: None,
+            deflate_bits: 0,
         });
         Session {
             shard: self.clone(),
@@ -676,7 +691,7 @@ impl Shard {
                 // Any open session takes it (an echo one too): its queue
                 // is made now.
                 let frame = crate::proto::native::frame(kind.opcode(), &[&body]);
-                self.hub.sessions.open(key);
+                self.open_pubsub(key);
                 self.hub.sessions.deliver_frame(key, &frame, true);
             }
             SessionAction::Close(..) => self.kick(key, Kick::CLOSE),

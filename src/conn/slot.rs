@@ -116,6 +116,9 @@ pub(super) struct Slot {
     pub(super) heart_beat_expect_ms: u64,
     /// The route, once upgraded.
     pub(super) route: Option<RouteId>,
+    /// permessage-deflate with no context takeover was agreed, with this
+    /// window for our messages (8-15 bits); 0: not agreed.
+    pub(super) deflate_bits: u8,
 }
 
 /// A session's address (kept only under a per-address cap), the token
@@ -202,3 +205,13 @@ pub(super) struct Parked {
 }
 
 pub use crate::stats::Stats;
+
+#[cfg(test)]
+mod tests {
+    /// Every session holds one, parked or not: docs/ARCHITECTURE.md gives
+    /// its size, and README's memory figures depend on it.
+    #[test]
+    fn a_slot_stays_at_128_bytes() {
+        assert_eq!(std::mem::size_of::<super::Slot>(), 128);
+    }
+}

@@ -190,6 +190,7 @@ fn execute(stomp: &mut StompConn, actions: &mut Vec<Action>, out: &mut Outbound,
                     stomp_headers: Some(encode_stomp_headers(&p.headers)),
                     id: conn.shard().hub.next_message_id(),
                     native: None,
+                    compress: true,
                 });
             }
             // Its grants were checked above; it is published at COMMIT.

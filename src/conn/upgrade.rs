@@ -10,7 +10,7 @@ use super::pool::BufferPool;
 use super::shard::Session;
 use crate::auth::Identity;
 use crate::config::{Config, RouteId, HEALTH_PATH, READY_PATH};
-use crate::ws::handshake;
+use crate::ws::{deflate, handshake};
 
 /// What a complete request head leads to; its response is already queued.
 pub(super) enum Answer {
@@ -79,16 +79,53 @@ fn decide(
         return Err(handshake::Reject::ForbiddenOrigin);
     }
     session.admit(|| authenticate(head, route, config.verifier.as_deref(), session))?;
+    // RFC 7692 7.1: the route's terms for the client's first acceptable
+    // offer; taken once the 101 is queued, wherever it is decided.
+    let deflate = route
+        .deflate
+        .and_then(|mode| deflate::negotiate(head.extension_lines().iter().copied(), mode));
     if route.backend.is_some() {
-        let request = super::backend::OpenRequest::new(id, head, raw);
+        let mut request = super::backend::OpenRequest::new(id, head, raw);
+        request.deflate = deflate;
         return Ok(Answer::Backend(Box::new(request)));
     }
     if route.hooks.as_ref().is_some_and(|h| h.connect.is_some()) {
-        let request = super::hooks::ConnectRequest::new(id, route, head, raw, session);
+        let mut request = super::hooks::ConnectRequest::new(id, route, head, raw, session);
+        request.deflate = deflate;
         return Ok(Answer::Hooked(Box::new(request)));
     }
-    out.push_accept(pool, key, head.choose_protocol(&route.subprotocols));
+    accept(
+        out,
+        pool,
+        session,
+        key,
+        head.choose_protocol(&route.subprotocols),
+        b"",
+        deflate,
+    );
     Ok(Answer::Upgrade(id))
+}
+
+/// Queues the 101 (RFC 6455 4.2.2) with `extra` header lines, and the
+/// permessage-deflate agreement, if any, which the session keeps.
+pub(super) fn accept(
+    out: &mut Outbound,
+    pool: &BufferPool,
+    session: &Session,
+    key: &[u8],
+    protocol: Option<&str>,
+    extra: &[u8],
+    deflate: Option<deflate::Agreement>,
+) {
+    match deflate {
+        None => out.push_accept_with(pool, key, protocol, extra),
+        Some(agreement) => {
+            let mut lines = extra.to_vec();
+            agreement.write_response(&mut lines);
+            out.push_accept_with(pool, key, protocol, &lines);
+            session.agree_deflate(agreement);
+        }
+    }
 }
 
 /// Who the client is, by the token of its handshake, as its route asks

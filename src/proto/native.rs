@@ -74,6 +74,7 @@ pub fn frame(opcode: Opcode, parts: &[&[u8]]) -> Bytes {
     let n = encode_header(
         &FrameHeader {
             fin: true,
+            rsv1: false,
             opcode,
             mask: None,
             payload_len: len as u64,

@@ -392,6 +392,7 @@ mod tests {
             stomp_headers: None,
             id: 0,
             native: None,
+            compress: true,
         }))
     }
 

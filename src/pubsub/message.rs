@@ -27,7 +27,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::topics::{is_queue, StompTarget, Via};
 use crate::proto::native;
 use crate::proto::stomp::frame::push_value;
-use crate::ws::frame::{encode_header, FrameHeader, MAX_HEADER_BYTES};
+use crate::ws::deflate::{Deflater, MAX_WINDOW_BITS};
+use crate::ws::frame::{encode_header, FrameHeader, Opcode, MAX_HEADER_BYTES};
 use crate::ws::MessageKind;
 
 /// A publish on its way to subscribers (it crosses cores: all shared bytes).
@@ -46,6 +47,10 @@ pub struct Message {
     /// The native `MSG` frame, when the publisher already made it (its
     /// body is then a slice of it).
     pub native: Option<Bytes>,
+    /// It may go out compressed (permessage-deflate). A publisher that
+    /// mixes a secret with text an attacker chooses turns it off: their
+    /// compressed size would tell the secret byte by byte (CRIME, BREACH).
+    pub compress: bool,
 }
 
 impl Message {
@@ -61,6 +66,7 @@ impl Message {
             stomp_headers: None,
             id,
             native: Some(frame),
+            compress: true,
         }
     }
 
@@ -140,6 +146,104 @@ fn unescape(s: &str) -> Option<String> {
     crate::proto::stomp::frame::header_text(s.as_bytes(), true).ok()
 }
 
+/// A core's permessage-deflate compressor for the sessions that agreed to
+/// no context takeover (RFC 7692 7.1.1): every message is compressed on
+/// its own, so one compressor serves them all, and what it made for one
+/// subscriber is good for every other. Made on first use.
+pub struct Compressor {
+    deflater: RefCell<Option<Deflater>>,
+    level: u32,
+    /// Shorter payloads are sent as they are.
+    min_bytes: usize,
+    /// Compressed bytes on their way into a frame.
+    scratch: RefCell<Vec<u8>>,
+}
+
+impl Compressor {
+    pub fn new(level: u32, min_bytes: usize) -> Compressor {
+        Compressor {
+            deflater: RefCell::new(None),
+            level,
+            min_bytes,
+            scratch: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Whether a payload of `len` bytes goes out compressed to a peer whose
+    /// window is `bits` (RFC 7692 7.1.2.1): messages are compressed with
+    /// the largest window, and no back-reference reaches past a message's
+    /// start, so one that fits the peer's window is good for it.
+    pub fn worth(&self, len: usize, bits: u8) -> bool {
+        len >= self.min_bytes && (bits >= MAX_WINDOW_BITS || len <= 1 << bits)
+    }
+
+    /// `parts`, one payload, compressed on its own (RFC 7692 7.2.1) and
+    /// appended to `out`; `false` (and `out` as it was) when that is no
+    /// shorter, so the message is better sent as it is.
+    pub fn compress(&self, parts: &[&[u8]], out: &mut Vec<u8>) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let start = out.len();
+        let mut deflater = self.deflater.borrow_mut();
+        let deflater = deflater.get_or_insert_with(|| Deflater::new(self.level, MAX_WINDOW_BITS));
+        deflater.compress_parts(parts, out, false);
+        if out.len() - start >= len {
+            out.truncate(start);
+            return false;
+        }
+        true
+    }
+
+    /// `f` of `parts` compressed (`None`: compressing does not shrink
+    /// them), in the core's scratch buffer.
+    pub fn compressed<R>(&self, parts: &[&[u8]], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let mut packed = self.scratch.borrow_mut();
+        packed.clear();
+        let shrunk = self.compress(parts, &mut packed);
+        let r = f(shrunk.then_some(&packed[..]));
+        // A large message's buffer is not kept.
+        if packed.capacity() > SCRATCH_KEPT_BYTES {
+            *packed = Vec::new();
+        }
+        r
+    }
+
+    /// A whole frame (`opcode`, RSV1 set) of `parts` compressed, or `None`
+    /// when compressing does not shrink them.
+    pub fn frame(&self, opcode: Opcode, parts: &[&[u8]]) -> Option<Bytes> {
+        self.compressed(parts, |packed| packed.map(|packed| frame_of(opcode, packed)))
+    }
+}
+
+/// The compressor's scratch buffer is kept up to this size.
+const SCRATCH_KEPT_BYTES: usize = 64 * 1024;
+
+/// A whole unmasked frame, RSV1 set, of the compressed `packed`.
+fn frame_of(opcode: Opcode, packed: &[u8]) -> Bytes {
+    let mut head = [0u8; MAX_HEADER_BYTES];
+    let n = encode_header(
+        &FrameHeader {
+            fin: true,
+            rsv1: true,
+            opcode,
+            mask: None,
+            payload_len: packed.len() as u64,
+        },
+        &mut head,
+    );
+    let mut frame = BytesMut::with_capacity(n + packed.len());
+    frame.put_slice(&head[..n]);
+    frame.put_slice(packed);
+    frame.freeze()
+}
+
+/// How a subscriber that agreed to permessage-deflate takes a message:
+/// the window its messages may use, and the core's compressor.
+#[derive(Clone, Copy)]
+pub struct Deflating<'c> {
+    pub window_bits: u8,
+    pub compressor: &'c Compressor,
+}
+
 /// One message's encodings on one core, each made on first use.
 pub struct Fanout<'m> {
     pub message: &'m Message,
@@ -148,6 +252,12 @@ pub struct Fanout<'m> {
     stomp: OnceCell<StompShared>,
     /// MESSAGE frames made so far, by subscription (the first `SHARED_HEADS`).
     heads: RefCell<Vec<(StompTarget, StompParts)>>,
+    /// The compressed encodings (`None` inside: not worth compressing).
+    native_deflated: OnceCell<Option<Bytes>>,
+    raw_deflated: OnceCell<Option<Bytes>>,
+    /// A STOMP MESSAGE's shared rest, compressed on its own.
+    stomp_deflated: OnceCell<Option<Bytes>>,
+    deflated_heads: RefCell<Vec<(StompTarget, Bytes)>>,
 }
 
 /// Distinct subscriptions per message whose MESSAGE frames are kept for
@@ -206,25 +316,117 @@ impl<'m> Fanout<'m> {
     /// MESSAGE per subscription of the session to the topic, or (`one`, a
     /// queue's message, which has one consumer) for its first. `idle`:
     /// whether the subscriber's queue is empty (see `stomp`). A new
-    /// protocol, or a compressed encoding, is a new `Via` and an arm here.
+    /// protocol is a new `Via` and an arm here. A subscriber that agreed
+    /// to permessage-deflate (`deflate`) gets the compressed encoding, made
+    /// once per core too, where the message may be compressed and it is
+    /// worth it; the plain one otherwise (RFC 7692 6: per message).
     pub fn encode(
         &self,
         via: &Via,
         one: bool,
+        deflate: Option<Deflating<'_>>,
         arena: &mut BytesMut,
         idle: impl Fn() -> bool,
         mut emit: impl FnMut(&mut [Bytes]),
     ) {
+        let deflate = deflate.filter(|_| self.message.compress);
         match via {
-            Via::Native => emit(&mut [self.native().clone()]),
-            Via::Raw => emit(&mut [self.raw().clone()]),
+            Via::Native => match deflate.and_then(|d| self.native_deflated(d)) {
+                Some(frame) => emit(&mut [frame]),
+                None => emit(&mut [self.native().clone()]),
+            },
+            Via::Raw => match deflate.and_then(|d| self.raw_deflated(d)) {
+                Some(frame) => emit(&mut [frame]),
+                None => emit(&mut [self.raw().clone()]),
+            },
             Via::Stomp(targets) => {
                 let take = if one { 1 } else { targets.len() };
                 for target in &targets[..take] {
-                    emit(self.stomp(target, arena, &idle).as_mut_slice());
+                    match deflate.and_then(|d| self.stomp_deflated(target, d)) {
+                        Some(mut parts) => emit(&mut parts),
+                        None => emit(self.stomp(target, arena, &idle).as_mut_slice()),
+                    }
                 }
             }
         }
+    }
+
+    /// The native `MSG` frame compressed, if worth it for this subscriber.
+    fn native_deflated(&self, d: Deflating<'_>) -> Option<Bytes> {
+        let frame = self.native();
+        let payload = &frame[frame_header_len(frame)..];
+        if !d.compressor.worth(payload.len(), d.window_bits) {
+            return None;
+        }
+        let opcode = self.message.kind.opcode();
+        self.native_deflated
+            .get_or_init(|| d.compressor.frame(opcode, &[payload]))
+            .clone()
+    }
+
+    /// The payload alone, compressed, if worth it for this subscriber.
+    fn raw_deflated(&self, d: Deflating<'_>) -> Option<Bytes> {
+        let m = self.message;
+        if !d.compressor.worth(m.body.len(), d.window_bits) {
+            return None;
+        }
+        self.raw_deflated
+            .get_or_init(|| d.compressor.frame(m.kind.opcode(), &[&m.body]))
+            .clone()
+    }
+
+    /// One subscription's MESSAGE frame compressed: a head of its own
+    /// (WebSocket header with RSV1, then the subscription's own headers as
+    /// a stored deflate block, RFC 1951 3.2.4), then the shared rest
+    /// compressed once per core. A stored block ends on a byte boundary
+    /// and the rest's compression starts afresh, referring to nothing
+    /// before it, so the two are one valid deflate stream (RFC 7692
+    /// 7.2.1) and the rest is never compressed per subscriber.
+    fn stomp_deflated(&self, target: &StompTarget, d: Deflating<'_>) -> Option<[Bytes; 2]> {
+        let shared = self.stomp_shared();
+        let (_, _, head_len) = self.stomp_head_len(shared, target);
+        if !d.compressor.worth(head_len + shared.rest.len(), d.window_bits) {
+            return None;
+        }
+        let rest = self
+            .stomp_deflated
+            .get_or_init(|| {
+                let mut packed = Vec::new();
+                d.compressor
+                    .compress(&[&shared.rest], &mut packed)
+                    .then(|| Bytes::from(packed))
+            })
+            .clone()?;
+        let mut heads = self.deflated_heads.borrow_mut();
+        if let Some((_, head)) = heads.iter().find(|(t, _)| t == target) {
+            return Some([head.clone(), rest]);
+        }
+        let mut own = BytesMut::new();
+        put_head(&mut own, &[], shared, target);
+        let own_len = u16::try_from(own.len()).ok()?;
+        let mut ws = [0u8; MAX_HEADER_BYTES];
+        let ws_len = encode_header(
+            &FrameHeader {
+                fin: true,
+                rsv1: true,
+                opcode: self.message.kind.opcode(),
+                mask: None,
+                payload_len: (STORED_HEADER_BYTES + own.len() + rest.len()) as u64,
+            },
+            &mut ws,
+        );
+        let mut head = BytesMut::with_capacity(ws_len + STORED_HEADER_BYTES + own.len());
+        head.put_slice(&ws[..ws_len]);
+        // BFINAL 0, BTYPE 00, to the byte boundary; LEN and its complement.
+        head.put_u8(0);
+        head.put_u16_le(own_len);
+        head.put_u16_le(!own_len);
+        head.put_slice(&own);
+        let head = head.freeze();
+        if heads.len() < SHARED_HEADS {
+            heads.push((target.clone(), head.clone()));
+        }
+        Some([head, rest])
     }
 
     pub fn new(message: &'m Message) -> Fanout<'m> {
@@ -234,6 +436,10 @@ impl<'m> Fanout<'m> {
             raw: OnceCell::new(),
             stomp: OnceCell::new(),
             heads: RefCell::new(Vec::new()),
+            native_deflated: OnceCell::new(),
+            raw_deflated: OnceCell::new(),
+            stomp_deflated: OnceCell::new(),
+            deflated_heads: RefCell::new(Vec::new()),
         }
     }
 
@@ -341,6 +547,7 @@ impl<'m> Fanout<'m> {
         let ws_len = encode_header(
             &FrameHeader {
                 fin: true,
+                rsv1: false,
                 opcode: self.message.kind.opcode(),
                 mask: None,
                 payload_len: (own + shared.rest.len()) as u64,
@@ -362,6 +569,18 @@ fn put_head(out: &mut BytesMut, ws: &[u8], shared: &StompShared, target: &StompT
         out.put_slice(b"ack:");
         out.put_slice(shared.message_id.as_bytes());
         out.put_u8(b'\n');
+    }
+}
+
+/// A stored deflate block's header: one byte to the boundary, LEN, NLEN.
+const STORED_HEADER_BYTES: usize = 5;
+
+/// The length of the WebSocket header at the start of a frame we made.
+fn frame_header_len(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
     }
 }
 
@@ -486,6 +705,7 @@ mod tests {
             ])),
             id: 3,
             native: None,
+            compress: true,
         };
         let f = Fanout::new(&m);
         let mut arena = BytesMut::new();

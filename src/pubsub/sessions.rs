@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use slotmap::SecondaryMap;
 
 use super::mesh::WakerSet;
-use super::message::Fanout;
+use super::message::{Compressor, Deflating, Fanout};
 use super::topics::Via;
 use super::{Pending, SessionKey};
 use crate::config::{Config, SlowConsumer};
@@ -78,6 +78,9 @@ struct State {
     /// A publish of this session found the core over its budget: it is not
     /// read until the hold ends.
     held: bool,
+    /// It agreed to permessage-deflate with no context takeover, with this
+    /// window for our messages (8-15 bits); 0: it did not.
+    deflate_bits: u8,
 }
 
 impl State {
@@ -144,6 +147,9 @@ pub struct Sessions {
     flusher: Cell<Option<Waker>>,
     /// Where STOMP MESSAGE heads are carved from (see `message`).
     heads: RefCell<BytesMut>,
+    /// permessage-deflate's compressor for every session that agreed to
+    /// no context takeover.
+    pub compressor: Compressor,
     /// Sessions whose publish waits for ring space, and admin publishes
     /// under way: publishes accepted but not yet in every ring.
     in_flight: Cell<usize>,
@@ -152,7 +158,6 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(config: Arc<Config>, stats: Rc<RefCell<Stats>>) -> Sessions {
         Sessions {
-            config,
             stats,
             table: RefCell::new(SecondaryMap::new()),
             now_ms: Cell::new(0),
@@ -164,7 +169,18 @@ impl Sessions {
             wake: RefCell::new(None),
             flusher: Cell::new(None),
             heads: RefCell::new(BytesMut::new()),
+            compressor: Compressor::new(config.compress_level, config.compress_min_bytes),
+            config,
             in_flight: Cell::new(0),
+        }
+    }
+
+    /// Session `key` agreed to permessage-deflate with no context takeover
+    /// and a window of `window_bits` for our messages: its deliveries go
+    /// compressed where that is worth it.
+    pub fn set_deflate(&self, key: SessionKey, window_bits: u8) {
+        if let Some(state) = self.table.borrow_mut().get_mut(key) {
+            state.deflate_bits = window_bits;
         }
     }
 
@@ -344,10 +360,16 @@ impl Sessions {
     /// asks for: one MESSAGE per STOMP subscription to the topic, or (`one`,
     /// a queue's message, which has one consumer) for its first.
     pub fn deliver(&self, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
+        let bits = self.table.borrow().get(key).map_or(0, |s| s.deflate_bits);
+        let deflate = (bits != 0).then_some(Deflating {
+            window_bits: bits,
+            compressor: &self.compressor,
+        });
         let mut heads = self.heads.borrow_mut();
         fanout.encode(
             via,
             one,
+            deflate,
             &mut heads,
             || self.queue_is_empty(key),
             |parts| self.enqueue(key, parts, true),

@@ -56,6 +56,9 @@ impl Opcode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: with permessage-deflate, the message is compressed (RFC 7692
+    /// 6). Whether it may be set is the message layer's to say.
+    pub rsv1: bool,
     pub opcode: Opcode,
     pub mask: Option<MaskKey>,
     pub payload_len: u64,
@@ -76,7 +79,8 @@ impl FrameHeader {
 /// Why a header was refused. Each maps to the close code RFC 6455 asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderError {
-    /// RSV1-3 set without a negotiated extension (5.2).
+    /// RSV1-3 set without a negotiated extension (5.2), or RSV1 where
+    /// permessage-deflate does not allow it (RFC 7692 6.1).
     ReservedBits,
     /// Opcode 0x3-0x7 or 0xB-0xF (5.2).
     ReservedOpcode,
@@ -123,9 +127,11 @@ pub fn decode_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usiz
         return Ok(None);
     };
     // RFC 6455 5.2: RSV1-3 MUST be 0 unless an extension defines them.
-    if b0 & 0x70 != 0 {
+    // Only permessage-deflate is spoken, and it defines RSV1 alone.
+    if b0 & 0x30 != 0 {
         return Err(HeaderError::ReservedBits);
     }
+    let rsv1 = b0 & 0x40 != 0;
     let fin = b0 & 0x80 != 0;
     let opcode = Opcode::from_u8(b0 & 0x0F).ok_or(HeaderError::ReservedOpcode)?;
     let masked = b1 & 0x80 != 0;
@@ -175,6 +181,7 @@ pub fn decode_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usiz
     Ok(Some((
         FrameHeader {
             fin,
+            rsv1,
             opcode,
             mask,
             payload_len,
@@ -185,7 +192,7 @@ pub fn decode_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usiz
 
 /// Writes `header` into `out` and returns how many bytes it used.
 pub fn encode_header(header: &FrameHeader, out: &mut [u8; MAX_HEADER_BYTES]) -> usize {
-    out[0] = (if header.fin { 0x80 } else { 0 }) | header.opcode.as_u8();
+    out[0] = (if header.fin { 0x80 } else { 0 }) | (if header.rsv1 { 0x40 } else { 0 }) | header.opcode.as_u8();
     let mask_bit = if header.mask.is_some() { 0x80 } else { 0 };
     let mut pos = match header.payload_len {
         n @ 0..=125 => {
@@ -215,6 +222,7 @@ pub fn encode_header(header: &FrameHeader, out: &mut [u8; MAX_HEADER_BYTES]) -> 
 pub fn encode_frame(out: &mut Vec<u8>, fin: bool, opcode: Opcode, mask: Option<MaskKey>, payload: &[u8]) {
     let header = FrameHeader {
         fin,
+        rsv1: false,
         opcode,
         mask,
         payload_len: payload.len() as u64,
@@ -269,9 +277,12 @@ mod tests {
 
     #[test]
     fn reserved_bits_and_opcodes_are_refused() {
-        for rsv in [0x10, 0x20, 0x40] {
+        for rsv in [0x10, 0x20, 0x30, 0x50] {
             assert_eq!(server(&[0x81 | rsv, 0x80, 0, 0, 0, 0]), Err(HeaderError::ReservedBits));
         }
+        // RSV1 is permessage-deflate's: the header carries it on.
+        let (h, _) = server(&[0xC1, 0x80, 0, 0, 0, 0]).unwrap().unwrap();
+        assert!(h.rsv1);
         for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
             assert_eq!(server(&[0x80 | op, 0x80, 0, 0, 0, 0]), Err(HeaderError::ReservedOpcode));
         }
@@ -343,12 +354,13 @@ mod tests {
         #[test]
         fn header_round_trip(
             fin in any::<bool>(),
+            rsv1 in any::<bool>(),
             op in opcode(),
             mask in proptest::option::of(any::<[u8; 4]>()),
             len in prop_oneof![0u64..=125, 126u64..=0xFFFF, 0x10000u64..=(i64::MAX as u64)],
         ) {
             let (fin, len) = if op.is_control() { (true, len % 126) } else { (fin, len) };
-            let header = FrameHeader { fin, opcode: op, mask, payload_len: len };
+            let header = FrameHeader { fin, rsv1, opcode: op, mask, payload_len: len };
             let mut buf = [0u8; MAX_HEADER_BYTES];
             let n = encode_header(&header, &mut buf);
             prop_assert_eq!(n, header.encoded_len());

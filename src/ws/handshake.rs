@@ -13,7 +13,8 @@ use sha1::{Digest, Sha1};
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Headers a request may carry; more is answered like an oversized head (431).
 pub const MAX_HEADERS: usize = 64;
-/// `Sec-WebSocket-Protocol` header lines kept; each may list several protocols.
+/// `Sec-WebSocket-Protocol` (and `-Extensions`) header lines kept; each may
+/// list several protocols (extensions); more is a 400.
 const MAX_PROTOCOL_LINES: usize = 8;
 
 /// A refused request, and the HTTP status that says why.
@@ -172,6 +173,8 @@ pub struct Head<'a> {
     origin_count: usize,
     protocol_lines: [&'a [u8]; MAX_PROTOCOL_LINES],
     protocol_line_count: usize,
+    extension_lines: [&'a [u8]; MAX_PROTOCOL_LINES],
+    extension_line_count: usize,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read
@@ -218,6 +221,8 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
         origin_count: 0,
         protocol_lines: [&[]; MAX_PROTOCOL_LINES],
         protocol_line_count: 0,
+        extension_lines: [&[]; MAX_PROTOCOL_LINES],
+        extension_line_count: 0,
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -245,6 +250,12 @@ pub fn parse(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head<'_>, usiz
             }
             head.protocol_lines[head.protocol_line_count] = value;
             head.protocol_line_count += 1;
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            if head.extension_line_count == MAX_PROTOCOL_LINES {
+                return Err(Reject::BadRequest("too many Sec-WebSocket-Extensions headers"));
+            }
+            head.extension_lines[head.extension_line_count] = value;
+            head.extension_line_count += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
             head.has_body |= value != b"0";
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -309,6 +320,12 @@ impl<'a> Head<'a> {
             return matches!(policy, OriginPolicy::Any);
         }
         policy.allows(self.origin)
+    }
+
+    /// The `Sec-WebSocket-Extensions` lines, in their order (RFC 6455
+    /// 9.1: several lines are one list).
+    pub fn extension_lines(&self) -> &[&'a [u8]] {
+        &self.extension_lines[..self.extension_line_count]
     }
 
     /// Every subprotocol the client offered, in its order.
@@ -721,6 +738,23 @@ mod tests {
             "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b ,chat",
         );
         assert_eq!(head(&split).choose_protocol(&["chat".to_string()]), Some("chat"));
+    }
+
+    #[test]
+    fn extension_lines_are_kept_in_order_and_bounded() {
+        let req = with(
+            "Sec-WebSocket-Protocol: chat, superchat",
+            "Sec-WebSocket-Extensions: x-a\r\nsec-websocket-extensions:  permessage-deflate ",
+        );
+        assert_eq!(head(&req).extension_lines(), [&b"x-a"[..], b"permessage-deflate"]);
+        let lines = |n: usize| {
+            with(
+                "Sec-WebSocket-Protocol: chat, superchat\r\n",
+                &"Sec-WebSocket-Extensions: a\r\n".repeat(n),
+            )
+        };
+        assert!(parse(lines(8).as_bytes(), 8192).is_ok());
+        assert!(matches!(parse(lines(9).as_bytes(), 8192), Err(Reject::BadRequest(_))));
     }
 
     #[test]

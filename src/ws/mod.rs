@@ -3,6 +3,7 @@
 //! byte slices, property tests and fuzzers; `conn` moves the bytes.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

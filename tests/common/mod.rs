@@ -275,6 +275,8 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -369,6 +371,7 @@ impl Raw {
         self.stream.read_exact(&mut payload).ok()?;
         Some(Frame {
             fin: h[0] & 0x80 != 0,
+            rsv1: h[0] & 0x40 != 0,
             opcode: h[0] & 0x0f,
             payload,
         })

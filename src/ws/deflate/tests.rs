@@ -1,0 +1,254 @@
+use super::*;
+use proptest::prelude::*;
+
+fn shared(lines: &[&str]) -> Option<Agreement> {
+    negotiate(lines.iter().map(|l| l.as_bytes()), Mode::Shared)
+}
+
+fn response(a: &Agreement) -> String {
+    let mut out = Vec::new();
+    a.write_response(&mut out);
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn a_plain_offer_is_agreed_with_no_context_takeover_either_way() {
+    let a = shared(&["permessage-deflate"]).unwrap();
+    assert_eq!(
+        response(&a),
+        "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+    );
+    assert_eq!(a.server_window_bits, 15);
+    // What browsers send.
+    let a = shared(&["permessage-deflate; client_max_window_bits"]).unwrap();
+    assert!(a.client_no_context_takeover && a.client_window_bits.is_none());
+}
+
+#[test]
+fn server_max_window_bits_is_answered_with_the_value_offered() {
+    for bits in 8..=15u8 {
+        let a = shared(&[&format!("permessage-deflate; server_max_window_bits={bits}")]).unwrap();
+        assert_eq!(a.server_window_bits, bits);
+        assert!(response(&a).contains(&format!("; server_max_window_bits={bits}\r\n")));
+    }
+    // A quoted-string whose value is a token (RFC 6455 9.1).
+    let a = shared(&["permessage-deflate; server_max_window_bits=\"10\""]).unwrap();
+    assert_eq!(a.server_window_bits, 10);
+}
+
+#[test]
+fn offers_breaking_a_rule_are_declined() {
+    for bad in [
+        // 7.1: unknown parameters.
+        "permessage-deflate; foo",
+        "permessage-deflate; server_no_context_takeover; x=1",
+        // Duplicates.
+        "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+        "permessage-deflate; client_no_context_takeover; CLIENT_NO_CONTEXT_TAKEOVER",
+        "permessage-deflate; server_max_window_bits=10; server_max_window_bits=10",
+        "permessage-deflate; client_max_window_bits; client_max_window_bits=9",
+        // Values where none is allowed, or missing where one is required.
+        "permessage-deflate; server_no_context_takeover=1",
+        "permessage-deflate; client_no_context_takeover=\"\"",
+        "permessage-deflate; server_max_window_bits",
+        // Out of range, leading zeros, not a number.
+        "permessage-deflate; server_max_window_bits=7",
+        "permessage-deflate; server_max_window_bits=16",
+        "permessage-deflate; server_max_window_bits=08",
+        "permessage-deflate; server_max_window_bits=010",
+        "permessage-deflate; client_max_window_bits=1a",
+        "permessage-deflate; client_max_window_bits=",
+        "permessage-deflate; client_max_window_bits=\"1\\0\"",
+        "permessage-deflate; server_max_window_bits=1 0",
+    ] {
+        assert_eq!(shared(&[bad]), None, "{bad}");
+    }
+}
+
+#[test]
+fn the_first_acceptable_of_several_offers_is_taken() {
+    let a = shared(&[
+        "x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=16, permessage-deflate; server_max_window_bits=12",
+        "permessage-deflate; server_max_window_bits=9",
+    ])
+    .unwrap();
+    assert_eq!(a.server_window_bits, 12);
+    // Across header lines, in order.
+    let a = shared(&[
+        "permessage-deflate; bad",
+        "PerMessage-Deflate ;  server_max_window_bits = 11 ",
+    ])
+    .unwrap();
+    assert_eq!(a.server_window_bits, 11);
+    // Other extensions alone, or nothing, agree to nothing.
+    assert_eq!(shared(&["x-webkit-deflate-frame", "", " , ,"]), None);
+    assert_eq!(shared(&[]), None);
+}
+
+#[test]
+fn quotes_are_respected_when_splitting() {
+    // A comma or semicolon inside a quoted value does not split.
+    assert_eq!(shared(&["permessage-deflate; client_max_window_bits=\"1,5\""]), None);
+    // An unclosed quote swallows the rest of its line.
+    assert_eq!(shared(&["foo; a=\"x, permessage-deflate"]), None);
+    assert!(shared(&["foo; a=\"x, y\", permessage-deflate"]).is_some());
+}
+
+#[test]
+fn dedicated_keeps_context_unless_asked_not_to() {
+    let d = |l: &str| negotiate([l.as_bytes()], Mode::Dedicated).unwrap();
+    let a = d("permessage-deflate");
+    assert!(!a.server_no_context_takeover && !a.client_no_context_takeover);
+    assert_eq!(response(&a), "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    let a = d("permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+    assert!(a.server_no_context_takeover && a.client_no_context_takeover);
+    // zlib cannot compress with an 8-bit window: each message stands alone.
+    let a = d("permessage-deflate; server_max_window_bits=8");
+    assert!(a.server_no_context_takeover);
+}
+
+fn inflate(inf: &mut Inflater, input: &[u8], takeover: bool) -> Result<Vec<u8>, InflateError> {
+    let mut out = Vec::new();
+    inf.inflate(input, &mut out, 1 << 20, takeover).map(|()| out)
+}
+
+#[test]
+fn rfc_7692_examples_inflate() {
+    let mut inf = Inflater::default();
+    // 7.2.3.1: "Hello" compressed.
+    assert_eq!(
+        inflate(&mut inf, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], true).unwrap(),
+        b"Hello"
+    );
+    // 7.2.3.2: the same again, referring to the first's window.
+    assert_eq!(
+        inflate(&mut inf, &[0xf2, 0x00, 0x11, 0x00, 0x00], true).unwrap(),
+        b"Hello"
+    );
+    let mut inf = Inflater::default();
+    // 7.2.3.3: a stored block.
+    let stored = [0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00];
+    assert_eq!(inflate(&mut inf, &stored, false).unwrap(), b"Hello");
+    // 7.2.3.4: BFINAL set.
+    let last = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+    assert_eq!(inflate(&mut inf, &last, true).unwrap(), b"Hello");
+    // 7.2.3.5: two blocks.
+    let two = [
+        0xf2, 0x48, 0x05, 0x00, 0x00, 0x00, 0xff, 0xff, 0xca, 0xc9, 0xc9, 0x07, 0x00,
+    ];
+    assert_eq!(inflate(&mut inf, &two, false).unwrap(), b"Hello");
+    // 7.2.3.6: an empty message.
+    assert_eq!(inflate(&mut inf, &[0x00], false).unwrap(), b"");
+}
+
+#[test]
+fn what_we_compress_matches_the_rfc_and_inflates_back() {
+    let mut def = Deflater::new(6, 15);
+    let mut out = Vec::new();
+    def.compress(b"Hello", &mut out, false);
+    assert_eq!(out, [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+    // With the window kept, the second is the RFC's 7.2.3.2.
+    let mut def = Deflater::new(6, 15);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    def.compress(b"Hello", &mut a, true);
+    def.compress(b"Hello", &mut b, true);
+    assert_eq!(b, [0xf2, 0x00, 0x11, 0x00, 0x00]);
+}
+
+#[test]
+fn inflating_stops_at_the_limit_exactly() {
+    let body = vec![b'a'; 10_000];
+    let mut packed = Vec::new();
+    Deflater::new(6, 15).compress(&body, &mut packed, false);
+    let mut inf = Inflater::default();
+    let mut out = Vec::new();
+    assert_eq!(inf.inflate(&packed, &mut out, 10_000, false), Ok(()));
+    assert_eq!(out, body);
+    let mut out = Vec::new();
+    assert_eq!(inf.inflate(&packed, &mut out, 9_999, false), Err(InflateError::TooBig));
+    assert!(out.capacity() <= 10_000 + 1024, "{}", out.capacity());
+    // The decompressor is whole again after a refusal.
+    let mut out = Vec::new();
+    assert_eq!(inf.inflate(&packed, &mut out, 10_000, false), Ok(()));
+}
+
+#[test]
+fn a_deflate_bomb_costs_the_limit_and_no_more() {
+    // 64 MiB of zeros, compressed to about 64 KiB.
+    let mut def = Deflater::new(9, 15);
+    let zeros = vec![0u8; 1 << 20];
+    let mut bomb = Vec::new();
+    for i in 0..64 {
+        if i > 0 {
+            // One message: the flush points keep their empty blocks.
+            bomb.extend_from_slice(&TAIL);
+        }
+        def.compress(&zeros, &mut bomb, true);
+    }
+    assert!(bomb.len() < 80 * 1024, "{}", bomb.len());
+    let mut inf = Inflater::default();
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    assert_eq!(inf.inflate(&bomb, &mut out, 1 << 20, false), Err(InflateError::TooBig));
+    assert!(out.capacity() <= (1 << 20) + 1024, "{}", out.capacity());
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn garbage_is_corrupt_not_a_panic() {
+    let mut inf = Inflater::default();
+    // Block type 3 is reserved (RFC 1951 3.2.3).
+    assert_eq!(
+        inflate(&mut inf, &[0xff, 0xff, 0xff], false),
+        Err(InflateError::Corrupt)
+    );
+    // A stored block whose NLEN is not LEN's complement.
+    assert_eq!(
+        inflate(&mut inf, &[0x00, 0x05, 0x00, 0x00, 0x00, 1, 2, 3, 4, 5], false),
+        Err(InflateError::Corrupt)
+    );
+    // And it inflates the next message afresh.
+    assert_eq!(
+        inflate(&mut inf, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], false).unwrap(),
+        b"Hello"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn round_trip(
+        messages in proptest::collection::vec(
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..3000),
+                proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'{'), Just(b'"')], 0..5000),
+            ],
+            1..5,
+        ),
+        bits in 9u8..=15,
+        takeover in any::<bool>(),
+        level in 0u32..=9,
+    ) {
+        let mut def = Deflater::new(level, bits);
+        let mut inf = Inflater::default();
+        for m in &messages {
+            let mut packed = Vec::new();
+            def.compress(m, &mut packed, takeover);
+            let mut out = Vec::new();
+            inf.inflate(&packed, &mut out, m.len(), takeover).unwrap();
+            prop_assert_eq!(&out, m);
+        }
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics(input in proptest::collection::vec(any::<u8>(), 0..2000), limit in 0usize..5000) {
+        let mut out = Vec::new();
+        let _ = Inflater::default().inflate(&input, &mut out, limit, false);
+        prop_assert!(out.len() <= limit + 1024);
+    }
+
+    #[test]
+    fn arbitrary_headers_never_panic(lines in proptest::collection::vec(".{0,80}", 0..4)) {
+        let _ = negotiate(lines.iter().map(|l| l.as_bytes()), Mode::Shared);
+    }
+}

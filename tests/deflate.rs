@@ -1,0 +1,443 @@
+//! permessage-deflate (RFC 7692) end to end: what is agreed at the
+//! handshake, compressed messages both ways on every route, the rules of
+//! RSV1, the bounds of inflating, and publishes compressed once for every
+//! subscriber that agreed. Interop with other implementations is at the
+//! end (Python's `websockets`, Node's `ws`, Chromium).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice::ws::deflate::{Deflater, Inflater};
+
+/// What browsers offer.
+const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+const AGREED: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n";
+
+fn open_with(addr: std::net::SocketAddr, path: &str, extra: &str) -> (Raw, String) {
+    let mut raw = Raw::connect(addr);
+    raw.send(upgrade_request(path, extra).as_bytes());
+    let head = raw.read_head();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    (raw, head)
+}
+
+fn open_deflate(addr: std::net::SocketAddr, path: &str) -> Raw {
+    let (raw, head) = open_with(addr, path, OFFER);
+    assert!(head.contains(AGREED), "{head}");
+    raw
+}
+
+fn deflated(plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Deflater::new(6, 15).compress(plain, &mut out, false);
+    out
+}
+
+fn inflated(packed: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Inflater::default().inflate(packed, &mut out, 1 << 30, false).unwrap();
+    out
+}
+
+/// A message's payload as the client reads it: inflated if RSV1 is set.
+fn message(frame: &Frame) -> Vec<u8> {
+    if frame.rsv1 {
+        inflated(&frame.payload)
+    } else {
+        frame.payload.clone()
+    }
+}
+
+fn json(len: usize) -> Vec<u8> {
+    let mut out = String::from("{\"items\":[");
+    let mut i = 0u64;
+    while out.len() < len {
+        i += 1;
+        out.push_str(&format!(
+            "{{\"id\":{},\"price\":{}.{:02},\"side\":\"{}\"}},",
+            i * 7919 % 100_000,
+            i * 31 % 1000,
+            i % 100,
+            if i.is_multiple_of(3) { "buy" } else { "sell" }
+        ));
+    }
+    out.truncate(len);
+    out.into_bytes()
+}
+
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+both_drivers!(echo_agrees_and_compresses_each_message_worth_it, |driver| {
+    let server = Server::start(driver, &[]);
+    let mut raw = open_deflate(server.addr, "/echo");
+    // A compressed message comes back compressed.
+    let text = json(1000);
+    raw.send_frame(0xC1, &deflated(&text));
+    let f = raw.read_frame().unwrap();
+    assert!(f.rsv1 && f.opcode == 1 && f.payload.len() < text.len() / 2);
+    assert_eq!(inflated(&f.payload), text);
+    // So does a plain one that is worth compressing: it is per message.
+    raw.send_frame(0x82, &text);
+    let f = raw.read_frame().unwrap();
+    assert!(f.rsv1 && f.opcode == 2);
+    assert_eq!(inflated(&f.payload), text);
+    // Short ones (under --compress-min-bytes) and what does not shrink go
+    // out as they are.
+    raw.send_frame(0xC1, &deflated(b"hello"));
+    assert_eq!(raw.read_frame().unwrap(), plain_frame(1, b"hello"));
+    raw.send_frame(0xC2, &deflated(&[]));
+    assert_eq!(raw.read_frame().unwrap(), plain_frame(2, b""));
+    let random = noise(1 << 20);
+    raw.send_frame(0xC2, &deflated(&random));
+    let f = raw.read_frame().unwrap();
+    assert!(!f.rsv1);
+    assert_eq!(f.payload, random);
+    // A compressed message in fragments, RSV1 on the first only, with a
+    // ping between them.
+    let big = json(200_000);
+    let packed = deflated(&big);
+    let third = packed.len() / 3;
+    raw.send_frame(0x41, &packed[..third]);
+    raw.send_frame(0x00, &packed[third..2 * third]);
+    raw.send_frame(0x89, b"p");
+    raw.send_frame(0x80, &packed[2 * third..]);
+    assert_eq!(raw.read_frame().unwrap(), plain_frame(0xA, b"p"));
+    let f = raw.read_frame().unwrap();
+    assert_eq!(message(&f), big);
+    // 1 MiB of text, compressed.
+    let mib = json(1 << 20);
+    raw.send_frame(0xC1, &deflated(&mib));
+    assert_eq!(message(&raw.read_frame().unwrap()), mib);
+    raw.send_frame(0x88, &1000u16.to_be_bytes());
+    assert_eq!(raw.expect_close(), Some(1000));
+});
+
+fn plain_frame(opcode: u8, payload: &[u8]) -> Frame {
+    Frame {
+        fin: true,
+        rsv1: false,
+        opcode,
+        payload: payload.to_vec(),
+    }
+}
+
+both_drivers!(what_is_agreed_follows_the_offer_and_the_route, |driver| {
+    let dir = std::env::temp_dir().join(format!("sluice-deflate-{}-{driver}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[[route]]\npath = \"/on\"\nprotocol = \"echo\"\n\n[[route]]\npath = \"/off\"\nprotocol = \"echo\"\ndeflate = \"off\"\n",
+    )
+    .unwrap();
+    let server = Server::start(driver, &["--config", config.to_str().unwrap()]);
+    let agreed = |offer: &str| {
+        let (_, head) = open_with(server.addr, "/on", offer);
+        head.lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Extensions: "))
+            .map(str::to_string)
+    };
+    assert_eq!(agreed(""), None);
+    assert_eq!(agreed("Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n"), None);
+    // A bad offer is declined, and the next one taken (RFC 7692 5, 7.1).
+    assert_eq!(
+        agreed("Sec-WebSocket-Extensions: permessage-deflate; foo, permessage-deflate; server_max_window_bits=10\r\n")
+            .as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10")
+    );
+    assert_eq!(
+        agreed("Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=16\r\n"),
+        None
+    );
+    let (_, head) = open_with(server.addr, "/off", OFFER);
+    assert!(!head.contains("Extensions"), "{head}");
+    // Without the extension, RSV1 is a protocol error (RFC 6455 5.2).
+    let (mut raw, _) = open_with(server.addr, "/off", OFFER);
+    raw.send_frame(0xC1, &deflated(b"hello"));
+    assert_eq!(raw.expect_close(), Some(1002));
+    // Off for every route without its own word.
+    let server = Server::start(driver, &["--deflate", "off"]);
+    let (_, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(!head.contains("Extensions"), "{head}");
+});
+
+both_drivers!(rsv1_and_compressed_data_break_the_rules_they_break, |driver| {
+    let server = Server::start(driver, &["--max-message-bytes", "65536", "--max-frame-bytes", "65536"]);
+    let close_after = |frames: &[(u8, Vec<u8>)]| {
+        let mut raw = open_deflate(server.addr, "/echo");
+        for (b0, payload) in frames {
+            raw.send_frame(*b0, payload);
+        }
+        raw.expect_close()
+    };
+    // RFC 7692 6.1: RSV1 on a continuation frame, or on a control frame.
+    assert_eq!(
+        close_after(&[(0x01, b"he".to_vec()), (0xC0, b"llo".to_vec())]),
+        Some(1002)
+    );
+    assert_eq!(close_after(&[(0xC9, Vec::new())]), Some(1002));
+    // Not a deflate stream; text that is not UTF-8 once inflated.
+    assert_eq!(close_after(&[(0xC2, vec![0xff; 16])]), Some(1007));
+    assert_eq!(close_after(&[(0xC1, deflated(&[b'a', 0xff, 0xfe]))]), Some(1007));
+    // What it inflates to is held to --max-message-bytes, at the byte.
+    let mut raw = open_deflate(server.addr, "/echo");
+    raw.send_frame(0xC2, &deflated(&vec![7; 65536]));
+    assert_eq!(message(&raw.read_frame().unwrap()), vec![7; 65536]);
+    assert_eq!(close_after(&[(0xC2, deflated(&vec![7; 65537]))]), Some(1009));
+    // In fragments too.
+    let packed = deflated(&vec![7; 65537]);
+    assert_eq!(
+        close_after(&[(0x42, packed[..10].to_vec()), (0x80, packed[10..].to_vec())]),
+        Some(1009)
+    );
+    // What does not compress may be a little larger compressed than the
+    // limit it is within.
+    let random = noise(65536);
+    let packed = deflated(&random);
+    assert!(packed.len() > 65536);
+    raw.send_frame(0xC2, &packed);
+    assert_eq!(message(&raw.read_frame().unwrap()), random);
+});
+
+both_drivers!(a_deflate_bomb_costs_the_message_limit_and_no_more, |driver| {
+    // 4 GiB of zeros is 4 MiB compressed: each connection's bomb stops at
+    // the 16 MiB message limit, one at a time per core.
+    let server = Server::start(driver, &[]);
+    let mut def = Deflater::new(9, 15);
+    let zeros = vec![0u8; 1 << 20];
+    let mut bomb = Vec::new();
+    for i in 0..4096 {
+        if i > 0 {
+            bomb.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        }
+        def.compress(&zeros, &mut bomb, true);
+    }
+    assert!(bomb.len() < 5 << 20, "{}", bomb.len());
+    let started = Instant::now();
+    let mut clients: Vec<Raw> = (0..8).map(|_| open_deflate(server.addr, "/echo")).collect();
+    for raw in &mut clients {
+        raw.send_frame(0xC2, &bomb);
+    }
+    for raw in &mut clients {
+        assert_eq!(raw.expect_close(), Some(1009));
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    if !sanitized() {
+        // Eight bombs of 4 GiB each: the server's peak is a few times the
+        // 16 MiB limit, not gigabytes.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let peak: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert!(peak < 200 * 1024, "peak {peak} KiB");
+    }
+    // And it goes on serving.
+    let mut raw = open_deflate(server.addr, "/echo");
+    raw.send_frame(0x81, b"still here");
+    assert_eq!(message(&raw.read_frame().unwrap()), b"still here");
+});
+
+fn admin_publish(server: &Server, query: &str, body: &[u8]) {
+    let mut s = TcpStream::connect(server.admin_addr()).unwrap();
+    write!(
+        s,
+        "POST /publish?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// A native subscriber of `topic`, past its HELLO, with `extra` offered.
+fn subscriber(server: &Server, topic: &str, extra: &str) -> Raw {
+    let (mut raw, _) = open_with(server.addr, "/ws", extra);
+    assert!(message(&raw.read_frame().unwrap()).starts_with(b"HELLO "));
+    raw.send_frame(0x81, format!("SUB {topic}").as_bytes());
+    raw
+}
+
+both_drivers!(a_publish_reaches_every_kind_of_subscriber_compressed_once, |driver| {
+    let server = Server::start(driver, &[]);
+    // On both cores: three that agreed, three that did not, three that
+    // agreed with a window of 512 bytes for our messages.
+    let small = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
+    let mut subs: Vec<(Raw, &str)> = Vec::new();
+    for _ in 0..3 {
+        subs.push((subscriber(&server, "t", OFFER), "deflate"));
+        subs.push((subscriber(&server, "t", ""), "plain"));
+        subs.push((subscriber(&server, "t", small), "small"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let body = json(1024);
+    let whole = [&b"MSG t "[..], &body].concat();
+    admin_publish(&server, "topic=t", &body);
+    let mut compressed = Vec::new();
+    for (raw, kind) in &mut subs {
+        let f = raw.read_frame().unwrap();
+        assert_eq!(message(&f), whole, "{kind}");
+        // The window of 512 bytes is too small for this message.
+        assert_eq!(f.rsv1, *kind == "deflate", "{kind}");
+        if f.rsv1 {
+            compressed.push(f.payload);
+        }
+    }
+    // One compression, the same bytes for all (on each core).
+    assert!(compressed.windows(2).all(|w| w[0] == w[1]));
+    assert!(compressed[0].len() < whole.len() / 2, "{}", compressed[0].len());
+    // A message that fits a 512-byte window reaches that subscriber
+    // compressed too.
+    let body = json(400);
+    admin_publish(&server, "topic=t", &body);
+    for (raw, kind) in &mut subs {
+        let f = raw.read_frame().unwrap();
+        assert_eq!(f.rsv1, *kind != "plain", "{kind}");
+        assert_eq!(message(&f), [&b"MSG t "[..], &body].concat());
+    }
+    // A publisher may forbid compression (secrets beside attacker text).
+    admin_publish(&server, "topic=t&compress=false", &json(1024));
+    for (raw, _) in &mut subs {
+        assert!(!raw.read_frame().unwrap().rsv1);
+    }
+    // A client's compressed publish reaches each as it takes messages.
+    let (mut publisher, _) = open_with(server.addr, "/ws", OFFER);
+    publisher.read_frame().unwrap();
+    let body = json(3000);
+    publisher.send_frame(0xC1, &deflated(&[&b"PUB t "[..], &body].concat()));
+    for (raw, kind) in &mut subs {
+        let f = raw.read_frame().unwrap();
+        assert_eq!(f.rsv1, *kind == "deflate", "{kind}");
+        assert_eq!(message(&f), [&b"MSG t "[..], &body].concat());
+    }
+});
+
+both_drivers!(stomp_messages_are_compressed_with_a_head_of_their_own, |driver| {
+    let server = Server::start(driver, &[]);
+    let (mut raw, head) = open_with(
+        server.addr,
+        "/stomp",
+        &format!("Sec-WebSocket-Protocol: v12.stomp\r\n{OFFER}"),
+    );
+    assert!(head.contains(AGREED), "{head}");
+    raw.send_frame(0x81, b"CONNECT\naccept-version:1.2\nhost:x\nheart-beat:0,0\n\n\0");
+    assert!(message(&raw.read_frame().unwrap()).starts_with(b"CONNECTED"));
+    // Twelve subscriptions of their own: past the ones whose frames are
+    // kept whole, every one still gets the shared compressed rest.
+    for i in 0..12usize {
+        let ack = if i.is_multiple_of(2) { "client" } else { "auto" };
+        raw.send_frame(
+            0x81,
+            format!("SUBSCRIBE\nid:s{i}\ndestination:/topic/t\nack:{ack}\nreceipt:r{i}\n\n\0").as_bytes(),
+        );
+        assert!(message(&raw.read_frame().unwrap()).starts_with(b"RECEIPT"));
+    }
+    let body = json(2000);
+    admin_publish(&server, "topic=t", &body);
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let f = raw.read_frame().unwrap();
+        assert!(f.rsv1);
+        let frame = message(&f);
+        let text = String::from_utf8(frame).unwrap();
+        let (head, rest) = text.split_once("\n\n").unwrap();
+        assert!(head.starts_with("MESSAGE\nsubscription:s"), "{head}");
+        assert!(head.contains("\ndestination:/topic/t\n"), "{head}");
+        let id: usize = head["MESSAGE\nsubscription:s".len()..]
+            .split('\n')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(head.contains("\nack:"), id.is_multiple_of(2), "{head}");
+        assert_eq!(rest.as_bytes(), [&body[..], b"\0"].concat());
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (0..12).collect::<Vec<_>>());
+    // A compressed SEND is taken like any.
+    raw.send_frame(
+        0xC1,
+        &deflated(format!("SEND\ndestination:/topic/t\n\n{}\0", "x".repeat(500)).as_bytes()),
+    );
+    for _ in 0..12 {
+        let text = String::from_utf8(message(&raw.read_frame().unwrap())).unwrap();
+        assert!(text.ends_with(&format!("\n\n{}\0", "x".repeat(500))));
+    }
+});
+
+/// Runs a client script; its last line of output must be `ok`.
+fn run_client(program: &str, args: &[&str]) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(program)
+        .args(args)
+        .env("PYTHONPATH", root.join("target/python"))
+        .env("NODE_PATH", root.join("tests/stomp/node_modules"))
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().last() == Some("ok"),
+        "{program} {args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn script(name: &str) -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/deflate")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+// Python's `websockets` offers permessage-deflate by default.
+both_drivers!(python_websockets_round_trips_compressed_messages, |driver| {
+    let server = Server::start(driver, &[]);
+    run_client("python3", &[&script("client.py"), &server.url("")]);
+});
+
+// Node's `ws`, with `perMessageDeflate` (its client's default).
+both_drivers!(node_ws_round_trips_compressed_messages, |driver| {
+    let server = Server::start(driver, &[]);
+    run_client("node", &[&script("client.mjs"), &server.url("")]);
+});
+
+/// Chromium always offers permessage-deflate.
+#[test]
+fn chromium_round_trips_compressed_messages() {
+    let server = Server::start("epoll", &[]);
+    let page = format!("file://{}?ws={}", script("page.html"), server.url("/echo"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    run_client(
+        "python3",
+        &[
+            root.join("tests/browser/drive.py").to_str().unwrap(),
+            &page,
+            "30",
+            "extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+            "echo 0 ok",
+            "echo 100 ok",
+            "echo 1048576 ok",
+            "ok",
+        ],
+    );
+}
