@@ -1088,3 +1088,58 @@ both_drivers!(hook_calls_per_frame_are_bounded, |driver| {
         }
     }
 });
+
+// permessage-deflate on a backend route: the upstream sees messages as
+// the client meant them, and its answers reach the client compressed
+// where worth it (RFC 7692 6: per message). The upstream's own
+// Sec-WebSocket-Extensions is not relayed: sluice agrees on its own.
+both_drivers!(compressed_messages_cross_a_backend_route, |driver| {
+    let upstream = Upstream::start(|req, _| {
+        if req.has("OPEN") {
+            let mut body = b"OPEN\r\n".to_vec();
+            body.extend(event("TEXT", b"welcome"));
+            return Reply::Events(vec![("Sec-WebSocket-Extensions", "x-upstream".into())], body);
+        }
+        let mut body = Vec::new();
+        for (kind, content) in &req.events {
+            if kind == "TEXT" {
+                body.extend(event("TEXT", &[&b"echo:"[..], content].concat()));
+            }
+        }
+        Reply::Events(vec![], body)
+    });
+    let server = start(driver, &upstream.url(), "", "deflate");
+    let mut raw = Raw::connect(server.addr);
+    raw.send(upgrade_request("/app", "Sec-WebSocket-Extensions: permessage-deflate\r\n").as_bytes());
+    let head = raw.read_head();
+    assert!(
+        head.contains(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+        ),
+        "{head}"
+    );
+    assert!(!head.contains("x-upstream"), "{head}");
+    // Short: as it is.
+    let welcome = raw.read_frame().unwrap();
+    assert_eq!((welcome.rsv1, &welcome.payload[..]), (false, &b"welcome"[..]));
+    let message = "{\"say\":\"hello\"}".repeat(70);
+    let mut packed = Vec::new();
+    sluice::ws::deflate::Deflater::new(6, 15).compress(message.as_bytes(), &mut packed, false);
+    raw.send_frame(0xC1, &packed);
+    let answer = raw.read_frame().unwrap();
+    assert!(
+        answer.rsv1 && answer.payload.len() < message.len() / 4,
+        "{}",
+        answer.payload.len()
+    );
+    let mut plain = Vec::new();
+    sluice::ws::deflate::Inflater::default()
+        .inflate(&answer.payload, &mut plain, 1 << 20, false)
+        .unwrap();
+    assert_eq!(plain, format!("echo:{message}").as_bytes());
+    let seen = upstream.wait_for("TEXT", Duration::from_secs(5));
+    assert_eq!(
+        seen.events.iter().find(|(k, _)| k == "TEXT").unwrap().1,
+        message.as_bytes()
+    );
+});

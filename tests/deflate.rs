@@ -384,7 +384,7 @@ both_drivers!(stomp_messages_are_compressed_with_a_head_of_their_own, |driver| {
     }
 });
 
-/// Runs a client script; its last line of output must be `ok`.
+/// Runs a client script; the last line it prints must be `ok`.
 fn run_client(program: &str, args: &[&str]) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(program)
@@ -395,7 +395,7 @@ fn run_client(program: &str, args: &[&str]) {
         .unwrap_or_else(|e| panic!("{program}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.lines().last() == Some("ok"),
+        out.status.success() && stdout.lines().rfind(|l| !l.trim().is_empty()) == Some("ok"),
         "{program} {args:?}: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );

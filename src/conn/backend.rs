@@ -615,9 +615,9 @@ enum ToClient<'a> {
 impl ToClient<'_> {
     fn send(&mut self, shard: &Shard, opcode: Opcode, payload: &[u8]) {
         match self {
-            ToClient::Out(out) => out.push_frame(&shard.pool, opcode, payload),
+            ToClient::Out(out) => out.push_message(&shard.pool, opcode, payload, &shard.hub.sessions.compressor),
             ToClient::Deliver { shard, key } => {
-                let frame = crate::proto::native::frame(opcode, &[payload]);
+                let frame = shard.frame_for(*key, opcode, payload);
                 // Its queue is made on first use: an idle connection has none.
                 shard.open_pubsub(*key);
                 shard.hub.sessions.deliver_frame(*key, &frame, true);

@@ -188,6 +188,19 @@ impl Shard {
         }
     }
 
+    /// A whole message for session `key` alone: compressed where it agreed
+    /// to permessage-deflate and that is worth it.
+    pub fn frame_for(&self, key: SessionKey, opcode: crate::ws::Opcode, payload: &[u8]) -> bytes::Bytes {
+        let bits = self.sessions.borrow().get(key).map_or(0, |s| s.deflate_bits);
+        let compressor = &self.hub.sessions.compressor;
+        if bits != 0 && compressor.worth(payload.len(), bits) {
+            if let Some(frame) = compressor.frame(opcode, &[payload]) {
+                return frame;
+            }
+        }
+        crate::proto::native::frame(opcode, &[payload])
+    }
+
     /// Registers a session in the handshake phase.
     pub fn open_session(self: &Rc<Self>) -> Session {
         let now = self.now_ms();
@@ -690,7 +703,7 @@ impl Shard {
             SessionAction::Send(kind, body) => {
                 // Any open session takes it (an echo one too): its queue
                 // is made now.
-                let frame = crate::proto::native::frame(kind.opcode(), &[&body]);
+                let frame = self.frame_for(key, kind.opcode(), &body);
                 self.open_pubsub(key);
                 self.hub.sessions.deliver_frame(key, &frame, true);
             }
