@@ -199,8 +199,8 @@ pub struct Options {
     #[arg(long)]
     pub nats_buffer_bytes: Option<usize>,
     /// permessage-deflate (RFC 7692) for routes without their own `deflate`:
-    /// off, shared (no context takeover; one compressor per core, a publish
-    /// compressed once), or dedicated (context takeover) [default: shared].
+    /// off, or shared (no context takeover either way; one compressor and
+    /// inflater per core, a publish compressed once) [default: shared].
     #[arg(long, value_enum)]
     pub deflate: Option<DeflateMode>,
     /// Messages shorter than this go out uncompressed, even where
@@ -288,9 +288,6 @@ pub enum DeflateMode {
     /// No context takeover either way: no compression state per
     /// connection, and a publish is compressed once per core.
     Shared,
-    /// Context takeover, with a compressor and a decompressor per
-    /// connection.
-    Dedicated,
 }
 
 impl DeflateMode {
@@ -299,7 +296,6 @@ impl DeflateMode {
         match self {
             DeflateMode::Off => None,
             DeflateMode::Shared => Some(crate::ws::deflate::Mode::Shared),
-            DeflateMode::Dedicated => Some(crate::ws::deflate::Mode::Dedicated),
         }
     }
 }

@@ -170,7 +170,10 @@ both_drivers!(what_is_agreed_follows_the_offer_and_the_route, |driver| {
     let (mut raw, _) = open_with(server.addr, "/off", OFFER);
     raw.send_frame(0xC1, &deflated(b"hello"));
     assert_eq!(raw.expect_close(), Some(1002));
-    // Off for every route without its own word.
+    // Off for every route without its own word; context takeover is not
+    // offered by this server at all.
+    let (code, error) = start_error(&["--deflate", "dedicated"]);
+    assert_eq!(code, Some(2), "{error}");
     let server = Server::start(driver, &["--deflate", "off"]);
     let (_, head) = open_with(server.addr, "/echo", OFFER);
     assert!(!head.contains("Extensions"), "{head}");
@@ -255,10 +258,14 @@ both_drivers!(a_deflate_bomb_costs_the_message_limit_and_no_more, |driver| {
 });
 
 fn admin_publish(server: &Server, query: &str, body: &[u8]) {
+    admin_request(server, "POST", &format!("/publish?{query}"), body);
+}
+
+fn admin_request(server: &Server, method: &str, target: &str, body: &[u8]) {
     let mut s = TcpStream::connect(server.admin_addr()).unwrap();
     write!(
         s,
-        "POST /publish?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -313,10 +320,19 @@ both_drivers!(a_publish_reaches_every_kind_of_subscriber_compressed_once, |drive
         assert_eq!(f.rsv1, *kind != "plain", "{kind}");
         assert_eq!(message(&f), [&b"MSG t "[..], &body].concat());
     }
-    // A publisher may forbid compression (secrets beside attacker text).
+    // A publisher may forbid compression (secrets beside attacker text),
+    // and so may the admin API's send to one session.
     admin_publish(&server, "topic=t&compress=false", &json(1024));
     for (raw, _) in &mut subs {
         assert!(!raw.read_frame().unwrap().rsv1);
+    }
+    let (mut one, _) = open_with(server.addr, "/ws", OFFER);
+    let hello = String::from_utf8(message(&one.read_frame().unwrap())).unwrap();
+    let id = hello.trim_start_matches("HELLO ").to_string();
+    for (query, compressed) in [("", true), ("?compress=false", false)] {
+        admin_request(&server, "POST", &format!("/sessions/{id}/send{query}"), &json(1024));
+        let f = one.read_frame().unwrap();
+        assert_eq!((f.rsv1, message(&f)), (compressed, json(1024)), "{query}");
     }
     // A client's compressed publish reaches each as it takes messages.
     let (mut publisher, _) = open_with(server.addr, "/ws", OFFER);
@@ -441,3 +457,40 @@ fn chromium_round_trips_compressed_messages() {
         ],
     );
 }
+
+both_drivers!(echoes_of_inflated_messages_wait_for_the_socket, |driver| {
+    // Each compressed message here is 4 KiB and inflates to 4 MiB: a read
+    // of 64 KiB holds 16 of them. The echoes of one read are not all
+    // queued at once: past 64 KiB of replies the rest of the read waits,
+    // compressed, until they are written. A client that offers a window
+    // of 512 bytes gets them uncompressed, and does not read.
+    let server = Server::start(driver, &["--workers", "1"]);
+    let message = vec![b'x'; 4 << 20];
+    let packed = deflated(&message);
+    assert!(packed.len() < 8 << 10, "{}", packed.len());
+    let before = server.rss_anon_kib();
+    let small = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (mut raw, head) = open_with(server.addr, "/echo", small);
+        assert!(head.contains("server_max_window_bits=9"), "{head}");
+        let burst: Vec<u8> = (0..16).flat_map(|_| masked_frame(0xC2, &packed)).collect();
+        raw.send(&burst);
+        clients.push(raw);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    if !sanitized() {
+        // All queued at once, that would be 8 x 16 x 4 MiB = 512 MiB; one
+        // echo each (and the socket buffers) is about 40 MiB.
+        let grown = server.rss_anon_kib().saturating_sub(before);
+        assert!(grown < 120 * 1024, "grew {grown} KiB");
+    }
+    // Read, they all come.
+    for raw in &mut clients {
+        for _ in 0..16 {
+            let f = raw.read_frame().unwrap();
+            assert!(!f.rsv1);
+            assert_eq!(f.payload.len(), message.len());
+        }
+    }
+});

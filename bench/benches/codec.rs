@@ -2,7 +2,9 @@
 //! unmasking (fast vs scalar twin) and UTF-8 validation; and what one
 //! delivery costs to prepare per subscriber: a STOMP MESSAGE head against a
 //! native frame's shared reference; STOMP frame parsing, topic lookup, and
-//! a cross-core ring's push and pop between two threads.
+//! a cross-core ring's push and pop between two threads; permessage-deflate
+//! without context takeover: one message compressed (and the compressor
+//! started afresh, as every message is) and inflated, by size and level.
 //! Run: `cargo bench -p sluice-bench --bench codec`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -188,8 +190,70 @@ fn mesh_bench(c: &mut Criterion) {
     });
 }
 
+/// JSON-like text: records of ids, prices, quantities and sides.
+fn json_like(len: usize) -> Vec<u8> {
+    let mut out = b"{\"items\":[".to_vec();
+    let mut i = 0u64;
+    while out.len() < len {
+        i += 1;
+        let record = format!(
+            "{{\"id\":{},\"price\":{}.{:02},\"qty\":{},\"side\":\"{}\"}},",
+            i.wrapping_mul(7_919) % 1_000_000,
+            i.wrapping_mul(31) % 1000,
+            i.wrapping_mul(17) % 100,
+            i.wrapping_mul(13) % 500,
+            ["buy", "sell"][(i.wrapping_mul(5) % 3 % 2) as usize]
+        );
+        out.extend_from_slice(record.as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn deflate_bench(c: &mut Criterion) {
+    use sluice::ws::deflate::{Deflater, Inflater};
+    let mut group = c.benchmark_group("deflate");
+    for len in [0usize, 64, 256, 1024, 4096] {
+        let message = json_like(len);
+        group.throughput(Throughput::Bytes(len as u64));
+        for level in [1u32, 6] {
+            let mut deflater = Deflater::new(level, 15);
+            let mut out = Vec::with_capacity(len + 64);
+            group.bench_with_input(
+                BenchmarkId::new(format!("compress_level{level}"), len),
+                &message,
+                |b, m| {
+                    b.iter(|| {
+                        out.clear();
+                        deflater.compress(black_box(m), &mut out, false);
+                        out.len()
+                    })
+                },
+            );
+            let mut packed = Vec::new();
+            Deflater::new(level, 15).compress(&message, &mut packed, false);
+            eprintln!("deflate: {len} B at level {level}: {} B", packed.len());
+            let mut inflater = Inflater::default();
+            let mut plain = Vec::with_capacity(len + 64);
+            group.bench_with_input(
+                BenchmarkId::new(format!("inflate_level{level}"), len),
+                &packed,
+                |b, p| {
+                    b.iter(|| {
+                        plain.clear();
+                        inflater.inflate(black_box(p), &mut plain, 1 << 20, false).unwrap();
+                        plain.len()
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    deflate_bench,
     handshake_bench,
     header_bench,
     mask_bench,

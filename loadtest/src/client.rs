@@ -21,6 +21,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use sluice::sys::socket::{set_int_option, Socket};
+use sluice::ws::deflate::{Deflater, Inflater};
 use sluice::ws::{handshake, Event, Limits, MessageReader, Role, Step};
 
 /// Where to connect: `ws://host:port/path`, or `wss://` with the TLS
@@ -33,6 +34,9 @@ pub struct Target {
     /// `wss://`: settings, once `with_ca` gave them.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     secure: bool,
+    /// Offer permessage-deflate without context takeover (RFC 7692), and
+    /// fail a connection whose server declines it.
+    pub deflate: bool,
 }
 
 impl Target {
@@ -59,6 +63,7 @@ impl Target {
             path: path.to_string(),
             tls: None,
             secure,
+            deflate: false,
         })
     }
 
@@ -171,6 +176,35 @@ fn stalled() -> io::Error {
     )
 }
 
+const READER_LIMITS: Limits = Limits {
+    max_frame_bytes: 1 << 30,
+    max_message_bytes: 1 << 30,
+};
+
+/// What `--deflate` offers: what sluice's `shared` mode agrees to.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n";
+
+/// Of a compressed message, only this much is inflated: the harness reads
+/// its stamps at the start, and inflating all of every message would make
+/// the client, not the server, the limit.
+const INFLATED_PREFIX_BYTES: usize = 256;
+
+thread_local! {
+    /// The thread's compressor (no context takeover: every message stands
+    /// alone, so one serves every connection).
+    static DEFLATER: std::cell::RefCell<Option<Deflater>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Appends `payload` compressed (RFC 7692 7.2.1) to `out`.
+pub fn compress(payload: &[u8], out: &mut Vec<u8>) {
+    DEFLATER.with_borrow_mut(|deflater| {
+        deflater
+            .get_or_insert_with(|| Deflater::new(6, 15))
+            .compress(payload, out, false)
+    });
+}
+
 /// Read buffer growth step, and the most a single read takes.
 const READ_BYTES: usize = 64 * 1024;
 
@@ -189,6 +223,8 @@ pub struct Client {
     stalled_since: Option<Instant>,
     /// The close frame the server sent, if it did (code, reason).
     server_close: Option<String>,
+    /// Compressed messages are inflated by this (`--deflate`).
+    inflater: Option<Box<Inflater>>,
 }
 
 /// A small xorshift generator: masking keys and handshake nonces need to be
@@ -279,18 +315,13 @@ impl Client {
         let mut client = Client {
             stream,
             tls,
-            reader: MessageReader::new(
-                Role::Client,
-                Limits {
-                    max_frame_bytes: 1 << 30,
-                    max_message_bytes: 1 << 30,
-                },
-            ),
+            reader: MessageReader::new(Role::Client, READER_LIMITS),
             inbox: Vec::new(),
             outbox: Vec::new(),
             outbox_sent: 0,
             stalled_since: None,
             server_close: None,
+            inflater: None,
         };
         client.handshake(target, rng).await?;
         Ok(client)
@@ -301,8 +332,9 @@ impl Client {
         nonce[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
         nonce[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
         let key = BASE64.encode(nonce);
+        let offer = if target.deflate { DEFLATE_OFFER } else { "" };
         let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             target.path, target.host
         );
         self.outbox.extend_from_slice(request.as_bytes());
@@ -344,6 +376,22 @@ impl Client {
                     failure: Failure::Non101,
                     detail: "wrong Sec-WebSocket-Accept".into(),
                 });
+            }
+            if target.deflate {
+                let agreed = response.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("sec-websocket-extensions")
+                        && h.value.starts_with(b"permessage-deflate")
+                        && std::str::from_utf8(h.value).is_ok_and(|v| v.contains("server_no_context_takeover"))
+                });
+                if !agreed {
+                    return Err(ConnectError {
+                        failure: Failure::Non101,
+                        detail: "the server declined permessage-deflate without context takeover".into(),
+                    });
+                }
+                let reader = std::mem::replace(&mut self.reader, MessageReader::new(Role::Client, READER_LIMITS));
+                self.reader = reader.with_deflate(false);
+                self.inflater = Some(Box::new(Inflater::prefix_only(INFLATED_PREFIX_BYTES)));
             }
             // Frames may already follow the response.
             self.inbox.drain(..head_len);
@@ -629,7 +677,11 @@ impl Client {
         let mut pos = 0;
         let mut replies: Vec<(sluice::ws::Opcode, Vec<u8>)> = Vec::new();
         loop {
-            match self.reader.read(&mut self.inbox[pos..]) {
+            let step = match self.inflater.as_deref_mut() {
+                Some(inflater) => self.reader.read_inflating(&mut self.inbox[pos..], inflater),
+                None => self.reader.read(&mut self.inbox[pos..]),
+            };
+            match step {
                 Ok(Step::Need { .. }) => break,
                 Ok(Step::Fragment(n)) => pos += n,
                 Ok(Step::Event(event, n)) => {

@@ -228,6 +228,17 @@ struct CommonArgs {
     /// Exit non-zero when failures + errors + losses exceed this.
     #[arg(long, default_value_t = 0)]
     max_errors: u64,
+    /// Offer permessage-deflate without context takeover (RFC 7692) and
+    /// send every message compressed; a server that declines fails the
+    /// connection. Of what comes back compressed, only the first 256
+    /// bytes are inflated (where the stamps are).
+    #[arg(long)]
+    deflate: bool,
+    /// Payloads are JSON-like text (records of ids, prices and words, as
+    /// market data is) instead of one byte repeated, so compression meets
+    /// what real traffic gives it.
+    #[arg(long)]
+    json_payload: bool,
 }
 
 #[derive(Args)]
@@ -322,7 +333,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     if args.threads == 0 || args.threads > 256 {
         return Err("--threads must be 1..=256".into());
     }
-    let target = Target::parse(&args.url)?.with_ca(args.ca.as_deref())?;
+    let mut target = Target::parse(&args.url)?.with_ca(args.ca.as_deref())?;
+    target.deflate = args.deflate;
     let sources = args
         .source
         .as_deref()
@@ -342,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         epoch: Instant::now(),
         epoch_realtime_ns: realtime_ns(),
         live: live.clone(),
+        json: args.json_payload,
     });
     let mut params = std::collections::BTreeMap::new();
     let mut fanout_plan = None;

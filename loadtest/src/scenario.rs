@@ -35,6 +35,47 @@ pub struct Common {
     /// kernel's receive stamps use.
     pub epoch_realtime_ns: u64,
     pub live: Arc<Live>,
+    /// Payloads are JSON-like text (`json_like`).
+    pub json: bool,
+}
+
+/// `len` bytes of JSON-like text: an array of records of ids, prices,
+/// quantities and sides, the same for every call (as compressible as a
+/// market-data feed: about 3x by deflate at 1 KiB).
+pub fn json_like(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    out.extend_from_slice(b"{\"items\":[");
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let side = ["buy", "sell"][(x & 1) as usize];
+        let record = format!(
+            "{{\"id\":{},\"price\":{}.{:02},\"qty\":{},\"side\":\"{side}\"}},",
+            (x >> 8) % 1_000_000,
+            (x >> 28) % 1000,
+            (x >> 40) % 100,
+            (x >> 48) % 500
+        );
+        out.extend_from_slice(record.as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A masked client frame of `payload` appended to `out`: compressed, RSV1
+/// set (RFC 7692 6), when the run offers permessage-deflate.
+fn push_message(out: &mut Vec<u8>, opcode: Opcode, key: [u8; 4], payload: &[u8], deflate: bool) {
+    if !deflate {
+        encode_frame(out, true, opcode, Some(key), payload);
+        return;
+    }
+    let mut packed = Vec::with_capacity(payload.len() / 2 + 16);
+    crate::client::compress(payload, &mut packed);
+    let at = out.len();
+    encode_frame(out, true, opcode, Some(key), &packed);
+    out[at] |= 0x40;
 }
 
 /// Part `index` of `0..total` cut into `parts` near-equal ranges.
@@ -324,7 +365,7 @@ pub async fn echo(common: Arc<Common>, plan: Arc<EchoPlan>, index: usize) -> Thr
             let mut result = ThreadResult::default();
             let mut rng = Rng::new(conn as u64);
             let client = common.connect_at(&gate, conn, &mut rng, &mut result).await;
-            (client.map(|c| Echoer::new(&plan, c, &mut rng)), result)
+            (client.map(|c| Echoer::new(&common, &plan, c, &mut rng)), result)
         }
     })
     .await;
@@ -397,8 +438,14 @@ struct Echoer {
 }
 
 impl Echoer {
-    fn new(plan: &EchoPlan, client: Client, rng: &mut Rng) -> Echoer {
-        let (frame, key) = masked(Opcode::Binary, &vec![0x5a; plan.size], rng);
+    fn new(common: &Common, plan: &EchoPlan, client: Client, rng: &mut Rng) -> Echoer {
+        let (payload, opcode) = match common.json {
+            true => (json_like(plan.size), Opcode::Text),
+            false => (vec![0x5a; plan.size], Opcode::Binary),
+        };
+        let key = (rng.next_u64() as u32).to_le_bytes();
+        let mut frame = Vec::with_capacity(plan.size + MAX_HEADER_BYTES);
+        push_message(&mut frame, opcode, key, &payload, common.target.deflate);
         Echoer {
             client,
             key,
@@ -735,6 +782,8 @@ impl ReadySet {
 struct Sender {
     client: Client,
     frame: Vec<u8>,
+    /// With `--deflate`: the payload, compressed afresh for each message.
+    plain: Option<Vec<u8>>,
     key: [u8; 4],
     /// Where the 8-byte send time sits in `frame`.
     stamp_at: usize,
@@ -748,13 +797,16 @@ struct Sender {
 impl Sender {
     fn new(common: &Common, plan: &LatencyPlan, conn: usize, client: Client, rng: &mut Rng) -> Sender {
         let size = plan.size.max(8);
-        let (frame, key) = masked(Opcode::Binary, &vec![0u8; size], rng);
+        let mut plain = if common.json { json_like(size) } else { vec![0u8; size] };
+        plain[..8].fill(0);
+        let (frame, key) = masked(Opcode::Binary, &plain, rng);
         let interval = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
         // Spread the connections' schedules evenly over one interval.
         let next = Instant::now().max(common.epoch) + interval.mul_f64(conn as f64 / plan.connections as f64);
         Sender {
             client,
             frame,
+            plain: common.target.deflate.then_some(plain),
             key,
             stamp_at: header_len(size),
             interval,
@@ -775,11 +827,18 @@ impl Sender {
                 Live::add(&common.live.sent, 1);
             }
             let out = self.client.outbox();
-            let at = out.len();
-            out.extend_from_slice(&self.frame);
-            let mut stamp = (self.next.duration_since(common.epoch).as_nanos() as u64).to_le_bytes();
-            mask::apply(&mut stamp, self.key, 0);
-            out[at + self.stamp_at..at + self.stamp_at + 8].copy_from_slice(&stamp);
+            let stamp = (self.next.duration_since(common.epoch).as_nanos() as u64).to_le_bytes();
+            if let Some(plain) = &mut self.plain {
+                // Compressed: each message afresh, its stamp inside.
+                plain[..8].copy_from_slice(&stamp);
+                push_message(out, Opcode::Binary, self.key, plain, true);
+            } else {
+                let at = out.len();
+                out.extend_from_slice(&self.frame);
+                let mut stamp = stamp;
+                mask::apply(&mut stamp, self.key, 0);
+                out[at + self.stamp_at..at + self.stamp_at + 8].copy_from_slice(&stamp);
+            }
             self.next += self.interval;
             due += 1;
         }
@@ -1093,6 +1152,11 @@ fn drive_fanout(
     let mut ready = Vec::new();
     let mut failed = vec![false; members.len()];
     let mut payload = Vec::with_capacity(plan.size + 64);
+    let filler = if common.json {
+        json_like(plan.size)
+    } else {
+        vec![b'.'; plan.size]
+    };
     loop {
         let now = Instant::now();
         if now >= until || live.stop.load(Ordering::Relaxed) {
@@ -1121,11 +1185,10 @@ fn drive_fanout(
                 payload.extend_from_slice(prefix.as_bytes());
                 let sent_ns = next.duration_since(common.epoch).as_nanos();
                 payload.extend_from_slice(format!("#L{publisher}:{seq}:{sent_ns}#").as_bytes());
-                while payload.len() < prefix.len() + plan.size {
-                    payload.push(b'.');
-                }
+                let short = (prefix.len() + plan.size).saturating_sub(payload.len());
+                payload.extend_from_slice(&filler[..short]);
                 payload.extend_from_slice(plan.speech.publish_suffix.as_bytes());
-                encode_frame(client.outbox(), true, Opcode::Text, Some(*key), &payload);
+                push_message(client.outbox(), Opcode::Text, *key, &payload, common.target.deflate);
                 if sent_ns as u64 >= measure_ns {
                     record_lag_us(now.duration_since(*next).as_micros() as u64);
                 }
@@ -1263,6 +1326,20 @@ mod tests {
     }
 
     #[test]
+    fn json_like_payloads_are_the_size_asked_and_compress_like_json() {
+        for len in [0, 1, 100, 1024, 4096] {
+            assert_eq!(json_like(len).len(), len);
+        }
+        let text = json_like(1024);
+        assert!(text.starts_with(b"{\"items\":[{\"id\":"));
+        let mut out = Vec::new();
+        push_message(&mut out, Opcode::Text, [1, 2, 3, 4], &text, true);
+        // RSV1 set, masked, and about 3x smaller.
+        assert_eq!(out[0], 0xC1);
+        assert!(out.len() < 1024 / 2 && out.len() > 1024 / 5, "{}", out.len());
+    }
+
+    #[test]
     fn shares_cover_every_connection_once() {
         let common = Common {
             target: Target::parse("ws://127.0.0.1:1/").unwrap(),
@@ -1273,6 +1350,7 @@ mod tests {
             epoch: Instant::now(),
             epoch_realtime_ns: 0,
             live: Arc::default(),
+            json: false,
         };
         let mut all: Vec<usize> = (0..3).flat_map(|i| common.share(i, 10)).collect();
         all.sort();

@@ -484,7 +484,17 @@ async fn send(id: &str, request: &Request, body: &[u8], shard: &Rc<Shard>) -> Re
         std::str::from_utf8(body).map_err(|_| (400, "a text message must be UTF-8".to_string()))?;
         MessageKind::Text
     };
-    act(id, SessionAction::Send(kind, Bytes::copy_from_slice(body)), shard).await
+    let compress = match http::query_value(&request.query, "compress") {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err((400, "compress is true or false".to_string())),
+    };
+    act(
+        id,
+        SessionAction::Send(kind, Bytes::copy_from_slice(body), compress),
+        shard,
+    )
+    .await
 }
 
 /// `DELETE /sessions/{id}?code=&reason=`: closes the session.

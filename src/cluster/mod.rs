@@ -723,8 +723,11 @@ impl State {
         let deadline = now_us() / 1000 + REQUEST_WAIT.as_millis() as u64;
         headers.insert(subject::DEADLINE, deadline.to_string().as_str());
         let payload = match &request.action {
-            SessionAction::Send(kind, body) => {
+            SessionAction::Send(kind, body, compress) => {
                 headers.insert(subject::ACTION, "send");
+                if !compress {
+                    headers.insert(subject::COMPRESS, "no");
+                }
                 headers.insert(
                     subject::KIND,
                     if *kind == MessageKind::Text { "text" } else { "binary" },
@@ -794,6 +797,7 @@ impl State {
             header(subject::ACTION),
             header(subject::KIND),
             header(subject::CODE),
+            header(subject::COMPRESS) != Some("no"),
             &message.payload,
         );
         let (Some((core, key)), Some(action)) = (target, action) else {
@@ -828,6 +832,7 @@ impl State {
         action: Option<&str>,
         kind: Option<&str>,
         code: Option<&str>,
+        compress: bool,
         payload: &Bytes,
     ) -> Option<SessionAction> {
         match action? {
@@ -840,7 +845,7 @@ impl State {
                     None => MessageKind::Binary,
                     _ => return None,
                 };
-                (payload.len() <= self.max_message_bytes).then(|| SessionAction::Send(kind, payload.clone()))
+                (payload.len() <= self.max_message_bytes).then(|| SessionAction::Send(kind, payload.clone(), compress))
             }
             "close" => {
                 let code: u16 = code?.parse().ok()?;

@@ -12,6 +12,12 @@ use super::Flow;
 use crate::config::RateLimit;
 use crate::ws::{CloseCode, Event, MessageReader, Opcode, Step, Violation};
 
+/// Replies queued past which a read's remaining frames wait until they
+/// are written. Plain frames never get there: a reply is no longer than
+/// what it answers, and a read takes at most this much. Compressed ones
+/// may (a 16 KiB message can inflate to 16 MiB and be echoed as that).
+const OUTPUT_PAUSE_BYTES: usize = super::SCRATCH_BYTES;
+
 /// Runs every complete frame in `data` through the reader and the app.
 /// Returns the bytes used (the rest is a partial frame), what to do next, and
 /// the whole size of the partial frame when its header is complete.
@@ -80,6 +86,11 @@ pub(super) fn process(
                         app.on_message(kind, payload, out, pool, session);
                         if let Some(code) = app.take_close(session) {
                             break Flow::AppClosed(code);
+                        }
+                        if out.unsent() >= OUTPUT_PAUSE_BYTES {
+                            // Replies (echoes of inflated messages) outgrew
+                            // the read: written before the rest is taken.
+                            break Flow::Paused;
                         }
                         if app.is_pubsub() && session.is_blocked() {
                             // A cross-core ring is full: stop here; the rest

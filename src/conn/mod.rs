@@ -227,6 +227,10 @@ impl<F: Future<Output = io::Result<()>>, W: Waiter> Future for ReadyOrKick<F, W>
 /// What processing a batch of input decided.
 pub(super) enum Flow {
     Continue,
+    /// The replies of the frames taken so far reached `OUTPUT_PAUSE_BYTES`
+    /// (compressed messages inflate to more than they took to read): the
+    /// rest of the read waits in `carry` until they are written.
+    Paused,
     /// The peer sent a close frame (with this code); ours is queued in reply.
     PeerClosed(Option<CloseCode>),
     /// The peer broke a rule; our close is queued.
@@ -572,8 +576,9 @@ impl<'a> Conn<'a> {
             Flow::Continue
         };
         loop {
+            let paused = matches!(flow, Flow::Paused);
             match flow {
-                Flow::Continue => {}
+                Flow::Continue | Flow::Paused => {}
                 Flow::PeerClosed(code) => {
                     // RFC 6455 7.1.1: the server closes the TCP connection first,
                     // once its close frame is out.
@@ -658,6 +663,11 @@ impl<'a> Conn<'a> {
                 return End::Closed(None);
             }
             if !self.kicks.is_empty() {
+                continue;
+            }
+            if paused {
+                // The replies that paused it are out: on with the read.
+                flow = self.process_carry(&mut reader, &mut app);
                 continue;
             }
             if self.session.is_blocked() {
@@ -885,7 +895,7 @@ impl<'a> Conn<'a> {
                 _ => return None,
             }
             match self.read_and_process(reader, &mut closing) {
-                Ok(None) | Ok(Some(Flow::Continue)) => continue,
+                Ok(None) | Ok(Some(Flow::Continue | Flow::Paused)) => continue,
                 Ok(Some(Flow::PeerClosed(peer_code))) => return Some(peer_code),
                 Ok(Some(Flow::Failed(_))) | Ok(Some(Flow::AppClosed(_))) | Err(_) => return None,
             }

@@ -700,10 +700,13 @@ impl Shard {
             }
         };
         match action {
-            SessionAction::Send(kind, body) => {
+            SessionAction::Send(kind, body, compress) => {
                 // Any open session takes it (an echo one too): its queue
                 // is made now.
-                let frame = self.frame_for(key, kind.opcode(), &body);
+                let frame = match compress {
+                    true => self.frame_for(key, kind.opcode(), &body),
+                    false => crate::proto::native::frame(kind.opcode(), &[&body]),
+                };
                 self.open_pubsub(key);
                 self.hub.sessions.deliver_frame(key, &frame, true);
             }

@@ -78,8 +78,9 @@ pub struct RemoteRequest {
 
 #[derive(Debug, Clone)]
 pub enum SessionAction {
-    /// Send this message to the session (encoded on its core).
-    Send(crate::ws::MessageKind, Bytes),
+    /// Send this message to the session (encoded on its core); `false`:
+    /// never compressed (see `Message::compress`).
+    Send(crate::ws::MessageKind, Bytes, bool),
     /// Close the session with this code and reason.
     Close(u16, Bytes),
     /// Say what the session is: a JSON object (`admin`'s `GET

@@ -392,9 +392,12 @@ impl<'m> Fanout<'m> {
             .stomp_deflated
             .get_or_init(|| {
                 let mut packed = Vec::new();
+                // Copied to its size: the buffer it was made in has room
+                // for the uncompressed rest, and a queued delivery would
+                // hold all of it while counting only the compressed bytes.
                 d.compressor
                     .compress(&[&shared.rest], &mut packed)
-                    .then(|| Bytes::from(packed))
+                    .then(|| Bytes::copy_from_slice(&packed))
             })
             .clone()?;
         let mut heads = self.deflated_heads.borrow_mut();

@@ -306,17 +306,32 @@ pub enum InflateError {
 /// largest the client may use.
 pub struct Inflater {
     inner: Decompress,
+    /// Inflate only this much of each message (`prefix_only`).
+    prefix: Option<usize>,
 }
 
 impl Default for Inflater {
     fn default() -> Inflater {
         Inflater {
             inner: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            prefix: None,
         }
     }
 }
 
 impl Inflater {
+    /// An inflater that stops after the first `bytes` of each message and
+    /// returns them as if they were all of it: for a load generator that
+    /// reads only a stamp at the start of each message it counts, and
+    /// must not spend a server's worth of CPU inflating the rest. Only
+    /// without context takeover.
+    pub fn prefix_only(bytes: usize) -> Inflater {
+        Inflater {
+            prefix: Some(bytes),
+            ..Inflater::default()
+        }
+    }
+
     /// Appends the message `input` inflates to to `out`. The size is
     /// checked as it grows: once `out` holds more than `limit` bytes it
     /// stops with `TooBig`, so no input makes it allocate more than
@@ -330,7 +345,19 @@ impl Inflater {
         limit: usize,
         takeover: bool,
     ) -> Result<(), InflateError> {
-        let result = self.inflate_parts(input, out, limit);
+        let result = match self.prefix {
+            Some(prefix) => self
+                .inflate_parts(input, out, prefix.min(limit))
+                .map(|_| true)
+                .or_else(|e| match e {
+                    InflateError::TooBig => {
+                        out.truncate(prefix.min(limit));
+                        Ok(true)
+                    }
+                    e => Err(e),
+                }),
+            None => self.inflate_parts(input, out, limit),
+        };
         if !takeover || result != Ok(false) {
             self.inner.reset(false);
         }
@@ -363,6 +390,11 @@ impl Inflater {
                     return Err(InflateError::TooBig);
                 }
                 match status {
+                    // RFC 1951: nothing follows a final block (but the
+                    // four octets we put back, 7.2.2).
+                    Status::StreamEnd if taken < part.len() && part.len() != TAIL.len() => {
+                        return Err(InflateError::Corrupt)
+                    }
                     Status::StreamEnd => return Ok(true),
                     _ if taken == part.len() && out.len() < out.capacity() => break,
                     // Neither input taken nor output made, with room for

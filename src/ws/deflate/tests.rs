@@ -195,6 +195,22 @@ fn a_deflate_bomb_costs_the_limit_and_no_more() {
 }
 
 #[test]
+fn nothing_may_follow_a_final_block() {
+    let mut inf = Inflater::default();
+    // 7.2.3.4's final block, then bytes: refused, and the next is fine.
+    let last = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    for trailer in [&[0x00][..], &[1, 2, 3], &last] {
+        let input = [&last[..], trailer].concat();
+        assert_eq!(
+            inflate(&mut inf, &input, false),
+            Err(InflateError::Corrupt),
+            "{trailer:?}"
+        );
+    }
+    assert_eq!(inflate(&mut inf, &last, false).unwrap(), b"Hello");
+}
+
+#[test]
 fn garbage_is_corrupt_not_a_panic() {
     let mut inf = Inflater::default();
     // Block type 3 is reserved (RFC 1951 3.2.3).
@@ -251,4 +267,24 @@ proptest! {
     fn arbitrary_headers_never_panic(lines in proptest::collection::vec(".{0,80}", 0..4)) {
         let _ = negotiate(lines.iter().map(|l| l.as_bytes()), Mode::Shared);
     }
+}
+
+#[test]
+fn a_prefix_only_inflater_returns_the_start_of_each_message() {
+    let body: Vec<u8> = (0..10_000u32)
+        .map(|i| b"{\"id\":1,\"x\":\"yz\"},"[(i % 18) as usize])
+        .collect();
+    let mut packed = Vec::new();
+    Deflater::new(6, 15).compress(&body, &mut packed, false);
+    let mut inf = Inflater::prefix_only(256);
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        assert_eq!(inf.inflate(&packed, &mut out, 1 << 20, false), Ok(()));
+        assert_eq!(out, &body[..256]);
+    }
+    // A message shorter than the prefix comes whole.
+    let mut out = Vec::new();
+    inf.inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], &mut out, 1 << 20, false)
+        .unwrap();
+    assert_eq!(out, b"Hello");
 }
