@@ -33,7 +33,8 @@ fi
 cargo build --release -q --bin sluice
 mkdir -p "$OUT"
 [[ -f /usr/include/openssl/ssl.h ]] || { echo "echo_check needs OpenSSL's headers: apt-get install libssl-dev" >&2; exit 2; }
-cc -O2 -Wall -o "$OUT/echo_check" bench/echo_check.c -lssl -lcrypto
+[[ -f /usr/include/zlib.h ]] || { echo "echo_check needs zlib's headers: apt-get install zlib1g-dev" >&2; exit 2; }
+cc -O2 -Wall -o "$OUT/echo_check" bench/echo_check.c -lssl -lcrypto -lz
 # As many descriptors as the shapes need, where the hard limit allows.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 : >"$OUT/runs.txt"

@@ -19,10 +19,18 @@
  * not checked): each write is one SSL_write, so one frame per write is
  * one record per frame, as a browser sends them.
  *
+ * ECHO_CHECK_JSON=1: payloads are JSON-like text (records of ids, prices,
+ * quantities and sides) in text frames, instead of 'x' repeated in binary
+ * ones. ECHO_CHECK_DEFLATE=1 (echo and burst modes): offers
+ * permessage-deflate without context takeover (RFC 7692), fails unless
+ * the server agrees, and sends every message compressed by zlib (level
+ * 6, compressed once, as the payload is the same every time); replies are
+ * counted whether compressed or not.
+ *
  * One second of warm-up, then SECONDS measured. Prints one JSON object:
  * messages per second, latency percentiles (rate mode) and, with
  * SERVER_PID, the server's CPU seconds per second of the window.
- * Build: cc -O2 -o echo_check bench/echo_check.c -lssl -lcrypto */
+ * Build: cc -O2 -o echo_check bench/echo_check.c -lssl -lcrypto -lz */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -39,6 +47,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define READ_CAP (256 * 1024)
 
@@ -50,6 +59,48 @@ struct conn {
 };
 
 static SSL_CTX *tls_ctx; /* set for tls:HOST */
+static int json_payload, deflate_payload; /* ECHO_CHECK_JSON, ECHO_CHECK_DEFLATE */
+static void die(const char *what);
+
+/* The payload of every message: `size` bytes of JSON-like text, or 'x'. */
+static void fill_payload(unsigned char *p, size_t size) {
+    if (!json_payload) {
+        memset(p, 'x', size);
+        return;
+    }
+    char rec[128];
+    size_t at = 0;
+    uint64_t x = 0x2545F4914F6CDD1Dull;
+    at += (size_t)snprintf((char *)p, size + 1 > 11 ? 11 : size + 1, "{\"items\":[");
+    while (at < size) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        int n = snprintf(rec, sizeof rec, "{\"id\":%llu,\"price\":%llu.%02llu,\"qty\":%llu,\"side\":\"%s\"},",
+                         (unsigned long long)((x >> 8) % 1000000), (unsigned long long)((x >> 28) % 1000),
+                         (unsigned long long)((x >> 40) % 100), (unsigned long long)((x >> 48) % 500),
+                         (x & 1) ? "sell" : "buy");
+        size_t take = (size_t)n < size - at ? (size_t)n : size - at;
+        memcpy(p + at, rec, take);
+        at += take;
+    }
+}
+
+/* `in` compressed as one permessage-deflate message (raw deflate, sync
+ * flush, the final 00 00 ff ff taken off: RFC 7692 7.2.1); its length. */
+static size_t deflate_message(const unsigned char *in, size_t n, unsigned char *out, size_t cap) {
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (deflateInit2(&z, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK) die("deflateInit2");
+    z.next_in = (unsigned char *)in;
+    z.avail_in = (uInt)n;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    if (deflate(&z, Z_SYNC_FLUSH) != Z_OK || z.avail_in != 0 || z.avail_out == 0) die("deflate");
+    size_t len = cap - z.avail_out;
+    deflateEnd(&z);
+    return len - 4;
+}
 
 static uint64_t now_ns(void) {
     struct timespec t;
@@ -141,23 +192,31 @@ static size_t encode_frame(unsigned char *frame, size_t size, uint64_t stamp) {
     static unsigned char template[16 + 65536];
     static size_t template_size = (size_t)-1, template_len;
     if (template_size != size) {
+        static unsigned char plain[65536], packed[65536 + 1024];
+        fill_payload(plain, size);
+        const unsigned char *payload = plain;
+        size_t len = size;
+        if (deflate_payload) {
+            len = deflate_message(plain, size, packed, sizeof packed);
+            payload = packed;
+        }
         size_t h = 0;
-        template[h++] = 0x82;
-        if (size < 126) {
-            template[h++] = 0x80 | (unsigned char)size;
+        template[h++] = (json_payload ? 0x81 : 0x82) | (deflate_payload ? 0x40 : 0);
+        if (len < 126) {
+            template[h++] = 0x80 | (unsigned char)len;
         } else {
             template[h++] = 0x80 | 126;
-            template[h++] = (unsigned char)(size >> 8);
-            template[h++] = (unsigned char)size;
+            template[h++] = (unsigned char)(len >> 8);
+            template[h++] = (unsigned char)len;
         }
         memcpy(template + h, mask, 4);
         h += 4;
-        for (size_t i = 0; i < size; i++) template[h + i] = 'x' ^ mask[i & 3];
+        for (size_t i = 0; i < len; i++) template[h + i] = payload[i] ^ mask[i & 3];
         template_size = size;
-        template_len = h + size;
+        template_len = h + len;
     }
     memcpy(frame, template, template_len);
-    if (size >= 8) {
+    if (size >= 8 && !deflate_payload) { /* a compressed payload has no stamp */
         unsigned char *payload = frame + template_len - size;
         for (size_t i = 0; i < 8; i++) payload[i] = ((unsigned char *)&stamp)[i] ^ mask[i & 3];
     }
@@ -192,8 +251,11 @@ static void open_conn(struct conn *c, const char *host, int port, const char *pa
     char req[512];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path, host, port);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     path, host, port,
+                     deflate_payload ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                                       "server_no_context_takeover; client_no_context_takeover\r\n"
+                                     : "");
     write_all(c, (unsigned char *)req, (size_t)n);
     /* read the 101 head byte by byte, so no frame is taken with it */
     char head[4096];
@@ -207,6 +269,10 @@ static void open_conn(struct conn *c, const char *host, int port, const char *pa
     head[got] = 0;
     if (strncmp(head, "HTTP/1.1 101", 12) != 0) {
         fprintf(stderr, "handshake refused: %s\n", head);
+        exit(1);
+    }
+    if (deflate_payload && !strstr(head, "permessage-deflate")) {
+        fprintf(stderr, "permessage-deflate declined: %s\n", head);
         exit(1);
     }
     /* From here reads never block (OpenSSL then answers WANT_READ). */
@@ -237,6 +303,12 @@ int main(int argc, char **argv) {
     size_t size = (size_t)atol(argv[7]);
     double seconds = atof(argv[8]);
     int server_pid = argc > 9 ? atoi(argv[9]) : 0;
+    json_payload = getenv("ECHO_CHECK_JSON") && atoi(getenv("ECHO_CHECK_JSON"));
+    deflate_payload = getenv("ECHO_CHECK_DEFLATE") && atoi(getenv("ECHO_CHECK_DEFLATE"));
+    if (deflate_payload && rate_mode) {
+        fprintf(stderr, "ECHO_CHECK_DEFLATE is for echo and burst modes\n");
+        return 2;
+    }
     if (!rate_mode && !burst_mode && strcmp(argv[4], "echo") != 0) {
         fprintf(stderr, "mode must be echo, burst or rate\n");
         return 2;

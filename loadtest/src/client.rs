@@ -191,9 +191,11 @@ const DEFLATE_OFFER: &str =
 const INFLATED_PREFIX_BYTES: usize = 256;
 
 thread_local! {
-    /// The thread's compressor (no context takeover: every message stands
-    /// alone, so one serves every connection).
+    /// The thread's compressor and inflater (no context takeover: every
+    /// message stands alone, so one serves every connection).
     static DEFLATER: std::cell::RefCell<Option<Deflater>> = const { std::cell::RefCell::new(None) };
+    static INFLATER: std::rc::Rc<std::cell::RefCell<Inflater>> =
+        std::rc::Rc::new(std::cell::RefCell::new(Inflater::prefix_only(INFLATED_PREFIX_BYTES)));
 }
 
 /// Appends `payload` compressed (RFC 7692 7.2.1) to `out`.
@@ -223,8 +225,9 @@ pub struct Client {
     stalled_since: Option<Instant>,
     /// The close frame the server sent, if it did (code, reason).
     server_close: Option<String>,
-    /// Compressed messages are inflated by this (`--deflate`).
-    inflater: Option<Box<Inflater>>,
+    /// Compressed messages are inflated by this (`--deflate`): the
+    /// thread's one, which stays in cache from one message to the next.
+    inflater: Option<std::rc::Rc<std::cell::RefCell<Inflater>>>,
 }
 
 /// A small xorshift generator: masking keys and handshake nonces need to be
@@ -391,7 +394,7 @@ impl Client {
                 }
                 let reader = std::mem::replace(&mut self.reader, MessageReader::new(Role::Client, READER_LIMITS));
                 self.reader = reader.with_deflate(false);
-                self.inflater = Some(Box::new(Inflater::prefix_only(INFLATED_PREFIX_BYTES)));
+                self.inflater = Some(INFLATER.with(|i| i.clone()));
             }
             // Frames may already follow the response.
             self.inbox.drain(..head_len);
@@ -677,7 +680,8 @@ impl Client {
         let mut pos = 0;
         let mut replies: Vec<(sluice::ws::Opcode, Vec<u8>)> = Vec::new();
         loop {
-            let step = match self.inflater.as_deref_mut() {
+            let mut inflater = self.inflater.as_ref().map(|i| i.borrow_mut());
+            let step = match inflater.as_deref_mut() {
                 Some(inflater) => self.reader.read_inflating(&mut self.inbox[pos..], inflater),
                 None => self.reader.read(&mut self.inbox[pos..]),
             };
