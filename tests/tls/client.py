@@ -1,8 +1,9 @@
 """A wss:// client on Python's websockets and ssl, for tests/tls.rs.
 
 usage: client.py wss://localhost:PORT CA_FILE
-Echoes text and binary on /echo, then reads HELLO on /ws and gets its own
-publish back; prints "ok" when every step matched.
+Echoes text and binary on /echo (compressed: websockets offers
+permessage-deflate, and sluice agrees), then reads HELLO on /ws and gets
+its own publish back; prints "ok" when every step matched.
 """
 import asyncio
 import ssl
@@ -14,6 +15,8 @@ from websockets.asyncio.client import connect
 async def main(base: str, ca_file: str) -> None:
     context = ssl.create_default_context(cafile=ca_file)
     async with connect(base + "/echo", ssl=context) as ws:
+        agreed = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert agreed.startswith("permessage-deflate"), agreed
         for message in ["hello", "é" * 1000, b"\x00\x01" * 40000]:
             await ws.send(message)
             assert await ws.recv() == message

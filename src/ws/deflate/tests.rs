@@ -288,3 +288,45 @@ fn a_prefix_only_inflater_returns_the_start_of_each_message() {
         .unwrap();
     assert_eq!(out, b"Hello");
 }
+
+/// The memory a compressor and an inflater hold once used, as
+/// docs/ARCHITECTURE.md gives it: `cargo test --lib
+/// context_memory -- --ignored --nocapture` (RSS grown by 200 of each,
+/// each having compressed or inflated 64 KiB, which touches all of it).
+#[test]
+#[ignore]
+fn context_memory() {
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let message: Vec<u8> = (0..65_536u32)
+        .map(|i| b"{\"id\":12,\"side\":\"buy\"},"[(i % 23) as usize])
+        .collect();
+    let mut packed = Vec::new();
+    Deflater::new(6, 15).compress(&message, &mut packed, false);
+    let before = rss_kib();
+    let deflaters: Vec<Deflater> = (0..200)
+        .map(|_| {
+            let mut d = Deflater::new(6, 15);
+            d.compress(&message, &mut Vec::new(), true);
+            d
+        })
+        .collect();
+    let after_deflaters = rss_kib();
+    let inflaters: Vec<Inflater> = (0..200)
+        .map(|_| {
+            let mut i = Inflater::default();
+            i.inflate(&packed, &mut Vec::new(), 1 << 20, true).unwrap();
+            i
+        })
+        .collect();
+    let after_inflaters = rss_kib();
+    println!(
+        "compressor: {} KiB, inflater: {} KiB",
+        (after_deflaters - before) / 200,
+        (after_inflaters - after_deflaters) / 200
+    );
+    drop((deflaters, inflaters));
+}
