@@ -370,7 +370,7 @@ impl Inflater {
         let room = |out: &Vec<u8>| out.len() - start;
         let first = input.len().saturating_mul(4).max(1024).min(limit.saturating_add(1));
         out.reserve(first);
-        for part in [input, &TAIL[..]] {
+        for (part, is_input) in [(input, true), (&TAIL[..], false)] {
             let mut taken = 0;
             loop {
                 if out.len() == out.capacity() {
@@ -390,9 +390,11 @@ impl Inflater {
                     return Err(InflateError::TooBig);
                 }
                 match status {
-                    // RFC 1951: nothing follows a final block (but the
-                    // four octets we put back, 7.2.2).
-                    Status::StreamEnd if taken < part.len() && part.len() != TAIL.len() => {
+                    // Nothing may follow a final block but what RFC 7692
+                    // 7.2.1 leaves of the empty stored block a sender
+                    // appends: its first octet (7.2.3.4's example ends so),
+                    // which the four we put back complete.
+                    Status::StreamEnd if is_input && !matches!(&part[taken..], [] | [0x00]) => {
                         return Err(InflateError::Corrupt)
                     }
                     Status::StreamEnd => return Ok(true),

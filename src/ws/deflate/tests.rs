@@ -195,11 +195,18 @@ fn a_deflate_bomb_costs_the_limit_and_no_more() {
 }
 
 #[test]
-fn nothing_may_follow_a_final_block() {
+fn nothing_may_follow_a_final_block_but_the_start_of_an_empty_one() {
     let mut inf = Inflater::default();
-    // 7.2.3.4's final block, then bytes: refused, and the next is fine.
+    // 7.2.3.4's final block alone, and with the 0x00 its example ends
+    // with (an empty stored block's first octet: 7.2.1 has the sender
+    // append one and take its last four off).
     let last = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
-    for trailer in [&[0x00][..], &[1, 2, 3], &last] {
+    for trailer in [&[][..], &[0x00]] {
+        let input = [&last[..], trailer].concat();
+        assert_eq!(inflate(&mut inf, &input, false).unwrap(), b"Hello", "{trailer:?}");
+    }
+    // Anything else after it is refused, and the next message is fine.
+    for trailer in [&[0x01][..], &[0x00, 0x00], &[1, 2, 3], &last] {
         let input = [&last[..], trailer].concat();
         assert_eq!(
             inflate(&mut inf, &input, false),
