@@ -494,3 +494,30 @@ both_drivers!(echoes_of_inflated_messages_wait_for_the_socket, |driver| {
         }
     }
 });
+
+both_drivers!(
+    a_close_the_server_starts_while_paused_takes_the_peer_s_close_that_waits,
+    |driver| {
+        // Echoes of a burst pause the read (see above), and the client's
+        // close waits behind them, unread. On shutdown the server sends 1001
+        // and must find that close in what waits, not wait for the socket
+        // until --close-timeout-ms.
+        let mut server = Server::start(driver, &["--workers", "1", "--close-timeout-ms", "8000"]);
+        let small = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
+        let (mut raw, _) = open_with(server.addr, "/echo", small);
+        let packed = deflated(&vec![b'x'; 1 << 20]);
+        let mut burst: Vec<u8> = (0..16).flat_map(|_| masked_frame(0xC2, &packed)).collect();
+        burst.extend(masked_frame(0x88, &1000u16.to_be_bytes()));
+        raw.send(&burst);
+        std::thread::sleep(Duration::from_millis(500));
+        let reader = std::thread::spawn(move || {
+            let mut sink = vec![0u8; 1 << 20];
+            while matches!(raw.stream.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let started = Instant::now();
+        let status = server.terminate();
+        assert!(status.success(), "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        reader.join().unwrap();
+    }
+);

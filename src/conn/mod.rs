@@ -888,6 +888,15 @@ impl<'a> Conn<'a> {
         // Read until the peer's close. Our close is sent, so nothing more is
         // (RFC 6455 5.5.1): no echo, no pong, and so no output can pile up.
         let mut closing = App::Closing;
+        // A read paused for its replies (`Flow::Paused`) may hold the
+        // peer's close already: it is looked for before any wait.
+        if !self.carry.is_empty() {
+            match self.process_carry(reader, &mut closing) {
+                Flow::PeerClosed(peer_code) => return Some(peer_code),
+                Flow::Failed(_) | Flow::AppClosed(_) => return None,
+                Flow::Continue | Flow::Paused => {}
+            }
+        }
         loop {
             match ready_or_kick(input(self.stream, &self.socket, self.armed_ring()), self.session).await {
                 Ok(Wake::Ready) => {}
