@@ -125,6 +125,25 @@ both_drivers!(echo_agrees_and_compresses_each_message_worth_it, |driver| {
     assert_eq!(message(&raw.read_frame().unwrap()), mib);
     raw.send_frame(0x88, &1000u16.to_be_bytes());
     assert_eq!(raw.expect_close(), Some(1000));
+    // The admin port's counters (refreshed at the cores' sweep ticks): 6
+    // messages inflated; 5 compressed (short ones are not tried, the
+    // random one was and did not shrink).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.metric("sluice_inflated_messages_total") < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            server.metric("sluice_inflated_messages_total")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.metric("sluice_compressed_messages_total") >= 4);
+    let (given, made) = (
+        server.metric("sluice_compressed_bytes_in_total"),
+        server.metric("sluice_compressed_bytes_out_total"),
+    );
+    assert!(made < given, "{made} of {given}");
+    assert!(server.metric("sluice_inflated_bytes_out_total") > server.metric("sluice_inflated_bytes_in_total"));
 });
 
 fn plain_frame(opcode: u8, payload: &[u8]) -> Frame {

@@ -23,6 +23,11 @@ pub struct CoreSnapshot {
     pub doorbell_signals: u64,
     /// Receives under io_uring that found no buffer of the core free.
     pub recv_buffer_waits: u64,
+    /// permessage-deflate on the core: messages compressed (a publish once,
+    /// an echo or reply each), bytes given and made; messages inflated,
+    /// bytes taken and made.
+    pub deflate: crate::ws::deflate::Totals,
+    pub inflate: crate::ws::deflate::Totals,
     #[serde(flatten)]
     pub stats: StatsView,
 }
@@ -306,6 +311,42 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "Receives under io_uring that found every buffer of the core's ring taken (the connection then reads from its socket directly).",
         |c| c.recv_buffer_waits,
     ),
+    (
+        "compressed_messages_total",
+        "counter",
+        "Messages compressed (permessage-deflate): a publish once per core, an echo or a reply each.",
+        |c| c.deflate.messages,
+    ),
+    (
+        "compressed_bytes_in_total",
+        "counter",
+        "Bytes given to the compressor; with compressed_bytes_out_total, the compression ratio.",
+        |c| c.deflate.bytes_in,
+    ),
+    (
+        "compressed_bytes_out_total",
+        "counter",
+        "Bytes the compressor made of them.",
+        |c| c.deflate.bytes_out,
+    ),
+    (
+        "inflated_messages_total",
+        "counter",
+        "Compressed messages received and inflated.",
+        |c| c.inflate.messages,
+    ),
+    (
+        "inflated_bytes_in_total",
+        "counter",
+        "Compressed bytes received.",
+        |c| c.inflate.bytes_in,
+    ),
+    (
+        "inflated_bytes_out_total",
+        "counter",
+        "Bytes they inflated to.",
+        |c| c.inflate.bytes_out,
+    ),
 ];
 
 pub struct Metrics {
@@ -483,6 +524,8 @@ impl Metrics {
             rings: shard.hub.mesh.fullness().collect(),
             doorbell_signals: shard.hub.mesh.doorbell_signals(),
             recv_buffer_waits: shard.recv_ring.get().map_or(0, |r| r.starved()),
+            deflate: shard.hub.sessions.compressor.totals(),
+            inflate: shard.inflater.borrow().as_ref().map(|i| i.totals()).unwrap_or_default(),
             stats: StatsView::from(&*shard.stats.borrow()),
         };
         if let Ok(mut slot) = self.cores[shard.core].lock() {

@@ -157,6 +157,8 @@ pub struct Compressor {
     min_bytes: usize,
     /// Compressed bytes on their way into a frame.
     scratch: RefCell<Vec<u8>>,
+    /// What it has compressed (messages that did not shrink included).
+    totals: std::cell::Cell<crate::ws::deflate::Totals>,
 }
 
 impl Compressor {
@@ -166,7 +168,13 @@ impl Compressor {
             level,
             min_bytes,
             scratch: RefCell::new(Vec::new()),
+            totals: Default::default(),
         }
+    }
+
+    /// What it has compressed so far.
+    pub fn totals(&self) -> crate::ws::deflate::Totals {
+        self.totals.get()
     }
 
     /// Whether a payload of `len` bytes goes out compressed to a peer whose
@@ -186,6 +194,9 @@ impl Compressor {
         let mut deflater = self.deflater.borrow_mut();
         let deflater = deflater.get_or_insert_with(|| Deflater::new(self.level, MAX_WINDOW_BITS));
         deflater.compress_parts(parts, out, false);
+        let mut totals = self.totals.get();
+        totals.add(len, out.len() - start);
+        self.totals.set(totals);
         if out.len() - start >= len {
             out.truncate(start);
             return false;

@@ -292,6 +292,24 @@ impl Deflater {
     }
 }
 
+/// What a compressor or an inflater has done: messages, and bytes taken
+/// and made.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub messages: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Totals {
+    /// One more message, of `bytes_in` taken and `bytes_out` made.
+    pub fn add(&mut self, bytes_in: usize, bytes_out: usize) {
+        self.messages += 1;
+        self.bytes_in += bytes_in as u64;
+        self.bytes_out += bytes_out as u64;
+    }
+}
+
 /// Why a compressed message was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflateError {
@@ -308,6 +326,8 @@ pub struct Inflater {
     inner: Decompress,
     /// Inflate only this much of each message (`prefix_only`).
     prefix: Option<usize>,
+    /// Messages inflated whole.
+    totals: Totals,
 }
 
 impl Default for Inflater {
@@ -315,6 +335,7 @@ impl Default for Inflater {
         Inflater {
             inner: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
             prefix: None,
+            totals: Totals::default(),
         }
     }
 }
@@ -361,7 +382,15 @@ impl Inflater {
         if !takeover || result != Ok(false) {
             self.inner.reset(false);
         }
+        if result.is_ok() {
+            self.totals.add(input.len(), out.len());
+        }
         result.map(|_| ())
+    }
+
+    /// What it has inflated so far.
+    pub fn totals(&self) -> Totals {
+        self.totals
     }
 
     /// `Ok(true)`: the stream ended with a final block.
