@@ -540,3 +540,24 @@ both_drivers!(
         reader.join().unwrap();
     }
 );
+
+both_drivers!(what_is_compressed_is_decided_at_the_byte, |driver| {
+    // --compress-min-bytes (256 by default): 255 bytes go as they are,
+    // 256 compressed; a window of 9 bits (512 bytes) takes messages up to
+    // 512 bytes compressed, and 513 as they are.
+    let server = Server::start(driver, &[]);
+    let small = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
+    let (mut raw, _) = open_with(server.addr, "/echo", small);
+    for (len, compressed) in [(255, false), (256, true), (512, true), (513, false)] {
+        raw.send_frame(0x81, &json(len));
+        let f = raw.read_frame().unwrap();
+        assert_eq!((len, f.rsv1), (len, compressed));
+        assert_eq!(message(&f), json(len));
+    }
+    let server = Server::start(driver, &["--compress-min-bytes", "100"]);
+    let mut raw = open_deflate(server.addr, "/echo");
+    for (len, compressed) in [(99, false), (100, true)] {
+        raw.send_frame(0x81, &json(len));
+        assert_eq!((len, raw.read_frame().unwrap().rsv1), (len, compressed));
+    }
+});
