@@ -137,7 +137,7 @@ both_drivers!(echo_agrees_and_compresses_each_message_worth_it, |driver| {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(server.metric("sluice_compressed_messages_total") >= 4);
+    assert_eq!(server.metric("sluice_compressed_messages_total"), 5);
     let (given, made) = (
         server.metric("sluice_compressed_bytes_in_total"),
         server.metric("sluice_compressed_bytes_out_total"),

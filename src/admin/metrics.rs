@@ -320,13 +320,13 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
     (
         "compressed_bytes_in_total",
         "counter",
-        "Bytes given to the compressor; with compressed_bytes_out_total, the compression ratio.",
+        "Bytes given to the compressor (messages that did not shrink too, which go out as they were).",
         |c| c.deflate.bytes_in,
     ),
     (
         "compressed_bytes_out_total",
         "counter",
-        "Bytes the compressor made of them.",
+        "Bytes the compressor made of them: with compressed_bytes_in_total, its ratio.",
         |c| c.deflate.bytes_out,
     ),
     (

@@ -66,6 +66,9 @@ pub(super) fn process(
             Ok(Step::Event(event, n)) => {
                 pos += n;
                 match event {
+                    // Closing: a message is dropped unread (RFC 6455 5.5.1),
+                    // neither counted nor charged to the rate limits.
+                    Event::Message { .. } if !app.replies() => {}
                     Event::Message { kind, payload } => {
                         messages_in += 1;
                         bytes_in += payload.len() as u64;

@@ -366,13 +366,14 @@ impl Inflater {
         limit: usize,
         takeover: bool,
     ) -> Result<(), InflateError> {
+        let start = out.len();
         let result = match self.prefix {
             Some(prefix) => self
                 .inflate_parts(input, out, prefix.min(limit))
                 .map(|_| true)
                 .or_else(|e| match e {
                     InflateError::TooBig => {
-                        out.truncate(prefix.min(limit));
+                        out.truncate(start + prefix.min(limit));
                         Ok(true)
                     }
                     e => Err(e),
@@ -383,7 +384,7 @@ impl Inflater {
             self.inner.reset(false);
         }
         if result.is_ok() {
-            self.totals.add(input.len(), out.len());
+            self.totals.add(input.len(), out.len() - start);
         }
         result.map(|_| ())
     }

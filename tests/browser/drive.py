@@ -51,10 +51,19 @@ async def drive(url, seconds, expected):
             if time.monotonic() > deadline:
                 sys.exit("chromium did not start")
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)
-        port = open(port_file).read().split()[0]
-        targets = json.load(urllib.request.urlopen("http://127.0.0.1:%s/json/list" % port))
-        page = next(t for t in targets if t["type"] == "page")
+        # The file may be there before its port is written, and the
+        # endpoint before the first page is listed: both are waited for.
+        page = None
+        while page is None:
+            if time.monotonic() > deadline:
+                sys.exit("chromium's DevTools endpoint listed no page")
+            await asyncio.sleep(0.1)
+            try:
+                port = open(port_file).read().split()[0]
+                targets = json.load(urllib.request.urlopen("http://127.0.0.1:%s/json/list" % port))
+            except (IndexError, OSError, ValueError):
+                continue
+            page = next((t for t in targets if t["type"] == "page"), None)
         async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as cdp:
             ids = iter(range(1, 1 << 30))
 
