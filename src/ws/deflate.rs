@@ -58,7 +58,63 @@ pub struct Agreement {
     pub client_window_bits: Option<u8>,
 }
 
+/// What a compressor of `window_bits` (9-15) holds once it has compressed
+/// a window's worth: zlib-rs's window and chain (4 bytes per window byte),
+/// and its hash heads, symbol buffer and state (208 KiB at every window), as
+/// measured (`tests::context_memory`).
+pub fn deflater_bytes(window_bits: u8) -> usize {
+    (4 << window_bits.clamp(9, MAX_WINDOW_BITS)) + 208 * 1024
+}
+
+/// What an inflater holds once it has inflated a window's worth: the 32 KiB
+/// window and its state, as measured (`tests::context_memory`).
+pub const INFLATER_BYTES: usize = 49 * 1024;
+
 impl Agreement {
+    /// The server keeps its LZ77 window between the messages it sends: a
+    /// message may refer back into those before it, so the connection
+    /// needs its own compressor, fed in the order the messages are sent.
+    pub fn server_takeover(&self) -> bool {
+        !self.server_no_context_takeover
+    }
+
+    /// The client keeps its window between its messages: the connection
+    /// needs its own inflater.
+    pub fn client_takeover(&self) -> bool {
+        !self.client_no_context_takeover
+    }
+
+    /// The same offer's terms with no context takeover either way (what
+    /// `Mode::Shared` agrees to): for a connection its core has no memory
+    /// for (RFC 7692 7.1.1.1, 7.1.1.2: the server may ask for both).
+    pub fn without_takeover(self) -> Agreement {
+        Agreement {
+            server_no_context_takeover: true,
+            client_no_context_takeover: true,
+            client_window_bits: None,
+            ..self
+        }
+    }
+
+    /// The window our own compressor keeps for this connection: what the
+    /// client allows, at most `max_bits` (a smaller window is always
+    /// allowed, RFC 7692 7.1.2.1).
+    pub fn compressor_window_bits(&self, max_bits: u8) -> u8 {
+        self.server_window_bits.min(max_bits)
+    }
+
+    /// The most the connection's own contexts take: a compressor if the
+    /// server takes over its context (of a window of at most `max_bits`),
+    /// an inflater if the client does.
+    pub fn context_bytes(&self, max_bits: u8) -> usize {
+        let deflater = if self.server_takeover() {
+            deflater_bytes(self.compressor_window_bits(max_bits))
+        } else {
+            0
+        };
+        deflater + if self.client_takeover() { INFLATER_BYTES } else { 0 }
+    }
+
     /// The response's `Sec-WebSocket-Extensions` line, CRLF included.
     pub fn write_response(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"Sec-WebSocket-Extensions: permessage-deflate");

@@ -296,32 +296,48 @@ fn a_prefix_only_inflater_returns_the_start_of_each_message() {
     assert_eq!(out, b"Hello");
 }
 
-/// The memory a compressor and an inflater hold once used, as
-/// docs/ARCHITECTURE.md gives it: `cargo test --lib
-/// context_memory -- --ignored --nocapture` (RSS grown by 200 of each,
-/// each having compressed or inflated 64 KiB, which touches all of it).
+/// The memory a compressor (of each window) and an inflater hold once
+/// used, as docs/ARCHITECTURE.md gives it and `deflater_bytes` and
+/// `INFLATER_BYTES` count it: `cargo test --lib context_memory --
+/// --ignored --nocapture` (RSS grown by 200 of each, each having
+/// compressed or inflated 256 KiB of varied text, which touches all of it).
 #[test]
 #[ignore]
 fn context_memory() {
-    fn rss_kib() -> u64 {
+    fn rss_kib() -> usize {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
-    let message: Vec<u8> = (0..65_536u32)
-        .map(|i| b"{\"id\":12,\"side\":\"buy\"},"[(i % 23) as usize])
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let message: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"{\"id\":12,\"side\":\"buy\",\"px\":0.5}"[(x % 31) as usize]
+        })
         .collect();
+    for bits in 9..=MAX_WINDOW_BITS {
+        let before = rss_kib();
+        let deflaters: Vec<Deflater> = (0..200)
+            .map(|_| {
+                let mut d = Deflater::new(6, bits);
+                d.compress(&message, &mut Vec::new(), true);
+                d
+            })
+            .collect();
+        let kib = (rss_kib() - before) / 200;
+        println!(
+            "compressor, window {bits}: {kib} KiB (counted: {} KiB)",
+            deflater_bytes(bits) / 1024
+        );
+        assert!(kib * 1024 <= deflater_bytes(bits), "window {bits}");
+        drop(deflaters);
+    }
     let mut packed = Vec::new();
     Deflater::new(6, 15).compress(&message, &mut packed, false);
     let before = rss_kib();
-    let deflaters: Vec<Deflater> = (0..200)
-        .map(|_| {
-            let mut d = Deflater::new(6, 15);
-            d.compress(&message, &mut Vec::new(), true);
-            d
-        })
-        .collect();
-    let after_deflaters = rss_kib();
     let inflaters: Vec<Inflater> = (0..200)
         .map(|_| {
             let mut i = Inflater::default();
@@ -329,11 +345,8 @@ fn context_memory() {
             i
         })
         .collect();
-    let after_inflaters = rss_kib();
-    println!(
-        "compressor: {} KiB, inflater: {} KiB",
-        (after_deflaters - before) / 200,
-        (after_inflaters - after_deflaters) / 200
-    );
-    drop((deflaters, inflaters));
+    let kib = (rss_kib() - before) / 200;
+    println!("inflater: {kib} KiB (counted: {} KiB)", INFLATER_BYTES / 1024);
+    assert!(kib * 1024 <= INFLATER_BYTES);
+    drop(inflaters);
 }
