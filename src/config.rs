@@ -199,10 +199,23 @@ pub struct Options {
     #[arg(long)]
     pub nats_buffer_bytes: Option<usize>,
     /// permessage-deflate (RFC 7692) for routes without their own `deflate`:
-    /// off, or shared (no context takeover either way; one compressor and
-    /// inflater per core, a publish compressed once) [default: shared].
+    /// off; shared (no context takeover either way; one compressor and
+    /// inflater per core, a publish compressed once); or dedicated (context
+    /// takeover where the client allows it; a compressor and an inflater
+    /// per connection, within --deflate-dedicated-bytes) [default: shared].
     #[arg(long, value_enum)]
     pub deflate: Option<DeflateMode>,
+    /// Memory per core that connections agreed to `dedicated` deflate may
+    /// reserve for their compression contexts; past it, new connections
+    /// agree to `shared` [default: 64 MiB].
+    #[arg(long)]
+    pub deflate_dedicated_bytes: Option<usize>,
+    /// `dedicated` deflate: the largest window a connection's compressor
+    /// keeps, 9 to 15 bits (the client may ask for less). Smaller is faster
+    /// and takes less memory; larger finds more of earlier messages
+    /// [default: 15].
+    #[arg(long)]
+    pub deflate_window_bits: Option<u8>,
     /// Messages shorter than this go out uncompressed, even where
     /// permessage-deflate was agreed [default: 256].
     #[arg(long)]
@@ -288,6 +301,10 @@ pub enum DeflateMode {
     /// No context takeover either way: no compression state per
     /// connection, and a publish is compressed once per core.
     Shared,
+    /// Context takeover where the client allows it: a compressor and an
+    /// inflater per connection (made on first use), within the core's
+    /// `deflate_dedicated_bytes`; past it, `shared`.
+    Dedicated,
 }
 
 impl DeflateMode {
@@ -296,6 +313,7 @@ impl DeflateMode {
         match self {
             DeflateMode::Off => None,
             DeflateMode::Shared => Some(crate::ws::deflate::Mode::Shared),
+            DeflateMode::Dedicated => Some(crate::ws::deflate::Mode::Dedicated),
         }
     }
 }
@@ -441,6 +459,10 @@ pub struct Config {
     /// Messages shorter than this are sent uncompressed.
     pub compress_min_bytes: usize,
     pub compress_level: u32,
+    /// Memory per core for `dedicated` deflate contexts.
+    pub deflate_dedicated_bytes: usize,
+    /// The largest window of a `dedicated` compressor (bits).
+    pub deflate_window_bits: u8,
 }
 
 #[derive(Debug)]
@@ -535,6 +557,8 @@ impl Options {
             nats_ca: self.nats_ca.or(base.nats_ca),
             nats_buffer_bytes: self.nats_buffer_bytes.or(base.nats_buffer_bytes),
             deflate: self.deflate.or(base.deflate),
+            deflate_dedicated_bytes: self.deflate_dedicated_bytes.or(base.deflate_dedicated_bytes),
+            deflate_window_bits: self.deflate_window_bits.or(base.deflate_window_bits),
             compress_min_bytes: self.compress_min_bytes.or(base.compress_min_bytes),
             compress_level: self.compress_level.or(base.compress_level),
             route: self.route.or(base.route),
@@ -739,6 +763,8 @@ impl Options {
             cluster,
             compress_min_bytes: self.compress_min_bytes.unwrap_or(256),
             compress_level: self.compress_level.unwrap_or(6),
+            deflate_dedicated_bytes: self.deflate_dedicated_bytes.unwrap_or(64 * 1024 * 1024),
+            deflate_window_bits: self.deflate_window_bits.unwrap_or(15),
         };
         config.check()?;
         Ok(config)
@@ -1040,6 +1066,8 @@ impl Config {
         in_range("max_subscriptions", self.max_subscriptions, 1, 1_000_000)?;
         in_range("compress_min_bytes", self.compress_min_bytes, 0, GIB)?;
         in_range("compress_level", self.compress_level, 1, 9)?;
+        in_range("deflate_dedicated_bytes", self.deflate_dedicated_bytes, 0, 64 * GIB)?;
+        in_range("deflate_window_bits", self.deflate_window_bits, 9, 15)?;
         in_range("max_outbound_bytes", self.max_outbound_bytes, 1024, GIB)?;
         // One subscriber at its own limit must not hold a core's publishers.
         in_range(

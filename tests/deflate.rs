@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sluice::ws::deflate::{Deflater, Inflater};
+use sluice::ws::deflate::{deflater_bytes, Deflater, Inflater, INFLATER_BYTES};
 
 /// What browsers offer.
 const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
@@ -189,10 +189,7 @@ both_drivers!(what_is_agreed_follows_the_offer_and_the_route, |driver| {
     let (mut raw, _) = open_with(server.addr, "/off", OFFER);
     raw.send_frame(0xC1, &deflated(b"hello"));
     assert_eq!(raw.expect_close(), Some(1002));
-    // Off for every route without its own word; context takeover is not
-    // offered by this server at all.
-    let (code, error) = start_error(&["--deflate", "dedicated"]);
-    assert_eq!(code, Some(2), "{error}");
+    // Off for every route without its own word.
     let server = Server::start(driver, &["--deflate", "off"]);
     let (_, head) = open_with(server.addr, "/echo", OFFER);
     assert!(!head.contains("Extensions"), "{head}");
@@ -448,33 +445,48 @@ fn script(name: &str) -> String {
 both_drivers!(python_websockets_round_trips_compressed_messages, |driver| {
     let server = Server::start(driver, &[]);
     run_client("python3", &[&script("client.py"), &server.url("")]);
+    let server = Server::start(driver, &["--deflate", "dedicated"]);
+    run_client("python3", &[&script("client.py"), &server.url(""), "dedicated"]);
 });
 
 // Node's `ws`, with `perMessageDeflate` (its client's default).
 both_drivers!(node_ws_round_trips_compressed_messages, |driver| {
     let server = Server::start(driver, &[]);
     run_client("node", &[&script("client.mjs"), &server.url("")]);
+    let server = Server::start(driver, &["--deflate", "dedicated"]);
+    run_client("node", &[&script("client.mjs"), &server.url(""), "dedicated"]);
 });
 
-/// Chromium always offers permessage-deflate.
+/// Chromium always offers permessage-deflate; `dedicated` agrees to
+/// context takeover both ways.
 #[test]
 fn chromium_round_trips_compressed_messages() {
-    let server = Server::start("epoll", &[]);
-    let page = format!("file://{}?ws={}", script("page.html"), server.url("/echo"));
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    run_client(
-        "python3",
-        &[
-            root.join("tests/browser/drive.py").to_str().unwrap(),
-            &page,
-            "30",
+    for (args, agreed) in [
+        (
+            &[][..],
             "extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-            "echo 0 ok",
-            "echo 100 ok",
-            "echo 1048576 ok",
-            "ok",
-        ],
-    );
+        ),
+        (&["--deflate", "dedicated"][..], "extensions: permessage-deflate\n"),
+    ] {
+        let server = Server::start("epoll", args);
+        let page = format!("file://{}?ws={}", script("page.html"), server.url("/echo"));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        run_client(
+            "python3",
+            &[
+                root.join("tests/browser/drive.py").to_str().unwrap(),
+                &page,
+                "30",
+                agreed,
+                "echo 0 ok",
+                "echo 100 ok",
+                "echo 1048576 ok",
+                // The last line, once all six came back ("ok" alone is in
+                // every echo's line).
+                "\nok\n",
+            ],
+        );
+    }
 }
 
 both_drivers!(echoes_of_inflated_messages_wait_for_the_socket, |driver| {
@@ -560,4 +572,333 @@ both_drivers!(what_is_compressed_is_decided_at_the_byte, |driver| {
         raw.send_frame(0x81, &json(len));
         assert_eq!((len, raw.read_frame().unwrap().rsv1), (len, compressed));
     }
+});
+
+/// `dedicated`'s answer to an offer that leaves context takeover to us.
+const TAKEN_OVER: &str = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+
+/// Waits (up to 10 s) for a metric, which each core refreshes at its tick.
+fn wait_for_metric(server: &Server, name: &str, value: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = server.metric(name);
+        if now == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: {now}, not {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a client's messages in order, inflating with one inflater that
+/// keeps its window (the server takes over its context).
+struct Stream {
+    raw: Raw,
+    inflater: Inflater,
+}
+
+impl Stream {
+    fn next(&mut self) -> (bool, usize, Vec<u8>) {
+        let f = self.raw.read_frame().unwrap();
+        let mut out = Vec::new();
+        if f.rsv1 {
+            self.inflater.inflate(&f.payload, &mut out, 1 << 30, true).unwrap();
+        } else {
+            out = f.payload.clone();
+        }
+        (f.rsv1, f.payload.len(), out)
+    }
+}
+
+both_drivers!(dedicated_takes_over_the_context_both_ways, |driver| {
+    let server = Server::start(driver, &["--deflate", "dedicated"]);
+    let (raw, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    let mut stream = Stream {
+        raw,
+        inflater: Inflater::default(),
+    };
+    // Ours refer back into the messages before them: the same message
+    // again is a few bytes. The client's may too (its own compressor,
+    // never reset).
+    let mut ours = Deflater::new(6, 15);
+    let body = json(2000);
+    let mut sizes = Vec::new();
+    for _ in 0..5 {
+        let mut packed = Vec::new();
+        ours.compress(&body, &mut packed, true);
+        stream.raw.send_frame(0xC1, &packed);
+        let (rsv1, wire, plain) = stream.next();
+        assert!(rsv1);
+        assert_eq!(plain, body);
+        sizes.push(wire);
+    }
+    assert!(sizes[1..].iter().all(|&n| n < 30), "{sizes:?}");
+    assert!(sizes[0] > 200, "{sizes:?}");
+    // A plain message in between leaves both windows as they were.
+    stream.raw.send_frame(0x81, &body);
+    assert_eq!(stream.next().2, body);
+    let mut packed = Vec::new();
+    ours.compress(&body, &mut packed, true);
+    stream.raw.send_frame(0xC1, &packed);
+    let (_, wire, plain) = stream.next();
+    assert_eq!((plain == body, wire < 30), (true, true));
+    wait_for_metric(&server, "sluice_deflate_dedicated_sessions", 1);
+
+    // The client may still ask for none either way, or a window of 8
+    // bits, which zlib cannot compress with: ours then stand alone.
+    for (offer, agreed) in [
+        (
+            "permessage-deflate; server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover\r\n",
+        ),
+        (
+            "permessage-deflate; client_no_context_takeover",
+            "permessage-deflate; client_no_context_takeover\r\n",
+        ),
+        (
+            "permessage-deflate; server_max_window_bits=8",
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=8\r\n",
+        ),
+    ] {
+        let (mut raw, head) = open_with(server.addr, "/echo", &format!("Sec-WebSocket-Extensions: {offer}\r\n"));
+        assert!(head.contains(&format!("Sec-WebSocket-Extensions: {agreed}")), "{head}");
+        let takeover = !agreed.contains("server_no");
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            raw.send_frame(0xC1, &deflated(&json(400)));
+            let f = raw.read_frame().unwrap();
+            sizes.push(f.payload.len());
+        }
+        assert_eq!(sizes[2] < 30, takeover, "{offer}: {sizes:?}");
+    }
+});
+
+/// One core, `--deflate dedicated` within `budget` bytes, compressors of
+/// at most `window_bits`.
+fn dedicated_server(driver: &str, budget: usize, window_bits: u8) -> Server {
+    let (budget, window_bits) = (budget.to_string(), window_bits.to_string());
+    Server::start(
+        driver,
+        &[
+            "--deflate",
+            "dedicated",
+            "--deflate-dedicated-bytes",
+            &budget,
+            "--deflate-window-bits",
+            &window_bits,
+            "--workers",
+            "1",
+        ],
+    )
+}
+
+both_drivers!(dedicated_contexts_stay_within_the_core_budget, |driver| {
+    // Room for two connections' contexts on the one core, not three.
+    let each = deflater_bytes(15) + INFLATER_BYTES;
+    let budget = 2 * each;
+    let server = dedicated_server(driver, budget, 15);
+    let (a, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    let (_b, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    // The budget is spent: the third agrees to no context takeover.
+    let (mut c, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(AGREED), "{head}");
+    c.send_frame(0xC1, &deflated(&json(1000)));
+    assert_eq!(message(&c.read_frame().unwrap()), json(1000));
+    wait_for_metric(&server, "sluice_deflate_dedicated_refused_total", 1);
+    wait_for_metric(&server, "sluice_deflate_dedicated_reserved_bytes", 2 * each as u64);
+    wait_for_metric(&server, "sluice_deflate_dedicated_sessions", 2);
+    // Nor does one that asks for less (a 9-bit window, no inflater of
+    // its own): nothing is left.
+    let offer =
+        "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; server_max_window_bits=9\r\n";
+    let (_d, head) = open_with(server.addr, "/echo", offer);
+    assert!(head.contains("server_no_context_takeover"), "{head}");
+    // A connection that ends gives its share back.
+    drop(a);
+    wait_for_metric(&server, "sluice_deflate_dedicated_sessions", 1);
+    wait_for_metric(&server, "sluice_deflate_dedicated_reserved_bytes", each as u64);
+    let (_e, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+
+    // At the byte: one short of two connections' worth takes one.
+    let budget = 2 * each - 1;
+    let server = dedicated_server(driver, budget, 15);
+    let (_a, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    let (_b, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(AGREED), "{head}");
+
+    // A smaller window for our compressors (--deflate-window-bits) is
+    // what is reserved: exactly three fit.
+    let each = deflater_bytes(10) + INFLATER_BYTES;
+    let budget = 3 * each;
+    let server = dedicated_server(driver, budget, 10);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (mut raw, head) = open_with(server.addr, "/echo", OFFER);
+        assert!(head.contains(TAKEN_OVER), "{head}");
+        raw.send_frame(0x81, &json(3000));
+        assert_eq!(message(&raw.read_frame().unwrap()), json(3000));
+        held.push(raw);
+    }
+    let (_d, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(AGREED), "{head}");
+    wait_for_metric(&server, "sluice_deflate_dedicated_reserved_bytes", 3 * each as u64);
+});
+
+both_drivers!(
+    dedicated_deliveries_and_replies_go_out_in_the_order_compressed,
+    |driver| {
+        // An echo session takes its own replies (compressed as they are
+        // queued) and admin sends (compressed as they are written), mixed,
+        // while its socket is full: one inflater that keeps its window reads
+        // every one of them, in order. Each message repeats text of the one
+        // before it, so one read against the wrong window reads wrong.
+        let server = Server::start(
+            driver,
+            &[
+                "--deflate",
+                "dedicated",
+                "--workers",
+                "1",
+                "--max-outbound-bytes",
+                "67108864",
+                "--max-core-outbound-bytes",
+                "268435456",
+            ],
+        );
+        let (mut raw, head) = open_with(server.addr, "/echo", OFFER);
+        assert!(head.contains(TAKEN_OVER), "{head}");
+        raw.send_frame(0x81, b"up?");
+        raw.read_frame().unwrap();
+        // The one session of the one core: its id is found by asking.
+        let id = (0..8)
+            .flat_map(|slot| (1..4).map(move |generation| format!("0.{slot}.{generation}")))
+            .find(|id| {
+                let mut s = TcpStream::connect(server.admin_addr()).unwrap();
+                write!(s, "GET /sessions/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).unwrap();
+                answer.starts_with("HTTP/1.1 200")
+            })
+            .expect("the session's id");
+        const EACH: usize = 300;
+        let message = |what: &str, i: usize| {
+            let mut m = format!("{what} {i} ").into_bytes();
+            m.extend_from_slice(&noise(16 * 1024 + i));
+            m.extend_from_slice(&json(8 * 1024));
+            m
+        };
+        let admin = {
+            let addr = server.admin_addr();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let body = message("admin", i);
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    write!(
+                    s,
+                    "POST /sessions/{id}/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                    s.write_all(&body).unwrap();
+                    let mut answer = String::new();
+                    s.read_to_string(&mut answer).unwrap();
+                    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                }
+            })
+        };
+        let echo = {
+            let mut raw = Raw {
+                stream: raw.stream.try_clone().unwrap(),
+            };
+            std::thread::spawn(move || {
+                let mut ours = Deflater::new(6, 15);
+                for i in 0..EACH {
+                    let mut packed = Vec::new();
+                    ours.compress(&message("echo", i), &mut packed, true);
+                    raw.send_frame(0xC2, &packed);
+                }
+            })
+        };
+        // Unread for a while: the socket fills, and deliveries and echoes
+        // wait together.
+        std::thread::sleep(Duration::from_millis(1000));
+        let mut stream = Stream {
+            raw,
+            inflater: Inflater::default(),
+        };
+        let (mut echoes, mut sends) = (0, 0);
+        while echoes < EACH || sends < EACH {
+            let (_, _, plain) = stream.next();
+            let (what, n) = if plain.starts_with(b"echo ") {
+                echoes += 1;
+                ("echo", echoes - 1)
+            } else {
+                sends += 1;
+                ("admin", sends - 1)
+            };
+            assert!(
+                plain == message(what, n),
+                "{what} {n}: {:?}",
+                String::from_utf8_lossy(&plain[..plain.len().min(20)])
+            );
+        }
+        admin.join().unwrap();
+        echo.join().unwrap();
+    }
+);
+
+both_drivers!(dedicated_contexts_cost_what_they_reserve, |driver| {
+    // 200 connections with context takeover both ways, each having sent
+    // and taken a compressed message of 64 KiB of varied JSON (which
+    // touches all of both windows): the server grows by about what the
+    // agreements reserve, and no more. Before their first compressed
+    // message, they hold no context.
+    if sanitized() {
+        return;
+    }
+    const N: usize = 200;
+    let server = Server::start(
+        driver,
+        &[
+            "--deflate",
+            "dedicated",
+            "--deflate-dedicated-bytes",
+            "1073741824",
+            "--workers",
+            "1",
+        ],
+    );
+    let before = server.rss_anon_kib();
+    let mut clients: Vec<Raw> = (0..N)
+        .map(|_| {
+            let (raw, head) = open_with(server.addr, "/echo", OFFER);
+            assert!(head.contains(TAKEN_OVER), "{head}");
+            raw
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = server.rss_anon_kib();
+    let body = [json(32 * 1024), noise(32 * 1024)].concat();
+    let packed = deflated(&body);
+    for raw in &mut clients {
+        raw.send_frame(0xC2, &packed);
+        assert_eq!(message(&raw.read_frame().unwrap()), body);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let used = server.rss_anon_kib();
+    let reserved = (deflater_bytes(15) + INFLATER_BYTES) / 1024;
+    let per_idle = idle.saturating_sub(before) as usize * 1024 / N;
+    let per_used = used.saturating_sub(before) as usize / N;
+    println!("dedicated: {per_idle} B per idle connection, {per_used} KiB per connection once used (reserved: {reserved} KiB)");
+    assert!(per_idle < 8 * 1024, "{per_idle} B before any message");
+    assert!(
+        per_used <= reserved + 64,
+        "{per_used} KiB used, {reserved} KiB reserved"
+    );
+    assert!(per_used >= reserved / 2, "{per_used} KiB used: contexts not made?");
 });

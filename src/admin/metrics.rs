@@ -28,6 +28,9 @@ pub struct CoreSnapshot {
     /// bytes taken and made.
     pub deflate: crate::ws::deflate::Totals,
     pub inflate: crate::ws::deflate::Totals,
+    /// Connections with compression contexts of their own (context
+    /// takeover), and their reservations.
+    pub dedicated: crate::pubsub::dedicated::DedicatedSnapshot,
     #[serde(flatten)]
     pub stats: StatsView,
 }
@@ -314,7 +317,7 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
     (
         "compressed_messages_total",
         "counter",
-        "Messages compressed (permessage-deflate): a publish once per core, an echo or a reply each.",
+        "Messages compressed (permessage-deflate): without context takeover a publish once per core, an echo or a reply each; with it, each message of each connection.",
         |c| c.deflate.messages,
     ),
     (
@@ -346,6 +349,24 @@ const SERIES: &[(&str, &str, &str, Value)] = &[
         "counter",
         "Bytes they inflated to.",
         |c| c.inflate.bytes_out,
+    ),
+    (
+        "deflate_dedicated_sessions",
+        "gauge",
+        "Connections agreed to permessage-deflate with context takeover, each with its own compressor or inflater.",
+        |c| c.dedicated.sessions,
+    ),
+    (
+        "deflate_dedicated_reserved_bytes",
+        "gauge",
+        "Memory reserved for their compressors and inflaters, within --deflate-dedicated-bytes.",
+        |c| c.dedicated.reserved_bytes,
+    ),
+    (
+        "deflate_dedicated_refused_total",
+        "counter",
+        "Connections that asked for context takeover and were agreed without it, the core's --deflate-dedicated-bytes being spent.",
+        |c| c.dedicated.refused,
     ),
 ];
 
@@ -515,6 +536,12 @@ impl Metrics {
 
     /// Called by each core at every sweep tick.
     pub fn refresh(&self, shard: &Shard, driver: &'static str) {
+        let dedicated = shard.hub.sessions.dedicated.snapshot();
+        let sum = |a: crate::ws::deflate::Totals, b: crate::ws::deflate::Totals| crate::ws::deflate::Totals {
+            messages: a.messages + b.messages,
+            bytes_in: a.bytes_in + b.bytes_in,
+            bytes_out: a.bytes_out + b.bytes_out,
+        };
         let snapshot = CoreSnapshot {
             driver,
             connections: shard.session_count(),
@@ -524,8 +551,12 @@ impl Metrics {
             rings: shard.hub.mesh.fullness().collect(),
             doorbell_signals: shard.hub.mesh.doorbell_signals(),
             recv_buffer_waits: shard.recv_ring.get().map_or(0, |r| r.starved()),
-            deflate: shard.hub.sessions.compressor.totals(),
-            inflate: shard.inflater.borrow().as_ref().map(|i| i.totals()).unwrap_or_default(),
+            deflate: sum(shard.hub.sessions.compressor.totals(), dedicated.deflate),
+            inflate: sum(
+                shard.inflater.borrow().as_ref().map(|i| i.totals()).unwrap_or_default(),
+                dedicated.inflate,
+            ),
+            dedicated,
             stats: StatsView::from(&*shard.stats.borrow()),
         };
         if let Ok(mut slot) = self.cores[shard.core].lock() {

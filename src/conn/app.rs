@@ -128,8 +128,8 @@ impl App {
     ) {
         match self {
             App::Echo => {
-                let compressor = &session.shard().hub.sessions.compressor;
-                out.push_message(pool, kind.opcode(), payload, compressor);
+                let sessions = &session.shard().hub.sessions;
+                out.push_message(pool, kind.opcode(), payload, sessions, session.key());
             }
             App::Native => match native::parse(payload) {
                 // Grants first (a refusal is counted once), then the

@@ -615,13 +615,10 @@ enum ToClient<'a> {
 impl ToClient<'_> {
     fn send(&mut self, shard: &Shard, opcode: Opcode, payload: &[u8]) {
         match self {
-            ToClient::Out(out) => out.push_message(&shard.pool, opcode, payload, &shard.hub.sessions.compressor),
-            ToClient::Deliver { shard, key } => {
-                let frame = shard.frame_for(*key, opcode, payload);
-                // Its queue is made on first use: an idle connection has none.
-                shard.open_pubsub(*key);
-                shard.hub.sessions.deliver_frame(*key, &frame, true);
-            }
+            // Behind the 101: nothing is compressed yet.
+            ToClient::Out(out) => out.push_frame(&shard.pool, opcode, payload),
+            // Its queue is made on first use: an idle connection has none.
+            ToClient::Deliver { shard, key } => shard.deliver_to(*key, opcode, payload, true),
         }
     }
 }

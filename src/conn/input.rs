@@ -51,7 +51,19 @@ pub(super) fn process(
         return (0, Flow::Continue, None);
     }
     let flow = loop {
-        let step = if reader.inflates() {
+        let step = if reader.inflates() && reader.takes_over() {
+            // Its client keeps its window: its own inflater (made now if
+            // it has none; the agreement reserved its memory).
+            let dedicated = &shard.hub.sessions.dedicated;
+            let (buf, key, reader) = (&mut data[pos..], session.key(), &mut *reader);
+            match dedicated.with_inflater(key, move |inflater| reader.read_inflating(buf, inflater)) {
+                Some(step) => step,
+                None => Err(crate::ws::message::Violation {
+                    code: crate::ws::close::CloseCode::INTERNAL_ERROR,
+                    reason: "no inflater",
+                }),
+            }
+        } else if reader.inflates() {
             let mut inflater = shard.inflater.borrow_mut();
             reader.read_inflating(&mut data[pos..], inflater.get_or_insert_with(Default::default))
         } else {

@@ -557,12 +557,14 @@ impl<'a> Conn<'a> {
             app.start(&mut self.out, pool, self.session);
         }
         let mut reader = MessageReader::new(Role::Server, self.shard().config.limits);
-        // permessage-deflate (RFC 7692), agreed with no context takeover:
-        // the core's inflater and compressor serve the session.
+        // permessage-deflate (RFC 7692): without context takeover the
+        // core's inflater and compressor serve the session; with it, its own.
         let deflate_bits = self.session.deflate_bits();
-        self.out.set_deflate(deflate_bits);
+        let dedicated = &self.shard().hub.sessions.dedicated;
+        self.out
+            .set_deflate(deflate_bits, dedicated.compresses(self.session.key()));
         if deflate_bits != 0 {
-            reader = reader.with_deflate(false);
+            reader = reader.with_deflate(dedicated.inflates(self.session.key()));
         }
         // Frames that arrived with the request head come first.
         let mut flow = if !self.carry.is_empty() {

@@ -8,7 +8,8 @@
 use std::io;
 
 use super::pool::BufferPool;
-use crate::pubsub::message::Compressor;
+use crate::pubsub::sessions::Sessions;
+use crate::pubsub::SessionKey;
 use crate::sys::socket::Socket;
 use crate::ws::close::{self, CloseCode};
 use crate::ws::frame::{self, FrameHeader, Opcode, MAX_HEADER_BYTES};
@@ -26,6 +27,9 @@ pub struct Outbound {
     /// The peer agreed to permessage-deflate with this window for our
     /// messages (0: it did not).
     deflate_bits: u8,
+    /// With context takeover: our messages go through the session's own
+    /// compressor, in the order they are queued.
+    takeover: bool,
 }
 
 pub use crate::sys::Flush;
@@ -92,16 +96,34 @@ impl Outbound {
     }
 
     /// The peer agreed to permessage-deflate, with a window of `bits` for
-    /// our messages (0: it did not).
-    pub fn set_deflate(&mut self, bits: u8) {
+    /// our messages (0: it did not), and with context takeover or not.
+    pub fn set_deflate(&mut self, bits: u8, takeover: bool) {
         self.deflate_bits = bits;
+        self.takeover = takeover;
     }
 
-    /// Queues a data message: compressed (RSV1 set) where the peer agreed
-    /// to permessage-deflate and `compressor` finds it worth it, as it is
-    /// otherwise (RFC 7692 6: compression is per message).
-    pub fn push_message(&mut self, pool: &BufferPool, opcode: Opcode, payload: &[u8], compressor: &Compressor) {
-        if self.deflate_bits != 0 && compressor.worth(payload.len(), self.deflate_bits) {
+    /// Queues a data message of session `key`: compressed (RSV1 set) where
+    /// the peer agreed to permessage-deflate and it is worth it, as it is
+    /// otherwise (RFC 7692 6: compression is per message). With context
+    /// takeover, by the session's own compressor: the queue is written in
+    /// order, so the peer inflates in the order it was compressed.
+    pub fn push_message(
+        &mut self,
+        pool: &BufferPool,
+        opcode: Opcode,
+        payload: &[u8],
+        sessions: &Sessions,
+        key: SessionKey,
+    ) {
+        let compressor = &sessions.compressor;
+        if self.takeover && payload.len() >= compressor.min_bytes() {
+            let pushed = sessions.dedicated.compressed(key, &[payload], |packed| {
+                self.push_frame_with(pool, opcode, true, packed)
+            });
+            if pushed.is_some() {
+                return;
+            }
+        } else if self.deflate_bits != 0 && !self.takeover && compressor.worth(payload.len(), self.deflate_bits) {
             let pushed = compressor.compressed(&[payload], |packed| {
                 packed.map(|packed| self.push_frame_with(pool, opcode, true, packed))
             });

@@ -59,11 +59,13 @@ impl Session {
     }
 
     /// The client agreed to permessage-deflate: compressed messages are
-    /// read from now on, and ours are compressed where worth it.
-    pub fn agree_deflate(&self, agreement: crate::ws::deflate::Agreement) {
-        // Only no context takeover either way is agreed to (`Mode::Shared`).
-        debug_assert!(agreement.server_no_context_takeover && agreement.client_no_context_takeover);
+    /// read from now on, and ours are compressed where worth it. Context
+    /// takeover is agreed only if the core's budget holds its contexts;
+    /// returns what is agreed.
+    pub fn agree_deflate(&self, agreement: crate::ws::deflate::Agreement) -> crate::ws::deflate::Agreement {
+        let agreement = self.shard.hub.sessions.dedicated.agree(self.key, agreement);
         self.with(|s| s.deflate_bits = agreement.server_window_bits);
+        agreement
     }
 
     /// The window of our compressed messages, if the client agreed to

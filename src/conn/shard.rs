@@ -181,24 +181,36 @@ impl Shard {
     /// Makes `key` a pub/sub session (nothing changes if it is one): it
     /// takes deliveries, compressed if it agreed to permessage-deflate.
     pub fn open_pubsub(&self, key: SessionKey) {
-        self.hub.sessions.open(key);
+        let sessions = &self.hub.sessions;
+        sessions.open(key);
         let bits = self.sessions.borrow().get(key).map_or(0, |s| s.deflate_bits);
         if bits != 0 {
-            self.hub.sessions.set_deflate(key, bits);
+            sessions.set_deflate(key, bits, sessions.dedicated.compresses(key));
         }
     }
 
-    /// A whole message for session `key` alone: compressed where it agreed
-    /// to permessage-deflate and that is worth it.
-    pub fn frame_for(&self, key: SessionKey, opcode: crate::ws::Opcode, payload: &[u8]) -> bytes::Bytes {
+    /// Queues a whole message for session `key` alone (its queue is made
+    /// now if it has none): compressed where it agreed to
+    /// permessage-deflate, `compress` allows it, and it is worth it; by
+    /// its own compressor as it is written, if it has one.
+    pub fn deliver_to(&self, key: SessionKey, opcode: crate::ws::Opcode, payload: &[u8], compress: bool) {
+        self.open_pubsub(key);
+        let sessions = &self.hub.sessions;
         let bits = self.sessions.borrow().get(key).map_or(0, |s| s.deflate_bits);
-        let compressor = &self.hub.sessions.compressor;
-        if bits != 0 && compressor.worth(payload.len(), bits) {
-            if let Some(frame) = compressor.frame(opcode, &[payload]) {
-                return frame;
-            }
+        let plain = || crate::proto::native::frame(opcode, &[payload]);
+        if bits == 0 || !compress {
+            sessions.deliver_frame(key, &plain(), true, false);
+        } else if sessions.dedicated.compresses(key) {
+            sessions.deliver_frame(key, &plain(), true, true);
+        } else {
+            let compressor = &sessions.compressor;
+            let frame = compressor
+                .worth(payload.len(), bits)
+                .then(|| compressor.frame(opcode, &[payload]))
+                .flatten()
+                .unwrap_or_else(plain);
+            sessions.deliver_frame(key, &frame, true, false);
         }
-        crate::proto::native::frame(opcode, &[payload])
     }
 
     /// Registers a session in the handshake phase.
@@ -511,7 +523,7 @@ impl Shard {
         for key in due_heart_beats {
             self.hub
                 .sessions
-                .deliver_frame(key, &Bytes::from_static(HEART_BEAT_FRAME), false);
+                .deliver_frame(key, &Bytes::from_static(HEART_BEAT_FRAME), false, false);
         }
         for key in slow {
             self.kick(key, Kick::SLOW);
@@ -703,12 +715,7 @@ impl Shard {
             SessionAction::Send(kind, body, compress) => {
                 // Any open session takes it (an echo one too): its queue
                 // is made now.
-                let frame = match compress {
-                    true => self.frame_for(key, kind.opcode(), &body),
-                    false => crate::proto::native::frame(kind.opcode(), &[&body]),
-                };
-                self.open_pubsub(key);
-                self.hub.sessions.deliver_frame(key, &frame, true);
+                self.deliver_to(key, kind.opcode(), &body, compress);
             }
             SessionAction::Close(..) => self.kick(key, Kick::CLOSE),
             SessionAction::Info => {}

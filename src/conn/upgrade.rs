@@ -120,10 +120,10 @@ pub(super) fn accept(
     match deflate {
         None => out.push_accept_with(pool, key, protocol, extra),
         Some(agreement) => {
+            let agreement = session.agree_deflate(agreement);
             let mut lines = extra.to_vec();
             agreement.write_response(&mut lines);
             out.push_accept_with(pool, key, protocol, &lines);
-            session.agree_deflate(agreement);
         }
     }
 }

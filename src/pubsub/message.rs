@@ -177,6 +177,11 @@ impl Compressor {
         self.totals.get()
     }
 
+    /// Shorter payloads are sent as they are.
+    pub fn min_bytes(&self) -> usize {
+        self.min_bytes
+    }
+
     /// Whether a payload of `len` bytes goes out compressed to a peer whose
     /// window is `bits` (RFC 7692 7.1.2.1): messages are compressed with
     /// the largest window, and no back-reference reaches past a message's
@@ -229,7 +234,7 @@ impl Compressor {
 const SCRATCH_KEPT_BYTES: usize = 64 * 1024;
 
 /// A whole unmasked frame, RSV1 set, of the compressed `packed`.
-fn frame_of(opcode: Opcode, packed: &[u8]) -> Bytes {
+pub(crate) fn frame_of(opcode: Opcode, packed: &[u8]) -> Bytes {
     let mut head = [0u8; MAX_HEADER_BYTES];
     let n = encode_header(
         &FrameHeader {
@@ -590,7 +595,7 @@ fn put_head(out: &mut BytesMut, ws: &[u8], shared: &StompShared, target: &StompT
 const STORED_HEADER_BYTES: usize = 5;
 
 /// The length of the WebSocket header at the start of a frame we made.
-fn frame_header_len(frame: &[u8]) -> usize {
+pub(crate) fn frame_header_len(frame: &[u8]) -> usize {
     match frame.get(1).map(|b| b & 0x7F) {
         Some(126) => 4,
         Some(127) => 10,

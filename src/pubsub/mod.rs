@@ -27,6 +27,7 @@
 //! carries out other cores' actions on its sessions (`receive` hands them
 //! back).
 
+pub mod dedicated;
 pub mod mesh;
 pub mod message;
 pub mod sessions;

@@ -31,15 +31,20 @@ use bytes::{Bytes, BytesMut};
 use slotmap::SecondaryMap;
 
 use super::mesh::WakerSet;
-use super::message::{Compressor, Deflating, Fanout};
+use super::message::{frame_header_len, Compressor, Deflating, Fanout};
 use super::topics::Via;
 use super::{Pending, SessionKey};
 use crate::config::{Config, SlowConsumer};
 use crate::stats::Stats;
 use crate::sys::Flush;
+use crate::ws::Opcode;
 
 /// Parts per vectored send.
 pub const IOV_PARTS: usize = 128;
+
+/// Bytes a session's own compressor takes ahead of a write (see
+/// `compress_ahead`).
+const AHEAD_BYTES: usize = 64 * 1024;
 
 /// One piece of a queued delivery: a message is one or more parts (a
 /// STOMP MESSAGE: its own head, then shared headers and body), and only
@@ -50,6 +55,9 @@ struct Part {
     last: bool,
     /// The message counts in `messages_out` (a delivery, not a heart-beat).
     counts: bool,
+    /// The message may be compressed as it is written, by a session's own
+    /// compressor (its first part says for the message).
+    compress: bool,
 }
 
 /// One session's pub/sub state.
@@ -78,9 +86,16 @@ struct State {
     /// A publish of this session found the core over its budget: it is not
     /// read until the hold ends.
     held: bool,
-    /// It agreed to permessage-deflate with no context takeover, with this
-    /// window for our messages (8-15 bits); 0: it did not.
+    /// It agreed to permessage-deflate, with this window for our messages
+    /// (8-15 bits); 0: it did not.
     deflate_bits: u8,
+    /// With context takeover for our messages: they are compressed by its
+    /// own compressor as they are written (`compress_ahead`).
+    takeover: bool,
+    /// Parts at the front of the queue its compressor has taken (whole
+    /// messages): they go on the wire before anything queued after them
+    /// is compressed, its own replies included.
+    ahead: usize,
 }
 
 impl State {
@@ -91,6 +106,20 @@ impl State {
     /// Whether a message is partly written: only its rest may go next.
     fn mid_message(&self) -> bool {
         self.head_sent > 0 || self.mid_message
+    }
+
+    /// Parts that must go before any other output: the rest of a message
+    /// partly written, and every message compressed ahead.
+    fn committed(&self) -> usize {
+        let partial = if self.mid_message() {
+            self.queue
+                .iter()
+                .position(|p| p.last)
+                .map_or(self.queue.len(), |i| i + 1)
+        } else {
+            0
+        };
+        partial.max(self.ahead)
     }
 }
 
@@ -150,6 +179,9 @@ pub struct Sessions {
     /// permessage-deflate's compressor for every session that agreed to
     /// no context takeover.
     pub compressor: Compressor,
+    /// The compressors and inflaters of sessions that agreed to context
+    /// takeover.
+    pub dedicated: super::dedicated::Dedicated,
     /// Sessions whose publish waits for ring space, and admin publishes
     /// under way: publishes accepted but not yet in every ring.
     in_flight: Cell<usize>,
@@ -170,17 +202,24 @@ impl Sessions {
             flusher: Cell::new(None),
             heads: RefCell::new(BytesMut::new()),
             compressor: Compressor::new(config.compress_level, config.compress_min_bytes),
+            dedicated: super::dedicated::Dedicated::new(
+                config.deflate_dedicated_bytes,
+                config.compress_level,
+                config.deflate_window_bits,
+            ),
             config,
             in_flight: Cell::new(0),
         }
     }
 
-    /// Session `key` agreed to permessage-deflate with no context takeover
-    /// and a window of `window_bits` for our messages: its deliveries go
-    /// compressed where that is worth it.
-    pub fn set_deflate(&self, key: SessionKey, window_bits: u8) {
+    /// Session `key` agreed to permessage-deflate with a window of
+    /// `window_bits` for our messages: its deliveries go compressed where
+    /// that is worth it; with `takeover`, by its own compressor as they
+    /// are written, otherwise as the core's shared encodings.
+    pub fn set_deflate(&self, key: SessionKey, window_bits: u8, takeover: bool) {
         if let Some(state) = self.table.borrow_mut().get_mut(key) {
             state.deflate_bits = window_bits;
+            state.takeover = takeover;
         }
     }
 
@@ -212,6 +251,7 @@ impl Sessions {
     /// The session is gone: its queue leaves the core's total. Returns
     /// what the hub must clear up.
     pub fn remove(&self, key: SessionKey) -> Option<Removed> {
+        self.dedicated.remove(key);
         let state = self.table.borrow_mut().remove(key)?;
         self.unqueue(state.queued_bytes);
         if !state.pending.is_empty() {
@@ -360,11 +400,18 @@ impl Sessions {
     /// asks for: one MESSAGE per STOMP subscription to the topic, or (`one`,
     /// a queue's message, which has one consumer) for its first.
     pub fn deliver(&self, key: SessionKey, via: &Via, fanout: &Fanout<'_>, one: bool) {
-        let bits = self.table.borrow().get(key).map_or(0, |s| s.deflate_bits);
-        let deflate = (bits != 0).then_some(Deflating {
+        let (bits, takeover) = self
+            .table
+            .borrow()
+            .get(key)
+            .map_or((0, false), |s| (s.deflate_bits, s.takeover));
+        // With its own compressor, it takes the plain encodings, compressed
+        // as they are written.
+        let deflate = (bits != 0 && !takeover).then_some(Deflating {
             window_bits: bits,
             compressor: &self.compressor,
         });
+        let compress = takeover && fanout.message.compress;
         let mut heads = self.heads.borrow_mut();
         fanout.encode(
             via,
@@ -372,14 +419,15 @@ impl Sessions {
             deflate,
             &mut heads,
             || self.queue_is_empty(key),
-            |parts| self.enqueue(key, parts, true),
+            |parts| self.enqueue(key, parts, true, compress),
         );
     }
 
     /// Queues one whole frame (from the admin API, or a STOMP heart-beat:
-    /// `counts` false) for session `key`.
-    pub fn deliver_frame(&self, key: SessionKey, frame: &Bytes, counts: bool) {
-        self.enqueue(key, &mut [frame.clone()], counts);
+    /// `counts` false) for session `key`. `compress`: a plain frame that
+    /// the session's own compressor (if it has one) may compress.
+    pub fn deliver_frame(&self, key: SessionKey, frame: &Bytes, counts: bool, compress: bool) {
+        self.enqueue(key, &mut [frame.clone()], counts, compress);
     }
 
     /// Queues one message (`parts`, written in order) for session `key`,
@@ -396,7 +444,7 @@ impl Sessions {
     /// publishes in one read) is not held against it. A queue holds at most
     /// the limit plus one message once its socket is full; before, what
     /// one round of the core queues, itself bounded by the core's budget.
-    fn enqueue(&self, key: SessionKey, parts: &mut [Bytes], count: bool) {
+    fn enqueue(&self, key: SessionKey, parts: &mut [Bytes], count: bool, compress: bool) {
         let limit = self.config.max_outbound_bytes;
         let len: usize = parts.iter().map(Bytes::len).sum();
         let ready = {
@@ -432,6 +480,7 @@ impl Sessions {
                         bytes: std::mem::take(part),
                         last: i + 1 == n,
                         counts: count,
+                        compress,
                     });
                 }
                 if !was_empty {
@@ -478,9 +527,10 @@ impl Sessions {
 
     /// Writes the session's queued deliveries with `send` (a vectored send
     /// on its socket), many parts per call, until the queue is empty or
-    /// `send` would block. With `partial_only`, only the rest of a message
-    /// already partly written (other output may go only between whole
-    /// frames). Returns whether all went, and the bytes written.
+    /// `send` would block. With `partial_only`, only what must go before
+    /// other output: the rest of a message already partly written (other
+    /// output may go only between whole frames), and what its own
+    /// compressor took. Returns whether all went, and the bytes written.
     pub fn write(
         &self,
         key: SessionKey,
@@ -492,16 +542,17 @@ impl Sessions {
             return Ok((Flush::Done, 0));
         };
         let mut total = 0;
-        while !state.queue.is_empty() && (!partial_only || state.mid_message()) {
+        while !state.queue.is_empty() && (!partial_only || state.committed() > 0) {
+            if !partial_only && state.takeover {
+                self.compress_ahead(key, state);
+            }
+            let take = if partial_only { state.committed() } else { IOV_PARTS };
             let mut iov = [IoSlice::new(&[]); IOV_PARTS];
             let mut n = 0;
-            for (i, part) in state.queue.iter().take(IOV_PARTS).enumerate() {
+            for (i, part) in state.queue.iter().take(IOV_PARTS.min(take)).enumerate() {
                 let from = if i == 0 { state.head_sent } else { 0 };
                 iov[i] = IoSlice::new(&part.bytes[from..]);
                 n += 1;
-                if partial_only && part.last {
-                    break;
-                }
             }
             let mut written = match send(&iov[..n]) {
                 Ok(written) => written,
@@ -526,6 +577,7 @@ impl Sessions {
                 }
                 written -= left;
                 state.head_sent = 0;
+                state.ahead = state.ahead.saturating_sub(1);
                 let (last, counts) = state.queue.pop_front().map_or((true, false), |p| (p.last, p.counts));
                 state.mid_message = !last;
                 stats.messages_out += u64::from(last && counts);
@@ -535,6 +587,71 @@ impl Sessions {
             state.stalled = false;
         }
         Ok((Flush::Done, total))
+    }
+
+    /// Compresses the messages at the front of a session's queue with its
+    /// own compressor (RFC 7692 7.2.1, context takeover), in queue order,
+    /// until a write's worth is ahead: `AHEAD_BYTES`, or `IOV_PARTS` parts.
+    /// Each is compressed just before it is written, so the replies its
+    /// connection queued before it (compressed as they were queued) are
+    /// out first, and those it queues after go after it (`committed`).
+    /// Messages that may not be compressed, or are too short, stay plain
+    /// (a plain message leaves the window as it is, 6.1).
+    fn compress_ahead(&self, key: SessionKey, state: &mut State) {
+        if state.ahead == 0 && state.mid_message() {
+            // Partly written before it had a compressor: it goes as it is.
+            state.ahead = state.committed();
+        }
+        let mut bytes: usize = state.queue.iter().take(state.ahead).map(|p| p.bytes.len()).sum();
+        while state.ahead < state.queue.len() && state.ahead < IOV_PARTS && bytes < AHEAD_BYTES {
+            let start = state.ahead;
+            let end = state
+                .queue
+                .iter()
+                .skip(start)
+                .position(|p| p.last)
+                .map_or(state.queue.len(), |i| start + i + 1);
+            let first = &state.queue[start].bytes;
+            let head = frame_header_len(first);
+            let len = state.queue.range(start..end).map(|p| p.bytes.len()).sum::<usize>() - head;
+            let frame = if state.queue[start].compress && len >= self.config.compress_min_bytes && first.len() >= 2 {
+                let opcode = Opcode::from_u8(first[0] & 0x0f);
+                let parts: Vec<&[u8]> = state
+                    .queue
+                    .range(start..end)
+                    .enumerate()
+                    .map(|(i, p)| if i == 0 { &p.bytes[head..] } else { &p.bytes[..] })
+                    .collect();
+                opcode.and_then(|opcode| self.dedicated.frame(key, opcode, &parts))
+            } else {
+                None
+            };
+            let Some(frame) = frame else {
+                state.ahead = end;
+                bytes += len + head;
+                continue;
+            };
+            let counts = state.queue[end - 1].counts;
+            let old: usize = state.queue.drain(start..end).map(|p| p.bytes.len()).sum();
+            let new = frame.len();
+            state.queue.insert(
+                start,
+                Part {
+                    bytes: frame,
+                    last: true,
+                    counts,
+                    compress: false,
+                },
+            );
+            state.queued_bytes = state.queued_bytes + new - old;
+            if new >= old {
+                self.queued.set(self.queued.get() + (new - old));
+            } else {
+                self.unqueue(old - new);
+            }
+            state.ahead = start + 1;
+            bytes += new;
+        }
     }
 
     /// The socket refused what was already taken from the queue (TLS
@@ -550,15 +667,9 @@ impl Sessions {
     /// dropped leave the core's total too, so the two cannot drift apart.
     /// Returns the deliveries dropped.
     fn drop_unsent(&self, state: &mut State) -> u64 {
-        let keep = if state.mid_message() {
-            state
-                .queue
-                .iter()
-                .position(|p| p.last)
-                .map_or(state.queue.len(), |i| i + 1)
-        } else {
-            0
-        };
+        // What its own compressor took stays too: the client's window must
+        // hold what the compressor's does.
+        let keep = state.committed();
         let deliveries = state.queue.iter().skip(keep).filter(|p| p.last && p.counts).count() as u64;
         state.queue.truncate(keep);
         let before = state.queued_bytes;

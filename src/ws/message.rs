@@ -144,6 +144,12 @@ impl MessageReader {
         self.deflate
     }
 
+    /// Whether the peer keeps its window between messages: its inflater
+    /// must be its own.
+    pub fn takes_over(&self) -> bool {
+        self.takeover
+    }
+
     /// True when no fragmented message is in progress (nothing is held).
     pub fn is_idle(&self) -> bool {
         self.partial.is_none()

@@ -3,7 +3,10 @@
 // 1 MiB, text and binary, round-trip on /echo and through a publish on
 // /ws. Prints "ok" last when all is well.
 //
-// usage: node client.mjs ws://HOST:PORT   (NODE_PATH: tests/stomp/node_modules)
+// Against `--deflate dedicated` (second argument), context takeover is
+// agreed both ways.
+//
+// usage: node client.mjs ws://HOST:PORT [dedicated]   (NODE_PATH: tests/stomp/node_modules)
 
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -11,7 +14,10 @@ import path from "node:path";
 const require = createRequire(path.join(process.env.NODE_PATH || ".", "x.js"));
 const WebSocket = require("ws");
 
-const AGREED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+const AGREED =
+  process.argv[3] === "dedicated"
+    ? "permessage-deflate"
+    : "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 const SIZES = [0, 100, 1 << 20];
 const text = (n) => '{"k":"v","n":[1,2,3]}'.repeat(Math.floor(n / 20) + 1).slice(0, n);
 
@@ -47,7 +53,7 @@ const timer = setTimeout(() => {
 const echo = await open(base + "/echo");
 assert(echo.agreed === AGREED, echo.agreed);
 assert(String(echo.extensions).startsWith("permessage-deflate"), "extension in use: " + echo.extensions);
-for (const n of SIZES) {
+for (const n of [...SIZES, ...SIZES]) {
   echo.send(text(n));
   assert((await echo.recv()) === text(n), `text ${n}`);
   const data = Buffer.alloc(n, 0).map((_, i) => i % 256);

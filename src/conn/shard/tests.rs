@@ -35,7 +35,7 @@ pub(crate) fn test_shard(opts: Options) -> Rc<Shard> {
 
 /// Queues a whole frame for session `key`, as the admin API does.
 fn deliver(shard: &Rc<Shard>, key: SessionKey, frame: &Bytes) {
-    shard.hub.sessions.deliver_frame(key, frame, true);
+    shard.hub.sessions.deliver_frame(key, frame, true, false);
 }
 
 fn waker() -> (Arc<CountingWaker>, Waker) {

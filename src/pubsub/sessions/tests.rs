@@ -66,8 +66,8 @@ fn a_message_in_parts_is_never_cut() {
         let bytes: Vec<u8> = state.queue.iter().flat_map(|p| p.bytes.to_vec()).collect();
         (bytes[state.head_sent..].to_vec(), state.queued_bytes)
     };
-    s.enqueue(key, &mut parts(b"AAA"), true);
-    s.enqueue(key, &mut parts(b"BBB"), true);
+    s.enqueue(key, &mut parts(b"AAA"), true, false);
+    s.enqueue(key, &mut parts(b"BBB"), true, false);
     assert_eq!(s.stats.borrow().deliveries, 2);
     // A byte of the first part is out: the rest of that message stays.
     let mut sink = Vec::new();
@@ -85,8 +85,8 @@ fn a_message_in_parts_is_never_cut() {
     // Its first part out, the last two stay when the rest is dropped.
     let key = other;
     s.open(key);
-    s.enqueue(key, &mut parts(b"CCC"), true);
-    s.enqueue(key, &mut parts(b"DDD"), true);
+    s.enqueue(key, &mut parts(b"CCC"), true, false);
+    s.enqueue(key, &mut parts(b"DDD"), true, false);
     let mut sink = Vec::new();
     s.write(key, false, into(&mut sink, 1)).unwrap();
     s.close(key);
@@ -101,7 +101,7 @@ fn a_grown_queue_is_kept_while_busy_and_freed_by_the_tick() {
     s.open(key);
     let capacity = || s.table.borrow()[key].queue.capacity();
     for _ in 0..IOV_PARTS * 5 {
-        s.deliver_frame(key, &Bytes::from_static(b"x"), true);
+        s.deliver_frame(key, &Bytes::from_static(b"x"), true, false);
     }
     let mut sink = Vec::new();
     s.write(key, false, into(&mut sink, usize::MAX)).unwrap();
@@ -125,11 +125,11 @@ fn a_hold_past_the_stall_timeout_sheds_stuck_subscribers_then_the_largest_queues
         // Queues of 1000, 2000 and 1200 bytes (and a byte before each of
         // the last two): over the 4096 budget.
         let frame = |n: usize| Bytes::from(vec![0u8; n]);
-        s.deliver_frame(stuck, &frame(1000), true);
-        s.deliver_frame(big, &frame(1), true);
-        s.deliver_frame(big, &frame(2000), true);
-        s.deliver_frame(small, &frame(1), true);
-        s.deliver_frame(small, &frame(1200), true);
+        s.deliver_frame(stuck, &frame(1000), true, false);
+        s.deliver_frame(big, &frame(1), true, false);
+        s.deliver_frame(big, &frame(2000), true, false);
+        s.deliver_frame(small, &frame(1), true, false);
+        s.deliver_frame(small, &frame(1200), true, false);
         assert!(s.poll_budget(&mut cx).is_pending());
         // The others took something (that byte) 60 ms into the hold.
         s.tick(60);
@@ -167,8 +167,8 @@ fn a_subscriber_younger_than_the_stall_timeout_is_not_stuck() {
     let frame = |n: usize| Bytes::from(vec![0u8; n]);
     s.tick(1000);
     s.open(big);
-    s.deliver_frame(big, &frame(1), true);
-    s.deliver_frame(big, &frame(4200), true);
+    s.deliver_frame(big, &frame(1), true, false);
+    s.deliver_frame(big, &frame(4200), true, false);
     assert!(s.poll_budget(&mut cx).is_pending(), "held from 1000");
     s.tick(1060);
     let mut sink = Vec::new();
@@ -177,7 +177,7 @@ fn a_subscriber_younger_than_the_stall_timeout_is_not_stuck() {
     // lasted the stall timeout, has had no time to take anything.
     s.tick(1080);
     s.open(fresh);
-    s.deliver_frame(fresh, &frame(100), true);
+    s.deliver_frame(fresh, &frame(100), true, false);
     // Neither is stuck: the largest queue goes, and that is enough.
     assert_eq!(s.tick(1100), vec![big]);
     assert!(s.has_deliveries(fresh));
@@ -193,14 +193,14 @@ fn a_removed_session_leaves_its_topics_and_publishes_and_the_total() {
     assert_eq!(s.join(key, b"a", 2), Ok(false));
     assert_eq!(s.join(key, b"b", 2), Ok(true));
     assert_eq!(s.join(key, b"c", 2), Err(TooManyTopics), "at most 2");
-    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true);
+    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true, false);
     assert_eq!(s.queued_bytes(), 3);
     let removed = s.remove(key).unwrap();
     assert_eq!(removed.topics.len(), 2);
     assert_eq!(s.queued_bytes(), 0);
     assert!(s.remove(key).is_none());
     // Nothing is queued for a session that is not (or no longer) one.
-    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true);
+    s.deliver_frame(key, &Bytes::from_static(b"xyz"), true, false);
     assert_eq!(s.queued_bytes(), 0);
 }
 
@@ -221,4 +221,71 @@ fn a_session_without_pub_sub_state_keeps_no_envelopes_and_joins_as_one() {
     // Joining a topic makes it a pub/sub session, so its removal leaves it.
     assert_eq!(s.join(key, b"t", 1), Ok(true));
     assert_eq!(s.remove(key).unwrap().topics.len(), 1);
+}
+
+/// A session with its own compressor (context takeover): its deliveries
+/// are compressed as they are written, in queue order, and what the
+/// compressor took goes before any other output and is never dropped; one
+/// inflater that keeps its window reads them all.
+#[test]
+fn what_a_session_s_own_compressor_took_goes_before_anything_else() {
+    use crate::ws::deflate::{negotiate, Inflater, Mode};
+    use crate::ws::frame::{decode_header, Role};
+    let s = sessions(Options {
+        compress_min_bytes: Some(100),
+        ..Options::default()
+    });
+    let [key] = keys(1)[..] else { unreachable!() };
+    s.open(key);
+    let agreed = s
+        .dedicated
+        .agree(key, negotiate([&b"permessage-deflate"[..]], Mode::Dedicated).unwrap());
+    assert!(agreed.server_takeover());
+    s.set_deflate(key, agreed.server_window_bits, true);
+    let body = |i: usize| format!("{i:04} {}", "{\"id\":7,\"side\":\"buy\"},".repeat(20)).into_bytes();
+    let frame = |payload: &[u8]| crate::proto::native::frame(Opcode::Text, &[payload]);
+    // Whole messages, one in two parts (as a STOMP head and shared rest),
+    // one that may not be compressed, and one too short.
+    s.enqueue(key, &mut [frame(&body(0))], true, true);
+    let two = frame(&body(1));
+    s.enqueue(key, &mut [two.slice(..50), two.slice(50..)], true, true);
+    s.enqueue(key, &mut [frame(&body(2))], true, false);
+    s.enqueue(key, &mut [frame(b"short")], true, true);
+    s.enqueue(key, &mut [frame(&body(3))], true, true);
+    let plain: usize = s.session_queued_bytes(key);
+    // The socket takes 10 bytes: all five were compressed, and all of
+    // them go before other output; closing drops none of them.
+    let mut sink = Vec::new();
+    s.write(key, false, into(&mut sink, 10)).unwrap();
+    assert!(s.session_queued_bytes(key) + 10 < plain / 2, "compressed in the queue");
+    assert_eq!(s.queued_bytes(), s.session_queued_bytes(key));
+    s.close(key);
+    s.write(key, true, into(&mut sink, 1 << 20)).unwrap();
+    assert_eq!(s.queued_bytes(), 0);
+    // Read back in order with one inflater.
+    let mut inflater = Inflater::default();
+    let mut at = 0;
+    let mut got = Vec::new();
+    while at < sink.len() {
+        let (head, n) = decode_header(&sink[at..], Role::Client).unwrap().unwrap();
+        let payload = &sink[at + n..at + n + head.payload_len as usize];
+        let mut out = Vec::new();
+        if head.rsv1 {
+            inflater.inflate(payload, &mut out, 1 << 20, true).unwrap();
+        } else {
+            out = payload.to_vec();
+        }
+        got.push((head.rsv1, out));
+        at += n + head.payload_len as usize;
+    }
+    let want = [
+        (true, body(0)),
+        (true, body(1)),
+        (false, body(2)),
+        (false, b"short".to_vec()),
+        (true, body(3)),
+    ];
+    assert_eq!(got, want);
+    assert_eq!(s.stats.borrow().messages_out, 5);
+    assert_eq!(s.dedicated.snapshot().deflate.messages, 3);
 }
