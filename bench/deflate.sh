@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# permessage-deflate's figures: each scenario with and without the
-# extension, alternately, ROUNDS rounds; sluice (--workers 1) pinned to
-# core 0, the client to core 1. Prints one line per run and the medians.
+# permessage-deflate's figures: each scenario in each of MODES,
+# alternately, ROUNDS rounds; sluice (--workers 1) pinned to core 0, the
+# client to core 1. Prints one line per run and the medians.
 #
 #   bench/deflate.sh                     every scenario, 3 rounds
 #   ROUNDS=1 SCENARIOS="echo" bench/deflate.sh
 #   SLUICE_ARGS="--compress-level 1" bench/deflate.sh
+#   MODES="deflate dedicated" bench/deflate.sh
+#
+# Modes (default "plain deflate"):
+#   plain      the extension not offered
+#   deflate    offered without context takeover: sluice's `shared` mode
+#   dedicated  sluice --deflate dedicated (its budget raised past what the
+#              run needs), offered as browsers do (sluice-load --deflate
+#              --deflate-takeover, ECHO_CHECK_DEFLATE=2): context takeover
+#              both ways, a compressor and an inflater per connection
+#   dedicated-wN  the same with --deflate-window-bits N
 #
 # Scenarios:
 #   fanout   1 publisher, 1,000 subscribers of one topic, RATES publishes
@@ -16,7 +26,8 @@
 #   echo     100 connections x 4 in flight x 1 KiB JSON-like text, closed
 #            loop, one frame per write: sluice-load echo --write-each, and
 #            the independent client (bench/echo_check.c, ECHO_CHECK_JSON=1
-#            [ECHO_CHECK_DEFLATE=1])
+#            [ECHO_CHECK_DEFLATE=1|2]); and the bytes sluice wrote per
+#            echo (sluice_bytes_out_total / sluice_messages_out_total)
 #   memory   15,000 idle connections (sluice-load connect [--deflate]):
 #            the server's RSS per connection
 #
@@ -27,6 +38,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-4}"
 SCENARIOS="${SCENARIOS:-fanout echo memory}"
+MODES="${MODES:-plain deflate}"
 RATES="${RATES:-100 250}"
 OUT="${OUT:-target/bench-deflate}"
 read -r -a SLUICE_FLAGS <<<"${SLUICE_ARGS:-}"
@@ -38,10 +50,11 @@ cc -O2 -Wall -o "$OUT/echo_check" bench/echo_check.c -lssl -lcrypto -lz
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 SERVER_PID=""
+MODE_FLAGS=()
 start_server() {
   local port=$1 admin=$2
   taskset -c 0 target/release/sluice --workers 1 --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    "${SLUICE_FLAGS[@]}" >"$OUT/server.log" 2>&1 &
+    "${SLUICE_FLAGS[@]}" "${MODE_FLAGS[@]}" >"$OUT/server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 50); do
     grep -q "listening on" "$OUT/server.log" && return 0
@@ -71,9 +84,18 @@ results="$OUT/results.txt"
 : >"$results"
 for round in $(seq 1 "$ROUNDS"); do
   for scenario in $SCENARIOS; do
-    for mode in plain deflate; do
+    for mode in $MODES; do
       flag=()
-      [[ $mode == deflate ]] && flag=(--deflate)
+      MODE_FLAGS=()
+      deflate=0
+      case $mode in
+        deflate) flag=(--deflate) deflate=1 ;;
+        dedicated*)
+          flag=(--deflate --deflate-takeover) deflate=2
+          MODE_FLAGS=(--deflate dedicated --deflate-dedicated-bytes 68719476736)
+          [[ $mode == dedicated-w* ]] && MODE_FLAGS+=(--deflate-window-bits "${mode#dedicated-w}")
+          ;;
+      esac
       port=$((9300 + RANDOM % 500))
       admin=$((port + 500))
       case $scenario in
@@ -99,12 +121,13 @@ for round in $(seq 1 "$ROUNDS"); do
           taskset -c 1 target/release/sluice-load echo --url "ws://127.0.0.1:$port/echo" -c 100 -d 4 -s 1024 \
             --write-each --json-payload "${flag[@]}" --warmup 1 -t "$SECS" --server-pid "$SERVER_PID" \
             --json "$json" >"$OUT/echo-$mode-$round.out" 2>&1 || true
+          bytes=$(metric "$admin" sluice_bytes_out_total)
+          messages=$(metric "$admin" sluice_messages_out_total)
           echo "echo-sluice-load $mode msg_per_s $(field "$json" messages_per_second)" \
-            "server_ns_per_msg $(field "$json" cpu server_ns_per_message)" | tee -a "$results"
+            "server_ns_per_msg $(field "$json" cpu server_ns_per_message)" \
+            "bytes_per_msg $(python3 -c "print(round($bytes / max($messages, 1), 1))")" | tee -a "$results"
           stop_server
           start_server "$port" "$admin"
-          deflate=0
-          [[ $mode == deflate ]] && deflate=1
           check=$(ECHO_CHECK_JSON=1 ECHO_CHECK_DEFLATE=$deflate taskset -c 1 "$OUT/echo_check" 127.0.0.1 "$port" /echo \
             echo 100 4 1024 "$SECS" "$SERVER_PID" 2>&1 || true)
           stop_server

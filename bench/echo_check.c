@@ -20,12 +20,14 @@
  * one record per frame, as a browser sends them.
  *
  * ECHO_CHECK_JSON=1: payloads are JSON-like text (records of ids, prices,
- * quantities and sides) in text frames, instead of 'x' repeated in binary
+ * quantities and sides) in text frames, sent in turn from enough variants
+ * that none repeats within 32 KiB, instead of 'x' repeated in binary
  * ones. ECHO_CHECK_DEFLATE=1 (echo and burst modes): offers
- * permessage-deflate without context takeover (RFC 7692), fails unless
+ * permessage-deflate without context takeover (RFC 7692; =2: leaving
+ * context takeover to the server, as browsers do), fails unless
  * the server agrees, and sends every message compressed by zlib (level
- * 6, compressed once, as the payload is the same every time); replies are
- * counted whether compressed or not.
+ * 6, each variant compressed once, on its own); replies are counted
+ * whether compressed or not.
  *
  * One second of warm-up, then SECONDS measured. Prints one JSON object:
  * messages per second, latency percentiles (rate mode) and, with
@@ -56,6 +58,7 @@ struct conn {
     SSL *ssl; /* NULL over ws:// */
     size_t have;
     unsigned char *buf;
+    size_t turn; /* the payload variant it sends next */
 };
 
 static SSL_CTX *tls_ctx; /* set for tls:HOST */
@@ -63,14 +66,14 @@ static int json_payload, deflate_payload; /* ECHO_CHECK_JSON, ECHO_CHECK_DEFLATE
 static void die(const char *what);
 
 /* The payload of every message: `size` bytes of JSON-like text, or 'x'. */
-static void fill_payload(unsigned char *p, size_t size) {
+static void fill_payload(unsigned char *p, size_t size, uint64_t variant) {
     if (!json_payload) {
         memset(p, 'x', size);
         return;
     }
     char rec[128];
     size_t at = 0;
-    uint64_t x = 0x2545F4914F6CDD1Dull;
+    uint64_t x = 0x2545F4914F6CDD1Dull ^ (variant * 0x9E3779B97F4A7C15ull);
     at += (size_t)snprintf((char *)p, size + 1 > 11 ? 11 : size + 1, "{\"items\":[");
     while (at < size) {
         x ^= x << 13;
@@ -184,49 +187,66 @@ static ssize_t read_some(struct conn *c, unsigned char *p, size_t cap) {
     return got > 0 ? (ssize_t)got : -1;
 }
 
-/* Appends one masked binary frame of `size` bytes whose first 8 bytes are
- * `stamp` to `frame`; returns its length. The mask is fixed, so the frame
- * is masked once and copied after, with only the stamp masked anew. */
-static size_t encode_frame(unsigned char *frame, size_t size, uint64_t stamp) {
+/* JSON payloads are sent in turn from this many variants (records of the
+ * same shape, other values): enough that a message's twin is never in
+ * deflate's 32 KiB window, so a server that keeps its window between
+ * messages (context takeover) finds only what real traffic gives it. */
+#define MAX_VARIANTS 64
+static size_t variants(size_t size) {
+    size_t n = 40 * 1024 / (size ? size : 1) + 1;
+    return json_payload ? (n < MAX_VARIANTS ? n : MAX_VARIANTS) : 1;
+}
+
+/* Appends one masked frame of `size` bytes whose first 8 bytes are
+ * `stamp` to `frame`, of `c`'s next variant (each connection sends them in
+ * turn, so a variant comes back only after all the others); returns its
+ * length. The mask is
+ * fixed, so each variant is masked once and copied after, with only the
+ * stamp masked anew. */
+static size_t encode_frame(struct conn *c, unsigned char *frame, size_t size, uint64_t stamp) {
     static const unsigned char mask[4] = {0x37, 0xfa, 0x21, 0x3d};
-    static unsigned char template[16 + 65536];
-    static size_t template_size = (size_t)-1, template_len;
+    static unsigned char template[MAX_VARIANTS][16 + 65536];
+    static size_t template_size = (size_t)-1, template_len[MAX_VARIANTS];
     if (template_size != size) {
         static unsigned char plain[65536], packed[65536 + 1024];
-        fill_payload(plain, size);
-        const unsigned char *payload = plain;
-        size_t len = size;
-        if (deflate_payload) {
-            len = deflate_message(plain, size, packed, sizeof packed);
-            payload = packed;
+        for (size_t v = 0; v < variants(size); v++) {
+            fill_payload(plain, size, v);
+            const unsigned char *payload = plain;
+            size_t len = size;
+            if (deflate_payload) {
+                len = deflate_message(plain, size, packed, sizeof packed);
+                payload = packed;
+            }
+            unsigned char *t = template[v];
+            size_t h = 0;
+            t[h++] = (json_payload ? 0x81 : 0x82) | (deflate_payload ? 0x40 : 0);
+            if (len < 126) {
+                t[h++] = 0x80 | (unsigned char)len;
+            } else {
+                t[h++] = 0x80 | 126;
+                t[h++] = (unsigned char)(len >> 8);
+                t[h++] = (unsigned char)len;
+            }
+            memcpy(t + h, mask, 4);
+            h += 4;
+            for (size_t i = 0; i < len; i++) t[h + i] = payload[i] ^ mask[i & 3];
+            template_len[v] = h + len;
         }
-        size_t h = 0;
-        template[h++] = (json_payload ? 0x81 : 0x82) | (deflate_payload ? 0x40 : 0);
-        if (len < 126) {
-            template[h++] = 0x80 | (unsigned char)len;
-        } else {
-            template[h++] = 0x80 | 126;
-            template[h++] = (unsigned char)(len >> 8);
-            template[h++] = (unsigned char)len;
-        }
-        memcpy(template + h, mask, 4);
-        h += 4;
-        for (size_t i = 0; i < len; i++) template[h + i] = payload[i] ^ mask[i & 3];
         template_size = size;
-        template_len = h + len;
     }
-    memcpy(frame, template, template_len);
+    size_t v = c->turn++ % variants(size);
+    memcpy(frame, template[v], template_len[v]);
     if (size >= 8 && !deflate_payload) { /* a compressed payload has no stamp */
-        unsigned char *payload = frame + template_len - size;
+        unsigned char *payload = frame + template_len[v] - size;
         for (size_t i = 0; i < 8; i++) payload[i] = ((unsigned char *)&stamp)[i] ^ mask[i & 3];
     }
-    return template_len;
+    return template_len[v];
 }
 
 /* One frame, written with one send(2) (one SSL_write). */
 static void send_frame(struct conn *c, size_t size, uint64_t stamp) {
     static unsigned char frame[16 + 65536];
-    write_all(c, frame, encode_frame(frame, size, stamp));
+    write_all(c, frame, encode_frame(c, frame, size, stamp));
 }
 
 static void open_conn(struct conn *c, const char *host, int port, const char *path) {
@@ -253,9 +273,10 @@ static void open_conn(struct conn *c, const char *host, int port, const char *pa
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
                      path, host, port,
-                     deflate_payload ? "Sec-WebSocket-Extensions: permessage-deflate; "
-                                       "server_no_context_takeover; client_no_context_takeover\r\n"
-                                     : "");
+                     deflate_payload == 2 ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                     : deflate_payload   ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                                           "server_no_context_takeover; client_no_context_takeover\r\n"
+                                         : "");
     write_all(c, (unsigned char *)req, (size_t)n);
     /* read the 101 head byte by byte, so no frame is taken with it */
     char head[4096];
@@ -304,7 +325,7 @@ int main(int argc, char **argv) {
     double seconds = atof(argv[8]);
     int server_pid = argc > 9 ? atoi(argv[9]) : 0;
     json_payload = getenv("ECHO_CHECK_JSON") && atoi(getenv("ECHO_CHECK_JSON"));
-    deflate_payload = getenv("ECHO_CHECK_DEFLATE") && atoi(getenv("ECHO_CHECK_DEFLATE"));
+    deflate_payload = getenv("ECHO_CHECK_DEFLATE") ? atoi(getenv("ECHO_CHECK_DEFLATE")) : 0;
     if (deflate_payload && rate_mode) {
         fprintf(stderr, "ECHO_CHECK_DEFLATE is for echo and burst modes\n");
         return 2;
@@ -413,7 +434,7 @@ int main(int argc, char **argv) {
                 static unsigned char out[READ_CAP];
                 size_t len = 0;
                 while (answers > 0 && len + 16 + size <= sizeof out) {
-                    len += encode_frame(out + len, size, 0);
+                    len += encode_frame(c, out + len, size, 0);
                     answers--;
                 }
                 write_all(c, out, len);

@@ -37,6 +37,10 @@ pub struct Target {
     /// Offer permessage-deflate without context takeover (RFC 7692), and
     /// fail a connection whose server declines it.
     pub deflate: bool,
+    /// With `deflate`: offer it leaving context takeover to the server,
+    /// and inflate whole what it compresses with it (a connection's own
+    /// inflater, keeping its window).
+    pub deflate_takeover: bool,
 }
 
 impl Target {
@@ -64,6 +68,7 @@ impl Target {
             tls: None,
             secure,
             deflate: false,
+            deflate_takeover: false,
         })
     }
 
@@ -184,6 +189,10 @@ const READER_LIMITS: Limits = Limits {
 /// What `--deflate` offers: what sluice's `shared` mode agrees to.
 const DEFLATE_OFFER: &str =
     "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n";
+
+/// What `--deflate --deflate-takeover` offers: the extension, context
+/// takeover left to the server (as browsers offer it).
+const TAKEOVER_OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 
 /// Of a compressed message, only this much is inflated: the harness reads
 /// its stamps at the start, and inflating all of every message would make
@@ -335,7 +344,11 @@ impl Client {
         nonce[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
         nonce[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
         let key = BASE64.encode(nonce);
-        let offer = if target.deflate { DEFLATE_OFFER } else { "" };
+        let offer = match (target.deflate, target.deflate_takeover) {
+            (false, _) => "",
+            (true, false) => DEFLATE_OFFER,
+            (true, true) => TAKEOVER_OFFER,
+        };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             target.path, target.host
@@ -381,20 +394,26 @@ impl Client {
                 });
             }
             if target.deflate {
-                let agreed = response.headers.iter().any(|h| {
-                    h.name.eq_ignore_ascii_case("sec-websocket-extensions")
-                        && h.value.starts_with(b"permessage-deflate")
-                        && std::str::from_utf8(h.value).is_ok_and(|v| v.contains("server_no_context_takeover"))
+                let agreed = response.headers.iter().find_map(|h| {
+                    let v = std::str::from_utf8(h.value).ok()?;
+                    (h.name.eq_ignore_ascii_case("sec-websocket-extensions") && v.starts_with("permessage-deflate"))
+                        .then_some(v)
                 });
-                if !agreed {
+                let takeover = agreed.is_some_and(|v| !v.contains("server_no_context_takeover"));
+                if agreed.is_none() || (takeover && !target.deflate_takeover) {
                     return Err(ConnectError {
                         failure: Failure::Non101,
                         detail: "the server declined permessage-deflate without context takeover".into(),
                     });
                 }
                 let reader = std::mem::replace(&mut self.reader, MessageReader::new(Role::Client, READER_LIMITS));
-                self.reader = reader.with_deflate(false);
-                self.inflater = Some(INFLATER.with(|i| i.clone()));
+                self.reader = reader.with_deflate(takeover);
+                self.inflater = Some(match takeover {
+                    // Its messages refer back into the ones before: all
+                    // of each is inflated, in order, by its own.
+                    true => std::rc::Rc::new(std::cell::RefCell::new(Inflater::default())),
+                    false => INFLATER.with(|i| i.clone()),
+                });
             }
             // Frames may already follow the response.
             self.inbox.drain(..head_len);

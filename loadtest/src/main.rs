@@ -234,6 +234,12 @@ struct CommonArgs {
     /// bytes are inflated (where the stamps are).
     #[arg(long)]
     deflate: bool,
+    /// With --deflate: offer it as browsers do, context takeover left to
+    /// the server; what it compresses with takeover is inflated whole, by
+    /// each connection's own inflater (a client cost). What we send is
+    /// still compressed message by message.
+    #[arg(long, requires = "deflate")]
+    deflate_takeover: bool,
     /// Payloads are JSON-like text (records of ids, prices and words, as
     /// market data is) instead of one byte repeated, so compression meets
     /// what real traffic gives it.
@@ -335,6 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     }
     let mut target = Target::parse(&args.url)?.with_ca(args.ca.as_deref())?;
     target.deflate = args.deflate;
+    target.deflate_takeover = args.deflate_takeover;
     let sources = args
         .source
         .as_deref()

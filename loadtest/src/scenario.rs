@@ -43,9 +43,14 @@ pub struct Common {
 /// quantities and sides, the same for every call (as compressible as a
 /// market-data feed: about 3x by deflate at 1 KiB).
 pub fn json_like(len: usize) -> Vec<u8> {
+    json_like_variant(len, 0)
+}
+
+/// `json_like` with other records: variant `n` of the same shape.
+pub fn json_like_variant(len: usize, n: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 64);
     out.extend_from_slice(b"{\"items\":[");
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
@@ -62,6 +67,16 @@ pub fn json_like(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// The JSON-like payloads a connection sends in turn: enough different
+/// ones that a message's twin is never within deflate's 32 KiB window, so
+/// a compressor that keeps its window between messages (context takeover)
+/// finds what real traffic gives it, the records' shape, not the message
+/// whole.
+pub fn json_variants(len: usize) -> Vec<Vec<u8>> {
+    let count = (40 * 1024 / len.max(1) + 1).min(64);
+    (0..count as u64).map(|n| json_like_variant(len, n)).collect()
 }
 
 /// A masked client frame of `payload` appended to `out`: compressed, RSV1
@@ -421,13 +436,13 @@ async fn close_cleanly(client: Client, key: [u8; 4]) -> ThreadResult {
     result
 }
 
-/// One echo connection: its pre-masked batch and its messages in flight.
+/// One echo connection: its pre-masked frames and its messages in flight.
 struct Echoer {
     client: Client,
     key: [u8; 4],
-    /// `in_flight` frames back to back: a batch of n is its first n frames.
-    batch: Vec<u8>,
-    frame_len: usize,
+    /// The frames it sends, in turn (one, or `json_variants`' payloads).
+    frames: Vec<Vec<u8>>,
+    next_frame: usize,
     /// Send times by batch: every message of a batch left at the same
     /// instant, so round trips are recorded per batch, not per message.
     sent_at: VecDeque<(Instant, usize)>,
@@ -439,18 +454,24 @@ struct Echoer {
 
 impl Echoer {
     fn new(common: &Common, plan: &EchoPlan, client: Client, rng: &mut Rng) -> Echoer {
-        let (payload, opcode) = match common.json {
-            true => (json_like(plan.size), Opcode::Text),
-            false => (vec![0x5a; plan.size], Opcode::Binary),
+        let (payloads, opcode) = match common.json {
+            true => (json_variants(plan.size), Opcode::Text),
+            false => (vec![vec![0x5a; plan.size]], Opcode::Binary),
         };
         let key = (rng.next_u64() as u32).to_le_bytes();
-        let mut frame = Vec::with_capacity(plan.size + MAX_HEADER_BYTES);
-        push_message(&mut frame, opcode, key, &payload, common.target.deflate);
+        let frames = payloads
+            .iter()
+            .map(|payload| {
+                let mut frame = Vec::with_capacity(plan.size + MAX_HEADER_BYTES);
+                push_message(&mut frame, opcode, key, payload, common.target.deflate);
+                frame
+            })
+            .collect();
         Echoer {
             client,
             key,
-            batch: frame.repeat(plan.in_flight),
-            frame_len: frame.len(),
+            frames,
+            next_frame: 0,
             sent_at: VecDeque::with_capacity(plan.in_flight),
             owed: plan.in_flight,
             write_each: plan.write_each,
@@ -466,15 +487,14 @@ impl Echoer {
         live: &Live,
         result: &mut ThreadResult,
     ) -> io::Result<()> {
-        if self.owed > 0 && self.write_each {
-            // One frame per write; what the socket refuses waits in the
-            // outbox and goes with the next write.
-            for _ in 0..self.owed {
-                self.client.queue(&self.batch[..self.frame_len]);
+        // One frame per write (`write_each`), else all in one; what the
+        // socket refuses waits in the outbox and goes with the next write.
+        for _ in 0..self.owed {
+            self.client.queue(&self.frames[self.next_frame]);
+            self.next_frame = (self.next_frame + 1) % self.frames.len();
+            if self.write_each {
                 self.client.try_send()?;
             }
-        } else if self.owed > 0 {
-            self.client.queue(&self.batch[..self.owed * self.frame_len]);
         }
         if self.owed > 0 {
             self.sent_at.push_back((now, self.owed));
@@ -1152,10 +1172,10 @@ fn drive_fanout(
     let mut ready = Vec::new();
     let mut failed = vec![false; members.len()];
     let mut payload = Vec::with_capacity(plan.size + 64);
-    let filler = if common.json {
-        json_like(plan.size)
+    let fillers = if common.json {
+        json_variants(plan.size)
     } else {
-        vec![b'.'; plan.size]
+        vec![vec![b'.'; plan.size]]
     };
     loop {
         let now = Instant::now();
@@ -1186,6 +1206,7 @@ fn drive_fanout(
                 let sent_ns = next.duration_since(common.epoch).as_nanos();
                 payload.extend_from_slice(format!("#L{publisher}:{seq}:{sent_ns}#").as_bytes());
                 let short = (prefix.len() + plan.size).saturating_sub(payload.len());
+                let filler = &fillers[*seq as usize % fillers.len()];
                 payload.extend_from_slice(&filler[..short]);
                 payload.extend_from_slice(plan.speech.publish_suffix.as_bytes());
                 push_message(client.outbox(), Opcode::Text, *key, &payload, common.target.deflate);
