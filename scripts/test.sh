@@ -8,8 +8,8 @@
 # in headless Chromium (Debian's package, installed here);
 # tests/layers.rs fails when a module of src/ names one above it), the
 # Autobahn|Testsuite cases 1.*-13.* against /echo under both drivers (12.*
-# and 13.* are permessage-deflate's), and a
-# short run of each fuzz target. Exits non-zero on the first failure.
+# and 13.* are permessage-deflate's; they run again under --deflate
+# dedicated), and a short run of each fuzz target. Exits non-zero on the first failure.
 #
 #   scripts/test.sh                  everything
 #   SLUICE_FUZZ_SECONDS=0 scripts/test.sh    skip the fuzz runs
@@ -72,12 +72,18 @@ SLUICE_SANITIZED=1 PYTHONPATH="$PY_TESTS" LSAN_OPTIONS="suppressions=$PWD/script
   --test queued --test shutdown --test cluster --test backend 2>&1 | tee target/asan.log
 asan_passed=$(grep -E '^test result:' target/asan.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 
-step "Autobahn|Testsuite 1.*-13.* against /echo (12.* and 13.*: permessage-deflate), io_uring and epoll"
+step "Autobahn|Testsuite 1.*-13.* against /echo (12.* and 13.*: permessage-deflate), io_uring and epoll; 12.* and 13.* under --deflate dedicated"
 cargo build --release --bin sluice
 ab_pids=()
-for driver in uring epoll; do
-  log="target/autobahn-server-$driver.log"
-  ./target/release/sluice --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --driver "$driver" >"$log" 2>&1 &
+# uring and epoll: 1.*-13.* with the default `--deflate shared`; dedicated:
+# 12.* and 13.* under `--deflate dedicated` (context takeover), io_uring.
+for run in uring epoll dedicated; do
+  driver=$run cases=$AUTOBAHN_CASES flags=()
+  if [ "$run" = dedicated ]; then
+    driver=uring cases='12.*,13.*' flags=(--deflate dedicated)
+  fi
+  log="target/autobahn-server-$run.log"
+  ./target/release/sluice --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --driver "$driver" "${flags[@]}" >"$log" 2>&1 &
   PIDS+=("$!")
   addr=""
   for _ in $(seq 50); do
@@ -85,16 +91,16 @@ for driver in uring epoll; do
     [ -n "$addr" ] && break
     sleep 0.1
   done
-  [ -n "$addr" ] || { cat "$log"; echo "sluice ($driver) did not start"; exit 1; }
-  # One wstest per driver, side by side: wstest is single-threaded, and
-  # the compression cases would take twice as long one after the other.
-  SLUICE_AUTOBAHN_TIMEOUT=2400 scripts/autobahn.sh --cases "$AUTOBAHN_CASES" --out "target/autobahn-$driver" \
-    "sluice-$driver=ws://$addr/echo" >"target/autobahn-summary-$driver.txt" 2>&1 &
+  [ -n "$addr" ] || { cat "$log"; echo "sluice ($run) did not start"; exit 1; }
+  # One wstest per run, side by side: wstest is single-threaded, and
+  # the compression cases would take three times as long one after the other.
+  SLUICE_AUTOBAHN_TIMEOUT=2400 scripts/autobahn.sh --cases "$cases" --out "target/autobahn-$run" \
+    "sluice-$run=ws://$addr/echo" >"target/autobahn-summary-$run.txt" 2>&1 &
   ab_pids+=("$!")
 done
 ab_rc=0
 for pid in "${ab_pids[@]}"; do wait "$pid" || ab_rc=$?; done
-cat target/autobahn-summary-uring.txt target/autobahn-summary-epoll.txt | tee target/autobahn-summary.txt
+cat target/autobahn-summary-{uring,epoll,dedicated}.txt | tee target/autobahn-summary.txt
 [ "$ab_rc" -eq 0 ] || { echo "autobahn failed ($ab_rc)"; exit 1; }
 ab_cases=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt | sed -E 's/.*: ([0-9]+) cases.*/\1/' | paste -sd+ | bc)
 ab_failed=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt | sed -E 's/.*FAILED ([0-9]+).*/\1/' | paste -sd+ | bc)
@@ -114,5 +120,5 @@ fi
 step "summary"
 echo "cargo tests: $cargo_passed passed, $cargo_failed failed"
 echo "integration tests under ASan: $asan_passed passed"
-echo "autobahn cases (both drivers): $((ab_cases - ab_failed)) passed, $ab_failed failed"
+echo "autobahn cases (both drivers, and dedicated deflate): $((ab_cases - ab_failed)) passed, $ab_failed failed"
 echo "total: $((cargo_passed + asan_passed + ab_cases - ab_failed)) passed, $((cargo_failed + ab_failed)) failed"
