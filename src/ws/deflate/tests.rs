@@ -350,3 +350,47 @@ fn context_memory() {
     assert!(kib * 1024 <= INFLATER_BYTES);
     drop(inflaters);
 }
+
+/// What a message costs a compressor that keeps its window (context
+/// takeover), hot in cache, as docs/ARCHITECTURE.md and README give it:
+/// `cargo test --release --lib takeover_cost -- --ignored --nocapture`
+/// (20,000 messages of 1 KiB of JSON-like text, 41 variants in turn, so
+/// none has a twin in the window).
+#[test]
+#[ignore]
+fn takeover_cost() {
+    let variant = |n: u64| {
+        let mut out = b"{\"items\":[".to_vec();
+        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        while out.len() < 1024 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let side = ["buy", "sell"][(x & 1) as usize];
+            let (id, price, cents, qty) = ((x >> 8) % 1_000_000, (x >> 28) % 1000, (x >> 40) % 100, (x >> 48) % 500);
+            out.extend_from_slice(
+                format!("{{\"id\":{id},\"price\":{price}.{cents:02},\"qty\":{qty},\"side\":\"{side}\"}},").as_bytes(),
+            );
+        }
+        out.truncate(1024);
+        out
+    };
+    let messages: Vec<Vec<u8>> = (0..41).map(variant).collect();
+    for level in [1, 6] {
+        for bits in [10, 15] {
+            let mut deflater = Deflater::new(level, bits);
+            let (n, mut bytes, mut out) = (20_000, 0, Vec::new());
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                out.clear();
+                deflater.compress(&messages[i % messages.len()], &mut out, true);
+                bytes += out.len();
+            }
+            let us = started.elapsed().as_secs_f64() / n as f64 * 1e6;
+            println!(
+                "level {level}, window {bits}: {us:.1} µs a message, {} bytes",
+                bytes / n
+            );
+        }
+    }
+}
