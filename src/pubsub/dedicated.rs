@@ -33,8 +33,6 @@ struct Contexts {
     /// pointers, not their handles.
     deflater: Option<Box<Deflater>>,
     inflater: Option<Box<Inflater>>,
-    /// What its compressor did.
-    deflated: Totals,
 }
 
 /// What a core's dedicated contexts did and hold, for the metrics.
@@ -59,8 +57,10 @@ pub struct Dedicated {
     reserved: Cell<usize>,
     refused: Cell<u64>,
     contexts: RefCell<SecondaryMap<SessionKey, Box<Contexts>>>,
-    /// What the contexts of ended sessions did.
-    retired: Cell<(Totals, Totals)>,
+    /// What all the contexts compressed and inflated (kept as they work,
+    /// so the metrics never visit every connection).
+    deflated: Cell<Totals>,
+    inflated: Cell<Totals>,
     /// Compressed bytes on their way into a frame.
     scratch: RefCell<Vec<u8>>,
 }
@@ -77,7 +77,8 @@ impl Dedicated {
             reserved: Cell::new(0),
             refused: Cell::new(0),
             contexts: RefCell::new(SecondaryMap::new()),
-            retired: Cell::new(Default::default()),
+            deflated: Cell::new(Totals::default()),
+            inflated: Cell::new(Totals::default()),
             scratch: RefCell::new(Vec::new()),
         }
     }
@@ -101,7 +102,6 @@ impl Dedicated {
             reserved: bytes,
             deflater: None,
             inflater: None,
-            deflated: Totals::default(),
         };
         if let Some(old) = self.contexts.borrow_mut().insert(key, Box::new(contexts)) {
             // Not expected: one agreement per session.
@@ -117,12 +117,6 @@ impl Dedicated {
             return;
         };
         self.reserved.set(self.reserved.get() - contexts.reserved);
-        let (mut deflate, mut inflate) = self.retired.get();
-        add(&mut deflate, contexts.deflated);
-        if let Some(inflater) = &contexts.inflater {
-            add(&mut inflate, inflater.totals());
-        }
-        self.retired.set((deflate, inflate));
     }
 
     /// Whether session `key`'s messages are compressed with its own
@@ -146,7 +140,9 @@ impl Dedicated {
         let mut packed = self.scratch.borrow_mut();
         packed.clear();
         deflater.compress_parts(parts, &mut packed, true);
-        c.deflated.add(parts.iter().map(|p| p.len()).sum(), packed.len());
+        let mut deflated = self.deflated.get();
+        deflated.add(parts.iter().map(|p| p.len()).sum(), packed.len());
+        self.deflated.set(deflated);
         drop(contexts);
         let r = f(&packed);
         if packed.capacity() > SCRATCH_KEPT_BYTES {
@@ -175,32 +171,27 @@ impl Dedicated {
     pub fn with_inflater<R>(&self, key: SessionKey, f: impl FnOnce(&mut Inflater) -> R) -> Option<R> {
         let mut contexts = self.contexts.borrow_mut();
         let c = contexts.get_mut(key).filter(|c| c.agreement.client_takeover())?;
-        Some(f(c.inflater.get_or_insert_with(Box::default)))
+        let inflater = c.inflater.get_or_insert_with(Box::default);
+        let before = inflater.totals();
+        let r = f(inflater);
+        let after = inflater.totals();
+        let mut inflated = self.inflated.get();
+        inflated.messages += after.messages - before.messages;
+        inflated.bytes_in += after.bytes_in - before.bytes_in;
+        inflated.bytes_out += after.bytes_out - before.bytes_out;
+        self.inflated.set(inflated);
+        Some(r)
     }
 
     pub fn snapshot(&self) -> DedicatedSnapshot {
-        let contexts = self.contexts.borrow();
-        let (mut deflate, mut inflate) = self.retired.get();
-        for c in contexts.values() {
-            add(&mut deflate, c.deflated);
-            if let Some(inflater) = &c.inflater {
-                add(&mut inflate, inflater.totals());
-            }
-        }
         DedicatedSnapshot {
-            sessions: contexts.len() as u64,
+            sessions: self.contexts.borrow().len() as u64,
             reserved_bytes: self.reserved.get() as u64,
             refused: self.refused.get(),
-            deflate,
-            inflate,
+            deflate: self.deflated.get(),
+            inflate: self.inflated.get(),
         }
     }
-}
-
-fn add(to: &mut Totals, more: Totals) {
-    to.messages += more.messages;
-    to.bytes_in += more.bytes_in;
-    to.bytes_out += more.bytes_out;
 }
 
 #[cfg(test)]
