@@ -651,6 +651,20 @@ both_drivers!(dedicated_takes_over_the_context_both_ways, |driver| {
     wait_for_metric(&server, "sluice_inflated_messages_total", 6);
     wait_for_metric(&server, "sluice_inflated_bytes_out_total", 6 * body.len() as u64);
 
+    // Everything compressed (--compress-min-bytes 0): empty messages one
+    // after another, each an empty stored block's first octet.
+    let all = Server::start(driver, &["--deflate", "dedicated", "--compress-min-bytes", "0"]);
+    let (raw, _) = open_with(all.addr, "/echo", OFFER);
+    let mut small = Stream {
+        raw,
+        inflater: Inflater::default(),
+    };
+    for m in [&b"a"[..], b"", b"", b"b", b""] {
+        small.raw.send_frame(0x81, m);
+        let (rsv1, wire, plain) = small.next();
+        assert!(rsv1 && plain == m && (wire == 1) == m.is_empty(), "{m:?}: {wire}");
+    }
+
     // The client may still ask for none either way, or a window of 8
     // bits, which zlib cannot compress with: ours then stand alone.
     for (offer, agreed) in [

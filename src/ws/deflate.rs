@@ -323,9 +323,17 @@ impl Deflater {
         if parts.is_empty() {
             self.feed(&[], out, FlushCompress::Sync);
         }
-        debug_assert!(out[start..].ends_with(&TAIL));
-        if out[start..].ends_with(&TAIL) {
-            out.truncate(out.len() - TAIL.len());
+        if out.len() == start {
+            // An empty message right after a flush, the context kept:
+            // zlib writes nothing for a second flush with nothing between.
+            // The first octet of an empty stored block says it (RFC 7692
+            // 7.2.3.6), and the stream stays on a byte boundary.
+            out.push(0x00);
+        } else {
+            debug_assert!(out[start..].ends_with(&TAIL));
+            if out[start..].ends_with(&TAIL) {
+                out.truncate(out.len() - TAIL.len());
+            }
         }
         if !takeover {
             self.inner.reset();

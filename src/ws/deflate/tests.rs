@@ -394,3 +394,23 @@ fn takeover_cost() {
         }
     }
 }
+
+/// With the context kept, an empty message straight after another is one
+/// octet (the start of an empty stored block, RFC 7692 7.2.3.6), not
+/// nothing: one inflater that keeps its window reads every message.
+#[test]
+fn an_empty_message_with_the_context_kept_is_an_empty_stored_block() {
+    let mut deflater = Deflater::new(6, 15);
+    let mut inflater = Inflater::default();
+    for message in [&b"a"[..], b"", b"", b"b", b"", &[b'x'; 3000][..]] {
+        let mut packed = Vec::new();
+        deflater.compress(message, &mut packed, true);
+        assert!(!packed.is_empty(), "{message:?}");
+        let mut out = Vec::new();
+        inflater.inflate(&packed, &mut out, 1 << 20, true).unwrap();
+        assert_eq!(out, message);
+    }
+    let mut packed = Vec::new();
+    deflater.compress(b"", &mut packed, true);
+    assert_eq!(packed, [0x00]);
+}
