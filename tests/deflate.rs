@@ -416,6 +416,54 @@ both_drivers!(stomp_messages_are_compressed_with_a_head_of_their_own, |driver| {
     }
 });
 
+both_drivers!(dedicated_stomp_messages_share_the_connection_s_window, |driver| {
+    // A STOMP session with context takeover and three subscriptions: each
+    // MESSAGE (a head of its own and the shared rest, in two parts) is
+    // compressed whole against the ones before, in the order sent, with
+    // heart-beats plain between them.
+    let server = Server::start(driver, &["--deflate", "dedicated"]);
+    let (raw, head) = open_with(
+        server.addr,
+        "/stomp",
+        &format!("Sec-WebSocket-Protocol: v12.stomp\r\n{OFFER}"),
+    );
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    let mut stream = Stream {
+        raw,
+        inflater: Inflater::default(),
+    };
+    stream
+        .raw
+        .send_frame(0x81, b"CONNECT\naccept-version:1.2\nhost:x\nheart-beat:0,50\n\n\0");
+    assert!(stream.next().2.starts_with(b"CONNECTED"));
+    for i in 0..3 {
+        stream.raw.send_frame(
+            0x81,
+            format!("SUBSCRIBE\nid:s{i}\ndestination:/topic/t\nreceipt:r{i}\n\n\0").as_bytes(),
+        );
+        assert!(stream.next().2.starts_with(b"RECEIPT"));
+    }
+    let mut sizes = Vec::new();
+    for n in 0..20 {
+        let body = [format!("{n} ").into_bytes(), json(2000)].concat();
+        admin_publish(&server, "topic=t", &body);
+        let mut seen = 0;
+        while seen < 3 {
+            let (rsv1, wire, frame) = stream.next();
+            if frame == b"\n" {
+                continue;
+            }
+            assert!(rsv1);
+            assert!(frame.starts_with(b"MESSAGE\nsubscription:s"), "{n}");
+            assert!(frame.ends_with(&[&body[..], b"\0"].concat()), "{n}");
+            sizes.push(wire);
+            seen += 1;
+        }
+    }
+    // After the first, each finds the body in the window.
+    assert!(sizes[1..].iter().all(|&w| w < 200), "{sizes:?}");
+});
+
 /// Runs a client script; the last line it prints must be `ok`.
 fn run_client(program: &str, args: &[&str]) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
