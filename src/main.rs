@@ -96,8 +96,8 @@ fn raise_open_files_limit() {
     }
 }
 
+/// An error at start: logged once (on standard error, as every log line).
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     tracing::error!("{e}");
-    eprintln!("sluice: {e}");
     ExitCode::from(2)
 }

@@ -99,6 +99,29 @@ fn port_held_by_another_process_is_refused() {
     let (code, err) = start_error(&["--listen", &addr]);
     assert_eq!(code, Some(2));
     assert!(err.contains("in use by another process"), "{err}");
+    // Said once, not once as a log line and again as a plain one.
+    assert_eq!(err.matches("in use by another process").count(), 1, "{err}");
+}
+
+/// The start log names each address once and lists every route with what
+/// it speaks.
+#[test]
+fn the_start_log_lists_the_routes() {
+    let server = Server::start("epoll", &["--deflate", "dedicated"]);
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("listening on")).unwrap();
+    assert_eq!(line.matches(&server.addr.to_string()).count(), 1, "{line}");
+    for (path, protocol) in [("/echo", "echo"), ("/ws", "pubsub"), ("/stomp", "stomp")] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("route {path} ")) || l.ends_with(&format!("route {path}")))
+            .unwrap_or_else(|| panic!("no {path} in {log}"));
+        assert!(line.contains(&format!("protocol={protocol}")), "{line}");
+        assert!(
+            line.contains("auth=none") && line.contains("deflate=dedicated"),
+            "{line}"
+        );
+    }
 }
 
 /// A worker that cannot start (here: too few open files for the second)

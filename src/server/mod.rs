@@ -304,13 +304,26 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
     // Install the handlers before any worker starts, so an early signal drains too.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(ServerError::Signals)?;
     let workers = config.workers;
+    // What each route speaks, as the start log lists it.
+    let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    let routes: Vec<_> = config
+        .routes
+        .iter()
+        .map(|r| {
+            let deflate = r.deflate.map_or_else(|| "off".to_string(), |m| lower(&m));
+            (r.path.clone(), lower(&r.protocol), lower(&r.auth), deflate)
+        })
+        .collect();
     let server = Server::start(config)?;
-    tracing::info!(addr = %server.local_addr, driver = %server.driver, workers, "listening on {}", server.local_addr);
+    tracing::info!(driver = %server.driver, workers, "listening on {}", server.local_addr);
     if let Some(tls) = server.tls_addr {
-        tracing::info!(addr = %tls, "wss:// on {tls}");
+        tracing::info!("wss:// on {tls}");
     }
     if let Some(admin) = server.admin_addr {
-        tracing::info!(addr = %admin, "admin API on {admin}");
+        tracing::info!("admin API on {admin}");
+    }
+    for (path, protocol, auth, deflate) in routes {
+        tracing::info!(%protocol, %auth, %deflate, "route {path}");
     }
     let signal_handle = signals.handle();
     let server = Arc::new(server);
