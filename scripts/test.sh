@@ -117,6 +117,16 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
   done
 fi
 
+step "the tree is as the checkout left it (git status --porcelain)"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  dirty=$(git status --porcelain)
+  if [ -n "$dirty" ]; then
+    echo "the test command left the tree changed:"
+    echo "$dirty"
+    exit 1
+  fi
+fi
+
 step "summary"
 echo "cargo tests: $cargo_passed passed, $cargo_failed failed"
 echo "integration tests under ASan: $asan_passed passed"
