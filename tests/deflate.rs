@@ -815,6 +815,18 @@ both_drivers!(dedicated_contexts_stay_within_the_core_budget, |driver| {
     let (_d, head) = open_with(server.addr, "/echo", OFFER);
     assert!(head.contains(AGREED), "{head}");
     wait_for_metric(&server, "sluice_deflate_dedicated_reserved_bytes", 3 * each as u64);
+
+    // The window's bounds, 9 to 15 bits (zlib compresses with no less).
+    for bits in ["8", "16"] {
+        let (code, error) = start_error(&["--deflate-window-bits", bits]);
+        assert_eq!(code, Some(2), "{bits}: {error}");
+        assert!(error.contains("deflate_window_bits"), "{error}");
+    }
+    let each = deflater_bytes(9) + INFLATER_BYTES;
+    let server = dedicated_server(driver, each, 9);
+    let (_a, head) = open_with(server.addr, "/echo", OFFER);
+    assert!(head.contains(TAKEN_OVER), "{head}");
+    wait_for_metric(&server, "sluice_deflate_dedicated_reserved_bytes", each as u64);
 });
 
 both_drivers!(
