@@ -30,7 +30,7 @@ impl Http {
     /// Sends one request; returns the status and body.
     fn request(&mut self, method: &str, target: &str, headers: &str, body: &[u8]) -> (u16, String) {
         let head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n{headers}\r\n",
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n{headers}\r\n",
             body.len()
         );
         self.stream.write_all(head.as_bytes()).unwrap();
@@ -216,6 +216,13 @@ both_drivers!(token_guards_everything_but_health_and_metrics, |driver| {
         200
     );
     assert_eq!(http.request("GET", "/healthz", "", b"").0, 200);
+    // The console's page is the login: it holds no data, and what it asks
+    // for needs the token.
+    let (status, page) = http.request("GET", "/", "", b"");
+    assert_eq!(status, 200);
+    assert!(page.contains("sluice console") && page.contains("Bearer "), "{page}");
+    let mut guarded = Http::connect(admin);
+    assert_eq!(guarded.request("GET", "/topics", "", b"").0, 401);
     let (status, metrics) = http.request("GET", "/metrics", "", b"");
     assert_eq!(status, 200);
     let driver_name = if driver == "uring" { "io_uring" } else { "epoll" };
@@ -223,6 +230,172 @@ both_drivers!(token_guards_everything_but_health_and_metrics, |driver| {
         metrics.contains(&format!("sluice_info{{driver=\"{driver_name}\",workers=\"2\"}} 1")),
         "{metrics}"
     );
+});
+
+both_drivers!(pages_of_other_origins_are_refused, |driver| {
+    let server = Server::start(driver, &[]);
+    let admin = server.admin_addr();
+    // A page of another site (CSRF): refused from the head, nothing done.
+    // (`Http` says `Host: 127.0.0.1`.)
+    for origin in [
+        "https://evil.example",
+        "null",
+        "http://127.0.0.1.evil.example",
+        "https://127.0.0.1",
+    ] {
+        let mut http = Http::connect(admin);
+        let headers = format!("Origin: {origin}\r\nContent-Type: text/plain\r\n");
+        let (status, body) = http.request("POST", "/publish?topic=news", &headers, b"forged");
+        assert_eq!(status, 403, "{origin}: {body}");
+        assert!(http.is_closed());
+    }
+    // The console's own requests carry its own origin; curl and backends none.
+    let mut http = Http::connect(admin);
+    assert_eq!(
+        http.request("POST", "/publish?topic=news", "Origin: http://127.0.0.1\r\n", b"ok")
+            .0,
+        200
+    );
+    assert_eq!(http.request("POST", "/publish?topic=news", "", b"ok").0, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, stats) = http.request("GET", "/stats", "", b"");
+        assert_eq!(status, 200);
+        let publishes: u64 = serde_json::from_str::<serde_json::Value>(&stats).unwrap()["cores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["publishes"].as_u64().unwrap())
+            .sum();
+        if publishes == 2 {
+            break;
+        }
+        assert!(publishes < 2 && Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A page whose own name was made to resolve here (DNS rebinding) sends
+    // its own Host and Origin: without a token, only an address is taken,
+    // but for the open endpoints. With a token, the token decides.
+    let answer = |admin: SocketAddr, head: &str| {
+        let mut raw = TcpStream::connect(admin).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = raw.read_to_string(&mut answer);
+        answer
+    };
+    let rebound = "Host: evil.example:9090\r\nOrigin: http://evil.example:9090\r\n";
+    for (method, target) in [("POST", "/publish?topic=news"), ("GET", "/stats"), ("GET", "/topics")] {
+        let head = format!("{method} {target} HTTP/1.1\r\n{rebound}Content-Length: 1\r\n\r\nx");
+        let got = answer(admin, &head);
+        assert!(got.starts_with("HTTP/1.1 403 "), "{method} {target}: {got}");
+    }
+    for target in ["/healthz", "/metrics", "/"] {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: evil.example:9090\r\nConnection: close\r\n\r\n");
+        let got = answer(admin, &head);
+        assert!(got.starts_with("HTTP/1.1 200 "), "{target}: {got}");
+    }
+    let guarded = Server::start(driver, &["--admin-token", "t0ken"]);
+    let head =
+        "GET /stats HTTP/1.1\r\nHost: admin.example:9090\r\nAuthorization: Bearer t0ken\r\nConnection: close\r\n\r\n";
+    let got = answer(guarded.admin_addr(), head);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+});
+
+both_drivers!(topics_are_counted_on_every_core, |driver| {
+    let server = Server::start(driver, &[]);
+    let mut http = Http::connect(server.admin_addr());
+    let topics = |http: &mut Http, query: &str| {
+        let (status, body) = http.request("GET", &format!("/topics{query}"), "", b"");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    // Subscriptions take effect without an answer, and a core answers
+    // from what it gathered within the last second: asked until it says
+    // what is expected, for a while.
+    let topics_become = |http: &mut Http, query: &str, field: &str, expected: serde_json::Value| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = topics(http, query);
+            let found = if field.is_empty() {
+                now.clone()
+            } else {
+                now[field].clone()
+            };
+            if found == expected {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "{now} is not {expected}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(
+        topics(&mut http, ""),
+        serde_json::json!({"topics": [], "topics_total": 0, "subscriptions_total": 0})
+    );
+    tokio_rt().block_on(async {
+        // Two subscribers of `news`, one on each core; `a.b` on one of
+        // them; a STOMP queue on the other.
+        let [(mut a, _), (mut b, _)] = one_per_core(&server.url("/ws")).await;
+        a.send(Message::Text("SUB news".into())).await.unwrap();
+        b.send(Message::Text("SUB news".into())).await.unwrap();
+        b.send(Message::Text("SUB a.b".into())).await.unwrap();
+        let (mut stomp, _) = tokio_tungstenite::connect_async(server.url("/stomp")).await.unwrap();
+        stomp
+            .send(Message::Text("CONNECT\naccept-version:1.2\nhost:x\n\n\0".into()))
+            .await
+            .unwrap();
+        assert!(next_text(&mut stomp).await.starts_with("CONNECTED"));
+        stomp
+            .send(Message::Text("SUBSCRIBE\nid:0\ndestination:/queue/jobs\n\n\0".into()))
+            .await
+            .unwrap();
+        topics_become(
+            &mut http,
+            "",
+            "",
+            serde_json::json!({
+                "topics": [
+                    {"topic": "news", "subscribers": 2},
+                    {"topic": "a.b", "subscribers": 1},
+                    {"topic": "jobs", "queue": true, "subscribers": 1},
+                ],
+                "topics_total": 3,
+                "subscriptions_total": 4,
+            }),
+        );
+        // `limit` keeps the first; the totals stay whole.
+        let first = topics(&mut http, "?limit=1");
+        assert_eq!(
+            first["topics"],
+            serde_json::json!([{"topic": "news", "subscribers": 2}])
+        );
+        assert_eq!(first["topics_total"], 3);
+        // The bounds: 1 and 10,000 are taken.
+        assert_eq!(topics(&mut http, "?limit=10000")["topics"].as_array().unwrap().len(), 3);
+        for bad in ["0", "10001", "x", "-1"] {
+            assert_eq!(
+                http.request("GET", &format!("/topics?limit={bad}"), "", b"").0,
+                400,
+                "{bad}"
+            );
+        }
+        // A subscriber that leaves is no longer counted; a topic without
+        // any is gone.
+        b.send(Message::Text("UNSUB a.b".into())).await.unwrap();
+        drop(a);
+        let now = topics_become(
+            &mut http,
+            "",
+            "topics",
+            serde_json::json!([
+                {"topic": "jobs", "queue": true, "subscribers": 1},
+                {"topic": "news", "subscribers": 1},
+            ]),
+        );
+        assert_eq!(now["subscriptions_total"], 2);
+    });
 });
 
 both_drivers!(metrics_and_stats_count_what_happened, |driver| {
@@ -535,7 +708,7 @@ fn small_window(addr: SocketAddr) -> TcpStream {
 
 /// Pipelines `n` `GET /metrics` (open without a token) and never reads.
 fn pipeline_metrics_unread(stream: &mut TcpStream, n: usize) {
-    let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let one = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let mut all = Vec::with_capacity(one.len() * n);
     for _ in 0..n {
         all.extend_from_slice(one);
@@ -549,7 +722,7 @@ fn pipeline_metrics_unread(stream: &mut TcpStream, n: usize) {
 fn healthz(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -631,7 +804,7 @@ both_drivers!(head_healthz_has_no_body, |driver| {
     let mut s = TcpStream::connect(server.admin_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(
-        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .unwrap();
     let mut all = Vec::new();

@@ -103,7 +103,7 @@ fn admin_publish(server: &Server, topic: &str, body: &str) {
     let mut s = StdTcp::connect(server.admin_addr()).unwrap();
     write!(
         s,
-        "POST /publish?topic={topic} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /publish?topic={topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -195,7 +195,7 @@ fn each_token_outcome_at_the_handshake() {
         assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
         // Health checks need no token.
         let mut raw = Raw::connect(server.addr);
-        raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        raw.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         assert!(raw.read_to_end().starts_with("HTTP/1.1 200"));
         std::thread::sleep(Duration::from_millis(300));
         let metrics = metrics_text(&server);
@@ -225,7 +225,7 @@ fn forged(token: &str) -> String {
 
 fn metrics_text(server: &Server) -> String {
     let mut s = StdTcp::connect(server.admin_addr()).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();

@@ -418,7 +418,7 @@ fn post(server: &Server, path: &str, body: &str) -> String {
     admin(
         server,
         &format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     )
@@ -460,7 +460,7 @@ both_drivers!(grip_control_and_the_admin_api, |driver| {
     for prefix in ["sessions", "connections"] {
         let info = admin(
             &server,
-            &format!("GET /{prefix}/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            &format!("GET /{prefix}/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
         );
         assert!(info.starts_with("HTTP/1.1 200"), "{info}");
         let json: serde_json::Value = serde_json::from_str(info.split("\r\n\r\n").nth(1).unwrap()).unwrap();
@@ -473,13 +473,13 @@ both_drivers!(grip_control_and_the_admin_api, |driver| {
     }
     let gone = admin(
         &server,
-        "GET /connections/0.99.1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /connections/0.99.1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert!(gone.starts_with("HTTP/1.1 404"), "{gone}");
     wait_metric(&server, "sluice_backend_dropped_total", 1);
     let answer = admin(
         &server,
-        &format!("DELETE /connections/{id}?code=4000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        &format!("DELETE /connections/{id}?code=4000 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(raw.expect_close(), Some(4000));
@@ -815,7 +815,7 @@ both_drivers!(connect_hook, |driver| {
     assert_eq!(text(&mut raw), "ERR denied other");
     let info = admin(
         &server,
-        &format!("GET /sessions/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        &format!("GET /sessions/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
     );
     assert!(info.contains("\"user\":\"ann\""), "{info}");
     let (mut raw, head) = connect_with(&server, "/ws", "bob");

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{tokio_rt, Server};
+use common::{free_port, tokio_rt, Server};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -111,16 +111,6 @@ fn spawn_nats(args: &[String]) -> (Child, u16, Arc<Mutex<Vec<String>>>) {
     }
 }
 
-/// A free port on 127.0.0.1 (for NATS cluster routes, which need theirs
-/// before the servers start).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A sluice node named `id` on the NATS servers `urls` (comma-separated).
 fn node(driver: &str, id: &str, urls: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--nats", urls, "--node-id", id];
@@ -147,7 +137,7 @@ fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, Stri
     let mut s = StdTcp::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -1122,7 +1112,7 @@ fn a_node_started_before_nats_joins_when_it_comes() {
     assert_eq!(http(a.admin_addr(), "GET", "/healthz", b"").0, 200);
     let ws_port = {
         let mut s = StdTcp::connect(a.addr).unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
         let mut r = String::new();
         let _ = s.read_to_string(&mut r);
         r

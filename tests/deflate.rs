@@ -281,7 +281,7 @@ fn admin_request(server: &Server, method: &str, target: &str, body: &[u8]) {
     let mut s = TcpStream::connect(server.admin_addr()).unwrap();
     write!(
         s,
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -859,7 +859,11 @@ both_drivers!(
             .flat_map(|slot| (1..4).map(move |generation| format!("0.{slot}.{generation}")))
             .find(|id| {
                 let mut s = TcpStream::connect(server.admin_addr()).unwrap();
-                write!(s, "GET /sessions/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+                write!(
+                    s,
+                    "GET /sessions/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
                 let mut answer = String::new();
                 s.read_to_string(&mut answer).unwrap();
                 answer.starts_with("HTTP/1.1 200")
@@ -880,7 +884,7 @@ both_drivers!(
                     let mut s = TcpStream::connect(addr).unwrap();
                     write!(
                     s,
-                    "POST /sessions/{id}/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    "POST /sessions/{id}/send HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
                     body.len()
                 )
                 .unwrap();

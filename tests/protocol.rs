@@ -1,5 +1,6 @@
 //! Malformed and limit-breaking input over raw sockets, under both drivers:
-//! each violation gets the close code or HTTP status of DESIGN.md's table,
+//! each violation gets the close code or HTTP status RFC 6455 gives it
+//! (docs/ARCHITECTURE.md, "The protocol core"; docs/PROTOCOL.md, "Errors"),
 //! and the server keeps serving others.
 
 mod common;
@@ -267,7 +268,7 @@ both_drivers!(handshake_refusals, |driver| {
     assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
     let r = respond(&server, &upgrade_request("/echo", "").replace("GET", "POST"));
     assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
-    let r = respond(&server, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = respond(&server, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("ok\n"), "{r}");
 });
 
@@ -303,7 +304,7 @@ both_drivers!(connection_caps_answer_503_with_retry_after_at_the_limit, |driver|
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     refused_at_a_cap(&server, 3, "too many connections\n");
     // Health checks are not connections.
-    let health = respond(&server, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let health = respond(&server, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200 "), "{health}");
     // One closes: its place is free again, and its address's.
     first.send(&masked_frame(0x88, &1000u16.to_be_bytes()));
@@ -533,14 +534,14 @@ both_drivers!(drain_timeout_ends_sessions_that_never_close, |driver| {
 
 both_drivers!(health_check_methods_and_absolute_targets, |driver| {
     let server = Server::start(driver, &[]);
-    let r = respond(&server, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = respond(&server, "HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert!(
         r.starts_with("HTTP/1.1 200 ") && r.ends_with("\r\n\r\n"),
         "HEAD has no body: {r:?}"
     );
     let r = respond(
         &server,
-        "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        "POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
     );
     assert!(r.starts_with("HTTP/1.1 405 ") && r.contains("Allow: GET, HEAD"), "{r}");
     let absolute = upgrade_request("/echo", "").replacen("GET /echo ", &format!("GET http://{}/echo ", server.addr), 1);
@@ -550,7 +551,7 @@ both_drivers!(health_check_methods_and_absolute_targets, |driver| {
 both_drivers!(shutdown_answers_unfinished_handshakes_with_503, |driver| {
     let mut server = Server::start(driver, &[]);
     let mut raw = Raw::connect(server.addr);
-    raw.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n");
+    raw.send(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n");
     std::thread::sleep(Duration::from_millis(100));
     let status = std::thread::scope(|s| {
         let term = s.spawn(|| server.terminate());

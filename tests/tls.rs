@@ -199,7 +199,7 @@ fn wrong_clients_fail_cleanly() {
         });
         // The server is unharmed.
         let mut raw = Raw::connect(server.addr);
-        raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        raw.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         assert!(raw.read_to_end().starts_with("HTTP/1.1 200"));
     }
 }

@@ -15,6 +15,14 @@ pub struct Request {
     pub authorization: Option<Vec<u8>>,
     pub binary: bool,
     pub close: bool,
+    /// An `Origin` header (RFC 6454) names another origin than the one
+    /// this request was sent to (its `Host`): a browser page of another
+    /// site made it. Two `Origin` headers count as another origin.
+    pub cross_origin: bool,
+    /// `Host` names an IP address or `localhost` (or is absent), not a
+    /// DNS name: a page that had its own name resolve to this address
+    /// (DNS rebinding) cannot send such a request.
+    pub host_is_address: bool,
     /// Bytes of the head, including its blank line.
     pub head_len: usize,
 }
@@ -43,6 +51,8 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
     let mut authorization = None;
     let mut binary = false;
     let mut close = req.version == Some(0);
+    let mut origin = None;
+    let mut host = None;
     for h in req.headers.iter() {
         let value = h.value;
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -63,6 +73,15 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
             binary = value.starts_with(b"application/octet-stream");
         } else if h.name.eq_ignore_ascii_case("connection") {
             close = value.eq_ignore_ascii_case(b"close");
+        } else if h.name.eq_ignore_ascii_case("origin") {
+            // Two: read as another origin's (below), never as ours.
+            origin = Some(if origin.is_some() { &b""[..] } else { value });
+        } else if h.name.eq_ignore_ascii_case("host") {
+            // RFC 9112 3.2: more than one Host line is a 400.
+            if host.is_some() {
+                return Err(Bad(400, "more than one host header"));
+            }
+            host = Some(value);
         }
     }
     let content_length = content_length.unwrap_or(0);
@@ -77,8 +96,48 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<Request>, Bad> {
         authorization,
         binary,
         close,
+        cross_origin: origin.is_some_and(|origin| !same_origin(origin, host.unwrap_or(b""))),
+        host_is_address: host.is_none_or(is_address),
         head_len,
     }))
+}
+
+/// Whether a `Host` value names an IP address (`127.0.0.1`, `[::1]`) or
+/// `localhost`, with or without a port.
+fn is_address(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        // An IPv6 literal: `[addr]` or `[addr]:port`.
+        Some(rest) => match rest.split_once(']') {
+            Some((addr, port)) if port.is_empty() || port.strip_prefix(':').is_some_and(is_port) => {
+                return addr.parse::<std::net::Ipv6Addr>().is_ok()
+            }
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+fn is_port(port: &str) -> bool {
+    !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `origin` is `http://` and the `host` the request was sent to
+/// (RFC 6454 4: the admin port speaks plain HTTP; port 80 may be left out
+/// of either). Hosts compare without regard to case (RFC 3986 3.2.2).
+fn same_origin(origin: &[u8], host: &[u8]) -> bool {
+    let Some(authority) = origin.strip_prefix(b"http://") else {
+        return false;
+    };
+    let without_80 = |a: &[u8]| a.strip_suffix(b":80").map(<[u8]>::to_vec).unwrap_or_else(|| a.to_vec());
+    !host.is_empty() && without_80(authority).eq_ignore_ascii_case(&without_80(host))
 }
 
 /// A `Content-Length` value: 1*DIGIT and nothing else (RFC 9110 8.6), its
@@ -157,6 +216,37 @@ pub fn response(status: u16, content_type: &str, body: &[u8], close: bool) -> Ve
     out
 }
 
+/// The web console (`console.html`): one page, everything inline. It may
+/// run its own script only (named by its hash), talk to this port only, and
+/// no other site may frame it.
+pub fn console(close: bool) -> Vec<u8> {
+    const PAGE: &str = include_str!("console.html");
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| {
+        use base64::Engine;
+        let script = PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map_or("", |(script, _)| script);
+        let hash = ring::digest::digest(&ring::digest::SHA256, script.as_bytes());
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; connect-src 'self'; \
+             img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            base64::engine::general_purpose::STANDARD.encode(hash)
+        )
+    });
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
+         Content-Security-Policy: {policy}\r\n\
+         X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\nCache-Control: no-store\r\n{}\r\n",
+        PAGE.len(),
+        if close { "Connection: close\r\n" } else { "" },
+    )
+    .into_bytes();
+    out.extend_from_slice(PAGE.as_bytes());
+    out
+}
+
 /// A JSON `{"error": ...}` response.
 pub fn error(status: u16, message: &str, close: bool) -> Vec<u8> {
     let body = serde_json::json!({ "error": message }).to_string();
@@ -184,6 +274,75 @@ mod tests {
         assert_eq!(r.head_len, 78);
         assert_eq!(parse(b"GET / HTTP/1.1\r\n", 0), Ok(None));
         assert!(parse(b"GET / HTTP/1.0\r\n\r\n", 0).unwrap().unwrap().close);
+    }
+
+    #[test]
+    fn a_page_of_another_origin_is_told_apart() {
+        let cross = |headers: &str| {
+            let head = format!("POST /publish HTTP/1.1\r\n{headers}\r\n");
+            parse(head.as_bytes(), 0).unwrap().unwrap().cross_origin
+        };
+        // No Origin: not a browser page's request (curl, a backend).
+        assert!(!cross("Host: 127.0.0.1:9090\r\n"));
+        for same in [
+            "Host: 127.0.0.1:9090\r\nOrigin: http://127.0.0.1:9090\r\n",
+            "Origin: http://LOCALHOST:9090\r\nHost: localhost:9090\r\n",
+            "Host: admin.example\r\nOrigin: http://admin.example:80\r\n",
+            "Host: [::1]:9090\r\nOrigin: http://[::1]:9090\r\n",
+        ] {
+            assert!(!cross(same), "{same}");
+        }
+        for other in [
+            "Host: 127.0.0.1:9090\r\nOrigin: https://evil.example\r\n",
+            "Host: 127.0.0.1:9090\r\nOrigin: http://127.0.0.1:9091\r\n",
+            "Host: 127.0.0.1:9090\r\nOrigin: https://127.0.0.1:9090\r\n",
+            "Host: 127.0.0.1:9090\r\nOrigin: null\r\n",
+            "Origin: http://127.0.0.1:9090\r\n",
+            "Host: 127.0.0.1:9090\r\nOrigin: http://127.0.0.1:9090/\r\n",
+        ] {
+            assert!(cross(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_host_that_is_an_address_is_told_apart() {
+        let host = |value: &str| {
+            let head = format!("GET /stats HTTP/1.1\r\nHost: {value}\r\n\r\n");
+            parse(head.as_bytes(), 0).unwrap().unwrap().host_is_address
+        };
+        for address in [
+            "127.0.0.1",
+            "127.0.0.1:9090",
+            "10.1.2.3:80",
+            "localhost",
+            "LocalHost:9090",
+            "[::1]",
+            "[::1]:9090",
+        ] {
+            assert!(host(address), "{address}");
+        }
+        for name in [
+            "evil.example",
+            "evil.example:9090",
+            "127.0.0.1.nip.io:9090",
+            "localhost.evil.example",
+            "127.0.0.1:",
+            "127.0.0.1:x",
+            "127.0.0.1:123456",
+            "[::1",
+            "[::1]x",
+            "[evil]:9090",
+            "",
+        ] {
+            assert!(!host(name), "{name}");
+        }
+        assert!(parse(b"GET / HTTP/1.0\r\n\r\n", 0).unwrap().unwrap().host_is_address);
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 0),
+            Err(Bad(400, "more than one host header"))
+        );
+        let two = b"POST / HTTP/1.1\r\nHost: a\r\nOrigin: http://a\r\nOrigin: http://a\r\n\r\n";
+        assert!(parse(two, 0).unwrap().unwrap().cross_origin);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The admin HTTP port: publish, metrics, stats, health, and actions on one
-//! session. Served by the workers themselves (each has a listener on the
+//! The admin HTTP port: publish, metrics, stats, topics, health, actions on
+//! one session, and the web console that shows them. Served by the workers themselves (each has a listener on the
 //! admin address, SO_REUSEPORT), HTTP/1.1 with keep-alive.
 //!
 //! A request is handled on the core that accepted it: a publish is made
@@ -207,10 +207,14 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize, place
 
 /// What a request asks for.
 enum Endpoint<'r> {
+    /// `GET /`: the web console's page.
+    Console,
     Health,
     Ready,
     Metrics,
     Stats,
+    /// `GET /topics`
+    Topics,
     Publish,
     /// `POST /sessions/{id}/send`
     Send(&'r str),
@@ -221,9 +225,14 @@ enum Endpoint<'r> {
 }
 
 impl Endpoint<'_> {
-    /// Whether it answers without the admin token (load balancers, scrapers).
+    /// Whether it answers without the admin token (load balancers,
+    /// scrapers, and the console's page, which holds no data and asks for
+    /// the token itself).
     fn is_open(&self) -> bool {
-        matches!(self, Endpoint::Health | Endpoint::Ready | Endpoint::Metrics)
+        matches!(
+            self,
+            Endpoint::Console | Endpoint::Health | Endpoint::Ready | Endpoint::Metrics
+        )
     }
 
     /// The largest body it takes.
@@ -243,10 +252,12 @@ fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static
     const NOT_ALLOWED: (u16, &str) = (405, "method not allowed");
     let allow = |ok: bool, endpoint| if ok { Ok(endpoint) } else { Err(NOT_ALLOWED) };
     match path {
+        "/" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Console),
         "/healthz" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Health),
         "/readyz" => allow(matches!(method, "GET" | "HEAD"), Endpoint::Ready),
         "/metrics" => allow(method == "GET", Endpoint::Metrics),
         "/stats" => allow(method == "GET", Endpoint::Stats),
+        "/topics" => allow(method == "GET", Endpoint::Topics),
         "/publish" => allow(method == "POST", Endpoint::Publish),
         _ => {
             // `/connections/{id}`: the same, as API gateways name it.
@@ -267,13 +278,29 @@ fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static
     }
 }
 
-/// Whether the request may go on to its body: the token (an endpoint that
+/// Whether the request may go on to its body: where it comes from (a page
+/// of another origin is refused), the token (an endpoint that
 /// is not open needs it, whatever the path, so that an unauthenticated
 /// client learns nothing), then the endpoint and method, then the body's
 /// length.
 fn admit<'r>(request: &'r Request, shard: &Shard) -> Result<Endpoint<'r>, (u16, &'static str)> {
+    // A page of another site may make a browser send requests here (CSRF):
+    // its `Origin` says so, and nothing it asks is done.
+    if request.cross_origin {
+        return Err((403, "requests from another origin are refused"));
+    }
     let endpoint = route(&request.method, &request.path);
     let open = endpoint.as_ref().is_ok_and(Endpoint::is_open);
+    // Without a token, a name that is not this machine's address may be a
+    // page's own, made to resolve here (DNS rebinding): only requests
+    // addressed to an IP address or localhost go on, but for the open
+    // endpoints.
+    if shard.config.admin_token.is_none() && !request.host_is_address && !open {
+        return Err((
+            403,
+            "address the admin port by IP address or localhost, or give it --admin-token",
+        ));
+    }
     if let Some(token) = &shard.config.admin_token {
         if !open && !authorized(request, token) {
             return Err((401, "a valid bearer token is required"));
@@ -319,6 +346,7 @@ async fn handle(
         response
     };
     let outcome = match endpoint {
+        Endpoint::Console => return head_only(http::console(close)),
         Endpoint::Health => return head_only(json(200, serde_json::json!({ "status": "ok" }))),
         // 503 while a cluster's bus is down (or the node shuts down): a
         // load balancer sends its clients elsewhere.
@@ -334,6 +362,7 @@ async fn handle(
             return http::response(200, "text/plain; version=0.0.4", metrics.prometheus().as_bytes(), close)
         }
         Endpoint::Stats => Ok(metrics.json()),
+        Endpoint::Topics => topics(request, shard).await,
         Endpoint::Publish => publish(request, body, shard).await,
         Endpoint::Send(id) => send(id, request, body, shard).await,
         Endpoint::Close(id) => close_session(id, request, shard).await,
@@ -517,6 +546,155 @@ async fn close_session(id: &str, request: &Request, shard: &Rc<Shard>) -> Result
         return Err((400, "reason over 123 bytes".to_string()));
     }
     act(id, SessionAction::Close(code, Bytes::from(reason)), shard).await
+}
+
+/// Topics `GET /topics` lists by default, and at most (`?limit=`).
+const DEFAULT_TOPICS: usize = 100;
+const MAX_TOPICS: usize = 10_000;
+/// How long a core answers `GET /topics` from what it gathered last.
+const TOPICS_FRESH: Duration = Duration::from_secs(1);
+
+/// The node's topics as a core last gathered them: the `MAX_TOPICS` with
+/// the most subscribers, in order, as (name, is a STOMP queue,
+/// subscribers), and the totals.
+struct TopicList {
+    gathered: Instant,
+    top: Vec<(Box<[u8]>, bool, u64)>,
+    topics_total: usize,
+    subscriptions_total: u64,
+}
+
+thread_local! {
+    /// This core's (this worker thread's) last `TopicList`, and whether a
+    /// request is gathering a new one.
+    static TOPIC_LIST: std::cell::RefCell<Option<Rc<TopicList>>> = const { std::cell::RefCell::new(None) };
+    static GATHERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `GET /topics[?limit=N]`: this node's topics (STOMP queues marked
+/// `"queue": true`), each with its subscribers on every core, most first
+/// (then by name); at most `limit` of them, and how many there are in all.
+///
+/// Gathering copies every core's topic table, so its cost grows with the
+/// number of topics: a core gathers at most once in `TOPICS_FRESH`, one
+/// request at a time, and answers every request meanwhile from that.
+async fn topics(request: &Request, shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
+    let limit = match http::query_value(&request.query, "limit") {
+        None => DEFAULT_TOPICS,
+        Some(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_TOPICS).contains(n))
+            .ok_or_else(|| (400, format!("limit is 1 to {MAX_TOPICS}")))?,
+    };
+    let list = topic_list(shard).await?;
+    let topics: Vec<serde_json::Value> = list
+        .top
+        .iter()
+        .take(limit)
+        .map(|(name, queue, subscribers)| {
+            let mut entry = serde_json::json!({
+                "topic": String::from_utf8_lossy(name),
+                "subscribers": subscribers,
+            });
+            if *queue {
+                entry["queue"] = serde_json::Value::Bool(true);
+            }
+            entry
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "topics": topics,
+        "topics_total": list.topics_total,
+        "subscriptions_total": list.subscriptions_total,
+    }))
+}
+
+/// This core's `TopicList` if it is fresh; else, once no other request of
+/// this core is gathering one, a new one: this core's counts and every
+/// other core's (`Hub::topic_counts`, asked over the mesh), summed.
+async fn topic_list(shard: &Rc<Shard>) -> Result<Rc<TopicList>, Failure> {
+    let deadline = Instant::now() + MESH_WAIT;
+    loop {
+        let fresh = TOPIC_LIST
+            .with(|l| l.borrow().clone())
+            .filter(|l| l.gathered.elapsed() < TOPICS_FRESH);
+        if let Some(list) = fresh {
+            return Ok(list);
+        }
+        if !GATHERING.with(|g| g.replace(true)) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err((503, "the topics are still being gathered".to_string()));
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // However this ends (a core that does not answer, or the request's
+    // connection gone), the next request may gather.
+    struct Gathered;
+    impl Drop for Gathered {
+        fn drop(&mut self) {
+            GATHERING.with(|g| g.set(false));
+        }
+    }
+    let _gathered = Gathered;
+    let started = Instant::now();
+    let others = (0..shard.hub.mesh.workers())
+        .filter(|&c| c != shard.core)
+        .map(|core| async move {
+            (
+                core,
+                monoio::time::timeout(MESH_WAIT, shard.hub.remote_topic_counts(core)).await,
+            )
+        });
+    let mut answers = vec![shard.hub.topic_counts()];
+    for (core, answer) in futures_util::future::join_all(others).await {
+        match answer {
+            Ok(Some(counts)) => answers.push(counts),
+            _ => return Err((503, format!("core {core} did not answer"))),
+        }
+    }
+    let list = Rc::new(sum_topics(&answers, started));
+    TOPIC_LIST.with(|l| *l.borrow_mut() = Some(list.clone()));
+    Ok(list)
+}
+
+/// Sums the cores' counts (`topics::decode_counts`), asked for at
+/// `gathered`, into a `TopicList`.
+fn sum_topics(answers: &[Bytes], gathered: Instant) -> TopicList {
+    let mut counts = std::collections::HashMap::<&[u8], u64>::new();
+    for answer in answers {
+        for (key, n) in crate::pubsub::topics::decode_counts(answer) {
+            *counts.entry(key).or_default() += u64::from(n);
+        }
+    }
+    let topics_total = counts.len();
+    let subscriptions_total = counts.values().sum();
+    // (name, queue, subscribers): a queue's key is its name after the prefix.
+    let mut all: Vec<(&[u8], bool, u64)> = counts
+        .into_iter()
+        .map(|(key, n)| match key.split_first() {
+            Some((&crate::topic::QUEUE_PREFIX, name)) => (name, true, n),
+            _ => (key, false, n),
+        })
+        .collect();
+    let order =
+        |a: &(&[u8], bool, u64), b: &(&[u8], bool, u64)| b.2.cmp(&a.2).then_with(|| (a.0, a.1).cmp(&(b.0, b.1)));
+    if all.len() > MAX_TOPICS {
+        all.select_nth_unstable_by(MAX_TOPICS, order);
+        all.truncate(MAX_TOPICS);
+    }
+    all.sort_unstable_by(order);
+    TopicList {
+        gathered,
+        top: all
+            .into_iter()
+            .map(|(name, queue, n)| (name.into(), queue, n))
+            .collect(),
+        topics_total,
+        subscriptions_total,
+    }
 }
 
 /// Carries out `action` on the session `id`, on whatever core (and node)

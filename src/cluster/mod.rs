@@ -489,7 +489,7 @@ impl State {
             }
             Envelope::Remote(request) => self.ask_node(*request),
             // Sent only to cores.
-            Envelope::Session { .. } => {}
+            Envelope::Session { .. } | Envelope::Topics { .. } => {}
         }
     }
 

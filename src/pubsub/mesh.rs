@@ -60,6 +60,10 @@ pub enum Envelope {
     /// session was not there, else the action's answer (empty but for
     /// `Info`).
     Reply { request: u64, answer: Option<Bytes> },
+    /// The admin API asks this core for its topics and their subscribers
+    /// here, to be answered with a `Reply` to core `from`
+    /// (`Topics::encode_counts`).
+    Topics { request: u64, from: u16 },
     /// To the NATS bridge: an admin API action on a session of another
     /// node, to be answered with a `Reply` to core `from`.
     Remote(Box<RemoteRequest>),

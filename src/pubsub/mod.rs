@@ -129,6 +129,19 @@ impl Hub {
         self.topics.borrow().topic_count()
     }
 
+    /// This core's topics and their subscribers here
+    /// (`topics::decode_counts` reads them).
+    pub fn topic_counts(&self) -> Bytes {
+        Bytes::from(self.topics.borrow().encode_counts())
+    }
+
+    /// Core `core`'s (another one's) `topic_counts`, over the mesh.
+    pub async fn remote_topic_counts(&self, core: usize) -> Option<Bytes> {
+        debug_assert_ne!(core, self.mesh.core(), "this core's are read here");
+        let from = self.mesh.core() as u16;
+        self.ask(core, |request| Envelope::Topics { request, from }).await
+    }
+
     /// A new message id: this core and its sequence number.
     pub fn next_message_id(&self) -> u64 {
         let seq = self.next_message.get();
@@ -312,6 +325,10 @@ impl Hub {
                         w.wake();
                     }
                 }
+            }
+            Envelope::Topics { request, from } => {
+                let counts = self.topics.borrow().encode_counts();
+                self.reply(from, request, Some(Bytes::from(counts)));
             }
             // Only the bridge takes these.
             Envelope::Remote(_) => {}

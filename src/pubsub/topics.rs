@@ -142,6 +142,35 @@ impl Topics {
     pub fn topic_count(&self) -> usize {
         self.by_name.len()
     }
+
+    /// Every topic (and queue key) of this core with its subscribers here,
+    /// as `decode_counts` reads them: for each, the count (4 bytes, big
+    /// endian), the name's length (2 bytes) and the name.
+    pub fn encode_counts(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.by_name.len() * 24);
+        for (name, subscribers) in &self.by_name {
+            // A topic name is at most 255 bytes (`topic::valid`), a queue
+            // key one more: the length fits.
+            let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&u32::try_from(subscribers.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&name[..usize::from(len)]);
+        }
+        out
+    }
+}
+
+/// Reads what `Topics::encode_counts` wrote: (name, subscribers) pairs;
+/// it stops at a truncated entry.
+pub fn decode_counts(mut bytes: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
+    std::iter::from_fn(move || {
+        let (count, rest) = bytes.split_first_chunk::<4>()?;
+        let (len, rest) = rest.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        let name = rest.get(..len)?;
+        bytes = &rest[len..];
+        Some((name, u32::from_be_bytes(*count)))
+    })
 }
 
 #[cfg(test)]
@@ -202,5 +231,26 @@ mod tests {
         let turns: Vec<_> = (0..6).map(|_| s.next_in_turn().unwrap().0).collect();
         assert_eq!(turns, [key(1), key(2), key(3), key(1), key(2), key(3)]);
         assert!(is_queue(b"#q") && !is_queue(b"q"));
+    }
+
+    #[test]
+    fn counts_are_read_back_as_written() {
+        let mut topics = Topics::default();
+        for n in 0..3 {
+            topics.subscribe(b"news", key(n), Via::Native);
+        }
+        topics.subscribe(b"#jobs", key(0), Via::Native);
+        let long = vec![b'a'; 255];
+        topics.subscribe(&long, key(1), Via::Native);
+        let bytes = topics.encode_counts();
+        let mut read: Vec<(Vec<u8>, u32)> = decode_counts(&bytes).map(|(n, c)| (n.to_vec(), c)).collect();
+        read.sort();
+        assert_eq!(
+            read,
+            vec![(b"#jobs".to_vec(), 1), (long.clone(), 1), (b"news".to_vec(), 3)]
+        );
+        // A truncated answer yields the whole entries before the cut.
+        assert_eq!(decode_counts(&bytes[..bytes.len() - 1]).count(), 2);
+        assert_eq!(decode_counts(&[]).count(), 0);
     }
 }

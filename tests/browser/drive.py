@@ -2,12 +2,15 @@
 """Opens a page in headless Chromium (the Chrome DevTools Protocol, over
 the `websockets` package) and waits until the text of its element `#log`
 holds every expected line, or a deadline passes. Prints the text; exits
-0 when everything expected came, 1 otherwise.
+0 when everything expected came, 1 otherwise. With --follow, prints each
+line of `#log` as it appears instead (flushed), for a caller that acts on
+what the page has done so far.
 
-usage: drive.py URL SECONDS EXPECTED...
+usage: drive.py [--follow] URL SECONDS EXPECTED...
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +31,12 @@ def chromium():
     sys.exit("no chromium: apt-get install chromium")
 
 
-async def drive(url, seconds, expected):
+@contextlib.asynccontextmanager
+async def page(url, deadline):
+    """Headless Chromium with one page on `url`; yields `call(method,
+    **params)`, a DevTools request on that page that returns its result.
+    Chromium is closed, and its profile removed, however the block ends;
+    it exits (status 1) if Chromium cannot be reached by `deadline`."""
     profile = tempfile.mkdtemp(prefix="sluice-chromium-")
     browser = subprocess.Popen(
         [
@@ -45,16 +53,11 @@ async def drive(url, seconds, expected):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + seconds
         port_file = os.path.join(profile, "DevToolsActivePort")
-        while not os.path.exists(port_file):
-            if time.monotonic() > deadline:
-                sys.exit("chromium did not start")
-            await asyncio.sleep(0.05)
         # The file may be there before its port is written, and the
         # endpoint before the first page is listed: both are waited for.
-        page = None
-        while page is None:
+        target = None
+        while target is None:
             if time.monotonic() > deadline:
                 sys.exit("chromium's DevTools endpoint listed no page")
             await asyncio.sleep(0.1)
@@ -63,8 +66,8 @@ async def drive(url, seconds, expected):
                 targets = json.load(urllib.request.urlopen("http://127.0.0.1:%s/json/list" % port))
             except (IndexError, OSError, ValueError):
                 continue
-            page = next((t for t in targets if t["type"] == "page"), None)
-        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as cdp:
+            target = next((t for t in targets if t["type"] == "page"), None)
+        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None) as cdp:
             ids = iter(range(1, 1 << 30))
 
             async def call(method, **params):
@@ -73,24 +76,11 @@ async def drive(url, seconds, expected):
                 while True:
                     answer = json.loads(await cdp.recv())
                     if answer.get("id") == n:
-                        return answer.get("result", {})
+                        return answer
 
             await call("Page.enable")
             await call("Page.navigate", url=url)
-            text = ""
-            while time.monotonic() < deadline:
-                result = await call(
-                    "Runtime.evaluate",
-                    expression="(document.getElementById('log') || {}).textContent || ''",
-                    returnByValue=True,
-                )
-                text = result.get("result", {}).get("value", "")
-                if all(e in text for e in expected):
-                    print(text)
-                    return 0
-                await asyncio.sleep(0.1)
-            print(text)
-            return 1
+            yield call
     finally:
         browser.terminate()
         try:
@@ -100,5 +90,37 @@ async def drive(url, seconds, expected):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+async def drive(url, seconds, expected, follow=False):
+    deadline = time.monotonic() + seconds
+    async with page(url, deadline) as call:
+        text = ""
+        shown = 0
+        while time.monotonic() < deadline:
+            answer = await call(
+                "Runtime.evaluate",
+                expression="(document.getElementById('log') || {}).textContent || ''",
+                returnByValue=True,
+            )
+            text = answer.get("result", {}).get("result", {}).get("value", "")
+            if follow:
+                # Whole lines only: the page may be midway through one.
+                done = text[: text.rfind("\n") + 1]
+                if len(done) > shown:
+                    print(done[shown:], end="", flush=True)
+                    shown = len(done)
+            if all(e in text for e in expected):
+                if not follow:
+                    print(text)
+                return 0
+            await asyncio.sleep(0.1)
+        if not follow:
+            print(text)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(drive(sys.argv[1], float(sys.argv[2]), sys.argv[3:])))
+    args = sys.argv[1:]
+    follow = args[:1] == ["--follow"]
+    if follow:
+        args = args[1:]
+    sys.exit(asyncio.run(drive(args[0], float(args[1]), args[2:], follow)))

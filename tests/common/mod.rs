@@ -11,6 +11,34 @@ use std::time::{Duration, Instant};
 
 pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
 
+/// The repository's root (for the files tests read or run: examples/,
+/// docs/, tests/browser/).
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The lines a child prints on `stdout`, gathered by a thread as they come.
+pub fn gather_lines(stdout: std::process::ChildStdout) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// A port on 127.0.0.1 free a moment ago, for a process the test starts
+/// on a port it must know first.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The server under test is built with a sanitizer (scripts/test.sh sets
 /// this for its AddressSanitizer run): its memory is the sanitizer's
 /// (freed memory is held in quarantine), so RSS says nothing about ours.
@@ -101,10 +129,12 @@ impl Server {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
+                let addr = line.split("listening on ").nth(1).map(|rest| {
+                    // Text lines put a space after the address, JSON ones a quote.
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_hexdigit() || ".:[]".contains(*c))
+                        .collect::<String>()
+                });
                 // Logged before signalled, so a test that starts at the signal sees the line.
                 sink.lock().unwrap().push(line);
                 if let Some(addr) = addr {
@@ -130,8 +160,8 @@ impl Server {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// The admin API's address, from the log (logged right after the
-    /// listening line).
+    /// The admin API's address, from the log (logged before the listening
+    /// line).
     pub fn admin_addr(&self) -> SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -152,7 +182,7 @@ impl Server {
         let mut stream = TcpStream::connect(self.admin_addr()).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut response = String::new();
         let _ = stream.read_to_string(&mut response);
