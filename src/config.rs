@@ -25,204 +25,234 @@ pub enum DriverChoice {
     Epoll,
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Options as given on the command line or in the file; `None` means unset.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// Address to serve WebSocket and /healthz on [default: 127.0.0.1:8080].
-    #[arg(long)]
+    // Listeners and workers
+    /// Address to serve WebSocket, /healthz and /readyz on [default: 127.0.0.1:8080].
+    #[arg(long, help_heading = "Listeners and workers")]
     pub listen: Option<SocketAddr>,
-    /// Address to serve wss:// (TLS) on, besides --listen [default: none].
-    #[arg(long)]
-    pub tls_listen: Option<SocketAddr>,
-    /// PEM certificate chain for --tls-listen (reloaded on SIGHUP).
-    #[arg(long)]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert (reloaded on SIGHUP).
-    #[arg(long)]
-    pub tls_key: Option<PathBuf>,
     /// Worker threads, each pinned to a core: at most the CPUs this process
     /// may run on, unless --oversubscribe [default: those CPUs].
-    #[arg(long)]
+    #[arg(long, help_heading = "Listeners and workers")]
     pub workers: Option<usize>,
     /// Allow more workers than CPUs (up to 256): they then share cores.
-    #[arg(long)]
+    #[arg(long, help_heading = "Listeners and workers")]
     #[serde(default)]
     pub oversubscribe: bool,
     /// I/O driver [default: auto].
-    #[arg(long, value_enum)]
+    #[arg(long, help_heading = "Listeners and workers", value_enum)]
     pub driver: Option<DriverChoice>,
-    /// Origins allowed to connect, comma-separated exact values [default: any].
-    #[arg(long, value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
-    /// Drop a client that has not finished its handshake in this time [default: 5000].
-    #[arg(long)]
-    pub handshake_timeout_ms: Option<u64>,
-    /// Largest handshake request head; larger gets 431 [default: 8192].
-    #[arg(long)]
-    pub max_head_bytes: Option<usize>,
-    /// Largest frame payload; larger closes with 1009 [default: 16 MiB].
-    #[arg(long)]
-    pub max_frame_bytes: Option<usize>,
-    /// Largest message, fragments together; larger closes with 1009 [default: 16 MiB].
-    #[arg(long)]
-    pub max_message_bytes: Option<usize>,
-    /// Ping a quiet peer this often; 0 turns pings off [default: 30000].
-    #[arg(long)]
-    pub ping_interval_ms: Option<u64>,
-    /// Close a peer silent this long; 0 turns it off [default: 75000].
-    #[arg(long)]
-    pub idle_timeout_ms: Option<u64>,
-    /// After sending a close, wait this long for the peer's [default: 2000].
-    #[arg(long)]
-    pub close_timeout_ms: Option<u64>,
-    /// On SIGTERM/SIGINT, wait this long for sessions to close [default: 10000].
-    #[arg(long)]
-    pub drain_timeout_ms: Option<u64>,
-    /// Park a connection quiet this long: its task ends and only its socket and
-    /// session slot remain until the peer speaks again; 0 never parks [default: 1000].
-    #[arg(long)]
-    pub park_after_ms: Option<u64>,
-    /// Most topics one connection may subscribe to [default: 1000].
-    #[arg(long)]
-    pub max_subscriptions: Option<usize>,
-    /// Most bytes of deliveries queued for one connection [default: 1 MiB].
-    #[arg(long)]
-    pub max_outbound_bytes: Option<usize>,
-    /// What happens to a subscriber over --max-outbound-bytes [default: close].
-    #[arg(long, value_enum)]
-    pub slow_consumer: Option<SlowConsumer>,
-    /// Most bytes of deliveries queued for all connections of one core: past
-    /// it, publishing on that core waits until half of it is written [default: 64 MiB].
-    #[arg(long)]
-    pub max_core_outbound_bytes: Option<usize>,
-    /// While a core's publishers wait, a subscriber that has taken none of
-    /// its queued deliveries for this long is a slow consumer [default: 2000].
-    #[arg(long)]
-    pub stall_timeout_ms: Option<u64>,
+    // TLS
+    /// Address to serve wss:// (TLS) on, besides --listen [default: none].
+    #[arg(long, help_heading = "TLS")]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for --tls-listen (reloaded on SIGHUP).
+    #[arg(long, help_heading = "TLS")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (reloaded on SIGHUP).
+    #[arg(long, help_heading = "TLS")]
+    pub tls_key: Option<PathBuf>,
+    // Limits
     /// Upgraded connections the server holds at once; past it, handshakes
     /// get 503 with Retry-After [default: the open-files limit less 1/16].
-    #[arg(long)]
+    #[arg(long, help_heading = "Limits")]
     pub max_connections: Option<usize>,
-    /// Upgraded connections one client address may hold; 0: no limit [default: 0].
-    #[arg(long)]
+    /// Upgraded connections one client address may hold; past it, 503 with
+    /// Retry-After; 0: no limit [default: 0].
+    #[arg(long, help_heading = "Limits")]
     pub max_connections_per_ip: Option<usize>,
     /// Handshakes one client address may make per second (a bucket of one
     /// second's worth); past it, 429 with Retry-After; 0: no limit [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Limits")]
     pub max_handshakes_per_sec_per_ip: Option<u32>,
+    /// Largest handshake request head; larger gets 431 [default: 8192].
+    #[arg(long, help_heading = "Limits")]
+    pub max_head_bytes: Option<usize>,
+    /// Largest frame payload; larger closes with 1009 [default: 16 MiB].
+    #[arg(long, help_heading = "Limits")]
+    pub max_frame_bytes: Option<usize>,
+    /// Largest message, fragments together; larger closes with 1009 [default: 16 MiB].
+    #[arg(long, help_heading = "Limits")]
+    pub max_message_bytes: Option<usize>,
     /// Data messages one connection may send per second (a bucket of one
     /// second's worth, refilled as time passes); 0: no limit [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Limits")]
     pub max_messages_per_sec: Option<u32>,
     /// Payload bytes one connection may send per second (a message is
     /// taken while the bucket is not empty, and may overdraw it); 0: no limit [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Limits")]
     pub max_bytes_per_sec: Option<u64>,
     /// What happens to a message over those limits [default: close].
-    #[arg(long, value_enum)]
+    #[arg(long, help_heading = "Limits", value_enum)]
     pub rate_limit: Option<RateLimit>,
+    // Timeouts
+    /// Drop a client that has not finished its handshake in this time (an admin
+    /// request's head too) [default: 5000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Ping a quiet peer this often; 0 turns pings off [default: 30000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub ping_interval_ms: Option<u64>,
+    /// Close a peer silent this long; 0 turns it off [default: 75000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub idle_timeout_ms: Option<u64>,
+    /// After sending a close, wait this long for the peer's [default: 2000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub close_timeout_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, wait this long for sessions to close [default: 10000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Park a connection quiet this long: its task ends and only its socket and
+    /// session slot remain until the peer speaks again; 0 never parks [default: 1000].
+    #[arg(long, help_heading = "Timeouts")]
+    pub park_after_ms: Option<u64>,
+    // Pub/sub
+    /// Most topics one connection may subscribe to [default: 1000].
+    #[arg(long, help_heading = "Pub/sub")]
+    pub max_subscriptions: Option<usize>,
+    /// Most bytes of deliveries queued for one connection [default: 1 MiB].
+    #[arg(long, help_heading = "Pub/sub")]
+    pub max_outbound_bytes: Option<usize>,
+    /// What happens to a subscriber over --max-outbound-bytes [default: close].
+    #[arg(long, help_heading = "Pub/sub", value_enum)]
+    pub slow_consumer: Option<SlowConsumer>,
+    /// Most bytes of deliveries queued for all connections of one core: past
+    /// it, publishing on that core waits until half of it is written [default: 64 MiB].
+    #[arg(long, help_heading = "Pub/sub")]
+    pub max_core_outbound_bytes: Option<usize>,
+    /// While a core's publishers wait, a subscriber that has taken none of
+    /// its queued deliveries for this long is a slow consumer [default: 2000].
+    #[arg(long, help_heading = "Pub/sub")]
+    pub stall_timeout_ms: Option<u64>,
     /// Envelopes each cross-core ring holds. There is a ring for each
     /// ordered pair of workers, workers x (workers - 1), of 64 bytes per
     /// envelope, reserved at start: at most 256 MiB in all [default: 4096,
     /// or the largest power of two within 256 MiB].
-    #[arg(long)]
+    #[arg(long, help_heading = "Pub/sub")]
     pub mesh_ring_capacity: Option<usize>,
     /// STOMP heart-beats (ms) offered to clients, both ways: we send one when
     /// quiet this long, and ask as much of them; 0 turns them off [default: 10000].
-    #[arg(long)]
+    #[arg(long, help_heading = "Pub/sub")]
     pub stomp_heart_beat_ms: Option<u64>,
     /// A STOMP client silent this long past its heart-beat interval is closed [default: 5000].
-    #[arg(long)]
+    #[arg(long, help_heading = "Pub/sub")]
     pub stomp_heart_beat_grace_ms: Option<u64>,
-    /// Admin HTTP address (publish, metrics, sessions), or "off" [default: 127.0.0.1:9090].
-    #[arg(long)]
-    pub admin_listen: Option<String>,
-    /// Bearer token the admin API requires (all but /healthz and /metrics) [default: none].
-    #[arg(long)]
-    pub admin_token: Option<String>,
-    /// Admin connections the server holds at once; past it, 503 and close
-    /// [default: 64].
-    #[arg(long)]
-    pub admin_max_connections: Option<usize>,
-    /// How routes without their own `auth` treat tokens [default: required
-    /// when a JWT key is configured, else none].
-    #[arg(long, value_enum)]
-    pub auth: Option<crate::auth::Mode>,
-    /// File holding the HMAC secret (at least 32 bytes) that signs HS256/384/512 tokens.
-    #[arg(long)]
-    pub jwt_secret_file: Option<PathBuf>,
-    /// PEM public key (RSA or EC P-256/P-384) that verifies RS*/PS*/ES* tokens.
-    #[arg(long)]
-    pub jwt_public_key: Option<PathBuf>,
-    /// Seconds of clock skew allowed on a token's exp and nbf [default: 30].
-    #[arg(long)]
-    pub jwt_leeway_secs: Option<u64>,
-    /// Tokens must carry this `aud` [default: tokens with an `aud` are refused].
-    #[arg(long)]
-    pub jwt_audience: Option<String>,
-    /// Tokens must carry this `iss` [default: any].
-    #[arg(long)]
-    pub jwt_issuer: Option<String>,
-    /// NATS server URLs, comma-separated (nats://host:port, tls://...): join
-    /// a cluster of sluice nodes over NATS [default: none, one node alone].
-    #[arg(long, value_delimiter = ',')]
-    pub nats: Option<Vec<String>>,
-    /// First tokens of every NATS subject this node uses [default: sluice].
-    #[arg(long)]
-    pub nats_prefix: Option<String>,
-    /// This node's name on the bus and in session ids, 1-64 of
-    /// `A-Z a-z 0-9 _ -` [default: random, logged at start].
-    #[arg(long)]
-    pub node_id: Option<String>,
-    /// NATS user (with --nats-password).
-    #[arg(long)]
-    pub nats_user: Option<String>,
-    /// NATS password (with --nats-user).
-    #[arg(long)]
-    pub nats_password: Option<String>,
-    /// NATS token.
-    #[arg(long)]
-    pub nats_token: Option<String>,
-    /// NATS credentials file (a user JWT and its nkey seed).
-    #[arg(long)]
-    pub nats_creds: Option<PathBuf>,
-    /// File holding an nkey seed (SU...) to sign the NATS server's nonce.
-    #[arg(long)]
-    pub nats_nkey: Option<PathBuf>,
-    /// PEM CA certificate(s) the NATS servers' TLS certificates must chain
-    /// to; TLS is then required.
-    #[arg(long)]
-    pub nats_ca: Option<PathBuf>,
-    /// Publishes held for the bus while it is unreachable, in bytes; past
-    /// them new publishes to the bus are dropped and counted [default: 8 MiB].
-    #[arg(long)]
-    pub nats_buffer_bytes: Option<usize>,
+    // Compression
     /// permessage-deflate (RFC 7692) for routes without their own `deflate`:
     /// off; shared (no context takeover either way; one compressor and
     /// inflater per core, a publish compressed once); or dedicated (context
     /// takeover where the client allows it; a compressor and an inflater
     /// per connection, within --deflate-dedicated-bytes) [default: shared].
-    #[arg(long, value_enum)]
+    #[arg(long, help_heading = "Compression", value_enum)]
     pub deflate: Option<DeflateMode>,
     /// Memory per core that connections agreed to `dedicated` deflate may
     /// reserve for their compression contexts; past it, new connections
     /// agree to `shared` [default: 64 MiB].
-    #[arg(long)]
+    #[arg(long, help_heading = "Compression")]
     pub deflate_dedicated_bytes: Option<usize>,
     /// `dedicated` deflate: the largest window a connection's compressor
     /// keeps, 9 to 15 bits (the client may ask for less). Smaller is faster
     /// and takes less memory; larger finds more of earlier messages
     /// [default: 15].
-    #[arg(long)]
+    #[arg(long, help_heading = "Compression")]
     pub deflate_window_bits: Option<u8>,
     /// Messages shorter than this go out uncompressed, even where
     /// permessage-deflate was agreed [default: 256].
-    #[arg(long)]
+    #[arg(long, help_heading = "Compression")]
     pub compress_min_bytes: Option<usize>,
     /// zlib's compression level, 1 (fastest) to 9 (smallest) [default: 6].
-    #[arg(long)]
+    #[arg(long, help_heading = "Compression")]
     pub compress_level: Option<u32>,
+    // Auth
+    /// Origins allowed to connect, comma-separated: exact origins
+    /// (https://app.example.com), subdomain patterns (*.example.com,
+    /// https://*.example.com), or * for any; others get 403 [default: any].
+    #[arg(long, help_heading = "Auth", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// How routes without their own `auth` treat tokens [default: required
+    /// when a JWT key is configured, else none].
+    #[arg(long, help_heading = "Auth", value_enum)]
+    pub auth: Option<crate::auth::Mode>,
+    /// File holding the HMAC secret (at least 32 bytes) that signs HS256/384/512 tokens.
+    #[arg(long, help_heading = "Auth")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA or EC P-256/P-384) that verifies RS*/PS*/ES* tokens.
+    #[arg(long, help_heading = "Auth")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Seconds of clock skew allowed on a token's exp and nbf [default: 30].
+    #[arg(long, help_heading = "Auth")]
+    pub jwt_leeway_secs: Option<u64>,
+    /// Tokens must carry this `aud` [default: tokens with an `aud` are refused].
+    #[arg(long, help_heading = "Auth")]
+    pub jwt_audience: Option<String>,
+    /// Tokens must carry this `iss` [default: any].
+    #[arg(long, help_heading = "Auth")]
+    pub jwt_issuer: Option<String>,
+    // Admin
+    /// Admin HTTP address (web console, publish, metrics, sessions), or "off"
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, help_heading = "Admin")]
+    pub admin_listen: Option<String>,
+    /// Bearer token the admin API and console require (all but /healthz,
+    /// /readyz, /metrics and the console's login page) [default: none].
+    #[arg(long, help_heading = "Admin")]
+    pub admin_token: Option<String>,
+    /// Admin connections the server holds at once; past it, 503 and close
+    /// [default: 64].
+    #[arg(long, help_heading = "Admin")]
+    pub admin_max_connections: Option<usize>,
+    // Cluster
+    /// NATS server URLs, comma-separated (nats://host:port, tls://...): join
+    /// a cluster of sluice nodes over NATS [default: none, one node alone].
+    #[arg(long, help_heading = "Cluster", value_delimiter = ',')]
+    pub nats: Option<Vec<String>>,
+    /// First tokens of every NATS subject this node uses [default: sluice].
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_prefix: Option<String>,
+    /// This node's name on the bus and in session ids, 1-64 of
+    /// `A-Z a-z 0-9 _ -` [default: random, logged at start].
+    #[arg(long, help_heading = "Cluster")]
+    pub node_id: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (a user JWT and its nkey seed).
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an nkey seed (SU...) to sign the NATS server's nonce.
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM CA certificate(s) the NATS servers' TLS certificates must chain
+    /// to; TLS is then required.
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_ca: Option<PathBuf>,
+    /// Publishes held for the bus while it is unreachable, in bytes; past
+    /// them new publishes to the bus are dropped and counted [default: 8 MiB].
+    #[arg(long, help_heading = "Cluster")]
+    pub nats_buffer_bytes: Option<usize>,
+    // Logging
+    /// Log lines as text or as one JSON object per line (for log shippers);
+    /// SLUICE_LOG sets the filter [default: text].
+    #[arg(long, help_heading = "Logging", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Routes (file only): `[[route]]` tables with path, protocol, subprotocols.
     #[arg(skip)]
     pub route: Option<Vec<RouteOptions>>,
@@ -501,6 +531,15 @@ impl Options {
         toml::from_str(&text).map_err(|e| file_err(e.to_string()))
     }
 
+    /// The `log_format` of a file that does not read as options (a wrong
+    /// key or value elsewhere), so that the error is written as it asks;
+    /// `None` if it is not TOML at all, or says nothing of it.
+    pub fn log_format_in(path: &Path) -> Option<LogFormat> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let table: toml::Table = toml::from_str(&text).ok()?;
+        LogFormat::deserialize(table.get("log_format")?.clone()).ok()
+    }
+
     /// `self` wins over `base` wherever it is set.
     pub fn over(self, base: Options) -> Options {
         Options {
@@ -511,6 +550,7 @@ impl Options {
             workers: self.workers.or(base.workers),
             oversubscribe: self.oversubscribe || base.oversubscribe,
             driver: self.driver.or(base.driver),
+            log_format: self.log_format.or(base.log_format),
             allowed_origins: self.allowed_origins.or(base.allowed_origins),
             handshake_timeout_ms: self.handshake_timeout_ms.or(base.handshake_timeout_ms),
             max_head_bytes: self.max_head_bytes.or(base.max_head_bytes),

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice::config::Options;
+use sluice::config::{LogFormat, Options};
 use tracing_subscriber::EnvFilter;
 
 #[cfg(feature = "mimalloc")]
@@ -12,32 +12,42 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A thread-per-core WebSocket gateway.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = AFTER_HELP)]
 struct Cli {
-    /// TOML file of options; flags override it.
-    #[arg(long)]
+    /// TOML file of options: each key a flag's name without `--`, `_` for
+    /// `-` (listen = "0.0.0.0:8080"), and [[route]] tables; flags override it.
+    #[arg(long, help_heading = "Listeners and workers")]
     config: Option<std::path::PathBuf>,
     #[command(flatten)]
     options: Options,
 }
 
+const AFTER_HELP: &str = "\
+Routes come from the --config file only, as [[route]] tables (path, protocol =
+echo | pubsub | stomp | backend, subprotocols, auth, deflate, upstream, hooks
+...); without any, the routes are /echo, /ws (pub/sub) and /stomp (STOMP 1.2).
+docs/CONFIGURATION.md lists every option and route key.
+
+Environment:
+  SLUICE_LOG  log filter, e.g. debug or sluice=debug,info [default: info]
+
+Signals: SIGTERM or SIGINT drains (1001 to every client), SIGHUP reloads the
+TLS certificate and key.";
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // The NATS client logs each of its events at info; sluice logs
-        // what they mean.
-        .with_env_filter(
-            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
-    let file = match &cli.config {
-        Some(path) => match Options::from_file(path) {
-            Ok(o) => o,
-            Err(e) => return fail(&e),
-        },
-        None => Options::default(),
+    // The file is read before logging starts, since it may choose the log
+    // format; an error reading it is logged once logging has started.
+    let file = cli.config.as_deref().map(Options::from_file).transpose();
+    let format = cli.options.log_format.or_else(|| match &file {
+        Ok(file) => file.as_ref().and_then(|f| f.log_format),
+        // Its error is written as the file asks, if it says.
+        Err(_) => cli.config.as_deref().and_then(Options::log_format_in),
+    });
+    init_logging(format.unwrap_or(LogFormat::Text));
+    let file = match file {
+        Ok(file) => file.unwrap_or_default(),
+        Err(e) => return fail(&e),
     };
     raise_open_files_limit();
     let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len().max(1));
@@ -75,6 +85,32 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// Log lines go to standard error, filtered by `SLUICE_LOG`.
+fn init_logging(format: LogFormat) {
+    // The NATS client logs each of its events at info; sluice logs what
+    // they mean.
+    let default = || EnvFilter::new("info,async_nats=warn");
+    let (filter, bad) = match std::env::var("SLUICE_LOG") {
+        Ok(text) => match EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(e) => (default(), Some((text, e))),
+        },
+        Err(_) => (default(), None),
+    };
+    let lines = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => lines
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => lines.json().with_ansi(false).init(),
+    }
+    if let Some((text, error)) = bad {
+        tracing::warn!("SLUICE_LOG={text:?} is not a filter ({error}): logging at info");
     }
 }
 

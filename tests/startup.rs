@@ -124,6 +124,48 @@ fn the_start_log_lists_the_routes() {
     }
 }
 
+/// `--log-format json` (or `log_format` in the file): every line one JSON
+/// object, the start error included.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let path = std::env::temp_dir().join(format!("sluice-json-{}.toml", std::process::id()));
+    std::fs::write(&path, "log_format = \"json\"\n").unwrap();
+    for args in [&["--log-format", "json"][..], &["--config", path.to_str().unwrap()]] {
+        let mut server = Server::start("epoll", args);
+        assert!(server.terminate().success());
+        let log = server.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let route = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "route /ws")
+            .unwrap_or_else(|| panic!("{log}"));
+        assert_eq!(route["fields"]["protocol"], "pubsub");
+        assert_eq!(route["level"], "INFO");
+        assert!(lines.iter().any(|l| l["fields"]["message"] == "stopped"), "{log}");
+    }
+    let (code, err) = start_error(&["--config", path.to_str().unwrap(), "--max-frame-bytes", "0"]);
+    assert_eq!(code, Some(2));
+    let line: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(line["level"], "ERROR");
+    assert!(
+        line["fields"]["message"].as_str().unwrap().contains("max_frame_bytes"),
+        "{err}"
+    );
+    // A file that asks for JSON but does not read as options.
+    std::fs::write(&path, "log_format = \"json\"\nbogus_key = 1\n").unwrap();
+    let (code, err) = start_error(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    let line: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(
+        line["fields"]["message"].as_str().unwrap().contains("bogus_key"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
 /// A worker that cannot start (here: too few open files for the second)
 /// is reported at once: the workers that started do not wait for it in
 /// their shutdown.

@@ -104,6 +104,8 @@ enum Scenario {
     Latency {
         #[command(flatten)]
         common: CommonArgs,
+        /// Connections the rate is spread over, each sending at its share of
+        /// it, staggered.
         #[arg(short = 'c', long, default_value_t = 100)]
         connections: usize,
         /// Messages per second, over all connections.
@@ -127,6 +129,7 @@ enum Scenario {
         /// Clients cycling at once.
         #[arg(short = 'c', long, default_value_t = 50)]
         concurrency: usize,
+        /// Payload bytes of each client's one message.
         #[arg(short = 's', long, default_value_t = 32)]
         size: usize,
         #[command(flatten)]
@@ -136,10 +139,14 @@ enum Scenario {
     Fanout {
         #[command(flatten)]
         common: CommonArgs,
+        /// Subscriber connections; subscriber n takes topic n % --topics.
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
+        /// Topics the subscribers are spread over and publishes go to.
         #[arg(long, default_value_t = 1)]
         topics: usize,
+        /// Publisher connections, each publishing to the topics in turn;
+        /// they share --rate.
         #[arg(long, default_value_t = 1)]
         publishers: usize,
         /// Publishes per second, over all publishers.
@@ -187,6 +194,7 @@ enum Scenario {
         /// The plot to write (.svg, or .html with a table).
         #[arg(long)]
         out: PathBuf,
+        /// The plot's title.
         #[arg(long, default_value = "latency by percentile")]
         title: String,
         /// LABEL=FILE[,FILE...]: a series; the histograms of its files are merged.
@@ -209,11 +217,15 @@ struct CommonArgs {
     /// Load threads, each its own monoio runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// The load threads' I/O driver: auto takes io_uring where the kernel
+    /// has it, else epoll.
     #[arg(long, value_enum, default_value_t = Driver::Auto)]
     driver: Driver,
     /// Source addresses, e.g. 127.0.0.1-127.0.0.50, to go past one address's ports.
     #[arg(long)]
     source: Option<String>,
+    /// A connection whose TCP connect and handshake take longer than this
+    /// counts as a failure.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
     /// Server process to read CPU and memory from.

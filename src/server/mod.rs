@@ -315,16 +315,17 @@ pub fn run(config: Config) -> Result<Stats, ServerError> {
         })
         .collect();
     let server = Server::start(config)?;
-    tracing::info!(driver = %server.driver, workers, "listening on {}", server.local_addr);
-    if let Some(tls) = server.tls_addr {
-        tracing::info!("wss:// on {tls}");
-    }
-    if let Some(admin) = server.admin_addr {
-        tracing::info!("admin API on {admin}");
-    }
+    // "listening on" last: whoever waits for it finds the rest said.
     for (path, protocol, auth, deflate) in routes {
         tracing::info!(%protocol, %auth, %deflate, "route {path}");
     }
+    if let Some(admin) = server.admin_addr {
+        tracing::info!("admin API on {admin} (web console: http://{admin}/)");
+    }
+    if let Some(tls) = server.tls_addr {
+        tracing::info!("wss:// on {tls}");
+    }
+    tracing::info!(driver = %server.driver, workers, "listening on {}", server.local_addr);
     let signal_handle = signals.handle();
     let server = Arc::new(server);
     let for_signals = server.clone();
