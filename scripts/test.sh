@@ -5,11 +5,19 @@
 # wss:// ones with Python's websockets, installed here from PyPI; the
 # cluster ones start nats-server (Debian's package, installed here) and
 # publish with nats-py, from PyPI; the browser one drives examples/backend
-# in headless Chromium (Debian's package, installed here);
+# in headless Chromium (Debian's package, installed here), and
+# tests/examples.rs runs examples/ (sluice.toml, the browser page in
+# Chromium, the Python and Node clients), and tests/console.rs the admin
+# port's web console in Chromium;
 # tests/layers.rs fails when a module of src/ names one above it), the
 # Autobahn|Testsuite cases 1.*-13.* against /echo under both drivers (12.*
 # and 13.* are permessage-deflate's; they run again under --deflate
-# dedicated), and a short run of each fuzz target. Exits non-zero on the first failure.
+# dedicated), the Debian package of that release build (scripts/package.sh,
+# with cargo-deb, installed here from crates.io: its files, control fields
+# and maintainer scripts checked, its systemd unit checked by Debian's
+# systemd-analyze, installed here, and its binary started with its config
+# and stopped), and a short run of each fuzz target. Exits non-zero on the
+# first failure.
 #
 #   scripts/test.sh                  everything
 #   SLUICE_FUZZ_SECONDS=0 scripts/test.sh    skip the fuzz runs
@@ -26,6 +34,9 @@ step() { printf '\n== %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "fuzz/Cargo.lock is current (the fuzz crate builds sluice: a new dependency must be in its lock too)"
+(cd fuzz && cargo metadata --locked --format-version 1 >/dev/null)
+
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
@@ -34,10 +45,18 @@ npm ci --prefix tests/stomp --no-audit --no-fund --loglevel=error
 # tests/stomp.rs fails rather than skips without it.
 export SLUICE_REQUIRE_STOMPJS=1
 
-step "nats-server for the cluster tests, chromium for the browser test (Debian's packages)"
+step "what the examples need (@stomp/stompjs for examples/browser, ws for examples/node)"
+npm ci --prefix examples/browser --no-audit --no-fund --loglevel=error
+npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
+# tests/examples.rs fails rather than skips without them.
+export SLUICE_REQUIRE_EXAMPLES=1
+
+step "nats-server for the cluster tests, chromium for the browser test, systemd for systemd-analyze (Debian's packages)"
 packages=()
 command -v nats-server >/dev/null || packages+=(nats-server)
 command -v chromium >/dev/null || packages+=(chromium)
+# The package step verifies the unit with it; no systemd runs here.
+command -v systemd-analyze >/dev/null || packages+=(systemd)
 if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
@@ -49,6 +68,7 @@ if [ "${#packages[@]}" -gt 0 ]; then
 fi
 nats-server --version
 chromium --version
+systemd-analyze --version | sed -n 1p
 
 step "Python websockets for the wss:// tests, nats-py for the cluster tests"
 python3 -m pip install --quiet --disable-pip-version-check --target target/python websockets==17.4 nats-py==2.16.0
@@ -106,6 +126,15 @@ ab_cases=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt |
 ab_failed=$(grep -E '^autobahn [^:]+: [0-9]+ cases' target/autobahn-summary.txt | sed -E 's/.*FAILED ([0-9]+).*/\1/' | paste -sd+ | bc)
 cleanup
 PIDS=()
+
+step "Debian package and systemd unit (cargo-deb; systemd-analyze verify and security; the release build above)"
+# Pinned: the package's paths and maintainer scripts are cargo-deb's, and
+# scripts/package.sh expects them exactly.
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo-deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
+fi
+scripts/package.sh
 
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
   step "fuzz targets, ${FUZZ_SECONDS}s each (libFuzzer; longer runs: see fuzz/README.md)"
