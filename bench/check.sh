@@ -26,7 +26,7 @@ SHAPES="${SHAPES:-burst-100x64x32 each-100x64x32 burst-100x16x512 each-100x16x51
 OUT="${OUT:-target/bench-check}"
 read -r -a SERVERS <<<"${SERVERS:-sluice-uring sluice-epoll${UWS:+ uws}}"
 if [[ " ${SERVERS[*]} " == *" uws "* && ! -x ${UWS:-} ]]; then
-  echo "uws needs UWS=<path to uWebSockets' BenchServer> (../shared/yardstick/uws/README.md)" >&2
+  echo "uws needs UWS=<path to uWebSockets' BenchServer, built from uWebSockets' sources>" >&2
   exit 2
 fi
 

@@ -46,7 +46,7 @@ OUT="${OUT:-target/bench-run}"
 read -r -a SERVERS <<<"${SERVERS:-sluice tungstenite-default tungstenite-tuned fastwebsockets-default fastwebsockets-tuned${UWS:+ uws}}"
 read -r -a SLUICE_FLAGS <<<"${SLUICE_ARGS:-}"
 if [[ " ${SERVERS[*]} " == *" uws "* && ! -x ${UWS:-} ]]; then
-  echo "uws needs UWS=<path to uWebSockets' BenchServer> (../shared/yardstick/uws/README.md)" >&2
+  echo "uws needs UWS=<path to uWebSockets' BenchServer, built from uWebSockets' sources>" >&2
   exit 2
 fi
 if [[ " ${SERVERS[*]} " == *" sluice-before "* && ! -x ${SLUICE_BEFORE:-} ]]; then

@@ -1,1 +1,1 @@
-//! Benchmarks of sluice; see benches/ and README.md.
+//! Benchmarks of sluice; see benches/ and docs/bench/README.md.

@@ -209,7 +209,7 @@ pub use crate::stats::Stats;
 #[cfg(test)]
 mod tests {
     /// Every session holds one, parked or not: docs/ARCHITECTURE.md gives
-    /// its size, and README's memory figures depend on it.
+    /// its size, and the memory figures in docs/bench/README.md depend on it.
     #[test]
     fn a_slot_stays_at_128_bytes() {
         assert_eq!(std::mem::size_of::<super::Slot>(), 128);

@@ -352,7 +352,7 @@ fn context_memory() {
 }
 
 /// What a message costs a compressor that keeps its window (context
-/// takeover), hot in cache, as docs/ARCHITECTURE.md and README give it:
+/// takeover), hot in cache, as docs/ARCHITECTURE.md and docs/bench/README.md give it:
 /// `cargo test --release --lib takeover_cost -- --ignored --nocapture`
 /// (20,000 messages of 1 KiB of JSON-like text, 41 variants in turn, so
 /// none has a twin in the window).
