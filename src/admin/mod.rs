@@ -279,14 +279,17 @@ fn route<'r>(method: &str, path: &'r str) -> Result<Endpoint<'r>, (u16, &'static
 }
 
 /// Whether the request may go on to its body: where it comes from (a page
-/// of another origin is refused), the token (an endpoint that
-/// is not open needs it, whatever the path, so that an unauthenticated
-/// client learns nothing), then the endpoint and method, then the body's
-/// length.
+/// of another origin is refused when no token is set), the token (an
+/// endpoint that is not open needs it, whatever the path, so that an
+/// unauthenticated client learns nothing), then the endpoint and method,
+/// then the body's length.
 fn admit<'r>(request: &'r Request, shard: &Shard) -> Result<Endpoint<'r>, (u16, &'static str)> {
-    // A page of another site may make a browser send requests here (CSRF):
-    // its `Origin` says so, and nothing it asks is done.
-    if request.cross_origin {
+    // Without a token, a page of another site may make a browser send
+    // requests here (CSRF): its `Origin` says so, and nothing it asks is
+    // done. With one, the token decides: a page cannot make a browser send
+    // it (a bearer token is no cookie), and the console behind a reverse
+    // proxy (`Origin: https://admin.example`) keeps working.
+    if request.cross_origin && shard.config.admin_token.is_none() {
         return Err((403, "requests from another origin are refused"));
     }
     let endpoint = route(&request.method, &request.path);
@@ -556,7 +559,7 @@ const TOPICS_FRESH: Duration = Duration::from_secs(1);
 
 /// The node's topics as a core last gathered them: the `MAX_TOPICS` with
 /// the most subscribers, in order, as (name, is a STOMP queue,
-/// subscribers), and the totals.
+/// subscribers), the totals, and when the gathering finished.
 struct TopicList {
     gathered: Instant,
     top: Vec<(Box<[u8]>, bool, u64)>,
@@ -577,13 +580,14 @@ thread_local! {
 ///
 /// Gathering copies every core's topic table, so its cost grows with the
 /// number of topics: a core gathers at most once in `TOPICS_FRESH`, one
-/// request at a time, and answers every request meanwhile from that.
+/// request at a time, and answers every request meanwhile from that; each
+/// core encodes its table at most once in that time, however many ask.
 async fn topics(request: &Request, shard: &Rc<Shard>) -> Result<serde_json::Value, Failure> {
     let limit = match http::query_value(&request.query, "limit") {
         None => DEFAULT_TOPICS,
-        Some(n) => n
-            .parse()
-            .ok()
+        Some(n) => Some(n)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
             .filter(|n| (1..=MAX_TOPICS).contains(n))
             .ok_or_else(|| (400, format!("limit is 1 to {MAX_TOPICS}")))?,
     };
@@ -610,23 +614,27 @@ async fn topics(request: &Request, shard: &Rc<Shard>) -> Result<serde_json::Valu
     }))
 }
 
-/// This core's `TopicList` if it is fresh; else, once no other request of
-/// this core is gathering one, a new one: this core's counts and every
-/// other core's (`Hub::topic_counts`, asked over the mesh), summed.
+/// This core's `TopicList` if it is fresh, or was finished after this
+/// request came (while it waited for another request's gathering); else,
+/// once no other request of this core is gathering one, a new one: this
+/// core's counts and every other core's (`Hub::topic_counts`, asked over
+/// the mesh), summed.
 async fn topic_list(shard: &Rc<Shard>) -> Result<Rc<TopicList>, Failure> {
-    let deadline = Instant::now() + MESH_WAIT;
+    let arrived = Instant::now();
+    let deadline = arrived + MESH_WAIT;
     loop {
         let fresh = TOPIC_LIST
             .with(|l| l.borrow().clone())
-            .filter(|l| l.gathered.elapsed() < TOPICS_FRESH);
+            .filter(|l| l.gathered >= arrived || l.gathered.elapsed() < TOPICS_FRESH);
         if let Some(list) = fresh {
             return Ok(list);
         }
-        if !GATHERING.with(|g| g.replace(true)) {
-            break;
-        }
+        // Past its deadline a request neither waits nor starts a gathering.
         if Instant::now() >= deadline {
             return Err((503, "the topics are still being gathered".to_string()));
+        }
+        if !GATHERING.with(|g| g.replace(true)) {
+            break;
         }
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -639,13 +647,13 @@ async fn topic_list(shard: &Rc<Shard>) -> Result<Rc<TopicList>, Failure> {
         }
     }
     let _gathered = Gathered;
-    let started = Instant::now();
     let others = (0..shard.hub.mesh.workers())
         .filter(|&c| c != shard.core)
         .map(|core| async move {
+            let wait = deadline.saturating_duration_since(Instant::now());
             (
                 core,
-                monoio::time::timeout(MESH_WAIT, shard.hub.remote_topic_counts(core)).await,
+                monoio::time::timeout(wait, shard.hub.remote_topic_counts(core)).await,
             )
         });
     let mut answers = vec![shard.hub.topic_counts()];
@@ -655,14 +663,14 @@ async fn topic_list(shard: &Rc<Shard>) -> Result<Rc<TopicList>, Failure> {
             _ => return Err((503, format!("core {core} did not answer"))),
         }
     }
-    let list = Rc::new(sum_topics(&answers, started));
+    let list = Rc::new(sum_topics(&answers));
     TOPIC_LIST.with(|l| *l.borrow_mut() = Some(list.clone()));
     Ok(list)
 }
 
-/// Sums the cores' counts (`topics::decode_counts`), asked for at
-/// `gathered`, into a `TopicList`.
-fn sum_topics(answers: &[Bytes], gathered: Instant) -> TopicList {
+/// Sums the cores' counts (`topics::decode_counts`) into a `TopicList`,
+/// stamped now.
+fn sum_topics(answers: &[Bytes]) -> TopicList {
     let mut counts = std::collections::HashMap::<&[u8], u64>::new();
     for answer in answers {
         for (key, n) in crate::pubsub::topics::decode_counts(answer) {
@@ -687,7 +695,7 @@ fn sum_topics(answers: &[Bytes], gathered: Instant) -> TopicList {
     }
     all.sort_unstable_by(order);
     TopicList {
-        gathered,
+        gathered: Instant::now(),
         top: all
             .into_iter()
             .map(|(name, queue, n)| (name.into(), queue, n))

@@ -38,6 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -85,8 +86,15 @@ pub struct Hub {
     /// Our requests to other cores' sessions, waiting for their reply.
     requests: RefCell<HashMap<u64, Request>>,
     next_request: Cell<u64>,
+    /// `topic_counts` as last encoded, and when: every core's admin API
+    /// may ask for it, and each is answered from one encoding a
+    /// `COUNTS_FRESH`.
+    counts: RefCell<Option<(Instant, Bytes)>>,
     pub mesh: CoreMesh,
 }
+
+/// How long `Hub::topic_counts` answers from its last encoding.
+const COUNTS_FRESH: Duration = Duration::from_secs(1);
 
 struct ForgetRequest<'h>(&'h Hub, u64);
 
@@ -121,6 +129,7 @@ impl Hub {
             orphans: RefCell::new(Vec::new()),
             requests: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
+            counts: RefCell::new(None),
             mesh,
         }
     }
@@ -130,9 +139,19 @@ impl Hub {
     }
 
     /// This core's topics and their subscribers here
-    /// (`topics::decode_counts` reads them).
+    /// (`topics::decode_counts` reads them), as encoded at most
+    /// `COUNTS_FRESH` ago: however many cores ask, a core copies its table
+    /// once a second at most.
     pub fn topic_counts(&self) -> Bytes {
-        Bytes::from(self.topics.borrow().encode_counts())
+        let mut cached = self.counts.borrow_mut();
+        if let Some((at, counts)) = cached.as_ref() {
+            if at.elapsed() < COUNTS_FRESH {
+                return counts.clone();
+            }
+        }
+        let counts = Bytes::from(self.topics.borrow().encode_counts());
+        *cached = Some((Instant::now(), counts.clone()));
+        counts
     }
 
     /// Core `core`'s (another one's) `topic_counts`, over the mesh.
@@ -327,8 +346,7 @@ impl Hub {
                 }
             }
             Envelope::Topics { request, from } => {
-                let counts = self.topics.borrow().encode_counts();
-                self.reply(from, request, Some(Bytes::from(counts)));
+                self.reply(from, request, Some(self.topic_counts()));
             }
             // Only the bridge takes these.
             Envelope::Remote(_) => {}
