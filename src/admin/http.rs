@@ -198,10 +198,12 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A whole response.
+/// A whole response. Its type is as said: a browser must not guess
+/// another (a topic name in JSON read as HTML).
 pub fn response(status: u16, content_type: &str, body: &[u8], close: bool) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         X-Content-Type-Options: nosniff\r\n{}{}\r\n",
         reason(status),
         body.len(),
         if status == 401 {
