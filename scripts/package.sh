@@ -46,7 +46,7 @@ echo "files and modes (dpkg-deb -c)"
 # Every file (not directory) with its mode; nothing missing, nothing more.
 dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { print $1, $6 }' | sort >"$work/files"
 sort >"$work/files.expected" <<'EOF'
--rw-r--r-- ./etc/sluice/sluice.toml
+-rw------- ./etc/sluice/sluice.toml
 -rw-r--r-- ./usr/lib/systemd/system/sluice.service
 -rw-r--r-- ./usr/share/doc/sluice/README.Debian
 -rw-r--r-- ./usr/share/doc/sluice/README.md
@@ -137,16 +137,23 @@ sed -n 's/^→ //p' "$work/security.log"
 
 echo "the packaged binary, started as the unit starts it"
 unit="$root/usr/lib/systemd/system/sluice.service"
-# ExecStart's words, each absolute path taken inside the tree.
+# ExecStart's words, each absolute path taken inside the tree, and each
+# credential (%d/NAME) the file its LoadCredential=NAME:PATH copies.
 read -r -a exec_start <<<"$(sed -n 's/^ExecStart=//p' "$unit")"
 command=()
 for word in "${exec_start[@]}"; do
   case $word in
     /*) command+=("$root$word") ;;
+    %d/*)
+      source=$(sed -n "s#^LoadCredential=${word#%d/}:##p" "$unit")
+      [ -n "$source" ] || fail "ExecStart reads credential ${word#%d/}, which no LoadCredential= gives"
+      command+=("$root$source")
+      ;;
     *) command+=("$word") ;;
   esac
 done
 [ "${command[0]}" = "$root/usr/bin/sluice" ] || fail "ExecStart does not run /usr/bin/sluice: ${exec_start[*]}"
+[[ " ${command[*]} " == *" --config $root/etc/sluice/sluice.toml "* ]] || fail "ExecStart does not read the packaged config: ${exec_start[*]}"
 log="$work/sluice.log"
 : >"$log"
 # The unit's log filter, not the caller's.
