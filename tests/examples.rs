@@ -459,7 +459,15 @@ fn reconnects_and_subscribes_again(driver: &str, client: Client) {
     proc.wait_for(again, "subscribed news", limit);
     let (mark, _) = proc.wait_for(again, "subscribed sport", limit);
     // Read only if the client subscribed again: the new session starts with none.
-    publish_until(server.admin_addr(), &proc, mark, "news", "three", &["MSG news three"]);
+    // A message's control characters are spelled out, not sent to the terminal.
+    publish_until(
+        server.admin_addr(),
+        &proc,
+        mark,
+        "news",
+        "\u{1b}]0;t\u{7}three",
+        &["MSG news \\x1b]0;t\\x07three"],
+    );
     publish_until(server.admin_addr(), &proc, mark, "sport", "four", &["MSG sport four"]);
     assert_eq!(
         admin(server.admin_addr(), "GET", &format!("/sessions/{second}"), "").0,
@@ -929,6 +937,42 @@ fn backs_off_from_a_server_that_drops_it_at_once(client: Client) {
     let output = proc.output();
     assert!(output.matches("closed 4001 go away").count() >= 5, "{output}");
     assert!(seen.lock().unwrap().connections >= 5, "{output}");
+}
+
+/// A delay that is not a number, or below its least, is a usage error
+/// (exit 2): NaN or a negative delay would reconnect in a tight loop.
+fn refuses_bad_delays(client: Client) {
+    for args in [
+        ["--backoff-ms", "abc"],
+        ["--backoff-ms", "-5"],
+        ["--backoff-ms", "0"],
+        ["--max-backoff-ms", "nan"],
+        ["--stable-ms", "-1"],
+        ["--refresh-margin", "inf"],
+    ] {
+        let Some(mut cmd) = client.command(&[args[0], args[1], "--url", "ws://127.0.0.1:9/ws", "news"]) else {
+            return;
+        };
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: it never connected");
+    }
+}
+
+#[test]
+fn the_python_client_refuses_bad_delays() {
+    refuses_bad_delays(Client::Python)
+}
+
+#[test]
+fn the_node_client_refuses_bad_delays() {
+    refuses_bad_delays(Client::Node)
 }
 
 #[test]

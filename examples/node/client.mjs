@@ -8,7 +8,9 @@
 //
 // Status lines go to stdout beside the messages: `connected <session>`,
 // `subscribed <topic>`, `closed <code> <reason>`, `reconnecting in <n> ms`,
-// `refreshed token`. A token is never printed.
+// `refreshed token`. A token is never printed, nor a control character of
+// what the server sent (it is shown as `\xNN`, so that a message cannot
+// drive the terminal).
 //
 // usage: node client.mjs [--url URL] [--token-file PATH] [--refresh-margin SECS]
 //                        [--backoff-ms MS] [--max-backoff-ms MS] [--stable-ms MS] TOPIC...
@@ -17,27 +19,51 @@ import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 
-const { values: opts, positionals: topics } = parseArgs({
-  allowPositionals: true,
-  options: {
-    url: { type: "string", default: "ws://127.0.0.1:8080/ws" },
-    "token-file": { type: "string" },
-    "refresh-margin": { type: "string", default: "30" },
-    "backoff-ms": { type: "string", default: "500" },
-    "max-backoff-ms": { type: "string", default: "30000" },
-    "stable-ms": { type: "string", default: "10000" },
-  },
-});
-if (topics.length === 0) {
-  console.error("usage: node client.mjs [--url URL] [--token-file PATH] TOPIC...");
+const usage = "usage: node client.mjs [--url URL] [--token-file PATH] TOPIC...";
+let parsed;
+try {
+  parsed = parseArgs({
+    allowPositionals: true,
+    options: {
+      url: { type: "string", default: "ws://127.0.0.1:8080/ws" },
+      "token-file": { type: "string" },
+      "refresh-margin": { type: "string", default: "30" },
+      "backoff-ms": { type: "string", default: "500" },
+      "max-backoff-ms": { type: "string", default: "30000" },
+      "stable-ms": { type: "string", default: "10000" },
+    },
+  });
+} catch (e) {
+  console.error(`${e.message}\n${usage}`);
   process.exit(2);
 }
-const marginSecs = Number(opts["refresh-margin"]);
-const backoffMs = Number(opts["backoff-ms"]);
-const maxBackoffMs = Number(opts["max-backoff-ms"]);
-const stableMs = Number(opts["stable-ms"]);
+const { values: opts, positionals: topics } = parsed;
+if (topics.length === 0) {
+  console.error(usage);
+  process.exit(2);
+}
+// A finite number not below `low`, or the usage error: a delay of NaN or
+// below zero would reconnect in a tight loop.
+function atLeast(name, low) {
+  const text = opts[name];
+  const value = text.trim() === "" ? NaN : Number(text);
+  if (!Number.isFinite(value) || value < low) {
+    console.error(`--${name} must be a number of at least ${low}: ${JSON.stringify(text)}`);
+    process.exit(2);
+  }
+  return value;
+}
+const marginSecs = atLeast("refresh-margin", 0);
+const backoffMs = atLeast("backoff-ms", 1);
+const maxBackoffMs = atLeast("max-backoff-ms", 1);
+const stableMs = atLeast("stable-ms", 0);
 
-const status = (line) => console.log(line);
+// `text` with its control characters (C0, DEL, C1) but tab spelled out:
+// another publisher's message must not reach the terminal as an escape
+// sequence.
+const shown = (text) =>
+  text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+const status = (line) => console.log(shown(line));
 
 // A JWT: three base64url parts with dots between (the signature may be empty).
 const JWT = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
@@ -202,7 +228,7 @@ function connect() {
       if (token) scheduleRefresh();
       return;
     }
-    console.log(data.toString("utf8")); // MSG <topic> <payload>, or ERR ...
+    console.log(shown(data.toString("utf8"))); // MSG <topic> <payload>, or ERR ...
   });
   ws.on("error", (e) => status(`connection failed: ${e.message}`));
   ws.on("close", (code, reason) => {

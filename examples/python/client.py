@@ -8,7 +8,9 @@ re-reads the file and hands the server the fresh one with `AUTH`.
 
 Status lines go to stdout beside the messages: `connected <session>`,
 `subscribed <topic>`, `closed <code> <reason>`, `reconnecting in <n> ms`,
-`refreshed token`. A token is never printed.
+`refreshed token`. A token is never printed, nor a control character of
+what the server sent (it is shown as `\\xNN`, so that a message cannot
+drive the terminal). Needs websockets 14 or newer.
 
 usage: client.py [--url URL] [--token-file PATH] [--refresh-margin SECS]
                  [--backoff-ms MS] [--max-backoff-ms MS] [--stable-ms MS] TOPIC...
@@ -23,12 +25,21 @@ import random
 import re
 import sys
 import time
+import unicodedata
 
 import websockets
+from websockets.asyncio.client import connect
+
+
+def shown(text):
+    """`text` with its control characters (C0, DEL, C1) but tab spelled
+    out: another publisher's message must not reach the terminal as an
+    escape sequence."""
+    return "".join(c if c == "\t" or unicodedata.category(c) != "Cc" else "\\x%02x" % ord(c) for c in text)
 
 
 def status(line):
-    print(line, flush=True)
+    print(shown(line), flush=True)
 
 
 # A JWT: three base64url parts with dots between (the signature may be empty).
@@ -107,7 +118,7 @@ class Client:
                     token = read_token(self.token_file)
                     expiry(token)  # a token the client cannot refresh fails this attempt
                     headers["Authorization"] = "Bearer " + token
-                async with websockets.connect(self.url, additional_headers=headers, subprotocols=["sluice"]) as ws:
+                async with connect(self.url, additional_headers=headers, subprotocols=["sluice"]) as ws:
                     hello = await asyncio.wait_for(ws.recv(), 10)
                     if not isinstance(hello, str) or not hello.startswith("HELLO "):
                         kind = "a text" if isinstance(hello, str) else "a binary"
@@ -125,7 +136,7 @@ class Client:
                         async for message in ws:
                             if isinstance(message, bytes):
                                 message = message.decode("utf-8", "replace")
-                            print(message, flush=True)  # MSG <topic> <payload>, or ERR ...
+                            print(shown(message), flush=True)  # MSG <topic> <payload>, or ERR ...
                     finally:
                         if refresher:
                             refresher.cancel()
@@ -199,16 +210,39 @@ class Client:
             retry = min(retry * 2, 30.0)
 
 
+def at_least(low, kind=int):
+    """An argparse type: a finite `kind` not below `low` (a delay of NaN
+    or below zero would reconnect in a tight loop)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError("must be at least %s: %r" % (low, text))
+        return value
+
+    return parse
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("topics", nargs="+", metavar="TOPIC")
     parser.add_argument("--url", default="ws://127.0.0.1:8080/ws")
     parser.add_argument("--token-file", help="a file holding a JWT, re-read before each refresh and reconnect")
-    parser.add_argument("--refresh-margin", type=float, default=30, help="seconds before exp to refresh (default 30)")
-    parser.add_argument("--backoff-ms", type=int, default=500, help="first reconnect delay (default 500)")
-    parser.add_argument("--max-backoff-ms", type=int, default=30000, help="longest reconnect delay (default 30000)")
     parser.add_argument(
-        "--stable-ms", type=int, default=10000, help="a connection up this long starts the backoff over (default 10000)"
+        "--refresh-margin", type=at_least(0, float), default=30, help="seconds before exp to refresh (default 30)"
+    )
+    parser.add_argument("--backoff-ms", type=at_least(1), default=500, help="first reconnect delay (default 500)")
+    parser.add_argument(
+        "--max-backoff-ms", type=at_least(1), default=30000, help="longest reconnect delay (default 30000)"
+    )
+    parser.add_argument(
+        "--stable-ms",
+        type=at_least(0),
+        default=10000,
+        help="a connection up this long starts the backoff over (default 10000)",
     )
     try:
         asyncio.run(Client(parser.parse_args()).run())
