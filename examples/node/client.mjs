@@ -19,7 +19,9 @@ import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 
-const usage = "usage: node client.mjs [--url URL] [--token-file PATH] TOPIC...";
+const usage =
+  "usage: node client.mjs [--url URL] [--token-file PATH] [--refresh-margin SECS]\n" +
+  "                       [--backoff-ms MS] [--max-backoff-ms MS] [--stable-ms MS] TOPIC...";
 let parsed;
 try {
   parsed = parseArgs({

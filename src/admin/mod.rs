@@ -75,7 +75,7 @@ impl Drop for Place {
 
 /// What a connection past `--admin-max-connections` is told, in one
 /// attempt that never waits, before it is closed.
-pub const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 39\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections\"}\n";
+pub const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 39\r\nX-Content-Type-Options: nosniff\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections\"}\n";
 
 /// Serves one admin connection until it closes, errs, idles or the server
 /// shuts down.
